@@ -1,0 +1,117 @@
+//! Frames on a client's WebSocket: JSON text frames, each an object with a `type` field.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::UnixMillis;
+
+/// A frame from a client to its gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// The client has the messages with these ids: their receipts become `delivered`.
+    Ack { ids: Vec<String> },
+    /// The user has seen these messages: their receipts become `read` (which implies `delivered`).
+    Read { ids: Vec<String> },
+}
+
+impl ClientFrame {
+    /// What this frame tells the dispatcher, and about which messages.
+    pub fn into_parts(self) -> (AckKind, Vec<String>) {
+        match self {
+            ClientFrame::Ack { ids } => (AckKind::Delivered, ids),
+            ClientFrame::Read { ids } => (AckKind::Read, ids),
+        }
+    }
+}
+
+/// What a client acknowledged of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckKind {
+    Delivered,
+    Read,
+}
+
+/// A frame from a gateway to a client.
+///
+/// Serialized with a `type` tag. Decoding goes through [`ServerFrame::decode`], because the
+/// notification payload is kept as raw JSON, which serde cannot buffer inside a tagged enum.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Hello(Hello),
+    Notification(Notification),
+    Error { code: ErrorCode, message: String },
+}
+
+impl ServerFrame {
+    /// Decodes a text frame sent by a gateway.
+    pub fn decode(text: &str) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Kind {
+            Hello,
+            Notification,
+            Error,
+        }
+        #[derive(Deserialize)]
+        struct Probe {
+            #[serde(rename = "type")]
+            kind: Kind,
+        }
+        #[derive(Deserialize)]
+        struct ErrorBody {
+            code: ErrorCode,
+            message: String,
+        }
+        Ok(match serde_json::from_str::<Probe>(text)?.kind {
+            Kind::Hello => ServerFrame::Hello(serde_json::from_str(text)?),
+            Kind::Notification => ServerFrame::Notification(serde_json::from_str(text)?),
+            Kind::Error => {
+                let body: ErrorBody = serde_json::from_str(text)?;
+                ServerFrame::Error { code: body.code, message: body.message }
+            }
+        })
+    }
+}
+
+/// The first frame on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// This connection's id, as it appears in receipts (`delivered_by`).
+    pub connection_id: String,
+    pub gateway_id: String,
+    /// How often the gateway pings; a client that hears nothing for two intervals should reconnect.
+    pub heartbeat_interval_ms: u64,
+    /// The largest frame the gateway accepts from the client.
+    pub max_frame_bytes: usize,
+}
+
+/// One message for the user. May arrive more than once (delivery is at-least-once): deduplicate
+/// by `id`, and order by `seq`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Notification {
+    pub id: String,
+    /// Increases with publish order across all of Herald (the job's JetStream sequence); two
+    /// messages to one user never share it.
+    pub seq: u64,
+    /// The publisher's JSON, exactly as published.
+    pub payload: Box<RawValue>,
+    pub published_at_ms: UnixMillis,
+    /// After this instant the message is never delivered; its receipt reads `expired`.
+    pub expires_at_ms: UnixMillis,
+}
+
+/// Why a gateway reports an error to a client. Sent in an `error` frame before a close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadFrame,
+    UnsupportedData,
+    FrameTooLarge,
+    RateLimited,
+    SlowConsumer,
+    TokenExpired,
+    ShuttingDown,
+}

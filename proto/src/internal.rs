@@ -1,0 +1,63 @@
+//! Messages between Herald's own processes. Externally tagged (`{"deliver": …}`) so that raw
+//! payloads pass through without being parsed again.
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::{AckKind, Notification};
+use crate::UnixMillis;
+
+/// Dispatcher → one gateway, on that gateway's own core NATS subject. Best effort by design: a
+/// command that is lost leaves its receipts pending, and they are sent again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayCommand {
+    /// New messages, each for every local connection of the listed users.
+    Deliver(Vec<Routed>),
+    /// Pending messages for one connection that just came online, oldest first.
+    Replay(Replay),
+}
+
+/// One notification and the users on the receiving gateway it is for. A fan-out to many users
+/// travels once per gateway, not once per recipient.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Routed {
+    pub users: Vec<String>,
+    pub notification: Notification,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Replay {
+    pub user: String,
+    pub connection_id: String,
+    pub notifications: Vec<Notification>,
+}
+
+/// Gateway → dispatchers, on the durable events stream (`herald.events.>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// Acknowledgements from clients, batched by the gateway.
+    Acks(Vec<AckRecord>),
+    /// A connection was registered in presence and wants its pending messages.
+    Online(Online),
+}
+
+/// What one client frame acknowledged. The user comes from the connection's token, never from
+/// the client, so a client can only ever move its own user's receipts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckRecord {
+    pub user: String,
+    pub connection_id: String,
+    pub gateway_id: String,
+    pub kind: AckKind,
+    pub ids: Vec<String>,
+    pub at_ms: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Online {
+    pub user: String,
+    pub connection_id: String,
+    pub gateway_id: String,
+    pub at_ms: UnixMillis,
+}

@@ -1,0 +1,56 @@
+//! What a backend publishes to JetStream (subjects under `herald.publish.>`) and the rejections a
+//! publisher can read back (subject `herald.rejected`).
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::UnixMillis;
+
+/// A request to notify one or many users.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishJob {
+    /// Idempotency key and the message id clients see. Publishing the same id twice yields one
+    /// message. When absent the dispatcher derives one from the job's stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Recipient user ids (the `sub` of their tokens).
+    pub to: Vec<String>,
+    /// Any JSON value, delivered to clients byte for byte.
+    pub payload: Box<RawValue>,
+    /// Seconds the message may wait for an offline user; the dispatcher's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// Why a job was refused. A rejected job is acknowledged and never retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// Not JSON, or not a job (wrong types, missing fields).
+    Malformed,
+    PayloadTooLarge,
+    NoRecipients,
+    TooManyRecipients,
+    InvalidId,
+    InvalidRecipient,
+    InvalidTtl,
+    /// Accepted but failed to be stored every time it was tried; moved aside so the queue moves.
+    DeadLetter,
+}
+
+/// A job that will not be delivered, and why. Published on `herald.rejected` (for a bad job) or
+/// `herald.dead` (for a dead letter), both kept in the `HERALD_REJECTED` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// The job's `id` when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// Where the job sat in the jobs stream: unique even for jobs without an id.
+    pub stream_seq: u64,
+    /// The subject the job was published on.
+    pub subject: String,
+    pub code: RejectCode,
+    /// A sentence for a human.
+    pub reason: String,
+    pub rejected_at_ms: UnixMillis,
+}

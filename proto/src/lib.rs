@@ -1,0 +1,21 @@
+//! Herald's wire contract, and nothing else: the serde types that cross a socket or a NATS subject.
+//!
+//! * [`client`]: frames between a client and a gateway (the public protocol).
+//! * [`job`]: what a backend publishes to JetStream, and the rejections it may get back.
+//! * [`internal`]: what gateways and dispatchers tell each other over NATS.
+//! * [`close`]: the WebSocket close codes a client must understand.
+//!
+//! `README.md` next to this crate is the protocol document; the JSON files under `golden/` are its
+//! examples, and the tests below keep the two in step with these types.
+
+pub mod client;
+pub mod close;
+pub mod internal;
+pub mod job;
+
+pub use client::{AckKind, ClientFrame, ErrorCode, Hello, Notification, ServerFrame};
+pub use internal::{AckRecord, Event, GatewayCommand, Online, Replay, Routed};
+pub use job::{PublishJob, RejectCode, Rejection};
+
+/// Milliseconds since the Unix epoch: every timestamp on the wire uses this unit.
+pub type UnixMillis = u64;

@@ -1,0 +1,329 @@
+//! Typed configuration, parsed once at start-up from `HERALD_*` environment variables.
+//!
+//! Every variable has a default that works with `make run`, except the secrets. A bad value does
+//! not stop the parse: every problem is collected and reported together. Tests build the structs
+//! directly instead of going through the environment.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Everything wrong with the environment, one line per variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Settings both services share.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    /// Prefixes every Redis key, NATS subject and stream, so several deployments (or test runs)
+    /// can share one Redis and one NATS.
+    pub prefix: String,
+    pub redis_url: String,
+    pub nats_url: String,
+}
+
+/// How the gateway checks client tokens.
+#[derive(Clone)]
+pub struct JwtConfig {
+    /// HS256 shared secret.
+    pub secret: String,
+    /// When set, a token's `iss` must equal it.
+    pub issuer: Option<String>,
+    /// When set, a token's `aud` must contain it.
+    pub audience: Option<String>,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("secret", &"<redacted>")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub common: CommonConfig,
+    pub listen: SocketAddr,
+    /// Unique per process; a restarted gateway takes a new one so stale presence never matches.
+    pub gateway_id: String,
+    pub jwt: JwtConfig,
+    /// How often the gateway pings each client; two silent intervals and the client is dropped.
+    pub heartbeat_interval: Duration,
+    /// How long a gateway stays routable after its last presence heartbeat.
+    pub presence_ttl: Duration,
+    /// Frames queued for one client before it counts as a slow consumer and is closed.
+    pub outbound_queue: usize,
+    /// Largest frame accepted from a client.
+    pub max_frame_bytes: usize,
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    /// Sustained client frames per second per connection, with a burst of twice as many.
+    pub client_frames_per_sec: u32,
+    /// Bytes of the socket read buffer per connection (see STYLE.md: defaults cost ~128 KiB).
+    pub read_buffer_bytes: usize,
+    /// Bytes written to a socket before a flush is forced.
+    pub write_buffer_bytes: usize,
+    /// How long a SIGTERM'd gateway waits for its clients to go before it exits anyway.
+    pub drain_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    pub common: CommonConfig,
+    /// Query API, health and metrics.
+    pub listen: SocketAddr,
+    pub dispatcher_id: String,
+    pub mongodb_uri: String,
+    pub mongodb_database: String,
+    /// Bearer token for the query API.
+    pub admin_token: String,
+    pub max_payload_bytes: usize,
+    pub max_recipients: usize,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    /// A message sent to a connected client and not acked within this is sent again.
+    pub ack_timeout: Duration,
+    /// How often pending messages are checked for ack timeouts and expiry.
+    pub sweep_interval: Duration,
+    /// Jobs pulled and stored per batch (one Mongo round trip per batch).
+    pub job_batch: usize,
+    /// Concurrent job pipelines per dispatcher.
+    pub job_workers: usize,
+    /// Deliveries of a job that keeps failing (not counting store outages) before it is
+    /// dead-lettered.
+    pub max_attempts: u64,
+}
+
+/// Reads variables and collects what is wrong with them.
+pub struct Env {
+    vars: HashMap<String, String>,
+    errors: Vec<String>,
+}
+
+impl Env {
+    pub fn from_process() -> Self {
+        Self::from_pairs(std::env::vars())
+    }
+
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self { vars: pairs.into_iter().collect(), errors: Vec::new() }
+    }
+
+    fn raw(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    pub fn string(&mut self, name: &str, default: &str) -> String {
+        self.raw(name).unwrap_or(default).to_owned()
+    }
+
+    pub fn optional(&mut self, name: &str) -> Option<String> {
+        self.raw(name).map(str::to_owned)
+    }
+
+    pub fn required(&mut self, name: &str) -> String {
+        match self.raw(name) {
+            Some(v) => v.to_owned(),
+            None => {
+                self.errors.push(format!("{name}: required, not set"));
+                String::new()
+            }
+        }
+    }
+
+    pub fn parse<T>(&mut self, name: &str, default: T) -> T
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        match self.raw(name).map(str::parse::<T>) {
+            None => default,
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                self.errors.push(format!("{name}: {e}"));
+                default
+            }
+        }
+    }
+
+    pub fn millis(&mut self, name: &str, default_ms: u64) -> Duration {
+        Duration::from_millis(self.parse(name, default_ms))
+    }
+
+    pub fn secs(&mut self, name: &str, default_secs: u64) -> Duration {
+        Duration::from_secs(self.parse(name, default_secs))
+    }
+
+    /// Records a problem found by a check that spans several variables.
+    pub fn invalid(&mut self, message: impl Into<String>) {
+        self.errors.push(message.into());
+    }
+
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigError(self.errors))
+        }
+    }
+}
+
+/// A random id for this process, readable in logs: `gw-3f2a9c1d04e5`.
+pub fn process_id(kind: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{kind}-{}", &id[..12])
+}
+
+/// A value that can be one token of a NATS subject and part of a Redis key.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl CommonConfig {
+    pub fn from_env(env: &mut Env) -> Self {
+        let prefix = env.string("HERALD_PREFIX", "herald");
+        if !is_token(&prefix) {
+            env.invalid(format!("HERALD_PREFIX: {prefix:?} must be 1-64 of [A-Za-z0-9_-]"));
+        }
+        Self {
+            prefix,
+            redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
+            nats_url: env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222"),
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub fn from_env(env: &mut Env) -> Self {
+        let common = CommonConfig::from_env(env);
+        let gateway_id = env.optional("HERALD_GATEWAY_ID").unwrap_or_else(|| process_id("gw"));
+        if !is_token(&gateway_id) {
+            env.invalid(format!("HERALD_GATEWAY_ID: {gateway_id:?} must be 1-64 of [A-Za-z0-9_-]"));
+        }
+        let config = Self {
+            common,
+            listen: env.parse("HERALD_GATEWAY_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080))),
+            gateway_id,
+            jwt: JwtConfig {
+                secret: env.required("HERALD_JWT_SECRET"),
+                issuer: env.optional("HERALD_JWT_ISSUER"),
+                audience: env.optional("HERALD_JWT_AUDIENCE"),
+            },
+            heartbeat_interval: env.millis("HERALD_HEARTBEAT_INTERVAL_MS", 15_000),
+            presence_ttl: env.millis("HERALD_PRESENCE_TTL_MS", 10_000),
+            outbound_queue: env.parse("HERALD_OUTBOUND_QUEUE", 1024),
+            max_frame_bytes: env.parse("HERALD_MAX_FRAME_BYTES", 16 * 1024),
+            max_connections: env.parse("HERALD_MAX_CONNECTIONS", 50_000),
+            max_connections_per_user: env.parse("HERALD_MAX_CONNECTIONS_PER_USER", 16),
+            client_frames_per_sec: env.parse("HERALD_CLIENT_FRAMES_PER_SEC", 50),
+            read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 4096),
+            write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
+            drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
+        };
+        if config.jwt.secret.len() < 16 && !config.jwt.secret.is_empty() {
+            env.invalid("HERALD_JWT_SECRET: must be at least 16 bytes");
+        }
+        if config.outbound_queue == 0 || config.max_frame_bytes == 0 {
+            env.invalid("HERALD_OUTBOUND_QUEUE and HERALD_MAX_FRAME_BYTES must be positive");
+        }
+        if config.presence_ttl < Duration::from_millis(300) {
+            env.invalid("HERALD_PRESENCE_TTL_MS: must be at least 300");
+        }
+        config
+    }
+
+    /// Loads the gateway's configuration from the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let mut env = Env::from_process();
+        let config = Self::from_env(&mut env);
+        env.finish(config)
+    }
+}
+
+impl DispatcherConfig {
+    pub fn from_env(env: &mut Env) -> Self {
+        let common = CommonConfig::from_env(env);
+        let config = Self {
+            common,
+            listen: env.parse("HERALD_DISPATCHER_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8090))),
+            dispatcher_id: env.optional("HERALD_DISPATCHER_ID").unwrap_or_else(|| process_id("dsp")),
+            mongodb_uri: env.string("HERALD_MONGODB_URI", "mongodb://127.0.0.1:27117"),
+            mongodb_database: env.string("HERALD_MONGODB_DATABASE", "herald"),
+            admin_token: env.required("HERALD_ADMIN_TOKEN"),
+            max_payload_bytes: env.parse("HERALD_MAX_PAYLOAD_BYTES", 64 * 1024),
+            max_recipients: env.parse("HERALD_MAX_RECIPIENTS", 10_000),
+            default_ttl: env.secs("HERALD_DEFAULT_TTL_SECS", 86_400),
+            max_ttl: env.secs("HERALD_MAX_TTL_SECS", 30 * 86_400),
+            ack_timeout: env.millis("HERALD_ACK_TIMEOUT_MS", 30_000),
+            sweep_interval: env.millis("HERALD_SWEEP_INTERVAL_MS", 1_000),
+            job_batch: env.parse("HERALD_JOB_BATCH", 256),
+            job_workers: env.parse("HERALD_JOB_WORKERS", 2),
+            max_attempts: env.parse("HERALD_MAX_ATTEMPTS", 5),
+        };
+        if config.job_batch == 0 || config.job_workers == 0 || config.max_attempts == 0 {
+            env.invalid("HERALD_JOB_BATCH, HERALD_JOB_WORKERS and HERALD_MAX_ATTEMPTS must be positive");
+        }
+        if config.default_ttl > config.max_ttl {
+            env.invalid("HERALD_DEFAULT_TTL_SECS: must not exceed HERALD_MAX_TTL_SECS");
+        }
+        config
+    }
+
+    /// Loads the dispatcher's configuration from the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let mut env = Env::from_process();
+        let config = Self::from_env(&mut env);
+        env.finish(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_need_only_the_secrets() {
+        let mut e = env(&[("HERALD_JWT_SECRET", "0123456789abcdef")]);
+        let c = GatewayConfig::from_env(&mut e);
+        let c = e.finish(c).unwrap();
+        assert_eq!(c.common.prefix, "herald");
+        assert_eq!(c.read_buffer_bytes, 4096);
+        assert!(c.gateway_id.starts_with("gw-"));
+    }
+
+    #[test]
+    fn every_bad_variable_is_reported_at_once() {
+        let mut e = env(&[
+            ("HERALD_PREFIX", "no.dots"),
+            ("HERALD_GATEWAY_LISTEN", "nowhere"),
+            ("HERALD_OUTBOUND_QUEUE", "-1"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let err = e.finish(c).unwrap_err();
+        let text = err.to_string();
+        for var in ["HERALD_PREFIX", "HERALD_GATEWAY_LISTEN", "HERALD_OUTBOUND_QUEUE", "HERALD_JWT_SECRET"] {
+            assert!(text.contains(var), "{var} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn dispatcher_checks_ttl_bounds() {
+        let mut e = env(&[
+            ("HERALD_ADMIN_TOKEN", "t"),
+            ("HERALD_DEFAULT_TTL_SECS", "100"),
+            ("HERALD_MAX_TTL_SECS", "10"),
+        ]);
+        let c = DispatcherConfig::from_env(&mut e);
+        assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_DEFAULT_TTL_SECS"));
+    }
+}

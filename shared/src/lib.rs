@@ -1,0 +1,16 @@
+//! Plumbing shared by the gateway and the dispatcher; no business logic lives here.
+
+pub mod config;
+pub mod connect;
+pub mod naming;
+pub mod shutdown;
+pub mod streams;
+pub mod telemetry;
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp on the wire.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,131 @@
+//! The one place where Redis keys, NATS subjects, JetStream streams and consumers, and Mongo
+//! collections get their names. Everything is under a configurable prefix.
+
+/// Names for one Herald deployment (one prefix).
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+    stream_prefix: String,
+}
+
+/// Mongo collections (the database itself is configured).
+pub mod collections {
+    /// One document per message: payload, sequence, expiry.
+    pub const MESSAGES: &str = "messages";
+    /// One document per (message, recipient): the receipt and inbox entry.
+    pub const RECEIPTS: &str = "receipts";
+    /// Jobs that kept failing, with their reason.
+    pub const DEAD_LETTERS: &str = "dead_letters";
+}
+
+impl Names {
+    /// `prefix` must be a valid subject token (checked by the config).
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned(), stream_prefix: prefix.to_ascii_uppercase().replace('-', "_") }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    // --- JetStream: publish jobs -------------------------------------------------------------
+
+    /// Stream holding publish jobs until a dispatcher has stored them.
+    pub fn jobs_stream(&self) -> String {
+        format!("{}_JOBS", self.stream_prefix)
+    }
+
+    /// Publishers publish jobs on any subject under this (e.g. `herald.publish.orders`).
+    pub fn jobs_subjects(&self) -> String {
+        format!("{}.publish.>", self.prefix)
+    }
+
+    /// A subject to publish jobs on.
+    pub fn publish_subject(&self, topic: &str) -> String {
+        format!("{}.publish.{topic}", self.prefix)
+    }
+
+    /// Durable pull consumer shared by all dispatchers.
+    pub fn jobs_consumer(&self) -> &'static str {
+        "dispatchers"
+    }
+
+    // --- JetStream: events from gateways -----------------------------------------------------
+
+    /// Stream holding client acks and online announcements until a dispatcher has applied them.
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.stream_prefix)
+    }
+
+    pub fn events_subjects(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    pub fn ack_events_subject(&self, gateway_id: &str) -> String {
+        format!("{}.events.ack.{gateway_id}", self.prefix)
+    }
+
+    pub fn online_events_subject(&self, gateway_id: &str) -> String {
+        format!("{}.events.online.{gateway_id}", self.prefix)
+    }
+
+    pub fn events_consumer(&self) -> &'static str {
+        "dispatchers"
+    }
+
+    // --- JetStream: what publishers read back -------------------------------------------------
+
+    /// Stream keeping rejections and dead letters for a week, for publishers to inspect.
+    pub fn rejected_stream(&self) -> String {
+        format!("{}_REJECTED", self.stream_prefix)
+    }
+
+    /// Where a job that fails validation is reported.
+    pub fn rejected_subject(&self) -> String {
+        format!("{}.rejected", self.prefix)
+    }
+
+    /// Where a job that failed too many times is reported.
+    pub fn dead_letter_subject(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    // --- core NATS ----------------------------------------------------------------------------
+
+    /// Deliveries for one gateway instance.
+    pub fn gateway_subject(&self, gateway_id: &str) -> String {
+        format!("{}.gw.{gateway_id}", self.prefix)
+    }
+
+    // --- Redis --------------------------------------------------------------------------------
+
+    /// Hash of one user's connections: field connection id, value gateway id.
+    pub fn presence_key(&self, user: &str) -> String {
+        format!("{}:presence:{user}", self.prefix)
+    }
+
+    /// Sorted set of gateways, scored by the instant (ms) their liveness lapses.
+    pub fn gateways_key(&self) -> String {
+        format!("{}:gateways", self.prefix)
+    }
+
+    /// Held by the one dispatcher sweeping timeouts and expiries at a time.
+    pub fn sweep_lock_key(&self) -> String {
+        format!("{}:lock:sweep", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn everything_carries_the_prefix() {
+        let n = Names::new("t-1");
+        assert_eq!(n.jobs_stream(), "T_1_JOBS");
+        assert_eq!(n.jobs_subjects(), "t-1.publish.>");
+        assert_eq!(n.gateway_subject("gw-a"), "t-1.gw.gw-a");
+        assert_eq!(n.presence_key("alice"), "t-1:presence:alice");
+        assert!(n.ack_events_subject("g").starts_with("t-1.events."));
+    }
+}

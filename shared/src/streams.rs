@@ -1,0 +1,57 @@
+//! The JetStream streams Herald relies on. Every process ensures they exist at start-up, so no
+//! process has to be started first.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::naming::Names;
+
+#[derive(Debug, thiserror::Error)]
+#[error("jetstream stream {stream}: {source}")]
+pub struct StreamError {
+    pub stream: String,
+    #[source]
+    pub source: jetstream::context::CreateStreamError,
+}
+
+/// How long JetStream remembers a job id to drop a second publish with the same `Nats-Msg-Id`.
+/// Beyond it, the receipt store's unique keys still keep one message per id.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long rejections and dead letters stay readable.
+pub const REJECTED_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
+
+/// Creates the jobs, events and rejected streams when missing. File storage: jobs and acks
+/// survive a NATS restart.
+pub async fn ensure(js: &jetstream::Context, names: &Names) -> Result<(), StreamError> {
+    let configs = [
+        stream::Config {
+            name: names.jobs_stream(),
+            subjects: vec![names.jobs_subjects()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        },
+        stream::Config {
+            name: names.events_stream(),
+            subjects: vec![names.events_subjects()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        },
+        stream::Config {
+            name: names.rejected_stream(),
+            subjects: vec![names.rejected_subject(), names.dead_letter_subject()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: REJECTED_MAX_AGE,
+            ..Default::default()
+        },
+    ];
+    for config in configs {
+        let name = config.name.clone();
+        js.get_or_create_stream(config).await.map_err(|source| StreamError { stream: name, source })?;
+    }
+    Ok(())
+}
