@@ -18,4 +18,3 @@ pub const HEARTBEAT_TIMEOUT: u16 = 4408;
 pub const SLOW_CONSUMER: u16 = 4409;
 /// The client sent frames faster than the per-connection rate limit: back off, then reconnect.
 pub const RATE_LIMITED: u16 = 4429;
-
