@@ -85,7 +85,9 @@ pub struct Hello {
     /// This connection's id, as it appears in receipts (`delivered_by`).
     pub connection_id: String,
     pub gateway_id: String,
-    /// How often the gateway pings; a client that hears nothing for two intervals should reconnect.
+    /// How often the gateway pings. A client that does not answer (pong) within two intervals is
+    /// closed with 4408. Browsers answer pings themselves but cannot see them, so only a client
+    /// with access to pings can use two silent intervals as a sign of a dead connection.
     pub heartbeat_interval_ms: u64,
     /// The largest frame the gateway accepts from the client.
     pub max_frame_bytes: usize,
