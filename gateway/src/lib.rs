@@ -1,1 +1,171 @@
+//! Herald's gateway: holds clients' WebSocket connections, keeps their presence in Redis, hands
+//! them what dispatchers route here, and forwards their acks to the events stream.
+//!
+//! It is stateless: it touches only Redis and NATS, and a killed gateway loses nothing because
+//! every message it held is still pending in the dispatchers' store.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use fred::prelude::ClientLike;
+use herald_shared::config::GatewayConfig;
+use herald_shared::naming::Names;
+use herald_shared::{connect, shutdown, streams};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod acks;
+pub mod auth;
+mod deliveries;
+mod http;
+mod presence;
+mod registry;
+mod session;
+
+use auth::Authenticator;
+use presence::PresenceTask;
+use registry::Registry;
+use session::SessionContext;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Connect(#[from] connect::ConnectError),
+    #[error(transparent)]
+    Streams(#[from] streams::StreamError),
+    #[error("subscribing to deliveries: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("serving HTTP: {0}")]
+    Serve(#[from] std::io::Error),
+    #[error("a critical task failed; see the log")]
+    TaskFailed,
+}
+
+/// State shared by the HTTP handlers.
+pub(crate) struct Gateway {
+    config: GatewayConfig,
+    auth: Authenticator,
+    sessions: Arc<SessionContext>,
+    /// Owns every session task; drained on shutdown.
+    session_tasks: TaskTracker,
+    shutdown: CancellationToken,
+    draining: AtomicBool,
+    redis: fred::clients::Client,
+    nats: async_nats::Client,
+}
+
+impl Gateway {
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) || self.shutdown.is_cancelled()
+    }
+
+    fn readiness(&self) -> BTreeMap<&'static str, bool> {
+        BTreeMap::from([
+            ("accepting", !self.is_draining()),
+            ("redis", self.redis.is_connected()),
+            ("nats", self.nats.connection_state() == async_nats::connection::State::Connected),
+        ])
+    }
+}
+
+/// Runs a gateway on `listener` until `shutdown` is cancelled, then drains: stops accepting,
+/// closes every session with 1012 (reconnect elsewhere), removes its presence, flushes acks,
+/// and returns within the configured grace period.
+pub async fn run(config: GatewayConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    let names = Names::new(&config.common.prefix);
+    let gateway_id = config.gateway_id.clone();
+    let redis = connect::redis(&config.common.redis_url).await?;
+    let nats = connect::nats(&config.common.nats_url, &format!("herald-gateway {gateway_id}")).await?;
+    let js = jetstream::new(nats.clone());
+    streams::ensure(&js, &names).await?;
+
+    let registry = Registry::new(config.max_connections, config.max_connections_per_user);
+    // Subscribe before becoming routable, so nothing routed here falls on the floor.
+    let deliveries = nats.subscribe(names.gateway_subject(&gateway_id)).await?;
+    let (presence_task, presence) = PresenceTask::new(
+        redis.clone(),
+        js.clone(),
+        names.clone(),
+        gateway_id.clone(),
+        Arc::clone(&registry),
+        config.presence_ttl,
+    );
+    if let Err(e) = presence_task.heartbeat().await {
+        tracing::warn!(error = %e, "first presence heartbeat failed; retrying in the background");
+    }
+    let (ack_publisher, acks) = acks::AckPublisher::new(js.clone(), names.ack_events_subject(&gateway_id));
+
+    let sessions = Arc::new(SessionContext {
+        gateway_id: gateway_id.clone(),
+        registry: Arc::clone(&registry),
+        presence,
+        acks,
+        heartbeat_interval: config.heartbeat_interval,
+        outbound_queue: config.outbound_queue,
+        max_frame_bytes: config.max_frame_bytes,
+        frames_per_sec: config.client_frames_per_sec,
+    });
+
+    // Background tasks. Deliveries and presence are critical: if one dies, the process stops.
+    let tasks = TaskTracker::new();
+    let failed = Arc::new(AtomicBool::new(false));
+    let stop_presence = CancellationToken::new();
+    let stop_acks = CancellationToken::new();
+    shutdown::spawn_critical(
+        &tasks,
+        "deliveries",
+        shutdown.clone(),
+        Arc::clone(&failed),
+        deliveries::run(deliveries, Arc::clone(&registry), shutdown.clone()),
+    );
+    shutdown::spawn_critical(&tasks, "presence", shutdown.clone(), Arc::clone(&failed), presence_task.run(stop_presence.clone()));
+    shutdown::spawn_critical(
+        &tasks,
+        "acks",
+        shutdown.clone(),
+        Arc::clone(&failed),
+        ack_publisher.run(stop_acks.clone(), config.drain_grace),
+    );
+
+    let drain_grace = config.drain_grace;
+    let gateway = Arc::new(Gateway {
+        auth: Authenticator::new(&config.jwt),
+        config,
+        sessions,
+        session_tasks: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+        draining: AtomicBool::new(false),
+        redis: redis.clone(),
+        nats: nats.clone(),
+    });
+    tracing::info!(gateway = %gateway_id, addr = ?listener.local_addr().ok(), "gateway listening");
+    let served = axum::serve(listener, http::router(Arc::clone(&gateway)))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+
+    // Drain, in order: no new sessions; sessions close with 1012 (they watch `shutdown`);
+    // their removals reach Redis and the gateway leaves the routing set; queued acks go out.
+    gateway.draining.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + drain_grace;
+    gateway.session_tasks.close();
+    if tokio::time::timeout_at(deadline, gateway.session_tasks.wait()).await.is_err() {
+        tracing::warn!("sessions still open at the end of the drain grace period");
+    }
+    stop_presence.cancel();
+    stop_acks.cancel();
+    tasks.close();
+    if tokio::time::timeout_at(deadline + std::time::Duration::from_secs(1), tasks.wait()).await.is_err() {
+        tracing::warn!("background tasks still running at the end of the drain grace period");
+    }
+    let _ = nats.flush().await;
+    let _ = redis.quit().await;
+    tracing::info!(gateway = %gateway_id, "gateway stopped");
+    served?;
+    if failed.load(Ordering::SeqCst) {
+        return Err(GatewayError::TaskFailed);
+    }
+    Ok(())
+}

@@ -39,3 +39,26 @@ pub async fn run_until_signal<F: Future>(token: CancellationToken, service: F) -
     token.cancel();
     service.await
 }
+
+/// Runs a task that must live as long as the process. If it ends before `shutdown` is
+/// cancelled, that is a failure: it is logged, counted in `failed`, and the whole process is
+/// asked to shut down (an orchestrator restarts it), because a gateway without its delivery
+/// subscription or a dispatcher without its consumer would look healthy while doing nothing.
+pub fn spawn_critical<F>(
+    tracker: &tokio_util::task::TaskTracker,
+    name: &'static str,
+    shutdown: CancellationToken,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: F,
+) where
+    F: Future<Output = ()> + Send + 'static,
+{
+    tracker.spawn(async move {
+        task.await;
+        if !shutdown.is_cancelled() {
+            tracing::error!(task = name, "critical task ended unexpectedly; shutting down");
+            failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            shutdown.cancel();
+        }
+    });
+}

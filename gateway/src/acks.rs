@@ -1,0 +1,129 @@
+//! Client acknowledgements on their way to the dispatchers. Sessions queue one record per
+//! ack/read frame; one task batches them onto the durable events stream and retries until
+//! JetStream has them, so an ack is never lost while no dispatcher runs.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use herald_proto::{AckRecord, Event};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Records per stream message at most; also bounded by [`MAX_BATCH_BYTES`].
+const BATCH: usize = 1024;
+/// Stays well under NATS's default 1 MiB payload limit.
+const MAX_BATCH_BYTES: usize = 512 * 1024;
+/// Capacity of the sessions' queue: a NATS outage of several seconds at full rate fits in it.
+pub(crate) const QUEUE: usize = 65_536;
+
+pub(crate) struct AckPublisher {
+    js: jetstream::Context,
+    subject: String,
+    rx: mpsc::Receiver<AckRecord>,
+}
+
+impl AckPublisher {
+    pub(crate) fn new(js: jetstream::Context, subject: String) -> (Self, mpsc::Sender<AckRecord>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (Self { js, subject, rx }, tx)
+    }
+
+    /// Publishes until `stop` fires, then publishes what is still queued, giving up on a batch
+    /// only if `deadline` passes during shutdown (those acks are re-earned: the messages stay
+    /// pending and are delivered and acked again).
+    pub(crate) async fn run(mut self, stop: CancellationToken, drain_grace: Duration) {
+        let mut records = Vec::with_capacity(BATCH);
+        loop {
+            tokio::select! {
+                biased;
+                n = self.rx.recv_many(&mut records, BATCH) => {
+                    if n == 0 {
+                        return;
+                    }
+                    self.publish(&mut records, &stop, None).await;
+                }
+                _ = stop.cancelled() => break,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + drain_grace;
+        while let Ok(record) = self.rx.try_recv() {
+            records.push(record);
+        }
+        self.publish(&mut records, &stop, Some(deadline)).await;
+    }
+
+    async fn publish(&self, records: &mut Vec<AckRecord>, stop: &CancellationToken, deadline: Option<tokio::time::Instant>) {
+        for chunk in chunks(std::mem::take(records)) {
+            let Ok(body) = serde_json::to_vec(&Event::Acks(chunk)) else { continue };
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self.send(body.clone()).await {
+                    Ok(()) => break,
+                    Err(e) => tracing::warn!(error = %e, "acks not yet on the events stream; retrying"),
+                }
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    tracing::error!("drain deadline passed with acks unpublished; their messages stay pending");
+                    return;
+                }
+                let pause = tokio::time::sleep(backoff);
+                if deadline.is_none() {
+                    // While running, a shutdown request ends the pause early so the final flush
+                    // (with its deadline) takes over.
+                    tokio::select! { _ = pause => {}, _ = stop.cancelled() => {} }
+                } else {
+                    pause.await;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+
+    async fn send(&self, body: Vec<u8>) -> Result<(), String> {
+        let ack = self.js.publish(self.subject.clone(), body.into()).await.map_err(|e| e.to_string())?;
+        ack.await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// Splits records into stream messages under [`MAX_BATCH_BYTES`].
+fn chunks(records: Vec<AckRecord>) -> Vec<Vec<AckRecord>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for record in records {
+        let estimate = 160 + record.user.len() + record.ids.iter().map(|id| id.len() + 3).sum::<usize>();
+        if !current.is_empty() && size + estimate > MAX_BATCH_BYTES {
+            out.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += estimate;
+        current.push(record);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_proto::AckKind;
+
+    #[test]
+    fn big_batches_are_split_under_the_payload_limit() {
+        let record = |n: usize| AckRecord {
+            user: "u".into(),
+            connection_id: "c".into(),
+            gateway_id: "g".into(),
+            kind: AckKind::Delivered,
+            ids: (0..n).map(|i| format!("{i:0>100}")).collect(),
+            at_ms: 1,
+        };
+        let parts = chunks((0..20).map(|_| record(1000)).collect());
+        assert!(parts.len() > 1);
+        for part in &parts {
+            assert!(serde_json::to_vec(&Event::Acks(part.clone())).unwrap().len() <= 1024 * 1024);
+        }
+        assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), 20);
+    }
+}

@@ -1,0 +1,133 @@
+//! Commands from dispatchers on this gateway's own subject: notifications to hand to local
+//! sockets. Each notification is serialized once and shared by every connection it goes to.
+//!
+//! Nothing here can lose a message: a notification that finds no connection, an expired one that
+//! is skipped, or a command that cannot be decoded all leave their receipts pending in the store.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use futures::StreamExt;
+use herald_proto::{GatewayCommand, Notification, ServerFrame};
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::Registry;
+
+/// Reads the subscription until shutdown (or until NATS closes it for good).
+pub(crate) async fn run(mut sub: async_nats::Subscriber, registry: Arc<Registry>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = sub.next() => match msg {
+                Some(msg) => {
+                    handle(&msg.payload, &registry, herald_shared::now_ms());
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+/// What happened to one command: how many frames reached a connection's queue.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub(crate) queued: usize,
+    pub(crate) expired: usize,
+}
+
+pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcome {
+    let mut outcome = Outcome::default();
+    let command = match serde_json::from_slice::<GatewayCommand>(payload) {
+        Ok(command) => command,
+        Err(e) => {
+            tracing::warn!(error = %e, "undecodable gateway command dropped; its receipts stay pending");
+            return outcome;
+        }
+    };
+    match command {
+        GatewayCommand::Deliver(items) => {
+            for routed in items {
+                let Some(frame) = frame(routed.notification, now_ms, &mut outcome) else { continue };
+                for user in &routed.users {
+                    outcome.queued += registry.deliver_to_user(user, &frame);
+                }
+            }
+        }
+        GatewayCommand::Replay(replay) => {
+            let Some(conn) = registry.connection(&replay.user, &replay.connection_id) else {
+                return outcome;
+            };
+            for notification in replay.notifications {
+                let Some(frame) = frame(notification, now_ms, &mut outcome) else { continue };
+                if !conn.offer(frame) {
+                    break;
+                }
+                outcome.queued += 1;
+            }
+        }
+    }
+    outcome
+}
+
+/// The text frame for a notification, or None if it expired (never deliver past the TTL).
+fn frame(notification: Notification, now_ms: u64, outcome: &mut Outcome) -> Option<Utf8Bytes> {
+    if notification.expires_at_ms <= now_ms {
+        outcome.expired += 1;
+        return None;
+    }
+    match serde_json::to_string(&ServerFrame::Notification(notification)) {
+        Ok(text) => Some(Utf8Bytes::from(text)),
+        Err(e) => {
+            tracing::warn!(error = %e, "notification not serializable; left pending");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Connection;
+    use herald_proto::{Replay, Routed};
+    use serde_json::value::RawValue;
+    use tokio::sync::mpsc;
+
+    fn notification(id: &str, expires_at_ms: u64) -> Notification {
+        Notification {
+            id: id.into(),
+            seq: 1,
+            payload: RawValue::from_string(r#"{"k":1}"#.into()).unwrap(),
+            published_at_ms: 1,
+            expires_at_ms,
+        }
+    }
+
+    #[test]
+    fn deliver_and_replay_reach_the_right_sockets_and_skip_expired() {
+        let registry = Registry::new(10, 10);
+        let (tx, mut rx) = mpsc::channel(8);
+        registry.insert(Arc::new(Connection::new("c1".into(), "alice".into(), tx)));
+        let deliver = GatewayCommand::Deliver(vec![
+            Routed { users: vec!["alice".into(), "bob".into()], notification: notification("m1", 2_000) },
+            Routed { users: vec!["alice".into()], notification: notification("old", 500) },
+        ]);
+        let out = handle(&serde_json::to_vec(&deliver).unwrap(), &registry, 1_000);
+        assert_eq!(out, Outcome { queued: 1, expired: 1 });
+        let text = rx.try_recv().unwrap();
+        assert!(text.as_str().contains(r#""type":"notification""#) && text.as_str().contains(r#""payload":{"k":1}"#));
+
+        let replay = GatewayCommand::Replay(Replay {
+            user: "alice".into(),
+            connection_id: "c1".into(),
+            notifications: vec![notification("m2", 2_000), notification("m3", 2_000)],
+        });
+        assert_eq!(handle(&serde_json::to_vec(&replay).unwrap(), &registry, 1_000).queued, 2);
+        let wrong_conn = GatewayCommand::Replay(Replay {
+            user: "alice".into(),
+            connection_id: "nope".into(),
+            notifications: vec![notification("m4", 2_000)],
+        });
+        assert_eq!(handle(&serde_json::to_vec(&wrong_conn).unwrap(), &registry, 1_000).queued, 0);
+        assert_eq!(handle(b"{not json", &registry, 1_000), Outcome::default());
+    }
+}

@@ -1,0 +1,209 @@
+//! The gateway's local table of open connections: who is connected here, and the queue that
+//! feeds each socket. Deliveries look users up here; sessions add and remove themselves.
+//!
+//! Each connection's outbound queue is bounded. When a delivery finds it full, the client is
+//! reading too slowly: it is closed with [`close::SLOW_CONSUMER`] and whatever it did not ack
+//! stays pending in the store for its next connection. Nothing waits on a slow client.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use axum::extract::ws::Utf8Bytes;
+use herald_proto::close;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One open WebSocket, as the rest of the gateway sees it.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    pub(crate) id: Arc<str>,
+    pub(crate) user: Arc<str>,
+    /// Pre-serialized frames for the socket; the session task owns the receiving end and drops
+    /// it when the socket closes.
+    outbound: mpsc::Sender<Utf8Bytes>,
+    /// Cancelled to close the session from outside (slow consumer, drain).
+    kick: CancellationToken,
+    /// The close code to use when `kick` fires.
+    kick_code: AtomicU16,
+}
+
+impl Connection {
+    pub(crate) fn new(id: Arc<str>, user: Arc<str>, outbound: mpsc::Sender<Utf8Bytes>) -> Self {
+        Self { id, user, outbound, kick: CancellationToken::new(), kick_code: AtomicU16::new(close::SERVICE_RESTART) }
+    }
+
+    /// Queues a frame without waiting. Returns false (and closes the connection as a slow
+    /// consumer) when the queue is full; false also when the session has already ended.
+    pub(crate) fn offer(&self, frame: Utf8Bytes) -> bool {
+        match self.outbound.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close_with(close::SLOW_CONSUMER);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close with `code`; the first reason given wins.
+    pub(crate) fn close_with(&self, code: u16) {
+        if !self.kick.is_cancelled() {
+            self.kick_code.store(code, Ordering::Relaxed);
+            self.kick.cancel();
+        }
+    }
+
+    pub(crate) fn kicked(&self) -> &CancellationToken {
+        &self.kick
+    }
+
+    pub(crate) fn kick_code(&self) -> u16 {
+        self.kick_code.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a new connection cannot be admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AdmitError {
+    #[error("this gateway holds its maximum number of connections")]
+    GatewayFull,
+    #[error("this user holds its maximum number of connections")]
+    UserLimit,
+}
+
+#[derive(Debug)]
+pub(crate) struct Registry {
+    by_user: RwLock<HashMap<Arc<str>, Vec<Arc<Connection>>>>,
+    /// Connections admitted, including those still completing their upgrade.
+    admitted: AtomicUsize,
+    max_total: usize,
+    max_per_user: usize,
+}
+
+/// A place held for a connection between the HTTP check and the end of its session. Dropping it
+/// frees the place.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    registry: Arc<Registry>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.registry.admitted.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Registry {
+    pub(crate) fn new(max_total: usize, max_per_user: usize) -> Arc<Self> {
+        Arc::new(Self { by_user: RwLock::default(), admitted: AtomicUsize::new(0), max_total, max_per_user })
+    }
+
+    /// Holds a place for a new connection of `user`, or says why there is none. The per-user
+    /// check counts open connections, so a burst of simultaneous upgrades may pass it together.
+    pub(crate) fn admit(self: &Arc<Self>, user: &str) -> Result<Admission, AdmitError> {
+        if self.admitted.fetch_add(1, Ordering::Relaxed) >= self.max_total {
+            self.admitted.fetch_sub(1, Ordering::Relaxed);
+            return Err(AdmitError::GatewayFull);
+        }
+        let admission = Admission { registry: Arc::clone(self) };
+        if self.read().get(user).is_some_and(|conns| conns.len() >= self.max_per_user) {
+            return Err(AdmitError::UserLimit);
+        }
+        Ok(admission)
+    }
+
+    pub(crate) fn insert(&self, conn: Arc<Connection>) {
+        self.write().entry(Arc::clone(&conn.user)).or_default().push(conn);
+    }
+
+    pub(crate) fn remove(&self, conn: &Connection) {
+        let mut map = self.write();
+        if let Some(conns) = map.get_mut(&conn.user) {
+            conns.retain(|c| c.id != conn.id);
+            if conns.is_empty() {
+                map.remove(&conn.user);
+            }
+        }
+    }
+
+    /// Offers `frame` to every local connection of `user`; returns how many took it.
+    pub(crate) fn deliver_to_user(&self, user: &str, frame: &Utf8Bytes) -> usize {
+        self.read().get(user).map_or(0, |conns| conns.iter().filter(|c| c.offer(frame.clone())).count())
+    }
+
+    pub(crate) fn connection(&self, user: &str, connection_id: &str) -> Option<Arc<Connection>> {
+        self.read().get(user)?.iter().find(|c| &*c.id == connection_id).cloned()
+    }
+
+    /// Every open connection, for presence resync and drain.
+    pub(crate) fn all(&self) -> Vec<Arc<Connection>> {
+        self.read().values().flatten().cloned().collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.read().values().map(Vec::len).sum()
+    }
+
+    // A poisoned lock means a panic while holding it; the map itself is still consistent
+    // because every critical section above is a single, panic-free map operation.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Vec<Arc<Connection>>>> {
+        self.by_user.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Vec<Arc<Connection>>>> {
+        self.by_user.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: &str, user: &str, cap: usize) -> (Arc<Connection>, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (Arc::new(Connection::new(id.into(), user.into(), tx)), rx)
+    }
+
+    #[test]
+    fn delivers_to_every_device_of_a_user_only() {
+        let reg = Registry::new(10, 10);
+        let (a1, mut r1) = conn("a1", "alice", 4);
+        let (a2, mut r2) = conn("a2", "alice", 4);
+        let (b1, mut r3) = conn("b1", "bob", 4);
+        reg.insert(a1);
+        reg.insert(a2);
+        reg.insert(b1);
+        assert_eq!(reg.deliver_to_user("alice", &Utf8Bytes::from_static("x")), 2);
+        assert!(r1.try_recv().is_ok() && r2.try_recv().is_ok());
+        assert!(r3.try_recv().is_err());
+        assert_eq!(reg.deliver_to_user("carol", &Utf8Bytes::from_static("x")), 0);
+    }
+
+    #[test]
+    fn a_full_queue_closes_the_slow_consumer_without_blocking() {
+        let reg = Registry::new(10, 10);
+        let (a, _rx) = conn("a", "alice", 1);
+        reg.insert(Arc::clone(&a));
+        assert_eq!(reg.deliver_to_user("alice", &Utf8Bytes::from_static("1")), 1);
+        assert_eq!(reg.deliver_to_user("alice", &Utf8Bytes::from_static("2")), 0);
+        assert!(a.kicked().is_cancelled());
+        assert_eq!(a.kick_code(), close::SLOW_CONSUMER);
+    }
+
+    #[test]
+    fn admission_enforces_both_limits_and_frees_places() {
+        let reg = Registry::new(2, 1);
+        let first = reg.admit("alice").unwrap();
+        let (a, _rx) = conn("a", "alice", 1);
+        reg.insert(Arc::clone(&a));
+        assert_eq!(reg.admit("alice").unwrap_err(), AdmitError::UserLimit);
+        let second = reg.admit("bob").unwrap();
+        assert_eq!(reg.admit("carol").unwrap_err(), AdmitError::GatewayFull);
+        drop(second);
+        assert!(reg.admit("carol").is_ok());
+        reg.remove(&a);
+        drop(first);
+        assert_eq!(reg.len(), 0);
+    }
+}

@@ -1,0 +1,289 @@
+//! One client connection from upgrade to close: the hello, outbound frames from the registry
+//! queue, inbound acks, keep-alive, limits, and the close code that explains every ending.
+//!
+//! A session is one task that both reads and writes its socket, so an idle connection costs one
+//! task, one bounded queue and the socket's small buffers. What the client acks goes to the ack
+//! publisher; what it was sent but did not ack stays pending in the store, whatever the ending.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::{SinkExt, StreamExt};
+use herald_proto::{close, AckRecord, ClientFrame, ErrorCode, Hello, ServerFrame};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Identity;
+use crate::presence::PresenceHandle;
+use crate::registry::{Admission, Connection, Registry};
+
+/// Most ids one ack or read frame may carry.
+pub(crate) const MAX_IDS_PER_FRAME: usize = 1000;
+/// Longest message id accepted in a frame (ids are at most 128 bytes when published).
+const MAX_ID_BYTES: usize = 128;
+/// Frames written to the socket before a flush, when many are queued.
+const WRITE_BATCH: usize = 64;
+/// How long a closing handshake may take before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What every session of this gateway shares.
+pub(crate) struct SessionContext {
+    pub(crate) gateway_id: String,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) presence: PresenceHandle,
+    pub(crate) acks: mpsc::Sender<AckRecord>,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) outbound_queue: usize,
+    pub(crate) max_frame_bytes: usize,
+    pub(crate) frames_per_sec: u32,
+}
+
+/// Why a session ended: the close code sent (if any) and the error frame before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ending {
+    pub(crate) code: u16,
+    pub(crate) error: Option<ErrorCode>,
+    pub(crate) reason: &'static str,
+}
+
+impl Ending {
+    const fn new(code: u16, error: Option<ErrorCode>, reason: &'static str) -> Self {
+        Self { code, error, reason }
+    }
+}
+
+const BAD_FRAME: Ending = Ending::new(close::BAD_FRAME, Some(ErrorCode::BadFrame), "bad frame");
+const BINARY: Ending = Ending::new(close::UNSUPPORTED_DATA, Some(ErrorCode::UnsupportedData), "text frames only");
+const TOO_BIG: Ending = Ending::new(close::MESSAGE_TOO_BIG, Some(ErrorCode::FrameTooLarge), "frame too large");
+const RATE_LIMITED: Ending = Ending::new(close::RATE_LIMITED, Some(ErrorCode::RateLimited), "too many frames");
+const TOKEN_EXPIRED: Ending = Ending::new(close::TOKEN_EXPIRED, Some(ErrorCode::TokenExpired), "token expired");
+const HEARTBEAT: Ending = Ending::new(close::HEARTBEAT_TIMEOUT, None, "no pong");
+const SHUTTING_DOWN: Ending = Ending::new(close::SERVICE_RESTART, Some(ErrorCode::ShuttingDown), "reconnect");
+const SLOW: Ending = Ending::new(close::SLOW_CONSUMER, Some(ErrorCode::SlowConsumer), "slow consumer");
+
+/// Runs one connection to its end. `admission` holds the connection's place until then.
+pub(crate) async fn run(
+    socket: WebSocket,
+    identity: Identity,
+    admission: Admission,
+    ctx: Arc<SessionContext>,
+    shutdown: CancellationToken,
+) {
+    let _admission = admission;
+    let connection_id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
+    let (tx, rx) = mpsc::channel(ctx.outbound_queue);
+    let hello = ServerFrame::Hello(Hello {
+        connection_id: connection_id.to_string(),
+        gateway_id: ctx.gateway_id.clone(),
+        heartbeat_interval_ms: ctx.heartbeat_interval.as_millis() as u64,
+        max_frame_bytes: ctx.max_frame_bytes,
+    });
+    // The hello goes first into the empty queue, so it precedes any notification.
+    if let Ok(text) = serde_json::to_string(&hello) {
+        let _ = tx.try_send(Utf8Bytes::from(text));
+    }
+    let conn = Arc::new(Connection::new(connection_id, identity.user.as_str().into(), tx));
+    // Local registration first (deliveries can find the socket), then Redis and the online
+    // announcement: the order that makes replay race-free (see presence.rs).
+    ctx.registry.insert(Arc::clone(&conn));
+    ctx.presence.register(Arc::clone(&conn)).await;
+    tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
+
+    let ending = Session { ctx: &ctx, conn: &conn, identity: &identity, rx }.serve(socket, &shutdown).await;
+
+    ctx.registry.remove(&conn);
+    ctx.presence.unregister(&conn).await;
+    tracing::debug!(user = %conn.user, connection = %conn.id, ending = ?ending, "session closed");
+}
+
+struct Session<'a> {
+    ctx: &'a SessionContext,
+    conn: &'a Connection,
+    identity: &'a Identity,
+    rx: mpsc::Receiver<Utf8Bytes>,
+}
+
+impl Session<'_> {
+    /// The session loop. Returns how it ended (None: the client went away).
+    async fn serve(mut self, socket: WebSocket, shutdown: &CancellationToken) -> Option<Ending> {
+        let (mut sink, mut stream) = socket.split();
+        let mut limiter = RateLimiter::new(self.ctx.frames_per_sec);
+        let mut last_heard = Instant::now();
+        let mut heartbeat = tokio::time::interval(self.ctx.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.reset();
+        let token_expiry = tokio::time::sleep_until(expiry_instant(self.identity.expires_at));
+        tokio::pin!(token_expiry);
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+
+        let ending = loop {
+            tokio::select! {
+                biased;
+                _ = self.conn.kicked().cancelled() => {
+                    break if self.conn.kick_code() == close::SLOW_CONSUMER { Some(SLOW) } else { Some(SHUTTING_DOWN) };
+                }
+                _ = shutdown.cancelled() => break Some(SHUTTING_DOWN),
+                _ = &mut token_expiry => break Some(TOKEN_EXPIRED),
+                n = self.rx.recv_many(&mut batch, WRITE_BATCH) => {
+                    if n == 0 {
+                        break Some(SHUTTING_DOWN);
+                    }
+                    let write = async {
+                        for frame in batch.drain(..) {
+                            sink.feed(Message::Text(frame)).await?;
+                        }
+                        sink.flush().await
+                    };
+                    // A client that stops reading blocks the write; the registry then finds its
+                    // queue full and kicks it, which must be able to end this wait.
+                    tokio::select! {
+                        result = write => if result.is_err() { break None },
+                        _ = self.conn.kicked().cancelled() => break None,
+                        _ = shutdown.cancelled() => break None,
+                    }
+                }
+                message = stream.next() => {
+                    last_heard = Instant::now();
+                    match message {
+                        None => break None,
+                        Some(Err(e)) => break read_error(e),
+                        Some(Ok(message)) => {
+                            if !limiter.allow(Instant::now()) {
+                                break Some(RATE_LIMITED);
+                            }
+                            if let Err(ending) = self.on_message(message).await {
+                                break ending;
+                            }
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > self.ctx.heartbeat_interval * 2 {
+                        break Some(HEARTBEAT);
+                    }
+                    if sink.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                        break None;
+                    }
+                }
+            }
+        };
+        if let Some(ending) = ending {
+            let goodbye = async {
+                if let Some(code) = ending.error {
+                    let frame = ServerFrame::Error { code, message: ending.reason.to_owned() };
+                    if let Ok(text) = serde_json::to_string(&frame) {
+                        sink.feed(Message::Text(text.into())).await?;
+                    }
+                }
+                let frame = CloseFrame { code: ending.code, reason: Utf8Bytes::from_static(ending.reason) };
+                sink.send(Message::Close(Some(frame))).await
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
+        }
+        ending
+    }
+
+    /// Handles one inbound message; `Err` ends the session (None: the client closed).
+    async fn on_message(&mut self, message: Message) -> Result<(), Option<Ending>> {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => return Err(Some(BINARY)),
+            Message::Ping(_) | Message::Pong(_) => return Ok(()),
+            Message::Close(_) => return Err(None),
+        };
+        if text.len() > self.ctx.max_frame_bytes {
+            return Err(Some(TOO_BIG));
+        }
+        let frame = serde_json::from_str::<ClientFrame>(text.as_str()).map_err(|_| Some(BAD_FRAME))?;
+        let (kind, ids) = frame.into_parts();
+        if ids.len() > MAX_IDS_PER_FRAME || ids.iter().any(|id| id.is_empty() || id.len() > MAX_ID_BYTES) {
+            return Err(Some(BAD_FRAME));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let record = AckRecord {
+            user: self.conn.user.to_string(),
+            connection_id: self.conn.id.to_string(),
+            gateway_id: self.ctx.gateway_id.clone(),
+            kind,
+            ids,
+            at_ms: herald_shared::now_ms(),
+        };
+        // The queue is large; waiting when it is full slows this client rather than losing acks.
+        match self.ctx.acks.try_send(record) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(record)) => {
+                self.ctx.acks.send(record).await.map_err(|_| Some(SHUTTING_DOWN))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Some(SHUTTING_DOWN)),
+        }
+    }
+}
+
+/// Maps a read error to an ending: oversized frames get 1009, anything else means the socket
+/// is broken and there is nobody left to tell.
+fn read_error(error: axum::Error) -> Option<Ending> {
+    match error.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => Some(TOO_BIG),
+        _ => None,
+    }
+}
+
+/// The instant a token with `exp` (seconds since the epoch) runs out.
+fn expiry_instant(exp_secs: u64) -> tokio::time::Instant {
+    let now_ms = herald_shared::now_ms();
+    let left = Duration::from_millis((exp_secs * 1000).saturating_sub(now_ms));
+    // Far-future tokens: cap so the deadline arithmetic cannot overflow.
+    tokio::time::Instant::now() + left.min(Duration::from_secs(10 * 365 * 86_400))
+}
+
+/// A token bucket per connection: `rate` frames a second, bursts of twice that.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self { rate, burst: rate * 2.0, tokens: rate * 2.0, last: None }
+    }
+
+    pub(crate) fn allow(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            self.tokens = (self.tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_a_burst_then_the_sustained_rate() {
+        let mut limiter = RateLimiter::new(10);
+        let start = Instant::now();
+        assert!((0..20).all(|_| limiter.allow(start)));
+        assert!(!limiter.allow(start));
+        assert!(limiter.allow(start + Duration::from_millis(100)));
+        assert!(!limiter.allow(start + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn token_expiry_in_the_past_is_now() {
+        assert!(expiry_instant(1) <= tokio::time::Instant::now());
+    }
+}
