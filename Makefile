@@ -1,0 +1,89 @@
+# Herald: developer entry points. `make help` lists them.
+
+# --- Dev settings (one place; each can be overridden from the environment) ----------------------
+# These match the defaults in shared/src/config.rs; `make run` starts the services on these ports.
+export HERALD_JWT_SECRET ?= herald-dev-secret-change-me
+export HERALD_ADMIN_TOKEN ?= herald-dev-admin-token
+export HERALD_REDIS_URL ?= redis://127.0.0.1:16379
+export HERALD_NATS_URL ?= nats://127.0.0.1:14222
+# A user-supplied MongoDB wins: `make run` then uses it instead of starting nx-27017, and the e2e
+# tests read MONGODB_URI themselves.
+ifneq ($(strip $(MONGODB_URI)),)
+export MONGODB_URI
+export HERALD_MONGODB_URI := $(MONGODB_URI)
+else
+export HERALD_MONGODB_URI ?= mongodb://127.0.0.1:27117
+endif
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV := $(CURDIR)/.venv
+HERALDCTL := cargo run --quiet -p herald-dispatcher --bin heraldctl --
+
+# Extra checks other parts of the repo may provide; each runs in `make test` when present.
+EXTRA_CHECKS := scripts/check-k8s.sh scripts/check-dockerfile.sh
+
+.PHONY: help deps build test fmt clippy run token publish clean
+
+help:
+	@echo 'make deps      install redis-server and .venv (nats-server, nx-27017)'
+	@echo 'make build     build every crate and target'
+	@echo 'make test      fmt check, clippy, extra checks, build, all tests (what CI runs)'
+	@echo 'make run       start redis, nats, mongo, one dispatcher and two gateways (Ctrl-C stops all)'
+	@echo "make token USER=alice                       print a dev client token"
+	@echo "make publish TO=alice,bob MSG='{\"title\":\"hi\"}' [ID=x TTL=secs TOPIC=t]   publish a job"
+	@echo 'make fmt | clippy | clean'
+
+deps:
+	@scripts/deps.sh
+
+build:
+	cargo build --workspace --all-targets
+
+# The e2e harness starts its own redis / nats / mongo on free ports from these binaries (or uses
+# MONGODB_URI when set). A binary path already in the environment wins.
+test: deps
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	@for check in $(EXTRA_CHECKS); do \
+		if [ -f "$$check" ]; then echo "bash $$check"; bash "$$check"; fi; \
+	done
+	cargo build --workspace --all-targets
+	export HERALD_TEST_REDIS_SERVER="$${HERALD_TEST_REDIS_SERVER:-$$(command -v redis-server)}"; \
+	export HERALD_TEST_NATS_SERVER="$${HERALD_TEST_NATS_SERVER:-$(VENV)/bin/nats-server}"; \
+	export HERALD_TEST_MONGO_SERVER="$${HERALD_TEST_MONGO_SERVER:-$(VENV)/bin/nx-27017}"; \
+	cargo test --workspace
+
+fmt:
+	cargo fmt --all
+
+clippy:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+run: deps
+	@scripts/run.sh
+
+# USER is also the login name in every shell, so only a USER given on the command line counts.
+token:
+ifneq ($(origin USER),command line)
+	$(error usage: make token USER=alice)
+endif
+	@$(HERALDCTL) token --user "$(USER)"
+
+# TO and MSG go through the environment so that any quoting in the JSON survives.
+publish:
+	@if [ -z "$${TO:-}" ] || [ -z "$${MSG:-}" ]; then \
+		echo "usage: make publish TO=alice[,bob] MSG='{\"title\":\"hi\"}' [ID=job-1] [TTL=secs] [TOPIC=default]" >&2; \
+		exit 2; \
+	fi; \
+	args=(--to "$$TO" --payload "$$MSG"); \
+	if [ -n "$${ID:-}" ]; then args+=(--id "$$ID"); fi; \
+	if [ -n "$${TTL:-}" ]; then args+=(--ttl-secs "$$TTL"); fi; \
+	if [ -n "$${TOPIC:-}" ]; then args+=(--topic "$$TOPIC"); fi; \
+	$(HERALDCTL) publish "$${args[@]}"
+
+clean:
+	cargo clean
+	rm -rf .data
