@@ -1,0 +1,209 @@
+//! The query API: "did Alice get message X?", a user's pending messages, a user's presence.
+//! Plus health probes. Everything under `/v1` needs the admin bearer token.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fred::prelude::ClientLike;
+use herald_shared::now_ms;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::json;
+
+use crate::presence::PresenceReader;
+use crate::receipt::ReceiptState;
+use crate::store::{DeliveredBy, ReceiptDoc, Store, StoreError};
+
+/// Receipts or messages returned at most per request.
+const MAX_LIMIT: usize = 10_000;
+const DEFAULT_LIMIT: usize = 1_000;
+
+pub struct ApiState {
+    pub admin_token: String,
+    pub store: Store,
+    pub presence: PresenceReader,
+    pub redis: fred::clients::Client,
+    pub nats: async_nats::Client,
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/messages/{id}", get(message))
+        .route("/v1/users/{user}/pending", get(pending))
+        .route("/v1/users/{user}/presence", get(presence))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_admin));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(state)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or wrong admin token")]
+    Unauthorized,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Presence(#[from] crate::presence::PresenceError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error) = match &self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Store(e) if e.is_transient() => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ApiError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
+            ApiError::Presence(_) => (StatusCode::SERVICE_UNAVAILABLE, "presence_unavailable"),
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "query failed");
+        }
+        let reason = match &self {
+            // Details of internal failures stay in the log.
+            ApiError::Store(_) | ApiError::Presence(_) => "a dependency failed; see the dispatcher's log".to_owned(),
+            other => other.to_string(),
+        };
+        (status, Json(json!({ "error": error, "reason": reason }))).into_response()
+    }
+}
+
+async fn require_admin(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) => Ok(next.run(request).await),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Compares without revealing, through timing, how much of the token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+impl Limit {
+    fn get(&self) -> usize {
+        self.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT)
+    }
+}
+
+#[derive(Serialize)]
+struct ReceiptView {
+    user: String,
+    message_id: String,
+    state: ReceiptState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivered_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivered_by: Option<DeliveredBy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expired_at_ms: Option<i64>,
+}
+
+impl ReceiptView {
+    fn new(r: ReceiptDoc, now: u64) -> Self {
+        let expires_at = u64::try_from(r.expires_at.timestamp_millis()).unwrap_or(0);
+        Self {
+            user: r.user,
+            message_id: r.message_id,
+            state: r.state.effective(expires_at, now),
+            delivered_at_ms: r.delivered_at.map(|d| d.timestamp_millis()),
+            delivered_by: r.delivered_by,
+            read_at_ms: r.read_at.map(|d| d.timestamp_millis()),
+            expired_at_ms: r.expired_at.map(|d| d.timestamp_millis()),
+        }
+    }
+}
+
+async fn message(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(limit): Query<Limit>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let message = state.store.message(&id).await?.ok_or(ApiError::NotFound("message"))?;
+    let limit = limit.get();
+    let receipts = state.store.receipts_of(&id, limit).await?;
+    let mut counts = state.store.receipt_counts(&id).await?;
+    let now = now_ms();
+    // Pending receipts past expiry count as expired even before the sweeper marks them.
+    if message.expires_at.timestamp_millis() as u64 <= now {
+        if let Some(pending) = counts.remove("pending") {
+            *counts.entry("expired".into()).or_default() += pending;
+        }
+    }
+    let truncated = receipts.len() as i64 >= limit as i64 && (receipts.len() as i64) < message.recipients;
+    let payload = RawValue::from_string(message.payload.clone()).ok();
+    Ok(Json(json!({
+        "message": {
+            "id": message.id,
+            "seq": message.seq,
+            "payload": payload,
+            "published_at_ms": message.published_at.timestamp_millis(),
+            "expires_at_ms": message.expires_at.timestamp_millis(),
+            "recipients": message.recipients,
+        },
+        "counts": counts.into_iter().collect::<BTreeMap<_, _>>(),
+        "receipts": receipts.into_iter().map(|r| ReceiptView::new(r, now)).collect::<Vec<_>>(),
+        "truncated": truncated,
+    })))
+}
+
+async fn pending(
+    State(state): State<Arc<ApiState>>,
+    Path(user): Path<String>,
+    Query(limit): Query<Limit>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let pending = state.store.pending_for(&[user.as_str()], limit.get(), now_ms()).await?;
+    let messages: Vec<_> = pending.into_iter().map(|s| s.notification).collect();
+    Ok(Json(json!({ "user": user, "count": messages.len(), "pending": messages })))
+}
+
+async fn presence(State(state): State<Arc<ApiState>>, Path(user): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let found = state.presence.lookup(&[user.as_str()], now_ms()).await?;
+    let mut gateways: HashMap<String, usize> = HashMap::new();
+    let mut connections = 0;
+    if let Some(conns) = found.get(&user) {
+        for gateway in conns.values() {
+            *gateways.entry(gateway.clone()).or_default() += 1;
+            connections += 1;
+        }
+    }
+    Ok(Json(json!({
+        "user": user,
+        "online": connections > 0,
+        "connections": connections,
+        "gateways": gateways.into_iter().collect::<BTreeMap<_, _>>(),
+    })))
+}
+
+async fn ready(State(state): State<Arc<ApiState>>) -> Response {
+    let checks = BTreeMap::from([
+        ("mongodb", state.store.ping().await.is_ok()),
+        ("redis", state.redis.is_connected()),
+        ("nats", state.nats.connection_state() == async_nats::connection::State::Connected),
+    ]);
+    let ready = checks.values().all(|ok| *ok);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "ready": ready, "checks": checks }))).into_response()
+}

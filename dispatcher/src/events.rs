@@ -1,0 +1,177 @@
+//! Events from gateways: client acks (written to receipts) and "came online" announcements
+//! (answered by replaying that user's pending messages to the new connection, oldest first).
+//!
+//! Events are acknowledged to JetStream only once applied; while the store is unreachable the
+//! batch is held and retried, so no ack a client sent is lost.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, AckKind, Message};
+use futures::StreamExt;
+use herald_proto::{AckRecord, Event, GatewayCommand, Online, Replay};
+use herald_shared::naming::Names;
+use herald_shared::now_ms;
+use tokio_util::sync::CancellationToken;
+
+use crate::jobs::{sleep_or_stop, ConsumerError, ACK_WAIT};
+use crate::routing::Router;
+use crate::store::{Store, StoreError};
+
+/// Events applied per batch (one receipt-update round trip).
+const BATCH: usize = 512;
+
+#[derive(Clone)]
+pub struct EventPipeline {
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub store: Store,
+    pub router: Router,
+    pub ack_timeout: Duration,
+    /// Most pending messages replayed to a connection at once; the rest follow through the
+    /// ack-timeout sweep. Kept below a gateway's outbound queue so a replay never overflows it.
+    pub replay_page: usize,
+}
+
+async fn consumer(js: &jetstream::Context, names: &Names) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
+    let stream = js.get_stream(names.events_stream()).await.map_err(|e| ConsumerError(e.to_string()))?;
+    stream
+        .get_or_create_consumer(
+            names.events_consumer(),
+            pull::Config {
+                durable_name: Some(names.events_consumer().to_owned()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_deliver: -1,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| ConsumerError(e.to_string()))
+}
+
+impl EventPipeline {
+    pub async fn run(self, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let stream = match consumer(&self.js, &self.names).await {
+                Ok(c) => c.stream().max_messages_per_batch(BATCH).heartbeat(Duration::from_secs(5)).messages().await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "events consumer unavailable; retrying");
+                    sleep_or_stop(&mut backoff, &stop).await;
+                    continue;
+                }
+            };
+            let mut chunks = match stream {
+                Ok(s) => s.ready_chunks(BATCH),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot pull events; retrying");
+                    sleep_or_stop(&mut backoff, &stop).await;
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                let chunk = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    chunk = chunks.next() => chunk,
+                };
+                let Some(chunk) = chunk else { break };
+                let batch: Vec<Message> = chunk
+                    .into_iter()
+                    .filter_map(|m| m.map_err(|e| tracing::warn!(error = %e, "pulling events")).ok())
+                    .collect();
+                if !batch.is_empty() {
+                    self.process(batch, &stop).await;
+                }
+            }
+            tracing::warn!("events stream ended; resubscribing");
+            sleep_or_stop(&mut backoff, &stop).await;
+        }
+    }
+
+    async fn process(&self, messages: Vec<Message>, stop: &CancellationToken) {
+        let mut acks: Vec<AckRecord> = Vec::new();
+        let mut onlines: Vec<Online> = Vec::new();
+        for message in &messages {
+            match serde_json::from_slice::<Event>(&message.payload) {
+                Ok(Event::Acks(records)) => acks.extend(records),
+                Ok(Event::Online(online)) => onlines.push(online),
+                Err(e) => tracing::error!(error = %e, subject = %message.subject, "undecodable event dropped"),
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.apply(&acks, &onlines).await {
+                Ok(()) => break,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, events = messages.len(), "store unavailable; holding events and retrying");
+                    for message in &messages {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                    if !sleep_or_stop(&mut backoff, stop).await {
+                        // Shutting down: let another dispatcher have them now.
+                        for message in &messages {
+                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                        }
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "events refused by the store; dropped");
+                    break;
+                }
+            }
+        }
+        for message in &messages {
+            if let Err(e) = message.ack().await {
+                tracing::warn!(error = %e, "event ack failed; it will be applied again (idempotent)");
+            }
+        }
+    }
+
+    /// Applies acks, then replays for new connections. Both are idempotent, so a retry after a
+    /// partial failure is harmless.
+    async fn apply(&self, acks: &[AckRecord], onlines: &[Online]) -> Result<(), StoreError> {
+        if !acks.is_empty() {
+            let changed = self.store.apply_acks(acks).await?;
+            tracing::debug!(records = acks.len(), changed, "acks applied");
+        }
+        if !onlines.is_empty() {
+            self.replay(onlines).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends each new connection its user's pending messages: one query for all users of the
+    /// batch, one for the payloads, one to push their retry deadlines.
+    async fn replay(&self, onlines: &[Online]) -> Result<(), StoreError> {
+        let mut users: Vec<&str> = onlines.iter().map(|o| o.user.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        let now = now_ms();
+        let pending = self.store.pending_for(&users, self.replay_page, now).await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut sent = Vec::new();
+        for online in onlines {
+            let mine: Vec<_> = pending.iter().filter(|s| s.user == online.user).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let command = GatewayCommand::Replay(Replay {
+                user: online.user.clone(),
+                connection_id: online.connection_id.clone(),
+                notifications: mine.iter().map(|s| s.notification.clone()).collect(),
+            });
+            if self.router.publish(&online.gateway_id, &command).await {
+                sent.extend(mine.iter().filter_map(|s| s.receipt_id));
+            }
+        }
+        sent.sort_unstable();
+        sent.dedup();
+        self.store.reschedule(&sent, Some(now + self.ack_timeout.as_millis() as u64)).await
+    }
+}
+

@@ -1,0 +1,327 @@
+//! The publish-job pipeline: pull a batch from JetStream, validate, store the inbox records,
+//! look up presence, route, and only then acknowledge the batch.
+//!
+//! Ordering is the whole point: receipts are durable (pending) **before** presence is read, and
+//! a job is acked to JetStream only after its receipts are durable, so a crash anywhere means a
+//! redelivery, never a loss. Store outages are waited out (the batch is held, its ack deadline
+//! extended); a job the store refuses for good is retried a bounded number of times and then
+//! dead-lettered so the queue keeps moving.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer::pull, AckKind, Message};
+use futures::StreamExt;
+use herald_proto::{RejectCode, Rejection};
+use herald_shared::naming::Names;
+use herald_shared::now_ms;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{self, Invalid, JobMeta, Limits, ValidJob};
+use crate::presence::PresenceReader;
+use crate::routing::{self, Router};
+use crate::store::{DeadLetterDoc, Store};
+
+/// How long a job may sit unacknowledged before JetStream hands it to another dispatcher.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Everything one job worker needs.
+#[derive(Clone)]
+pub struct JobPipeline {
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub store: Store,
+    pub presence: PresenceReader,
+    pub router: Router,
+    pub limits: Limits,
+    pub ack_timeout: Duration,
+    pub batch: usize,
+    pub max_attempts: u64,
+}
+
+/// A job as pulled from the stream, with what was read of it.
+struct Pulled {
+    message: Message,
+    delivered: u64,
+    outcome: Result<ValidJob, Invalid>,
+    stream_seq: u64,
+}
+
+/// The durable consumer all dispatchers share; created if missing.
+pub async fn consumer(js: &jetstream::Context, names: &Names) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
+    let stream = js.get_stream(names.jobs_stream()).await.map_err(|e| ConsumerError(e.to_string()))?;
+    stream
+        .get_or_create_consumer(
+            names.jobs_consumer(),
+            pull::Config {
+                durable_name: Some(names.jobs_consumer().to_owned()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                // Unbounded redelivery: store outages must never turn into loss. Poison jobs are
+                // bounded by `max_attempts` in this module instead.
+                max_deliver: -1,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| ConsumerError(e.to_string()))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("jetstream consumer: {0}")]
+pub struct ConsumerError(pub(crate) String);
+
+impl JobPipeline {
+    /// Pulls and processes batches until `stop` fires. The current batch is finished first;
+    /// jobs pulled but not started are left to JetStream's redelivery.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let messages = match consumer(&self.js, &self.names).await {
+                Ok(consumer) => consumer.stream().max_messages_per_batch(self.batch).heartbeat(Duration::from_secs(5)).messages().await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "jobs consumer unavailable; retrying");
+                    sleep_or_stop(&mut backoff, &stop).await;
+                    continue;
+                }
+            };
+            let mut chunks = match messages {
+                Ok(stream) => stream.ready_chunks(self.batch),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot pull jobs; retrying");
+                    sleep_or_stop(&mut backoff, &stop).await;
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                let chunk = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    chunk = chunks.next() => chunk,
+                };
+                let Some(chunk) = chunk else { break };
+                let mut batch = Vec::with_capacity(chunk.len());
+                for item in chunk {
+                    match item {
+                        Ok(message) => batch.push(message),
+                        Err(e) => tracing::warn!(error = %e, "pulling jobs"),
+                    }
+                }
+                if !batch.is_empty() {
+                    self.process(batch, &stop).await;
+                }
+            }
+            tracing::warn!("jobs stream ended; resubscribing");
+            sleep_or_stop(&mut backoff, &stop).await;
+        }
+    }
+
+    async fn process(&self, messages: Vec<Message>, stop: &CancellationToken) {
+        let pulled: Vec<Pulled> = messages.into_iter().map(|m| self.read(m)).collect();
+        let (valid, invalid): (Vec<Pulled>, Vec<Pulled>) = pulled.into_iter().partition(|p| p.outcome.is_ok());
+
+        for job in invalid {
+            if let Err(invalid) = &job.outcome {
+                self.reject(&job, invalid.clone()).await;
+            }
+        }
+        if valid.is_empty() {
+            return;
+        }
+        let jobs: Vec<ValidJob> = valid.iter().filter_map(|p| p.outcome.as_ref().ok().cloned()).collect();
+        let Some(inserted) = self.insert_until_stored(&jobs, &valid, stop).await else {
+            // Shutting down during a store outage: hand the jobs back for redelivery.
+            for job in &valid {
+                let _ = job.message.ack_with(AckKind::Nak(None)).await;
+            }
+            return;
+        };
+
+        // Route what is new (on a redelivery, everything still pending may never have been
+        // routed: route all recipients; clients deduplicate).
+        let mut routes: Vec<(usize, Vec<String>)> = Vec::new();
+        for (i, (job, pulled)) in jobs.iter().zip(&valid).enumerate() {
+            if inserted.failed.contains_key(&i) {
+                continue;
+            }
+            let users = if pulled.delivered > 1 { job.recipients.clone() } else { inserted.new_recipients[i].clone() };
+            if !users.is_empty() {
+                routes.push((i, users));
+            }
+        }
+        self.route(&jobs, &routes).await;
+
+        for (i, pulled) in valid.iter().enumerate() {
+            match inserted.failed.get(&i) {
+                None => {
+                    if let Err(e) = pulled.message.ack().await {
+                        tracing::warn!(error = %e, seq = pulled.stream_seq, "job ack failed; it will be redelivered");
+                    }
+                }
+                Some(reason) => self.failed_for_good(pulled, &jobs[i], reason).await,
+            }
+        }
+    }
+
+    fn read(&self, message: Message) -> Pulled {
+        let (stream_seq, delivered, published_at_ms) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64, unix_ms(SystemTime::from(info.published))),
+            Err(_) => (0, 1, now_ms()),
+        };
+        let msg_id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_owned());
+        let meta = JobMeta { stream_seq, published_at_ms, subject: message.subject.as_str(), msg_id: msg_id.as_deref() };
+        let outcome = job::validate(&message.payload, &meta, &self.limits);
+        Pulled { message, delivered, outcome, stream_seq }
+    }
+
+    /// Stores the batch, waiting out transient store errors with capped backoff while keeping
+    /// the jobs' ack deadlines alive. None if `stop` fires first.
+    async fn insert_until_stored(
+        &self,
+        jobs: &[ValidJob],
+        pulled: &[Pulled],
+        stop: &CancellationToken,
+    ) -> Option<crate::store::Inserted> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.store.insert(jobs, now_ms(), self.ack_timeout).await {
+                Ok(inserted) => return Some(inserted),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, jobs = jobs.len(), "store unavailable; holding jobs and retrying");
+                }
+                Err(e) => {
+                    // A whole-batch permanent error (not per document): nothing was stored.
+                    // Treat every job as failed once; `failed_for_good` bounds the retries.
+                    tracing::error!(error = %e, "store refused the batch");
+                    return Some(crate::store::Inserted {
+                        new_recipients: vec![Vec::new(); jobs.len()],
+                        failed: (0..jobs.len()).map(|i| (i, e.to_string())).collect(),
+                    });
+                }
+            }
+            for job in pulled {
+                let _ = job.message.ack_with(AckKind::Progress).await;
+            }
+            if !sleep_or_stop(&mut backoff, stop).await {
+                return None;
+            }
+        }
+    }
+
+    async fn route(&self, jobs: &[ValidJob], routes: &[(usize, Vec<String>)]) {
+        if routes.is_empty() {
+            return;
+        }
+        let notifications: Vec<_> = routes
+            .iter()
+            .map(|(i, _)| {
+                let job = &jobs[*i];
+                herald_proto::Notification {
+                    id: job.message_id.clone(),
+                    seq: job.seq,
+                    payload: job.payload.clone(),
+                    published_at_ms: job.published_at_ms,
+                    expires_at_ms: job.expires_at_ms,
+                }
+            })
+            .collect();
+        let mut users: Vec<&str> = routes.iter().flat_map(|(_, u)| u.iter().map(String::as_str)).collect();
+        users.sort_unstable();
+        users.dedup();
+        let presence = match self.presence.lookup(&users, now_ms()).await {
+            Ok(presence) => presence,
+            Err(e) => {
+                // Receipts are pending: the sweeper retries them after the ack timeout, and a
+                // Redis restart makes gateways re-announce their connections for replay.
+                tracing::warn!(error = %e, "presence unavailable; messages wait in the store");
+                return;
+            }
+        };
+        let plan = routing::plan(notifications.iter().zip(routes.iter().map(|(_, u)| u.as_slice())), &presence);
+        tracing::debug!(online = plan.online, offline = plan.offline.len(), "routed");
+        self.router.send(plan).await;
+    }
+
+    async fn reject(&self, job: &Pulled, invalid: Invalid) {
+        let rejection = Rejection {
+            job_id: invalid.job_id,
+            stream_seq: job.stream_seq,
+            subject: job.message.subject.to_string(),
+            code: invalid.code,
+            reason: invalid.reason,
+            rejected_at_ms: now_ms(),
+        };
+        tracing::info!(seq = job.stream_seq, code = ?rejection.code, reason = %rejection.reason, "job rejected");
+        if self.publish_rejection(&self.names.rejected_subject(), &rejection).await {
+            let _ = job.message.ack_with(AckKind::Term).await;
+        }
+        // Otherwise leave it unacked: redelivered, rejected again, and reported then.
+    }
+
+    /// A job the store refused: retried later (nak with delay) until `max_attempts`, then
+    /// dead-lettered (kept in the store and reported on the dead-letter subject).
+    async fn failed_for_good(&self, pulled: &Pulled, job: &ValidJob, reason: &str) {
+        if pulled.delivered < self.max_attempts {
+            let delay = Duration::from_secs(pulled.delivered.min(30));
+            tracing::warn!(seq = pulled.stream_seq, attempt = pulled.delivered, reason, "job not stored; will retry");
+            let _ = pulled.message.ack_with(AckKind::Nak(Some(delay))).await;
+            return;
+        }
+        let letter = DeadLetterDoc {
+            stream_seq: pulled.stream_seq as i64,
+            subject: pulled.message.subject.to_string(),
+            job_id: Some(job.message_id.clone()),
+            reason: reason.to_owned(),
+            attempts: pulled.delivered as i64,
+            body: String::from_utf8_lossy(&pulled.message.payload).into_owned(),
+            dead_at: crate::store::date(now_ms()),
+        };
+        if let Err(e) = self.store.dead_letter(letter).await {
+            tracing::warn!(error = %e, "dead letter not stored; reported on the subject only");
+        }
+        let rejection = Rejection {
+            job_id: Some(job.message_id.clone()),
+            stream_seq: pulled.stream_seq,
+            subject: pulled.message.subject.to_string(),
+            code: RejectCode::DeadLetter,
+            reason: format!("not stored after {} attempts: {reason}", pulled.delivered),
+            rejected_at_ms: now_ms(),
+        };
+        tracing::error!(seq = pulled.stream_seq, reason, "job dead-lettered");
+        if self.publish_rejection(&self.names.dead_letter_subject(), &rejection).await {
+            let _ = pulled.message.ack_with(AckKind::Term).await;
+        }
+    }
+
+    async fn publish_rejection(&self, subject: &str, rejection: &Rejection) -> bool {
+        let Ok(body) = serde_json::to_vec(rejection) else { return false };
+        match self.js.publish(subject.to_owned(), body.into()).await {
+            Ok(ack) => match ack.await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "rejection not stored; job kept for redelivery");
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "rejection not published; job kept for redelivery");
+                false
+            }
+        }
+    }
+}
+
+/// Sleeps for `backoff` (then doubles it, up to 5 s). Returns false if `stop` fired.
+pub(crate) async fn sleep_or_stop(backoff: &mut Duration, stop: &CancellationToken) -> bool {
+    let pause = *backoff;
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => true,
+        _ = stop.cancelled() => false,
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+

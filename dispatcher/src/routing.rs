@@ -1,0 +1,193 @@
+//! Routing: which gateway gets which notification for which users, and sending it there.
+//!
+//! A notification travels once per gateway with the list of its users on that gateway, never
+//! once per recipient. Commands are split to stay under NATS's payload limit. Routing is best
+//! effort by design: the receipt is already pending in the store, so a lost command only delays
+//! delivery until the ack timeout or the next connection.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use herald_proto::{GatewayCommand, Notification, Routed};
+use herald_shared::naming::Names;
+
+use crate::presence::Connections;
+
+/// Target size of one gateway command; NATS's default limit is 1 MiB.
+const MAX_COMMAND_BYTES: usize = 768 * 1024;
+
+/// What routing found for a set of recipients.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Per gateway, the notifications and the users on that gateway they are for.
+    pub by_gateway: BTreeMap<String, Vec<Routed>>,
+    /// Recipients with at least one live connection.
+    pub online: usize,
+    /// Recipients with none: their receipts wait for them to connect.
+    pub offline: Vec<String>,
+}
+
+/// Decides where each (notification, recipients) goes, given live presence.
+pub fn plan<'a>(items: impl IntoIterator<Item = (&'a Notification, &'a [String])>, presence: &HashMap<String, Connections>) -> Plan {
+    let mut out = Plan::default();
+    for (notification, users) in items {
+        let mut per_gateway: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for user in users {
+            match presence.get(user) {
+                Some(conns) if !conns.is_empty() => {
+                    out.online += 1;
+                    let mut gateways: Vec<&str> = conns.values().map(String::as_str).collect();
+                    gateways.sort_unstable();
+                    gateways.dedup();
+                    for gateway in gateways {
+                        per_gateway.entry(gateway).or_default().push(user.clone());
+                    }
+                }
+                _ => out.offline.push(user.clone()),
+            }
+        }
+        for (gateway, users) in per_gateway {
+            out.by_gateway
+                .entry(gateway.to_owned())
+                .or_default()
+                .push(Routed { users, notification: notification.clone() });
+        }
+    }
+    out
+}
+
+/// Splits one gateway's deliveries into commands under [`MAX_COMMAND_BYTES`], splitting a
+/// single notification's user list when that alone is too big.
+pub fn commands(routed: Vec<Routed>) -> Vec<GatewayCommand> {
+    let mut out = Vec::new();
+    let mut current: Vec<Routed> = Vec::new();
+    let mut size = 0;
+    for item in routed {
+        let base = item.notification.payload.get().len() + item.notification.id.len() + 160;
+        let mut users = item.users;
+        while !users.is_empty() {
+            let mut take = 0;
+            let mut bytes = base;
+            while take < users.len() && (take == 0 || bytes + users[take].len() + 3 <= MAX_COMMAND_BYTES) {
+                bytes += users[take].len() + 3;
+                take += 1;
+            }
+            if !current.is_empty() && size + bytes > MAX_COMMAND_BYTES {
+                out.push(GatewayCommand::Deliver(std::mem::take(&mut current)));
+                size = 0;
+            }
+            let rest = users.split_off(take);
+            current.push(Routed { users, notification: item.notification.clone() });
+            size += bytes;
+            users = rest;
+        }
+    }
+    if !current.is_empty() {
+        out.push(GatewayCommand::Deliver(current));
+    }
+    out
+}
+
+/// Publishes gateway commands on core NATS.
+#[derive(Clone)]
+pub struct Router {
+    nats: async_nats::Client,
+    names: Names,
+}
+
+impl Router {
+    pub fn new(nats: async_nats::Client, names: Names) -> Self {
+        Self { nats, names }
+    }
+
+    /// Sends a plan's deliveries; returns the number of commands that could not be handed to
+    /// NATS (their receipts stay pending and are retried by the sweeper).
+    pub async fn send(&self, plan: Plan) -> usize {
+        let mut failed = 0;
+        for (gateway, routed) in plan.by_gateway {
+            for command in commands(routed) {
+                if !self.publish(&gateway, &command).await {
+                    failed += 1;
+                }
+            }
+        }
+        failed
+    }
+
+    pub async fn publish(&self, gateway: &str, command: &GatewayCommand) -> bool {
+        let body = match serde_json::to_vec(command) {
+            Ok(body) => Bytes::from(body),
+            Err(e) => {
+                tracing::error!(error = %e, "gateway command not serializable");
+                return false;
+            }
+        };
+        match self.nats.publish(self.names.gateway_subject(gateway), body).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, gateway, "gateway command not published; receipts stay pending");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn notification(id: &str, payload_len: usize) -> Notification {
+        Notification {
+            id: id.into(),
+            seq: 1,
+            payload: RawValue::from_string(format!("\"{}\"", "x".repeat(payload_len))).unwrap(),
+            published_at_ms: 0,
+            expires_at_ms: u64::MAX,
+        }
+    }
+
+    fn conns(pairs: &[(&str, &str)]) -> Connections {
+        pairs.iter().map(|(c, g)| (c.to_string(), g.to_string())).collect()
+    }
+
+    #[test]
+    fn one_command_per_gateway_lists_its_users_once() {
+        let presence = HashMap::from([
+            ("alice".to_string(), conns(&[("a1", "g1"), ("a2", "g1"), ("a3", "g2")])),
+            ("bob".to_string(), conns(&[("b1", "g1")])),
+        ]);
+        let n = notification("m1", 3);
+        let users = vec!["alice".to_string(), "bob".to_string(), "carol".to_string()];
+        let plan = plan([(&n, users.as_slice())], &presence);
+        assert_eq!(plan.online, 2);
+        assert_eq!(plan.offline, vec!["carol".to_string()]);
+        assert_eq!(plan.by_gateway["g1"].len(), 1);
+        assert_eq!(plan.by_gateway["g1"][0].users, vec!["alice", "bob"]);
+        assert_eq!(plan.by_gateway["g2"][0].users, vec!["alice"]);
+    }
+
+    #[test]
+    fn big_fan_outs_are_split_under_the_limit_without_losing_a_user() {
+        let users: Vec<String> = (0..60_000).map(|i| format!("user-{i:08}")).collect();
+        let routed = vec![Routed { users: users.clone(), notification: notification("m", 60_000) }];
+        let commands = commands(routed);
+        assert!(commands.len() > 1);
+        let mut seen = Vec::new();
+        for command in &commands {
+            assert!(serde_json::to_vec(command).unwrap().len() <= 1024 * 1024);
+            let GatewayCommand::Deliver(items) = command else { panic!("deliver expected") };
+            for item in items {
+                seen.extend(item.users.iter().cloned());
+            }
+        }
+        assert_eq!(seen, users);
+    }
+
+    #[test]
+    fn many_small_notifications_share_a_command() {
+        let routed: Vec<Routed> =
+            (0..100).map(|i| Routed { users: vec!["u".into()], notification: notification(&format!("m{i}"), 10) }).collect();
+        assert_eq!(commands(routed).len(), 1);
+    }
+}

@@ -1,0 +1,497 @@
+//! The receipt store in MongoDB: messages (payload once per message), receipts (one per
+//! message and recipient, the durable inbox), and dead letters. The only module that talks to
+//! MongoDB. Every operation that touches many documents is one round trip.
+//!
+//! Errors are classified once, here: a transient error (the store is unreachable, failing over)
+//! means "retry later, lose nothing"; a permanent one means this input will never be stored.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use herald_proto::{AckKind, AckRecord, Notification};
+use herald_shared::naming::collections;
+use mongodb::bson::{doc, oid::ObjectId, DateTime};
+use mongodb::error::ErrorKind;
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, Database, IndexModel};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::job::ValidJob;
+use crate::receipt::ReceiptState;
+
+/// How long messages and receipts are kept after they expire, for the query API and audits.
+pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// Duplicate key: the message or receipt exists already, which is what idempotency wants.
+const DUPLICATE_KEY: i32 = 11000;
+/// Server error codes that mean "try again" (not primary, shutting down, interrupted, ...).
+const TRANSIENT_CODES: &[i32] = &[6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436];
+/// Update statements per command (the server's batch limit is far higher; this bounds size).
+const UPDATE_BATCH: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The store could not be reached or is failing over: retry, lose nothing.
+    Transient,
+    /// This write will never succeed as it is.
+    Permanent,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("store ({class:?}): {source}")]
+pub struct StoreError {
+    pub class: ErrorClass,
+    #[source]
+    pub source: mongodb::error::Error,
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        self.class == ErrorClass::Transient
+    }
+}
+
+impl From<mongodb::error::Error> for StoreError {
+    fn from(source: mongodb::error::Error) -> Self {
+        Self { class: classify(&source), source }
+    }
+}
+
+fn classify(e: &mongodb::error::Error) -> ErrorClass {
+    let transient = match e.kind.as_ref() {
+        ErrorKind::Io(_) | ErrorKind::ServerSelection { .. } | ErrorKind::ConnectionPoolCleared { .. } => true,
+        ErrorKind::Command(c) => TRANSIENT_CODES.contains(&c.code),
+        _ => false,
+    };
+    if transient || e.contains_label("RetryableWriteError") || e.contains_label("TransientTransactionError") {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Permanent
+    }
+}
+
+/// One message, stored once whatever the number of recipients.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub seq: i64,
+    /// The publisher's JSON as text, so clients get it byte for byte.
+    pub payload: String,
+    pub published_at: DateTime,
+    pub expires_at: DateTime,
+    pub recipients: i64,
+    pub purge_at: DateTime,
+}
+
+/// Who acknowledged a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveredBy {
+    pub connection_id: String,
+    pub gateway_id: String,
+}
+
+/// One recipient's copy of a message: its inbox entry and its receipt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceiptDoc {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub message_id: String,
+    pub user: String,
+    pub seq: i64,
+    pub state: ReceiptState,
+    pub created_at: DateTime,
+    pub expires_at: DateTime,
+    /// When to send again if no ack came; null while the user is offline (replayed on connect).
+    #[serde(default)]
+    pub next_retry_at: Option<DateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<DateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_by: Option<DeliveredBy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_at: Option<DateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<DateTime>,
+    pub purge_at: DateTime,
+}
+
+/// A job that could not be stored, kept for an operator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetterDoc {
+    pub stream_seq: i64,
+    pub subject: String,
+    pub job_id: Option<String>,
+    pub reason: String,
+    pub attempts: i64,
+    pub body: String,
+    pub dead_at: DateTime,
+}
+
+/// What an insert of a batch of jobs did.
+#[derive(Debug, Default)]
+pub struct Inserted {
+    /// Per job (same order as the input): the recipients whose receipt this call created.
+    pub new_recipients: Vec<Vec<String>>,
+    /// Jobs that failed for good, by index, with the server's reason.
+    pub failed: HashMap<usize, String>,
+}
+
+/// A pending receipt with the notification to send for it.
+#[derive(Debug)]
+pub struct Sendable {
+    pub receipt_id: Option<ObjectId>,
+    pub user: String,
+    pub notification: Notification,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    messages: Collection<MessageDoc>,
+    receipts: Collection<ReceiptDoc>,
+    dead_letters: Collection<DeadLetterDoc>,
+    db: Database,
+}
+
+pub fn date(ms: u64) -> DateTime {
+    DateTime::from_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+fn millis(d: DateTime) -> u64 {
+    u64::try_from(d.timestamp_millis()).unwrap_or(0)
+}
+
+impl Store {
+    pub fn new(db: Database) -> Self {
+        Self {
+            messages: db.collection(collections::MESSAGES),
+            receipts: db.collection(collections::RECEIPTS),
+            dead_letters: db.collection(collections::DEAD_LETTERS),
+            db,
+        }
+    }
+
+    /// Creates the indexes every query here relies on; idempotent.
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let ttl = || IndexOptions::builder().expire_after(Duration::ZERO).build();
+        self.receipts
+            .create_indexes([
+                IndexModel::builder()
+                    .keys(doc! { "user": 1, "message_id": 1 })
+                    .options(IndexOptions::builder().unique(true).build())
+                    .build(),
+                IndexModel::builder().keys(doc! { "user": 1, "state": 1, "seq": 1 }).build(),
+                IndexModel::builder().keys(doc! { "message_id": 1 }).build(),
+                IndexModel::builder().keys(doc! { "state": 1, "next_retry_at": 1 }).build(),
+                IndexModel::builder().keys(doc! { "state": 1, "expires_at": 1 }).build(),
+                IndexModel::builder().keys(doc! { "purge_at": 1 }).options(ttl()).build(),
+            ])
+            .await?;
+        self.messages
+            .create_index(IndexModel::builder().keys(doc! { "purge_at": 1 }).options(ttl()).build())
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a batch of jobs: their messages, then one pending receipt per recipient. Two round
+    /// trips per batch. Existing messages and receipts (a redelivered or re-published job) are
+    /// left as they are, which makes the write idempotent.
+    pub async fn insert(&self, jobs: &[ValidJob], now_ms: u64, ack_timeout: Duration) -> Result<Inserted, StoreError> {
+        let mut out = Inserted { new_recipients: vec![Vec::new(); jobs.len()], failed: HashMap::new() };
+        if jobs.is_empty() {
+            return Ok(out);
+        }
+        let messages: Vec<MessageDoc> = jobs
+            .iter()
+            .map(|job| MessageDoc {
+                id: job.message_id.clone(),
+                seq: job.seq as i64,
+                payload: job.payload.get().to_owned(),
+                published_at: date(job.published_at_ms),
+                expires_at: date(job.expires_at_ms),
+                recipients: job.recipients.len() as i64,
+                purge_at: date(job.expires_at_ms + RETENTION.as_millis() as u64),
+            })
+            .collect();
+        for (index, reason) in insert_tolerating_duplicates(&self.messages, &messages).await?.1 {
+            out.failed.insert(index, reason);
+        }
+
+        let mut owners = Vec::new();
+        let mut receipts = Vec::new();
+        for (index, job) in jobs.iter().enumerate() {
+            if out.failed.contains_key(&index) {
+                continue;
+            }
+            for user in &job.recipients {
+                owners.push(index);
+                receipts.push(ReceiptDoc {
+                    id: None,
+                    message_id: job.message_id.clone(),
+                    user: user.clone(),
+                    seq: job.seq as i64,
+                    state: ReceiptState::Pending,
+                    created_at: date(now_ms),
+                    expires_at: date(job.expires_at_ms),
+                    next_retry_at: Some(date(now_ms + ack_timeout.as_millis() as u64)),
+                    delivered_at: None,
+                    delivered_by: None,
+                    read_at: None,
+                    expired_at: None,
+                    purge_at: date(job.expires_at_ms + RETENTION.as_millis() as u64),
+                });
+            }
+        }
+        let (inserted, failed) = insert_tolerating_duplicates(&self.receipts, &receipts).await?;
+        for (i, receipt) in receipts.into_iter().enumerate() {
+            if inserted[i] {
+                out.new_recipients[owners[i]].push(receipt.user);
+            }
+        }
+        for (i, reason) in failed {
+            out.failed.insert(owners[i], reason);
+        }
+        Ok(out)
+    }
+
+    /// Applies client acknowledgements in one command (one round trip per thousand records).
+    /// Filters name the acking user, so an id that is not this user's matches nothing, and the
+    /// state filter lets receipts only move forward. Returns the number of receipts changed.
+    pub async fn apply_acks(&self, records: &[AckRecord]) -> Result<u64, StoreError> {
+        let mut statements = Vec::with_capacity(records.len());
+        for record in records {
+            let at = date(record.at_ms);
+            let ids: Vec<&str> = record.ids.iter().map(String::as_str).collect();
+            statements.push(doc! {
+                "q": {
+                    "user": &record.user,
+                    "message_id": { "$in": &ids },
+                    "state": { "$in": ReceiptState::Delivered.reachable_from() },
+                },
+                "u": { "$set": {
+                    "state": ReceiptState::Delivered.as_str(),
+                    "delivered_at": at,
+                    "delivered_by": { "connection_id": &record.connection_id, "gateway_id": &record.gateway_id },
+                    "next_retry_at": null,
+                } },
+                "multi": true,
+            });
+            if record.kind == AckKind::Read {
+                statements.push(doc! {
+                    "q": {
+                        "user": &record.user,
+                        "message_id": { "$in": &ids },
+                        "state": { "$in": ReceiptState::Read.reachable_from() },
+                    },
+                    "u": { "$set": { "state": ReceiptState::Read.as_str(), "read_at": at } },
+                    "multi": true,
+                });
+            }
+        }
+        let mut modified = 0;
+        for chunk in statements.chunks(UPDATE_BATCH) {
+            // Ordered, so a read's "delivered" statement lands before its "read" one.
+            let reply = self
+                .db
+                .run_command(doc! { "update": collections::RECEIPTS, "updates": chunk, "ordered": true })
+                .await?;
+            if let Ok(errors) = reply.get_array("writeErrors") {
+                if !errors.is_empty() {
+                    tracing::error!(errors = ?errors, "receipt updates refused by the store");
+                }
+            }
+            modified += reply.get_i32("nModified").map(i64::from).or_else(|_| reply.get_i64("nModified")).unwrap_or(0) as u64;
+        }
+        Ok(modified)
+    }
+
+    /// The oldest pending, unexpired messages of each user, at most `per_user` each: what a
+    /// connection that just came online must get. Two round trips for any number of users.
+    pub async fn pending_for(&self, users: &[&str], per_user: usize, now_ms: u64) -> Result<Vec<Sendable>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let limit = (per_user * users.len()).min(50_000) as i64;
+        let receipts: Vec<ReceiptDoc> = self
+            .receipts
+            .find(doc! { "user": { "$in": users }, "state": "pending", "expires_at": { "$gt": date(now_ms) } })
+            .sort(doc! { "seq": 1 })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        let mut per = HashMap::<String, usize>::new();
+        let receipts: Vec<ReceiptDoc> = receipts
+            .into_iter()
+            .filter(|r| {
+                let n = per.entry(r.user.clone()).or_default();
+                *n += 1;
+                *n <= per_user
+            })
+            .collect();
+        self.with_payloads(receipts).await
+    }
+
+    /// Pending receipts whose ack timeout passed: sent to a connected client that did not ack.
+    pub async fn due_for_retry(&self, now_ms: u64, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
+        Ok(self
+            .receipts
+            .find(doc! { "state": "pending", "next_retry_at": { "$lte": date(now_ms) } })
+            .limit(limit as i64)
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// Adds the payloads to receipts (one round trip), oldest first; receipts whose message is
+    /// gone (purged) are skipped.
+    pub async fn with_payloads(&self, receipts: Vec<ReceiptDoc>) -> Result<Vec<Sendable>, StoreError> {
+        if receipts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<&str> = receipts.iter().map(|r| r.message_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let messages: HashMap<String, MessageDoc> = self
+            .messages
+            .find(doc! { "_id": { "$in": ids } })
+            .await?
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .map(|m| (m.id.clone(), m))
+            .collect();
+        let mut out: Vec<Sendable> = receipts
+            .into_iter()
+            .filter_map(|r| {
+                let message = messages.get(&r.message_id)?;
+                let payload = RawValue::from_string(message.payload.clone()).ok()?;
+                Some(Sendable {
+                    receipt_id: r.id,
+                    user: r.user,
+                    notification: Notification {
+                        id: message.id.clone(),
+                        seq: message.seq as u64,
+                        payload,
+                        published_at_ms: millis(message.published_at),
+                        expires_at_ms: millis(message.expires_at),
+                    },
+                })
+            })
+            .collect();
+        out.sort_by_key(|s| s.notification.seq);
+        Ok(out)
+    }
+
+    /// Sets when still-pending receipts are next sent again (None: not until the user connects).
+    pub async fn reschedule(&self, receipt_ids: &[ObjectId], next_retry_ms: Option<u64>) -> Result<(), StoreError> {
+        if receipt_ids.is_empty() {
+            return Ok(());
+        }
+        let next = next_retry_ms.map(date);
+        self.receipts
+            .update_many(
+                doc! { "_id": { "$in": receipt_ids }, "state": "pending" },
+                doc! { "$set": { "next_retry_at": next } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Marks every pending receipt past its expiry as expired; returns how many.
+    pub async fn expire(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let now = date(now_ms);
+        let result = self
+            .receipts
+            .update_many(
+                doc! { "state": "pending", "expires_at": { "$lte": now } },
+                doc! { "$set": { "state": "expired", "expired_at": now, "next_retry_at": null } },
+            )
+            .await?;
+        Ok(result.modified_count)
+    }
+
+    pub async fn message(&self, id: &str) -> Result<Option<MessageDoc>, StoreError> {
+        Ok(self.messages.find_one(doc! { "_id": id }).await?)
+    }
+
+    /// Receipts of one message, by user, at most `limit`.
+    pub async fn receipts_of(&self, message_id: &str, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
+        Ok(self
+            .receipts
+            .find(doc! { "message_id": message_id })
+            .sort(doc! { "user": 1 })
+            .limit(limit as i64)
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// How many receipts of one message are in each state.
+    pub async fn receipt_counts(&self, message_id: &str) -> Result<HashMap<String, u64>, StoreError> {
+        let mut cursor = self
+            .receipts
+            .aggregate([
+                doc! { "$match": { "message_id": message_id } },
+                doc! { "$group": { "_id": "$state", "n": { "$sum": 1 } } },
+            ])
+            .await?;
+        let mut counts = HashMap::new();
+        while let Some(row) = cursor.try_next().await? {
+            let state = row.get_str("_id").unwrap_or("unknown").to_owned();
+            let n = row.get_i32("n").map(i64::from).or_else(|_| row.get_i64("n")).unwrap_or(0);
+            counts.insert(state, n as u64);
+        }
+        Ok(counts)
+    }
+
+    pub async fn dead_letter(&self, letter: DeadLetterDoc) -> Result<(), StoreError> {
+        self.dead_letters.insert_one(letter).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.run_command(doc! { "ping": 1 }).await?;
+        Ok(())
+    }
+
+    /// Raw access for tests and the query API's filters.
+    pub fn receipts(&self) -> &Collection<ReceiptDoc> {
+        &self.receipts
+    }
+}
+
+/// Inserts `docs` unordered in one round trip. Returns which were inserted, and the index and
+/// reason of each that failed for a reason other than "already there".
+async fn insert_tolerating_duplicates<T>(
+    collection: &Collection<T>,
+    docs: &[T],
+) -> Result<(Vec<bool>, Vec<(usize, String)>), StoreError>
+where
+    T: Serialize + Send + Sync,
+{
+    let mut inserted = vec![true; docs.len()];
+    let mut failed = Vec::new();
+    if docs.is_empty() {
+        return Ok((inserted, failed));
+    }
+    match collection.insert_many(docs).ordered(false).await {
+        Ok(_) => {}
+        Err(e) => match e.kind.as_ref() {
+            ErrorKind::InsertMany(many) if many.write_concern_error.is_none() => {
+                for write_error in many.write_errors.iter().flatten() {
+                    if let Some(slot) = inserted.get_mut(write_error.index) {
+                        *slot = false;
+                    }
+                    if write_error.code != DUPLICATE_KEY {
+                        failed.push((write_error.index, write_error.message.clone()));
+                    }
+                }
+            }
+            _ => return Err(e.into()),
+        },
+    }
+    Ok((inserted, failed))
+}
+
