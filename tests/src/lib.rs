@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod eventually;
+pub mod proxy;
+pub mod services;
 pub mod tokens;
 
 use std::path::PathBuf;
