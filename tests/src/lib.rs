@@ -4,6 +4,7 @@
 //! wait ([`eventually`]). Starting gateways and dispatchers is left to the cluster module.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod client;
 pub mod eventually;
 pub mod proxy;
 pub mod services;
