@@ -15,11 +15,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "heraldctl",
-    version,
-    about = "Mint Herald client tokens and publish jobs"
-)]
+#[command(name = "heraldctl", version, about = "Mint Herald client tokens and publish jobs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -102,30 +98,12 @@ fn message(e: &anyhow::Error) -> String {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Token {
-            user,
-            ttl_secs,
-            issuer,
-            audience,
-            secret,
-        } => {
-            let token = token(
-                &secret,
-                &user,
-                ttl_secs,
-                issuer.as_deref(),
-                audience.as_deref(),
-            )?;
+        Command::Token { user, ttl_secs, issuer, audience, secret } => {
+            let token = token(&secret, &user, ttl_secs, issuer.as_deref(), audience.as_deref())?;
             println!("{token}");
             Ok(())
         }
-        Command::Publish {
-            to,
-            payload,
-            id,
-            ttl_secs,
-            topic,
-        } => {
+        Command::Publish { to, payload, id, ttl_secs, topic } => {
             let job = job(to, &payload, id, ttl_secs)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -146,44 +124,19 @@ fn token(
     if user.is_empty() {
         bail!("--user must not be empty");
     }
-    let iat = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .context("system clock is before 1970")?
-        .as_secs();
-    let claims = Claims {
-        sub: user,
-        iat,
-        exp: iat.saturating_add(ttl_secs),
-        iss: issuer,
-        aud: audience,
-    };
+    let iat = SystemTime::now().duration_since(UNIX_EPOCH).context("system clock is before 1970")?.as_secs();
+    let claims = Claims { sub: user, iat, exp: iat.saturating_add(ttl_secs), iss: issuer, aud: audience };
     let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)
-        .context("signing the token")
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).context("signing the token")
 }
 
-fn job(
-    to: Vec<String>,
-    payload: &str,
-    id: Option<String>,
-    ttl_secs: Option<u64>,
-) -> anyhow::Result<PublishJob> {
-    let to: Vec<String> = to
-        .into_iter()
-        .map(|u| u.trim().to_owned())
-        .filter(|u| !u.is_empty())
-        .collect();
+fn job(to: Vec<String>, payload: &str, id: Option<String>, ttl_secs: Option<u64>) -> anyhow::Result<PublishJob> {
+    let to: Vec<String> = to.into_iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect();
     if to.is_empty() {
         bail!("--to needs at least one user id");
     }
-    let payload: Box<RawValue> =
-        serde_json::from_str(payload).context("--payload is not valid JSON")?;
-    Ok(PublishJob {
-        id,
-        to,
-        payload,
-        ttl_secs,
-    })
+    let payload: Box<RawValue> = serde_json::from_str(payload).context("--payload is not valid JSON")?;
+    Ok(PublishJob { id, to, payload, ttl_secs })
 }
 
 async fn publish(job: PublishJob, topic: &str) -> anyhow::Result<()> {
@@ -211,14 +164,8 @@ async fn publish(job: PublishJob, topic: &str) -> anyhow::Result<()> {
         .with_context(|| format!("publishing on {subject}"))?
         .await
         .with_context(|| format!("waiting for JetStream to store the job on {subject}"))?;
-    println!(
-        "stream={} seq={} duplicate={}",
-        ack.stream, ack.sequence, ack.duplicate
-    );
-    client
-        .flush()
-        .await
-        .context("flushing the NATS connection")?;
+    println!("stream={} seq={} duplicate={}", ack.stream, ack.sequence, ack.duplicate);
+    client.flush().await.context("flushing the NATS connection")?;
     Ok(())
 }
 
@@ -230,13 +177,7 @@ mod tests {
     fn payload_must_be_json_and_recipients_are_trimmed() {
         assert!(job(vec!["a".into()], "{not json", None, None).is_err());
         assert!(job(vec![" ".into()], "{}", None, None).is_err());
-        let job = job(
-            vec![" alice".into(), "".into(), "bob".into()],
-            r#"{"title":"hi"}"#,
-            None,
-            Some(5),
-        )
-        .unwrap();
+        let job = job(vec![" alice".into(), "".into(), "bob".into()], r#"{"title":"hi"}"#, None, Some(5)).unwrap();
         assert_eq!(job.to, ["alice", "bob"]);
         assert_eq!(job.payload.get(), r#"{"title":"hi"}"#);
     }
