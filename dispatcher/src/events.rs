@@ -32,7 +32,10 @@ pub struct EventPipeline {
     pub replay_page: usize,
 }
 
-async fn consumer(js: &jetstream::Context, names: &Names) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
+async fn consumer(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
     let stream = js.get_stream(names.events_stream()).await.map_err(|e| ConsumerError(e.to_string()))?;
     stream
         .get_or_create_consumer(
@@ -174,4 +177,3 @@ impl EventPipeline {
         self.store.reschedule(&sent, Some(now + self.ack_timeout.as_millis() as u64)).await
     }
 }
-

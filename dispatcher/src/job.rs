@@ -69,7 +69,10 @@ pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<Vali
 
     let message_id = match (&job.id, meta.msg_id) {
         (Some(id), _) if !is_valid_id(id) => {
-            return Err(reject(RejectCode::InvalidId, format!("id must be 1-{MAX_ID_BYTES} of [A-Za-z0-9._:-], not starting with {DERIVED_ID_PREFIX:?}")))
+            return Err(reject(
+                RejectCode::InvalidId,
+                format!("id must be 1-{MAX_ID_BYTES} of [A-Za-z0-9._:-], not starting with {DERIVED_ID_PREFIX:?}"),
+            ))
         }
         (Some(id), _) => id.clone(),
         (None, Some(header)) if is_valid_id(header) => header.to_owned(),
@@ -90,7 +93,9 @@ pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<Vali
             format!("{} recipients; the limit is {}", job.to.len(), limits.max_recipients),
         ));
     }
-    if let Some(bad) = job.to.iter().find(|u| u.is_empty() || u.len() > MAX_USER_BYTES || u.chars().any(char::is_control)) {
+    if let Some(bad) =
+        job.to.iter().find(|u| u.is_empty() || u.len() > MAX_USER_BYTES || u.chars().any(char::is_control))
+    {
         return Err(reject(
             RejectCode::InvalidRecipient,
             format!("recipient {bad:?} must be 1-{MAX_USER_BYTES} bytes without control characters"),

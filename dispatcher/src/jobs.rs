@@ -47,7 +47,10 @@ struct Pulled {
 }
 
 /// The durable consumer all dispatchers share; created if missing.
-pub async fn consumer(js: &jetstream::Context, names: &Names) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
+pub async fn consumer(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
     let stream = js.get_stream(names.jobs_stream()).await.map_err(|e| ConsumerError(e.to_string()))?;
     stream
         .get_or_create_consumer(
@@ -78,7 +81,14 @@ impl JobPipeline {
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
             let messages = match consumer(&self.js, &self.names).await {
-                Ok(consumer) => consumer.stream().max_messages_per_batch(self.batch).heartbeat(Duration::from_secs(5)).messages().await,
+                Ok(consumer) => {
+                    consumer
+                        .stream()
+                        .max_messages_per_batch(self.batch)
+                        .heartbeat(Duration::from_secs(5))
+                        .messages()
+                        .await
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "jobs consumer unavailable; retrying");
                     sleep_or_stop(&mut backoff, &stop).await;
@@ -169,7 +179,8 @@ impl JobPipeline {
             Err(_) => (0, 1, now_ms()),
         };
         let msg_id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_owned());
-        let meta = JobMeta { stream_seq, published_at_ms, subject: message.subject.as_str(), msg_id: msg_id.as_deref() };
+        let meta =
+            JobMeta { stream_seq, published_at_ms, subject: message.subject.as_str(), msg_id: msg_id.as_deref() };
         let outcome = job::validate(&message.payload, &meta, &self.limits);
         Pulled { message, delivered, outcome, stream_seq }
     }
@@ -324,4 +335,3 @@ pub(crate) async fn sleep_or_stop(backoff: &mut Duration, stop: &CancellationTok
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
-

@@ -47,7 +47,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs a dispatcher, with its query API on `listener`, until `shutdown` is cancelled. Then it
 /// stops pulling, finishes the batches in flight (or hands them back to JetStream), and returns.
-pub async fn run(config: DispatcherConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), DispatcherError> {
+pub async fn run(
+    config: DispatcherConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), DispatcherError> {
     let names = Names::new(&config.common.prefix);
     let db = connect::mongo(&config.mongodb_uri, &config.mongodb_database).await?;
     let redis = connect::redis(&config.common.redis_url).await?;
@@ -113,7 +117,8 @@ pub async fn run(config: DispatcherConfig, listener: TcpListener, shutdown: Canc
         nats: nats.clone(),
     });
     tracing::info!(dispatcher = %config.dispatcher_id, addr = ?listener.local_addr().ok(), "dispatcher running");
-    let served = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    let served =
+        axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
 
     stop.cancel();
     tasks.close();

@@ -8,9 +8,8 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     herald_shared::telemetry::init("herald-dispatcher");
     let config = DispatcherConfig::load()?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let token = CancellationToken::new();
     herald_shared::shutdown::run_until_signal(token.clone(), herald_dispatcher::run(config, listener, token)).await?;
     Ok(())

@@ -28,7 +28,10 @@ pub struct Plan {
 }
 
 /// Decides where each (notification, recipients) goes, given live presence.
-pub fn plan<'a>(items: impl IntoIterator<Item = (&'a Notification, &'a [String])>, presence: &HashMap<String, Connections>) -> Plan {
+pub fn plan<'a>(
+    items: impl IntoIterator<Item = (&'a Notification, &'a [String])>,
+    presence: &HashMap<String, Connections>,
+) -> Plan {
     let mut out = Plan::default();
     for (notification, users) in items {
         let mut per_gateway: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -186,8 +189,9 @@ mod tests {
 
     #[test]
     fn many_small_notifications_share_a_command() {
-        let routed: Vec<Routed> =
-            (0..100).map(|i| Routed { users: vec!["u".into()], notification: notification(&format!("m{i}"), 10) }).collect();
+        let routed: Vec<Routed> = (0..100)
+            .map(|i| Routed { users: vec!["u".into()], notification: notification(&format!("m{i}"), 10) })
+            .collect();
         assert_eq!(commands(routed).len(), 1);
     }
 }

@@ -107,7 +107,11 @@ impl Sweeper {
         // per gateway, as on first delivery.
         let mut items: BTreeMap<&str, (&Notification, Vec<String>)> = BTreeMap::new();
         for s in &sendable {
-            items.entry(s.notification.id.as_str()).or_insert_with(|| (&s.notification, Vec::new())).1.push(s.user.clone());
+            items
+                .entry(s.notification.id.as_str())
+                .or_insert_with(|| (&s.notification, Vec::new()))
+                .1
+                .push(s.user.clone());
         }
         let plan = routing::plan(items.values().map(|(n, u)| (*n, u.as_slice())), &presence);
         self.router.send(plan).await;

@@ -52,7 +52,12 @@ impl AckPublisher {
         self.publish(&mut records, &stop, Some(deadline)).await;
     }
 
-    async fn publish(&self, records: &mut Vec<AckRecord>, stop: &CancellationToken, deadline: Option<tokio::time::Instant>) {
+    async fn publish(
+        &self,
+        records: &mut Vec<AckRecord>,
+        stop: &CancellationToken,
+        deadline: Option<tokio::time::Instant>,
+    ) {
         for chunk in chunks(std::mem::take(records)) {
             let Ok(body) = serde_json::to_vec(&Event::Acks(chunk)) else { continue };
             let mut backoff = Duration::from_millis(50);

@@ -70,7 +70,9 @@ async fn connect(
         // this one only protects memory from a client that streams a huge frame.
         .max_message_size(config.max_frame_bytes.saturating_mul(4).max(4096))
         .max_frame_size(config.max_frame_bytes.saturating_mul(4).max(4096))
-        .on_upgrade(move |socket| tracker.track_future(crate::session::run(socket, identity, admission, ctx, shutdown))))
+        .on_upgrade(move |socket| {
+            tracker.track_future(crate::session::run(socket, identity, admission, ctx, shutdown))
+        }))
 }
 
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {

@@ -74,7 +74,11 @@ impl Gateway {
 /// Runs a gateway on `listener` until `shutdown` is cancelled, then drains: stops accepting,
 /// closes every session with 1012 (reconnect elsewhere), removes its presence, flushes acks,
 /// and returns within the configured grace period.
-pub async fn run(config: GatewayConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), GatewayError> {
+pub async fn run(
+    config: GatewayConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
     let names = Names::new(&config.common.prefix);
     let gateway_id = config.gateway_id.clone();
     let redis = connect::redis(&config.common.redis_url).await?;
@@ -121,7 +125,13 @@ pub async fn run(config: GatewayConfig, listener: TcpListener, shutdown: Cancell
         Arc::clone(&failed),
         deliveries::run(deliveries, Arc::clone(&registry), shutdown.clone()),
     );
-    shutdown::spawn_critical(&tasks, "presence", shutdown.clone(), Arc::clone(&failed), presence_task.run(stop_presence.clone()));
+    shutdown::spawn_critical(
+        &tasks,
+        "presence",
+        shutdown.clone(),
+        Arc::clone(&failed),
+        presence_task.run(stop_presence.clone()),
+    );
     shutdown::spawn_critical(
         &tasks,
         "acks",

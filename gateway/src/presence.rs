@@ -79,17 +79,8 @@ impl PresenceTask {
         ttl: Duration,
     ) -> (Self, PresenceHandle) {
         let (tx, rx) = mpsc::channel(8192);
-        let task = Self {
-            redis,
-            js,
-            names,
-            gateway_id,
-            registry,
-            ttl,
-            rx,
-            unapplied: Vec::new(),
-            unannounced: Vec::new(),
-        };
+        let task =
+            Self { redis, js, names, gateway_id, registry, ttl, rx, unapplied: Vec::new(), unannounced: Vec::new() };
         (task, PresenceHandle { tx })
     }
 

@@ -141,6 +141,7 @@ impl Registry {
         self.read().values().flatten().cloned().collect()
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.read().values().map(Vec::len).sum()
     }

@@ -70,10 +70,7 @@ impl ServerFrame {
             Kind::Notification => ServerFrame::Notification(serde_json::from_str(text)?),
             Kind::Error => {
                 let body: ErrorBody = serde_json::from_str(text)?;
-                ServerFrame::Error {
-                    code: body.code,
-                    message: body.message,
-                }
+                ServerFrame::Error { code: body.code, message: body.message }
             }
         })
     }

@@ -2,8 +2,8 @@
 //! or a subject), and every valid message survives encode then decode unchanged.
 
 use herald_proto::{
-    AckKind, AckRecord, ClientFrame, ErrorCode, Event, GatewayCommand, Hello, Notification, Online,
-    PublishJob, RejectCode, Rejection, Replay, Routed, ServerFrame,
+    AckKind, AckRecord, ClientFrame, ErrorCode, Event, GatewayCommand, Hello, Notification, Online, PublishJob,
+    RejectCode, Rejection, Replay, Routed, ServerFrame,
 };
 use proptest::prelude::*;
 use serde_json::value::RawValue;
@@ -17,16 +17,13 @@ fn json_value() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
-        any::<f64>()
-            .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
-            .prop_map(Value::from),
+        any::<f64>().prop_filter("JSON has no NaN or infinity", |f| f.is_finite()).prop_map(Value::from),
         ".{0,12}".prop_map(Value::from),
     ];
     leaf.prop_recursive(3, 32, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map(".{0,8}", inner, 0..6)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(".{0,8}", inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -34,13 +31,8 @@ fn json_value() -> impl Strategy<Value = Value> {
 /// A payload as a publisher might write it: compact or pretty, so whitespace inside must survive.
 fn payload() -> impl Strategy<Value = Box<RawValue>> {
     (json_value(), any::<bool>()).prop_map(|(v, pretty)| {
-        let text = if pretty {
-            serde_json::to_string_pretty(&v)
-        } else {
-            serde_json::to_string(&v)
-        };
-        text.and_then(RawValue::from_string)
-            .unwrap_or_else(|e| panic!("a generated JSON value encodes: {e}"))
+        let text = if pretty { serde_json::to_string_pretty(&v) } else { serde_json::to_string(&v) };
+        text.and_then(RawValue::from_string).unwrap_or_else(|e| panic!("a generated JSON value encodes: {e}"))
     })
 }
 
@@ -49,44 +41,24 @@ fn ids() -> impl Strategy<Value = Vec<String>> {
 }
 
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
-    prop_oneof![
-        ids().prop_map(|ids| ClientFrame::Ack { ids }),
-        ids().prop_map(|ids| ClientFrame::Read { ids }),
-    ]
+    prop_oneof![ids().prop_map(|ids| ClientFrame::Ack { ids }), ids().prop_map(|ids| ClientFrame::Read { ids }),]
 }
 
 fn publish_job() -> impl Strategy<Value = PublishJob> {
-    (
-        prop::option::of(".{0,20}"),
-        ids(),
-        payload(),
-        prop::option::of(any::<u64>()),
-    )
-        .prop_map(|(id, to, payload, ttl_secs)| PublishJob {
-            id,
-            to,
-            payload,
-            ttl_secs,
-        })
+    (prop::option::of(".{0,20}"), ids(), payload(), prop::option::of(any::<u64>()))
+        .prop_map(|(id, to, payload, ttl_secs)| PublishJob { id, to, payload, ttl_secs })
 }
 
 fn notification() -> impl Strategy<Value = Notification> {
-    (
-        ".{0,20}",
-        any::<u64>(),
-        payload(),
-        any::<u64>(),
-        any::<u64>(),
+    (".{0,20}", any::<u64>(), payload(), any::<u64>(), any::<u64>()).prop_map(
+        |(id, seq, payload, published_at_ms, expires_at_ms)| Notification {
+            id,
+            seq,
+            payload,
+            published_at_ms,
+            expires_at_ms,
+        },
     )
-        .prop_map(
-            |(id, seq, payload, published_at_ms, expires_at_ms)| Notification {
-                id,
-                seq,
-                payload,
-                published_at_ms,
-                expires_at_ms,
-            },
-        )
 }
 
 fn error_code() -> impl Strategy<Value = ErrorCode> {
@@ -105,12 +77,7 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
         (".{0,20}", ".{0,20}", any::<u64>(), any::<usize>()).prop_map(
             |(connection_id, gateway_id, heartbeat_interval_ms, max_frame_bytes)| {
-                ServerFrame::Hello(Hello {
-                    connection_id,
-                    gateway_id,
-                    heartbeat_interval_ms,
-                    max_frame_bytes,
-                })
+                ServerFrame::Hello(Hello { connection_id, gateway_id, heartbeat_interval_ms, max_frame_bytes })
             }
         ),
         notification().prop_map(ServerFrame::Notification),
@@ -129,45 +96,29 @@ fn rejection() -> impl Strategy<Value = Rejection> {
         RejectCode::InvalidTtl,
         RejectCode::DeadLetter,
     ]);
-    (
-        prop::option::of(".{0,20}"),
-        any::<u64>(),
-        ".{0,30}",
-        code,
-        ".{0,40}",
-        any::<u64>(),
+    (prop::option::of(".{0,20}"), any::<u64>(), ".{0,30}", code, ".{0,40}", any::<u64>()).prop_map(
+        |(job_id, stream_seq, subject, code, reason, rejected_at_ms)| Rejection {
+            job_id,
+            stream_seq,
+            subject,
+            code,
+            reason,
+            rejected_at_ms,
+        },
     )
-        .prop_map(
-            |(job_id, stream_seq, subject, code, reason, rejected_at_ms)| Rejection {
-                job_id,
-                stream_seq,
-                subject,
-                code,
-                reason,
-                rejected_at_ms,
-            },
-        )
 }
 
 fn gateway_command() -> impl Strategy<Value = GatewayCommand> {
-    let routed = (ids(), notification()).prop_map(|(users, notification)| Routed {
-        users,
-        notification,
-    });
+    let routed = (ids(), notification()).prop_map(|(users, notification)| Routed { users, notification });
     prop_oneof![
         prop::collection::vec(routed, 0..4).prop_map(GatewayCommand::Deliver),
-        (
-            ".{0,20}",
-            ".{0,20}",
-            prop::collection::vec(notification(), 0..4)
-        )
-            .prop_map(
-                |(user, connection_id, notifications)| GatewayCommand::Replay(Replay {
-                    user,
-                    connection_id,
-                    notifications
-                })
-            ),
+        (".{0,20}", ".{0,20}", prop::collection::vec(notification(), 0..4)).prop_map(
+            |(user, connection_id, notifications)| GatewayCommand::Replay(Replay {
+                user,
+                connection_id,
+                notifications
+            })
+        ),
     ]
 }
 
@@ -185,31 +136,16 @@ fn event() -> impl Strategy<Value = Event> {
     );
     prop_oneof![
         prop::collection::vec(record, 0..4).prop_map(Event::Acks),
-        (".{0,20}", ".{0,20}", ".{0,20}", any::<u64>()).prop_map(
-            |(user, connection_id, gateway_id, at_ms)| {
-                Event::Online(Online {
-                    user,
-                    connection_id,
-                    gateway_id,
-                    at_ms,
-                })
-            }
-        ),
+        (".{0,20}", ".{0,20}", ".{0,20}", any::<u64>()).prop_map(|(user, connection_id, gateway_id, at_ms)| {
+            Event::Online(Online { user, connection_id, gateway_id, at_ms })
+        }),
     ]
 }
 
 /// Objects that look like frames or jobs (a known `type`, known field names, values of any
 /// type), to reach further into the decoders than random text does.
 fn near_miss() -> impl Strategy<Value = String> {
-    let tag = prop::sample::select(vec![
-        "ack",
-        "read",
-        "hello",
-        "notification",
-        "error",
-        "ping",
-        "",
-    ]);
+    let tag = prop::sample::select(vec!["ack", "read", "hello", "notification", "error", "ping", ""]);
     let field = prop::sample::select(vec![
         "ids",
         "id",
@@ -227,20 +163,16 @@ fn near_miss() -> impl Strategy<Value = String> {
         "expires_at_ms",
         "type",
     ]);
-    (
-        prop::option::of(tag),
-        prop::collection::vec((field, json_value()), 0..8),
-    )
-        .prop_map(|(tag, fields)| {
-            let mut object = serde_json::Map::new();
-            if let Some(tag) = tag {
-                object.insert("type".to_owned(), Value::from(tag));
-            }
-            for (name, value) in fields {
-                object.insert(name.to_owned(), value);
-            }
-            Value::Object(object).to_string()
-        })
+    (prop::option::of(tag), prop::collection::vec((field, json_value()), 0..8)).prop_map(|(tag, fields)| {
+        let mut object = serde_json::Map::new();
+        if let Some(tag) = tag {
+            object.insert("type".to_owned(), Value::from(tag));
+        }
+        for (name, value) in fields {
+            object.insert(name.to_owned(), value);
+        }
+        Value::Object(object).to_string()
+    })
 }
 
 /// A valid encoding with one byte overwritten or the tail cut off.

@@ -6,8 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use herald_proto::{
-    close, ClientFrame, ErrorCode, Event, GatewayCommand, PublishJob, RejectCode, Rejection,
-    ServerFrame,
+    close, ClientFrame, ErrorCode, Event, GatewayCommand, PublishJob, RejectCode, Rejection, ServerFrame,
 };
 use serde_json::Value;
 
@@ -39,8 +38,7 @@ fn encode<T: serde::Serialize>(t: &T) -> Value {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(text: &str) -> T {
-    serde_json::from_str(text)
-        .unwrap_or_else(|e| panic!("decode {}: {e}", std::any::type_name::<T>()))
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("decode {}: {e}", std::any::type_name::<T>()))
 }
 
 /// Every golden file and the type it is an example of.
@@ -72,18 +70,12 @@ const GOLDEN: &[(&str, RoundTrip)] = &[
     }),
     ("publish_job.json", |t| {
         let j: PublishJob = decode(t);
-        assert!(
-            j.id.is_some() && j.ttl_secs.is_some(),
-            "the full example sets every field"
-        );
+        assert!(j.id.is_some() && j.ttl_secs.is_some(), "the full example sets every field");
         encode(&j)
     }),
     ("publish_job_minimal.json", |t| {
         let j: PublishJob = decode(t);
-        assert!(
-            j.id.is_none() && j.ttl_secs.is_none(),
-            "the minimal example leaves out the options"
-        );
+        assert!(j.id.is_none() && j.ttl_secs.is_none(), "the minimal example leaves out the options");
         encode(&j)
     }),
     ("rejection.json", |t| {
@@ -196,15 +188,10 @@ fn readme_json_blocks() -> Vec<String> {
 #[test]
 fn readme_examples_are_the_golden_files() {
     let blocks: Vec<String> = readme_json_blocks().iter().map(|b| squeeze(b)).collect();
-    let golden: Vec<(&str, String)> = GOLDEN
-        .iter()
-        .map(|(name, _)| (*name, squeeze(&read(&golden_path(name)))))
-        .collect();
+    let golden: Vec<(&str, String)> =
+        GOLDEN.iter().map(|(name, _)| (*name, squeeze(&read(&golden_path(name))))).collect();
     for (name, text) in &golden {
-        assert!(
-            blocks.contains(text),
-            "README.md does not show golden/{name} (as a ```json block, whitespace aside)"
-        );
+        assert!(blocks.contains(text), "README.md does not show golden/{name} (as a ```json block, whitespace aside)");
     }
     for block in &blocks {
         assert!(
@@ -227,20 +214,11 @@ fn as_str<T: serde::Serialize>(t: T) -> String {
 
 fn all_error_codes() -> Vec<ErrorCode> {
     use ErrorCode::*;
-    let all = vec![
-        BadFrame,
-        UnsupportedData,
-        FrameTooLarge,
-        RateLimited,
-        SlowConsumer,
-        TokenExpired,
-        ShuttingDown,
-    ];
+    let all = vec![BadFrame, UnsupportedData, FrameTooLarge, RateLimited, SlowConsumer, TokenExpired, ShuttingDown];
     // Without a wildcard arm, a new variant does not compile until it is listed above.
     for code in &all {
         match code {
-            BadFrame | UnsupportedData | FrameTooLarge | RateLimited | SlowConsumer
-            | TokenExpired | ShuttingDown => {}
+            BadFrame | UnsupportedData | FrameTooLarge | RateLimited | SlowConsumer | TokenExpired | ShuttingDown => {}
         }
     }
     all
@@ -260,8 +238,8 @@ fn all_reject_codes() -> Vec<RejectCode> {
     ];
     for code in &all {
         match code {
-            Malformed | PayloadTooLarge | NoRecipients | TooManyRecipients | InvalidId
-            | InvalidRecipient | InvalidTtl | DeadLetter => {}
+            Malformed | PayloadTooLarge | NoRecipients | TooManyRecipients | InvalidId | InvalidRecipient
+            | InvalidTtl | DeadLetter => {}
         }
     }
     all
@@ -298,19 +276,13 @@ fn readme_close_code_table_matches_the_constants() {
             Some(e) => format!("`{}`", as_str(e)),
             None => "none".to_owned(),
         };
-        assert!(
-            row.contains(&cell),
-            "README.md: close {code} row should name {cell}: {row}"
-        );
+        assert!(row.contains(&cell), "README.md: close {code} row should name {cell}: {row}");
         if let Some(e) = error {
             covered.insert(as_str(e));
         }
     }
     let all: BTreeSet<String> = all_error_codes().into_iter().map(as_str).collect();
-    assert_eq!(
-        covered, all,
-        "an error code has no close code in this test's table"
-    );
+    assert_eq!(covered, all, "an error code has no close code in this test's table");
 }
 
 #[test]
@@ -318,10 +290,7 @@ fn readme_names_every_reject_code() {
     let readme = readme();
     for code in all_reject_codes() {
         let name = format!("`{}`", as_str(code));
-        assert!(
-            readme.contains(&name),
-            "README.md does not describe reject code {name}"
-        );
+        assert!(readme.contains(&name), "README.md does not describe reject code {name}");
     }
 }
 
@@ -448,9 +417,8 @@ fn payload_whitespace_inside_the_value_is_kept() {
 
 #[test]
 fn notification_payload_is_kept_byte_for_byte() {
-    let text = format!(
-        r#"{{"type":"notification","id":"m","seq":7,"payload":{RAW},"published_at_ms":1,"expires_at_ms":2}}"#
-    );
+    let text =
+        format!(r#"{{"type":"notification","id":"m","seq":7,"payload":{RAW},"published_at_ms":1,"expires_at_ms":2}}"#);
     let frame = server_frame(&text);
     match &frame {
         ServerFrame::Notification(n) => assert_eq!(n.payload.get(), RAW),
@@ -486,12 +454,6 @@ fn routed_payload_is_kept_byte_for_byte() {
 fn client_frame_and_ack_kind_agree() {
     use herald_proto::AckKind;
     let ids = vec!["a".to_owned()];
-    assert_eq!(
-        ClientFrame::Ack { ids: ids.clone() }.into_parts(),
-        (AckKind::Delivered, ids.clone())
-    );
-    assert_eq!(
-        ClientFrame::Read { ids: ids.clone() }.into_parts(),
-        (AckKind::Read, ids)
-    );
+    assert_eq!(ClientFrame::Ack { ids: ids.clone() }.into_parts(), (AckKind::Delivered, ids.clone()));
+    assert_eq!(ClientFrame::Read { ids: ids.clone() }.into_parts(), (AckKind::Read, ids));
 }

@@ -303,11 +303,8 @@ mod tests {
 
     #[test]
     fn every_bad_variable_is_reported_at_once() {
-        let mut e = env(&[
-            ("HERALD_PREFIX", "no.dots"),
-            ("HERALD_GATEWAY_LISTEN", "nowhere"),
-            ("HERALD_OUTBOUND_QUEUE", "-1"),
-        ]);
+        let mut e =
+            env(&[("HERALD_PREFIX", "no.dots"), ("HERALD_GATEWAY_LISTEN", "nowhere"), ("HERALD_OUTBOUND_QUEUE", "-1")]);
         let c = GatewayConfig::from_env(&mut e);
         let err = e.finish(c).unwrap_err();
         let text = err.to_string();
@@ -318,11 +315,8 @@ mod tests {
 
     #[test]
     fn dispatcher_checks_ttl_bounds() {
-        let mut e = env(&[
-            ("HERALD_ADMIN_TOKEN", "t"),
-            ("HERALD_DEFAULT_TTL_SECS", "100"),
-            ("HERALD_MAX_TTL_SECS", "10"),
-        ]);
+        let mut e =
+            env(&[("HERALD_ADMIN_TOKEN", "t"), ("HERALD_DEFAULT_TTL_SECS", "100"), ("HERALD_MAX_TTL_SECS", "10")]);
         let c = DispatcherConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_DEFAULT_TTL_SECS"));
     }

@@ -118,12 +118,7 @@ impl TestClient {
             Ok(ok) => ok,
             Err(tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();
-                let body = response
-                    .body()
-                    .as_deref()
-                    .map(String::from_utf8_lossy)
-                    .unwrap_or_default()
-                    .into_owned();
+                let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
                 return Err(ConnectError::Refused { status, body });
             }
             Err(e) => return Err(e.into()),
@@ -134,14 +129,7 @@ impl TestClient {
         let (paused, paused_rx) = watch::channel(paused);
         let pings = Arc::new(AtomicU64::new(0));
         let reader = tokio::spawn(read_frames(stream, tx, paused_rx, pings.clone()));
-        Ok(Self {
-            hello,
-            sink,
-            frames,
-            paused,
-            pings,
-            reader,
-        })
+        Ok(Self { hello, sink, frames, paused, pings, reader })
     }
 
     pub fn hello(&self) -> &Hello {
@@ -185,18 +173,11 @@ impl TestClient {
 
     /// Notifications until `count` have arrived or `timeout` has passed: fewer than `count`
     /// means the deadline passed. Panics on any other frame, like `next_notification`.
-    pub async fn notifications_until(
-        &mut self,
-        count: usize,
-        timeout: Duration,
-    ) -> Vec<Notification> {
+    pub async fn notifications_until(&mut self, count: usize, timeout: Duration) -> Vec<Notification> {
         let deadline = Instant::now() + timeout;
         let mut received = Vec::with_capacity(count);
         while received.len() < count {
-            match self
-                .next_notification(deadline.saturating_duration_since(Instant::now()))
-                .await
-            {
+            match self.next_notification(deadline.saturating_duration_since(Instant::now())).await {
                 Some(n) => received.push(n),
                 None => break,
             }
@@ -205,25 +186,13 @@ impl TestClient {
     }
 
     /// Acknowledges delivery of these messages.
-    pub async fn ack<I: AsRef<str>>(
-        &mut self,
-        ids: impl IntoIterator<Item = I>,
-    ) -> Result<(), tungstenite::Error> {
-        self.send_frame(&ClientFrame::Ack {
-            ids: ids.into_iter().map(|i| i.as_ref().to_owned()).collect(),
-        })
-        .await
+    pub async fn ack<I: AsRef<str>>(&mut self, ids: impl IntoIterator<Item = I>) -> Result<(), tungstenite::Error> {
+        self.send_frame(&ClientFrame::Ack { ids: ids.into_iter().map(|i| i.as_ref().to_owned()).collect() }).await
     }
 
     /// Marks these messages read.
-    pub async fn read<I: AsRef<str>>(
-        &mut self,
-        ids: impl IntoIterator<Item = I>,
-    ) -> Result<(), tungstenite::Error> {
-        self.send_frame(&ClientFrame::Read {
-            ids: ids.into_iter().map(|i| i.as_ref().to_owned()).collect(),
-        })
-        .await
+    pub async fn read<I: AsRef<str>>(&mut self, ids: impl IntoIterator<Item = I>) -> Result<(), tungstenite::Error> {
+        self.send_frame(&ClientFrame::Read { ids: ids.into_iter().map(|i| i.as_ref().to_owned()).collect() }).await
     }
 
     pub async fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), tungstenite::Error> {
@@ -236,27 +205,18 @@ impl TestClient {
         self.sink.send(Message::text(text.into())).await
     }
 
-    pub async fn send_binary(
-        &mut self,
-        data: impl Into<Vec<u8>>,
-    ) -> Result<(), tungstenite::Error> {
+    pub async fn send_binary(&mut self, data: impl Into<Vec<u8>>) -> Result<(), tungstenite::Error> {
         self.sink.send(Message::binary(data.into())).await
     }
 
     /// Closes cleanly (code 1000) and waits up to 5 s for the gateway to close its side.
     pub async fn close(mut self) -> Result<(), tungstenite::Error> {
         self.resume_reading();
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        };
+        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
         self.sink.send(Message::Close(Some(frame))).await?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match self
-                .next_frame(deadline.saturating_duration_since(Instant::now()))
-                .await
-            {
+            match self.next_frame(deadline.saturating_duration_since(Instant::now())).await {
                 Frame::Closed | Frame::Timeout => return Ok(()),
                 _ => {}
             }
@@ -272,9 +232,7 @@ impl Drop for TestClient {
 
 fn bearer_request(url: &str, token: &str) -> Result<Request, ConnectError> {
     let mut request = url.into_client_request()?;
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|e| tungstenite::Error::HttpFormat(Into::into(e)))?;
+    let value = format!("Bearer {token}").parse().map_err(|e| tungstenite::Error::HttpFormat(Into::into(e)))?;
     request.headers_mut().insert(AUTHORIZATION, value);
     Ok(request)
 }
@@ -283,11 +241,7 @@ fn bearer_request(url: &str, token: &str) -> Result<Request, ConnectError> {
 /// a small receive buffer, which must be set before connecting to take effect.
 async fn tcp_connect(request: &Request, small_buffer: bool) -> Result<TcpStream, ConnectError> {
     let uri = request.uri();
-    let host = uri
-        .host()
-        .unwrap_or("127.0.0.1")
-        .trim_start_matches('[')
-        .trim_end_matches(']');
+    let host = uri.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(80);
     if !small_buffer {
         return Ok(TcpStream::connect((host, port)).await?);
@@ -295,14 +249,8 @@ async fn tcp_connect(request: &Request, small_buffer: bool) -> Result<TcpStream,
     let addr = tokio::net::lookup_host((host, port))
         .await?
         .next()
-        .ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address"))
-        })?;
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address")))?;
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_recv_buffer_size(PAUSED_RECV_BUFFER)?;
     Ok(socket.connect(addr).await?)
 }
@@ -311,11 +259,7 @@ async fn read_hello(ws: &mut Ws) -> Result<Hello, ConnectError> {
     let deadline = Instant::now() + HELLO_TIMEOUT;
     loop {
         let message = match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => {
-                return Err(ConnectError::NoHello(format!(
-                    "nothing within {HELLO_TIMEOUT:?}"
-                )))
-            }
+            Err(_) => return Err(ConnectError::NoHello(format!("nothing within {HELLO_TIMEOUT:?}"))),
             Ok(None) => return Err(ConnectError::NoHello("connection ended".to_owned())),
             Ok(Some(message)) => message?,
         };
@@ -363,9 +307,7 @@ async fn read_frames(
             }
             Some(Ok(Message::Pong(_) | Message::Frame(_))) => continue,
             Some(Ok(Message::Close(close))) => {
-                let (code, reason) = close.map_or((1005, String::new()), |c| {
-                    (u16::from(c.code), c.reason.to_string())
-                });
+                let (code, reason) = close.map_or((1005, String::new()), |c| (u16::from(c.code), c.reason.to_string()));
                 Frame::Close { code, reason }
             }
             Some(Err(e)) => Frame::Error(e.to_string()),

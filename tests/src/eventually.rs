@@ -18,11 +18,7 @@ use tokio::time::Instant;
 /// })
 /// .await?;
 /// ```
-pub async fn eventually<T, E, F, Fut>(
-    timeout: Duration,
-    poll: Duration,
-    mut check: F,
-) -> anyhow::Result<T>
+pub async fn eventually<T, E, F, Fut>(timeout: Duration, poll: Duration, mut check: F) -> anyhow::Result<T>
 where
     E: Display,
     F: FnMut() -> Fut,

@@ -40,18 +40,8 @@ impl TcpProxy {
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(Mode::Forward);
         let live = Arc::new(AtomicUsize::new(0));
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            upstream.into(),
-            mode.subscribe(),
-            live.clone(),
-        ));
-        Ok(Self {
-            addr,
-            mode,
-            live,
-            accept,
-        })
+        let accept = tokio::spawn(accept_loop(listener, upstream.into(), mode.subscribe(), live.clone()));
+        Ok(Self { addr, mode, live, accept })
     }
 
     /// Where clients should connect.
@@ -90,12 +80,7 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    upstream: String,
-    mode: watch::Receiver<Mode>,
-    live: Arc<AtomicUsize>,
-) {
+async fn accept_loop(listener: TcpListener, upstream: String, mode: watch::Receiver<Mode>, live: Arc<AtomicUsize>) {
     // Dropped with this task, which aborts every connection.
     let mut connections = JoinSet::new();
     loop {
@@ -118,12 +103,7 @@ async fn accept_loop(
     }
 }
 
-async fn proxy_connection(
-    mut inbound: TcpStream,
-    upstream: String,
-    mut mode: watch::Receiver<Mode>,
-    _live: LiveGuard,
-) {
+async fn proxy_connection(mut inbound: TcpStream, upstream: String, mut mode: watch::Receiver<Mode>, _live: LiveGuard) {
     if *mode.borrow() == Mode::Forward {
         let mut outbound = match TcpStream::connect(&upstream).await {
             Ok(s) => s,

@@ -57,14 +57,7 @@ impl Stack {
         let (redis, nats, mongo) = tokio::try_join!(Redis::start(), Nats::start(), Mongo::start())?;
         let mongo_proxy = TcpProxy::start(mongo.host_port()?).await?;
         let name = unique_name("t");
-        Ok(Self {
-            redis,
-            nats,
-            mongo,
-            mongo_proxy,
-            prefix: name.clone(),
-            database: name,
-        })
+        Ok(Self { redis, nats, mongo, mongo_proxy, prefix: name.clone(), database: name })
     }
 
     /// The Mongo URI Herald processes should use: through `mongo_proxy`.
@@ -74,11 +67,7 @@ impl Stack {
 
     /// Settings shared by gateways and dispatchers of this stack.
     pub fn common_config(&self) -> CommonConfig {
-        CommonConfig {
-            prefix: self.prefix.clone(),
-            redis_url: self.redis.url(),
-            nats_url: self.nats.url(),
-        }
+        CommonConfig { prefix: self.prefix.clone(), redis_url: self.redis.url(), nats_url: self.nats.url() }
     }
 
     pub fn names(&self) -> Names {
@@ -97,17 +86,9 @@ impl Drop for Stack {
         // Drop may run outside a runtime, or inside one that must not block: use a thread with
         // its own.
         let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
-                let drop_db = async {
-                    mongodb::Client::with_uri_str(&uri)
-                        .await?
-                        .database(&database)
-                        .drop()
-                        .await
-                };
+                let drop_db = async { mongodb::Client::with_uri_str(&uri).await?.database(&database).drop().await };
                 tokio::time::timeout(Duration::from_secs(5), drop_db).await??;
                 anyhow::Ok(())
             })
@@ -126,8 +107,7 @@ pub struct Redis {
 impl Redis {
     pub async fn start() -> anyhow::Result<Self> {
         let program = find_binary("HERALD_TEST_REDIS_SERVER", None, "redis-server")?;
-        let process =
-            Process::start("redis", program, REDIS_READY_LINE, redis_args, redis_ready).await?;
+        let process = Process::start("redis", program, REDIS_READY_LINE, redis_args, redis_ready).await?;
         Ok(Self { process })
     }
 
@@ -164,13 +144,8 @@ pub struct Nats {
 
 impl Nats {
     pub async fn start() -> anyhow::Result<Self> {
-        let program = find_binary(
-            "HERALD_TEST_NATS_SERVER",
-            Some("nats-server"),
-            "nats-server",
-        )?;
-        let process =
-            Process::start("nats", program, NATS_READY_LINE, nats_args, nats_ready).await?;
+        let program = find_binary("HERALD_TEST_NATS_SERVER", Some("nats-server"), "nats-server")?;
+        let process = Process::start("nats", program, NATS_READY_LINE, nats_args, nats_ready).await?;
         Ok(Self { process })
     }
 
@@ -213,25 +188,13 @@ pub struct Mongo {
 impl Mongo {
     pub async fn start() -> anyhow::Result<Self> {
         if let Some(uri) = std::env::var("MONGODB_URI").ok().filter(|u| !u.is_empty()) {
-            mongo_ready(&uri)
-                .await
-                .with_context(|| format!("MONGODB_URI={uri}"))?;
+            mongo_ready(&uri).await.with_context(|| format!("MONGODB_URI={uri}"))?;
             return Ok(Self { process: None, uri });
         }
         let program = find_binary("HERALD_TEST_MONGO_SERVER", Some("nx-27017"), "nx-27017")?;
-        let process = Process::start(
-            "mongo",
-            program,
-            MONGO_READY_LINE,
-            mongo_args,
-            mongo_ready_on,
-        )
-        .await?;
+        let process = Process::start("mongo", program, MONGO_READY_LINE, mongo_args, mongo_ready_on).await?;
         let uri = format!("mongodb://127.0.0.1:{}", process.port);
-        Ok(Self {
-            process: Some(process),
-            uri,
-        })
+        Ok(Self { process: Some(process), uri })
     }
 
     /// The server's URI, for direct access (assertions, set-up).
@@ -250,11 +213,7 @@ impl Mongo {
         let hosts = rest.split(['/', '?']).next().unwrap_or_default();
         let first = hosts.split(',').next().unwrap_or_default();
         anyhow::ensure!(!first.is_empty(), "no host in {}", self.uri);
-        Ok(if first.contains(':') {
-            first.to_owned()
-        } else {
-            format!("{first}:27017")
-        })
+        Ok(if first.contains(':') { first.to_owned() } else { format!("{first}:27017") })
     }
 
     /// This server's URI with its host replaced by `addr` (a proxy), connecting directly to that
@@ -271,11 +230,7 @@ impl Mongo {
         let path = if path.is_empty() { "/" } else { path };
         let query = query
             .split('&')
-            .filter(|kv| {
-                !kv.is_empty()
-                    && !kv.starts_with("directConnection=")
-                    && !kv.starts_with("replicaSet=")
-            })
+            .filter(|kv| !kv.is_empty() && !kv.starts_with("directConnection=") && !kv.starts_with("replicaSet="))
             .chain(["directConnection=true"])
             .collect::<Vec<_>>()
             .join("&");
@@ -294,9 +249,7 @@ impl Mongo {
     }
 
     fn own_process(&mut self) -> anyhow::Result<&mut Process> {
-        self.process
-            .as_mut()
-            .context("MONGODB_URI is external: use a TcpProxy to simulate an outage")
+        self.process.as_mut().context("MONGODB_URI is external: use a TcpProxy to simulate an outage")
     }
 }
 
@@ -323,25 +276,11 @@ const MONGO_READY_LINE: &str = "Listening on 127.0.0.1:";
 
 fn redis_args(port: u16, dir: &Path) -> Vec<OsString> {
     let (port, dir) = (port.to_string(), dir.display().to_string());
-    args(&[
-        "--port",
-        &port,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        &dir,
-    ])
+    args(&["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", &dir])
 }
 
 fn nats_args(port: u16, dir: &Path) -> Vec<OsString> {
-    let (port, store) = (
-        port.to_string(),
-        dir.join("jetstream").display().to_string(),
-    );
+    let (port, store) = (port.to_string(), dir.join("jetstream").display().to_string());
     args(&["-js", "-sd", &store, "-a", "127.0.0.1", "-p", &port])
 }
 
@@ -349,18 +288,7 @@ fn mongo_args(port: u16, dir: &Path) -> Vec<OsString> {
     let port = port.to_string();
     let log = dir.join("nx-27017.log").display().to_string();
     let pid = dir.join("nx-27017.pid").display().to_string();
-    args(&[
-        "--db",
-        "memory",
-        "--host",
-        "127.0.0.1",
-        "-p",
-        &port,
-        "--log-file",
-        &log,
-        "--pid-file",
-        &pid,
-    ])
+    args(&["--db", "memory", "--host", "127.0.0.1", "-p", &port, "--log-file", &log, "--pid-file", &pid])
 }
 
 // --- readiness probes: each answers only once the server serves its protocol ---------------------
@@ -370,11 +298,7 @@ async fn redis_ready(port: u16) -> anyhow::Result<()> {
     stream.write_all(b"PING\r\n").await?;
     let mut reply = [0u8; 7];
     stream.read_exact(&mut reply).await?;
-    anyhow::ensure!(
-        &reply == b"+PONG\r\n",
-        "PING answered {:?}",
-        String::from_utf8_lossy(&reply)
-    );
+    anyhow::ensure!(&reply == b"+PONG\r\n", "PING answered {:?}", String::from_utf8_lossy(&reply));
     Ok(())
 }
 
@@ -394,17 +318,10 @@ async fn mongo_ready_on(port: u16) -> anyhow::Result<()> {
 
 async fn mongo_ready(uri: &str) -> anyhow::Result<()> {
     let mut options = mongodb::options::ClientOptions::parse(uri).await?;
-    options
-        .server_selection_timeout
-        .get_or_insert(Duration::from_secs(2));
-    options
-        .connect_timeout
-        .get_or_insert(Duration::from_secs(2));
+    options.server_selection_timeout.get_or_insert(Duration::from_secs(2));
+    options.connect_timeout.get_or_insert(Duration::from_secs(2));
     let client = mongodb::Client::with_options(options)?;
-    client
-        .database("admin")
-        .run_command(mongodb::bson::doc! { "ping": 1 })
-        .await?;
+    client.database("admin").run_command(mongodb::bson::doc! { "ping": 1 }).await?;
     Ok(())
 }
 
@@ -458,20 +375,9 @@ impl Process {
 
     /// Not started yet: a temporary directory and no port.
     fn new(name: &'static str, program: PathBuf, ready_line: &'static str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("herald-{name}-"))
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix(&format!("herald-{name}-")).tempdir()?;
         let log = dir.path().join(format!("{name}.log"));
-        Ok(Self {
-            name,
-            program,
-            args: Vec::new(),
-            port: 0,
-            ready_line,
-            dir: Some(dir),
-            log,
-            child: None,
-        })
+        Ok(Self { name, program, args: Vec::new(), port: 0, ready_line, dir: Some(dir), log, child: None })
     }
 
     /// The temporary directory (the log lives in it).
@@ -507,11 +413,7 @@ impl Process {
         F: Fn(u16) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
     {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(other)?;
+        let log = OpenOptions::new().create(true).append(true).open(&self.log).map_err(other)?;
         let log_start = log.metadata().map_err(other)?.len();
         let child = Command::new(&self.program)
             .args(&self.args)
@@ -528,11 +430,7 @@ impl Process {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut probe_error = String::from("not listening yet");
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
                 return Err(SpawnError::Exited(anyhow::anyhow!(
                     "{} exited with {status} on port {}; log {}:\n{}",
@@ -569,9 +467,7 @@ impl Process {
             return;
         };
         // std offers only SIGKILL, and `unsafe` (libc) is forbidden in this workspace.
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline {
             if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
@@ -646,9 +542,7 @@ fn log_contains(path: &Path, from: u64, needle: &str) -> bool {
 }
 
 fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -658,21 +552,12 @@ fn find_binary(env_var: &str, venv_name: Option<&str>, path_name: &str) -> anyho
     if let Some(path) = std::env::var_os(env_var).filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(path));
     }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or(Path::new("."));
-    if let Some(candidate) = venv_name
-        .map(|n| repo.join(".venv/bin").join(n))
-        .filter(|p| p.is_file())
-    {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
+    if let Some(candidate) = venv_name.map(|n| repo.join(".venv/bin").join(n)).filter(|p| p.is_file()) {
         return Ok(candidate);
     }
     std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(path_name))
-                .find(|p| p.is_file())
-        })
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(path_name)).find(|p| p.is_file()))
         .with_context(|| format!("{path_name} not found: set {env_var}, or run scripts/deps.sh"))
 }
 
@@ -681,10 +566,7 @@ mod tests {
     use super::*;
 
     fn external(uri: &str) -> Mongo {
-        Mongo {
-            process: None,
-            uri: uri.to_owned(),
-        }
+        Mongo { process: None, uri: uri.to_owned() }
     }
 
     #[test]
@@ -692,26 +574,15 @@ mod tests {
         let proxy: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let plain = external("mongodb://127.0.0.1:27017");
         assert_eq!(plain.host_port().unwrap(), "127.0.0.1:27017");
-        assert_eq!(
-            plain.uri_via(proxy),
-            "mongodb://127.0.0.1:9/?directConnection=true"
-        );
+        assert_eq!(plain.uri_via(proxy), "mongodb://127.0.0.1:9/?directConnection=true");
 
         let full = external("mongodb://u:p@a:1,b:2/db?replicaSet=rs&w=1");
         assert_eq!(full.host_port().unwrap(), "a:1");
-        assert_eq!(
-            full.uri_via(proxy),
-            "mongodb://u:p@127.0.0.1:9/db?w=1&directConnection=true"
-        );
+        assert_eq!(full.uri_via(proxy), "mongodb://u:p@127.0.0.1:9/db?w=1&directConnection=true");
 
         assert_eq!(external("mongodb://h?w=1").host_port().unwrap(), "h:27017");
-        assert_eq!(
-            external("mongodb://h?w=1").uri_via(proxy),
-            "mongodb://127.0.0.1:9/?w=1&directConnection=true"
-        );
-        assert!(external("mongodb+srv://cluster.example")
-            .host_port()
-            .is_err());
+        assert_eq!(external("mongodb://h?w=1").uri_via(proxy), "mongodb://127.0.0.1:9/?w=1&directConnection=true");
+        assert!(external("mongodb+srv://cluster.example").host_port().is_err());
     }
 
     /// The race `Process::start` retries on: the port is taken by a server of the same kind,
@@ -724,9 +595,6 @@ mod tests {
         loser.port = winner.port();
         loser.args = redis_args(loser.port, loser.dir_path());
         let outcome = loser.spawn_and_wait(&redis_ready).await;
-        assert!(
-            matches!(outcome, Err(SpawnError::Exited(_))),
-            "the loser was taken for ready"
-        );
+        assert!(matches!(outcome, Err(SpawnError::Exited(_))), "the loser was taken for ready");
     }
 }

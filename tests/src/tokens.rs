@@ -31,14 +31,7 @@ impl Claims {
     pub fn new(user: &str, ttl: Duration) -> Self {
         let now = now();
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
-        Self {
-            sub: user.to_owned(),
-            iat: now,
-            exp: now + ttl,
-            nbf: None,
-            iss: None,
-            aud: None,
-        }
+        Self { sub: user.to_owned(), iat: now, exp: now + ttl, nbf: None, iss: None, aud: None }
     }
 
     pub fn issuer(mut self, iss: &str) -> Self {
@@ -64,12 +57,8 @@ impl Claims {
 
     /// Signed with another HMAC algorithm (HS384, HS512), for algorithm-confusion tests.
     pub fn sign_with(&self, algorithm: Algorithm, secret: &str) -> String {
-        jsonwebtoken::encode(
-            &Header::new(algorithm),
-            self,
-            &EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .expect("HMAC signing cannot fail")
+        jsonwebtoken::encode(&Header::new(algorithm), self, &EncodingKey::from_secret(secret.as_bytes()))
+            .expect("HMAC signing cannot fail")
     }
 }
 
@@ -88,18 +77,12 @@ pub fn expired(secret: &str, user: &str) -> String {
 
 /// Signed with a secret the gateway does not know.
 pub fn wrong_signature(user: &str) -> String {
-    mint(
-        "not-the-gateway-secret-at-all",
-        user,
-        Duration::from_secs(3600),
-    )
+    mint("not-the-gateway-secret-at-all", user, Duration::from_secs(3600))
 }
 
 /// Valid only from an hour from now.
 pub fn not_yet_valid(secret: &str, user: &str) -> String {
-    Claims::new(user, Duration::from_secs(3 * 3600))
-        .not_before(now() + HOUR)
-        .sign(secret)
+    Claims::new(user, Duration::from_secs(3 * 3600)).not_before(now() + HOUR).sign(secret)
 }
 
 /// Signed with the right secret but HS512: the gateway must accept HS256 only.
@@ -120,8 +103,6 @@ pub fn alg_none(user: &str) -> String {
 }
 
 fn now() -> i64 {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX / 2)
 }

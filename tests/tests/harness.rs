@@ -26,39 +26,19 @@ async fn stack_starts_all_three_and_names_are_unique() {
 
     let other = unique_name("t");
     assert_ne!(stack.prefix, other);
-    assert!(
-        herald_shared::config::is_token(&stack.prefix),
-        "{}",
-        stack.prefix
-    );
+    assert!(herald_shared::config::is_token(&stack.prefix), "{}", stack.prefix);
     let config = stack.common_config();
     assert_eq!(config.redis_url, stack.redis.url());
     assert_eq!(config.nats_url, stack.nats.url());
     assert!(stack.names().jobs_stream().starts_with("T_"));
 
     // Herald's own connection code accepts every URL the stack hands out.
-    herald_shared::connect::redis(&stack.redis.url())
-        .await
-        .unwrap();
-    herald_shared::connect::nats(&stack.nats.url(), "harness")
-        .await
-        .unwrap();
-    let db = herald_shared::connect::mongo(&stack.mongo_uri(), &stack.database)
-        .await
-        .unwrap();
-    db.collection::<Document>("c")
-        .insert_one(doc! { "through": "proxy" })
-        .await
-        .unwrap();
-    let direct = mongodb::Client::with_uri_str(stack.mongo.uri())
-        .await
-        .unwrap();
-    let found = direct
-        .database(&stack.database)
-        .collection::<Document>("c")
-        .find_one(doc! {})
-        .await
-        .unwrap();
+    herald_shared::connect::redis(&stack.redis.url()).await.unwrap();
+    herald_shared::connect::nats(&stack.nats.url(), "harness").await.unwrap();
+    let db = herald_shared::connect::mongo(&stack.mongo_uri(), &stack.database).await.unwrap();
+    db.collection::<Document>("c").insert_one(doc! { "through": "proxy" }).await.unwrap();
+    let direct = mongodb::Client::with_uri_str(stack.mongo.uri()).await.unwrap();
+    let found = direct.database(&stack.database).collection::<Document>("c").find_one(doc! {}).await.unwrap();
     assert_eq!(found.unwrap().get_str("through").unwrap(), "proxy");
 }
 
@@ -68,28 +48,16 @@ async fn redis_serves_and_comes_back_empty_after_restart() {
     let mut redis = Redis::start().await.unwrap();
     let client = herald_shared::connect::redis(&redis.url()).await.unwrap();
     let () = client.set("k", "v", None, None, false).await.unwrap();
-    assert_eq!(
-        client
-            .get::<Option<String>, _>("k")
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("v")
-    );
+    assert_eq!(client.get::<Option<String>, _>("k").await.unwrap().as_deref(), Some("v"));
 
     redis.stop().await;
-    assert!(
-        client.get::<Option<String>, _>("k").await.is_err(),
-        "redis is stopped"
-    );
+    assert!(client.get::<Option<String>, _>("k").await.is_err(), "redis is stopped");
     redis.restart().await.unwrap();
 
     // The same client reconnects to the same URL, and finds nothing.
-    let value = eventually(Duration::from_secs(10), POLL, || async {
-        client.get::<Option<String>, _>("k").await
-    })
-    .await
-    .unwrap();
+    let value = eventually(Duration::from_secs(10), POLL, || async { client.get::<Option<String>, _>("k").await })
+        .await
+        .unwrap();
     assert_eq!(value, None);
 }
 
@@ -97,9 +65,7 @@ async fn redis_serves_and_comes_back_empty_after_restart() {
 async fn nats_keeps_jetstream_messages_across_restarts() {
     init_test_logging();
     let mut nats = Nats::start().await.unwrap();
-    let client = herald_shared::connect::nats(&nats.url(), "harness")
-        .await
-        .unwrap();
+    let client = herald_shared::connect::nats(&nats.url(), "harness").await.unwrap();
     let js = jetstream::new(client);
     js.get_or_create_stream(jetstream::stream::Config {
         name: "H_JOBS".into(),
@@ -108,41 +74,22 @@ async fn nats_keeps_jetstream_messages_across_restarts() {
     })
     .await
     .unwrap();
-    js.publish("h.publish.a", "one".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish("h.publish.a", "one".into()).await.unwrap().await.unwrap();
 
     nats.stop().await;
     nats.restart().await.unwrap();
     let count = |js: jetstream::Context| async move {
         let mut stream = js.get_stream("H_JOBS").await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(
-            stream
-                .info()
-                .await
-                .map_err(|e| e.to_string())?
-                .state
-                .messages,
-        )
+        Ok::<_, String>(stream.info().await.map_err(|e| e.to_string())?.state.messages)
     };
-    let after_stop = eventually(Duration::from_secs(10), POLL, || count(js.clone()))
-        .await
-        .unwrap();
+    let after_stop = eventually(Duration::from_secs(10), POLL, || count(js.clone())).await.unwrap();
     assert_eq!(after_stop, 1);
 
     // A crash loses nothing that was acknowledged either.
-    js.publish("h.publish.b", "two".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish("h.publish.b", "two".into()).await.unwrap().await.unwrap();
     nats.stop_hard().await;
     nats.restart().await.unwrap();
-    let after_crash = eventually(Duration::from_secs(10), POLL, || count(js.clone()))
-        .await
-        .unwrap();
+    let after_crash = eventually(Duration::from_secs(10), POLL, || count(js.clone())).await.unwrap();
     assert_eq!(after_crash, 2);
 
     // And both can be consumed.
@@ -150,20 +97,11 @@ async fn nats_keeps_jetstream_messages_across_restarts() {
     let consumer = stream
         .get_or_create_consumer(
             "c",
-            jetstream::consumer::pull::Config {
-                durable_name: Some("c".into()),
-                ..Default::default()
-            },
+            jetstream::consumer::pull::Config { durable_name: Some("c".into()), ..Default::default() },
         )
         .await
         .unwrap();
-    let mut batch = consumer
-        .fetch()
-        .max_messages(2)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await
-        .unwrap();
+    let mut batch = consumer.fetch().max_messages(2).expires(Duration::from_secs(2)).messages().await.unwrap();
     let mut payloads = Vec::new();
     while let Some(message) = futures::StreamExt::next(&mut batch).await {
         let message = message.unwrap();
@@ -177,44 +115,22 @@ async fn nats_keeps_jetstream_messages_across_restarts() {
 async fn mongo_inserts_and_finds() {
     init_test_logging();
     let mongo = Mongo::start().await.unwrap();
-    let db = mongodb::Client::with_uri_str(mongo.uri())
-        .await
-        .unwrap()
-        .database(&unique_name("t"));
+    let db = mongodb::Client::with_uri_str(mongo.uri()).await.unwrap().database(&unique_name("t"));
     let receipts = db.collection::<Document>("receipts");
-    receipts
-        .insert_one(doc! { "_id": "m1:alice", "state": "pending" })
-        .await
-        .unwrap();
-    receipts
-        .insert_one(doc! { "_id": "m2:alice", "state": "read" })
-        .await
-        .unwrap();
-    let found = receipts
-        .find_one(doc! { "state": "read" })
-        .await
-        .unwrap()
-        .unwrap();
+    receipts.insert_one(doc! { "_id": "m1:alice", "state": "pending" }).await.unwrap();
+    receipts.insert_one(doc! { "_id": "m2:alice", "state": "read" }).await.unwrap();
+    let found = receipts.find_one(doc! { "state": "read" }).await.unwrap().unwrap();
     assert_eq!(found.get_str("_id").unwrap(), "m2:alice");
 }
 
 /// A Mongo client reaching the server through `proxy`, giving up on server selection in 1 s.
 async fn client_via(mongo: &Mongo, proxy: &TcpProxy) -> mongodb::Database {
-    let uri = format!(
-        "{}&serverSelectionTimeoutMS=1000",
-        mongo.uri_via(proxy.addr())
-    );
-    mongodb::Client::with_uri_str(&uri)
-        .await
-        .unwrap()
-        .database("admin")
+    let uri = format!("{}&serverSelectionTimeoutMS=1000", mongo.uri_via(proxy.addr()));
+    mongodb::Client::with_uri_str(&uri).await.unwrap().database("admin")
 }
 
 async fn ping(db: &mongodb::Database) -> Result<(), String> {
-    db.run_command(doc! { "ping": 1 })
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string())
+    db.run_command(doc! { "ping": 1 }).await.map(drop).map_err(|e| e.to_string())
 }
 
 #[tokio::test]
@@ -230,16 +146,11 @@ async fn proxy_cut_makes_mongo_fail_fast_and_restore_brings_it_back() {
     assert_eq!(proxy.live_connections(), 0);
     let started = Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(5), ping(&db)).await;
-    assert!(
-        matches!(outcome, Ok(Err(_))),
-        "ping through a cut proxy: {outcome:?}"
-    );
+    assert!(matches!(outcome, Ok(Err(_))), "ping through a cut proxy: {outcome:?}");
     eprintln!("ping failed {:?} after the cut", started.elapsed());
 
     proxy.restore();
-    eventually(Duration::from_secs(10), POLL, || ping(&db))
-        .await
-        .unwrap();
+    eventually(Duration::from_secs(10), POLL, || ping(&db)).await.unwrap();
 }
 
 #[tokio::test]
@@ -254,15 +165,10 @@ async fn proxy_blackhole_hangs_mongo_until_restored() {
     // On a pooled connection nothing comes back and nothing fails: only a caller's own timeout
     // ends the wait (the Rust driver has no socket timeout).
     let outcome = tokio::time::timeout(Duration::from_secs(2), ping(&db)).await;
-    assert!(
-        outcome.is_err() || matches!(outcome, Ok(Err(_))),
-        "ping through a blackhole: {outcome:?}"
-    );
+    assert!(outcome.is_err() || matches!(outcome, Ok(Err(_))), "ping through a blackhole: {outcome:?}");
 
     proxy.restore();
-    eventually(Duration::from_secs(10), POLL, || ping(&db))
-        .await
-        .unwrap();
+    eventually(Duration::from_secs(10), POLL, || ping(&db)).await.unwrap();
 }
 
 #[tokio::test]
@@ -287,23 +193,18 @@ async fn eventually_returns_the_first_success() {
 #[tokio::test]
 async fn eventually_fails_with_the_last_error_at_the_deadline() {
     let started = Instant::now();
-    let err = eventually(
-        Duration::from_millis(200),
-        Duration::from_millis(20),
-        || async { Err::<(), _>("still wrong") },
-    )
-    .await
-    .unwrap_err();
+    let err =
+        eventually(Duration::from_millis(200), Duration::from_millis(20), || async { Err::<(), _>("still wrong") })
+            .await
+            .unwrap_err();
     assert!(err.to_string().contains("still wrong"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(1));
 
     // An attempt that never finishes is cut off at the deadline too.
     let started = Instant::now();
-    let err = eventually(
-        Duration::from_millis(200),
-        Duration::from_millis(20),
-        || async { std::future::pending::<Result<(), String>>().await },
-    )
+    let err = eventually(Duration::from_millis(200), Duration::from_millis(20), || async {
+        std::future::pending::<Result<(), String>>().await
+    })
     .await
     .unwrap_err();
     assert!(err.to_string().contains("still running"), "{err}");
@@ -322,56 +223,25 @@ fn tokens_are_good_or_bad_as_named() {
         validation.validate_nbf = true;
         validation.set_issuer(&["herald-tests"]);
         validation.set_audience(&["herald"]);
-        decode::<Claims>(
-            token,
-            &DecodingKey::from_secret(SECRET.as_bytes()),
-            &validation,
-        )
-        .map(|t| t.claims.sub)
-        .map_err(|e| e.into_kind())
+        decode::<Claims>(token, &DecodingKey::from_secret(SECRET.as_bytes()), &validation)
+            .map(|t| t.claims.sub)
+            .map_err(|e| e.into_kind())
     };
-    let good = |user| {
-        tokens::Claims::new(user, Duration::from_secs(60))
-            .issuer("herald-tests")
-            .audience("herald")
-    };
+    let good = |user| tokens::Claims::new(user, Duration::from_secs(60)).issuer("herald-tests").audience("herald");
 
     assert_eq!(check(&good("alice").sign(SECRET)), Ok("alice".to_owned()));
-    assert_eq!(
-        check(&tokens::expired(SECRET, "a")),
-        Err(ErrorKind::ExpiredSignature)
-    );
-    assert_eq!(
-        check(&tokens::wrong_signature("a")),
-        Err(ErrorKind::InvalidSignature)
-    );
-    assert_eq!(
-        check(&tokens::not_yet_valid(SECRET, "a")),
-        Err(ErrorKind::ImmatureSignature)
-    );
-    assert_eq!(
-        check(&tokens::wrong_algorithm(SECRET, "a")),
-        Err(ErrorKind::InvalidAlgorithm)
-    );
+    assert_eq!(check(&tokens::expired(SECRET, "a")), Err(ErrorKind::ExpiredSignature));
+    assert_eq!(check(&tokens::wrong_signature("a")), Err(ErrorKind::InvalidSignature));
+    assert_eq!(check(&tokens::not_yet_valid(SECRET, "a")), Err(ErrorKind::ImmatureSignature));
+    assert_eq!(check(&tokens::wrong_algorithm(SECRET, "a")), Err(ErrorKind::InvalidAlgorithm));
     assert!(check(&tokens::alg_none("a")).is_err());
-    assert_eq!(
-        check(&good("a").issuer("someone-else").sign(SECRET)),
-        Err(ErrorKind::InvalidIssuer)
-    );
-    assert_eq!(
-        check(&good("a").audience("someone-else").sign(SECRET)),
-        Err(ErrorKind::InvalidAudience)
-    );
+    assert_eq!(check(&good("a").issuer("someone-else").sign(SECRET)), Err(ErrorKind::InvalidIssuer));
+    assert_eq!(check(&good("a").audience("someone-else").sign(SECRET)), Err(ErrorKind::InvalidAudience));
     // A plain minted token carries no issuer or audience.
     let mut plain = Validation::new(Algorithm::HS256);
     plain.validate_nbf = true;
     let minted = tokens::mint(SECRET, "bob", Duration::from_secs(60));
-    let decoded = decode::<Claims>(
-        &minted,
-        &DecodingKey::from_secret(SECRET.as_bytes()),
-        &plain,
-    )
-    .unwrap();
+    let decoded = decode::<Claims>(&minted, &DecodingKey::from_secret(SECRET.as_bytes()), &plain).unwrap();
     assert_eq!(decoded.claims.sub, "bob");
 }
 
@@ -412,15 +282,9 @@ mod echo {
         token: Option<String>,
     }
 
-    async fn upgrade(
-        headers: HeaderMap,
-        Query(query): Query<TokenQuery>,
-        ws: WebSocketUpgrade,
-    ) -> Response {
-        let bearer = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim_start_matches("Bearer "));
+    async fn upgrade(headers: HeaderMap, Query(query): Query<TokenQuery>, ws: WebSocketUpgrade) -> Response {
+        let bearer =
+            headers.get("authorization").and_then(|v| v.to_str().ok()).map(|v| v.trim_start_matches("Bearer "));
         if bearer.or(query.token.as_deref()) != Some("good") {
             return (StatusCode::UNAUTHORIZED, r#"{"error":"bad token"}"#).into_response();
         }
@@ -452,18 +316,12 @@ mod echo {
                 continue;
             };
             if raw.as_str() == "bye" {
-                let close = CloseFrame {
-                    code: 4000,
-                    reason: "bye".into(),
-                };
+                let close = CloseFrame { code: 4000, reason: "bye".into() };
                 let _ = socket.send(Message::Close(Some(close))).await;
                 return;
             }
             let Ok(ClientFrame::Ack { ids }) = serde_json::from_str(&raw) else {
-                socket
-                    .send(Message::Text(format!("unknown: {}", raw.as_str()).into()))
-                    .await
-                    .unwrap();
+                socket.send(Message::Text(format!("unknown: {}", raw.as_str()).into())).await.unwrap();
                 continue;
             };
             for (seq, id) in ids.into_iter().enumerate() {
@@ -474,10 +332,7 @@ mod echo {
                     published_at_ms: 0,
                     expires_at_ms: u64::MAX,
                 };
-                socket
-                    .send(text(&ServerFrame::Notification(n)))
-                    .await
-                    .unwrap();
+                socket.send(text(&ServerFrame::Notification(n))).await.unwrap();
             }
         }
     }
@@ -495,17 +350,11 @@ async fn test_client_speaks_the_protocol() {
 
     let mut client = TestClient::connect(&url, "good").await.unwrap();
     assert_eq!(client.hello().gateway_id, "gw-echo");
-    assert!(client
-        .next_notification(Duration::from_millis(100))
-        .await
-        .is_none());
+    assert!(client.next_notification(Duration::from_millis(100)).await.is_none());
 
     client.ack(["a", "b", "c"]).await.unwrap();
     let got = client.notifications_until(3, Duration::from_secs(5)).await;
-    assert_eq!(
-        got.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
-        ["a", "b", "c"]
-    );
+    assert_eq!(got.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
     assert_eq!(got[0].payload.get(), r#"{"hi":1}"#);
 
     // Idle in the test, the client still reads: pings arrive (and get answered).
@@ -529,14 +378,9 @@ async fn test_client_speaks_the_protocol() {
         Frame::Close { code, reason } => assert_eq!((code, reason.as_str()), (4000, "bye")),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(
-        client.next_frame(Duration::from_secs(5)).await,
-        Frame::Closed
-    ));
+    assert!(matches!(client.next_frame(Duration::from_secs(5)).await, Frame::Closed));
 
-    let query_client = TestClient::connect_with_query_token(&url, "good")
-        .await
-        .unwrap();
+    let query_client = TestClient::connect_with_query_token(&url, "good").await.unwrap();
     query_client.close().await.unwrap();
 }
 
@@ -544,19 +388,11 @@ async fn test_client_speaks_the_protocol() {
 async fn paused_client_reads_nothing_until_resumed() {
     init_test_logging();
     let (addr, _server) = echo::start().await;
-    let mut client = TestClient::connect_paused(&format!("ws://{addr}/ws"), "good")
-        .await
-        .unwrap();
+    let mut client = TestClient::connect_paused(&format!("ws://{addr}/ws"), "good").await.unwrap();
     client.ack(["x"]).await.unwrap();
-    assert!(matches!(
-        client.next_frame(Duration::from_millis(300)).await,
-        Frame::Timeout
-    ));
+    assert!(matches!(client.next_frame(Duration::from_millis(300)).await, Frame::Timeout));
     assert_eq!(client.pings_received(), 0);
     client.resume_reading();
-    let n = client
-        .next_notification(Duration::from_secs(5))
-        .await
-        .unwrap();
+    let n = client.next_notification(Duration::from_secs(5)).await.unwrap();
     assert_eq!(n.id, "x");
 }
