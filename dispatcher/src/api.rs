@@ -13,8 +13,8 @@ use axum::{Json, Router};
 use fred::prelude::ClientLike;
 use herald_shared::now_ms;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use crate::presence::PresenceReader;
 use crate::receipt::ReceiptState;
@@ -38,11 +38,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/users/{user}/pending", get(pending))
         .route("/v1/users/{user}/presence", get(presence))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_admin));
-    Router::new()
-        .merge(v1)
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(state)
+    Router::new().merge(v1).route("/healthz", get(|| async { "ok" })).route("/readyz", get(ready)).with_state(state)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,10 +124,10 @@ impl ReceiptView {
             user: r.user,
             message_id: r.message_id,
             state: r.state.effective(expires_at, now),
-            delivered_at_ms: r.delivered_at.map(|d| d.timestamp_millis()),
+            delivered_at_ms: r.delivered_at_ms,
             delivered_by: r.delivered_by,
-            read_at_ms: r.read_at.map(|d| d.timestamp_millis()),
-            expired_at_ms: r.expired_at.map(|d| d.timestamp_millis()),
+            read_at_ms: r.read_at_ms,
+            expired_at_ms: r.expired_at_ms,
         }
     }
 }
@@ -179,7 +175,10 @@ async fn pending(
     Ok(Json(json!({ "user": user, "count": messages.len(), "pending": messages })))
 }
 
-async fn presence(State(state): State<Arc<ApiState>>, Path(user): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn presence(
+    State(state): State<Arc<ApiState>>,
+    Path(user): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let found = state.presence.lookup(&[user.as_str()], now_ms()).await?;
     let mut gateways: HashMap<String, usize> = HashMap::new();
     let mut connections = 0;

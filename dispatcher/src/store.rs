@@ -93,6 +93,11 @@ pub struct DeliveredBy {
 }
 
 /// One recipient's copy of a message: its inbox entry and its receipt.
+///
+/// Timestamps written once, at insert, are BSON dates (`purge_at` must be one for the TTL
+/// index). Timestamps an update sets are integer milliseconds (`*_ms`), like everything on the
+/// wire; that also sidesteps a defect of the nx-27017 test server, which stores a date given to
+/// `$set` as a string (see docs/NOTES.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReceiptDoc {
     #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
@@ -105,15 +110,15 @@ pub struct ReceiptDoc {
     pub expires_at: DateTime,
     /// When to send again if no ack came; null while the user is offline (replayed on connect).
     #[serde(default)]
-    pub next_retry_at: Option<DateTime>,
+    pub next_retry_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delivered_at: Option<DateTime>,
+    pub delivered_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered_by: Option<DeliveredBy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub read_at: Option<DateTime>,
+    pub read_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expired_at: Option<DateTime>,
+    pub expired_at_ms: Option<i64>,
     pub purge_at: DateTime,
 }
 
@@ -183,14 +188,12 @@ impl Store {
                     .build(),
                 IndexModel::builder().keys(doc! { "user": 1, "state": 1, "seq": 1 }).build(),
                 IndexModel::builder().keys(doc! { "message_id": 1 }).build(),
-                IndexModel::builder().keys(doc! { "state": 1, "next_retry_at": 1 }).build(),
+                IndexModel::builder().keys(doc! { "state": 1, "next_retry_at_ms": 1 }).build(),
                 IndexModel::builder().keys(doc! { "state": 1, "expires_at": 1 }).build(),
                 IndexModel::builder().keys(doc! { "purge_at": 1 }).options(ttl()).build(),
             ])
             .await?;
-        self.messages
-            .create_index(IndexModel::builder().keys(doc! { "purge_at": 1 }).options(ttl()).build())
-            .await?;
+        self.messages.create_index(IndexModel::builder().keys(doc! { "purge_at": 1 }).options(ttl()).build()).await?;
         Ok(())
     }
 
@@ -234,11 +237,11 @@ impl Store {
                     state: ReceiptState::Pending,
                     created_at: date(now_ms),
                     expires_at: date(job.expires_at_ms),
-                    next_retry_at: Some(date(now_ms + ack_timeout.as_millis() as u64)),
-                    delivered_at: None,
+                    next_retry_at_ms: Some((now_ms + ack_timeout.as_millis() as u64) as i64),
+                    delivered_at_ms: None,
                     delivered_by: None,
-                    read_at: None,
-                    expired_at: None,
+                    read_at_ms: None,
+                    expired_at_ms: None,
                     purge_at: date(job.expires_at_ms + RETENTION.as_millis() as u64),
                 });
             }
@@ -261,7 +264,7 @@ impl Store {
     pub async fn apply_acks(&self, records: &[AckRecord]) -> Result<u64, StoreError> {
         let mut statements = Vec::with_capacity(records.len());
         for record in records {
-            let at = date(record.at_ms);
+            let at = record.at_ms as i64;
             let ids: Vec<&str> = record.ids.iter().map(String::as_str).collect();
             statements.push(doc! {
                 "q": {
@@ -271,9 +274,9 @@ impl Store {
                 },
                 "u": { "$set": {
                     "state": ReceiptState::Delivered.as_str(),
-                    "delivered_at": at,
+                    "delivered_at_ms": at,
                     "delivered_by": { "connection_id": &record.connection_id, "gateway_id": &record.gateway_id },
-                    "next_retry_at": null,
+                    "next_retry_at_ms": null,
                 } },
                 "multi": true,
             });
@@ -284,7 +287,7 @@ impl Store {
                         "message_id": { "$in": &ids },
                         "state": { "$in": ReceiptState::Read.reachable_from() },
                     },
-                    "u": { "$set": { "state": ReceiptState::Read.as_str(), "read_at": at } },
+                    "u": { "$set": { "state": ReceiptState::Read.as_str(), "read_at_ms": at } },
                     "multi": true,
                 });
             }
@@ -301,7 +304,8 @@ impl Store {
                     tracing::error!(errors = ?errors, "receipt updates refused by the store");
                 }
             }
-            modified += reply.get_i32("nModified").map(i64::from).or_else(|_| reply.get_i64("nModified")).unwrap_or(0) as u64;
+            modified +=
+                reply.get_i32("nModified").map(i64::from).or_else(|_| reply.get_i64("nModified")).unwrap_or(0) as u64;
         }
         Ok(modified)
     }
@@ -337,7 +341,7 @@ impl Store {
     pub async fn due_for_retry(&self, now_ms: u64, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
         Ok(self
             .receipts
-            .find(doc! { "state": "pending", "next_retry_at": { "$lte": date(now_ms) } })
+            .find(doc! { "state": "pending", "next_retry_at_ms": { "$lte": now_ms as i64 } })
             .limit(limit as i64)
             .await?
             .try_collect()
@@ -389,11 +393,11 @@ impl Store {
         if receipt_ids.is_empty() {
             return Ok(());
         }
-        let next = next_retry_ms.map(date);
+        let next = next_retry_ms.map(|ms| ms as i64);
         self.receipts
             .update_many(
                 doc! { "_id": { "$in": receipt_ids }, "state": "pending" },
-                doc! { "$set": { "next_retry_at": next } },
+                doc! { "$set": { "next_retry_at_ms": next } },
             )
             .await?;
         Ok(())
@@ -401,12 +405,11 @@ impl Store {
 
     /// Marks every pending receipt past its expiry as expired; returns how many.
     pub async fn expire(&self, now_ms: u64) -> Result<u64, StoreError> {
-        let now = date(now_ms);
         let result = self
             .receipts
             .update_many(
-                doc! { "state": "pending", "expires_at": { "$lte": now } },
-                doc! { "$set": { "state": "expired", "expired_at": now, "next_retry_at": null } },
+                doc! { "state": "pending", "expires_at": { "$lte": date(now_ms) } },
+                doc! { "$set": { "state": "expired", "expired_at_ms": now_ms as i64, "next_retry_at_ms": null } },
             )
             .await?;
         Ok(result.modified_count)
@@ -494,4 +497,3 @@ where
     }
     Ok((inserted, failed))
 }
-

@@ -1,0 +1,381 @@
+//! Herald itself on top of a [`Stack`]: gateways and dispatchers started in-process (through the
+//! same `run` functions the binaries call) or as child processes (for `kill -9`), plus what a
+//! test does to them: publish jobs, mint tokens, query the API and read receipts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use futures::TryStreamExt;
+use herald_dispatcher::store::ReceiptDoc;
+use herald_shared::config::{DispatcherConfig, GatewayConfig, JwtConfig};
+use herald_shared::naming::collections;
+use mongodb::bson::doc;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{ConnectError, TestClient};
+use crate::services::Stack;
+use crate::{bin_path, tokens};
+
+pub const JWT_SECRET: &str = "herald-test-secret-0123456789";
+pub const ADMIN_TOKEN: &str = "herald-test-admin-token";
+
+/// Settings a test may change before starting Herald.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Long by default, so a test passes only through the mechanism it checks and not because
+    /// the ack-timeout resend covered for a bug.
+    pub ack_timeout: Duration,
+    pub sweep_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub presence_ttl: Duration,
+    pub outbound_queue: usize,
+    pub drain_grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            ack_timeout: Duration::from_secs(60),
+            sweep_interval: Duration::from_millis(200),
+            heartbeat_interval: Duration::from_secs(5),
+            presence_ttl: Duration::from_millis(1500),
+            outbound_queue: 1024,
+            drain_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
+    GatewayConfig {
+        common: stack.common_config(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        gateway_id: herald_shared::config::process_id("gw"),
+        jwt: JwtConfig { secret: JWT_SECRET.into(), issuer: None, audience: None },
+        heartbeat_interval: options.heartbeat_interval,
+        presence_ttl: options.presence_ttl,
+        outbound_queue: options.outbound_queue,
+        max_frame_bytes: 16 * 1024,
+        max_connections: 10_000,
+        max_connections_per_user: 16,
+        client_frames_per_sec: 1000,
+        read_buffer_bytes: 4096,
+        write_buffer_bytes: 4096,
+        drain_grace: options.drain_grace,
+    }
+}
+
+pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
+    DispatcherConfig {
+        common: stack.common_config(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        dispatcher_id: herald_shared::config::process_id("dsp"),
+        mongodb_uri: stack.mongo_uri(),
+        mongodb_database: stack.database.clone(),
+        admin_token: ADMIN_TOKEN.into(),
+        max_payload_bytes: 64 * 1024,
+        max_recipients: 10_000,
+        default_ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(86_400),
+        ack_timeout: options.ack_timeout,
+        sweep_interval: options.sweep_interval,
+        job_batch: 256,
+        job_workers: 2,
+        max_attempts: 5,
+    }
+}
+
+/// A gateway or dispatcher running in this test process.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub id: String,
+    token: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcess {
+    /// Asks it to shut down as on SIGTERM and waits for `run` to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.token.cancel();
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// A gateway or dispatcher running as a child process, so it can be killed for real.
+pub struct Process {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Process {
+    /// `kill -9`: no drain, no cleanup, exactly like a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits (up to `within`) for it to exit; returns its exit success.
+    pub async fn sigterm(&mut self, within: Duration) -> anyhow::Result<bool> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.success());
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "process did not exit within {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Herald on one stack.
+pub struct Cluster {
+    pub stack: Stack,
+    pub options: Options,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub db: mongodb::Database,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    pub async fn new(stack: Stack, options: Options) -> anyhow::Result<Self> {
+        crate::init_test_logging();
+        let nats = async_nats::connect(stack.nats.url()).await?;
+        let js = jetstream::new(nats.clone());
+        herald_shared::streams::ensure(&js, &stack.names()).await?;
+        // Assertions read Mongo directly, not through the proxy a test may cut.
+        let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
+        Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
+    }
+
+    /// A stack with default options.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::new(Stack::start().await?, Options::default()).await
+    }
+
+    pub async fn gateway(&self) -> anyhow::Result<InProcess> {
+        self.gateway_with(gateway_config(&self.stack, &self.options)).await
+    }
+
+    pub async fn gateway_with(&self, mut config: GatewayConfig) -> anyhow::Result<InProcess> {
+        let listener = TcpListener::bind(config.listen).await?;
+        config.listen = listener.local_addr()?;
+        let addr = config.listen;
+        let id = config.gateway_id.clone();
+        let token = CancellationToken::new();
+        let run = herald_gateway::run(config, listener, token.clone());
+        let task = tokio::spawn(async move { run.await.map_err(anyhow::Error::from) });
+        let node = InProcess { addr, id, token, task: Some(task) };
+        self.wait_ready(addr).await?;
+        Ok(node)
+    }
+
+    pub async fn dispatcher(&self) -> anyhow::Result<InProcess> {
+        self.dispatcher_with(dispatcher_config(&self.stack, &self.options)).await
+    }
+
+    pub async fn dispatcher_with(&self, mut config: DispatcherConfig) -> anyhow::Result<InProcess> {
+        let listener = TcpListener::bind(config.listen).await?;
+        config.listen = listener.local_addr()?;
+        let addr = config.listen;
+        let id = config.dispatcher_id.clone();
+        let token = CancellationToken::new();
+        let run = herald_dispatcher::run(config, listener, token.clone());
+        let task = tokio::spawn(async move { run.await.map_err(anyhow::Error::from) });
+        let node = InProcess { addr, id, token, task: Some(task) };
+        self.wait_ready(addr).await?;
+        Ok(node)
+    }
+
+    /// A gateway as a child process (the `herald-gateway` binary).
+    pub async fn gateway_process(&self) -> anyhow::Result<Process> {
+        let config = gateway_config(&self.stack, &self.options);
+        let addr = free_addr()?;
+        let env = vec![
+            ("HERALD_GATEWAY_LISTEN", addr.to_string()),
+            ("HERALD_JWT_SECRET", config.jwt.secret.clone()),
+            ("HERALD_HEARTBEAT_INTERVAL_MS", config.heartbeat_interval.as_millis().to_string()),
+            ("HERALD_PRESENCE_TTL_MS", config.presence_ttl.as_millis().to_string()),
+            ("HERALD_OUTBOUND_QUEUE", config.outbound_queue.to_string()),
+            ("HERALD_CLIENT_FRAMES_PER_SEC", config.client_frames_per_sec.to_string()),
+            ("HERALD_DRAIN_GRACE_MS", config.drain_grace.as_millis().to_string()),
+        ];
+        self.spawn("herald-gateway", addr, env).await
+    }
+
+    /// A dispatcher as a child process (the `herald-dispatcher` binary).
+    pub async fn dispatcher_process(&self) -> anyhow::Result<Process> {
+        let config = dispatcher_config(&self.stack, &self.options);
+        let addr = free_addr()?;
+        let env = vec![
+            ("HERALD_DISPATCHER_LISTEN", addr.to_string()),
+            ("HERALD_MONGODB_URI", config.mongodb_uri.clone()),
+            ("HERALD_MONGODB_DATABASE", config.mongodb_database.clone()),
+            ("HERALD_ADMIN_TOKEN", config.admin_token.clone()),
+            ("HERALD_ACK_TIMEOUT_MS", config.ack_timeout.as_millis().to_string()),
+            ("HERALD_SWEEP_INTERVAL_MS", config.sweep_interval.as_millis().to_string()),
+            ("HERALD_DEFAULT_TTL_SECS", config.default_ttl.as_secs().to_string()),
+            ("HERALD_MAX_TTL_SECS", config.max_ttl.as_secs().to_string()),
+        ];
+        self.spawn("herald-dispatcher", addr, env).await
+    }
+
+    async fn spawn(&self, binary: &str, addr: SocketAddr, env: Vec<(&str, String)>) -> anyhow::Result<Process> {
+        let common = self.stack.common_config();
+        let log = std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        let child = Command::new(bin_path(binary)?)
+            .env_clear()
+            .env("HERALD_PREFIX", &common.prefix)
+            .env("HERALD_REDIS_URL", &common.redis_url)
+            .env("HERALD_NATS_URL", &common.nats_url)
+            .env("HERALD_LOG", log)
+            .envs(env)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {binary}"))?;
+        let process = Process { addr, child };
+        self.wait_ready(addr).await?;
+        Ok(process)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        let url = format!("http://{addr}/readyz");
+        crate::eventually(Duration::from_secs(20), Duration::from_millis(50), || async {
+            let response = self.http.get(&url).send().await.map_err(|e| e.to_string())?;
+            if response.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("{url}: {}", response.status()))
+            }
+        })
+        .await
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        tokens::mint(JWT_SECRET, user, Duration::from_secs(3600))
+    }
+
+    /// Connects `user` to the gateway at `addr`.
+    pub async fn connect(&self, addr: SocketAddr, user: &str) -> Result<TestClient, ConnectError> {
+        TestClient::connect(&ws_url(addr), &self.token(user)).await
+    }
+
+    /// Publishes a job (any JSON) and waits for JetStream's acknowledgement. With `id`, sets
+    /// `Nats-Msg-Id` as the protocol recommends. Returns the stream sequence.
+    pub async fn publish(&self, job: &Value) -> anyhow::Result<u64> {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = job.get("id").and_then(Value::as_str) {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        self.publish_raw(serde_json::to_vec(job)?, headers).await
+    }
+
+    pub async fn publish_raw(&self, body: Vec<u8>, headers: async_nats::HeaderMap) -> anyhow::Result<u64> {
+        let subject = self.stack.names().publish_subject("test");
+        let ack = self.js.publish_with_headers(subject, headers, body.into()).await?.await?;
+        Ok(ack.sequence)
+    }
+
+    /// A simple job: `{"id": id, "to": to, "payload": {"n": id}}`.
+    pub async fn send(&self, id: &str, to: &[&str]) -> anyhow::Result<u64> {
+        self.publish(&serde_json::json!({ "id": id, "to": to, "payload": { "n": id } })).await
+    }
+
+    /// GET on a dispatcher's API, with or without the admin token; returns status and body.
+    pub async fn api(&self, dispatcher: SocketAddr, path: &str, token: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.http.get(format!("http://{dispatcher}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// Receipt states of one message, by user, read straight from the store.
+    pub async fn receipts(&self, message_id: &str) -> anyhow::Result<BTreeMap<String, ReceiptDoc>> {
+        let receipts: Vec<ReceiptDoc> = self
+            .db
+            .collection::<ReceiptDoc>(collections::RECEIPTS)
+            .find(doc! { "message_id": message_id })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(receipts.into_iter().map(|r| (r.user.clone(), r)).collect())
+    }
+
+    /// All receipts in one state, as (message id, user) pairs.
+    pub async fn receipts_in(&self, state: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let receipts: Vec<ReceiptDoc> = self
+            .db
+            .collection::<ReceiptDoc>(collections::RECEIPTS)
+            .find(doc! { "state": state })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(receipts.into_iter().map(|r| (r.message_id, r.user)).collect())
+    }
+
+    /// Waits until the receipt of (`message_id`, `user`) is in `state`.
+    pub async fn wait_receipt(&self, message_id: &str, user: &str, state: &str) -> anyhow::Result<ReceiptDoc> {
+        crate::eventually(Duration::from_secs(15), Duration::from_millis(50), || async {
+            let receipts = self.receipts(message_id).await.map_err(|e| e.to_string())?;
+            match receipts.get(user) {
+                Some(r) if r.state.as_str() == state => Ok(r.clone()),
+                Some(r) => Err(format!("{message_id}/{user} is {:?}, waiting for {state}", r.state)),
+                None => Err(format!("no receipt for {message_id}/{user}")),
+            }
+        })
+        .await
+    }
+
+    /// Waits until a gateway's presence shows `user` connected (`online`) or not.
+    pub async fn wait_presence(&self, dispatcher: SocketAddr, user: &str, online: bool) -> anyhow::Result<()> {
+        crate::eventually(Duration::from_secs(10), Duration::from_millis(25), || async {
+            let (_, body) = self
+                .api(dispatcher, &format!("/v1/users/{user}/presence"), Some(ADMIN_TOKEN))
+                .await
+                .map_err(|e| e.to_string())?;
+            if body["online"] == online {
+                Ok(())
+            } else {
+                Err(format!("presence of {user}: {body}"))
+            }
+        })
+        .await
+    }
+}
+
+pub fn ws_url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/v1/connect")
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}

@@ -1,0 +1,353 @@
+//! End-to-end: publish → dispatcher → store → gateway → client → ack → receipt, on real Redis,
+//! NATS JetStream and a Mongo-compatible server. One stack per test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::*;
+use herald_tests::client::TestClient;
+use herald_tests::cluster::{ws_url, Cluster, Options, ADMIN_TOKEN};
+use herald_tests::services::Stack;
+use herald_tests::{eventually, tokens};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_message_is_delivered_only_once_acked() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "alice", true).await.unwrap();
+
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "m-1");
+    let job = br#"{"id":"m-1","to":["alice"],"payload":{"title": "hi", "n": [1.50, 2]}}"#;
+    cluster.publish_raw(job.to_vec(), headers).await.unwrap();
+    let n = alice.next_notification(WAIT).await.expect("notification");
+    assert_eq!(n.id, "m-1");
+    assert_eq!(n.payload.get(), r#"{"title": "hi", "n": [1.50, 2]}"#, "the publisher's JSON, byte for byte");
+    // Received but not acked: the receipt must still say pending.
+    assert_eq!(cluster.receipts("m-1").await.unwrap()["alice"].state.as_str(), "pending");
+
+    alice.ack(["m-1"]).await.unwrap();
+    let receipt = cluster.wait_receipt("m-1", "alice", "delivered").await.unwrap();
+    let by = receipt.delivered_by.expect("delivered_by");
+    assert_eq!(by.connection_id, alice.hello().connection_id);
+    assert_eq!(by.gateway_id, gateway.id);
+
+    let (status, body) = cluster.api(dispatcher.addr, "/v1/messages/m-1", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["receipts"][0]["state"], "delivered");
+    assert_eq!(body["counts"]["delivered"], 1);
+    assert_eq!(body["message"]["payload"]["title"], "hi");
+
+    alice.read(["m-1"]).await.unwrap();
+    cluster.wait_receipt("m-1", "alice", "read").await.unwrap();
+
+    let (status, body) = cluster.api(dispatcher.addr, "/v1/messages/m-1", Some("wrong")).await.unwrap();
+    assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")));
+    let (status, _) = cluster.api(dispatcher.addr, "/v1/users/alice/pending", None).await.unwrap();
+    assert_eq!(status, 401);
+    let (status, _) = cluster.api(dispatcher.addr, "/v1/messages/nope", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_messages_arrive_in_order_on_connect_and_wait_for_acks() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let ids: Vec<String> = (0..5).map(|i| format!("off-{i}")).collect();
+    for id in &ids {
+        cluster.send(id, &["bob"]).await.unwrap();
+    }
+    for id in &ids {
+        cluster.wait_receipt(id, "bob", "pending").await.unwrap();
+    }
+    let (status, body) = cluster.api(dispatcher.addr, "/v1/users/bob/pending", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!((status, body["count"].as_u64()), (200, Some(5)));
+
+    let mut bob = cluster.connect(gateway.addr, "bob").await.unwrap();
+    let got = bob.notifications_until(5, WAIT).await;
+    let got_ids: Vec<&str> = got.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(got_ids, ids.iter().map(String::as_str).collect::<Vec<_>>(), "all, oldest first");
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
+    for id in &ids {
+        assert_eq!(cluster.receipts(id).await.unwrap()["bob"].state.as_str(), "pending", "not acked yet");
+    }
+    bob.ack(ids.iter()).await.unwrap();
+    for id in &ids {
+        cluster.wait_receipt(id, "bob", "delivered").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_device_on_every_gateway_gets_the_message() {
+    let cluster = Cluster::start().await.unwrap();
+    let d1 = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let mut phone = cluster.connect(g1.addr, "carol").await.unwrap();
+    let mut laptop = cluster.connect(g2.addr, "carol").await.unwrap();
+    eventually(WAIT, Duration::from_millis(25), || async {
+        let (_, body) =
+            cluster.api(d1.addr, "/v1/users/carol/presence", Some(ADMIN_TOKEN)).await.map_err(|e| e.to_string())?;
+        if body["connections"] == 2 {
+            Ok(())
+        } else {
+            Err(body.to_string())
+        }
+    })
+    .await
+    .unwrap();
+
+    cluster.send("multi-1", &["carol"]).await.unwrap();
+    assert_eq!(phone.next_notification(WAIT).await.expect("phone").id, "multi-1");
+    assert_eq!(laptop.next_notification(WAIT).await.expect("laptop").id, "multi-1");
+    laptop.ack(["multi-1"]).await.unwrap();
+    let receipt = cluster.wait_receipt("multi-1", "carol", "delivered").await.unwrap();
+    assert_eq!(receipt.delivered_by.unwrap().gateway_id, g2.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacked_message_stays_pending_and_comes_back_on_reconnect() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut dave = cluster.connect(gateway.addr, "dave").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "dave", true).await.unwrap();
+    cluster.send("noack-1", &["dave"]).await.unwrap();
+    assert_eq!(dave.next_notification(WAIT).await.expect("first delivery").id, "noack-1");
+    drop(dave); // vanishes without acking
+    cluster.wait_presence(dispatcher.addr, "dave", false).await.unwrap();
+    assert_eq!(cluster.receipts("noack-1").await.unwrap()["dave"].state.as_str(), "pending");
+
+    let mut dave = cluster.connect(gateway.addr, "dave").await.unwrap();
+    assert_eq!(dave.next_notification(WAIT).await.expect("redelivery").id, "noack-1");
+    dave.ack(["noack-1"]).await.unwrap();
+    cluster.wait_receipt("noack-1", "dave", "delivered").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacked_message_is_sent_again_after_the_ack_timeout() {
+    let options = Options { ack_timeout: Duration::from_millis(800), ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut erin = cluster.connect(gateway.addr, "erin").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "erin", true).await.unwrap();
+    cluster.send("retry-1", &["erin"]).await.unwrap();
+    assert_eq!(erin.next_notification(WAIT).await.expect("first").id, "retry-1");
+    assert_eq!(erin.next_notification(WAIT).await.expect("sent again while connected").id, "retry-1");
+    erin.ack(["retry-1"]).await.unwrap();
+    cluster.wait_receipt("retry-1", "erin", "delivered").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_the_same_id_twice_yields_one_message_and_one_receipt_each() {
+    let cluster = Cluster::start().await.unwrap();
+    let _dispatcher = cluster.dispatcher().await.unwrap();
+    let job = json!({"id": "dup-1", "to": ["u1", "u2"], "payload": {"v": 1}});
+    cluster.publish(&job).await.unwrap();
+    cluster.publish(&job).await.unwrap(); // dropped by JetStream (Nats-Msg-Id)
+                                          // Past JetStream's window: no header, so only the store's unique keys can catch it.
+    cluster.publish_raw(serde_json::to_vec(&job).unwrap(), async_nats::HeaderMap::new()).await.unwrap();
+    cluster.send("after-dup", &["u1"]).await.unwrap();
+    cluster.wait_receipt("after-dup", "u1", "pending").await.unwrap();
+
+    let messages = cluster.db.collection::<mongodb::bson::Document>("messages");
+    assert_eq!(messages.count_documents(mongodb::bson::doc! {"_id": "dup-1"}).await.unwrap(), 1);
+    let receipts = cluster.receipts("dup-1").await.unwrap();
+    assert_eq!(receipts.keys().cloned().collect::<Vec<_>>(), vec!["u1", "u2"]);
+    let all = cluster.db.collection::<mongodb::bson::Document>("receipts");
+    assert_eq!(all.count_documents(mongodb::bson::doc! {"message_id": "dup-1"}).await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_before_the_upgrade_and_leave_no_presence() {
+    let cluster = Cluster::start().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let url = ws_url(gateway.addr);
+    let secret = herald_tests::cluster::JWT_SECRET;
+    let bad = [
+        ("wrong signature", tokens::wrong_signature("mallory")),
+        ("expired", tokens::expired(secret, "mallory")),
+        ("not yet valid", tokens::not_yet_valid(secret, "mallory")),
+        ("alg none", tokens::alg_none("mallory")),
+        ("garbage", "not-a-token".to_owned()),
+    ];
+    for (what, token) in bad {
+        let err = TestClient::connect(&url, &token).await.err().unwrap_or_else(|| panic!("{what} accepted"));
+        assert_eq!(err.status(), Some(401), "{what}: {err}");
+        let err = TestClient::connect_with_query_token(&url, &token).await.err().expect("query token accepted");
+        assert_eq!(err.status(), Some(401), "{what} in query: {err}");
+    }
+    let no_token = tungstenite_request(&url);
+    let err = TestClient::connect_request(no_token, false).await.err().expect("no token accepted");
+    assert_eq!(err.status(), Some(401));
+    assert!(err.to_string().contains("unauthorized"), "{err}");
+
+    let redis = Builder::from_config(Config::from_url(&cluster.stack.redis.url()).unwrap()).build().unwrap();
+    redis.init().await.unwrap();
+    let key = cluster.stack.names().presence_key("mallory");
+    let exists: i64 = redis.exists(key).await.unwrap();
+    assert_eq!(exists, 0, "a refused client must leave no presence");
+
+    // And a good token in the query works, as browsers need.
+    let ok = TestClient::connect_with_query_token(&url, &cluster.token("mallory")).await.unwrap();
+    assert!(!ok.hello().connection_id.is_empty());
+}
+
+fn tungstenite_request(url: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    url.into_client_request().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_loses_nothing_its_users_reconnect_elsewhere() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let mut doomed = cluster.gateway_process().await.unwrap();
+    let survivor = cluster.gateway().await.unwrap();
+    let mut frank = cluster.connect(doomed.addr, "frank").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "frank", true).await.unwrap();
+
+    let mut seen = BTreeSet::new();
+    for i in 0..20 {
+        cluster.send(&format!("k-{i:02}"), &["frank"]).await.unwrap();
+    }
+    // Some arrive (unacked: the frames may sit in buffers), then the gateway dies mid-stream.
+    if let Some(n) = frank.next_notification(WAIT).await {
+        seen.insert(n.id);
+    }
+    doomed.kill9();
+    for i in 20..40 {
+        cluster.send(&format!("k-{i:02}"), &["frank"]).await.unwrap();
+    }
+    drop(frank);
+    let mut frank = cluster.connect(survivor.addr, "frank").await.unwrap();
+    let mut acked = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while acked.len() < 40 && tokio::time::Instant::now() < deadline {
+        if let Some(n) = frank.next_notification(Duration::from_millis(200)).await {
+            frank.ack([n.id.as_str()]).await.unwrap();
+            acked.insert(n.id);
+        }
+    }
+    assert_eq!(acked.len(), 40, "every message reaches the survivor; seen before the kill: {seen:?}");
+    for i in 0..40 {
+        cluster.wait_receipt(&format!("k-{i:02}"), "frank", "delivered").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_is_never_delivered_and_reads_expired() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    cluster.publish(&json!({"id": "ttl-1", "to": ["gina"], "payload": 1, "ttl_secs": 1})).await.unwrap();
+    cluster.send("ttl-keep", &["gina"]).await.unwrap();
+    cluster.wait_receipt("ttl-1", "gina", "expired").await.unwrap();
+
+    let mut gina = cluster.connect(gateway.addr, "gina").await.unwrap();
+    let n = gina.next_notification(WAIT).await.expect("the unexpired one");
+    assert_eq!(n.id, "ttl-keep");
+    gina.ack(["ttl-keep"]).await.unwrap();
+    cluster.wait_receipt("ttl-keep", "gina", "delivered").await.unwrap();
+    // The expired message was pending longer than the live one and would have come first.
+    assert!(gina.next_notification(Duration::from_millis(300)).await.is_none());
+    let (_, body) = cluster.api(dispatcher.addr, "/v1/messages/ttl-1", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(body["receipts"][0]["state"], "expired");
+    assert_eq!(cluster.receipts("ttl-1").await.unwrap()["gina"].state.as_str(), "expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_jobs_are_rejected_with_a_reason_and_the_queue_moves_on() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut rejections = cluster.nats.subscribe(cluster.stack.names().rejected_subject()).await.unwrap();
+    let mut hana = cluster.connect(gateway.addr, "hana").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "hana", true).await.unwrap();
+
+    cluster.publish_raw(b"{not json".to_vec(), async_nats::HeaderMap::new()).await.unwrap();
+    let big = "x".repeat(70 * 1024);
+    cluster.publish(&json!({"id": "big-1", "to": ["hana"], "payload": big})).await.unwrap();
+    cluster.send("fine-1", &["hana"]).await.unwrap();
+
+    let mut codes = Vec::new();
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut rejections)).await.unwrap().unwrap();
+        let rejection: herald_proto::Rejection = serde_json::from_slice(&msg.payload).unwrap();
+        assert!(!rejection.reason.is_empty());
+        codes.push((rejection.code, rejection.job_id));
+    }
+    codes.sort_by_key(|(code, _)| format!("{code:?}"));
+    assert_eq!(
+        codes,
+        vec![
+            (herald_proto::RejectCode::Malformed, None),
+            (herald_proto::RejectCode::PayloadTooLarge, Some("big-1".to_owned())),
+        ]
+    );
+    assert_eq!(hana.next_notification(WAIT).await.expect("valid job after the bad ones").id, "fine-1");
+    assert!(cluster.receipts("big-1").await.unwrap().is_empty());
+}
+
+/// Publish and connect at the same moment, 200 times: a connected client that acks everything
+/// must end with nothing pending. The ack timeout is a minute, so only the write-then-lookup and
+/// register-then-replay ordering can make this pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publish_and_connect_never_strands_a_message() {
+    let cluster = Arc::new(Cluster::start().await.unwrap());
+    let _d1 = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    const N: usize = 200;
+    let mut clients = tokio::task::JoinSet::new();
+    for round in 0..N / 20 {
+        let mut batch = Vec::new();
+        for i in round * 20..(round + 1) * 20 {
+            let cluster = Arc::clone(&cluster);
+            let addr = if i % 2 == 0 { g1.addr } else { g2.addr };
+            batch.push(tokio::spawn(async move {
+                let user = format!("race-{i}");
+                let id = format!("r-{i}");
+                let to = [user.as_str()];
+                let (sent, client) = tokio::join!(cluster.send(&id, &to), cluster.connect(addr, &user));
+                sent.unwrap();
+                client.unwrap()
+            }));
+        }
+        for task in batch {
+            let mut client = task.await.unwrap();
+            clients.spawn(async move {
+                // Ack everything, forever (until the test ends).
+                loop {
+                    if let Some(n) = client.next_notification(Duration::from_secs(3600)).await {
+                        let _ = client.ack([n.id.as_str()]).await;
+                    }
+                }
+            });
+        }
+    }
+    eventually(Duration::from_secs(30), Duration::from_millis(100), || async {
+        let delivered = cluster.receipts_in("delivered").await.map_err(|e| e.to_string())?;
+        let pending = cluster.receipts_in("pending").await.map_err(|e| e.to_string())?;
+        if delivered.len() == N && pending.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} delivered, pending: {:?}", delivered.len(), &pending[..pending.len().min(10)]))
+        }
+    })
+    .await
+    .unwrap();
+    clients.abort_all();
+}
