@@ -321,7 +321,20 @@ async fn concurrent_publish_and_connect_never_strands_a_message() {
                 let user = format!("race-{i}");
                 let id = format!("r-{i}");
                 let to = [user.as_str()];
-                let (sent, client) = tokio::join!(cluster.send(&id, &to), cluster.connect(addr, &user));
+                // Spread the publish from 40 ms before to 40 ms after the connect, so the
+                // rounds sweep across every interleaving of the two paths.
+                let offset = Duration::from_millis((i as u64 * 7919) % 41 * 2);
+                let (publish_delay, connect_delay) =
+                    if i % 2 == 0 { (offset, Duration::ZERO) } else { (Duration::ZERO, offset) };
+                let publish = async {
+                    tokio::time::sleep(publish_delay).await;
+                    cluster.send(&id, &to).await
+                };
+                let connect = async {
+                    tokio::time::sleep(connect_delay).await;
+                    cluster.connect(addr, &user).await
+                };
+                let (sent, client) = tokio::join!(publish, connect);
                 sent.unwrap();
                 client.unwrap()
             }));
