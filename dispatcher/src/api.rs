@@ -25,6 +25,7 @@ const MAX_LIMIT: usize = 10_000;
 const DEFAULT_LIMIT: usize = 1_000;
 
 pub struct ApiState {
+    pub metrics: Arc<crate::metrics::DispatcherMetrics>,
     pub admin_token: String,
     pub store: Store,
     pub presence: PresenceReader,
@@ -38,7 +39,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/users/{user}/pending", get(pending))
         .route("/v1/users/{user}/presence", get(presence))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_admin));
-    Router::new().merge(v1).route("/healthz", get(|| async { "ok" })).route("/readyz", get(ready)).with_state(state)
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +200,10 @@ async fn presence(
         "connections": connections,
         "gateways": gateways.into_iter().collect::<BTreeMap<_, _>>(),
     })))
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> String {
+    herald_shared::metrics::encode(&state.metrics.registry)
 }
 
 async fn ready(State(state): State<Arc<ApiState>>) -> Response {

@@ -14,6 +14,7 @@ use herald_shared::now_ms;
 use tokio_util::sync::CancellationToken;
 
 use crate::jobs::{sleep_or_stop, ConsumerError, ACK_WAIT};
+use crate::metrics::DispatcherMetrics;
 use crate::routing::Router;
 use crate::store::{Store, StoreError};
 
@@ -30,6 +31,7 @@ pub struct EventPipeline {
     /// Most pending messages replayed to a connection at once; the rest follow through the
     /// ack-timeout sweep. Kept below a gateway's outbound queue so a replay never overflows it.
     pub replay_page: usize,
+    pub metrics: std::sync::Arc<DispatcherMetrics>,
 }
 
 async fn consumer(
@@ -98,9 +100,18 @@ impl EventPipeline {
         let mut onlines: Vec<Online> = Vec::new();
         for message in &messages {
             match serde_json::from_slice::<Event>(&message.payload) {
-                Ok(Event::Acks(records)) => acks.extend(records),
-                Ok(Event::Online(online)) => onlines.push(online),
-                Err(e) => tracing::error!(error = %e, subject = %message.subject, "undecodable event dropped"),
+                Ok(Event::Acks(records)) => {
+                    self.metrics.events.with_label_values(&["acks"]).inc();
+                    acks.extend(records);
+                }
+                Ok(Event::Online(online)) => {
+                    self.metrics.events.with_label_values(&["online"]).inc();
+                    onlines.push(online);
+                }
+                Err(e) => {
+                    self.metrics.events.with_label_values(&["invalid"]).inc();
+                    tracing::error!(error = %e, subject = %message.subject, "undecodable event dropped");
+                }
             }
         }
         let mut backoff = Duration::from_millis(100);
@@ -138,6 +149,8 @@ impl EventPipeline {
     async fn apply(&self, acks: &[AckRecord], onlines: &[Online]) -> Result<(), StoreError> {
         if !acks.is_empty() {
             let changed = self.store.apply_acks(acks).await?;
+            self.metrics.receipt_writes.with_label_values(&["ack"]).inc_by(changed);
+            self.metrics.store_batch_size.with_label_values(&["ack"]).observe(acks.len() as f64);
             tracing::debug!(records = acks.len(), changed, "acks applied");
         }
         if !onlines.is_empty() {
@@ -147,13 +160,16 @@ impl EventPipeline {
     }
 
     /// Sends each new connection its user's pending messages: one query for all users of the
-    /// batch, one for the payloads, one to push their retry deadlines.
+    /// batch, one for the payloads, one to push their retry deadlines, and one to make whatever
+    /// a page did not carry due for the sweep.
     async fn replay(&self, onlines: &[Online]) -> Result<(), StoreError> {
         let mut users: Vec<&str> = onlines.iter().map(|o| o.user.as_str()).collect();
         users.sort_unstable();
         users.dedup();
         let now = now_ms();
+        let next_retry = now + self.ack_timeout.as_millis() as u64;
         let pending = self.store.pending_for(&users, self.replay_page, now).await?;
+        self.store.unpark(&users, next_retry).await?;
         if pending.is_empty() {
             return Ok(());
         }
@@ -169,11 +185,14 @@ impl EventPipeline {
                 notifications: mine.iter().map(|s| s.notification.clone()).collect(),
             });
             if self.router.publish(&online.gateway_id, &command).await {
+                self.metrics.replayed.inc_by(mine.len() as u64);
                 sent.extend(mine.iter().filter_map(|s| s.receipt_id));
+            } else {
+                self.metrics.route_failures.inc();
             }
         }
         sent.sort_unstable();
         sent.dedup();
-        self.store.reschedule(&sent, Some(now + self.ack_timeout.as_millis() as u64)).await
+        self.store.reschedule(&sent, Some(next_retry)).await
     }
 }

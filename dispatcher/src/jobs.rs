@@ -17,6 +17,7 @@ use herald_shared::now_ms;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::{self, Invalid, JobMeta, Limits, ValidJob};
+use crate::metrics::DispatcherMetrics;
 use crate::presence::PresenceReader;
 use crate::routing::{self, Router};
 use crate::store::{DeadLetterDoc, Store};
@@ -36,6 +37,7 @@ pub struct JobPipeline {
     pub ack_timeout: Duration,
     pub batch: usize,
     pub max_attempts: u64,
+    pub metrics: std::sync::Arc<DispatcherMetrics>,
 }
 
 /// A job as pulled from the stream, with what was read of it.
@@ -127,6 +129,7 @@ impl JobPipeline {
     }
 
     async fn process(&self, messages: Vec<Message>, stop: &CancellationToken) {
+        self.metrics.job_batch_size.observe(messages.len() as f64);
         let pulled: Vec<Pulled> = messages.into_iter().map(|m| self.read(m)).collect();
         let (valid, invalid): (Vec<Pulled>, Vec<Pulled>) = pulled.into_iter().partition(|p| p.outcome.is_ok());
 
@@ -164,6 +167,7 @@ impl JobPipeline {
         for (i, pulled) in valid.iter().enumerate() {
             match inserted.failed.get(&i) {
                 None => {
+                    self.metrics.jobs.with_label_values(&["stored"]).inc();
                     if let Err(e) = pulled.message.ack().await {
                         tracing::warn!(error = %e, seq = pulled.stream_seq, "job ack failed; it will be redelivered");
                     }
@@ -196,8 +200,14 @@ impl JobPipeline {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.store.insert(jobs, now_ms(), self.ack_timeout).await {
-                Ok(inserted) => return Some(inserted),
+                Ok(inserted) => {
+                    let written: usize = inserted.new_recipients.iter().map(Vec::len).sum();
+                    self.metrics.receipt_writes.with_label_values(&["insert"]).inc_by(written as u64);
+                    self.metrics.store_batch_size.with_label_values(&["insert"]).observe(jobs.len() as f64);
+                    return Some(inserted);
+                }
                 Err(e) if e.is_transient() => {
+                    self.metrics.jobs.with_label_values(&["retried"]).inc_by(jobs.len() as u64);
                     tracing::warn!(error = %e, jobs = jobs.len(), "store unavailable; holding jobs and retrying");
                 }
                 Err(e) => {
@@ -239,9 +249,11 @@ impl JobPipeline {
         let mut users: Vec<&str> = routes.iter().flat_map(|(_, u)| u.iter().map(String::as_str)).collect();
         users.sort_unstable();
         users.dedup();
-        let presence = match self.presence.lookup(&users, now_ms()).await {
+        let lookup = self.presence.lookup(&users, now_ms());
+        let presence = match self.metrics.dependencies.time("redis", "presence_lookup", lookup).await {
             Ok(presence) => presence,
             Err(e) => {
+                self.metrics.routing.with_label_values(&["presence_unavailable"]).inc_by(users.len() as u64);
                 // Receipts are pending: the sweeper retries them after the ack timeout, and a
                 // Redis restart makes gateways re-announce their connections for replay.
                 tracing::warn!(error = %e, "presence unavailable; messages wait in the store");
@@ -250,7 +262,10 @@ impl JobPipeline {
         };
         let plan = routing::plan(notifications.iter().zip(routes.iter().map(|(_, u)| u.as_slice())), &presence);
         tracing::debug!(online = plan.online, offline = plan.offline.len(), "routed");
-        self.router.send(plan).await;
+        self.metrics.routing.with_label_values(&["online"]).inc_by(plan.online as u64);
+        self.metrics.routing.with_label_values(&["offline"]).inc_by(plan.offline.len() as u64);
+        let failed = self.router.send(plan).await;
+        self.metrics.route_failures.inc_by(failed as u64);
     }
 
     async fn reject(&self, job: &Pulled, invalid: Invalid) {
@@ -263,6 +278,9 @@ impl JobPipeline {
             rejected_at_ms: now_ms(),
         };
         tracing::info!(seq = job.stream_seq, code = ?rejection.code, reason = %rejection.reason, "job rejected");
+        self.metrics.jobs.with_label_values(&["rejected"]).inc();
+        let code = serde_json::to_value(rejection.code).ok().and_then(|v| v.as_str().map(str::to_owned));
+        self.metrics.jobs_rejected.with_label_values(&[code.as_deref().unwrap_or("unknown")]).inc();
         if self.publish_rejection(&self.names.rejected_subject(), &rejection).await {
             let _ = job.message.ack_with(AckKind::Term).await;
         }
@@ -275,6 +293,7 @@ impl JobPipeline {
         if pulled.delivered < self.max_attempts {
             let delay = Duration::from_secs(pulled.delivered.min(30));
             tracing::warn!(seq = pulled.stream_seq, attempt = pulled.delivered, reason, "job not stored; will retry");
+            self.metrics.jobs.with_label_values(&["retried"]).inc();
             let _ = pulled.message.ack_with(AckKind::Nak(Some(delay))).await;
             return;
         }
@@ -299,6 +318,7 @@ impl JobPipeline {
             rejected_at_ms: now_ms(),
         };
         tracing::error!(seq = pulled.stream_seq, reason, "job dead-lettered");
+        self.metrics.jobs.with_label_values(&["dead_lettered"]).inc();
         if self.publish_rejection(&self.names.dead_letter_subject(), &rejection).await {
             let _ = pulled.message.ack_with(AckKind::Term).await;
         }
@@ -317,6 +337,28 @@ impl JobPipeline {
             Err(e) => {
                 tracing::warn!(error = %e, "rejection not published; job kept for redelivery");
                 false
+            }
+        }
+    }
+}
+
+/// Keeps `herald_jetstream_pending_jobs` current: the jobs no dispatcher has taken yet. A
+/// failed poll leaves the last value; the loop ends only when `stop` fires.
+pub async fn report_lag(
+    js: jetstream::Context,
+    names: Names,
+    metrics: std::sync::Arc<DispatcherMetrics>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(mut consumer) = consumer(&js, &names).await {
+            if let Ok(info) = consumer.info().await {
+                metrics.pending_jobs.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
             }
         }
     }

@@ -22,6 +22,7 @@ pub mod api;
 pub mod events;
 pub mod job;
 pub mod jobs;
+pub mod metrics;
 pub mod presence;
 pub mod receipt;
 pub mod routing;
@@ -40,6 +41,8 @@ pub enum DispatcherError {
     Serve(#[from] std::io::Error),
     #[error("a critical task failed; see the log")]
     TaskFailed,
+    #[error("metrics: {0}")]
+    Metrics(#[from] herald_shared::metrics::MetricsError),
 }
 
 /// How long shutdown waits for in-flight batches to finish.
@@ -53,13 +56,23 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), DispatcherError> {
     let names = Names::new(&config.common.prefix);
-    let db = connect::mongo(&config.mongodb_uri, &config.mongodb_database).await?;
-    let redis = connect::redis(&config.common.redis_url).await?;
-    let nats = connect::nats(&config.common.nats_url, &format!("herald-dispatcher {}", config.dispatcher_id)).await?;
-    let js = jetstream::new(nats.clone());
-    streams::ensure(&js, &names).await?;
-    let store = store::Store::new(db);
-    store.ensure_indexes().await?;
+    let metrics = Arc::new(metrics::DispatcherMetrics::new()?);
+    // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
+    let start = async {
+        let db = connect::mongo(&config.mongodb_uri, &config.mongodb_database).await?;
+        let redis = connect::redis(&config.common.redis_url).await?;
+        let nats =
+            connect::nats(&config.common.nats_url, &format!("herald-dispatcher {}", config.dispatcher_id)).await?;
+        let js = jetstream::new(nats.clone());
+        streams::ensure(&js, &names, config.common.jetstream_replicas).await?;
+        let store = store::Store::new(db, metrics.dependencies.clone());
+        store.ensure_indexes().await?;
+        Ok::<_, DispatcherError>((redis, nats, js, store))
+    };
+    let (redis, nats, js, store) = tokio::select! {
+        started = start => started?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
 
     let presence = presence::PresenceReader::new(redis.clone(), names.clone());
     let router = routing::Router::new(nats.clone(), names.clone());
@@ -78,6 +91,7 @@ pub async fn run(
         ack_timeout: config.ack_timeout,
         batch: config.job_batch,
         max_attempts: config.max_attempts,
+        metrics: Arc::clone(&metrics),
     };
     let events = events::EventPipeline {
         js: js.clone(),
@@ -86,16 +100,18 @@ pub async fn run(
         router: router.clone(),
         ack_timeout: config.ack_timeout,
         replay_page: 256,
+        metrics: Arc::clone(&metrics),
     };
     let sweeper = sweeper::Sweeper {
         store: store.clone(),
         presence: presence.clone(),
         router,
         redis: redis.clone(),
-        names,
+        names: names.clone(),
         dispatcher_id: config.dispatcher_id.clone(),
         interval: config.sweep_interval,
         ack_timeout: config.ack_timeout,
+        metrics: Arc::clone(&metrics),
     };
 
     // Workers stop pulling when `stop` fires; each ends only then, so an early end is a failure
@@ -108,8 +124,16 @@ pub async fn run(
     }
     shutdown::spawn_critical(&tasks, "events", stop.clone(), Arc::clone(&failed), events.run(stop.clone()));
     shutdown::spawn_critical(&tasks, "sweeper", stop.clone(), Arc::clone(&failed), sweeper.run(stop.clone()));
+    shutdown::spawn_critical(
+        &tasks,
+        "lag",
+        stop.clone(),
+        Arc::clone(&failed),
+        jobs::report_lag(js.clone(), names.clone(), Arc::clone(&metrics), stop.clone()),
+    );
 
     let state = Arc::new(api::ApiState {
+        metrics,
         admin_token: config.admin_token.clone(),
         store,
         presence,

@@ -18,6 +18,8 @@ use mongodb::{Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use herald_shared::metrics::DependencyMetrics;
+
 use crate::job::ValidJob;
 use crate::receipt::ReceiptState;
 
@@ -39,24 +41,36 @@ pub enum ErrorClass {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("store ({class:?}): {source}")]
-pub struct StoreError {
-    pub class: ErrorClass,
-    #[source]
-    pub source: mongodb::error::Error,
+pub enum StoreError {
+    #[error("store ({class:?}): {source}")]
+    Mongo {
+        class: ErrorClass,
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// The driver has no socket timeout: a partitioned server would hold a call for as long as
+    /// TCP does. Every call is bounded by [`OP_TIMEOUT`] instead, and a timeout is transient.
+    #[error("store: {op} took longer than {OP_TIMEOUT:?}")]
+    Timeout { op: &'static str },
 }
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
-        self.class == ErrorClass::Transient
+        match self {
+            StoreError::Mongo { class, .. } => *class == ErrorClass::Transient,
+            StoreError::Timeout { .. } => true,
+        }
     }
 }
 
 impl From<mongodb::error::Error> for StoreError {
     fn from(source: mongodb::error::Error) -> Self {
-        Self { class: classify(&source), source }
+        Self::Mongo { class: classify(&source), source }
     }
 }
+
+/// Longest a single store call may take before it counts as an outage.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn classify(e: &mongodb::error::Error) -> ErrorClass {
     let transient = match e.kind.as_ref() {
@@ -157,6 +171,7 @@ pub struct Store {
     receipts: Collection<ReceiptDoc>,
     dead_letters: Collection<DeadLetterDoc>,
     db: Database,
+    metrics: DependencyMetrics,
 }
 
 pub fn date(ms: u64) -> DateTime {
@@ -168,13 +183,23 @@ fn millis(d: DateTime) -> u64 {
 }
 
 impl Store {
-    pub fn new(db: Database) -> Self {
+    pub fn new(db: Database, metrics: DependencyMetrics) -> Self {
         Self {
             messages: db.collection(collections::MESSAGES),
             receipts: db.collection(collections::RECEIPTS),
             dead_letters: db.collection(collections::DEAD_LETTERS),
             db,
+            metrics,
         }
+    }
+
+    /// One round trip: bounded by [`OP_TIMEOUT`], timed in `herald_dependency_seconds`.
+    async fn call<T, F>(&self, op: &'static str, call: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let bounded = async { tokio::time::timeout(OP_TIMEOUT, call).await.unwrap_or(Err(StoreError::Timeout { op })) };
+        self.metrics.time("mongodb", op, bounded).await
     }
 
     /// Creates the indexes every query here relies on; idempotent.
@@ -217,7 +242,8 @@ impl Store {
                 purge_at: date(job.expires_at_ms + RETENTION.as_millis() as u64),
             })
             .collect();
-        for (index, reason) in insert_tolerating_duplicates(&self.messages, &messages).await?.1 {
+        let (_, failed) = self.call("insert_messages", insert_tolerating_duplicates(&self.messages, &messages)).await?;
+        for (index, reason) in failed {
             out.failed.insert(index, reason);
         }
 
@@ -246,7 +272,8 @@ impl Store {
                 });
             }
         }
-        let (inserted, failed) = insert_tolerating_duplicates(&self.receipts, &receipts).await?;
+        let (inserted, failed) =
+            self.call("insert_receipts", insert_tolerating_duplicates(&self.receipts, &receipts)).await?;
         for (i, receipt) in receipts.into_iter().enumerate() {
             if inserted[i] {
                 out.new_recipients[owners[i]].push(receipt.user);
@@ -295,10 +322,8 @@ impl Store {
         let mut modified = 0;
         for chunk in statements.chunks(UPDATE_BATCH) {
             // Ordered, so a read's "delivered" statement lands before its "read" one.
-            let reply = self
-                .db
-                .run_command(doc! { "update": collections::RECEIPTS, "updates": chunk, "ordered": true })
-                .await?;
+            let command = doc! { "update": collections::RECEIPTS, "updates": chunk, "ordered": true };
+            let reply = self.call("apply_acks", async { Ok(self.db.run_command(command).await?) }).await?;
             if let Ok(errors) = reply.get_array("writeErrors") {
                 if !errors.is_empty() {
                     tracing::error!(errors = ?errors, "receipt updates refused by the store");
@@ -311,41 +336,68 @@ impl Store {
     }
 
     /// The oldest pending, unexpired messages of each user, at most `per_user` each: what a
-    /// connection that just came online must get. Two round trips for any number of users.
+    /// connection that just came online must get. Usually two round trips for any number of
+    /// users; when one user's backlog fills the shared query, the users it crowded out get a
+    /// query of their own.
     pub async fn pending_for(&self, users: &[&str], per_user: usize, now_ms: u64) -> Result<Vec<Sendable>, StoreError> {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let limit = (per_user * users.len()).min(50_000) as i64;
-        let receipts: Vec<ReceiptDoc> = self
-            .receipts
-            .find(doc! { "user": { "$in": users }, "state": "pending", "expires_at": { "$gt": date(now_ms) } })
-            .sort(doc! { "seq": 1 })
-            .limit(limit)
-            .await?
-            .try_collect()
-            .await?;
+        let limit = per_user * users.len();
+        let mut receipts = self.pending_receipts(users, limit, now_ms).await?;
         let mut per = HashMap::<String, usize>::new();
-        let receipts: Vec<ReceiptDoc> = receipts
-            .into_iter()
-            .filter(|r| {
-                let n = per.entry(r.user.clone()).or_default();
-                *n += 1;
-                *n <= per_user
-            })
-            .collect();
+        receipts.retain(|r| {
+            let n = per.entry(r.user.clone()).or_default();
+            *n += 1;
+            *n <= per_user
+        });
+        if receipts.len() < limit && per.values().sum::<usize>() >= limit {
+            for user in users.iter().filter(|u| per.get(**u).copied().unwrap_or(0) < per_user) {
+                let have = per.get(*user).copied().unwrap_or(0);
+                let mut more = self.pending_receipts(&[user], per_user, now_ms).await?;
+                more.drain(..have.min(more.len()));
+                receipts.extend(more);
+            }
+        }
         self.with_payloads(receipts).await
+    }
+
+    async fn pending_receipts(&self, users: &[&str], limit: usize, now_ms: u64) -> Result<Vec<ReceiptDoc>, StoreError> {
+        let filter = doc! { "user": { "$in": users }, "state": "pending", "expires_at": { "$gt": date(now_ms) } };
+        let find = async {
+            let cursor = self.receipts.find(filter).sort(doc! { "seq": 1 }).limit(limit as i64).await?;
+            Ok(cursor.try_collect().await?)
+        };
+        self.call("pending_receipts", find).await
+    }
+
+    /// Makes every pending receipt of `users` that waits for a connection (no retry time) due
+    /// after `next_retry_ms`: what a replay page did not carry follows through the ack-timeout
+    /// sweep while the user is connected.
+    pub async fn unpark(&self, users: &[&str], next_retry_ms: u64) -> Result<(), StoreError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let update = async {
+            self.receipts
+                .update_many(
+                    doc! { "user": { "$in": users }, "state": "pending", "next_retry_at_ms": null },
+                    doc! { "$set": { "next_retry_at_ms": next_retry_ms as i64 } },
+                )
+                .await?;
+            Ok(())
+        };
+        self.call("unpark", update).await
     }
 
     /// Pending receipts whose ack timeout passed: sent to a connected client that did not ack.
     pub async fn due_for_retry(&self, now_ms: u64, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
-        Ok(self
-            .receipts
-            .find(doc! { "state": "pending", "next_retry_at_ms": { "$lte": now_ms as i64 } })
-            .limit(limit as i64)
-            .await?
-            .try_collect()
-            .await?)
+        let find = async {
+            let filter = doc! { "state": "pending", "next_retry_at_ms": { "$lte": now_ms as i64 } };
+            let cursor = self.receipts.find(filter).limit(limit as i64).await?;
+            Ok(cursor.try_collect().await?)
+        };
+        self.call("due_for_retry", find).await
     }
 
     /// Adds the payloads to receipts (one round trip), oldest first; receipts whose message is
@@ -357,15 +409,12 @@ impl Store {
         let mut ids: Vec<&str> = receipts.iter().map(|r| r.message_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let messages: HashMap<String, MessageDoc> = self
-            .messages
-            .find(doc! { "_id": { "$in": ids } })
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .map(|m| (m.id.clone(), m))
-            .collect();
+        let find = async {
+            let cursor = self.messages.find(doc! { "_id": { "$in": ids } }).await?;
+            Ok(cursor.try_collect::<Vec<_>>().await?)
+        };
+        let messages: HashMap<String, MessageDoc> =
+            self.call("load_messages", find).await?.into_iter().map(|m| (m.id.clone(), m)).collect();
         let mut out: Vec<Sendable> = receipts
             .into_iter()
             .filter_map(|r| {
@@ -394,54 +443,64 @@ impl Store {
             return Ok(());
         }
         let next = next_retry_ms.map(|ms| ms as i64);
-        self.receipts
-            .update_many(
-                doc! { "_id": { "$in": receipt_ids }, "state": "pending" },
-                doc! { "$set": { "next_retry_at_ms": next } },
-            )
-            .await?;
-        Ok(())
+        let update = async {
+            self.receipts
+                .update_many(
+                    doc! { "_id": { "$in": receipt_ids }, "state": "pending" },
+                    doc! { "$set": { "next_retry_at_ms": next } },
+                )
+                .await?;
+            Ok(())
+        };
+        self.call("reschedule", update).await
     }
 
     /// Marks every pending receipt past its expiry as expired; returns how many.
     pub async fn expire(&self, now_ms: u64) -> Result<u64, StoreError> {
-        let result = self
-            .receipts
-            .update_many(
-                doc! { "state": "pending", "expires_at": { "$lte": date(now_ms) } },
-                doc! { "$set": { "state": "expired", "expired_at_ms": now_ms as i64, "next_retry_at_ms": null } },
-            )
-            .await?;
-        Ok(result.modified_count)
+        let update = async {
+            Ok(self
+                .receipts
+                .update_many(
+                    doc! { "state": "pending", "expires_at": { "$lte": date(now_ms) } },
+                    doc! { "$set": { "state": "expired", "expired_at_ms": now_ms as i64, "next_retry_at_ms": null } },
+                )
+                .await?)
+        };
+        Ok(self.call("expire", update).await?.modified_count)
     }
 
     pub async fn message(&self, id: &str) -> Result<Option<MessageDoc>, StoreError> {
-        Ok(self.messages.find_one(doc! { "_id": id }).await?)
+        self.call("find_message", async { Ok(self.messages.find_one(doc! { "_id": id }).await?) }).await
     }
 
     /// Receipts of one message, by user, at most `limit`.
     pub async fn receipts_of(&self, message_id: &str, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
-        Ok(self
-            .receipts
-            .find(doc! { "message_id": message_id })
-            .sort(doc! { "user": 1 })
-            .limit(limit as i64)
-            .await?
-            .try_collect()
-            .await?)
+        let find = async {
+            let cursor = self
+                .receipts
+                .find(doc! { "message_id": message_id })
+                .sort(doc! { "user": 1 })
+                .limit(limit as i64)
+                .await?;
+            Ok(cursor.try_collect().await?)
+        };
+        self.call("receipts_of", find).await
     }
 
     /// How many receipts of one message are in each state.
     pub async fn receipt_counts(&self, message_id: &str) -> Result<HashMap<String, u64>, StoreError> {
-        let mut cursor = self
-            .receipts
-            .aggregate([
-                doc! { "$match": { "message_id": message_id } },
-                doc! { "$group": { "_id": "$state", "n": { "$sum": 1 } } },
-            ])
-            .await?;
+        let aggregate = async {
+            let cursor = self
+                .receipts
+                .aggregate([
+                    doc! { "$match": { "message_id": message_id } },
+                    doc! { "$group": { "_id": "$state", "n": { "$sum": 1 } } },
+                ])
+                .await?;
+            Ok(cursor.try_collect::<Vec<_>>().await?)
+        };
         let mut counts = HashMap::new();
-        while let Some(row) = cursor.try_next().await? {
+        for row in self.call("receipt_counts", aggregate).await? {
             let state = row.get_str("_id").unwrap_or("unknown").to_owned();
             let n = row.get_i32("n").map(i64::from).or_else(|_| row.get_i64("n")).unwrap_or(0);
             counts.insert(state, n as u64);
@@ -450,12 +509,12 @@ impl Store {
     }
 
     pub async fn dead_letter(&self, letter: DeadLetterDoc) -> Result<(), StoreError> {
-        self.dead_letters.insert_one(letter).await?;
+        self.call("dead_letter", async { Ok(self.dead_letters.insert_one(letter).await.map(|_| ())?) }).await?;
         Ok(())
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.db.run_command(doc! { "ping": 1 }).await?;
+        self.call("ping", async { Ok(self.db.run_command(doc! { "ping": 1 }).await.map(|_| ())?) }).await?;
         Ok(())
     }
 

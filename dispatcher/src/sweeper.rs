@@ -13,6 +13,7 @@ use herald_shared::naming::Names;
 use herald_shared::now_ms;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::DispatcherMetrics;
 use crate::presence::PresenceReader;
 use crate::routing::{self, Router};
 use crate::store::{Store, StoreError};
@@ -29,6 +30,7 @@ pub struct Sweeper {
     pub dispatcher_id: String,
     pub interval: Duration,
     pub ack_timeout: Duration,
+    pub metrics: std::sync::Arc<DispatcherMetrics>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -87,6 +89,7 @@ impl Sweeper {
 
     pub async fn sweep(&self, now: u64) -> Result<SweepReport, SweepError> {
         let mut report = SweepReport { expired: self.store.expire(now).await?, ..Default::default() };
+        self.metrics.expired.inc_by(report.expired);
         let due = self.store.due_for_retry(now, SWEEP_BATCH).await?;
         if due.is_empty() {
             return Ok(report);
@@ -114,11 +117,13 @@ impl Sweeper {
                 .push(s.user.clone());
         }
         let plan = routing::plan(items.values().map(|(n, u)| (*n, u.as_slice())), &presence);
-        self.router.send(plan).await;
+        let failed = self.router.send(plan).await;
+        self.metrics.route_failures.inc_by(failed as u64);
         let resent: HashSet<_> = sendable.iter().filter_map(|s| s.receipt_id).collect();
         let resent: Vec<_> = resent.into_iter().collect();
         self.store.reschedule(&resent, Some(now + self.ack_timeout.as_millis() as u64)).await?;
         report.resent = resent.len();
+        self.metrics.resent.inc_by(resent.len() as u64);
         Ok(report)
     }
 }

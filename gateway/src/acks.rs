@@ -9,6 +9,8 @@ use herald_proto::{AckRecord, Event};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::GatewayMetrics;
+
 /// Records per stream message at most; also bounded by [`MAX_BATCH_BYTES`].
 const BATCH: usize = 1024;
 /// Stays well under NATS's default 1 MiB payload limit.
@@ -20,12 +22,17 @@ pub(crate) struct AckPublisher {
     js: jetstream::Context,
     subject: String,
     rx: mpsc::Receiver<AckRecord>,
+    metrics: std::sync::Arc<GatewayMetrics>,
 }
 
 impl AckPublisher {
-    pub(crate) fn new(js: jetstream::Context, subject: String) -> (Self, mpsc::Sender<AckRecord>) {
+    pub(crate) fn new(
+        js: jetstream::Context,
+        subject: String,
+        metrics: std::sync::Arc<GatewayMetrics>,
+    ) -> (Self, mpsc::Sender<AckRecord>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        (Self { js, subject, rx }, tx)
+        (Self { js, subject, rx, metrics }, tx)
     }
 
     /// Publishes until `stop` fires, then publishes what is still queued, giving up on a batch
@@ -59,6 +66,7 @@ impl AckPublisher {
         deadline: Option<tokio::time::Instant>,
     ) {
         for chunk in chunks(std::mem::take(records)) {
+            self.metrics.ack_batch_size.observe(chunk.len() as f64);
             let Ok(body) = serde_json::to_vec(&Event::Acks(chunk)) else { continue };
             let mut backoff = Duration::from_millis(50);
             loop {
@@ -84,8 +92,11 @@ impl AckPublisher {
     }
 
     async fn send(&self, body: Vec<u8>) -> Result<(), String> {
-        let ack = self.js.publish(self.subject.clone(), body.into()).await.map_err(|e| e.to_string())?;
-        ack.await.map(|_| ()).map_err(|e| e.to_string())
+        let publish = async {
+            let ack = self.js.publish(self.subject.clone(), body.into()).await.map_err(|e| e.to_string())?;
+            ack.await.map(|_| ()).map_err(|e| e.to_string())
+        };
+        self.metrics.dependencies.time("nats", "publish_acks", publish).await
     }
 }
 

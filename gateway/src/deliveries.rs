@@ -11,16 +11,24 @@ use futures::StreamExt;
 use herald_proto::{GatewayCommand, Notification, ServerFrame};
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::Registry;
+use crate::metrics::GatewayMetrics;
+use crate::registry::{Outbound, Registry, Sent};
 
 /// Reads the subscription until shutdown (or until NATS closes it for good).
-pub(crate) async fn run(mut sub: async_nats::Subscriber, registry: Arc<Registry>, shutdown: CancellationToken) {
+pub(crate) async fn run(
+    mut sub: async_nats::Subscriber,
+    registry: Arc<Registry>,
+    metrics: Arc<GatewayMetrics>,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             msg = sub.next() => match msg {
                 Some(msg) => {
-                    handle(&msg.payload, &registry, herald_shared::now_ms());
+                    let outcome = handle(&msg.payload, &registry, herald_shared::now_ms());
+                    metrics.commands_received.with_label_values(&[outcome.kind]).inc();
+                    metrics.notifications_expired.inc_by(outcome.expired as u64);
                 }
                 None => break,
             },
@@ -31,12 +39,13 @@ pub(crate) async fn run(mut sub: async_nats::Subscriber, registry: Arc<Registry>
 /// What happened to one command: how many frames reached a connection's queue.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Outcome {
+    pub(crate) kind: &'static str,
     pub(crate) queued: usize,
     pub(crate) expired: usize,
 }
 
 pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcome {
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome { kind: "invalid", ..Outcome::default() };
     let command = match serde_json::from_slice::<GatewayCommand>(payload) {
         Ok(command) => command,
         Err(e) => {
@@ -46,19 +55,21 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
     };
     match command {
         GatewayCommand::Deliver(items) => {
+            outcome.kind = "deliver";
             for routed in items {
-                let Some(frame) = frame(routed.notification, now_ms, &mut outcome) else { continue };
+                let Some(frame) = frame(routed.notification, false, now_ms, &mut outcome) else { continue };
                 for user in &routed.users {
                     outcome.queued += registry.deliver_to_user(user, &frame);
                 }
             }
         }
         GatewayCommand::Replay(replay) => {
+            outcome.kind = "replay";
             let Some(conn) = registry.connection(&replay.user, &replay.connection_id) else {
                 return outcome;
             };
             for notification in replay.notifications {
-                let Some(frame) = frame(notification, now_ms, &mut outcome) else { continue };
+                let Some(frame) = frame(notification, true, now_ms, &mut outcome) else { continue };
                 if !conn.offer(frame) {
                     break;
                 }
@@ -70,13 +81,14 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
 }
 
 /// The text frame for a notification, or None if it expired (never deliver past the TTL).
-fn frame(notification: Notification, now_ms: u64, outcome: &mut Outcome) -> Option<Utf8Bytes> {
+fn frame(notification: Notification, replay: bool, now_ms: u64, outcome: &mut Outcome) -> Option<Outbound> {
     if notification.expires_at_ms <= now_ms {
         outcome.expired += 1;
         return None;
     }
+    let sent = Sent { id: notification.id.as_str().into(), published_at_ms: notification.published_at_ms, replay };
     match serde_json::to_string(&ServerFrame::Notification(notification)) {
-        Ok(text) => Some(Utf8Bytes::from(text)),
+        Ok(text) => Some(Outbound { frame: Utf8Bytes::from(text), sent: Some(sent) }),
         Err(e) => {
             tracing::warn!(error = %e, "notification not serializable; left pending");
             None
@@ -112,8 +124,8 @@ mod tests {
             Routed { users: vec!["alice".into()], notification: notification("old", 500) },
         ]);
         let out = handle(&serde_json::to_vec(&deliver).unwrap(), &registry, 1_000);
-        assert_eq!(out, Outcome { queued: 1, expired: 1 });
-        let text = rx.try_recv().unwrap();
+        assert_eq!(out, Outcome { kind: "deliver", queued: 1, expired: 1 });
+        let text = rx.try_recv().unwrap().frame;
         assert!(text.as_str().contains(r#""type":"notification""#) && text.as_str().contains(r#""payload":{"k":1}"#));
 
         let replay = GatewayCommand::Replay(Replay {
@@ -128,6 +140,6 @@ mod tests {
             notifications: vec![notification("m4", 2_000)],
         });
         assert_eq!(handle(&serde_json::to_vec(&wrong_conn).unwrap(), &registry, 1_000).queued, 0);
-        assert_eq!(handle(b"{not json", &registry, 1_000), Outcome::default());
+        assert_eq!(handle(b"{not json", &registry, 1_000), Outcome { kind: "invalid", ..Outcome::default() });
     }
 }

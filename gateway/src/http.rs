@@ -20,6 +20,7 @@ pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/connect", get(connect))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(gateway)
 }
 
@@ -34,14 +35,25 @@ pub(crate) enum ConnectRefusal {
     Draining,
 }
 
+impl ConnectRefusal {
+    /// Status, the `error` field of the body, and the metric label.
+    fn classify(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ConnectRefusal::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized"),
+            ConnectRefusal::Limit(AdmitError::UserLimit) => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_connections", "user_limit")
+            }
+            ConnectRefusal::Limit(AdmitError::GatewayFull) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "gateway_full", "gateway_full")
+            }
+            ConnectRefusal::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "draining"),
+        }
+    }
+}
+
 impl IntoResponse for ConnectRefusal {
     fn into_response(self) -> Response {
-        let (status, error) = match &self {
-            ConnectRefusal::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ConnectRefusal::Limit(AdmitError::UserLimit) => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
-            ConnectRefusal::Limit(AdmitError::GatewayFull) => (StatusCode::SERVICE_UNAVAILABLE, "gateway_full"),
-            ConnectRefusal::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        };
+        let (status, error, _) = self.classify();
         tracing::debug!(%status, reason = %self, "connect refused");
         (status, Json(json!({ "error": error, "reason": self.to_string() }))).into_response()
     }
@@ -53,10 +65,21 @@ async fn connect(
     Query(query): Query<HashMap<String, String>>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ConnectRefusal> {
+    admit(&gateway, &headers, &query, upgrade).inspect_err(|refusal| {
+        gateway.sessions.metrics.connect_refused.with_label_values(&[refusal.classify().2]).inc();
+    })
+}
+
+fn admit(
+    gateway: &Arc<Gateway>,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ConnectRefusal> {
     if gateway.is_draining() {
         return Err(ConnectRefusal::Draining);
     }
-    let identity = gateway.auth.authenticate(&headers, query.get("token").map(String::as_str))?;
+    let identity = gateway.auth.authenticate(headers, query.get("token").map(String::as_str))?;
     let admission = gateway.sessions.registry.admit(&identity.user)?;
     let config = &gateway.config;
     let ctx = Arc::clone(&gateway.sessions);
@@ -73,6 +96,10 @@ async fn connect(
         .on_upgrade(move |socket| {
             tracker.track_future(crate::session::run(socket, identity, admission, ctx, shutdown))
         }))
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> String {
+    herald_shared::metrics::encode(&gateway.sessions.metrics.registry)
 }
 
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {

@@ -21,6 +21,7 @@ mod acks;
 pub mod auth;
 mod deliveries;
 mod http;
+mod metrics;
 mod presence;
 mod registry;
 mod session;
@@ -42,6 +43,8 @@ pub enum GatewayError {
     Serve(#[from] std::io::Error),
     #[error("a critical task failed; see the log")]
     TaskFailed,
+    #[error("metrics: {0}")]
+    Metrics(#[from] herald_shared::metrics::MetricsError),
 }
 
 /// State shared by the HTTP handlers.
@@ -81,11 +84,20 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     let names = Names::new(&config.common.prefix);
     let gateway_id = config.gateway_id.clone();
-    let redis = connect::redis(&config.common.redis_url).await?;
-    let nats = connect::nats(&config.common.nats_url, &format!("herald-gateway {gateway_id}")).await?;
-    let js = jetstream::new(nats.clone());
-    streams::ensure(&js, &names).await?;
+    // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
+    let start = async {
+        let redis = connect::redis(&config.common.redis_url).await?;
+        let nats = connect::nats(&config.common.nats_url, &format!("herald-gateway {gateway_id}")).await?;
+        let js = jetstream::new(nats.clone());
+        streams::ensure(&js, &names, config.common.jetstream_replicas).await?;
+        Ok::<_, GatewayError>((redis, nats, js))
+    };
+    let (redis, nats, js) = tokio::select! {
+        started = start => started?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
 
+    let metrics = Arc::new(metrics::GatewayMetrics::new()?);
     let registry = Registry::new(config.max_connections, config.max_connections_per_user);
     // Subscribe before becoming routable, so nothing routed here falls on the floor.
     let deliveries = nats.subscribe(names.gateway_subject(&gateway_id)).await?;
@@ -96,11 +108,13 @@ pub async fn run(
         gateway_id.clone(),
         Arc::clone(&registry),
         config.presence_ttl,
+        Arc::clone(&metrics),
     );
     if let Err(e) = presence_task.heartbeat().await {
         tracing::warn!(error = %e, "first presence heartbeat failed; retrying in the background");
     }
-    let (ack_publisher, acks) = acks::AckPublisher::new(js.clone(), names.ack_events_subject(&gateway_id));
+    let (ack_publisher, acks) =
+        acks::AckPublisher::new(js.clone(), names.ack_events_subject(&gateway_id), Arc::clone(&metrics));
 
     let sessions = Arc::new(SessionContext {
         gateway_id: gateway_id.clone(),
@@ -111,6 +125,7 @@ pub async fn run(
         outbound_queue: config.outbound_queue,
         max_frame_bytes: config.max_frame_bytes,
         frames_per_sec: config.client_frames_per_sec,
+        metrics: Arc::clone(&metrics),
     });
 
     // Background tasks. Deliveries and presence are critical: if one dies, the process stops.
@@ -123,7 +138,7 @@ pub async fn run(
         "deliveries",
         shutdown.clone(),
         Arc::clone(&failed),
-        deliveries::run(deliveries, Arc::clone(&registry), shutdown.clone()),
+        deliveries::run(deliveries, Arc::clone(&registry), Arc::clone(&metrics), shutdown.clone()),
     );
     shutdown::spawn_critical(
         &tasks,

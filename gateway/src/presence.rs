@@ -20,6 +20,7 @@ use herald_shared::naming::Names;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::GatewayMetrics;
 use crate::registry::{Connection, Registry};
 
 /// Largest number of queued operations applied in one round trip.
@@ -56,6 +57,7 @@ pub(crate) struct PresenceTask {
     gateway_id: String,
     registry: Arc<Registry>,
     ttl: Duration,
+    metrics: Arc<GatewayMetrics>,
     rx: mpsc::Receiver<PresenceOp>,
     /// Operations not yet applied in Redis, in the order they were queued.
     unapplied: Vec<PresenceOp>,
@@ -77,10 +79,21 @@ impl PresenceTask {
         gateway_id: String,
         registry: Arc<Registry>,
         ttl: Duration,
+        metrics: Arc<GatewayMetrics>,
     ) -> (Self, PresenceHandle) {
         let (tx, rx) = mpsc::channel(8192);
-        let task =
-            Self { redis, js, names, gateway_id, registry, ttl, rx, unapplied: Vec::new(), unannounced: Vec::new() };
+        let task = Self {
+            redis,
+            js,
+            names,
+            gateway_id,
+            registry,
+            ttl,
+            metrics,
+            rx,
+            unapplied: Vec::new(),
+            unannounced: Vec::new(),
+        };
         (task, PresenceHandle { tx })
     }
 
@@ -88,10 +101,15 @@ impl PresenceTask {
     /// first heartbeat, or Redis lost its data and every connection must be registered again.
     pub(crate) async fn heartbeat(&self) -> Result<bool, PresenceError> {
         let lapse_at = herald_shared::now_ms() + self.ttl.as_millis() as u64;
-        let added: i64 = self
-            .redis
-            .zadd(self.names.gateways_key(), None, None, false, false, (lapse_at as f64, self.gateway_id.as_str()))
-            .await?;
+        let zadd = self.redis.zadd::<i64, _, _>(
+            self.names.gateways_key(),
+            None,
+            None,
+            false,
+            false,
+            (lapse_at as f64, self.gateway_id.as_str()),
+        );
+        let added = self.metrics.dependencies.time("redis", "heartbeat", zadd).await?;
         Ok(added == 1)
     }
 
@@ -134,6 +152,7 @@ impl PresenceTask {
     fn resync(&mut self) {
         let conns = self.registry.all();
         if !conns.is_empty() {
+            self.metrics.presence_resyncs.inc();
             tracing::warn!(connections = conns.len(), "redis lost this gateway's presence; registering again");
         }
         self.unapplied.extend(conns.into_iter().map(PresenceOp::Register));
@@ -175,7 +194,7 @@ impl PresenceTask {
                 }
             }
         }
-        let _: Vec<Value> = pipeline.all().await?;
+        self.metrics.dependencies.time("redis", "presence_update", pipeline.all::<Vec<Value>>()).await?;
         Ok(())
     }
 

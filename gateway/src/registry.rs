@@ -14,6 +14,29 @@ use herald_proto::close;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// A frame queued for a socket. Notifications carry what the session needs to measure
+/// publish→deliver and publish→ack latency; the frame text itself is shared by every
+/// connection it goes to.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbound {
+    pub(crate) frame: Utf8Bytes,
+    pub(crate) sent: Option<Sent>,
+}
+
+/// Which notification a frame carries.
+#[derive(Debug, Clone)]
+pub(crate) struct Sent {
+    pub(crate) id: Arc<str>,
+    pub(crate) published_at_ms: u64,
+    pub(crate) replay: bool,
+}
+
+impl Outbound {
+    pub(crate) fn control(frame: Utf8Bytes) -> Self {
+        Self { frame, sent: None }
+    }
+}
+
 /// One open WebSocket, as the rest of the gateway sees it.
 #[derive(Debug)]
 pub(crate) struct Connection {
@@ -21,7 +44,7 @@ pub(crate) struct Connection {
     pub(crate) user: Arc<str>,
     /// Pre-serialized frames for the socket; the session task owns the receiving end and drops
     /// it when the socket closes.
-    outbound: mpsc::Sender<Utf8Bytes>,
+    outbound: mpsc::Sender<Outbound>,
     /// Cancelled to close the session from outside (slow consumer, drain).
     kick: CancellationToken,
     /// The close code to use when `kick` fires.
@@ -29,13 +52,13 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(id: Arc<str>, user: Arc<str>, outbound: mpsc::Sender<Utf8Bytes>) -> Self {
+    pub(crate) fn new(id: Arc<str>, user: Arc<str>, outbound: mpsc::Sender<Outbound>) -> Self {
         Self { id, user, outbound, kick: CancellationToken::new(), kick_code: AtomicU16::new(close::SERVICE_RESTART) }
     }
 
     /// Queues a frame without waiting. Returns false (and closes the connection as a slow
     /// consumer) when the queue is full; false also when the session has already ended.
-    pub(crate) fn offer(&self, frame: Utf8Bytes) -> bool {
+    pub(crate) fn offer(&self, frame: Outbound) -> bool {
         match self.outbound.try_send(frame) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -128,7 +151,7 @@ impl Registry {
     }
 
     /// Offers `frame` to every local connection of `user`; returns how many took it.
-    pub(crate) fn deliver_to_user(&self, user: &str, frame: &Utf8Bytes) -> usize {
+    pub(crate) fn deliver_to_user(&self, user: &str, frame: &Outbound) -> usize {
         self.read().get(user).map_or(0, |conns| conns.iter().filter(|c| c.offer(frame.clone())).count())
     }
 
@@ -161,7 +184,7 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn conn(id: &str, user: &str, cap: usize) -> (Arc<Connection>, mpsc::Receiver<Utf8Bytes>) {
+    fn conn(id: &str, user: &str, cap: usize) -> (Arc<Connection>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(cap);
         (Arc::new(Connection::new(id.into(), user.into(), tx)), rx)
     }
@@ -175,10 +198,10 @@ mod tests {
         reg.insert(a1);
         reg.insert(a2);
         reg.insert(b1);
-        assert_eq!(reg.deliver_to_user("alice", &Utf8Bytes::from_static("x")), 2);
+        assert_eq!(reg.deliver_to_user("alice", &Outbound::control(Utf8Bytes::from_static("x"))), 2);
         assert!(r1.try_recv().is_ok() && r2.try_recv().is_ok());
         assert!(r3.try_recv().is_err());
-        assert_eq!(reg.deliver_to_user("carol", &Utf8Bytes::from_static("x")), 0);
+        assert_eq!(reg.deliver_to_user("carol", &Outbound::control(Utf8Bytes::from_static("x"))), 0);
     }
 
     #[test]
@@ -186,8 +209,8 @@ mod tests {
         let reg = Registry::new(10, 10);
         let (a, _rx) = conn("a", "alice", 1);
         reg.insert(Arc::clone(&a));
-        assert_eq!(reg.deliver_to_user("alice", &Utf8Bytes::from_static("1")), 1);
-        assert_eq!(reg.deliver_to_user("alice", &Utf8Bytes::from_static("2")), 0);
+        assert_eq!(reg.deliver_to_user("alice", &Outbound::control(Utf8Bytes::from_static("1"))), 1);
+        assert_eq!(reg.deliver_to_user("alice", &Outbound::control(Utf8Bytes::from_static("2"))), 0);
         assert!(a.kicked().is_cancelled());
         assert_eq!(a.kick_code(), close::SLOW_CONSUMER);
     }

@@ -5,18 +5,21 @@
 //! task, one bounded queue and the socket's small buffers. What the client acks goes to the ack
 //! publisher; what it was sent but did not ack stays pending in the store, whatever the ending.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt, StreamExt};
-use herald_proto::{close, AckRecord, ClientFrame, ErrorCode, Hello, ServerFrame};
+use herald_proto::{close, AckKind, AckRecord, ClientFrame, ErrorCode, Hello, ServerFrame};
+use herald_shared::metrics::seconds_since;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
+use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
-use crate::registry::{Admission, Connection, Registry};
+use crate::registry::{Admission, Connection, Outbound, Registry, Sent};
 
 /// Most ids one ack or read frame may carry.
 pub(crate) const MAX_IDS_PER_FRAME: usize = 1000;
@@ -26,6 +29,9 @@ const MAX_ID_BYTES: usize = 128;
 const WRITE_BATCH: usize = 64;
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Notifications remembered per connection until acked, for the publish→ack latency metric.
+/// Only a measurement: forgetting one loses nothing.
+const IN_FLIGHT_REMEMBERED: usize = 512;
 
 /// What every session of this gateway shares.
 pub(crate) struct SessionContext {
@@ -37,6 +43,7 @@ pub(crate) struct SessionContext {
     pub(crate) outbound_queue: usize,
     pub(crate) max_frame_bytes: usize,
     pub(crate) frames_per_sec: u32,
+    pub(crate) metrics: Arc<GatewayMetrics>,
 }
 
 /// Why a session ended: the close code sent (if any) and the error frame before it.
@@ -45,22 +52,29 @@ pub(crate) struct Ending {
     pub(crate) code: u16,
     pub(crate) error: Option<ErrorCode>,
     pub(crate) reason: &'static str,
+    /// The `reason` label of `herald_gateway_connections_closed_total`.
+    pub(crate) label: &'static str,
 }
 
 impl Ending {
-    const fn new(code: u16, error: Option<ErrorCode>, reason: &'static str) -> Self {
-        Self { code, error, reason }
+    const fn new(code: u16, error: Option<ErrorCode>, reason: &'static str, label: &'static str) -> Self {
+        Self { code, error, reason, label }
     }
 }
 
-const BAD_FRAME: Ending = Ending::new(close::BAD_FRAME, Some(ErrorCode::BadFrame), "bad frame");
-const BINARY: Ending = Ending::new(close::UNSUPPORTED_DATA, Some(ErrorCode::UnsupportedData), "text frames only");
-const TOO_BIG: Ending = Ending::new(close::MESSAGE_TOO_BIG, Some(ErrorCode::FrameTooLarge), "frame too large");
-const RATE_LIMITED: Ending = Ending::new(close::RATE_LIMITED, Some(ErrorCode::RateLimited), "too many frames");
-const TOKEN_EXPIRED: Ending = Ending::new(close::TOKEN_EXPIRED, Some(ErrorCode::TokenExpired), "token expired");
-const HEARTBEAT: Ending = Ending::new(close::HEARTBEAT_TIMEOUT, None, "no pong");
-const SHUTTING_DOWN: Ending = Ending::new(close::SERVICE_RESTART, Some(ErrorCode::ShuttingDown), "reconnect");
-const SLOW: Ending = Ending::new(close::SLOW_CONSUMER, Some(ErrorCode::SlowConsumer), "slow consumer");
+const BAD_FRAME: Ending = Ending::new(close::BAD_FRAME, Some(ErrorCode::BadFrame), "bad frame", "bad_frame");
+const BINARY: Ending =
+    Ending::new(close::UNSUPPORTED_DATA, Some(ErrorCode::UnsupportedData), "text frames only", "unsupported_data");
+const TOO_BIG: Ending =
+    Ending::new(close::MESSAGE_TOO_BIG, Some(ErrorCode::FrameTooLarge), "frame too large", "frame_too_large");
+const RATE_LIMITED: Ending =
+    Ending::new(close::RATE_LIMITED, Some(ErrorCode::RateLimited), "too many frames", "rate_limited");
+const TOKEN_EXPIRED: Ending =
+    Ending::new(close::TOKEN_EXPIRED, Some(ErrorCode::TokenExpired), "token expired", "token_expired");
+const HEARTBEAT: Ending = Ending::new(close::HEARTBEAT_TIMEOUT, None, "no pong", "heartbeat_timeout");
+const SHUTTING_DOWN: Ending =
+    Ending::new(close::SERVICE_RESTART, Some(ErrorCode::ShuttingDown), "reconnect", "shutdown");
+const SLOW: Ending = Ending::new(close::SLOW_CONSUMER, Some(ErrorCode::SlowConsumer), "slow consumer", "slow_consumer");
 
 /// Runs one connection to its end. `admission` holds the connection's place until then.
 pub(crate) async fn run(
@@ -81,18 +95,26 @@ pub(crate) async fn run(
     });
     // The hello goes first into the empty queue, so it precedes any notification.
     if let Ok(text) = serde_json::to_string(&hello) {
-        let _ = tx.try_send(Utf8Bytes::from(text));
+        let _ = tx.try_send(Outbound::control(Utf8Bytes::from(text)));
     }
     let conn = Arc::new(Connection::new(connection_id, identity.user.as_str().into(), tx));
     // Local registration first (deliveries can find the socket), then Redis and the online
     // announcement: the order that makes replay race-free (see presence.rs).
     ctx.registry.insert(Arc::clone(&conn));
+    ctx.metrics.connections_opened.inc();
+    ctx.metrics.connections_open.inc();
     ctx.presence.register(Arc::clone(&conn)).await;
     tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
 
-    let ending = Session { ctx: &ctx, conn: &conn, identity: &identity, rx }.serve(socket, &shutdown).await;
+    let session = Session { ctx: &ctx, conn: &conn, identity: &identity, rx, in_flight: VecDeque::new() };
+    let ending = session.serve(socket, &shutdown).await;
 
     ctx.registry.remove(&conn);
+    ctx.metrics.connections_open.dec();
+    ctx.metrics.connections_closed.with_label_values(&[ending.map_or("client_gone", |e| e.label)]).inc();
+    if ending == Some(SLOW) {
+        ctx.metrics.queue_overflows.inc();
+    }
     ctx.presence.unregister(&conn).await;
     tracing::debug!(user = %conn.user, connection = %conn.id, ending = ?ending, "session closed");
 }
@@ -101,7 +123,9 @@ struct Session<'a> {
     ctx: &'a SessionContext,
     conn: &'a Connection,
     identity: &'a Identity,
-    rx: mpsc::Receiver<Utf8Bytes>,
+    rx: mpsc::Receiver<Outbound>,
+    /// Notifications written and not yet acked, oldest first (see [`IN_FLIGHT_REMEMBERED`]).
+    in_flight: VecDeque<Sent>,
 }
 
 impl Session<'_> {
@@ -115,7 +139,7 @@ impl Session<'_> {
         heartbeat.reset();
         let token_expiry = tokio::time::sleep_until(expiry_instant(self.identity.expires_at));
         tokio::pin!(token_expiry);
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        let mut batch = Vec::new();
 
         let ending = loop {
             tokio::select! {
@@ -130,8 +154,8 @@ impl Session<'_> {
                         break Some(SHUTTING_DOWN);
                     }
                     let write = async {
-                        for frame in batch.drain(..) {
-                            sink.feed(Message::Text(frame)).await?;
+                        for outbound in &batch {
+                            sink.feed(Message::Text(outbound.frame.clone())).await?;
                         }
                         sink.flush().await
                     };
@@ -142,6 +166,7 @@ impl Session<'_> {
                         _ = self.conn.kicked().cancelled() => break None,
                         _ = shutdown.cancelled() => break None,
                     }
+                    self.written(&mut batch);
                 }
                 message = stream.next() => {
                     last_heard = Instant::now();
@@ -184,25 +209,59 @@ impl Session<'_> {
         ending
     }
 
+    /// Records frames that reached the socket: metrics, and the notifications now awaiting an ack.
+    fn written(&mut self, batch: &mut Vec<Outbound>) {
+        let metrics = &self.ctx.metrics;
+        metrics.frames_out.inc_by(batch.len() as u64);
+        for outbound in batch.drain(..) {
+            let Some(sent) = outbound.sent else { continue };
+            metrics.notifications_sent.with_label_values(&[if sent.replay { "replay" } else { "deliver" }]).inc();
+            metrics.publish_to_deliver.observe(seconds_since(sent.published_at_ms));
+            if self.in_flight.len() == IN_FLIGHT_REMEMBERED {
+                self.in_flight.pop_front();
+            }
+            self.in_flight.push_back(sent);
+        }
+    }
+
     /// Handles one inbound message; `Err` ends the session (None: the client closed).
     async fn on_message(&mut self, message: Message) -> Result<(), Option<Ending>> {
+        let metrics = &self.ctx.metrics;
         let text = match message {
             Message::Text(text) => text,
-            Message::Binary(_) => return Err(Some(BINARY)),
-            Message::Ping(_) | Message::Pong(_) => return Ok(()),
+            Message::Binary(_) => {
+                metrics.frames_in.with_label_values(&["invalid"]).inc();
+                return Err(Some(BINARY));
+            }
+            Message::Ping(_) | Message::Pong(_) => {
+                metrics.frames_in.with_label_values(&["control"]).inc();
+                return Ok(());
+            }
             Message::Close(_) => return Err(None),
         };
         if text.len() > self.ctx.max_frame_bytes {
+            metrics.frames_in.with_label_values(&["invalid"]).inc();
             return Err(Some(TOO_BIG));
         }
-        let frame = serde_json::from_str::<ClientFrame>(text.as_str()).map_err(|_| Some(BAD_FRAME))?;
+        let Ok(frame) = serde_json::from_str::<ClientFrame>(text.as_str()) else {
+            metrics.frames_in.with_label_values(&["invalid"]).inc();
+            return Err(Some(BAD_FRAME));
+        };
         let (kind, ids) = frame.into_parts();
         if ids.len() > MAX_IDS_PER_FRAME || ids.iter().any(|id| id.is_empty() || id.len() > MAX_ID_BYTES) {
+            metrics.frames_in.with_label_values(&["invalid"]).inc();
             return Err(Some(BAD_FRAME));
         }
+        let kind_label = match kind {
+            AckKind::Delivered => "delivered",
+            AckKind::Read => "read",
+        };
+        metrics.frames_in.with_label_values(&[if kind == AckKind::Read { "read" } else { "ack" }]).inc();
+        metrics.acks_received.with_label_values(&[kind_label]).inc_by(ids.len() as u64);
         if ids.is_empty() {
             return Ok(());
         }
+        self.observe_acked(&ids);
         let record = AckRecord {
             user: self.conn.user.to_string(),
             connection_id: self.conn.id.to_string(),
@@ -218,6 +277,19 @@ impl Session<'_> {
                 self.ctx.acks.send(record).await.map_err(|_| Some(SHUTTING_DOWN))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Some(SHUTTING_DOWN)),
+        }
+    }
+}
+
+impl Session<'_> {
+    /// Publish→ack latency for the acked ids this connection was sent.
+    fn observe_acked(&mut self, ids: &[String]) {
+        for id in ids {
+            if let Some(at) = self.in_flight.iter().position(|s| &*s.id == id.as_str()) {
+                if let Some(sent) = self.in_flight.remove(at) {
+                    self.ctx.metrics.publish_to_ack.observe(seconds_since(sent.published_at_ms));
+                }
+            }
         }
     }
 }

@@ -23,6 +23,9 @@ pub struct CommonConfig {
     pub prefix: String,
     pub redis_url: String,
     pub nats_url: String,
+    /// Replicas of Herald's JetStream streams when a process creates them (3 in production;
+    /// 1 for a single NATS server). Existing streams are left as they are.
+    pub jetstream_replicas: usize,
 }
 
 /// How the gateway checks client tokens.
@@ -195,6 +198,7 @@ impl CommonConfig {
             prefix,
             redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
             nats_url: env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222"),
+            jetstream_replicas: env.parse("HERALD_JETSTREAM_REPLICAS", 1),
         }
     }
 }
@@ -235,6 +239,12 @@ impl GatewayConfig {
         if config.presence_ttl < Duration::from_millis(300) {
             env.invalid("HERALD_PRESENCE_TTL_MS: must be at least 300");
         }
+        if config.heartbeat_interval.is_zero() || config.client_frames_per_sec == 0 {
+            env.invalid("HERALD_HEARTBEAT_INTERVAL_MS and HERALD_CLIENT_FRAMES_PER_SEC must be positive");
+        }
+        if !(1..=5).contains(&config.common.jetstream_replicas) {
+            env.invalid("HERALD_JETSTREAM_REPLICAS: must be 1 to 5");
+        }
         config
     }
 
@@ -268,6 +278,9 @@ impl DispatcherConfig {
         };
         if config.job_batch == 0 || config.job_workers == 0 || config.max_attempts == 0 {
             env.invalid("HERALD_JOB_BATCH, HERALD_JOB_WORKERS and HERALD_MAX_ATTEMPTS must be positive");
+        }
+        if config.sweep_interval.is_zero() || config.ack_timeout.is_zero() {
+            env.invalid("HERALD_SWEEP_INTERVAL_MS and HERALD_ACK_TIMEOUT_MS must be positive");
         }
         if config.default_ttl > config.max_ttl {
             env.invalid("HERALD_DEFAULT_TTL_SECS: must not exceed HERALD_MAX_TTL_SECS");

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod connect;
+pub mod metrics;
 pub mod naming;
 pub mod shutdown;
 pub mod streams;

@@ -54,7 +54,11 @@ pub fn spawn_critical<F>(
     F: Future<Output = ()> + Send + 'static,
 {
     tracker.spawn(async move {
-        task.await;
+        // A panic counts as an early end, not as a silent death of the task.
+        if let Err(panic) = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(task)).await {
+            let what = panic.downcast_ref::<&str>().copied().or(panic.downcast_ref::<String>().map(String::as_str));
+            tracing::error!(task = name, panic = what.unwrap_or("?"), "critical task panicked");
+        }
         if !shutdown.is_cancelled() {
             tracing::error!(task = name, "critical task ended unexpectedly; shutting down");
             failed.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -23,7 +23,7 @@ pub const REJECTED_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
 
 /// Creates the jobs, events and rejected streams when missing. File storage: jobs and acks
 /// survive a NATS restart.
-pub async fn ensure(js: &jetstream::Context, names: &Names) -> Result<(), StreamError> {
+pub async fn ensure(js: &jetstream::Context, names: &Names, replicas: usize) -> Result<(), StreamError> {
     let configs = [
         stream::Config {
             name: names.jobs_stream(),
@@ -31,6 +31,7 @@ pub async fn ensure(js: &jetstream::Context, names: &Names) -> Result<(), Stream
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: replicas,
             ..Default::default()
         },
         stream::Config {
@@ -38,6 +39,7 @@ pub async fn ensure(js: &jetstream::Context, names: &Names) -> Result<(), Stream
             subjects: vec![names.events_subjects()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         },
         stream::Config {
@@ -46,6 +48,7 @@ pub async fn ensure(js: &jetstream::Context, names: &Names) -> Result<(), Stream
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: REJECTED_MAX_AGE,
+            num_replicas: replicas,
             ..Default::default()
         },
     ];

@@ -165,7 +165,7 @@ impl Cluster {
         crate::init_test_logging();
         let nats = async_nats::connect(stack.nats.url()).await?;
         let js = jetstream::new(nats.clone());
-        herald_shared::streams::ensure(&js, &stack.names()).await?;
+        herald_shared::streams::ensure(&js, &stack.names(), 1).await?;
         // Assertions read Mongo directly, not through the proxy a test may cut.
         let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
         Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
@@ -378,4 +378,41 @@ pub fn ws_url(addr: SocketAddr) -> String {
 fn free_addr() -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?)
+}
+
+// --- for fault tests ------------------------------------------------------------------------------
+
+impl Process {
+    /// The child's process id, to signal it (SIGSTOP, SIGTERM) or read its memory.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the child in KiB, from /proc (Linux only).
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS line")?;
+        let kib = line.split_whitespace().nth(1).context("no VmRSS value")?;
+        Ok(kib.parse()?)
+    }
+}
+
+impl Cluster {
+    /// A Redis client on the stack's Redis, for tests that inspect presence.
+    pub async fn redis(&self) -> anyhow::Result<fred::clients::Client> {
+        use fred::prelude::ClientLike as _;
+        let config = fred::prelude::Config::from_url(&self.stack.redis.url())?;
+        let client = fred::types::Builder::from_config(config).build()?;
+        client.init().await?;
+        Ok(client)
+    }
+
+    /// The jobs stream's durable consumer, as JetStream reports it.
+    pub async fn jobs_consumer_info(&self) -> anyhow::Result<jetstream::consumer::Info> {
+        let names = self.stack.names();
+        let stream = self.js.get_stream(names.jobs_stream()).await?;
+        let mut consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config> =
+            stream.get_consumer(names.jobs_consumer()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(consumer.info().await?.clone())
+    }
 }

@@ -67,7 +67,12 @@ impl Stack {
 
     /// Settings shared by gateways and dispatchers of this stack.
     pub fn common_config(&self) -> CommonConfig {
-        CommonConfig { prefix: self.prefix.clone(), redis_url: self.redis.url(), nats_url: self.nats.url() }
+        CommonConfig {
+            prefix: self.prefix.clone(),
+            redis_url: self.redis.url(),
+            nats_url: self.nats.url(),
+            jetstream_replicas: 1,
+        }
     }
 
     pub fn names(&self) -> Names {

@@ -150,7 +150,7 @@ async fn publish(job: PublishJob, topic: &str) -> anyhow::Result<()> {
 
     let client = herald_shared::connect::nats(&common.nats_url, "heraldctl").await?;
     let js = jetstream::new(client.clone());
-    herald_shared::streams::ensure(&js, &names).await?;
+    herald_shared::streams::ensure(&js, &names, common.jetstream_replicas).await?;
 
     let mut headers = async_nats::HeaderMap::new();
     if let Some(id) = &job.id {

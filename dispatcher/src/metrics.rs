@@ -1,0 +1,89 @@
+//! The dispatcher's Prometheus metrics. Labels carry outcomes and codes, never user or message ids.
+
+use herald_shared::metrics::{self as m, DependencyMetrics, MetricsError, BATCH_BUCKETS};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
+
+pub struct DispatcherMetrics {
+    pub registry: Registry,
+    /// Jobs taken from the stream, by outcome (`stored`, `rejected`, `retried`, `dead_lettered`).
+    pub jobs: IntCounterVec,
+    /// Rejected jobs by reject code.
+    pub jobs_rejected: IntCounterVec,
+    pub job_batch_size: Histogram,
+    /// Recipients routed, by outcome (`online`, `offline`, `presence_unavailable`).
+    pub routing: IntCounterVec,
+    /// Gateway commands that NATS did not take.
+    pub route_failures: IntCounter,
+    pub replayed: IntCounter,
+    pub resent: IntCounter,
+    pub expired: IntCounter,
+    /// Receipt documents written, by operation (`insert`, `ack`).
+    pub receipt_writes: IntCounterVec,
+    /// Items per store round trip, by operation.
+    pub store_batch_size: HistogramVec,
+    /// Events applied, by kind (`acks`, `online`, `invalid`).
+    pub events: IntCounterVec,
+    /// Jobs waiting in the stream for a dispatcher (the consumer's lag).
+    pub pending_jobs: IntGauge,
+    pub dependencies: DependencyMetrics,
+}
+
+impl DispatcherMetrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let r = m::registry();
+        Ok(Self {
+            jobs: m::counter_vec(&r, "herald_dispatcher_jobs_total", "Jobs consumed, by outcome", &["outcome"])?,
+            jobs_rejected: m::counter_vec(
+                &r,
+                "herald_dispatcher_jobs_rejected_total",
+                "Jobs rejected, by reject code",
+                &["code"],
+            )?,
+            job_batch_size: m::histogram(
+                &r,
+                "herald_dispatcher_job_batch_size",
+                "Jobs processed per batch",
+                BATCH_BUCKETS,
+            )?,
+            routing: m::counter_vec(
+                &r,
+                "herald_dispatcher_routing_total",
+                "Recipients routed, by outcome",
+                &["outcome"],
+            )?,
+            route_failures: m::counter(
+                &r,
+                "herald_dispatcher_route_failures_total",
+                "Gateway commands NATS did not accept (their receipts stay pending)",
+            )?,
+            replayed: m::counter(
+                &r,
+                "herald_dispatcher_replayed_total",
+                "Pending notifications replayed to connections that came online",
+            )?,
+            resent: m::counter(&r, "herald_dispatcher_resent_total", "Notifications sent again after the ack timeout")?,
+            expired: m::counter(&r, "herald_dispatcher_expired_total", "Receipts marked expired")?,
+            receipt_writes: m::counter_vec(
+                &r,
+                "herald_dispatcher_receipt_writes_total",
+                "Receipt documents written, by operation",
+                &["op"],
+            )?,
+            store_batch_size: m::histogram_vec(
+                &r,
+                "herald_dispatcher_store_batch_size",
+                "Items per store round trip, by operation",
+                &["op"],
+                BATCH_BUCKETS,
+            )?,
+            events: m::counter_vec(&r, "herald_dispatcher_events_total", "Gateway events applied, by kind", &["kind"])?,
+            pending_jobs: m::gauge(
+                &r,
+                "herald_jetstream_pending_jobs",
+                "Jobs in the stream not yet delivered to a dispatcher",
+            )?,
+            dependencies: DependencyMetrics::new(&r)?,
+            registry: r,
+        })
+    }
+}

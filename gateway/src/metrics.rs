@@ -1,0 +1,107 @@
+//! The gateway's Prometheus metrics. Labels carry reasons and kinds, never user or message ids.
+
+use herald_shared::metrics::{self as m, DependencyMetrics, MetricsError, BATCH_BUCKETS, LATENCY_BUCKETS};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
+
+pub(crate) struct GatewayMetrics {
+    pub(crate) registry: Registry,
+    pub(crate) connections_open: IntGauge,
+    pub(crate) connections_opened: IntCounter,
+    /// By close reason (`client_gone`, `slow_consumer`, `bad_frame`, `shutdown`, ...).
+    pub(crate) connections_closed: IntCounterVec,
+    /// By reason (`unauthorized`, `gateway_full`, `user_limit`, `draining`).
+    pub(crate) connect_refused: IntCounterVec,
+    /// Client frames by kind (`ack`, `read`, `control`, `invalid`).
+    pub(crate) frames_in: IntCounterVec,
+    /// Frames written to sockets.
+    pub(crate) frames_out: IntCounter,
+    /// Notifications written to sockets, by path (`deliver`, `replay`).
+    pub(crate) notifications_sent: IntCounterVec,
+    pub(crate) notifications_expired: IntCounter,
+    pub(crate) queue_overflows: IntCounter,
+    /// Message ids acknowledged by clients, by kind (`delivered`, `read`).
+    pub(crate) acks_received: IntCounterVec,
+    pub(crate) ack_batch_size: Histogram,
+    pub(crate) commands_received: IntCounterVec,
+    pub(crate) presence_resyncs: IntCounter,
+    pub(crate) publish_to_deliver: Histogram,
+    pub(crate) publish_to_ack: Histogram,
+    pub(crate) dependencies: DependencyMetrics,
+}
+
+impl GatewayMetrics {
+    pub(crate) fn new() -> Result<Self, MetricsError> {
+        let r = m::registry();
+        Ok(Self {
+            connections_open: m::gauge(&r, "herald_gateway_connections_open", "Open client connections")?,
+            connections_opened: m::counter(&r, "herald_gateway_connections_opened_total", "Connections accepted")?,
+            connections_closed: m::counter_vec(
+                &r,
+                "herald_gateway_connections_closed_total",
+                "Connections ended, by reason",
+                &["reason"],
+            )?,
+            connect_refused: m::counter_vec(
+                &r,
+                "herald_gateway_connect_refused_total",
+                "Connect requests refused before the upgrade, by reason",
+                &["reason"],
+            )?,
+            frames_in: m::counter_vec(&r, "herald_gateway_frames_in_total", "Frames from clients, by kind", &["kind"])?,
+            frames_out: m::counter(&r, "herald_gateway_frames_out_total", "Frames written to client sockets")?,
+            notifications_sent: m::counter_vec(
+                &r,
+                "herald_gateway_notifications_sent_total",
+                "Notifications written to client sockets, by path",
+                &["path"],
+            )?,
+            notifications_expired: m::counter(
+                &r,
+                "herald_gateway_notifications_expired_total",
+                "Notifications not delivered because their TTL had passed",
+            )?,
+            queue_overflows: m::counter(
+                &r,
+                "herald_gateway_queue_overflows_total",
+                "Connections closed because their outbound queue was full",
+            )?,
+            acks_received: m::counter_vec(
+                &r,
+                "herald_gateway_acks_received_total",
+                "Message ids acknowledged by clients, by kind",
+                &["kind"],
+            )?,
+            ack_batch_size: m::histogram(
+                &r,
+                "herald_gateway_ack_batch_size",
+                "Ack records per message on the events stream",
+                BATCH_BUCKETS,
+            )?,
+            commands_received: m::counter_vec(
+                &r,
+                "herald_gateway_commands_received_total",
+                "Commands from dispatchers, by kind (deliver, replay, invalid)",
+                &["kind"],
+            )?,
+            presence_resyncs: m::counter(
+                &r,
+                "herald_gateway_presence_resyncs_total",
+                "Times Redis had lost this gateway's presence and every connection was registered again",
+            )?,
+            publish_to_deliver: m::histogram(
+                &r,
+                "herald_publish_to_deliver_seconds",
+                "From a job's publish time to its notification written to a client socket",
+                LATENCY_BUCKETS,
+            )?,
+            publish_to_ack: m::histogram(
+                &r,
+                "herald_publish_to_ack_seconds",
+                "From a job's publish time to the client's ack reaching the gateway",
+                LATENCY_BUCKETS,
+            )?,
+            dependencies: DependencyMetrics::new(&r)?,
+            registry: r,
+        })
+    }
+}
