@@ -84,7 +84,7 @@ fn admit(
     let config = &gateway.config;
     let ctx = Arc::clone(&gateway.sessions);
     let tracker = gateway.session_tasks.clone();
-    let shutdown = gateway.shutdown.clone();
+    let shutdown = gateway.close_sessions.clone();
     Ok(upgrade
         .read_buffer_size(config.read_buffer_bytes)
         .write_buffer_size(config.write_buffer_bytes)

@@ -54,7 +54,8 @@ pub(crate) struct Gateway {
     sessions: Arc<SessionContext>,
     /// Owns every session task; drained on shutdown.
     session_tasks: TaskTracker,
-    shutdown: CancellationToken,
+    /// Cancelled when the drain closes sessions (they end with 1012).
+    close_sessions: CancellationToken,
     draining: AtomicBool,
     redis: fred::clients::Client,
     nats: async_nats::Client,
@@ -62,7 +63,7 @@ pub(crate) struct Gateway {
 
 impl Gateway {
     fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed) || self.shutdown.is_cancelled()
+        self.draining.load(Ordering::Relaxed) || self.close_sessions.is_cancelled()
     }
 
     fn readiness(&self) -> BTreeMap<&'static str, bool> {
@@ -128,6 +129,8 @@ pub async fn run(
         metrics: Arc::clone(&metrics),
     });
 
+    // Fires once the drain starts closing sessions; deliveries go on until then.
+    let close_sessions = CancellationToken::new();
     // Background tasks. Deliveries and presence are critical: if one dies, the process stops.
     let tasks = TaskTracker::new();
     let failed = Arc::new(AtomicBool::new(false));
@@ -138,7 +141,7 @@ pub async fn run(
         "deliveries",
         shutdown.clone(),
         Arc::clone(&failed),
-        deliveries::run(deliveries, Arc::clone(&registry), Arc::clone(&metrics), shutdown.clone()),
+        deliveries::run(deliveries, Arc::clone(&registry), Arc::clone(&metrics), close_sessions.clone()),
     );
     shutdown::spawn_critical(
         &tasks,
@@ -155,30 +158,45 @@ pub async fn run(
         ack_publisher.run(stop_acks.clone(), config.drain_grace),
     );
 
-    let drain_grace = config.drain_grace;
+    let (drain_grace, shutdown_delay) = (config.drain_grace, config.shutdown_delay);
     let gateway = Arc::new(Gateway {
         auth: Authenticator::new(&config.jwt),
         config,
         sessions,
         session_tasks: TaskTracker::new(),
-        shutdown: shutdown.clone(),
+        close_sessions: close_sessions.clone(),
         draining: AtomicBool::new(false),
         redis: redis.clone(),
         nats: nats.clone(),
     });
     tracing::info!(gateway = %gateway_id, addr = ?listener.local_addr().ok(), "gateway listening");
-    let served = axum::serve(listener, http::router(Arc::clone(&gateway)))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
-
-    // Drain, in order: no new sessions; sessions close with 1012 (they watch `shutdown`);
-    // their removals reach Redis and the gateway leaves the routing set; queued acks go out.
-    gateway.draining.store(true, Ordering::SeqCst);
-    let deadline = tokio::time::Instant::now() + drain_grace;
-    gateway.session_tasks.close();
-    if tokio::time::timeout_at(deadline, gateway.session_tasks.wait()).await.is_err() {
-        tracing::warn!("sessions still open at the end of the drain grace period");
-    }
+    // HTTP keeps serving through the drain, so probes see "not ready" and late connects get a
+    // clear 503 instead of a refused connection; it stops once the sessions are gone.
+    let stop_http = CancellationToken::new();
+    let server = axum::serve(listener, http::router(Arc::clone(&gateway)))
+        .with_graceful_shutdown(stop_http.clone().cancelled_owned());
+    let serve = async {
+        let served = server.await;
+        shutdown.cancel(); // a server that fails on its own takes the process down
+        served
+    };
+    // Drain, in order: not ready and no new sessions; after the shutdown delay (time for load
+    // balancers to notice), sessions close with 1012; their removals reach Redis and the
+    // gateway leaves the routing set; queued acks go out.
+    let drain = async {
+        shutdown.cancelled().await;
+        gateway.draining.store(true, Ordering::SeqCst);
+        tokio::time::sleep(shutdown_delay).await;
+        let deadline = tokio::time::Instant::now() + drain_grace;
+        close_sessions.cancel();
+        gateway.session_tasks.close();
+        if tokio::time::timeout_at(deadline, gateway.session_tasks.wait()).await.is_err() {
+            tracing::warn!("sessions still open at the end of the drain grace period");
+        }
+        stop_http.cancel();
+        deadline
+    };
+    let (served, deadline) = tokio::join!(serve, drain);
     stop_presence.cancel();
     stop_acks.cancel();
     tasks.close();

@@ -74,6 +74,9 @@ pub struct GatewayConfig {
     pub write_buffer_bytes: usize,
     /// How long a SIGTERM'd gateway waits for its clients to go before it exits anyway.
     pub drain_grace: Duration,
+    /// How long a SIGTERM'd gateway keeps its sessions open while reporting not ready, so load
+    /// balancers stop sending it clients before they are told to reconnect.
+    pub shutdown_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +232,7 @@ impl GatewayConfig {
             read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 4096),
             write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
             drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
+            shutdown_delay: env.millis("HERALD_SHUTDOWN_DELAY_MS", 0),
         };
         if config.jwt.secret.len() < 16 && !config.jwt.secret.is_empty() {
             env.invalid("HERALD_JWT_SECRET: must be at least 16 bytes");

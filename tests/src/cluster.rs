@@ -37,6 +37,7 @@ pub struct Options {
     pub presence_ttl: Duration,
     pub outbound_queue: usize,
     pub drain_grace: Duration,
+    pub shutdown_delay: Duration,
 }
 
 impl Default for Options {
@@ -48,6 +49,7 @@ impl Default for Options {
             presence_ttl: Duration::from_millis(1500),
             outbound_queue: 1024,
             drain_grace: Duration::from_secs(3),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -68,6 +70,7 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         read_buffer_bytes: 4096,
         write_buffer_bytes: 4096,
         drain_grace: options.drain_grace,
+        shutdown_delay: options.shutdown_delay,
     }
 }
 
@@ -222,6 +225,7 @@ impl Cluster {
             ("HERALD_OUTBOUND_QUEUE", config.outbound_queue.to_string()),
             ("HERALD_CLIENT_FRAMES_PER_SEC", config.client_frames_per_sec.to_string()),
             ("HERALD_DRAIN_GRACE_MS", config.drain_grace.as_millis().to_string()),
+            ("HERALD_SHUTDOWN_DELAY_MS", config.shutdown_delay.as_millis().to_string()),
         ];
         self.spawn("herald-gateway", addr, env).await
     }

@@ -364,3 +364,46 @@ async fn concurrent_publish_and_connect_never_strands_a_message() {
     .unwrap();
     clients.abort_all();
 }
+
+/// More pending messages than one replay page: the first page comes on connect, the rest
+/// through the ack-timeout sweep, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_a_replay_page_is_delivered_in_full() {
+    let options = Options { ack_timeout: Duration::from_millis(500), ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    const N: usize = 300;
+    for i in 0..N {
+        cluster.send(&format!("bl-{i:03}"), &["ivan", "judy"]).await.unwrap();
+    }
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let pending = cluster.receipts_in("pending").await.map_err(|e| e.to_string())?;
+        if pending.len() == 2 * N { Ok(()) } else { Err(format!("{} stored", pending.len())) }
+    })
+    .await
+    .unwrap();
+    // Let the sweeper park them as offline (no retry time) before the users connect.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, body) = cluster.api(dispatcher.addr, "/v1/users/ivan/pending?limit=10000", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(body["count"], N);
+
+    for user in ["ivan", "judy"] {
+        let mut client = cluster.connect(gateway.addr, user).await.unwrap();
+        let mut got = HashSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while got.len() < N && tokio::time::Instant::now() < deadline {
+            if let Some(n) = client.next_notification(Duration::from_millis(500)).await {
+                client.ack([n.id.as_str()]).await.unwrap();
+                got.insert(n.id);
+            }
+        }
+        assert_eq!(got.len(), N, "{user} got every message of the backlog");
+    }
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let pending = cluster.receipts_in("pending").await.map_err(|e| e.to_string())?;
+        if pending.is_empty() { Ok(()) } else { Err(format!("{} still pending", pending.len())) }
+    })
+    .await
+    .unwrap();
+}

@@ -1,0 +1,191 @@
+//! What operators see: `/metrics` after a real message flow, and health probes that follow the
+//! dependencies.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use herald_proto::{close, ErrorCode, ServerFrame};
+use herald_tests::client::Frame;
+use herald_tests::cluster::{Cluster, Options, ADMIN_TOKEN};
+use herald_tests::eventually;
+use herald_tests::services::Stack;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn scrape(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap()
+}
+
+/// The value of one sample, e.g. `herald_gateway_acks_received_total{kind="delivered"}`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_a_message_from_publish_to_receipt() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "alice", true).await.unwrap();
+    cluster.send("obs-1", &["alice"]).await.unwrap();
+    cluster.publish_raw(b"not json".to_vec(), async_nats::HeaderMap::new()).await.unwrap();
+    let n = alice.next_notification(WAIT).await.expect("notification");
+    alice.ack([n.id.as_str()]).await.unwrap();
+    cluster.wait_receipt("obs-1", "alice", "delivered").await.unwrap();
+
+    let gw = eventually(WAIT, Duration::from_millis(50), || async {
+        let text = scrape(gateway.addr).await;
+        match sample(&text, "herald_publish_to_ack_seconds_count") {
+            Some(count) if count >= 1.0 => Ok(text),
+            _ => Err("no publish->ack sample yet"),
+        }
+    })
+    .await
+    .unwrap();
+    for (series, value) in [
+        ("herald_gateway_connections_open", 1.0),
+        ("herald_gateway_connections_opened_total", 1.0),
+        ("herald_gateway_notifications_sent_total{path=\"deliver\"}", 1.0),
+        ("herald_gateway_acks_received_total{kind=\"delivered\"}", 1.0),
+        ("herald_gateway_frames_in_total{kind=\"ack\"}", 1.0),
+        ("herald_gateway_commands_received_total{kind=\"deliver\"}", 1.0),
+        ("herald_publish_to_deliver_seconds_count", 1.0),
+        ("herald_publish_to_ack_seconds_count", 1.0),
+    ] {
+        assert_eq!(sample(&gw, series), Some(value), "{series} in\n{gw}");
+    }
+    assert!(sample(&gw, "process_resident_memory_bytes").is_some_and(|rss| rss > 0.0));
+
+    let dsp = eventually(WAIT, Duration::from_millis(50), || async {
+        let text = scrape(dispatcher.addr).await;
+        match sample(&text, "herald_dispatcher_receipt_writes_total{op=\"ack\"}") {
+            Some(count) if count >= 1.0 => Ok(text),
+            _ => Err("no ack write counted yet"),
+        }
+    })
+    .await
+    .unwrap();
+    for (series, value) in [
+        ("herald_dispatcher_jobs_total{outcome=\"stored\"}", 1.0),
+        ("herald_dispatcher_jobs_total{outcome=\"rejected\"}", 1.0),
+        ("herald_dispatcher_jobs_rejected_total{code=\"malformed\"}", 1.0),
+        ("herald_dispatcher_receipt_writes_total{op=\"insert\"}", 1.0),
+        ("herald_dispatcher_receipt_writes_total{op=\"ack\"}", 1.0),
+        ("herald_dispatcher_routing_total{outcome=\"online\"}", 1.0),
+    ] {
+        assert_eq!(sample(&dsp, series), Some(value), "{series} in\n{dsp}");
+    }
+    assert!(dsp.contains("herald_dependency_seconds_bucket{dependency=\"mongodb\",op=\"insert_receipts\""));
+    // Labels never carry user or message ids.
+    for text in [&gw, &dsp] {
+        assert!(!text.contains("alice") && !text.contains("obs-1"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_closes_are_counted_by_reason() {
+    let cluster = Cluster::start().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let refused = herald_tests::client::TestClient::connect(
+        &herald_tests::cluster::ws_url(gateway.addr),
+        &herald_tests::tokens::expired(herald_tests::cluster::JWT_SECRET, "x"),
+    )
+    .await;
+    assert_eq!(refused.err().and_then(|e| e.status()), Some(401));
+    let mut bad = cluster.connect(gateway.addr, "bob").await.unwrap();
+    bad.send_text("{not json").await.unwrap();
+    let text = eventually(WAIT, Duration::from_millis(50), || async {
+        let text = scrape(gateway.addr).await;
+        match sample(&text, "herald_gateway_connections_closed_total{reason=\"bad_frame\"}") {
+            Some(1.0) => Ok(text),
+            _ => Err("close not counted yet"),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(sample(&text, "herald_gateway_connect_refused_total{reason=\"unauthorized\"}"), Some(1.0));
+    assert_eq!(sample(&text, "herald_gateway_connections_open"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_redis_and_comes_back() {
+    let mut cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let ready = |addr: SocketAddr| async move {
+        let response = reqwest::get(format!("http://{addr}/readyz")).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((response.status().as_u16(), response.text().await.unwrap_or_default()))
+    };
+    assert_eq!(ready(gateway.addr).await.unwrap().0, 200);
+    assert_eq!(ready(dispatcher.addr).await.unwrap().0, 200);
+
+    cluster.stack.redis.stop().await;
+    for addr in [gateway.addr, dispatcher.addr] {
+        let (status, body) = eventually(WAIT, Duration::from_millis(100), || async {
+            match ready(addr).await? {
+                (503, body) => Ok((503, body)),
+                other => Err(format!("still {other:?}")),
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 503);
+        assert!(body.contains("\"redis\":false"), "{body}");
+        // Liveness is not readiness: the process is fine.
+        let live = reqwest::get(format!("http://{addr}/healthz")).await.unwrap();
+        assert_eq!(live.status().as_u16(), 200);
+    }
+
+    cluster.stack.redis.restart().await.unwrap();
+    for addr in [gateway.addr, dispatcher.addr] {
+        eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+            match ready(addr).await? {
+                (200, _) => Ok(()),
+                other => Err(format!("still {other:?}")),
+            }
+        })
+        .await
+        .unwrap();
+    }
+    let (status, _) = cluster.api(dispatcher.addr, "/v1/users/alice/presence", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(status, 200);
+}
+
+/// SIGTERM: the gateway reports not ready and refuses new clients at once, keeps its sessions
+/// through the shutdown delay, then closes them with 1012 and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_gateway_is_not_ready_refuses_newcomers_then_sends_clients_elsewhere() {
+    let options = Options { shutdown_delay: Duration::from_millis(1500), ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let mut gateway = cluster.gateway_process().await.unwrap();
+    let mut client = cluster.connect(gateway.addr, "carol").await.unwrap();
+    let addr = gateway.addr;
+    let exited = tokio::spawn(async move { gateway.sigterm(Duration::from_secs(10)).await });
+
+    let (status, body) = eventually(WAIT, Duration::from_millis(20), || async {
+        let r = reqwest::get(format!("http://{addr}/readyz")).await.map_err(|e| e.to_string())?;
+        match r.status().as_u16() {
+            503 => Ok((503, r.text().await.unwrap_or_default())),
+            other => Err(format!("still {other}")),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("\"accepting\":false"), "{body}");
+    let refused = cluster.connect(addr, "dave").await.err().expect("a draining gateway refuses new clients");
+    assert_eq!(refused.status(), Some(503));
+    assert!(refused.to_string().contains("draining"), "{refused}");
+
+    match client.next_frame(Duration::from_secs(10)).await {
+        Frame::Server(ServerFrame::Error { code: ErrorCode::ShuttingDown, .. }) => {}
+        other => panic!("expected a shutting_down error frame, got {other:?}"),
+    }
+    match client.next_frame(Duration::from_secs(5)).await {
+        Frame::Close { code, .. } => assert_eq!(code, close::SERVICE_RESTART),
+        other => panic!("expected close 1012, got {other:?}"),
+    }
+    assert!(exited.await.unwrap().unwrap(), "gateway exits cleanly after its drain");
+}
