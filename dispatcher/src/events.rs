@@ -148,6 +148,17 @@ impl EventPipeline {
     /// partial failure is harmless.
     async fn apply(&self, acks: &[AckRecord], onlines: &[Online]) -> Result<(), StoreError> {
         if !acks.is_empty() {
+            // A span per traced ack, open while its receipt is written: the last hop of the
+            // notification's trace.
+            let _spans: Vec<tracing::Span> = acks
+                .iter()
+                .filter(|a| a.traceparent.is_some())
+                .map(|a| {
+                    let span = tracing::info_span!("herald.receipt", ids = a.ids.len());
+                    herald_shared::telemetry::continue_from(&span, a.traceparent.as_deref());
+                    span
+                })
+                .collect();
             let changed = self.store.apply_acks(acks).await?;
             self.metrics.receipt_writes.with_label_values(&["ack"]).inc_by(changed);
             self.metrics.store_batch_size.with_label_values(&["ack"]).observe(acks.len() as f64);

@@ -43,6 +43,8 @@ pub struct JobPipeline {
 /// A job as pulled from the stream, with what was read of it.
 struct Pulled {
     message: Message,
+    /// This job's span: a child of the publisher's trace when it sent `traceparent`.
+    span: tracing::Span,
     delivered: u64,
     outcome: Result<ValidJob, Invalid>,
     stream_seq: u64,
@@ -162,7 +164,7 @@ impl JobPipeline {
                 routes.push((i, users));
             }
         }
-        self.route(&jobs, &routes).await;
+        self.route(&jobs, &valid, &routes).await;
 
         for (i, pulled) in valid.iter().enumerate() {
             match inserted.failed.get(&i) {
@@ -186,7 +188,9 @@ impl JobPipeline {
         let meta =
             JobMeta { stream_seq, published_at_ms, subject: message.subject.as_str(), msg_id: msg_id.as_deref() };
         let outcome = job::validate(&message.payload, &meta, &self.limits);
-        Pulled { message, delivered, outcome, stream_seq }
+        let span = tracing::info_span!("herald.job", seq = stream_seq, attempt = delivered);
+        herald_shared::telemetry::continue_from_headers(&span, message.headers.as_ref());
+        Pulled { message, delivered, outcome, stream_seq, span }
     }
 
     /// Stores the batch, waiting out transient store errors with capped backoff while keeping
@@ -197,6 +201,9 @@ impl JobPipeline {
         pulled: &[Pulled],
         stop: &CancellationToken,
     ) -> Option<crate::store::Inserted> {
+        // One span per job, open for as long as its batch is being stored.
+        let _spans: Vec<tracing::Span> =
+            pulled.iter().map(|p| tracing::info_span!(parent: &p.span, "herald.store")).collect();
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.store.insert(jobs, now_ms(), self.ack_timeout).await {
@@ -229,10 +236,12 @@ impl JobPipeline {
         }
     }
 
-    async fn route(&self, jobs: &[ValidJob], routes: &[(usize, Vec<String>)]) {
+    async fn route(&self, jobs: &[ValidJob], pulled: &[Pulled], routes: &[(usize, Vec<String>)]) {
         if routes.is_empty() {
             return;
         }
+        let lookup_spans: Vec<tracing::Span> =
+            routes.iter().map(|(i, _)| tracing::info_span!(parent: &pulled[*i].span, "herald.presence")).collect();
         let notifications: Vec<_> = routes
             .iter()
             .map(|(i, _)| {
@@ -260,7 +269,16 @@ impl JobPipeline {
                 return;
             }
         };
-        let plan = routing::plan(notifications.iter().zip(routes.iter().map(|(_, u)| u.as_slice())), &presence);
+        drop(lookup_spans);
+        let route_spans: Vec<tracing::Span> =
+            routes.iter().map(|(i, _)| tracing::info_span!(parent: &pulled[*i].span, "herald.route")).collect();
+        let traceparents: Vec<Option<String>> = route_spans.iter().map(herald_shared::telemetry::traceparent).collect();
+        let items = notifications
+            .iter()
+            .zip(routes)
+            .zip(&traceparents)
+            .map(|((notification, (_, users)), tp)| routing::Item { notification, users, traceparent: tp.as_deref() });
+        let plan = routing::plan(items, &presence);
         tracing::debug!(online = plan.online, offline = plan.offline.len(), "routed");
         self.metrics.routing.with_label_values(&["online"]).inc_by(plan.online as u64);
         self.metrics.routing.with_label_values(&["offline"]).inc_by(plan.offline.len() as u64);

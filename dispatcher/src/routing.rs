@@ -27,13 +27,17 @@ pub struct Plan {
     pub offline: Vec<String>,
 }
 
-/// Decides where each (notification, recipients) goes, given live presence.
-pub fn plan<'a>(
-    items: impl IntoIterator<Item = (&'a Notification, &'a [String])>,
-    presence: &HashMap<String, Connections>,
-) -> Plan {
+/// One notification to route: its recipients, and the trace context to hand the gateway.
+pub struct Item<'a> {
+    pub notification: &'a Notification,
+    pub users: &'a [String],
+    pub traceparent: Option<&'a str>,
+}
+
+/// Decides where each notification goes, given live presence.
+pub fn plan<'a>(items: impl IntoIterator<Item = Item<'a>>, presence: &HashMap<String, Connections>) -> Plan {
     let mut out = Plan::default();
-    for (notification, users) in items {
+    for Item { notification, users, traceparent } in items {
         let mut per_gateway: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for user in users {
             match presence.get(user) {
@@ -50,10 +54,11 @@ pub fn plan<'a>(
             }
         }
         for (gateway, users) in per_gateway {
-            out.by_gateway
-                .entry(gateway.to_owned())
-                .or_default()
-                .push(Routed { users, notification: notification.clone() });
+            out.by_gateway.entry(gateway.to_owned()).or_default().push(Routed {
+                users,
+                notification: notification.clone(),
+                traceparent: traceparent.map(str::to_owned),
+            });
         }
     }
     out
@@ -80,7 +85,11 @@ pub fn commands(routed: Vec<Routed>) -> Vec<GatewayCommand> {
                 size = 0;
             }
             let rest = users.split_off(take);
-            current.push(Routed { users, notification: item.notification.clone() });
+            current.push(Routed {
+                users,
+                notification: item.notification.clone(),
+                traceparent: item.traceparent.clone(),
+            });
             size += bytes;
             users = rest;
         }
@@ -162,7 +171,7 @@ mod tests {
         ]);
         let n = notification("m1", 3);
         let users = vec!["alice".to_string(), "bob".to_string(), "carol".to_string()];
-        let plan = plan([(&n, users.as_slice())], &presence);
+        let plan = plan([Item { notification: &n, users: &users, traceparent: None }], &presence);
         assert_eq!(plan.online, 2);
         assert_eq!(plan.offline, vec!["carol".to_string()]);
         assert_eq!(plan.by_gateway["g1"].len(), 1);
@@ -173,7 +182,7 @@ mod tests {
     #[test]
     fn big_fan_outs_are_split_under_the_limit_without_losing_a_user() {
         let users: Vec<String> = (0..60_000).map(|i| format!("user-{i:08}")).collect();
-        let routed = vec![Routed { users: users.clone(), notification: notification("m", 60_000) }];
+        let routed = vec![Routed { users: users.clone(), notification: notification("m", 60_000), traceparent: None }];
         let commands = commands(routed);
         assert!(commands.len() > 1);
         let mut seen = Vec::new();
@@ -190,7 +199,11 @@ mod tests {
     #[test]
     fn many_small_notifications_share_a_command() {
         let routed: Vec<Routed> = (0..100)
-            .map(|i| Routed { users: vec!["u".into()], notification: notification(&format!("m{i}"), 10) })
+            .map(|i| Routed {
+                users: vec!["u".into()],
+                notification: notification(&format!("m{i}"), 10),
+                traceparent: None,
+            })
             .collect();
         assert_eq!(commands(routed).len(), 1);
     }

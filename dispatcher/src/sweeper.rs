@@ -116,7 +116,10 @@ impl Sweeper {
                 .1
                 .push(s.user.clone());
         }
-        let plan = routing::plan(items.values().map(|(n, u)| (*n, u.as_slice())), &presence);
+        let plan = routing::plan(
+            items.values().map(|(n, u)| routing::Item { notification: n, users: u, traceparent: None }),
+            &presence,
+        );
         let failed = self.router.send(plan).await;
         self.metrics.route_failures.inc_by(failed as u64);
         let resent: HashSet<_> = sendable.iter().filter_map(|s| s.receipt_id).collect();

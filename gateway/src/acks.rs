@@ -134,6 +134,7 @@ mod tests {
             kind: AckKind::Delivered,
             ids: (0..n).map(|i| format!("{i:0>100}")).collect(),
             at_ms: 1,
+            traceparent: None,
         };
         let parts = chunks((0..20).map(|_| record(1000)).collect());
         assert!(parts.len() > 1);

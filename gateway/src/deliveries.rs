@@ -57,7 +57,15 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
         GatewayCommand::Deliver(items) => {
             outcome.kind = "deliver";
             for routed in items {
-                let Some(frame) = frame(routed.notification, false, now_ms, &mut outcome) else { continue };
+                let span = tracing::info_span!("herald.deliver", users = routed.users.len());
+                herald_shared::telemetry::continue_from(&span, routed.traceparent.as_deref());
+                let _entered = span.enter();
+                let Some(mut frame) = frame(routed.notification, false, now_ms, &mut outcome) else { continue };
+                if routed.traceparent.is_some() {
+                    if let Some(sent) = frame.sent.as_mut() {
+                        sent.traceparent = herald_shared::telemetry::traceparent(&span).map(Into::into);
+                    }
+                }
                 for user in &routed.users {
                     outcome.queued += registry.deliver_to_user(user, &frame);
                 }
@@ -86,7 +94,12 @@ fn frame(notification: Notification, replay: bool, now_ms: u64, outcome: &mut Ou
         outcome.expired += 1;
         return None;
     }
-    let sent = Sent { id: notification.id.as_str().into(), published_at_ms: notification.published_at_ms, replay };
+    let sent = Sent {
+        id: notification.id.as_str().into(),
+        published_at_ms: notification.published_at_ms,
+        replay,
+        traceparent: None,
+    };
     match serde_json::to_string(&ServerFrame::Notification(notification)) {
         Ok(text) => Some(Outbound { frame: Utf8Bytes::from(text), sent: Some(sent) }),
         Err(e) => {
@@ -120,8 +133,12 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         registry.insert(Arc::new(Connection::new("c1".into(), "alice".into(), tx)));
         let deliver = GatewayCommand::Deliver(vec![
-            Routed { users: vec!["alice".into(), "bob".into()], notification: notification("m1", 2_000) },
-            Routed { users: vec!["alice".into()], notification: notification("old", 500) },
+            Routed {
+                users: vec!["alice".into(), "bob".into()],
+                notification: notification("m1", 2_000),
+                traceparent: None,
+            },
+            Routed { users: vec!["alice".into()], notification: notification("old", 500), traceparent: None },
         ]);
         let out = handle(&serde_json::to_vec(&deliver).unwrap(), &registry, 1_000);
         assert_eq!(out, Outcome { kind: "deliver", queued: 1, expired: 1 });

@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    herald_shared::telemetry::init("herald-gateway");
+    let _telemetry = herald_shared::telemetry::init("herald-gateway");
     let config = GatewayConfig::load()?;
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;

@@ -29,6 +29,8 @@ pub(crate) struct Sent {
     pub(crate) id: Arc<str>,
     pub(crate) published_at_ms: u64,
     pub(crate) replay: bool,
+    /// The delivery span's trace context, when traces are exported.
+    pub(crate) traceparent: Option<Arc<str>>,
 }
 
 impl Outbound {

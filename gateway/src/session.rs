@@ -261,7 +261,7 @@ impl Session<'_> {
         if ids.is_empty() {
             return Ok(());
         }
-        self.observe_acked(&ids);
+        let traceparent = self.observe_acked(&ids);
         let record = AckRecord {
             user: self.conn.user.to_string(),
             connection_id: self.conn.id.to_string(),
@@ -269,6 +269,7 @@ impl Session<'_> {
             kind,
             ids,
             at_ms: herald_shared::now_ms(),
+            traceparent,
         };
         // The queue is large; waiting when it is full slows this client rather than losing acks.
         match self.ctx.acks.try_send(record) {
@@ -282,15 +283,21 @@ impl Session<'_> {
 }
 
 impl Session<'_> {
-    /// Publish→ack latency for the acked ids this connection was sent.
-    fn observe_acked(&mut self, ids: &[String]) {
+    /// Publish→ack latency for the acked ids this connection was sent. Returns the context of
+    /// an ack span continuing the first traced notification, for the dispatcher's receipt span.
+    fn observe_acked(&mut self, ids: &[String]) -> Option<String> {
+        let mut traceparent = None;
         for id in ids {
-            if let Some(at) = self.in_flight.iter().position(|s| &*s.id == id.as_str()) {
-                if let Some(sent) = self.in_flight.remove(at) {
-                    self.ctx.metrics.publish_to_ack.observe(seconds_since(sent.published_at_ms));
-                }
+            let Some(at) = self.in_flight.iter().position(|s| &*s.id == id.as_str()) else { continue };
+            let Some(sent) = self.in_flight.remove(at) else { continue };
+            self.ctx.metrics.publish_to_ack.observe(seconds_since(sent.published_at_ms));
+            if traceparent.is_none() && sent.traceparent.is_some() {
+                let span = tracing::info_span!("herald.ack", message_id = %sent.id);
+                herald_shared::telemetry::continue_from(&span, sent.traceparent.as_deref());
+                traceparent = herald_shared::telemetry::traceparent(&span);
             }
         }
+        traceparent
     }
 }
 

@@ -23,6 +23,9 @@ pub enum GatewayCommand {
 pub struct Routed {
     pub users: Vec<String>,
     pub notification: Notification,
+    /// W3C trace context of the dispatcher's routing span, when traces are exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +55,10 @@ pub struct AckRecord {
     pub kind: AckKind,
     pub ids: Vec<String>,
     pub at_ms: UnixMillis,
+    /// W3C trace context of the gateway's ack span (for the first traced id), when traces are
+    /// exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

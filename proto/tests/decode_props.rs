@@ -109,7 +109,12 @@ fn rejection() -> impl Strategy<Value = Rejection> {
 }
 
 fn gateway_command() -> impl Strategy<Value = GatewayCommand> {
-    let routed = (ids(), notification()).prop_map(|(users, notification)| Routed { users, notification });
+    let traceparent = prop::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01");
+    let routed = (ids(), notification(), traceparent).prop_map(|(users, notification, traceparent)| Routed {
+        users,
+        notification,
+        traceparent,
+    });
     prop_oneof![
         prop::collection::vec(routed, 0..4).prop_map(GatewayCommand::Deliver),
         (".{0,20}", ".{0,20}", prop::collection::vec(notification(), 0..4)).prop_map(
@@ -124,14 +129,16 @@ fn gateway_command() -> impl Strategy<Value = GatewayCommand> {
 
 fn event() -> impl Strategy<Value = Event> {
     let kind = prop::sample::select(vec![AckKind::Delivered, AckKind::Read]);
-    let record = (".{0,20}", ".{0,20}", ".{0,20}", kind, ids(), any::<u64>()).prop_map(
-        |(user, connection_id, gateway_id, kind, ids, at_ms)| AckRecord {
+    let traceparent = prop::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01");
+    let record = (".{0,20}", ".{0,20}", ".{0,20}", kind, ids(), any::<u64>(), traceparent).prop_map(
+        |(user, connection_id, gateway_id, kind, ids, at_ms, traceparent)| AckRecord {
             user,
             connection_id,
             gateway_id,
             kind,
             ids,
             at_ms,
+            traceparent,
         },
     );
     prop_oneof![

@@ -38,6 +38,8 @@ pub struct Options {
     pub outbound_queue: usize,
     pub drain_grace: Duration,
     pub shutdown_delay: Duration,
+    /// Where process-mode gateways and dispatchers export traces (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Options {
@@ -50,6 +52,7 @@ impl Default for Options {
             outbound_queue: 1024,
             drain_grace: Duration::from_secs(3),
             shutdown_delay: Duration::ZERO,
+            otlp_endpoint: None,
         }
     }
 }
@@ -257,6 +260,10 @@ impl Cluster {
             .env("HERALD_NATS_URL", &common.nats_url)
             .env("HERALD_LOG", log)
             .envs(env)
+            .envs(self.options.otlp_endpoint.iter().flat_map(|endpoint| {
+                // Export every 100 ms rather than every 5 s, so tests see spans quickly.
+                [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()), ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned())]
+            }))
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("spawning {binary}"))?;
