@@ -379,13 +379,18 @@ async fn a_backlog_larger_than_a_replay_page_is_delivered_in_full() {
     }
     eventually(WAIT, Duration::from_millis(100), || async {
         let pending = cluster.receipts_in("pending").await.map_err(|e| e.to_string())?;
-        if pending.len() == 2 * N { Ok(()) } else { Err(format!("{} stored", pending.len())) }
+        if pending.len() == 2 * N {
+            Ok(())
+        } else {
+            Err(format!("{} stored", pending.len()))
+        }
     })
     .await
     .unwrap();
     // Let the sweeper park them as offline (no retry time) before the users connect.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (_, body) = cluster.api(dispatcher.addr, "/v1/users/ivan/pending?limit=10000", Some(ADMIN_TOKEN)).await.unwrap();
+    let (_, body) =
+        cluster.api(dispatcher.addr, "/v1/users/ivan/pending?limit=10000", Some(ADMIN_TOKEN)).await.unwrap();
     assert_eq!(body["count"], N);
 
     for user in ["ivan", "judy"] {
@@ -402,7 +407,11 @@ async fn a_backlog_larger_than_a_replay_page_is_delivered_in_full() {
     }
     eventually(WAIT, Duration::from_millis(100), || async {
         let pending = cluster.receipts_in("pending").await.map_err(|e| e.to_string())?;
-        if pending.is_empty() { Ok(()) } else { Err(format!("{} still pending", pending.len())) }
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} still pending", pending.len()))
+        }
     })
     .await
     .unwrap();
