@@ -1,0 +1,118 @@
+//! Herald's load generator and benchmark runner. `loadgen run` starts the systems it measures,
+//! runs the scenarios and prints and writes a summary; `loadgen worker` is one of its generator
+//! processes (started by `run`, driven over stdin). See docs/BENCHMARKS.md.
+
+#[path = "../loadgen/mod.rs"]
+mod loadgen;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use loadgen::scenarios::{self, RunConfig, Scenario, System};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "Herald's load generator and benchmark runner")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs scenarios against the systems named, prints a table and writes it as JSON.
+    Run {
+        /// Scenarios to run, in order (repeatable).
+        #[arg(long = "scenario", value_enum, required = true)]
+        scenarios: Vec<Scenario>,
+        /// Systems to measure (repeatable); a scenario runs on those it applies to.
+        #[arg(long = "system", value_enum, default_value = "herald")]
+        systems: Vec<System>,
+        /// The short version of each scenario.
+        #[arg(long)]
+        short: bool,
+        /// Idle connections per server process (two processes) in the idle scenario.
+        #[arg(long, default_value_t = 18_000)]
+        idle_per_server: usize,
+        /// Rounds of the delivery-stage scenario, reported as their median.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Where to write the JSON summary.
+        #[arg(long, default_value = "target/bench/summary.json")]
+        out: PathBuf,
+        /// Longest any one scenario may run before it is stopped, seconds.
+        #[arg(long, default_value_t = 900)]
+        scenario_limit_secs: u64,
+    },
+    /// One generator process (started by `run`).
+    Worker { spec: String },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Worker { spec } => loadgen::worker::main(serde_json::from_str(&spec)?),
+        Command::Run { scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let ok =
+                runtime.block_on(run(scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs))?;
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run(
+    scenario_list: Vec<Scenario>,
+    systems: Vec<System>,
+    short: bool,
+    idle_per_server: usize,
+    repeats: usize,
+    out: PathBuf,
+    limit_secs: u64,
+) -> anyhow::Result<bool> {
+    let dir = out.parent().map(PathBuf::from).unwrap_or_default();
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let config = RunConfig { short, logs, idle_per_server, repeats: repeats.max(1) };
+    let mut outcomes = Vec::new();
+    for scenario in scenario_list {
+        for &system in &systems {
+            let applies = system == System::Herald || matches!(scenario, Scenario::Idle | Scenario::Gateway);
+            if !applies {
+                continue;
+            }
+            eprintln!("loadgen: {scenario:?} on {system:?}");
+            let outcome = scenarios::run(scenario, system, &config, Duration::from_secs(limit_secs)).await;
+            eprintln!("{}", scenarios::table(std::slice::from_ref(&outcome)));
+            outcomes.push(outcome);
+        }
+    }
+    let table = scenarios::table(&outcomes);
+    println!("{table}");
+    let summary = json!({
+        "machine": machine(),
+        "short": short,
+        "results": scenarios::as_json(&outcomes),
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&summary)?)?;
+    std::fs::write(out.with_extension("txt"), &table)?;
+    eprintln!("loadgen: wrote {} and {}", out.display(), out.with_extension("txt").display());
+    Ok(outcomes.iter().all(|o| o.ok))
+}
+
+/// What the figures were measured on.
+fn machine() -> serde_json::Value {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo").lines().find(|l| l.starts_with("model name")).map(|l| l.to_owned());
+    let mem = read("/proc/meminfo").lines().next().map(|l| l.to_owned());
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "memory": mem,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "load_average": read("/proc/loadavg").trim(),
+    })
+}

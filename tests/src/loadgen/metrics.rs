@@ -1,0 +1,91 @@
+//! What the servers cost, read from outside them: resident memory and CPU time from `/proc`,
+//! Redis commands from `INFO commandstats`. Nothing here asks the measured process for anything.
+
+use std::collections::BTreeMap;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Resident set size of a process, KiB.
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Peak resident set size of a process (`VmHWM`), KiB.
+pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// User plus system CPU time a process has used, seconds.
+pub(crate) fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_secs(&stat)
+}
+
+/// Fields 14 and 15 of `/proc/<pid>/stat` (utime, stime) in clock ticks, which are 1/100 s on
+/// Linux on every architecture this runs on (`getconf CLK_TCK`).
+fn parse_cpu_secs(stat: &str) -> Option<f64> {
+    // The command name (field 2) may hold spaces; count from the closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// Calls of every Redis command since start (from `INFO commandstats`), minus `INFO` itself, so
+/// that measuring does not show up in what is measured.
+pub(crate) async fn redis_commands(port: u16) -> anyhow::Result<u64> {
+    Ok(redis_commandstats(port).await?.iter().filter(|(name, _)| name.as_str() != "info").map(|(_, n)| n).sum())
+}
+
+pub(crate) async fn redis_commandstats(port: u16) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(b"INFO commandstats\r\n").await?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 8192];
+    // A bulk string: `$<len>\r\n<text>\r\n`.
+    loop {
+        let n = stream.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "redis closed the connection mid-reply");
+        reply.extend_from_slice(&buf[..n]);
+        if let Some(end) = reply.iter().position(|&b| b == b'\n') {
+            let len: usize = std::str::from_utf8(&reply[1..end])?.trim().parse()?;
+            if reply.len() >= end + 1 + len {
+                return Ok(parse_commandstats(std::str::from_utf8(&reply[end + 1..end + 1 + len])?));
+            }
+        }
+    }
+}
+
+fn parse_commandstats(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_and_commandstats_parse() {
+        let stat = "1234 (my (odd) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
+        assert_eq!(parse_cpu_secs(stat), Some(3.0));
+        let info =
+            "# Commandstats\r\ncmdstat_zadd:calls=12,usec=40,usec_per_call=3.3\r\ncmdstat_info:calls=3,usec=1\r\n";
+        let stats = parse_commandstats(info);
+        assert_eq!(stats.get("zadd"), Some(&12));
+        assert_eq!(stats.get("info"), Some(&3));
+        assert!(rss_kib(std::process::id()).unwrap_or(0) > 0);
+        assert!(cpu_secs(std::process::id()).is_some());
+    }
+}

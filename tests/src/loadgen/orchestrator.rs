@@ -1,0 +1,168 @@
+//! The generator's worker processes, seen from the orchestrator: how connections are spread over
+//! processes and source addresses, and the line protocol that drives and reads them.
+
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use super::protocol::Flavor;
+use super::report::{Totals, WorkerReport};
+use super::worker::WorkerSpec;
+
+/// Connections per worker process: well under the 20,000 open files a process may hold, and
+/// small enough that several single-threaded workers share the load.
+pub(crate) const SLOTS_PER_WORKER: usize = 9_000;
+/// Connections per source address: an address gives ~28k ephemeral ports.
+const SLOTS_PER_SOURCE: usize = 4_500;
+
+/// Who connects where: `groups[i]` is (the URLs a slot rotates over, how many users).
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) flavor: Flavor,
+    pub(crate) groups: Vec<(Vec<String>, usize)>,
+    pub(crate) jwt_secret: Option<String>,
+    pub(crate) ack: bool,
+    pub(crate) user_prefix: String,
+    pub(crate) connect_concurrency: usize,
+}
+
+/// One worker process.
+struct WorkerProcess {
+    spec: WorkerSpec,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+/// All the worker processes of a run; killed when dropped.
+pub(crate) struct Workers {
+    workers: Vec<WorkerProcess>,
+}
+
+impl Workers {
+    /// Starts the worker processes for `plan` (no connection opened yet). Users are numbered
+    /// from 0 across groups in order, so the orchestrator knows who is where.
+    pub(crate) fn spawn(plan: &Plan) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut workers = Vec::new();
+        let mut first_user = 0;
+        for (urls, users) in &plan.groups {
+            let mut left = *users;
+            while left > 0 {
+                let slots = left.min(SLOTS_PER_WORKER);
+                let index = workers.len();
+                // Addresses 127.<1+index>.<n>.1: a range of its own for each worker.
+                let sources = slots.div_ceil(SLOTS_PER_SOURCE).max(1);
+                let source_ips = (0..sources).map(|n| Ipv4Addr::new(127, 1 + index as u8, n as u8, 1)).collect();
+                let spec = WorkerSpec {
+                    worker: index,
+                    flavor: plan.flavor,
+                    urls: urls.clone(),
+                    user_prefix: plan.user_prefix.clone(),
+                    first_user,
+                    slots,
+                    source_ips,
+                    jwt_secret: plan.jwt_secret.clone(),
+                    ack: plan.ack,
+                    connect_concurrency: plan.connect_concurrency,
+                };
+                let mut child = Command::new(&exe)
+                    .arg("worker")
+                    .arg(serde_json::to_string(&spec)?)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .context("spawning a worker")?;
+                let stdin = child.stdin.take().context("worker stdin")?;
+                let stdout = BufReader::new(child.stdout.take().context("worker stdout")?).lines();
+                workers.push(WorkerProcess { spec, child, stdin, stdout });
+                first_user += slots;
+                left -= slots;
+            }
+        }
+        Ok(Self { workers })
+    }
+
+    async fn send_all(&mut self, line: &str) -> anyhow::Result<()> {
+        for w in &mut self.workers {
+            w.stdin.write_all(format!("{line}\n").as_bytes()).await?;
+            w.stdin.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Opens connections until `fraction` (0..=1) of every worker's slots are active.
+    pub(crate) async fn activate(&mut self, fraction: f64) -> anyhow::Result<()> {
+        for w in &mut self.workers {
+            let n = (w.spec.slots as f64 * fraction).round() as usize;
+            w.stdin.write_all(format!("active {n}\n").as_bytes()).await?;
+            w.stdin.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Slots that `activate(fraction)` opens, over all workers.
+    pub(crate) fn slots_at(&self, fraction: f64) -> u64 {
+        self.workers.iter().map(|w| (w.spec.slots as f64 * fraction).round() as u64).sum()
+    }
+
+    /// Starts a new measurement window: latency histograms and receive times cleared.
+    pub(crate) async fn reset(&mut self) -> anyhow::Result<()> {
+        self.send_all("reset").await
+    }
+
+    pub(crate) async fn reports(&mut self) -> anyhow::Result<Vec<WorkerReport>> {
+        self.send_all("report").await?;
+        let mut reports = Vec::new();
+        for w in &mut self.workers {
+            let line = tokio::time::timeout(Duration::from_secs(30), w.stdout.next_line())
+                .await
+                .context("worker did not report within 30 s")??
+                .context("worker exited")?;
+            reports.push(serde_json::from_str(&line)?);
+        }
+        Ok(reports)
+    }
+
+    pub(crate) async fn totals(&mut self) -> anyhow::Result<Totals> {
+        Ok(Totals::of(&self.reports().await?))
+    }
+
+    /// Polls until `done(totals)` or `timeout`; returns the last totals and whether it was done.
+    pub(crate) async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        poll: Duration,
+        mut done: impl FnMut(&Totals) -> bool,
+    ) -> anyhow::Result<(Totals, bool)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let totals = self.totals().await?;
+            if done(&totals) {
+                return Ok((totals, true));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok((totals, false));
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    pub(crate) async fn quit(mut self) {
+        let _ = self.send_all("quit").await;
+        for w in &mut self.workers {
+            let _ = tokio::time::timeout(Duration::from_secs(10), w.child.wait()).await;
+        }
+    }
+}
+
+/// Users `first..first + count` of a plan, named as the workers name them.
+pub(crate) fn user_names(prefix: &str, first: usize, count: usize) -> Vec<String> {
+    (first..first + count).map(|i| format!("{prefix}{i}")).collect()
+}

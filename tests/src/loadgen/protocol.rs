@@ -1,0 +1,160 @@
+//! What the generator reads on a connection, for each wire flavour it speaks: Herald's JSON
+//! frames (also spoken by the bare fan-out server) and Socket.IO's Engine.IO framing. Pure
+//! functions over text, so each is unit tested; the sockets are the worker's.
+//!
+//! Every load message carries `"lg_k"` (its index, unique in a run) and `"lg_t"` (the generator's
+//! send time, microseconds since the epoch) in its payload. Fields are found by substring rather
+//! than by a full JSON parse: the generator shares two cores with the system it measures.
+
+use serde::{Deserialize, Serialize};
+
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Flavor {
+    /// Herald's client protocol (`hello`, `notification`, acks). The bare server speaks its
+    /// subset (a `hello`, then notifications; it ignores acks).
+    Herald,
+    /// Engine.IO 4 over WebSocket, with Socket.IO packets inside (the peer).
+    EngineIo,
+}
+
+/// What one text frame means to the generator.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Inbound<'a> {
+    /// The connection is established (Herald `hello`, Socket.IO connect ack).
+    Ready,
+    /// A load message.
+    Message(Message<'a>),
+    /// Engine.IO open packet: answer with a Socket.IO connect.
+    EioOpen,
+    /// Engine.IO ping: answer with a pong.
+    EioPing,
+    /// Anything else (error frames, unknown types): counted, not acted on.
+    Other,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Message<'a> {
+    /// The Herald message id, to ack; None on the peer.
+    pub(crate) id: Option<&'a str>,
+    pub(crate) k: Option<u64>,
+    pub(crate) sent_us: Option<u64>,
+    pub(crate) published_ms: Option<u64>,
+}
+
+pub(crate) fn classify(flavor: Flavor, text: &str) -> Inbound<'_> {
+    match flavor {
+        Flavor::Herald => classify_herald(text),
+        Flavor::EngineIo => classify_engine_io(text),
+    }
+}
+
+fn classify_herald(text: &str) -> Inbound<'_> {
+    // `type` comes first in every frame Herald (and the bare server) sends.
+    if text.starts_with(r#"{"type":"notification""#) {
+        Inbound::Message(message(text, true))
+    } else if text.starts_with(r#"{"type":"hello""#) {
+        Inbound::Ready
+    } else {
+        Inbound::Other
+    }
+}
+
+fn classify_engine_io(text: &str) -> Inbound<'_> {
+    match text.as_bytes() {
+        [b'4', b'2', ..] => Inbound::Message(message(text, false)),
+        [b'4', b'0', ..] => Inbound::Ready,
+        [b'0', ..] => Inbound::EioOpen,
+        [b'2'] => Inbound::EioPing,
+        _ => Inbound::Other,
+    }
+}
+
+fn message(text: &str, herald: bool) -> Message<'_> {
+    Message {
+        id: if herald { string_field(text, r#""id":""#) } else { None },
+        k: number_field(text, r#""lg_k":"#),
+        sent_us: number_field(text, r#""lg_t":"#),
+        published_ms: if herald { number_field(text, r#""published_at_ms":"#) } else { None },
+    }
+}
+
+/// The unsigned integer right after the first `key` (which includes the colon).
+pub(crate) fn number_field(text: &str, key: &str) -> Option<u64> {
+    let start = text.find(key)? + key.len();
+    let digits = text[start..].trim_start();
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// The string right after the first `key` (which includes the opening quote). Ids the generator
+/// publishes contain no escapes.
+fn string_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let start = text.find(key)? + key.len();
+    let len = text[start..].find('"')?;
+    Some(&text[start..start + len])
+}
+
+/// Herald's ack frame for these ids.
+pub(crate) fn ack_frame(ids: &[String]) -> String {
+    serde_json::json!({ "type": "ack", "ids": ids }).to_string()
+}
+
+/// Engine.IO's answers.
+pub(crate) const EIO_PONG: &str = "3";
+pub(crate) const SIO_CONNECT: &str = "40";
+
+/// The payload of a load message: its index and its send time.
+pub(crate) fn payload(k: u64, sent_us: u64) -> String {
+    format!(r#"{{"lg_k":{k},"lg_t":{sent_us}}}"#)
+}
+
+pub(crate) fn now_us() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn herald_frames() {
+        let hello = r#"{"type":"hello","connection_id":"c","gateway_id":"g","heartbeat_interval_ms":15000,"max_frame_bytes":16384}"#;
+        assert_eq!(classify(Flavor::Herald, hello), Inbound::Ready);
+        let n = r#"{"type":"notification","id":"d-7","seq":9,"payload":{"lg_k":7,"lg_t":1700000000000123},"published_at_ms":1700000000000,"expires_at_ms":1}"#;
+        assert_eq!(
+            classify(Flavor::Herald, n),
+            Inbound::Message(Message {
+                id: Some("d-7"),
+                k: Some(7),
+                sent_us: Some(1_700_000_000_000_123),
+                published_ms: Some(1_700_000_000_000)
+            })
+        );
+        assert_eq!(classify(Flavor::Herald, r#"{"type":"error","code":"x"}"#), Inbound::Other);
+    }
+
+    #[test]
+    fn engine_io_frames() {
+        assert_eq!(classify(Flavor::EngineIo, r#"0{"sid":"x","pingInterval":25000}"#), Inbound::EioOpen);
+        assert_eq!(classify(Flavor::EngineIo, "2"), Inbound::EioPing);
+        assert_eq!(classify(Flavor::EngineIo, r#"40{"sid":"y"}"#), Inbound::Ready);
+        let n = r#"42["n",{"payload":{"lg_k":3,"lg_t":55}}]"#;
+        assert_eq!(
+            classify(Flavor::EngineIo, n),
+            Inbound::Message(Message { id: None, k: Some(3), sent_us: Some(55), published_ms: None })
+        );
+    }
+
+    #[test]
+    fn fields_and_payload_round_trip() {
+        let p = payload(12, 34);
+        assert_eq!(number_field(&p, r#""lg_k":"#), Some(12));
+        assert_eq!(number_field(&p, r#""lg_t":"#), Some(34));
+        assert_eq!(number_field(&p, r#""nope":"#), None);
+        let ack: serde_json::Value = serde_json::from_str(&ack_frame(&["a".into(), "b".into()])).unwrap_or_default();
+        assert_eq!(ack, serde_json::json!({ "type": "ack", "ids": ["a", "b"] }));
+    }
+}

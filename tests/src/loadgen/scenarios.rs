@@ -1,0 +1,899 @@
+//! The benchmark scenarios. Each starts the system it measures, drives it through the generator's
+//! workers, samples the servers and returns its figures; every wait has a deadline, so every run
+//! ends by itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::IntoFuture as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
+use mongodb::bson::{doc, Document};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::metrics;
+use super::orchestrator::{user_names, Plan, Workers};
+use super::protocol::{self, Flavor};
+use super::report::{self, Latency, Totals};
+use super::systems::{self, Herald, HeraldOptions, Limit, Peer, Server};
+
+/// Which system a scenario measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum System {
+    Herald,
+    /// Socket.IO 4 with the Redis adapter.
+    Peer,
+    /// The bare fan-out server.
+    Limit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Scenario {
+    Idle,
+    Gateway,
+    Direct,
+    Fanout,
+    Storm,
+    Loss,
+    /// A few hundred connections through the whole path, checking only that nothing is lost.
+    Smoke,
+}
+
+/// Settings of one run.
+#[derive(Debug, Clone)]
+pub(crate) struct RunConfig {
+    /// The short version of each scenario (what `make bench` runs).
+    pub(crate) short: bool,
+    pub(crate) logs: PathBuf,
+    /// Idle connections per server process.
+    pub(crate) idle_per_server: usize,
+    pub(crate) repeats: usize,
+}
+
+/// What one scenario measured on one system.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Outcome {
+    pub(crate) scenario: Scenario,
+    pub(crate) system: System,
+    /// Figures by name; the summary table prints them in this order.
+    pub(crate) figures: Vec<(String, Value)>,
+    /// Anything that went wrong or qualifies the figures.
+    pub(crate) notes: Vec<String>,
+    /// Figures that must hold for the run to count as correct (e.g. `lost == 0`).
+    pub(crate) ok: bool,
+}
+
+impl Outcome {
+    fn new(scenario: Scenario, system: System) -> Self {
+        Self { scenario, system, figures: Vec::new(), notes: Vec::new(), ok: true }
+    }
+
+    fn set(&mut self, name: &str, value: impl Into<Value>) {
+        self.figures.push((name.to_owned(), value.into()));
+    }
+
+    fn latency(&mut self, prefix: &str, lat: Latency) {
+        self.set(&format!("{prefix}_p50_ms"), round(lat.p50_ms, 2));
+        self.set(&format!("{prefix}_p99_ms"), round(lat.p99_ms, 2));
+        self.set(&format!("{prefix}_p999_ms"), round(lat.p999_ms, 2));
+        self.set(&format!("{prefix}_max_ms"), round(lat.max_ms, 2));
+    }
+
+    fn fail(&mut self, note: impl Into<String>) {
+        self.ok = false;
+        self.notes.push(note.into());
+    }
+}
+
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs[xs.len() / 2]
+    }
+}
+
+/// The servers whose memory and CPU a scenario reports, with the name of their role.
+struct Sampled<'a> {
+    servers: Vec<&'a Server>,
+}
+
+impl Sampled<'_> {
+    fn rss_kib(&self) -> Vec<u64> {
+        self.servers.iter().map(|s| s.rss_kib()).collect()
+    }
+
+    fn cpu_secs(&self) -> Vec<f64> {
+        self.servers.iter().map(|s| s.cpu_secs()).collect()
+    }
+}
+
+/// One system under test, whichever it is.
+enum Sut {
+    Herald(Box<Herald>),
+    Peer(Peer),
+    Limit(Limit),
+}
+
+impl Sut {
+    async fn start(system: System, servers: usize, options: HeraldOptions, config: &RunConfig) -> anyhow::Result<Self> {
+        Ok(match system {
+            System::Herald => Sut::Herald(Box::new(
+                Herald::start(&HeraldOptions { gateways: servers, ..options }, &config.logs).await?,
+            )),
+            System::Peer => Sut::Peer(Peer::start(servers, &config.logs).await?),
+            System::Limit => Sut::Limit(Limit::start(servers, &config.logs).await?),
+        })
+    }
+
+    fn flavor(&self) -> Flavor {
+        match self {
+            Sut::Peer(_) => Flavor::EngineIo,
+            _ => Flavor::Herald,
+        }
+    }
+
+    fn jwt_secret(&self) -> Option<String> {
+        matches!(self, Sut::Herald(_)).then(|| systems::JWT_SECRET.to_owned())
+    }
+
+    fn urls(&self) -> Vec<String> {
+        match self {
+            Sut::Herald(h) => h.urls(),
+            Sut::Peer(p) => p.urls(),
+            Sut::Limit(l) => l.urls(),
+        }
+    }
+
+    /// The processes that hold connections (gateways, Node processes, bare servers).
+    fn front(&self) -> Sampled<'_> {
+        Sampled {
+            servers: match self {
+                Sut::Herald(h) => h.gateways.iter().collect(),
+                Sut::Peer(p) => p.nodes.iter().collect(),
+                Sut::Limit(l) => l.servers.iter().collect(),
+            },
+        }
+    }
+
+    fn redis_port(&self) -> Option<u16> {
+        match self {
+            Sut::Herald(h) => Some(h.redis_port()),
+            Sut::Peer(p) => Some(p.redis.port()),
+            Sut::Limit(_) => None,
+        }
+    }
+
+    /// One plan group per front server, `per_server` users each.
+    fn plan(&self, per_server: usize, ack: bool, concurrency: usize) -> Plan {
+        Plan {
+            flavor: self.flavor(),
+            groups: self.urls().into_iter().map(|u| (vec![u], per_server)).collect(),
+            jwt_secret: self.jwt_secret(),
+            ack,
+            user_prefix: "u".into(),
+            connect_concurrency: concurrency,
+        }
+    }
+}
+
+async fn redis_rate(port: Option<u16>, window: Duration) -> anyhow::Result<Option<f64>> {
+    let Some(port) = port else {
+        tokio::time::sleep(window).await;
+        return Ok(None);
+    };
+    let before = metrics::redis_commands(port).await?;
+    tokio::time::sleep(window).await;
+    let after = metrics::redis_commands(port).await?;
+    Ok(Some((after - before) as f64 / window.as_secs_f64()))
+}
+
+/// Opens `fraction` of the plan's connections and waits for all of them; returns seconds taken.
+async fn connect(workers: &mut Workers, fraction: f64, timeout: Duration) -> anyhow::Result<(f64, Totals)> {
+    let want = workers.slots_at(fraction);
+    let start = Instant::now();
+    workers.activate(fraction).await?;
+    let (totals, done) = workers.wait_for(timeout, Duration::from_millis(250), |t| t.connected >= want).await?;
+    anyhow::ensure!(
+        done,
+        "only {} of {want} connections after {timeout:?} (failures {}, refused {:?}, closes {:?})",
+        totals.connected,
+        totals.connect_failures,
+        totals.refused,
+        totals.closes
+    );
+    Ok((start.elapsed().as_secs_f64(), totals))
+}
+
+// --- 1. idle capacity --------------------------------------------------------------------------
+
+pub(crate) async fn idle(system: System, config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Idle, system);
+    let servers = 2;
+    let per_server = config.idle_per_server;
+    let window = Duration::from_secs(if config.short { 15 } else { 30 });
+    let sut = Sut::start(system, servers, HeraldOptions::default(), config).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_base = sut.front().rss_kib();
+    let mut workers = Workers::spawn(&sut.plan(per_server, false, 256))?;
+
+    let (t_half, _) = connect(&mut workers, 0.5, Duration::from_secs(300)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let redis_half = redis_rate(sut.redis_port(), window).await?;
+    let (t_rest, totals) = connect(&mut workers, 1.0, Duration::from_secs(300)).await?;
+    let connections = totals.connected;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu_before = sut.front().cpu_secs();
+    let redis_full = redis_rate(sut.redis_port(), window).await?;
+    let cpu_after = sut.front().cpu_secs();
+    let rss_full = sut.front().rss_kib();
+    let totals = workers.totals().await?;
+
+    let per_conn: Vec<f64> = rss_full
+        .iter()
+        .zip(&rss_base)
+        .map(|(full, base)| full.saturating_sub(*base) as f64 / per_server as f64)
+        .collect();
+    let cpu_pct_per_10k: Vec<f64> = cpu_after
+        .iter()
+        .zip(&cpu_before)
+        .map(|(a, b)| (a - b) / window.as_secs_f64() * 100.0 / (per_server as f64 / 10_000.0))
+        .collect();
+    out.set("server_processes", servers as u64);
+    out.set("connections", connections);
+    out.set("connections_per_process", per_server as u64);
+    out.set("connect_rate_per_s", round(connections as f64 / (t_half + t_rest), 0));
+    out.set("rss_per_connection_kib", round(median(per_conn.clone()), 2));
+    out.set("rss_per_connection_kib_each", json!(per_conn.iter().map(|x| round(*x, 2)).collect::<Vec<_>>()));
+    out.set("rss_base_mib_each", json!(rss_base.iter().map(|k| round(*k as f64 / 1024.0, 1)).collect::<Vec<_>>()));
+    out.set("rss_loaded_mib_each", json!(rss_full.iter().map(|k| round(*k as f64 / 1024.0, 1)).collect::<Vec<_>>()));
+    out.set("cpu_pct_per_10k_idle", round(median(cpu_pct_per_10k), 3));
+    if let (Some(half), Some(full)) = (redis_half, redis_full) {
+        out.set("redis_cmds_per_s_at_half", round(half, 1));
+        out.set("redis_cmds_per_s_at_full", round(full, 1));
+    }
+    out.set("window_s", window.as_secs());
+    out.set("connect_failures", totals.connect_failures);
+    out.set("closes", json!(totals.closes));
+    out.set("generator_rss_mib", round(totals.generator_rss_kib as f64 / 1024.0, 1));
+    if totals.connected < connections {
+        out.fail(format!("{} connections dropped during the window", connections - totals.connected));
+    }
+    workers.quit().await;
+    Ok(out)
+}
+
+// --- 2. delivery stage -------------------------------------------------------------------------
+
+pub(crate) async fn gateway_stage(system: System, config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Gateway, system);
+    let servers = 2;
+    let connections = 10_000;
+    let per_server = connections / servers;
+    let messages = 100u64;
+    let sut = Sut::start(system, servers, HeraldOptions::default(), config).await?;
+    let mut workers = Workers::spawn(&sut.plan(per_server, false, 256))?;
+    connect(&mut workers, 1.0, Duration::from_secs(120)).await?;
+    let http = reqwest::Client::new();
+
+    let (mut rates, mut p50s, mut p99s, mut maxes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut lost_total = 0;
+    let mut duplicates = 0;
+    let mut unique_before = 0;
+    let cpu_before = sut.front().cpu_secs();
+    for round_no in 0..config.repeats as u64 {
+        workers.reset().await?;
+        let expected = messages * connections as u64;
+        let start_us = protocol::now_us();
+        let ks = (round_no * messages)..((round_no + 1) * messages);
+        match &sut {
+            Sut::Herald(h) => publish_deliveries(h, per_server, ks).await?,
+            Sut::Peer(p) => publish_http(&http, &[&p.nodes[0]], ks).await?,
+            Sut::Limit(l) => publish_http(&http, &l.servers.iter().collect::<Vec<_>>(), ks).await?,
+        }
+        let (totals, done) = workers
+            .wait_for(Duration::from_secs(120), Duration::from_millis(100), |t| t.unique >= unique_before + expected)
+            .await?;
+        let got = totals.unique - unique_before;
+        unique_before = totals.unique;
+        duplicates = totals.duplicates;
+        if !done {
+            lost_total += expected.saturating_sub(got);
+        }
+        let secs = (totals.last_rx_us.saturating_sub(start_us)) as f64 / 1e6;
+        let lat = Latency::of(totals.send_to_rx.as_ref());
+        rates.push(got as f64 / secs.max(1e-6));
+        p50s.push(lat.p50_ms);
+        p99s.push(lat.p99_ms);
+        maxes.push(lat.max_ms);
+    }
+    let cpu_after = sut.front().cpu_secs();
+    let totals = workers.totals().await?;
+    out.set("connections", connections as u64);
+    out.set("server_processes", servers as u64);
+    out.set("messages_per_round", messages);
+    out.set("rounds", config.repeats as u64);
+    out.set("delivered_per_s_median", round(median(rates.clone()), 0));
+    out.set("delivered_per_s_each", json!(rates.iter().map(|r| round(*r, 0)).collect::<Vec<_>>()));
+    out.set("send_to_rx_p50_ms_median", round(median(p50s), 2));
+    out.set("send_to_rx_p99_ms_median", round(median(p99s), 2));
+    out.set("send_to_rx_max_ms_median", round(median(maxes), 2));
+    let cpu: f64 = cpu_after.iter().sum::<f64>() - cpu_before.iter().sum::<f64>();
+    out.set("server_cpu_s_per_million", round(cpu / (unique_before as f64 / 1e6).max(1e-9), 2));
+    out.set(
+        "server_rss_mib_each",
+        json!(sut.front().rss_kib().iter().map(|k| round(*k as f64 / 1024.0, 1)).collect::<Vec<_>>()),
+    );
+    out.set("lost", lost_total);
+    out.set("duplicates", duplicates);
+    out.set("closes", json!(totals.closes));
+    if lost_total > 0 {
+        out.fail(format!("{lost_total} deliveries missing after 120 s"));
+    }
+    workers.quit().await;
+    Ok(out)
+}
+
+/// Deliveries straight onto each gateway's subject: one NATS message per gateway per message,
+/// carrying every recipient on that gateway (users are numbered gateway by gateway).
+async fn publish_deliveries(h: &Herald, per_gateway: usize, ks: std::ops::Range<u64>) -> anyhow::Result<()> {
+    let names = h.stack.names();
+    let users: Vec<Vec<String>> =
+        (0..h.gateways.len()).map(|g| user_names("u", g * per_gateway, per_gateway)).collect();
+    for k in ks {
+        for (g, id) in h.gateway_ids.iter().enumerate() {
+            let now_us = protocol::now_us();
+            let now_ms = now_us / 1000;
+            // The wire form of `GatewayCommand::Deliver` (proto/src/internal.rs, externally tagged), written
+            // out so that fields added to the Rust types later do not change what is measured.
+            let command = json!({ "deliver": [{
+                "users": users[g],
+                "notification": {
+                    "id": format!("g-{k}"),
+                    "seq": k + 1,
+                    "payload": { "lg_k": k, "lg_t": now_us },
+                    "published_at_ms": now_ms,
+                    "expires_at_ms": now_ms + 3_600_000,
+                },
+            }]});
+            h.nats.publish(names.gateway_subject(id), serde_json::to_vec(&command)?.into()).await?;
+        }
+    }
+    h.nats.flush().await?;
+    Ok(())
+}
+
+/// Broadcasts through the peer's or the bare server's `POST /publish` (a notification-shaped
+/// body, so that every system sends frames of about the same size).
+async fn publish_http(http: &reqwest::Client, targets: &[&Server], ks: std::ops::Range<u64>) -> anyhow::Result<()> {
+    let mut sends = FuturesUnordered::new();
+    for k in ks {
+        for server in targets {
+            let now_us = protocol::now_us();
+            let body = format!(
+                r#"{{"type":"notification","id":"g-{k}","seq":{},"payload":{},"published_at_ms":{},"expires_at_ms":{}}}"#,
+                k + 1,
+                protocol::payload(k, now_us),
+                now_us / 1000,
+                now_us / 1000 + 3_600_000
+            );
+            sends.push(http.post(format!("http://{}/publish", server.addr)).body(body).send());
+            // A few in flight, in order enough: the peer emits in arrival order.
+            if sends.len() >= 4 {
+                if let Some(r) = sends.next().await {
+                    r?.error_for_status()?;
+                }
+            }
+        }
+    }
+    while let Some(r) = sends.next().await {
+        r?.error_for_status()?;
+    }
+    Ok(())
+}
+
+// --- 3. direct durable messages ------------------------------------------------------------------
+
+/// Publishes `count` one-recipient jobs at `rate` per second starting at index `first_k`,
+/// recipients round robin over `users`. Returns the seconds it took (behind schedule if the
+/// publish path could not keep up).
+async fn publish_jobs(h: &Herald, users: &[String], first_k: u64, count: u64, rate: f64) -> anyhow::Result<f64> {
+    let subject = h.stack.names().publish_subject("bench");
+    let start = Instant::now();
+    let mut acks = FuturesUnordered::new();
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            if wait > Duration::from_millis(2) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let k = first_k + i;
+        let id = format!("d-{k}");
+        let user = &users[(k as usize) % users.len()];
+        let body = format!(r#"{{"id":"{id}","to":["{user}"],"payload":{}}}"#, protocol::payload(k, protocol::now_us()));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        acks.push(h.js.publish_with_headers(subject.clone(), headers, body.into()).await?.into_future());
+        while acks.len() > 4096 {
+            if let Some(ack) = acks.next().await {
+                ack?;
+            }
+        }
+        // Collect finished acks without waiting.
+        while let Some(Some(ack)) = futures::FutureExt::now_or_never(acks.next()) {
+            ack?;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Direct, System::Herald);
+    let servers = 2;
+    let per_server = if config.short { 1_000 } else { 2_500 };
+    let step = Duration::from_secs(if config.short { 5 } else { 10 });
+    let rates: &[f64] = &[100.0, 200.0, 400.0, 800.0, 1_600.0, 3_200.0, 6_400.0, 12_800.0];
+    let sut = Sut::start(System::Herald, servers, HeraldOptions::default(), config).await?;
+    let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
+    let mut workers = Workers::spawn(&sut.plan(per_server, true, 256))?;
+    connect(&mut workers, 1.0, Duration::from_secs(120)).await?;
+    let users = user_names("u", 0, per_server * servers);
+    let dispatcher = &h.dispatchers[0];
+    // Let the online announcements and replays of the connect settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut k = 0u64;
+    let mut steps = Vec::new();
+    let mut best: Option<Value> = None;
+    for &rate in rates {
+        workers.reset().await?;
+        let before = workers.totals().await?.unique;
+        let (rt_before, cpu_before) = (h.store_proxy.requests(), dispatcher.cpu_secs());
+        let count = (rate * step.as_secs_f64()) as u64;
+        let took = publish_jobs(h, &users, k, count, rate).await?;
+        k += count;
+        // Deliveries still on their way at the end of the step get two seconds to land.
+        let (totals, _) = workers
+            .wait_for(Duration::from_secs(2), Duration::from_millis(100), |t| t.unique >= before + count)
+            .await?;
+        let (rt_after, cpu_after) = (h.store_proxy.requests(), dispatcher.cpu_secs());
+        let delivered = totals.unique - before;
+        let lat = Latency::of(totals.publish_to_rx.as_ref());
+        let sustained = delivered as f64 >= count as f64 * 0.99 && took <= step.as_secs_f64() * 1.1;
+        let row = json!({
+            "rate_per_s": rate,
+            "published": count,
+            "publish_took_s": round(took, 2),
+            "delivered_in_step": delivered,
+            "p50_ms": round(lat.p50_ms, 1),
+            "p99_ms": round(lat.p99_ms, 1),
+            "p999_ms": round(lat.p999_ms, 1),
+            "max_ms": round(lat.max_ms, 1),
+            "store_round_trips_per_msg": round((rt_after - rt_before) as f64 / count as f64, 3),
+            "dispatcher_cpu_s_per_1k": round((cpu_after - cpu_before) / (count as f64 / 1000.0), 3),
+            "gateway_rss_mib": sut.front().rss_kib().iter().map(|k| round(*k as f64 / 1024.0, 1)).collect::<Vec<_>>(),
+            "dispatcher_rss_mib": round(dispatcher.rss_kib() as f64 / 1024.0, 1),
+            "sustained": sustained,
+        });
+        eprintln!("loadgen: direct step {row}");
+        steps.push(row.clone());
+        if lat.p99_ms < 100.0 && sustained {
+            best = Some(row);
+        } else {
+            break;
+        }
+    }
+
+    // Everything published must arrive, and every receipt must read `delivered`.
+    let drain_start = Instant::now();
+    let (totals, all_in) =
+        workers.wait_for(Duration::from_secs(90), Duration::from_millis(250), |t| t.unique >= k).await?;
+    out.set("users_online", users.len() as u64);
+    out.set("step_s", step.as_secs());
+    match &best {
+        Some(b) => {
+            out.set("highest_rate_with_p99_under_100ms", b["rate_per_s"].clone());
+            for key in ["p50_ms", "p99_ms", "p999_ms", "max_ms", "store_round_trips_per_msg", "dispatcher_cpu_s_per_1k"]
+            {
+                out.set(&format!("at_best_{key}"), b[key].clone());
+            }
+        }
+        None => out.set("highest_rate_with_p99_under_100ms", 0),
+    }
+    out.set("published", k);
+    out.set("received_unique", totals.unique);
+    out.set("lost", k.saturating_sub(totals.unique));
+    out.set("duplicates", totals.duplicates);
+    out.set("drain_s", round(drain_start.elapsed().as_secs_f64(), 1));
+    if !all_in {
+        out.fail(format!("{} messages not received 90 s after the last step", k - totals.unique));
+    }
+    let receipts = receipt_latency(h, k, Duration::from_secs(90)).await?;
+    out.set("receipts_delivered", receipts.delivered);
+    out.latency("publish_to_receipt_delivered", receipts.latency);
+    if receipts.delivered < k {
+        out.fail(format!("{} receipts not delivered within 90 s of the drain", k - receipts.delivered));
+    }
+    out.set("steps", Value::Array(steps));
+    workers.quit().await;
+    Ok(out)
+}
+
+struct ReceiptFigures {
+    delivered: u64,
+    latency: Latency,
+}
+
+/// Waits until `expected` receipts read `delivered` (or the timeout), then reads the publish →
+/// delivered latency from the store: the receipt's `delivered_at_ms` against the message's
+/// `published_at` (its JetStream time).
+async fn receipt_latency(h: &Herald, expected: u64, timeout: Duration) -> anyhow::Result<ReceiptFigures> {
+    let receipts = h.db.collection::<Document>(herald_shared::naming::collections::RECEIPTS);
+    let deadline = Instant::now() + timeout;
+    let mut delivered;
+    loop {
+        delivered = receipts.count_documents(doc! { "state": "delivered" }).await?;
+        if delivered >= expected || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let messages = h.db.collection::<Document>(herald_shared::naming::collections::MESSAGES);
+    let mut published: HashMap<String, i64> = HashMap::new();
+    let mut cursor = messages.find(doc! {}).projection(doc! { "_id": 1, "published_at": 1 }).await?;
+    while let Some(m) = cursor.try_next().await? {
+        if let (Ok(id), Ok(at)) = (m.get_str("_id"), m.get_datetime("published_at")) {
+            published.insert(id.to_owned(), at.timestamp_millis());
+        }
+    }
+    let mut hist = report::histogram();
+    let mut cursor =
+        receipts.find(doc! { "state": "delivered" }).projection(doc! { "message_id": 1, "delivered_at_ms": 1 }).await?;
+    while let Some(r) = cursor.try_next().await? {
+        let at = r.get_i64("delivered_at_ms").ok();
+        let id = r.get_str("message_id").ok();
+        if let (Some(at), Some(p)) = (at, id.and_then(|id| published.get(id))) {
+            report::record(&mut hist, (at - p).max(0) as u64 * 1000);
+        }
+    }
+    Ok(ReceiptFigures { delivered, latency: Latency::of(Some(&hist)) })
+}
+
+// --- 4. fan-out job --------------------------------------------------------------------------------
+
+pub(crate) async fn fanout(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Fanout, System::Herald);
+    let servers = 2;
+    let recipients = 10_000;
+    let sut = Sut::start(System::Herald, servers, HeraldOptions::default(), config).await?;
+    let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
+    let mut workers = Workers::spawn(&sut.plan(recipients / servers, true, 256))?;
+    connect(&mut workers, 1.0, Duration::from_secs(120)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    workers.reset().await?;
+    let users = user_names("u", 0, recipients);
+    let rt_before = h.store_proxy.requests();
+    let start = Instant::now();
+    let start_us = protocol::now_us();
+    let job = json!({ "id": "fanout-0", "to": users, "payload": { "lg_k": 0, "lg_t": start_us } });
+    h.js.publish(h.stack.names().publish_subject("bench"), serde_json::to_vec(&job)?.into()).await?.await?;
+    let (totals, all_in) = workers
+        .wait_for(Duration::from_secs(120), Duration::from_millis(100), |t| t.unique >= recipients as u64)
+        .await?;
+    let received_s = totals.last_rx_us.saturating_sub(start_us) as f64 / 1e6;
+    let receipts = h.db.collection::<Document>(herald_shared::naming::collections::RECEIPTS);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut delivered;
+    loop {
+        delivered = receipts.count_documents(doc! { "state": "delivered" }).await?;
+        if delivered >= recipients as u64 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let receipts_s = start.elapsed().as_secs_f64();
+    out.set("recipients", recipients as u64);
+    out.set("all_received_s", round(received_s, 2));
+    out.latency("publish_to_rx", Latency::of(totals.publish_to_rx.as_ref()));
+    out.set("all_receipts_delivered_s", round(receipts_s, 2));
+    out.set("store_round_trips", h.store_proxy.requests() - rt_before);
+    out.set("received_unique", totals.unique);
+    out.set("lost", (recipients as u64).saturating_sub(totals.unique));
+    out.set("receipts_delivered", delivered);
+    out.set(
+        "dispatcher_peak_rss_mib",
+        round(metrics::peak_rss_kib(h.dispatchers[0].pid()).unwrap_or(0) as f64 / 1024.0, 1),
+    );
+    if !all_in || delivered < recipients as u64 {
+        out.fail(format!("received {} of {recipients}, receipts delivered {delivered}", totals.unique));
+    }
+    workers.quit().await;
+    Ok(out)
+}
+
+// --- 5. reconnect storm with replay ----------------------------------------------------------------
+
+pub(crate) async fn storm(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Storm, System::Herald);
+    let servers = 2;
+    let users_n = if config.short { 4_000 } else { 10_000 };
+    let pending = 10u64;
+    let sut = Sut::start(System::Herald, servers, HeraldOptions::default(), config).await?;
+    let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
+    let users = user_names("u", 0, users_n);
+    // Ten fan-out jobs to every (offline) user: users × 10 pending receipts.
+    for k in 0..pending {
+        let job = json!({ "id": format!("s-{k}"), "to": users, "payload": { "lg_k": k, "lg_t": protocol::now_us() } });
+        h.js.publish(h.stack.names().publish_subject("bench"), serde_json::to_vec(&job)?.into()).await?.await?;
+    }
+    let want = users_n as u64 * pending;
+    let receipts = h.db.collection::<Document>(herald_shared::naming::collections::RECEIPTS);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let stored = receipts.count_documents(doc! {}).await?;
+        if stored >= want {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {stored} of {want} receipts stored within 180 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut workers = Workers::spawn(&sut.plan(users_n / servers, true, 1024))?;
+    let start = Instant::now();
+    let mut peak_gw = 0u64;
+    let mut peak_dsp = 0u64;
+    workers.activate(1.0).await?;
+    let mut connected_s = None;
+    let mut received_s = None;
+    let mut totals;
+    loop {
+        totals = workers.totals().await?;
+        peak_gw = peak_gw.max(sut.front().rss_kib().iter().sum());
+        peak_dsp = peak_dsp.max(h.dispatchers[0].rss_kib());
+        if connected_s.is_none() && totals.connected >= users_n as u64 {
+            connected_s = Some(start.elapsed().as_secs_f64());
+        }
+        if received_s.is_none() && totals.unique >= want {
+            received_s = Some(start.elapsed().as_secs_f64());
+        }
+        if received_s.is_some() || start.elapsed() > Duration::from_secs(180) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut delivered;
+    loop {
+        delivered = receipts.count_documents(doc! { "state": "delivered" }).await?;
+        if delivered >= want || start.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        peak_gw = peak_gw.max(sut.front().rss_kib().iter().sum());
+        peak_dsp = peak_dsp.max(h.dispatchers[0].rss_kib());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    out.set("users", users_n as u64);
+    out.set("pending_per_user", pending);
+    out.set("all_connected_s", connected_s.map(|s| round(s, 2)));
+    out.set("all_received_s", received_s.map(|s| round(s, 2)));
+    out.set("all_acked_delivered_s", round(start.elapsed().as_secs_f64(), 2));
+    out.set("received_unique", totals.unique);
+    out.set("lost", want.saturating_sub(totals.unique));
+    out.set("duplicates", totals.duplicates);
+    out.set("receipts_delivered", delivered);
+    out.set("gateways_peak_rss_mib_sum", round(peak_gw as f64 / 1024.0, 1));
+    out.set("dispatcher_peak_rss_mib", round(peak_dsp as f64 / 1024.0, 1));
+    if totals.unique < want || delivered < want {
+        out.fail(format!("received {} of {want}; receipts delivered {delivered}", totals.unique));
+    }
+    workers.quit().await;
+    Ok(out)
+}
+
+// --- 6. gateway loss ---------------------------------------------------------------------------------
+
+pub(crate) async fn loss(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Loss, System::Herald);
+    let servers = 3;
+    let per_server = if config.short { 1_000 } else { 3_000 };
+    let rate = 200.0;
+    let options = HeraldOptions { presence_ttl_ms: 3_000, ..HeraldOptions::default() };
+    let mut sut = Sut::start(System::Herald, servers, options, config).await?;
+    let urls = sut.urls();
+    // Group i starts on gateway i and goes round the others on each reconnect.
+    let mut plan = sut.plan(per_server, true, 256);
+    plan.groups =
+        (0..servers).map(|i| ((0..servers).map(|j| urls[(i + j) % servers].clone()).collect(), per_server)).collect();
+    let mut workers = Workers::spawn(&plan)?;
+    connect(&mut workers, 1.0, Duration::from_secs(120)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let Sut::Herald(h) = &mut sut else { anyhow::bail!("not herald") };
+    let users = user_names("u", 0, per_server * servers);
+    let total = users_total(&users);
+
+    let before = publish_jobs(h, &users, 0, (rate * 3.0) as u64, rate).await?;
+    let _ = before;
+    let killed_at = Instant::now();
+    h.gateways[0].kill9();
+    let h = &*h;
+    let publishing = publish_jobs(h, &users, (rate * 3.0) as u64, (rate * 10.0) as u64, rate);
+    let watching = async {
+        let mut back = None;
+        while back.is_none() && killed_at.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if workers.totals().await?.connected >= total {
+                back = Some(killed_at.elapsed().as_secs_f64());
+            }
+        }
+        anyhow::Ok(back)
+    };
+    let (published, reconnected_s) = tokio::join!(publishing, watching);
+    published?;
+    let reconnected_s = reconnected_s?;
+    let sent = (rate * 13.0) as u64;
+    let (totals, all_in) =
+        workers.wait_for(Duration::from_secs(120), Duration::from_millis(250), |t| t.unique >= sent).await?;
+    out.set("gateways", servers as u64);
+    out.set("connections", total);
+    out.set("killed_gateway_connections", per_server as u64);
+    out.set("reconnected_s", reconnected_s.map(|s| round(s, 2)));
+    out.set("all_received_after_kill_s", round(killed_at.elapsed().as_secs_f64(), 2));
+    out.set("published", sent);
+    out.set("received_unique", totals.unique);
+    out.set("lost", sent.saturating_sub(totals.unique));
+    out.set("duplicates", totals.duplicates);
+    out.set("closes", json!(totals.closes));
+    if !all_in {
+        out.fail(format!("{} messages not received within 120 s", sent - totals.unique));
+    }
+    workers.quit().await;
+    Ok(out)
+}
+
+fn users_total(users: &[String]) -> u64 {
+    users.len() as u64
+}
+
+// --- smoke: correctness only ---------------------------------------------------------------------------
+
+/// A few hundred connections on two gateways, a few hundred direct messages and one fan-out
+/// job through the whole path, and deliveries straight to a gateway: nothing may be lost.
+pub(crate) async fn smoke(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Smoke, System::Herald);
+    let per_server = 150;
+    let sut = Sut::start(System::Herald, 2, HeraldOptions::default(), config).await?;
+    let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
+    let mut workers = Workers::spawn(&sut.plan(per_server, true, 64))?;
+    connect(&mut workers, 1.0, Duration::from_secs(60)).await?;
+    let users = user_names("u", 0, per_server * 2);
+    let direct = 300u64;
+    publish_jobs(h, &users, 0, direct, 500.0).await?;
+    let job = json!({ "id": "smoke-fanout", "to": users, "payload": { "lg_k": direct, "lg_t": protocol::now_us() } });
+    h.js.publish(h.stack.names().publish_subject("bench"), serde_json::to_vec(&job)?.into()).await?.await?;
+    let full_path = direct + users.len() as u64;
+    publish_deliveries(h, per_server, (direct + 1)..(direct + 4)).await?;
+    let expected = full_path + 3 * users.len() as u64;
+    let (totals, _) =
+        workers.wait_for(Duration::from_secs(60), Duration::from_millis(100), |t| t.unique >= expected).await?;
+    let receipts = receipt_latency(h, full_path, Duration::from_secs(60)).await?;
+    out.set("connections", totals.connected);
+    out.set("expected", expected);
+    out.set("received_unique", totals.unique);
+    out.set("lost", expected.saturating_sub(totals.unique));
+    out.set("duplicates", totals.duplicates);
+    out.set("receipts_expected", full_path);
+    out.set("receipts_delivered", receipts.delivered);
+    if totals.unique < expected {
+        out.fail(format!("{} messages lost", expected - totals.unique));
+    }
+    if receipts.delivered < full_path {
+        out.fail(format!("{} receipts not delivered", full_path - receipts.delivered));
+    }
+    workers.quit().await;
+    Ok(out)
+}
+
+/// Runs one scenario on one system, bounded by `limit`.
+pub(crate) async fn run(scenario: Scenario, system: System, config: &RunConfig, limit: Duration) -> Outcome {
+    let fut = async {
+        match (scenario, system) {
+            (Scenario::Idle, s) => idle(s, config).await,
+            (Scenario::Gateway, s) => gateway_stage(s, config).await,
+            (Scenario::Direct, System::Herald) => direct(config).await,
+            (Scenario::Fanout, System::Herald) => fanout(config).await,
+            (Scenario::Storm, System::Herald) => storm(config).await,
+            (Scenario::Loss, System::Herald) => loss(config).await,
+            (Scenario::Smoke, System::Herald) => smoke(config).await,
+            (scenario, system) => anyhow::bail!("{scenario:?} is not measured on {system:?}"),
+        }
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => {
+            let mut out = Outcome::new(scenario, system);
+            out.fail(format!("error: {e:#}"));
+            out
+        }
+        Err(_) => {
+            let mut out = Outcome::new(scenario, system);
+            out.fail(format!("did not finish within {limit:?}"));
+            out
+        }
+    }
+}
+
+/// Figures by name, for the JSON file.
+pub(crate) fn as_json(outcomes: &[Outcome]) -> Value {
+    Value::Array(
+        outcomes
+            .iter()
+            .map(|o| {
+                let figures: serde_json::Map<String, Value> = o.figures.iter().cloned().collect();
+                json!({ "scenario": o.scenario, "system": o.system, "ok": o.ok, "notes": o.notes, "figures": figures })
+            })
+            .collect(),
+    )
+}
+
+/// A plain-text table per scenario, systems side by side.
+pub(crate) fn table(outcomes: &[Outcome]) -> String {
+    let mut by_scenario: BTreeMap<String, Vec<&Outcome>> = BTreeMap::new();
+    for o in outcomes {
+        by_scenario.entry(format!("{:?}", o.scenario).to_lowercase()).or_default().push(o);
+    }
+    let mut text = String::new();
+    for (scenario, list) in by_scenario {
+        let mut names: Vec<String> = Vec::new();
+        for o in &list {
+            for (name, _) in &o.figures {
+                if !names.contains(name) && name != "steps" {
+                    names.push(name.clone());
+                }
+            }
+        }
+        text.push_str(&format!("\n== {scenario} ==\n{:<40}", "figure"));
+        for o in &list {
+            text.push_str(&format!(
+                " {:>22}",
+                format!("{:?}{}", o.system, if o.ok { "" } else { " (FAILED)" }).to_lowercase()
+            ));
+        }
+        text.push('\n');
+        for name in names {
+            text.push_str(&format!("{name:<40}"));
+            for o in &list {
+                let v = o
+                    .figures
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+                    .unwrap_or_else(|| "-".into());
+                text.push_str(&format!(" {v:>22}"));
+            }
+            text.push('\n');
+        }
+        for o in &list {
+            for note in &o.notes {
+                text.push_str(&format!("note ({:?}): {note}\n", o.system));
+            }
+            if let Some((_, Value::Array(steps))) = o.figures.iter().find(|(n, _)| n == "steps") {
+                for s in steps {
+                    text.push_str(&format!("step: {s}\n"));
+                }
+            }
+        }
+    }
+    text
+}

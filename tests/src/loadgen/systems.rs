@@ -1,0 +1,270 @@
+//! The systems under test, started for one run and stopped when dropped: Herald (its
+//! dependencies through the test harness, then gateway and dispatcher processes built in the same
+//! profile as the generator), the Socket.IO peer (Node processes sharing a Redis) and the bare
+//! fan-out server (the limit).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use herald_tests::services::{Redis, Stack};
+
+use super::metrics;
+use super::mongo_proxy::CountingProxy;
+
+pub(crate) const JWT_SECRET: &str = "herald-bench-secret-0123456789";
+const ADMIN_TOKEN: &str = "herald-bench-admin-token";
+
+/// One server process, killed (SIGKILL) and reaped when dropped.
+pub(crate) struct Server {
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
+    child: Child,
+}
+
+impl Server {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn rss_kib(&self) -> u64 {
+        metrics::rss_kib(self.pid()).unwrap_or(0)
+    }
+
+    pub(crate) fn cpu_secs(&self) -> f64 {
+        metrics::cpu_secs(self.pid()).unwrap_or(0.0)
+    }
+
+    pub(crate) fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `kill -9`, as a crash.
+    pub(crate) fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn spawn(name: &str, program: &Path, args: &[&str], env: &[(&str, String)], logs: &Path) -> anyhow::Result<Server> {
+    let addr: SocketAddr = env
+        .iter()
+        .find(|(k, _)| k.ends_with("LISTEN") || *k == "PORT_ADDR")
+        .map(|(_, v)| v.parse())
+        .transpose()?
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+    let child = Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("spawning {name} ({})", program.display()))?;
+    Ok(Server { name: name.to_owned(), addr, child })
+}
+
+/// A port nothing listens on now.
+pub(crate) fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Waits until `GET http://addr/path` answers 2xx, failing early if the process died.
+async fn wait_http(server: &mut Server, path: &str) -> anyhow::Result<()> {
+    let url = format!("http://{}{path}", server.addr);
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        anyhow::ensure!(server.is_running(), "{} exited during start-up; see its log", server.name);
+        if let Ok(response) = http.get(&url).send().await {
+            if response.status().is_success() {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{} not ready at {url} within 60 s", server.name);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Herald's binaries next to the running generator (`target/<profile>/`).
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("generator has no directory")?.join(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} not found: build Herald in the generator's profile (cargo build --release --bins)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Gateway settings a scenario may change.
+#[derive(Debug, Clone)]
+pub(crate) struct HeraldOptions {
+    pub(crate) gateways: usize,
+    pub(crate) dispatchers: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) presence_ttl_ms: u64,
+    pub(crate) ack_timeout_ms: u64,
+}
+
+impl Default for HeraldOptions {
+    fn default() -> Self {
+        Self { gateways: 2, dispatchers: 1, max_connections: 30_000, presence_ttl_ms: 10_000, ack_timeout_ms: 30_000 }
+    }
+}
+
+/// Herald on its own Redis, NATS and store, with the store behind a counting proxy.
+pub(crate) struct Herald {
+    pub(crate) stack: Stack,
+    pub(crate) store_proxy: CountingProxy,
+    pub(crate) gateways: Vec<Server>,
+    pub(crate) gateway_ids: Vec<String>,
+    pub(crate) dispatchers: Vec<Server>,
+    pub(crate) nats: async_nats::Client,
+    pub(crate) js: async_nats::jetstream::Context,
+    pub(crate) db: mongodb::Database,
+}
+
+impl Herald {
+    pub(crate) async fn start(options: &HeraldOptions, logs: &Path) -> anyhow::Result<Self> {
+        let stack = Stack::start().await?;
+        let store_proxy = CountingProxy::start(stack.mongo.host_port()?).await?;
+        let nats = async_nats::connect(stack.nats.url()).await?;
+        let js = async_nats::jetstream::new(nats.clone());
+        // The dispatchers create the streams (before any job is published: they start first).
+        let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
+        let common = stack.common_config();
+        let base = [
+            ("HERALD_PREFIX", common.prefix.clone()),
+            ("HERALD_REDIS_URL", common.redis_url.clone()),
+            ("HERALD_NATS_URL", common.nats_url.clone()),
+            ("HERALD_LOG", std::env::var("HERALD_BENCH_LOG").unwrap_or_else(|_| "warn".into())),
+        ];
+        let mut herald = Self {
+            stack,
+            store_proxy,
+            gateways: Vec::new(),
+            gateway_ids: Vec::new(),
+            dispatchers: Vec::new(),
+            nats,
+            js,
+            db,
+        };
+        let store_uri = format!("mongodb://{}/?directConnection=true", herald.store_proxy.addr);
+        for i in 0..options.dispatchers {
+            let mut env = base.to_vec();
+            env.extend([
+                ("HERALD_DISPATCHER_LISTEN", free_addr()?.to_string()),
+                ("HERALD_MONGODB_URI", store_uri.clone()),
+                ("HERALD_MONGODB_DATABASE", herald.stack.database.clone()),
+                ("HERALD_ADMIN_TOKEN", ADMIN_TOKEN.into()),
+                ("HERALD_ACK_TIMEOUT_MS", options.ack_timeout_ms.to_string()),
+            ]);
+            let mut server = spawn(&format!("dispatcher-{i}"), &sibling_binary("herald-dispatcher")?, &[], &env, logs)?;
+            wait_http(&mut server, "/readyz").await?;
+            herald.dispatchers.push(server);
+        }
+        for i in 0..options.gateways {
+            let id = format!("bench-gw-{i}");
+            let mut env = base.to_vec();
+            env.extend([
+                ("HERALD_GATEWAY_LISTEN", free_addr()?.to_string()),
+                ("HERALD_GATEWAY_ID", id.clone()),
+                ("HERALD_JWT_SECRET", JWT_SECRET.into()),
+                ("HERALD_MAX_CONNECTIONS", options.max_connections.to_string()),
+                ("HERALD_PRESENCE_TTL_MS", options.presence_ttl_ms.to_string()),
+            ]);
+            let mut server = spawn(&format!("gateway-{i}"), &sibling_binary("herald-gateway")?, &[], &env, logs)?;
+            wait_http(&mut server, "/readyz").await?;
+            herald.gateways.push(server);
+            herald.gateway_ids.push(id);
+        }
+        Ok(herald)
+    }
+
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.gateways.iter().map(|g| format!("ws://{}/v1/connect", g.addr)).collect()
+    }
+
+    pub(crate) fn redis_port(&self) -> u16 {
+        self.stack.redis.port()
+    }
+}
+
+/// The Socket.IO peer: Node processes sharing one Redis through `@socket.io/redis-adapter`.
+pub(crate) struct Peer {
+    pub(crate) redis: Redis,
+    pub(crate) nodes: Vec<Server>,
+}
+
+impl Peer {
+    pub(crate) async fn start(processes: usize, logs: &Path) -> anyhow::Result<Self> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("peer");
+        anyhow::ensure!(
+            dir.join("node_modules").is_dir(),
+            "{}/node_modules missing: run `npm ci` there (scripts/bench.sh does)",
+            dir.display()
+        );
+        let node = which("node").context("node not on PATH (the peer is a Node program)")?;
+        let redis = Redis::start().await?;
+        let mut nodes = Vec::new();
+        for i in 0..processes {
+            let addr = free_addr()?;
+            let env = [
+                ("PORT_ADDR", addr.to_string()),
+                ("PORT", addr.port().to_string()),
+                ("REDIS_URL", redis.url()),
+                ("NODE_ENV", "production".to_owned()),
+            ];
+            let script = dir.join("server.js");
+            let script = script.to_string_lossy();
+            let mut server = spawn(&format!("peer-{i}"), &node, &["--max-old-space-size=4096", &script], &env, logs)?;
+            wait_http(&mut server, "/healthz").await?;
+            nodes.push(server);
+        }
+        Ok(Self { redis, nodes })
+    }
+
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("ws://{}/socket.io/?EIO=4&transport=websocket", n.addr)).collect()
+    }
+}
+
+/// The bare fan-out server: the limit of what one process can push over WebSockets here.
+pub(crate) struct Limit {
+    pub(crate) servers: Vec<Server>,
+}
+
+impl Limit {
+    pub(crate) async fn start(processes: usize, logs: &Path) -> anyhow::Result<Self> {
+        let program = sibling_binary("bare-fanout")?;
+        let mut servers = Vec::new();
+        for i in 0..processes {
+            let env = [("BARE_FANOUT_LISTEN", free_addr()?.to_string())];
+            let mut server = spawn(&format!("limit-{i}"), &program, &[], &env, logs)?;
+            wait_http(&mut server, "/healthz").await?;
+            servers.push(server);
+        }
+        Ok(Self { servers })
+    }
+
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(|s| format!("ws://{}/ws", s.addr)).collect()
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}

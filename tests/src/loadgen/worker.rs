@@ -1,0 +1,342 @@
+//! One generator process: a set of connection slots, each one user holding one connection that it
+//! re-opens like a real client (jittered exponential backoff; at once after 1012), answering
+//! pings, acking what it receives in batches, and remembering every message it has seen across
+//! reconnects so duplicates are counted and losses can be found.
+//!
+//! Single-threaded on purpose: the generator shares two cores with the system it measures, and one
+//! thread per process needs no locks. Controlled by lines on stdin (`active N`, `report`, `reset`,
+//! `quit`), it answers `report` with one JSON line on stdout. The orchestrator owns the process.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use super::metrics;
+use super::protocol::{self, Flavor, Inbound};
+use super::report::{self, WorkerReport};
+
+/// How long a connection may take from TCP connect to its ready frame.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Acks wait this long to be batched (as the protocol's example client does).
+const ACK_DELAY: Duration = Duration::from_millis(100);
+/// Ids per ack frame: 100 ids stay within the default max_frame_bytes.
+const IDS_PER_ACK: usize = 100;
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What a worker is asked to do; passed as one JSON argument.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct WorkerSpec {
+    pub(crate) worker: usize,
+    pub(crate) flavor: Flavor,
+    /// A slot connects to `urls[0]` first and to the next URL on each new attempt, as a load
+    /// balancer would send it elsewhere when its server is gone.
+    pub(crate) urls: Vec<String>,
+    /// Users are `<user_prefix><first_user + slot>`.
+    pub(crate) user_prefix: String,
+    pub(crate) first_user: usize,
+    pub(crate) slots: usize,
+    /// Local addresses to connect from, round robin over slots (each gives ~28k ports).
+    pub(crate) source_ips: Vec<Ipv4Addr>,
+    /// HS256 secret to mint tokens with (Herald); None sends no token (peer, bare server).
+    pub(crate) jwt_secret: Option<String>,
+    pub(crate) ack: bool,
+    /// Connections being set up at once.
+    pub(crate) connect_concurrency: usize,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+#[derive(Default)]
+struct Stats {
+    connected: u64,
+    connects: u64,
+    connect_failures: u64,
+    refused: BTreeMap<u16, u64>,
+    closes: BTreeMap<u16, u64>,
+    received: u64,
+    unique: u64,
+    duplicates: u64,
+    acked_ids: u64,
+    other_frames: u64,
+    first_rx_us: u64,
+    last_rx_us: u64,
+    last_connect_us: u64,
+    publish_to_rx: Option<Histogram<u64>>,
+    send_to_rx: Option<Histogram<u64>>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Self { publish_to_rx: Some(report::histogram()), send_to_rx: Some(report::histogram()), ..Self::default() }
+    }
+
+    fn reset_window(&mut self) {
+        self.first_rx_us = 0;
+        self.last_rx_us = 0;
+        self.last_connect_us = 0;
+        for h in [self.publish_to_rx.as_mut(), self.send_to_rx.as_mut()].into_iter().flatten() {
+            h.reset();
+        }
+    }
+
+    fn report(&self, worker: usize) -> WorkerReport {
+        WorkerReport {
+            worker,
+            connected: self.connected,
+            connects: self.connects,
+            connect_failures: self.connect_failures,
+            refused: self.refused.clone(),
+            closes: self.closes.clone(),
+            received: self.received,
+            unique: self.unique,
+            duplicates: self.duplicates,
+            acked_ids: self.acked_ids,
+            other_frames: self.other_frames,
+            first_rx_us: self.first_rx_us,
+            last_rx_us: self.last_rx_us,
+            last_connect_us: self.last_connect_us,
+            publish_to_rx: self.publish_to_rx.as_ref().map(report::to_pairs).unwrap_or_default(),
+            send_to_rx: self.send_to_rx.as_ref().map(report::to_pairs).unwrap_or_default(),
+            rss_kib: metrics::rss_kib(std::process::id()).unwrap_or(0),
+        }
+    }
+}
+
+/// Runs a worker until `quit` or the end of stdin.
+pub(crate) fn main(spec: WorkerSpec) -> anyhow::Result<()> {
+    anyhow::ensure!(!spec.urls.is_empty() && !spec.source_ips.is_empty(), "worker needs urls and source_ips");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, control(spec))
+}
+
+async fn control(spec: WorkerSpec) -> anyhow::Result<()> {
+    let spec = Rc::new(spec);
+    let stats = Rc::new(RefCell::new(Stats::new()));
+    let permits = Rc::new(Semaphore::new(spec.connect_concurrency.max(1)));
+    // Owns every slot task; they end when this worker exits.
+    let mut slots = JoinSet::new();
+    let mut active = 0usize;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("active"), Some(n)) => {
+                let target = n.parse::<usize>()?.min(spec.slots);
+                for index in active..target {
+                    slots.spawn_local(slot(Rc::clone(&spec), index, Rc::clone(&stats), Rc::clone(&permits)));
+                }
+                active = active.max(target);
+            }
+            (Some("report"), _) => {
+                let report = stats.borrow().report(spec.worker);
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+                out.flush()?;
+            }
+            (Some("reset"), _) => stats.borrow_mut().reset_window(),
+            (Some("quit"), _) => break,
+            _ => eprintln!("worker {}: unknown command {line:?}", spec.worker),
+        }
+    }
+    slots.abort_all();
+    Ok(())
+}
+
+/// Why a connection attempt did not reach its ready frame.
+enum Failure {
+    Refused(u16),
+    Other,
+}
+
+/// One user: connects, serves the connection, reconnects, for as long as the worker runs.
+async fn slot(spec: Rc<WorkerSpec>, index: usize, stats: Rc<RefCell<Stats>>, permits: Rc<Semaphore>) {
+    let user = format!("{}{}", spec.user_prefix, spec.first_user + index);
+    let source = spec.source_ips[index % spec.source_ips.len()];
+    let mut seen = HashSet::new();
+    let mut backoff = BACKOFF_START;
+    let mut attempt = 0usize;
+    loop {
+        let url = &spec.urls[attempt % spec.urls.len()];
+        attempt += 1;
+        let opened = {
+            let Ok(_permit) = permits.acquire().await else { return };
+            open(&spec, url, &user, source).await
+        };
+        let ws = match opened {
+            Ok(ws) => ws,
+            Err(failure) => {
+                match failure {
+                    Failure::Refused(status) => *stats.borrow_mut().refused.entry(status).or_default() += 1,
+                    Failure::Other => stats.borrow_mut().connect_failures += 1,
+                }
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        {
+            let mut st = stats.borrow_mut();
+            st.connected += 1;
+            st.connects += 1;
+            st.last_connect_us = protocol::now_us();
+        }
+        backoff = BACKOFF_START;
+        let code = serve(&spec, ws, &stats, &mut seen).await;
+        {
+            let mut st = stats.borrow_mut();
+            st.connected -= 1;
+            *st.closes.entry(code).or_default() += 1;
+        }
+        if code != 1012 {
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// Half to one and a half times `step`, as the protocol document asks of clients.
+fn jitter(step: Duration) -> Duration {
+    step.mul_f64(0.5 + rand::random::<f64>())
+}
+
+/// TCP from `source`, the WebSocket upgrade, then the frames up to the ready one.
+async fn open(spec: &WorkerSpec, url: &str, user: &str, source: Ipv4Addr) -> Result<Ws, Failure> {
+    let mut request = url.into_client_request().map_err(|_| Failure::Other)?;
+    if let Some(secret) = &spec.jwt_secret {
+        let token = herald_tests::tokens::mint(secret, user, Duration::from_secs(6 * 3600));
+        let value = format!("Bearer {token}").parse().map_err(|_| Failure::Other)?;
+        request.headers_mut().insert(AUTHORIZATION, value);
+    }
+    let host = request.uri().host().unwrap_or("127.0.0.1").to_owned();
+    let port = request.uri().port_u16().unwrap_or(80);
+    let addr: SocketAddr = format!("{host}:{port}").parse().map_err(|_| Failure::Other)?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let connect = async {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from((source, 0)))?;
+        socket.connect(addr).await
+    };
+    let stream = match tokio::time::timeout_at(deadline, connect).await {
+        Ok(Ok(stream)) => stream,
+        _ => return Err(Failure::Other),
+    };
+    let _ = stream.set_nodelay(true);
+    // Small buffers: a client holds one connection, the generator holds thousands.
+    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    let handshake = tokio_tungstenite::client_async_with_config(request, stream, Some(config));
+    let mut ws = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(tungstenite::Error::Http(response))) => return Err(Failure::Refused(response.status().as_u16())),
+        _ => return Err(Failure::Other),
+    };
+    loop {
+        let message = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(message))) => message,
+            _ => return Err(Failure::Other),
+        };
+        let Message::Text(text) = message else { continue };
+        match protocol::classify(spec.flavor, text.as_str()) {
+            Inbound::Ready => return Ok(ws),
+            Inbound::EioOpen => ws.send(Message::text(protocol::SIO_CONNECT)).await.map_err(|_| Failure::Other)?,
+            Inbound::EioPing => ws.send(Message::text(protocol::EIO_PONG)).await.map_err(|_| Failure::Other)?,
+            _ => {}
+        }
+    }
+}
+
+/// Reads the connection until it ends; returns the close code (1006 when there was none).
+async fn serve(spec: &WorkerSpec, ws: Ws, stats: &RefCell<Stats>, seen: &mut HashSet<u64>) -> u16 {
+    let (mut sink, mut stream) = ws.split();
+    let mut acks: Vec<String> = Vec::new();
+    let ack_at = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(ack_at);
+    loop {
+        tokio::select! {
+            message = stream.next() => {
+                let text = match message {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)).unwrap_or(1005),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return 1006,
+                };
+                let reply = match protocol::classify(spec.flavor, text.as_str()) {
+                    Inbound::Message(m) => {
+                        on_message(stats, seen, &m);
+                        if let (true, Some(id)) = (spec.ack, m.id) {
+                            if acks.is_empty() {
+                                ack_at.as_mut().reset(Instant::now() + ACK_DELAY);
+                            }
+                            acks.push(id.to_owned());
+                        }
+                        None
+                    }
+                    Inbound::EioPing => Some(protocol::EIO_PONG.to_owned()),
+                    Inbound::EioOpen => Some(protocol::SIO_CONNECT.to_owned()),
+                    Inbound::Ready => None,
+                    Inbound::Other => {
+                        stats.borrow_mut().other_frames += 1;
+                        None
+                    }
+                };
+                if let Some(reply) = reply {
+                    if sink.send(Message::text(reply)).await.is_err() {
+                        return 1006;
+                    }
+                }
+            }
+            _ = &mut ack_at, if !acks.is_empty() => {
+                for chunk in acks.chunks(IDS_PER_ACK) {
+                    if sink.feed(Message::text(protocol::ack_frame(chunk))).await.is_err() {
+                        return 1006;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return 1006;
+                }
+                stats.borrow_mut().acked_ids += acks.len() as u64;
+                acks.clear();
+            }
+        }
+    }
+}
+
+fn on_message(stats: &RefCell<Stats>, seen: &mut HashSet<u64>, m: &protocol::Message<'_>) {
+    let now = protocol::now_us();
+    let mut st = stats.borrow_mut();
+    st.received += 1;
+    if st.first_rx_us == 0 {
+        st.first_rx_us = now;
+    }
+    st.last_rx_us = now;
+    if let (Some(published_ms), Some(h)) = (m.published_ms, st.publish_to_rx.as_mut()) {
+        report::record(h, now.saturating_sub(published_ms * 1000));
+    }
+    if let (Some(sent_us), Some(h)) = (m.sent_us, st.send_to_rx.as_mut()) {
+        report::record(h, now.saturating_sub(sent_us));
+    }
+    // Messages without an index (none the generator publishes) are all counted as new.
+    if m.k.is_none_or(|k| seen.insert(k)) {
+        st.unique += 1;
+    } else {
+        st.duplicates += 1;
+    }
+}
