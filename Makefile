@@ -87,3 +87,29 @@ publish:
 clean:
 	cargo clean
 	rm -rf .data
+
+# --- benchmarks (docs/BENCHMARKS.md) --------------------------------------------------------------
+# Release builds, Herald's own dependencies on free ports, the Socket.IO peer and the bare fan-out
+# server; every run stops by itself. `make bench` is the short version of every scenario.
+.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-storm bench-loss
+
+bench: deps
+	scripts/bench.sh --short idle gateway direct fanout storm loss
+
+bench-idle: deps
+	scripts/bench.sh idle
+
+bench-gateway: deps
+	scripts/bench.sh gateway
+
+bench-direct: deps
+	scripts/bench.sh direct
+
+bench-fanout: deps
+	scripts/bench.sh fanout
+
+bench-storm: deps
+	scripts/bench.sh storm
+
+bench-loss: deps
+	scripts/bench.sh loss

@@ -54,10 +54,10 @@ impl Drop for Server {
     }
 }
 
-fn spawn(name: &str, program: &Path, args: &[&str], env: &[(&str, String)], logs: &Path) -> anyhow::Result<Server> {
+fn spawn(name: &str, program: &Path, args: &[&str], env: &[(String, String)], logs: &Path) -> anyhow::Result<Server> {
     let addr: SocketAddr = env
         .iter()
-        .find(|(k, _)| k.ends_with("LISTEN") || *k == "PORT_ADDR")
+        .find(|(k, _)| k.ends_with("LISTEN") || k == "PORT_ADDR")
         .map(|(_, v)| v.parse())
         .transpose()?
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -66,7 +66,7 @@ fn spawn(name: &str, program: &Path, args: &[&str], env: &[(&str, String)], logs
         .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -172,6 +172,7 @@ impl Herald {
                 ("HERALD_ADMIN_TOKEN", ADMIN_TOKEN.into()),
                 ("HERALD_ACK_TIMEOUT_MS", options.ack_timeout_ms.to_string()),
             ]);
+            let env = with_extra(&env, "HERALD_BENCH_DISPATCHER_ENV");
             let mut server = spawn(&format!("dispatcher-{i}"), &sibling_binary("herald-dispatcher")?, &[], &env, logs)?;
             wait_http(&mut server, "/readyz").await?;
             herald.dispatchers.push(server);
@@ -186,6 +187,7 @@ impl Herald {
                 ("HERALD_MAX_CONNECTIONS", options.max_connections.to_string()),
                 ("HERALD_PRESENCE_TTL_MS", options.presence_ttl_ms.to_string()),
             ]);
+            let env = with_extra(&env, "HERALD_BENCH_GATEWAY_ENV");
             let mut server = spawn(&format!("gateway-{i}"), &sibling_binary("herald-gateway")?, &[], &env, logs)?;
             wait_http(&mut server, "/readyz").await?;
             herald.gateways.push(server);
@@ -230,6 +232,7 @@ impl Peer {
             ];
             let script = dir.join("server.js");
             let script = script.to_string_lossy();
+            let env = with_extra(&env, "");
             let mut server = spawn(&format!("peer-{i}"), &node, &["--max-old-space-size=4096", &script], &env, logs)?;
             wait_http(&mut server, "/healthz").await?;
             nodes.push(server);
@@ -253,6 +256,7 @@ impl Limit {
         let mut servers = Vec::new();
         for i in 0..processes {
             let env = [("BARE_FANOUT_LISTEN", free_addr()?.to_string())];
+            let env = with_extra(&env, "");
             let mut server = spawn(&format!("limit-{i}"), &program, &[], &env, logs)?;
             wait_http(&mut server, "/healthz").await?;
             servers.push(server);
@@ -263,6 +267,17 @@ impl Limit {
     pub(crate) fn urls(&self) -> Vec<String> {
         self.servers.iter().map(|s| format!("ws://{}/ws", s.addr)).collect()
     }
+}
+
+/// `env` plus the `K=V` pairs (space separated) of the variable `extra`, which come last and so
+/// win: settings to try on Herald's processes without changing the generator, e.g.
+/// `HERALD_BENCH_GATEWAY_ENV="HERALD_WS_READ_BUFFER_BYTES=1024"`.
+fn with_extra(env: &[(&str, String)], extra: &str) -> Vec<(String, String)> {
+    let extra = if extra.is_empty() { String::new() } else { std::env::var(extra).unwrap_or_default() };
+    env.iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .chain(extra.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
 }
 
 fn which(name: &str) -> Option<PathBuf> {
