@@ -51,6 +51,8 @@ test: deps
 		if [ -f "$$check" ]; then echo "bash $$check"; bash "$$check"; fi; \
 	done
 	cargo build --workspace --all-targets
+	# The binaries the Dockerfile ships, built as it builds them.
+	cargo build --release --locked --bin herald-gateway --bin herald-dispatcher
 	export HERALD_TEST_REDIS_SERVER="$${HERALD_TEST_REDIS_SERVER:-$$(command -v redis-server)}"; \
 	export HERALD_TEST_NATS_SERVER="$${HERALD_TEST_NATS_SERVER:-$(VENV)/bin/nats-server}"; \
 	export HERALD_TEST_MONGO_SERVER="$${HERALD_TEST_MONGO_SERVER:-$(VENV)/bin/nx-27017}"; \
