@@ -7,6 +7,7 @@
 pub mod client;
 pub mod cluster;
 pub mod eventually;
+pub mod fleet;
 pub mod otlp;
 pub mod proxy;
 pub mod services;
