@@ -1,0 +1,641 @@
+//! Fault injection on real Redis, NATS JetStream and a Mongo-compatible server: a stream of jobs
+//! to a fleet of clients while a gateway or dispatcher dies, a dependency goes away, or a client
+//! stops reading. Each test ends on the invariant of docs/RELIABILITY.md: every message is
+//! `delivered` (acked by a client), or `pending` for a user who stayed offline and delivered once
+//! they connect; none is lost, none arrives after its expiry; duplicates are counted and printed.
+//!
+//! `cargo test -p herald-tests --test faults -- --nocapture` prints each test's figures.
+//! Process tests need `cargo build --workspace --bins` first.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Command;
+use std::time::Duration;
+
+use fred::prelude::*;
+use futures::{StreamExt, TryStreamExt};
+use herald_proto::client::ServerFrame;
+use herald_tests::client::{Frame, TestClient};
+use herald_tests::cluster::{dispatcher_config, ws_url, Cluster, Options};
+use herald_tests::eventually;
+use herald_tests::fleet::{self, Fleet, Published, Publisher, Stream, Tally};
+use herald_tests::services::Stack;
+use mongodb::bson::{doc, Document};
+use tokio::time::Instant;
+
+/// The stream each fault test runs: JOBS jobs to USERS users, of whom OFFLINE never connect
+/// until the end.
+const USERS: usize = 200;
+const OFFLINE: usize = 20;
+const JOBS: usize = 2000;
+/// Jobs per second: the stream lasts JOBS / RATE seconds, long enough to break things midway.
+const RATE: u32 = 400;
+/// How long a test may wait for the system to settle after a fault.
+const SETTLE: Duration = Duration::from_secs(90);
+
+/// These tests load two cores on their own; run one at a time so one's load is not another's
+/// fault.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A fleet of online users and the names of those left offline.
+struct Audience {
+    fleet: Fleet,
+    offline: BTreeSet<String>,
+}
+
+async fn audience(gateways: Vec<std::net::SocketAddr>, run: &str) -> Audience {
+    let users = fleet::users(run, USERS);
+    let (online, offline) = users.split_at(USERS - OFFLINE);
+    let fleet = Fleet::new(gateways);
+    fleet.connect(online, Duration::from_secs(30)).await.unwrap();
+    Audience { fleet, offline: offline.iter().cloned().collect() }
+}
+
+async fn publisher(cluster: &Cluster, run: &str, users: Vec<String>) -> Publisher {
+    let stream = Stream { run: run.to_owned(), users, recipients_per_job: 1, count: JOBS, rate: RATE, ttl_secs: None };
+    Publisher::start(&cluster.stack.nats.url(), cluster.stack.names().publish_subject(run), stream).await.unwrap()
+}
+
+/// The end of every fault test: the whole stream delivered to online users; offline users'
+/// messages pending until they connect, then delivered; the figures printed.
+async fn settle(
+    fault: &str,
+    cluster: &Cluster,
+    audience: &Audience,
+    publisher: &Publisher,
+    recovery: Duration,
+) -> Tally {
+    let jobs = publisher.finish(SETTLE).await.unwrap();
+    let db = &cluster.db;
+    fleet::wait_delivered(db, &jobs, &audience.offline, Instant::now(), SETTLE).await.unwrap();
+
+    // Offline users: everything addressed to them waits, pending.
+    let states = fleet::receipt_states(db).await.unwrap();
+    let mut pending = 0;
+    for job in jobs.iter().filter(|j| j.to.iter().any(|u| audience.offline.contains(u))) {
+        for user in job.to.iter().filter(|u| audience.offline.contains(*u)) {
+            let state = states.get(&(job.id.clone(), user.clone())).map(String::as_str);
+            assert_eq!(state, Some("pending"), "{}/{user} while {user} was offline", job.id);
+            pending += 1;
+        }
+    }
+    let late_comers: Vec<String> = audience.offline.iter().cloned().collect();
+    audience.fleet.connect(&late_comers, Duration::from_secs(30)).await.unwrap();
+    fleet::wait_delivered(db, &jobs, &BTreeSet::new(), Instant::now(), SETTLE).await.unwrap();
+
+    let mut tally = Tally::take(fault, db, &jobs, &audience.fleet, &BTreeSet::new(), recovery).await.unwrap();
+    tally.pending = pending;
+    println!("{tally}");
+    println!("table row: {}", tally.row());
+    println!("close codes seen by clients: {:?}", audience.fleet.close_codes());
+    tally
+}
+
+/// Sends `signal` (e.g. "STOP", "KILL") to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Gateway ids holding each user's presence in Redis.
+async fn presence_gateways(cluster: &Cluster, users: &[String]) -> BTreeSet<String> {
+    let redis = cluster.redis().await.unwrap();
+    let names = cluster.stack.names();
+    let mut gateways = BTreeSet::new();
+    for user in users {
+        let conns: HashMap<String, String> = redis.hgetall(names.presence_key(user)).await.unwrap();
+        gateways.extend(conns.into_values());
+    }
+    gateways
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_crash_mid_stream_its_clients_reconnect_elsewhere_and_nothing_is_lost() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    let _d1 = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let mut doomed = cluster.gateway_process().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let g3 = cluster.gateway().await.unwrap();
+    let audience = audience(vec![doomed.addr, g2.addr, g3.addr], "gwcrash").await;
+    let on_doomed: Vec<String> = audience
+        .fleet
+        .logs()
+        .into_iter()
+        .filter(|(_, l)| l.gateway_id.as_deref().is_some_and(|g| g != g2.id && g != g3.id))
+        .map(|(u, _)| u)
+        .collect();
+    assert!(on_doomed.len() > 30, "a third of the fleet should be on the doomed gateway: {}", on_doomed.len());
+
+    let publisher = publisher(&cluster, "gwcrash", fleet::users("gwcrash", USERS)).await;
+    publisher.wait_for(JOBS / 2, SETTLE).await.unwrap();
+    doomed.kill9();
+    let killed_at = Instant::now();
+    let before = publisher.log();
+    let recovery = fleet::wait_delivered(&cluster.db, &before, &audience.offline, killed_at, SETTLE).await.unwrap();
+
+    let tally = settle("gateway kill -9", &cluster, &audience, &publisher, recovery).await;
+    let logs = audience.fleet.logs();
+    let moved = on_doomed.iter().filter(|u| logs[*u].connections >= 2).count();
+    assert_eq!(moved, on_doomed.len(), "every client of the dead gateway reconnected");
+    tally.assert_nothing_lost();
+}
+
+/// The dispatcher is frozen (SIGSTOP) while it holds pulled, unacked jobs, then killed: the
+/// moment of a crash in the middle of a batch, made certain. JetStream hands those jobs to the
+/// surviving dispatcher once the consumer's ack wait (30 s, `herald_dispatcher::jobs::ACK_WAIT`)
+/// runs out, which is what this test's recovery time mostly measures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_crash_mid_batch_its_jobs_are_redelivered_to_the_survivor() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    let mut doomed = cluster.dispatcher_process().await.unwrap();
+    let _survivor = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let audience = audience(vec![g1.addr, g2.addr], "dspcrash").await;
+
+    let publisher = publisher(&cluster, "dspcrash", fleet::users("dspcrash", USERS)).await;
+    publisher.wait_for(JOBS / 2, SETTLE).await.unwrap();
+    signal(doomed.pid(), "STOP");
+    tokio::time::sleep(Duration::from_millis(300)).await; // jobs keep arriving in its buffers
+    doomed.kill9();
+    let killed_at = Instant::now();
+    let in_flight = cluster.jobs_consumer_info().await.unwrap().num_ack_pending;
+    let before = publisher.log();
+    let recovery = fleet::wait_delivered(&cluster.db, &before, &audience.offline, killed_at, SETTLE).await.unwrap();
+
+    let tally = settle("dispatcher kill -9", &cluster, &audience, &publisher, recovery).await;
+    println!("jobs pulled and unacked right after the kill: {in_flight}");
+    assert!(in_flight > 0, "the dead dispatcher held jobs that JetStream had to redeliver");
+    assert_eq!(audience.fleet.reconnects(), 0, "a dispatcher crash is invisible to clients");
+    tally.assert_nothing_lost();
+}
+
+/// Redis goes away for several seconds and comes back empty: gateways notice their presence is
+/// gone, register their live connections again and announce them, and dispatchers replay what
+/// was published meanwhile, all without a client reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_presence_is_rebuilt_and_messages_reach_connected_clients() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start().await.unwrap();
+    let _d1 = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let audience = audience(vec![g1.addr, g2.addr], "redis").await;
+
+    let publisher = publisher(&cluster, "redis", fleet::users("redis", USERS)).await;
+    publisher.wait_for(JOBS / 4, SETTLE).await.unwrap();
+    cluster.stack.redis.stop().await;
+    let during = publisher.published();
+    tokio::time::sleep(Duration::from_secs(4)).await; // the outage
+    let published_in_outage = publisher.published() - during;
+    cluster.stack.redis.restart().await.unwrap();
+    let back_at = Instant::now();
+    let before = publisher.log();
+    let recovery = fleet::wait_delivered(&cluster.db, &before, &audience.offline, back_at, SETTLE).await.unwrap();
+
+    let tally = settle("Redis restart (4 s, empty)", &cluster, &audience, &publisher, recovery).await;
+    println!("published during the outage: {published_in_outage}");
+    assert!(published_in_outage > 100, "the outage should fall mid-stream");
+    assert_eq!(audience.fleet.reconnects(), 0, "clients stay connected through a Redis restart");
+    tally.assert_nothing_lost();
+}
+
+/// nats-server restarts with its JetStream store: gateways and dispatchers reconnect and
+/// resubscribe by themselves; the publisher retries what it could not publish; deliveries lost
+/// with core NATS are sent again after the (short) ack timeout, to the same connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_jobs_and_acks_survive_and_clients_stay_connected() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let options = Options { ack_timeout: Duration::from_secs(2), ..Options::default() };
+    let mut cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let _d1 = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let audience = audience(vec![g1.addr, g2.addr], "nats").await;
+
+    let publisher = publisher(&cluster, "nats", fleet::users("nats", USERS)).await;
+    publisher.wait_for(JOBS / 2, SETTLE).await.unwrap();
+    cluster.stack.nats.stop().await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // the outage
+    cluster.stack.nats.restart().await.unwrap();
+    let back_at = Instant::now();
+    let before = publisher.log();
+    let recovery = fleet::wait_delivered(&cluster.db, &before, &audience.offline, back_at, SETTLE).await.unwrap();
+
+    let tally = settle("NATS restart (3 s, store kept)", &cluster, &audience, &publisher, recovery).await;
+    println!("publish attempts retried by the publisher: {}", publisher.failed_attempts());
+    assert_eq!(audience.fleet.reconnects(), 0, "clients stay connected through a NATS restart");
+    tally.assert_nothing_lost();
+}
+
+/// The store is cut off for several seconds while the stream runs: returns the figures and the
+/// time from the store's return until everything published by then was delivered.
+async fn mongo_outage() -> Tally {
+    let cluster = Cluster::start().await.unwrap();
+    let _d1 = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let audience = audience(vec![g1.addr, g2.addr], "mongo").await;
+    let mut dead = cluster.nats.subscribe(cluster.stack.names().dead_letter_subject()).await.unwrap();
+
+    let publisher = publisher(&cluster, "mongo", fleet::users("mongo", USERS)).await;
+    publisher.wait_for(JOBS / 4, SETTLE).await.unwrap();
+    cluster.stack.mongo_proxy.cut().await;
+    let cut_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await; // the outage
+                                                      // Jobs published during the outage are in the stream, unacked, with no receipt.
+    let in_outage: Vec<Published> =
+        publisher.log().into_iter().filter(|j| j.at > cut_at + Duration::from_millis(500)).collect();
+    let states = fleet::receipt_states(&cluster.db).await.unwrap();
+    let stored = in_outage.iter().filter(|j| states.contains_key(&(j.id.clone(), j.to[0].clone()))).count();
+    let stream = cluster.js.get_stream(cluster.stack.names().jobs_stream()).await.unwrap();
+    let waiting = stream.cached_info().state.messages;
+    cluster.stack.mongo_proxy.restore();
+    let back_at = Instant::now();
+    let before = publisher.log();
+    let recovery = fleet::wait_delivered(&cluster.db, &before, &audience.offline, back_at, SETTLE).await.unwrap();
+
+    let tally = settle("MongoDB cut off (5 s)", &cluster, &audience, &publisher, recovery).await;
+    println!("published during the outage: {}, still in the jobs stream at its end: {waiting}", in_outage.len());
+    assert!(in_outage.len() > 100, "the outage should fall mid-stream");
+    assert_eq!(stored, 0, "nothing can be stored while the store is cut off");
+    assert!(waiting as usize >= in_outage.len(), "jobs not stored must still be in the stream (not acked)");
+    let letters = cluster.db.collection::<Document>("dead_letters").count_documents(doc! {}).await.unwrap();
+    assert_eq!(letters, 0, "an outage is not a reason to dead-letter");
+    let dead_subject = tokio::time::timeout(Duration::from_millis(200), dead.next()).await;
+    assert!(dead_subject.is_err(), "nothing on the dead-letter subject: {dead_subject:?}");
+    tally.assert_nothing_lost();
+    tally
+}
+
+/// The store is cut off for several seconds: jobs wait in JetStream (held and retried with
+/// backoff, never acked before their receipts are written), nothing is dead-lettered, and the
+/// backlog is delivered once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_outage_jobs_wait_in_the_stream_and_nothing_is_dead_lettered() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    mongo_outage().await;
+}
+
+/// The insert in flight when the store went away may have been written even though the
+/// dispatcher saw an error; its retry then finds those receipts already there. They must still be
+/// routed, not left for the ack-timeout sweep (a minute here, 30 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: receipts written by an insert that reported an error are never routed; see report"]
+async fn mongo_outage_backlog_is_routed_as_soon_as_the_store_returns() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let tally = mongo_outage().await;
+    assert!(
+        tally.recovery < Duration::from_secs(15),
+        "backlog delivered {:?} after the store returned",
+        tally.recovery
+    );
+}
+
+/// SIGTERM to a gateway under load: it stops accepting, closes its clients with 1012 so they
+/// reconnect elsewhere at once, removes its presence and exits within its grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_sigterm_drains_with_1012_removes_presence_and_loses_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    let _d1 = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let mut draining = cluster.gateway_process().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let g3 = cluster.gateway().await.unwrap();
+    let audience = audience(vec![draining.addr, g2.addr, g3.addr], "drain").await;
+    let logs = audience.fleet.logs();
+    let drained_id = logs
+        .values()
+        .filter_map(|l| l.gateway_id.clone())
+        .find(|g| *g != g2.id && *g != g3.id)
+        .expect("some clients on the draining gateway");
+    let on_drained = audience.fleet.users_on(&drained_id);
+    let users = fleet::users("drain", USERS);
+
+    let publisher = publisher(&cluster, "drain", users.clone()).await;
+    publisher.wait_for(JOBS / 2, SETTLE).await.unwrap();
+    let grace = cluster.options.drain_grace;
+    let signalled_at = Instant::now();
+    let exited_ok = draining.sigterm(grace + Duration::from_secs(2)).await.unwrap();
+    let exit_took = signalled_at.elapsed();
+    let refused = TestClient::connect(&ws_url(draining.addr), &cluster.token("late")).await.is_err();
+    let before = publisher.log();
+    let recovery = fleet::wait_delivered(&cluster.db, &before, &audience.offline, signalled_at, SETTLE).await.unwrap();
+
+    let tally = settle("gateway SIGTERM (drain)", &cluster, &audience, &publisher, recovery).await;
+    println!("gateway exited {} after SIGTERM (grace {grace:?})", humantime(exit_took));
+    assert!(exited_ok, "the drained gateway exits with success");
+    assert!(refused, "nothing connects to a drained gateway");
+    let logs = audience.fleet.logs();
+    let not_1012: Vec<(&String, &Vec<u16>)> =
+        on_drained.iter().map(|u| (u, &logs[u].closes)).filter(|(_, c)| c.first() != Some(&1012)).collect();
+    assert!(not_1012.is_empty(), "clients of the drained gateway are closed with 1012: {not_1012:?}");
+    assert!(
+        !presence_gateways(&cluster, &users).await.contains(&drained_id),
+        "no presence left pointing at the drained gateway"
+    );
+    let redis = cluster.redis().await.unwrap();
+    let score: Option<f64> = redis.zscore(cluster.stack.names().gateways_key(), drained_id.as_str()).await.unwrap();
+    assert_eq!(score, None, "the drained gateway left the routing set");
+    tally.assert_nothing_lost();
+}
+
+/// SIGTERM to a dispatcher under load, with another one running: returns the figures, recovery
+/// counted from the signal.
+async fn dispatcher_sigterm() -> Tally {
+    let cluster = Cluster::start().await.unwrap();
+    let mut leaving = cluster.dispatcher_process().await.unwrap();
+    let _survivor = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let audience = audience(vec![g1.addr, g2.addr], "dspterm").await;
+
+    let publisher = publisher(&cluster, "dspterm", fleet::users("dspterm", USERS)).await;
+    publisher.wait_for(JOBS / 2, SETTLE).await.unwrap();
+    let signalled_at = Instant::now();
+    // The dispatcher's own grace period is 10 s (herald_dispatcher::SHUTDOWN_GRACE).
+    let exited_ok = leaving.sigterm(Duration::from_secs(12)).await.unwrap();
+    let exit_took = signalled_at.elapsed();
+    let before = publisher.log();
+    let recovery = fleet::wait_delivered(&cluster.db, &before, &audience.offline, signalled_at, SETTLE).await.unwrap();
+
+    let tally = settle("dispatcher SIGTERM (drain)", &cluster, &audience, &publisher, recovery).await;
+    println!("dispatcher exited {} after SIGTERM", humantime(exit_took));
+    assert!(exited_ok, "the dispatcher exits with success");
+    tally.assert_nothing_lost();
+    tally
+}
+
+/// SIGTERM to a dispatcher under load: it stops pulling and exits within its grace period, and
+/// the survivor delivers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_sigterm_stops_pulling_exits_and_loses_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    dispatcher_sigterm().await;
+}
+
+/// A dispatcher stopping must finish or hand back what it pulled, so the survivor carries on at
+/// once. Jobs (and gateway events) it neither finished nor released wait for JetStream's ack
+/// wait, 30 s, instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: a stopping dispatcher drops prefetched jobs and events without a nak; see report"]
+async fn dispatcher_sigterm_releases_what_it_pulled_so_the_survivor_carries_on_at_once() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let tally = dispatcher_sigterm().await;
+    assert!(
+        tally.recovery < Duration::from_secs(15),
+        "work the dispatcher held when it stopped waited {:?}: it was neither finished nor released",
+        tally.recovery
+    );
+}
+
+/// Publishes `count` jobs `<prefix>-NNN` to `user`, each with a payload of about `bytes`, and
+/// waits until the store holds a receipt for each. Returns the ids.
+async fn backlog(cluster: &Cluster, user: &str, prefix: &str, count: usize, bytes: usize) -> Vec<String> {
+    let filler = "z".repeat(bytes);
+    let ids: Vec<String> = (0..count).map(|i| format!("{prefix}-{i:03}")).collect();
+    for id in &ids {
+        cluster.publish(&serde_json::json!({"id": id, "to": [user], "payload": {"fill": filler}})).await.unwrap();
+    }
+    eventually(SETTLE, Duration::from_millis(25), || async {
+        let states = fleet::receipt_states(&cluster.db).await.map_err(|e| e.to_string())?;
+        let stored = ids.iter().filter(|id| states.contains_key(&((*id).clone(), user.to_owned()))).count();
+        if stored == count {
+            Ok(())
+        } else {
+            Err(format!("{stored} of {count} stored"))
+        }
+    })
+    .await
+    .unwrap();
+    ids
+}
+
+/// Connects `user` and acks everything until `ids` have all arrived or `within` has passed;
+/// returns the ids received.
+async fn collect(
+    cluster: &Cluster,
+    addr: std::net::SocketAddr,
+    user: &str,
+    ids: &[String],
+    within: Duration,
+) -> BTreeSet<String> {
+    let mut client = cluster.connect(addr, user).await.unwrap();
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + within;
+    while ids.iter().any(|id| !seen.contains(id)) && Instant::now() < deadline {
+        if let Some(n) = client.next_notification(Duration::from_millis(200)).await {
+            client.ack([n.id.as_str()]).await.unwrap();
+            seen.insert(n.id);
+        }
+    }
+    seen
+}
+
+/// What a paused client finds when it reads again: notifications buffered for it, then how the
+/// connection ended (None: no close frame, the connection just ended).
+async fn read_to_the_end(client: &mut TestClient) -> (usize, Option<u16>) {
+    client.resume_reading();
+    let mut buffered = 0;
+    loop {
+        match client.next_frame(Duration::from_secs(10)).await {
+            Frame::Server(ServerFrame::Notification(_)) => buffered += 1,
+            Frame::Close { code, .. } => return (buffered, Some(code)),
+            Frame::Error(_) | Frame::Closed => return (buffered, None),
+            Frame::Timeout => panic!("the connection of a client that stopped reading is still open"),
+            Frame::Server(_) | Frame::Text(_) | Frame::Binary(_) => {}
+        }
+    }
+}
+
+/// A client that stops reading fills its bounded queue at the gateway and is disconnected; the
+/// gateway's memory stays bounded, everything sent to it stays pending for its next connection,
+/// and the other clients of the same gateway keep receiving. (The close code it is told is
+/// checked by `a_slow_consumer_reading_again_is_told_4409`.)
+///
+/// The queue is as long as a replay page (256) and the burst is small per message, so the next
+/// connection's replay fits; the rest of the burst follows through the ack-timeout resend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_disconnected_and_its_messages_wait_for_its_next_connection() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let options = Options { outbound_queue: 256, ack_timeout: Duration::from_secs(8), ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let d1 = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway_process().await.unwrap();
+    let audience = audience(vec![gateway.addr], "slow").await;
+    let mut sloth = TestClient::connect_paused(&ws_url(gateway.addr), &cluster.token("sloth")).await.unwrap();
+    cluster.wait_presence(d1.addr, "sloth", true).await.unwrap();
+
+    let publisher = publisher(&cluster, "slow", fleet::users("slow", USERS)).await;
+    publisher.wait_for(JOBS / 4, SETTLE).await.unwrap();
+    let rss_before = gateway.rss_kib().unwrap();
+    let flowing_before = audience.fleet.notifications();
+    let burst_at = Instant::now();
+    // 500 notifications of 3 KiB that the sloth does not read: more than its queue and buffers.
+    let burst = backlog(&cluster, "sloth", "sloth", 500, 3 * 1024).await;
+    let rss_after = gateway.rss_kib().unwrap();
+    let flowing_during = audience.fleet.notifications() - flowing_before;
+    let (buffered, ending) = read_to_the_end(&mut sloth).await;
+    println!(
+        "sloth: {buffered} of {} notifications reached it before the end ({ending:?}); gateway RSS {rss_before} -> \
+         {rss_after} KiB; the fleet received {flowing_during} notifications meanwhile",
+        burst.len()
+    );
+
+    let states = fleet::receipt_states(&cluster.db).await.unwrap();
+    let not_pending: Vec<_> = burst
+        .iter()
+        .filter(|id| states.get(&((*id).clone(), "sloth".into())).map(String::as_str) != Some("pending"))
+        .collect();
+    assert!(not_pending.is_empty(), "unacked messages of the sloth must be pending: {not_pending:?}");
+    let got = collect(&cluster, gateway.addr, "sloth", &burst, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), burst.len(), "the next connection gets the whole backlog");
+    for id in &burst {
+        cluster.wait_receipt(id, "sloth", "delivered").await.unwrap();
+    }
+    let recovery = burst_at.elapsed();
+    let tally = settle("slow consumer (client stops reading)", &cluster, &audience, &publisher, recovery).await;
+    assert!(flowing_during > 0, "other clients of the gateway kept receiving while the sloth stalled");
+    let growth = rss_after.saturating_sub(rss_before);
+    assert!(growth < 16 * 1024, "gateway memory grew {growth} KiB for a client that does not read");
+    tally.assert_nothing_lost();
+}
+
+/// A slow consumer that reads again soon after being cut off learns why: the `slow_consumer`
+/// error frame and close 4409 (proto/README.md), after what was already buffered for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: a client kicked while the gateway's write to it is blocked gets no 4409; see report"]
+async fn a_slow_consumer_reading_again_is_told_4409() {
+    let options = Options { outbound_queue: 16, ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut sloth = TestClient::connect_paused(&ws_url(gateway.addr), &cluster.token("sloth")).await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "sloth", true).await.unwrap();
+    // 120 notifications of 60 KiB (7 MiB): loopback socket buffers (a few MiB), the write
+    // buffer (256 KiB) and the queue of 16 overflow after about 60. Read again soon after that,
+    // within the gateway's one-second closing handshake.
+    let filler = "z".repeat(60 * 1024);
+    let ids: Vec<String> = (0..120).map(|i| format!("big-{i:03}")).collect();
+    for id in &ids {
+        cluster.publish(&serde_json::json!({"id": id, "to": ["sloth"], "payload": {"fill": filler}})).await.unwrap();
+    }
+    eventually(SETTLE, Duration::from_millis(20), || async {
+        let states = fleet::receipt_states(&cluster.db).await.map_err(|e| e.to_string())?;
+        let stored = ids.iter().filter(|id| states.contains_key(&((*id).clone(), "sloth".to_owned()))).count();
+        if stored >= 80 {
+            Ok(())
+        } else {
+            Err(format!("{stored} stored"))
+        }
+    })
+    .await
+    .unwrap();
+    let (buffered, ending) = read_to_the_end(&mut sloth).await;
+    assert_eq!(ending, Some(4409), "after {buffered} buffered notifications");
+}
+
+/// Replay on connect must fit NATS's payload limit (1 MiB): a user whose pending messages add
+/// up to more gets them all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: a replay over 1 MiB is one NATS message, refused, so nothing is replayed; see report"]
+async fn a_pending_backlog_over_one_mebibyte_is_replayed_on_connect() {
+    let cluster = Cluster::start().await.unwrap();
+    let _dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    // 20 messages of 60 KiB (each well under the 64 KiB payload limit) for a user who is away.
+    let ids = backlog(&cluster, "hoarder", "heavy", 20, 60 * 1024).await;
+    // The ack timeout is a minute: only the replay can deliver them within the wait.
+    let got = collect(&cluster, gateway.addr, "hoarder", &ids, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), ids.len(), "replayed on connect: {got:?}");
+}
+
+/// A user away long enough for the sweeper to park their receipts, with more of them than one
+/// replay page (256), gets them all on the next connection, not only the first page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: receipts beyond the first replay page stay parked until the user reconnects; see report"]
+async fn a_parked_backlog_longer_than_a_replay_page_is_delivered_on_the_next_connection() {
+    let options = Options { ack_timeout: Duration::from_secs(1), ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let _dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let ids = backlog(&cluster, "traveller", "trip", 300, 64).await;
+    // The sweeper finds them due while the user is away and parks them (no retry time).
+    eventually(SETTLE, Duration::from_millis(100), || async {
+        let receipts = cluster.db.collection::<Document>("receipts");
+        let parked = receipts
+            .count_documents(doc! {"user": "traveller", "state": "pending", "next_retry_at_ms": null})
+            .await
+            .map_err(|e| e.to_string())?;
+        if parked == 300 {
+            Ok(())
+        } else {
+            Err(format!("{parked} of 300 parked"))
+        }
+    })
+    .await
+    .unwrap();
+    let got = collect(&cluster, gateway.addr, "traveller", &ids, Duration::from_secs(15)).await;
+    assert_eq!(got.len(), ids.len(), "all {} delivered on the next connection", ids.len());
+}
+
+/// A job the store refuses every time is tried `max_attempts` times, then dead-lettered: a
+/// rejection with code `dead_letter` on `<prefix>.dead` and a document in `dead_letters` with
+/// the reason; the jobs behind it are delivered meanwhile.
+///
+/// With the current code no valid job is refused by the store for its content except through a
+/// rule of the store itself; this test installs one, a `$jsonSchema` validator on `messages`
+/// (real MongoDB enforces it; nx-27017 accepts the option and ignores it, which the test checks
+/// first). Run it against a real MongoDB: `MONGODB_URI=... cargo test ... -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a store that enforces $jsonSchema validators (MONGODB_URI); nx-27017 ignores them; see report"]
+async fn a_poison_job_is_dead_lettered_after_bounded_retries_and_the_queue_moves_on() {
+    let cluster = Cluster::start().await.unwrap();
+    let validator = doc! { "$jsonSchema": { "properties": { "payload": { "not": { "pattern": "POISON" } } } } };
+    cluster.db.create_collection("messages").validator(validator).await.unwrap();
+    let probe =
+        cluster.db.collection::<Document>("messages").insert_one(doc! {"_id": "probe", "payload": "POISON"}).await;
+    assert!(probe.is_err(), "this store does not enforce validators, so nothing here can refuse a job");
+
+    let mut config = dispatcher_config(&cluster.stack, &cluster.options);
+    config.max_attempts = 3;
+    let _dispatcher = cluster.dispatcher_with(config).await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut dead = cluster.nats.subscribe(cluster.stack.names().dead_letter_subject()).await.unwrap();
+    let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
+    let started = Instant::now();
+    cluster.publish(&serde_json::json!({"id": "poison-1", "to": ["alice"], "payload": "POISON"})).await.unwrap();
+    for i in 0..5 {
+        cluster.send(&format!("behind-{i}"), &["alice"]).await.unwrap();
+    }
+    for i in 0..5 {
+        let n = alice.next_notification(Duration::from_secs(10)).await.expect("the jobs behind the poison");
+        assert_eq!(n.id, format!("behind-{i}"));
+    }
+    let behind_took = started.elapsed();
+    let msg = tokio::time::timeout(SETTLE, dead.next()).await.unwrap().unwrap();
+    let rejection: herald_proto::Rejection = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(rejection.code, herald_proto::RejectCode::DeadLetter);
+    assert_eq!(rejection.job_id.as_deref(), Some("poison-1"));
+    assert!(rejection.reason.contains("3 attempts"), "{rejection:?}");
+    let letters: Vec<Document> =
+        cluster.db.collection::<Document>("dead_letters").find(doc! {}).await.unwrap().try_collect().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].get_str("job_id").unwrap(), "poison-1");
+    assert!(!letters[0].get_str("reason").unwrap().is_empty());
+    assert_eq!(letters[0].get_i64("attempts").unwrap(), 3);
+    assert!(cluster.receipts("poison-1").await.unwrap().is_empty(), "no receipt for a job never stored");
+    println!("jobs behind the poison delivered in {behind_took:?}; dead-lettered after {:?}", started.elapsed());
+}
+
+fn humantime(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
