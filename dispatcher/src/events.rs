@@ -13,7 +13,7 @@ use herald_shared::naming::Names;
 use herald_shared::now_ms;
 use tokio_util::sync::CancellationToken;
 
-use crate::jobs::{sleep_or_stop, ConsumerError, ACK_WAIT};
+use crate::jobs::{sleep_or_stop, ConsumerError};
 use crate::metrics::DispatcherMetrics;
 use crate::routing::Router;
 use crate::store::{Store, StoreError};
@@ -31,12 +31,15 @@ pub struct EventPipeline {
     /// Most pending messages replayed to a connection at once; the rest follow through the
     /// ack-timeout sweep. Kept below a gateway's outbound queue so a replay never overflows it.
     pub replay_page: usize,
+    /// As for jobs: what a crashed dispatcher delays its unapplied events by.
+    pub ack_wait: Duration,
     pub metrics: std::sync::Arc<DispatcherMetrics>,
 }
 
 async fn consumer(
     js: &jetstream::Context,
     names: &Names,
+    ack_wait: Duration,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
     let stream = js.get_stream(names.events_stream()).await.map_err(|e| ConsumerError(e.to_string()))?;
     stream
@@ -45,7 +48,7 @@ async fn consumer(
             pull::Config {
                 durable_name: Some(names.events_consumer().to_owned()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
+                ack_wait,
                 max_deliver: -1,
                 max_ack_pending: 20_000,
                 ..Default::default()
@@ -59,7 +62,7 @@ impl EventPipeline {
     pub async fn run(self, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
-            let stream = match consumer(&self.js, &self.names).await {
+            let stream = match consumer(&self.js, &self.names, self.ack_wait).await {
                 Ok(c) => c.stream().max_messages_per_batch(BATCH).heartbeat(Duration::from_secs(5)).messages().await,
                 Err(e) => {
                     tracing::warn!(error = %e, "events consumer unavailable; retrying");

@@ -22,9 +22,6 @@ use crate::presence::PresenceReader;
 use crate::routing::{self, Router};
 use crate::store::{DeadLetterDoc, Store};
 
-/// How long a job may sit unacknowledged before JetStream hands it to another dispatcher.
-pub const ACK_WAIT: Duration = Duration::from_secs(30);
-
 /// Everything one job worker needs.
 #[derive(Clone)]
 pub struct JobPipeline {
@@ -37,6 +34,10 @@ pub struct JobPipeline {
     pub ack_timeout: Duration,
     pub batch: usize,
     pub max_attempts: u64,
+    /// How long a pulled job may stay unacknowledged before JetStream gives it to another
+    /// dispatcher (what a crashed dispatcher costs in delay). Long store waits keep it alive
+    /// with progress acks.
+    pub ack_wait: Duration,
     pub metrics: std::sync::Arc<DispatcherMetrics>,
 }
 
@@ -50,10 +51,12 @@ struct Pulled {
     stream_seq: u64,
 }
 
-/// The durable consumer all dispatchers share; created if missing.
+/// The durable consumer all dispatchers share; created if missing (an existing consumer keeps
+/// the settings it was created with).
 pub async fn consumer(
     js: &jetstream::Context,
     names: &Names,
+    ack_wait: Duration,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
     let stream = js.get_stream(names.jobs_stream()).await.map_err(|e| ConsumerError(e.to_string()))?;
     stream
@@ -62,7 +65,7 @@ pub async fn consumer(
             pull::Config {
                 durable_name: Some(names.jobs_consumer().to_owned()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
+                ack_wait,
                 // Unbounded redelivery: store outages must never turn into loss. Poison jobs are
                 // bounded by `max_attempts` in this module instead.
                 max_deliver: -1,
@@ -84,7 +87,7 @@ impl JobPipeline {
     pub async fn run(self, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
-            let messages = match consumer(&self.js, &self.names).await {
+            let messages = match consumer(&self.js, &self.names, self.ack_wait).await {
                 Ok(consumer) => {
                     consumer
                         .stream()
@@ -365,6 +368,7 @@ impl JobPipeline {
 pub async fn report_lag(
     js: jetstream::Context,
     names: Names,
+    ack_wait: Duration,
     metrics: std::sync::Arc<DispatcherMetrics>,
     stop: CancellationToken,
 ) {
@@ -374,7 +378,7 @@ pub async fn report_lag(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Ok(mut consumer) = consumer(&js, &names).await {
+        if let Ok(mut consumer) = consumer(&js, &names, ack_wait).await {
             if let Ok(info) = consumer.info().await {
                 metrics.pending_jobs.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
             }

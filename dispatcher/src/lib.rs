@@ -91,6 +91,7 @@ pub async fn run(
         ack_timeout: config.ack_timeout,
         batch: config.job_batch,
         max_attempts: config.max_attempts,
+        ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
     };
     let events = events::EventPipeline {
@@ -100,6 +101,7 @@ pub async fn run(
         router: router.clone(),
         ack_timeout: config.ack_timeout,
         replay_page: 256,
+        ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
     };
     let sweeper = sweeper::Sweeper {
@@ -129,7 +131,7 @@ pub async fn run(
         "lag",
         stop.clone(),
         Arc::clone(&failed),
-        jobs::report_lag(js.clone(), names.clone(), Arc::clone(&metrics), stop.clone()),
+        jobs::report_lag(js.clone(), names.clone(), config.ack_wait, Arc::clone(&metrics), stop.clone()),
     );
 
     let state = Arc::new(api::ApiState {

@@ -95,6 +95,10 @@ pub struct DispatcherConfig {
     pub max_ttl: Duration,
     /// A message sent to a connected client and not acked within this is sent again.
     pub ack_timeout: Duration,
+    /// JetStream ack wait of the dispatchers' consumers: how long jobs and events pulled by a
+    /// dispatcher that died wait before another dispatcher gets them. Applies when the durable
+    /// consumer is created.
+    pub ack_wait: Duration,
     /// How often pending messages are checked for ack timeouts and expiry.
     pub sweep_interval: Duration,
     /// Jobs pulled and stored per batch (one Mongo round trip per batch).
@@ -275,6 +279,7 @@ impl DispatcherConfig {
             default_ttl: env.secs("HERALD_DEFAULT_TTL_SECS", 86_400),
             max_ttl: env.secs("HERALD_MAX_TTL_SECS", 30 * 86_400),
             ack_timeout: env.millis("HERALD_ACK_TIMEOUT_MS", 30_000),
+            ack_wait: env.millis("HERALD_JETSTREAM_ACK_WAIT_MS", 30_000),
             sweep_interval: env.millis("HERALD_SWEEP_INTERVAL_MS", 1_000),
             job_batch: env.parse("HERALD_JOB_BATCH", 256),
             job_workers: env.parse("HERALD_JOB_WORKERS", 2),
@@ -285,6 +290,9 @@ impl DispatcherConfig {
         }
         if config.sweep_interval.is_zero() || config.ack_timeout.is_zero() {
             env.invalid("HERALD_SWEEP_INTERVAL_MS and HERALD_ACK_TIMEOUT_MS must be positive");
+        }
+        if config.ack_wait < Duration::from_secs(1) {
+            env.invalid("HERALD_JETSTREAM_ACK_WAIT_MS: must be at least 1000");
         }
         if config.default_ttl > config.max_ttl {
             env.invalid("HERALD_DEFAULT_TTL_SECS: must not exceed HERALD_MAX_TTL_SECS");

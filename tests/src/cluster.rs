@@ -38,6 +38,8 @@ pub struct Options {
     pub outbound_queue: usize,
     pub drain_grace: Duration,
     pub shutdown_delay: Duration,
+    /// JetStream ack wait of the dispatchers' consumers (how long a dead dispatcher's jobs wait).
+    pub ack_wait: Duration,
     /// Where process-mode gateways and dispatchers export traces (`OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub otlp_endpoint: Option<String>,
 }
@@ -52,6 +54,7 @@ impl Default for Options {
             outbound_queue: 1024,
             drain_grace: Duration::from_secs(3),
             shutdown_delay: Duration::ZERO,
+            ack_wait: Duration::from_secs(30),
             otlp_endpoint: None,
         }
     }
@@ -90,6 +93,7 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
         default_ttl: Duration::from_secs(3600),
         max_ttl: Duration::from_secs(86_400),
         ack_timeout: options.ack_timeout,
+        ack_wait: options.ack_wait,
         sweep_interval: options.sweep_interval,
         job_batch: 256,
         job_workers: 2,
@@ -243,6 +247,7 @@ impl Cluster {
             ("HERALD_MONGODB_DATABASE", config.mongodb_database.clone()),
             ("HERALD_ADMIN_TOKEN", config.admin_token.clone()),
             ("HERALD_ACK_TIMEOUT_MS", config.ack_timeout.as_millis().to_string()),
+            ("HERALD_JETSTREAM_ACK_WAIT_MS", config.ack_wait.as_millis().to_string()),
             ("HERALD_SWEEP_INTERVAL_MS", config.sweep_interval.as_millis().to_string()),
             ("HERALD_DEFAULT_TTL_SECS", config.default_ttl.as_secs().to_string()),
             ("HERALD_MAX_TTL_SECS", config.max_ttl.as_secs().to_string()),
