@@ -440,28 +440,31 @@ async fn collect(
 }
 
 /// What a paused client finds when it reads again: notifications buffered for it, then how the
-/// connection ended (None: no close frame, the connection just ended).
-async fn read_to_the_end(client: &mut TestClient) -> (usize, Option<u16>) {
+/// connection ended (None: no close frame, the connection just ended). Panics if it is still open
+/// after `within`: then the client was never cut off.
+async fn read_to_the_end(client: &mut TestClient, within: Duration) -> (usize, Option<u16>) {
     client.resume_reading();
+    let deadline = Instant::now() + within;
     let mut buffered = 0;
     loop {
-        match client.next_frame(Duration::from_secs(10)).await {
+        match client.next_frame(deadline.saturating_duration_since(Instant::now())).await {
             Frame::Server(ServerFrame::Notification(_)) => buffered += 1,
             Frame::Close { code, .. } => return (buffered, Some(code)),
             Frame::Error(_) | Frame::Closed => return (buffered, None),
-            Frame::Timeout => panic!("the connection of a client that stopped reading is still open"),
+            Frame::Timeout => panic!("still connected {within:?} after reading again ({buffered} notifications)"),
             Frame::Server(_) | Frame::Text(_) | Frame::Binary(_) => {}
         }
     }
 }
 
 /// A client that stops reading fills its bounded queue at the gateway and is disconnected; the
-/// gateway's memory stays bounded, everything sent to it stays pending for its next connection,
-/// and the other clients of the same gateway keep receiving. (The close code it is told is
-/// checked by `a_slow_consumer_reading_again_is_told_4409`.)
+/// gateway's memory stays bounded, everything sent to it stays pending, its next connection (a
+/// client that reconnects as documented) gets it all, and the other clients of the same gateway
+/// keep receiving. (The close code it is told is checked by
+/// `a_slow_consumer_reading_again_is_told_4409`.)
 ///
-/// The queue is as long as a replay page (256) and the burst is small per message, so the next
-/// connection's replay fits; the rest of the burst follows through the ack-timeout resend.
+/// Loopback sockets buffer a few MiB, so the burst is 1,600 notifications of 3 KiB (4.7 MiB).
+/// The queue is as long as a replay page (256), so a replay never overflows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_disconnected_and_its_messages_wait_for_its_next_connection() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -479,33 +482,42 @@ async fn slow_consumer_is_disconnected_and_its_messages_wait_for_its_next_connec
     let rss_before = gateway.rss_kib().unwrap();
     let flowing_before = audience.fleet.notifications();
     let burst_at = Instant::now();
-    // 500 notifications of 3 KiB that the sloth does not read: more than its queue and buffers.
-    let burst = backlog(&cluster, "sloth", "sloth", 500, 3 * 1024).await;
+    let burst = backlog(&cluster, "sloth", "sloth", 1600, 3 * 1024).await;
     let rss_after = gateway.rss_kib().unwrap();
     let flowing_during = audience.fleet.notifications() - flowing_before;
-    let (buffered, ending) = read_to_the_end(&mut sloth).await;
+    let (buffered, ending) = read_to_the_end(&mut sloth, Duration::from_secs(20)).await;
     println!(
         "sloth: {buffered} of {} notifications reached it before the end ({ending:?}); gateway RSS {rss_before} -> \
          {rss_after} KiB; the fleet received {flowing_during} notifications meanwhile",
         burst.len()
     );
-
     let states = fleet::receipt_states(&cluster.db).await.unwrap();
-    let not_pending: Vec<_> = burst
+    let not_pending = burst
         .iter()
         .filter(|id| states.get(&((*id).clone(), "sloth".into())).map(String::as_str) != Some("pending"))
-        .collect();
-    assert!(not_pending.is_empty(), "unacked messages of the sloth must be pending: {not_pending:?}");
-    let got = collect(&cluster, gateway.addr, "sloth", &burst, Duration::from_secs(30)).await;
-    assert_eq!(got.len(), burst.len(), "the next connection gets the whole backlog");
-    for id in &burst {
-        cluster.wait_receipt(id, "sloth", "delivered").await.unwrap();
-    }
-    let recovery = burst_at.elapsed();
-    let tally = settle("slow consumer (client stops reading)", &cluster, &audience, &publisher, recovery).await;
+        .count();
+    assert_eq!(not_pending, 0, "the sloth acked nothing: all its messages must be pending");
+
+    // Its next connection: a client that acks everything and reconnects as documented.
+    let next = Fleet::new(vec![gateway.addr]);
+    next.connect(&["sloth".to_owned()], Duration::from_secs(10)).await.unwrap();
+    let burst_jobs: Vec<Published> =
+        burst.iter().map(|id| Published { id: id.clone(), to: vec!["sloth".into()], at: burst_at }).collect();
+    fleet::wait_delivered(&cluster.db, &burst_jobs, &BTreeSet::new(), burst_at, SETTLE).await.unwrap();
+    let sloth_log = &next.logs()["sloth"];
+    println!(
+        "sloth's next client: {} connections, closes {:?}, {} notifications for {} messages",
+        sloth_log.connections,
+        sloth_log.closes,
+        sloth_log.received.values().sum::<u32>(),
+        sloth_log.received.len()
+    );
+
+    let tally =
+        settle("slow consumer (client stops reading)", &cluster, &audience, &publisher, burst_at.elapsed()).await;
     assert!(flowing_during > 0, "other clients of the gateway kept receiving while the sloth stalled");
     let growth = rss_after.saturating_sub(rss_before);
-    assert!(growth < 16 * 1024, "gateway memory grew {growth} KiB for a client that does not read");
+    assert!(growth < 32 * 1024, "gateway memory grew {growth} KiB for a client that does not read");
     tally.assert_nothing_lost();
 }
 
@@ -539,7 +551,7 @@ async fn a_slow_consumer_reading_again_is_told_4409() {
     })
     .await
     .unwrap();
-    let (buffered, ending) = read_to_the_end(&mut sloth).await;
+    let (buffered, ending) = read_to_the_end(&mut sloth, Duration::from_secs(20)).await;
     assert_eq!(ending, Some(4409), "after {buffered} buffered notifications");
 }
 
@@ -568,17 +580,22 @@ async fn a_parked_backlog_longer_than_a_replay_page_is_delivered_on_the_next_con
     let _dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let ids = backlog(&cluster, "traveller", "trip", 300, 64).await;
-    // The sweeper finds them due while the user is away and parks them (no retry time).
+    // The sweeper finds them due while the user is away and parks them (no retry time). Read in
+    // full: nx-27017 does not match `{field: null}` against a stored null.
     eventually(SETTLE, Duration::from_millis(100), || async {
-        let receipts = cluster.db.collection::<Document>("receipts");
-        let parked = receipts
-            .count_documents(doc! {"user": "traveller", "state": "pending", "next_retry_at_ms": null})
+        let receipts = cluster.db.collection::<herald_dispatcher::store::ReceiptDoc>("receipts");
+        let all: Vec<_> = receipts
+            .find(doc! {"user": "traveller"})
+            .await
+            .map_err(|e| e.to_string())?
+            .try_collect()
             .await
             .map_err(|e| e.to_string())?;
-        if parked == 300 {
+        let parked = all.iter().filter(|r| r.state.as_str() == "pending" && r.next_retry_at_ms.is_none()).count();
+        if parked == ids.len() {
             Ok(())
         } else {
-            Err(format!("{parked} of 300 parked"))
+            Err(format!("{parked} of {} parked", ids.len()))
         }
     })
     .await
