@@ -60,12 +60,8 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
                 let span = tracing::info_span!("herald.deliver", users = routed.users.len());
                 herald_shared::telemetry::continue_from(&span, routed.traceparent.as_deref());
                 let _entered = span.enter();
-                let Some(mut frame) = frame(routed.notification, false, now_ms, &mut outcome) else { continue };
-                if routed.traceparent.is_some() {
-                    if let Some(sent) = frame.sent.as_mut() {
-                        sent.traceparent = herald_shared::telemetry::traceparent(&span).map(Into::into);
-                    }
-                }
+                let trace = routed.traceparent.as_ref().and_then(|_| herald_shared::telemetry::traceparent(&span));
+                let Some(frame) = frame(routed.notification, false, trace, now_ms, &mut outcome) else { continue };
                 for user in &routed.users {
                     outcome.queued += registry.deliver_to_user(user, &frame);
                 }
@@ -77,7 +73,7 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
                 return outcome;
             };
             for notification in replay.notifications {
-                let Some(frame) = frame(notification, true, now_ms, &mut outcome) else { continue };
+                let Some(frame) = frame(notification, true, None, now_ms, &mut outcome) else { continue };
                 if !conn.offer(frame) {
                     break;
                 }
@@ -89,7 +85,13 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
 }
 
 /// The text frame for a notification, or None if it expired (never deliver past the TTL).
-fn frame(notification: Notification, replay: bool, now_ms: u64, outcome: &mut Outcome) -> Option<Outbound> {
+fn frame(
+    notification: Notification,
+    replay: bool,
+    traceparent: Option<String>,
+    now_ms: u64,
+    outcome: &mut Outcome,
+) -> Option<Outbound> {
     if notification.expires_at_ms <= now_ms {
         outcome.expired += 1;
         return None;
@@ -98,10 +100,10 @@ fn frame(notification: Notification, replay: bool, now_ms: u64, outcome: &mut Ou
         id: notification.id.as_str().into(),
         published_at_ms: notification.published_at_ms,
         replay,
-        traceparent: None,
+        traceparent: traceparent.map(Into::into),
     };
     match serde_json::to_string(&ServerFrame::Notification(notification)) {
-        Ok(text) => Some(Outbound { frame: Utf8Bytes::from(text), sent: Some(sent) }),
+        Ok(text) => Some(Outbound { frame: Utf8Bytes::from(text), sent: Some(Arc::new(sent)) }),
         Err(e) => {
             tracing::warn!(error = %e, "notification not serializable; left pending");
             None
@@ -115,7 +117,6 @@ mod tests {
     use crate::registry::Connection;
     use herald_proto::{Replay, Routed};
     use serde_json::value::RawValue;
-    use tokio::sync::mpsc;
 
     fn notification(id: &str, expires_at_ms: u64) -> Notification {
         Notification {
@@ -130,8 +131,8 @@ mod tests {
     #[test]
     fn deliver_and_replay_reach_the_right_sockets_and_skip_expired() {
         let registry = Registry::new(10, 10);
-        let (tx, mut rx) = mpsc::channel(8);
-        registry.insert(Arc::new(Connection::new("c1".into(), "alice".into(), tx)));
+        let conn = Arc::new(Connection::new("c1".into(), "alice".into(), 8));
+        registry.insert(Arc::clone(&conn));
         let deliver = GatewayCommand::Deliver(vec![
             Routed {
                 users: vec!["alice".into(), "bob".into()],
@@ -142,7 +143,7 @@ mod tests {
         ]);
         let out = handle(&serde_json::to_vec(&deliver).unwrap(), &registry, 1_000);
         assert_eq!(out, Outcome { kind: "deliver", queued: 1, expired: 1 });
-        let text = rx.try_recv().unwrap().frame;
+        let text = conn.outbox.try_pop().unwrap().frame;
         assert!(text.as_str().contains(r#""type":"notification""#) && text.as_str().contains(r#""payload":{"k":1}"#));
 
         let replay = GatewayCommand::Replay(Replay {

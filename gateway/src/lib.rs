@@ -22,6 +22,7 @@ pub mod auth;
 mod deliveries;
 mod http;
 mod metrics;
+mod outbox;
 mod presence;
 mod registry;
 mod session;

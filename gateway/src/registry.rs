@@ -11,7 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use herald_proto::close;
-use tokio::sync::mpsc;
+
+use crate::outbox::{Outbox, PushError};
 use tokio_util::sync::CancellationToken;
 
 /// A frame queued for a socket. Notifications carry what the session needs to measure
@@ -20,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub(crate) struct Outbound {
     pub(crate) frame: Utf8Bytes,
-    pub(crate) sent: Option<Sent>,
+    /// Shared by every connection the notification goes to; small, because every queue slot of
+    /// every connection holds one.
+    pub(crate) sent: Option<Arc<Sent>>,
 }
 
 /// Which notification a frame carries.
@@ -33,6 +36,7 @@ pub(crate) struct Sent {
     pub(crate) traceparent: Option<Arc<str>>,
 }
 
+#[cfg(test)]
 impl Outbound {
     pub(crate) fn control(frame: Utf8Bytes) -> Self {
         Self { frame, sent: None }
@@ -44,9 +48,9 @@ impl Outbound {
 pub(crate) struct Connection {
     pub(crate) id: Arc<str>,
     pub(crate) user: Arc<str>,
-    /// Pre-serialized frames for the socket; the session task owns the receiving end and drops
-    /// it when the socket closes.
-    outbound: mpsc::Sender<Outbound>,
+    /// Pre-serialized frames for the socket, drained by the session task, which closes it when
+    /// the socket ends.
+    pub(crate) outbox: Outbox<Outbound>,
     /// Cancelled to close the session from outside (slow consumer, drain).
     kick: CancellationToken,
     /// The close code to use when `kick` fires.
@@ -54,20 +58,26 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(id: Arc<str>, user: Arc<str>, outbound: mpsc::Sender<Outbound>) -> Self {
-        Self { id, user, outbound, kick: CancellationToken::new(), kick_code: AtomicU16::new(close::SERVICE_RESTART) }
+    pub(crate) fn new(id: Arc<str>, user: Arc<str>, queue: usize) -> Self {
+        Self {
+            id,
+            user,
+            outbox: Outbox::new(queue),
+            kick: CancellationToken::new(),
+            kick_code: AtomicU16::new(close::SERVICE_RESTART),
+        }
     }
 
     /// Queues a frame without waiting. Returns false (and closes the connection as a slow
     /// consumer) when the queue is full; false also when the session has already ended.
     pub(crate) fn offer(&self, frame: Outbound) -> bool {
-        match self.outbound.try_send(frame) {
+        match self.outbox.push(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Full) => {
                 self.close_with(close::SLOW_CONSUMER);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(PushError::Closed) => false,
         }
     }
 
@@ -186,30 +196,29 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn conn(id: &str, user: &str, cap: usize) -> (Arc<Connection>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(cap);
-        (Arc::new(Connection::new(id.into(), user.into(), tx)), rx)
+    fn conn(id: &str, user: &str, cap: usize) -> (Arc<Connection>, ()) {
+        (Arc::new(Connection::new(id.into(), user.into(), cap)), ())
     }
 
     #[test]
     fn delivers_to_every_device_of_a_user_only() {
         let reg = Registry::new(10, 10);
-        let (a1, mut r1) = conn("a1", "alice", 4);
-        let (a2, mut r2) = conn("a2", "alice", 4);
-        let (b1, mut r3) = conn("b1", "bob", 4);
-        reg.insert(a1);
-        reg.insert(a2);
-        reg.insert(b1);
+        let (a1, ()) = conn("a1", "alice", 4);
+        let (a2, ()) = conn("a2", "alice", 4);
+        let (b1, ()) = conn("b1", "bob", 4);
+        reg.insert(Arc::clone(&a1));
+        reg.insert(Arc::clone(&a2));
+        reg.insert(Arc::clone(&b1));
         assert_eq!(reg.deliver_to_user("alice", &Outbound::control(Utf8Bytes::from_static("x"))), 2);
-        assert!(r1.try_recv().is_ok() && r2.try_recv().is_ok());
-        assert!(r3.try_recv().is_err());
+        assert!(a1.outbox.try_pop().is_some() && a2.outbox.try_pop().is_some());
+        assert!(b1.outbox.try_pop().is_none());
         assert_eq!(reg.deliver_to_user("carol", &Outbound::control(Utf8Bytes::from_static("x"))), 0);
     }
 
     #[test]
     fn a_full_queue_closes_the_slow_consumer_without_blocking() {
         let reg = Registry::new(10, 10);
-        let (a, _rx) = conn("a", "alice", 1);
+        let (a, ()) = conn("a", "alice", 1);
         reg.insert(Arc::clone(&a));
         assert_eq!(reg.deliver_to_user("alice", &Outbound::control(Utf8Bytes::from_static("1"))), 1);
         assert_eq!(reg.deliver_to_user("alice", &Outbound::control(Utf8Bytes::from_static("2"))), 0);
@@ -221,7 +230,7 @@ mod tests {
     fn admission_enforces_both_limits_and_frees_places() {
         let reg = Registry::new(2, 1);
         let first = reg.admit("alice").unwrap();
-        let (a, _rx) = conn("a", "alice", 1);
+        let (a, ()) = conn("a", "alice", 1);
         reg.insert(Arc::clone(&a));
         assert_eq!(reg.admit("alice").unwrap_err(), AdmitError::UserLimit);
         let second = reg.admit("bob").unwrap();

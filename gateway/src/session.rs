@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Identity;
 use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
-use crate::registry::{Admission, Connection, Outbound, Registry, Sent};
+use crate::registry::{Admission, Connection, Registry, Sent};
 
 /// Most ids one ack or read frame may carry.
 pub(crate) const MAX_IDS_PER_FRAME: usize = 1000;
@@ -86,18 +86,7 @@ pub(crate) async fn run(
 ) {
     let _admission = admission;
     let connection_id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
-    let (tx, rx) = mpsc::channel(ctx.outbound_queue);
-    let hello = ServerFrame::Hello(Hello {
-        connection_id: connection_id.to_string(),
-        gateway_id: ctx.gateway_id.clone(),
-        heartbeat_interval_ms: ctx.heartbeat_interval.as_millis() as u64,
-        max_frame_bytes: ctx.max_frame_bytes,
-    });
-    // The hello goes first into the empty queue, so it precedes any notification.
-    if let Ok(text) = serde_json::to_string(&hello) {
-        let _ = tx.try_send(Outbound::control(Utf8Bytes::from(text)));
-    }
-    let conn = Arc::new(Connection::new(connection_id, identity.user.as_str().into(), tx));
+    let conn = Arc::new(Connection::new(connection_id, identity.user.as_str().into(), ctx.outbound_queue));
     // Local registration first (deliveries can find the socket), then Redis and the online
     // announcement: the order that makes replay race-free (see presence.rs).
     ctx.registry.insert(Arc::clone(&conn));
@@ -106,8 +95,9 @@ pub(crate) async fn run(
     ctx.presence.register(Arc::clone(&conn)).await;
     tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
 
-    let session = Session { ctx: &ctx, conn: &conn, identity: &identity, rx, in_flight: VecDeque::new() };
+    let session = Session { ctx: &ctx, conn: &conn, identity: &identity, in_flight: VecDeque::new() };
     let ending = session.serve(socket, &shutdown).await;
+    conn.outbox.close();
 
     ctx.registry.remove(&conn);
     ctx.metrics.connections_open.dec();
@@ -123,15 +113,27 @@ struct Session<'a> {
     ctx: &'a SessionContext,
     conn: &'a Connection,
     identity: &'a Identity,
-    rx: mpsc::Receiver<Outbound>,
     /// Notifications written and not yet acked, oldest first (see [`IN_FLIGHT_REMEMBERED`]).
-    in_flight: VecDeque<Sent>,
+    in_flight: VecDeque<Arc<Sent>>,
 }
 
 impl Session<'_> {
     /// The session loop. Returns how it ended (None: the client went away).
-    async fn serve(mut self, socket: WebSocket, shutdown: &CancellationToken) -> Option<Ending> {
-        let (mut sink, mut stream) = socket.split();
+    async fn serve(mut self, mut socket: WebSocket, shutdown: &CancellationToken) -> Option<Ending> {
+        // Written straight to the socket, before the loop reads the queue: it precedes every
+        // notification, and an idle connection never allocates its queue's buffer.
+        let hello = ServerFrame::Hello(Hello {
+            connection_id: self.conn.id.to_string(),
+            gateway_id: self.ctx.gateway_id.clone(),
+            heartbeat_interval_ms: self.ctx.heartbeat_interval.as_millis() as u64,
+            max_frame_bytes: self.ctx.max_frame_bytes,
+        });
+        let Ok(hello) = serde_json::to_string(&hello) else { return None };
+        match tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Text(hello.into()))).await {
+            Ok(Ok(())) => self.ctx.metrics.frames_out.inc(),
+            _ => return None,
+        }
+        let conn = self.conn;
         let mut limiter = RateLimiter::new(self.ctx.frames_per_sec);
         let mut last_heard = Instant::now();
         let mut heartbeat = tokio::time::interval(self.ctx.heartbeat_interval);
@@ -139,36 +141,46 @@ impl Session<'_> {
         heartbeat.reset();
         let token_expiry = tokio::time::sleep_until(expiry_instant(self.identity.expires_at));
         tokio::pin!(token_expiry);
-        let mut batch = Vec::new();
 
         let ending = loop {
             tokio::select! {
                 biased;
-                _ = self.conn.kicked().cancelled() => {
-                    break if self.conn.kick_code() == close::SLOW_CONSUMER { Some(SLOW) } else { Some(SHUTTING_DOWN) };
+                _ = conn.kicked().cancelled() => {
+                    break if conn.kick_code() == close::SLOW_CONSUMER { Some(SLOW) } else { Some(SHUTTING_DOWN) };
                 }
                 _ = shutdown.cancelled() => break Some(SHUTTING_DOWN),
                 _ = &mut token_expiry => break Some(TOKEN_EXPIRED),
-                n = self.rx.recv_many(&mut batch, WRITE_BATCH) => {
-                    if n == 0 {
-                        break Some(SHUTTING_DOWN);
-                    }
+                first = conn.outbox.pop() => {
+                    let mut outbound = first;
+                    // Everything queued, up to a batch, goes out with one flush.
                     let write = async {
-                        for outbound in &batch {
-                            sink.feed(Message::Text(outbound.frame.clone())).await?;
+                        let mut written = 0;
+                        loop {
+                            let sent = outbound.sent.take();
+                            socket.feed(Message::Text(outbound.frame)).await?;
+                            self.written(sent);
+                            written += 1;
+                            match conn.outbox.try_pop() {
+                                Some(next) if written < WRITE_BATCH => outbound = next,
+                                Some(next) => {
+                                    socket.feed(Message::Text(next.frame)).await?;
+                                    self.written(next.sent);
+                                    break;
+                                }
+                                None => break,
+                            }
                         }
-                        sink.flush().await
+                        socket.flush().await
                     };
                     // A client that stops reading blocks the write; the registry then finds its
                     // queue full and kicks it, which must be able to end this wait.
                     tokio::select! {
                         result = write => if result.is_err() { break None },
-                        _ = self.conn.kicked().cancelled() => break None,
+                        _ = conn.kicked().cancelled() => break None,
                         _ = shutdown.cancelled() => break None,
                     }
-                    self.written(&mut batch);
                 }
-                message = stream.next() => {
+                message = socket.next() => {
                     last_heard = Instant::now();
                     match message {
                         None => break None,
@@ -187,7 +199,7 @@ impl Session<'_> {
                     if last_heard.elapsed() > self.ctx.heartbeat_interval * 2 {
                         break Some(HEARTBEAT);
                     }
-                    if sink.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
                         break None;
                     }
                 }
@@ -198,30 +210,28 @@ impl Session<'_> {
                 if let Some(code) = ending.error {
                     let frame = ServerFrame::Error { code, message: ending.reason.to_owned() };
                     if let Ok(text) = serde_json::to_string(&frame) {
-                        sink.feed(Message::Text(text.into())).await?;
+                        socket.feed(Message::Text(text.into())).await?;
                     }
                 }
                 let frame = CloseFrame { code: ending.code, reason: Utf8Bytes::from_static(ending.reason) };
-                sink.send(Message::Close(Some(frame))).await
+                socket.send(Message::Close(Some(frame))).await
             };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
         }
         ending
     }
 
-    /// Records frames that reached the socket: metrics, and the notifications now awaiting an ack.
-    fn written(&mut self, batch: &mut Vec<Outbound>) {
+    /// Records a frame handed to the socket: metrics, and the notification now awaiting an ack.
+    fn written(&mut self, sent: Option<Arc<Sent>>) {
         let metrics = &self.ctx.metrics;
-        metrics.frames_out.inc_by(batch.len() as u64);
-        for outbound in batch.drain(..) {
-            let Some(sent) = outbound.sent else { continue };
-            metrics.notifications_sent.with_label_values(&[if sent.replay { "replay" } else { "deliver" }]).inc();
-            metrics.publish_to_deliver.observe(seconds_since(sent.published_at_ms));
-            if self.in_flight.len() == IN_FLIGHT_REMEMBERED {
-                self.in_flight.pop_front();
-            }
-            self.in_flight.push_back(sent);
+        metrics.frames_out.inc();
+        let Some(sent) = sent else { return };
+        metrics.notifications_sent.with_label_values(&[if sent.replay { "replay" } else { "deliver" }]).inc();
+        metrics.publish_to_deliver.observe(seconds_since(sent.published_at_ms));
+        if self.in_flight.len() == IN_FLIGHT_REMEMBERED {
+            self.in_flight.pop_front();
         }
+        self.in_flight.push_back(sent);
     }
 
     /// Handles one inbound message; `Err` ends the session (None: the client closed).

@@ -233,7 +233,7 @@ impl GatewayConfig {
             max_connections: env.parse("HERALD_MAX_CONNECTIONS", 50_000),
             max_connections_per_user: env.parse("HERALD_MAX_CONNECTIONS_PER_USER", 16),
             client_frames_per_sec: env.parse("HERALD_CLIENT_FRAMES_PER_SEC", 50),
-            read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 4096),
+            read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 1024),
             write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
             drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
             shutdown_delay: env.millis("HERALD_SHUTDOWN_DELAY_MS", 0),

@@ -1,0 +1,117 @@
+//! A connection's outbound queue: bounded, never blocking the sender, and costing nothing while
+//! empty. A tokio mpsc channel allocates a 32-slot block up front, for every connection, idle
+//! or not; at tens of thousands of idle connections per gateway that block is a fifth of the
+//! memory budget. Here the buffer grows with use and is given back once drained after a burst.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+
+/// A drained queue keeps at most this many slots; a larger buffer left by a burst is freed.
+const KEEP_SLOTS: usize = 8;
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PushError {
+    /// The consumer fell behind by `capacity` items.
+    Full,
+    /// The consumer is gone.
+    Closed,
+}
+
+#[derive(Debug)]
+pub(crate) struct Outbox<T> {
+    queue: Mutex<VecDeque<T>>,
+    ready: Notify,
+    capacity: usize,
+    closed: AtomicBool,
+}
+
+impl<T> Outbox<T> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self { queue: Mutex::new(VecDeque::new()), ready: Notify::new(), capacity, closed: AtomicBool::new(false) }
+    }
+
+    pub(crate) fn push(&self, item: T) -> Result<(), PushError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PushError::Closed);
+        }
+        {
+            let mut queue = self.lock();
+            if queue.len() >= self.capacity {
+                return Err(PushError::Full);
+            }
+            queue.push_back(item);
+        }
+        // Stores a permit when the consumer is not waiting yet: no wake-up is lost.
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    pub(crate) fn try_pop(&self) -> Option<T> {
+        let mut queue = self.lock();
+        let item = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > KEEP_SLOTS {
+            queue.shrink_to(KEEP_SLOTS);
+        }
+        item
+    }
+
+    /// Waits for the next item. Cancel-safe: an item is taken only in the poll that returns it.
+    pub(crate) async fn pop(&self) -> T {
+        loop {
+            if let Some(item) = self.try_pop() {
+                return item;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Refuses further pushes; the consumer calls it when it stops reading.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.lock().clear();
+    }
+
+    // Every critical section is a single VecDeque operation, so a poisoned lock (a panic
+    // elsewhere while holding it) still guards a consistent queue.
+    fn lock(&self) -> MutexGuard<'_, VecDeque<T>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bounded_ordered_and_closable() {
+        let outbox = Outbox::new(2);
+        assert_eq!(outbox.push(1), Ok(()));
+        assert_eq!(outbox.push(2), Ok(()));
+        assert_eq!(outbox.push(3), Err(PushError::Full));
+        assert_eq!(outbox.pop().await, 1);
+        assert_eq!(outbox.try_pop(), Some(2));
+        assert_eq!(outbox.try_pop(), None);
+        outbox.close();
+        assert_eq!(outbox.push(4), Err(PushError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_consumer_is_woken_and_a_burst_is_given_back() {
+        let outbox = std::sync::Arc::new(Outbox::new(1000));
+        let consumer = tokio::spawn({
+            let outbox = std::sync::Arc::clone(&outbox);
+            async move { outbox.pop().await }
+        });
+        tokio::task::yield_now().await;
+        outbox.push(7).unwrap();
+        assert_eq!(consumer.await.unwrap(), 7);
+        for i in 0..500 {
+            outbox.push(i).unwrap();
+        }
+        while outbox.try_pop().is_some() {}
+        assert!(outbox.lock().capacity() <= KEEP_SLOTS);
+    }
+}
