@@ -85,12 +85,18 @@ impl EventPipeline {
                     chunk = chunks.next() => chunk,
                 };
                 let Some(chunk) = chunk else { break };
+                let total = chunk.len();
                 let batch: Vec<Message> = chunk
                     .into_iter()
                     .filter_map(|m| m.map_err(|e| tracing::warn!(error = %e, "pulling events")).ok())
                     .collect();
+                let broken = batch.len() < total;
                 if !batch.is_empty() {
                     self.process(batch, &stop).await;
+                }
+                // As for jobs: a failed pull is started afresh.
+                if broken {
+                    break;
                 }
             }
             tracing::warn!("events stream ended; resubscribing");

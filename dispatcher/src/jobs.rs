@@ -118,14 +118,23 @@ impl JobPipeline {
                 };
                 let Some(chunk) = chunk else { break };
                 let mut batch = Vec::with_capacity(chunk.len());
+                let mut broken = false;
                 for item in chunk {
                     match item {
                         Ok(message) => batch.push(message),
-                        Err(e) => tracing::warn!(error = %e, "pulling jobs"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pulling jobs");
+                            broken = true;
+                        }
                     }
                 }
                 if !batch.is_empty() {
                     self.process(batch, &stop).await;
+                }
+                // A pull that failed (missed heartbeats across a NATS restart, a deleted
+                // consumer) is started afresh rather than trusted to recover.
+                if broken {
+                    break;
                 }
             }
             tracing::warn!("jobs stream ended; resubscribing");
