@@ -144,12 +144,13 @@ async fn gateway_crash_mid_stream_its_clients_reconnect_elsewhere_and_nothing_is
 
 /// The dispatcher is frozen (SIGSTOP) while it holds pulled, unacked jobs, then killed: the
 /// moment of a crash in the middle of a batch, made certain. JetStream hands those jobs to the
-/// surviving dispatcher once the consumer's ack wait (30 s, `herald_dispatcher::jobs::ACK_WAIT`)
-/// runs out, which is what this test's recovery time mostly measures.
+/// surviving dispatcher once the consumer's ack wait runs out, which is what this test's recovery
+/// time mostly measures: 5 s here (`HERALD_JETSTREAM_ACK_WAIT_MS`), 30 s by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_crash_mid_batch_its_jobs_are_redelivered_to_the_survivor() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = Cluster::start().await.unwrap();
+    let options = Options { ack_wait: Duration::from_secs(5), ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
     let mut doomed = cluster.dispatcher_process().await.unwrap();
     let _survivor = cluster.dispatcher().await.unwrap();
     let g1 = cluster.gateway().await.unwrap();
@@ -166,7 +167,7 @@ async fn dispatcher_crash_mid_batch_its_jobs_are_redelivered_to_the_survivor() {
     let before = publisher.log();
     let recovery = fleet::wait_delivered(&cluster.db, &before, &audience.offline, killed_at, SETTLE).await.unwrap();
 
-    let tally = settle("dispatcher kill -9", &cluster, &audience, &publisher, recovery).await;
+    let tally = settle("dispatcher kill -9 (ack wait 5 s)", &cluster, &audience, &publisher, recovery).await;
     println!("jobs pulled and unacked right after the kill: {in_flight}");
     assert!(in_flight > 0, "the dead dispatcher held jobs that JetStream had to redeliver");
     assert_eq!(audience.fleet.reconnects(), 0, "a dispatcher crash is invisible to clients");
@@ -349,8 +350,9 @@ async fn gateway_sigterm_drains_with_1012_removes_presence_and_loses_nothing() {
 
 /// SIGTERM to a dispatcher under load, with another one running: returns the figures, recovery
 /// counted from the signal.
-async fn dispatcher_sigterm() -> Tally {
-    let cluster = Cluster::start().await.unwrap();
+async fn dispatcher_sigterm(ack_wait: Duration) -> Tally {
+    let options = Options { ack_wait, ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
     let mut leaving = cluster.dispatcher_process().await.unwrap();
     let _survivor = cluster.dispatcher().await.unwrap();
     let g1 = cluster.gateway().await.unwrap();
@@ -366,7 +368,8 @@ async fn dispatcher_sigterm() -> Tally {
     let before = publisher.log();
     let recovery = fleet::wait_delivered(&cluster.db, &before, &audience.offline, signalled_at, SETTLE).await.unwrap();
 
-    let tally = settle("dispatcher SIGTERM (drain)", &cluster, &audience, &publisher, recovery).await;
+    let fault = format!("dispatcher SIGTERM (ack wait {} s)", ack_wait.as_secs());
+    let tally = settle(&fault, &cluster, &audience, &publisher, recovery).await;
     println!("dispatcher exited {} after SIGTERM", humantime(exit_took));
     assert!(exited_ok, "the dispatcher exits with success");
     tally.assert_nothing_lost();
@@ -378,7 +381,7 @@ async fn dispatcher_sigterm() -> Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_sigterm_stops_pulling_exits_and_loses_nothing() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    dispatcher_sigterm().await;
+    dispatcher_sigterm(Duration::from_secs(5)).await;
 }
 
 /// A dispatcher stopping must finish or hand back what it pulled, so the survivor carries on at
@@ -388,7 +391,7 @@ async fn dispatcher_sigterm_stops_pulling_exits_and_loses_nothing() {
 #[ignore = "product bug: a stopping dispatcher drops prefetched jobs and events without a nak; see report"]
 async fn dispatcher_sigterm_releases_what_it_pulled_so_the_survivor_carries_on_at_once() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let tally = dispatcher_sigterm().await;
+    let tally = dispatcher_sigterm(Duration::from_secs(30)).await;
     assert!(
         tally.recovery < Duration::from_secs(15),
         "work the dispatcher held when it stopped waited {:?}: it was neither finished nor released",
