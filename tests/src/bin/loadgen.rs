@@ -54,8 +54,17 @@ fn main() -> anyhow::Result<()> {
         Command::Worker { spec } => loadgen::worker::main(serde_json::from_str(&spec)?),
         Command::Run { scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            let ok =
-                runtime.block_on(run(scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs))?;
+            let ok = runtime.block_on(async {
+                let run = run(scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs);
+                // On a signal the run is dropped, and with it every process it started.
+                tokio::select! {
+                    ok = run => ok,
+                    () = stop_signal() => {
+                        eprintln!("loadgen: stopped by a signal; servers and workers stopped");
+                        Ok(false)
+                    }
+                }
+            })?;
             if !ok {
                 std::process::exit(1);
             }
@@ -101,6 +110,17 @@ async fn run(
     std::fs::write(out.with_extension("txt"), &table)?;
     eprintln!("loadgen: wrote {} and {}", out.display(), out.with_extension("txt").display());
     Ok(outcomes.iter().all(|o| o.ok))
+}
+
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 /// What the figures were measured on.

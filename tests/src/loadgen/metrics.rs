@@ -37,6 +37,19 @@ fn parse_cpu_secs(stat: &str) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// The process whose command line contains every one of `needles` (e.g. a dependency the harness
+/// started on a known port), if exactly one does.
+pub(crate) fn find_pid(needles: &[&str]) -> Option<u32> {
+    let mut found = std::fs::read_dir("/proc").ok()?.filter_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        needles.iter().all(|n| cmdline.contains(n)).then_some(pid)
+    });
+    let pid = found.next()?;
+    found.next().is_none().then_some(pid)
+}
+
 /// Calls of every Redis command since start (from `INFO commandstats`), minus `INFO` itself, so
 /// that measuring does not show up in what is measured.
 pub(crate) async fn redis_commands(port: u16) -> anyhow::Result<u64> {

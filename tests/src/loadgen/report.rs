@@ -61,6 +61,9 @@ pub(crate) struct WorkerReport {
     /// Latency from the generator's send time (`lg_t`) to receipt, µs.
     pub(crate) send_to_rx: Vec<(u64, u64)>,
     pub(crate) rss_kib: u64,
+    /// CPU time the worker process has used, seconds.
+    #[serde(default)]
+    pub(crate) cpu_secs: f64,
 }
 
 /// Several workers' reports added up.
@@ -82,6 +85,7 @@ pub(crate) struct Totals {
     pub(crate) publish_to_rx: Option<Histogram<u64>>,
     pub(crate) send_to_rx: Option<Histogram<u64>>,
     pub(crate) generator_rss_kib: u64,
+    pub(crate) generator_cpu_secs: f64,
 }
 
 impl Totals {
@@ -114,6 +118,7 @@ impl Totals {
                 add_pairs(h, &r.send_to_rx);
             }
             t.generator_rss_kib += r.rss_kib;
+            t.generator_cpu_secs += r.cpu_secs;
         }
         t
     }

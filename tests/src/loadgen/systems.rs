@@ -203,6 +203,16 @@ impl Herald {
     pub(crate) fn redis_port(&self) -> u16 {
         self.stack.redis.port()
     }
+
+    /// CPU seconds used so far by the store server and by NATS (0 when not found, e.g. an
+    /// external MongoDB).
+    pub(crate) fn deps_cpu_secs(&self) -> (f64, f64) {
+        let cpu = |needles: &[&str]| metrics::find_pid(needles).and_then(metrics::cpu_secs).unwrap_or(0.0);
+        let store_port = self.stack.mongo.host_port().unwrap_or_default();
+        let store_port = store_port.rsplit(':').next().unwrap_or_default().to_owned();
+        let nats_port = self.stack.nats.port().to_string();
+        (cpu(&["nx", &format!(" {store_port} ")]), cpu(&["nats-server", &format!(" {nats_port} ")]))
+    }
 }
 
 /// The Socket.IO peer: Node processes sharing one Redis through `@socket.io/redis-adapter`.

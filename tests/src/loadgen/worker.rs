@@ -116,6 +116,7 @@ impl Stats {
             publish_to_rx: self.publish_to_rx.as_ref().map(report::to_pairs).unwrap_or_default(),
             send_to_rx: self.send_to_rx.as_ref().map(report::to_pairs).unwrap_or_default(),
             rss_kib: metrics::rss_kib(std::process::id()).unwrap_or(0),
+            cpu_secs: metrics::cpu_secs(std::process::id()).unwrap_or(0.0),
         }
     }
 }
