@@ -6,16 +6,15 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, AckKind, Message};
-use futures::StreamExt;
-use herald_proto::{AckRecord, Event, GatewayCommand, Online, Replay};
+use async_nats::jetstream::{self, AckKind, Message};
+use herald_proto::{AckRecord, Event, GatewayCommand, Online};
 use herald_shared::naming::Names;
 use herald_shared::now_ms;
 use tokio_util::sync::CancellationToken;
 
-use crate::jobs::{sleep_or_stop, ConsumerError};
 use crate::metrics::DispatcherMetrics;
-use crate::routing::Router;
+use crate::pull::{self, sleep_or_stop};
+use crate::routing::{self, Router};
 use crate::store::{Store, StoreError};
 
 /// Events applied per batch (one receipt-update round trip).
@@ -36,72 +35,14 @@ pub struct EventPipeline {
     pub metrics: std::sync::Arc<DispatcherMetrics>,
 }
 
-async fn consumer(
-    js: &jetstream::Context,
-    names: &Names,
-    ack_wait: Duration,
-) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
-    let stream = js.get_stream(names.events_stream()).await.map_err(|e| ConsumerError(e.to_string()))?;
-    stream
-        .get_or_create_consumer(
-            names.events_consumer(),
-            pull::Config {
-                durable_name: Some(names.events_consumer().to_owned()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait,
-                max_deliver: -1,
-                max_ack_pending: 20_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| ConsumerError(e.to_string()))
-}
-
 impl EventPipeline {
+    /// Pulls and applies events until `stop` fires; the batch in hand is finished first.
     pub async fn run(self, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        while !stop.is_cancelled() {
-            let stream = match consumer(&self.js, &self.names, self.ack_wait).await {
-                Ok(c) => c.stream().max_messages_per_batch(BATCH).heartbeat(Duration::from_secs(5)).messages().await,
-                Err(e) => {
-                    tracing::warn!(error = %e, "events consumer unavailable; retrying");
-                    sleep_or_stop(&mut backoff, &stop).await;
-                    continue;
-                }
-            };
-            let mut chunks = match stream {
-                Ok(s) => s.ready_chunks(BATCH),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot pull events; retrying");
-                    sleep_or_stop(&mut backoff, &stop).await;
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            loop {
-                let chunk = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    chunk = chunks.next() => chunk,
-                };
-                let Some(chunk) = chunk else { break };
-                let total = chunk.len();
-                let batch: Vec<Message> = chunk
-                    .into_iter()
-                    .filter_map(|m| m.map_err(|e| tracing::warn!(error = %e, "pulling events")).ok())
-                    .collect();
-                let broken = batch.len() < total;
-                if !batch.is_empty() {
-                    self.process(batch, &stop).await;
-                }
-                // As for jobs: a failed pull is started afresh.
-                if broken {
-                    break;
-                }
-            }
-            tracing::warn!("events stream ended; resubscribing");
-            sleep_or_stop(&mut backoff, &stop).await;
-        }
+        let stream = self.names.events_stream();
+        pull::run(&self.js, &stream, self.names.events_consumer(), self.ack_wait, BATCH, &stop, |batch| {
+            self.process(batch, &stop)
+        })
+        .await;
     }
 
     async fn process(&self, messages: Vec<Message>, stop: &CancellationToken) {
@@ -199,17 +140,20 @@ impl EventPipeline {
             if mine.is_empty() {
                 continue;
             }
-            let command = GatewayCommand::Replay(Replay {
-                user: online.user.clone(),
-                connection_id: online.connection_id.clone(),
-                notifications: mine.iter().map(|s| s.notification.clone()).collect(),
-            });
-            if self.router.publish(&online.gateway_id, &command).await {
-                self.metrics.replayed.inc_by(mine.len() as u64);
-                sent.extend(mine.iter().filter_map(|s| s.receipt_id));
-            } else {
-                self.metrics.route_failures.inc();
+            let notifications = mine.iter().map(|s| s.notification.clone()).collect();
+            // Split under NATS's payload limit; a command that fails leaves its receipts pending.
+            let mut published = 0;
+            for command in routing::replay_commands(&online.user, &online.connection_id, notifications) {
+                let GatewayCommand::Replay(replay) = &command else { continue };
+                let count = replay.notifications.len();
+                if !self.router.publish(&online.gateway_id, &command).await {
+                    self.metrics.route_failures.inc();
+                    break;
+                }
+                published += count;
             }
+            self.metrics.replayed.inc_by(published as u64);
+            sent.extend(mine.iter().take(published).filter_map(|s| s.receipt_id));
         }
         sent.sort_unstable();
         sent.dedup();

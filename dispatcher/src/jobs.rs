@@ -9,8 +9,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, consumer::pull, AckKind, Message};
-use futures::StreamExt;
+use async_nats::jetstream::{self, AckKind, Message};
 use herald_proto::{RejectCode, Rejection};
 use herald_shared::naming::Names;
 use herald_shared::now_ms;
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::job::{self, Invalid, JobMeta, Limits, ValidJob};
 use crate::metrics::DispatcherMetrics;
 use crate::presence::PresenceReader;
+use crate::pull;
 use crate::routing::{self, Router};
 use crate::store::{DeadLetterDoc, Store};
 
@@ -51,95 +51,14 @@ struct Pulled {
     stream_seq: u64,
 }
 
-/// The durable consumer all dispatchers share; created if missing (an existing consumer keeps
-/// the settings it was created with).
-pub async fn consumer(
-    js: &jetstream::Context,
-    names: &Names,
-    ack_wait: Duration,
-) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
-    let stream = js.get_stream(names.jobs_stream()).await.map_err(|e| ConsumerError(e.to_string()))?;
-    stream
-        .get_or_create_consumer(
-            names.jobs_consumer(),
-            pull::Config {
-                durable_name: Some(names.jobs_consumer().to_owned()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait,
-                // Unbounded redelivery: store outages must never turn into loss. Poison jobs are
-                // bounded by `max_attempts` in this module instead.
-                max_deliver: -1,
-                max_ack_pending: 20_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| ConsumerError(e.to_string()))
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("jetstream consumer: {0}")]
-pub struct ConsumerError(pub(crate) String);
-
 impl JobPipeline {
-    /// Pulls and processes batches until `stop` fires. The current batch is finished first;
-    /// jobs pulled but not started are left to JetStream's redelivery.
+    /// Pulls and processes batches until `stop` fires; the batch in hand is finished first.
     pub async fn run(self, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        while !stop.is_cancelled() {
-            let messages = match consumer(&self.js, &self.names, self.ack_wait).await {
-                Ok(consumer) => {
-                    consumer
-                        .stream()
-                        .max_messages_per_batch(self.batch)
-                        .heartbeat(Duration::from_secs(5))
-                        .messages()
-                        .await
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "jobs consumer unavailable; retrying");
-                    sleep_or_stop(&mut backoff, &stop).await;
-                    continue;
-                }
-            };
-            let mut chunks = match messages {
-                Ok(stream) => stream.ready_chunks(self.batch),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot pull jobs; retrying");
-                    sleep_or_stop(&mut backoff, &stop).await;
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            loop {
-                let chunk = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    chunk = chunks.next() => chunk,
-                };
-                let Some(chunk) = chunk else { break };
-                let mut batch = Vec::with_capacity(chunk.len());
-                let mut broken = false;
-                for item in chunk {
-                    match item {
-                        Ok(message) => batch.push(message),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "pulling jobs");
-                            broken = true;
-                        }
-                    }
-                }
-                if !batch.is_empty() {
-                    self.process(batch, &stop).await;
-                }
-                // A pull that failed (missed heartbeats across a NATS restart, a deleted
-                // consumer) is started afresh rather than trusted to recover.
-                if broken {
-                    break;
-                }
-            }
-            tracing::warn!("jobs stream ended; resubscribing");
-            sleep_or_stop(&mut backoff, &stop).await;
-        }
+        let stream = self.names.jobs_stream();
+        pull::run(&self.js, &stream, self.names.jobs_consumer(), self.ack_wait, self.batch, &stop, |batch| {
+            self.process(batch, &stop)
+        })
+        .await;
     }
 
     async fn process(&self, messages: Vec<Message>, stop: &CancellationToken) {
@@ -217,15 +136,27 @@ impl JobPipeline {
         let _spans: Vec<tracing::Span> =
             pulled.iter().map(|p| tracing::info_span!(parent: &p.span, "herald.store")).collect();
         let mut backoff = Duration::from_millis(100);
+        let mut interrupted = false;
         loop {
             match self.store.insert(jobs, now_ms(), self.ack_timeout).await {
-                Ok(inserted) => {
+                Ok(mut inserted) => {
+                    if interrupted {
+                        // An attempt that failed may have written some receipts before it did;
+                        // this one then saw them as existing. Route every recipient rather than
+                        // leave those to the ack-timeout sweep (clients deduplicate).
+                        for (i, job) in jobs.iter().enumerate() {
+                            if !inserted.failed.contains_key(&i) {
+                                inserted.new_recipients[i] = job.recipients.clone();
+                            }
+                        }
+                    }
                     let written: usize = inserted.new_recipients.iter().map(Vec::len).sum();
                     self.metrics.receipt_writes.with_label_values(&["insert"]).inc_by(written as u64);
                     self.metrics.store_batch_size.with_label_values(&["insert"]).observe(jobs.len() as f64);
                     return Some(inserted);
                 }
                 Err(e) if e.is_transient() => {
+                    interrupted = true;
                     self.metrics.jobs.with_label_values(&["retried"]).inc_by(jobs.len() as u64);
                     tracing::warn!(error = %e, jobs = jobs.len(), "store unavailable; holding jobs and retrying");
                 }
@@ -242,7 +173,7 @@ impl JobPipeline {
             for job in pulled {
                 let _ = job.message.ack_with(AckKind::Progress).await;
             }
-            if !sleep_or_stop(&mut backoff, stop).await {
+            if !pull::sleep_or_stop(&mut backoff, stop).await {
                 return None;
             }
         }
@@ -387,21 +318,11 @@ pub async fn report_lag(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Ok(mut consumer) = consumer(&js, &names, ack_wait).await {
+        if let Ok(mut consumer) = pull::consumer(&js, &names.jobs_stream(), names.jobs_consumer(), ack_wait).await {
             if let Ok(info) = consumer.info().await {
                 metrics.pending_jobs.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
             }
         }
-    }
-}
-
-/// Sleeps for `backoff` (then doubles it, up to 5 s). Returns false if `stop` fired.
-pub(crate) async fn sleep_or_stop(backoff: &mut Duration, stop: &CancellationToken) -> bool {
-    let pause = *backoff;
-    *backoff = (*backoff * 2).min(Duration::from_secs(5));
-    tokio::select! {
-        _ = tokio::time::sleep(pause) => true,
-        _ = stop.cancelled() => false,
     }
 }
 

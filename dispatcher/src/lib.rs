@@ -24,6 +24,7 @@ pub mod job;
 pub mod jobs;
 pub mod metrics;
 pub mod presence;
+pub mod pull;
 pub mod receipt;
 pub mod routing;
 pub mod store;

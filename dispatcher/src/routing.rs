@@ -100,6 +100,34 @@ pub fn commands(routed: Vec<Routed>) -> Vec<GatewayCommand> {
     out
 }
 
+/// A replay for one connection as commands under [`MAX_COMMAND_BYTES`], oldest first.
+pub fn replay_commands(user: &str, connection_id: &str, notifications: Vec<Notification>) -> Vec<GatewayCommand> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for notification in notifications {
+        let bytes = notification.payload.get().len() + notification.id.len() + 160;
+        if !current.is_empty() && size + bytes > MAX_COMMAND_BYTES {
+            out.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += bytes;
+        current.push(notification);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out.into_iter()
+        .map(|notifications| {
+            GatewayCommand::Replay(herald_proto::Replay {
+                user: user.to_owned(),
+                connection_id: connection_id.to_owned(),
+                notifications,
+            })
+        })
+        .collect()
+}
+
 /// Publishes gateway commands on core NATS.
 #[derive(Clone)]
 pub struct Router {
@@ -194,6 +222,20 @@ mod tests {
             }
         }
         assert_eq!(seen, users);
+    }
+
+    #[test]
+    fn a_large_replay_is_split_under_the_limit_in_order() {
+        let notifications: Vec<Notification> = (0..40).map(|i| notification(&format!("r{i:02}"), 60_000)).collect();
+        let commands = replay_commands("u", "c", notifications);
+        assert!(commands.len() > 1);
+        let mut ids = Vec::new();
+        for command in &commands {
+            assert!(serde_json::to_vec(command).unwrap().len() <= 1024 * 1024);
+            let GatewayCommand::Replay(replay) = command else { panic!("replay expected") };
+            ids.extend(replay.notifications.iter().map(|n| n.id.clone()));
+        }
+        assert_eq!(ids, (0..40).map(|i| format!("r{i:02}")).collect::<Vec<_>>());
     }
 
     #[test]

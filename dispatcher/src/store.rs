@@ -29,6 +29,10 @@ pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
 const DUPLICATE_KEY: i32 = 11000;
 /// Server error codes that mean "try again" (not primary, shutting down, interrupted, ...).
 const TRANSIENT_CODES: &[i32] = &[6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436];
+/// `next_retry_at_ms` of a receipt parked until its user connects: later than any sweep, and
+/// matched by equality. (Not null: nx-27017 does not match `{field: null}` against a stored
+/// null, and an explicit value keeps the `state, next_retry_at_ms` index useful.)
+pub const PARKED_MS: i64 = i64::MAX;
 /// Update statements per command (the server's batch limit is far higher; this bounds size).
 const UPDATE_BATCH: usize = 1000;
 
@@ -122,7 +126,8 @@ pub struct ReceiptDoc {
     pub state: ReceiptState,
     pub created_at: DateTime,
     pub expires_at: DateTime,
-    /// When to send again if no ack came; null while the user is offline (replayed on connect).
+    /// When to send again if no ack came; [`PARKED_MS`] while the user is offline (replayed on
+    /// connect); null once the receipt is no longer pending.
     #[serde(default)]
     pub next_retry_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -381,7 +386,7 @@ impl Store {
         let update = async {
             self.receipts
                 .update_many(
-                    doc! { "user": { "$in": users }, "state": "pending", "next_retry_at_ms": null },
+                    doc! { "user": { "$in": users }, "state": "pending", "next_retry_at_ms": PARKED_MS },
                     doc! { "$set": { "next_retry_at_ms": next_retry_ms as i64 } },
                 )
                 .await?;
@@ -442,7 +447,7 @@ impl Store {
         if receipt_ids.is_empty() {
             return Ok(());
         }
-        let next = next_retry_ms.map(|ms| ms as i64);
+        let next = next_retry_ms.map_or(PARKED_MS, |ms| ms as i64);
         let update = async {
             self.receipts
                 .update_many(

@@ -57,14 +57,20 @@ impl Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience is required, not just checked when present.
+        let mut required = vec!["exp", "sub"];
         match &config.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &config.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         Self { key: DecodingKey::from_secret(config.secret.as_bytes()), validation }
     }
 
@@ -168,5 +174,9 @@ mod tests {
         assert_eq!(a.verify(&wrong_aud), Err(AuthError::WrongIssuerOrAudience));
         let wrong_iss = token(json!({"sub": "a", "exp": now() + 60, "iss": "x", "aud": "herald"}), SECRET);
         assert_eq!(a.verify(&wrong_iss), Err(AuthError::WrongIssuerOrAudience));
+        let no_iss = token(json!({"sub": "a", "exp": now() + 60, "aud": "herald"}), SECRET);
+        assert!(a.verify(&no_iss).is_err(), "a configured issuer is required");
+        let no_aud = token(json!({"sub": "a", "exp": now() + 60, "iss": "herald-tests"}), SECRET);
+        assert!(a.verify(&no_aud).is_err(), "a configured audience is required");
     }
 }

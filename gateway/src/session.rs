@@ -174,10 +174,14 @@ impl Session<'_> {
                     };
                     // A client that stops reading blocks the write; the registry then finds its
                     // queue full and kicks it, which must be able to end this wait.
+                    // The goodbye (error frame, close code) then follows what is already buffered,
+                    // for a client that reads again within the closing handshake.
                     tokio::select! {
                         result = write => if result.is_err() { break None },
-                        _ = conn.kicked().cancelled() => break None,
-                        _ = shutdown.cancelled() => break None,
+                        _ = conn.kicked().cancelled() => {
+                            break if conn.kick_code() == close::SLOW_CONSUMER { Some(SLOW) } else { Some(SHUTTING_DOWN) };
+                        }
+                        _ = shutdown.cancelled() => break Some(SHUTTING_DOWN),
                     }
                 }
                 message = socket.next() => {

@@ -79,6 +79,8 @@ pub async fn mongo(uri: &str, database: &str) -> Result<mongodb::Database, Conne
     let mut options = mongodb::options::ClientOptions::parse(uri).await.map_err(err)?;
     options.server_selection_timeout.get_or_insert(Duration::from_secs(3));
     options.connect_timeout.get_or_insert(Duration::from_secs(2));
+    // Notice a returning server within a second or so, not the driver's default ten.
+    options.heartbeat_freq.get_or_insert(Duration::from_secs(1));
     options.app_name.get_or_insert_with(|| "herald".to_owned());
     let client = mongodb::Client::with_options(options).map_err(err)?;
     let db = client.database(database);
