@@ -53,6 +53,8 @@ async function main() {
     adapter: createAdapter(pub, sub),
   });
 
+  // The generator keeps its publish connection between rounds.
+  server.keepAliveTimeout = 60000;
   server.listen(port, "127.0.0.1", () => console.log(`peer listening on 127.0.0.1:${port}`));
 
   const stop = () => {
