@@ -527,7 +527,7 @@ async fn slow_consumer_is_disconnected_and_its_messages_wait_for_its_next_connec
 /// A slow consumer that reads again soon after being cut off learns why: the `slow_consumer`
 /// error frame and close 4409 (proto/README.md), after what was already buffered for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug (intermittent): a client kicked while the gateway's write to it is blocked gets no 4409; see report"]
+#[ignore = "product bug: a client kicked while the gateway's write to it is blocked gets no 4409; see report"]
 async fn a_slow_consumer_reading_again_is_told_4409() {
     let options = Options { outbound_queue: 16, ..Options::default() };
     let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
