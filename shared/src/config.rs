@@ -322,7 +322,7 @@ mod tests {
         let c = GatewayConfig::from_env(&mut e);
         let c = e.finish(c).unwrap();
         assert_eq!(c.common.prefix, "herald");
-        assert_eq!(c.read_buffer_bytes, 4096);
+        assert_eq!(c.read_buffer_bytes, 1024);
         assert!(c.gateway_id.starts_with("gw-"));
     }
 
