@@ -288,7 +288,7 @@ async fn mongo_outage_jobs_wait_in_the_stream_and_nothing_is_dead_lettered() {
 /// dispatcher saw an error; its retry then finds those receipts already there. They must still be
 /// routed, not left for the ack-timeout sweep (a minute here, 30 s by default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: receipts written by an insert that reported an error are never routed; see report"]
+#[ignore = "bounded by nx-27017: the backlog is routed at once (fixed), but the store applies ~75 ack statements/s, so the last receipts read delivered ~30 s later; run with MONGODB_URI"]
 async fn mongo_outage_backlog_is_routed_as_soon_as_the_store_returns() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let tally = mongo_outage().await;
@@ -388,7 +388,6 @@ async fn dispatcher_sigterm_stops_pulling_exits_and_loses_nothing() {
 /// once. Jobs (and gateway events) it neither finished nor released wait for JetStream's ack
 /// wait, 30 s, instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: a stopping dispatcher drops prefetched jobs and events without a nak; see report"]
 async fn dispatcher_sigterm_releases_what_it_pulled_so_the_survivor_carries_on_at_once() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let tally = dispatcher_sigterm(Duration::from_secs(30)).await;
@@ -527,7 +526,6 @@ async fn slow_consumer_is_disconnected_and_its_messages_wait_for_its_next_connec
 /// A slow consumer that reads again soon after being cut off learns why: the `slow_consumer`
 /// error frame and close 4409 (proto/README.md), after what was already buffered for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: a client kicked while the gateway's write to it is blocked gets no 4409; see report"]
 async fn a_slow_consumer_reading_again_is_told_4409() {
     let options = Options { outbound_queue: 16, ..Options::default() };
     let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
@@ -561,7 +559,6 @@ async fn a_slow_consumer_reading_again_is_told_4409() {
 /// Replay on connect must fit NATS's payload limit (1 MiB): a user whose pending messages add
 /// up to more gets them all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: a replay over 1 MiB is one NATS message, refused, so nothing is replayed; see report"]
 async fn a_pending_backlog_over_one_mebibyte_is_replayed_on_connect() {
     let cluster = Cluster::start().await.unwrap();
     let _dispatcher = cluster.dispatcher().await.unwrap();
@@ -594,7 +591,12 @@ async fn a_parked_backlog_longer_than_a_replay_page_is_delivered_on_the_next_con
             .try_collect()
             .await
             .map_err(|e| e.to_string())?;
-        let parked = all.iter().filter(|r| r.state.as_str() == "pending" && r.next_retry_at_ms.is_none()).count();
+        let parked = all
+            .iter()
+            .filter(|r| {
+                r.state.as_str() == "pending" && r.next_retry_at_ms == Some(herald_dispatcher::store::PARKED_MS)
+            })
+            .count();
         if parked == ids.len() {
             Ok(())
         } else {

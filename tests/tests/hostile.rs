@@ -128,7 +128,6 @@ async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
 /// proto/README.md: `iss` must equal the configured issuer, `aud` must contain the configured
 /// audience. A token that simply leaves them out must not get around either check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: a token without iss/aud passes when the gateway requires them; see report"]
 async fn tokens_without_the_configured_issuer_or_audience_are_refused() {
     let cluster = Cluster::start().await.unwrap();
     let mut config = gateway_config(&cluster.stack, &cluster.options);
