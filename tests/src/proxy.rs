@@ -1,13 +1,17 @@
 //! A TCP proxy in front of one upstream address, to cut a dependency off and restore it while
 //! the dependency itself keeps running (e.g. a MongoDB outage as Herald sees it).
 //!
-//! Owns the listening socket and every proxied connection; knows nothing of the protocol.
+//! Owns the listening socket and every proxied connection. It knows one thing of MongoDB's wire
+//! protocol, for one fault: [`TcpProxy::refuse_inserts_containing`] makes the store refuse a
+//! marked document every time (as a schema validator would), which nx-27017 cannot do itself.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -29,6 +33,8 @@ pub struct TcpProxy {
     mode: watch::Sender<Mode>,
     /// Connections currently held (forwarding or blackholed).
     live: Arc<AtomicUsize>,
+    /// Bytes that make an insert's document refused (see `refuse_inserts_containing`).
+    refuse: Refusal,
     /// The accept loop, which owns the connection tasks: aborting it (on drop) ends them all.
     accept: JoinHandle<()>,
 }
@@ -40,8 +46,10 @@ impl TcpProxy {
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(Mode::Forward);
         let live = Arc::new(AtomicUsize::new(0));
-        let accept = tokio::spawn(accept_loop(listener, upstream.into(), mode.subscribe(), live.clone()));
-        Ok(Self { addr, mode, live, accept })
+        let refuse = Refusal::default();
+        let accept =
+            tokio::spawn(accept_loop(listener, upstream.into(), mode.subscribe(), live.clone(), refuse.clone()));
+        Ok(Self { addr, mode, live, refuse, accept })
     }
 
     /// Where clients should connect.
@@ -68,6 +76,15 @@ impl TcpProxy {
         self.mode.send_replace(Mode::Forward);
     }
 
+    /// From now on, a MongoDB `insert` whose document contains `marker` gets that document
+    /// refused with write error 121 (document failed validation), every time, while the rest of
+    /// the insert goes through. The request itself still reaches the server (the reply is what
+    /// changes), so the refused document may exist there; what the client sees is a store that
+    /// will never accept it. Applies to connections opened after the call.
+    pub fn refuse_inserts_containing(&self, marker: &str) {
+        *self.refuse.marker.lock().unwrap() = Some(marker.as_bytes().to_vec());
+    }
+
     /// Connections currently held by the proxy.
     pub fn live_connections(&self) -> usize {
         self.live.load(Ordering::SeqCst)
@@ -80,7 +97,13 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: String, mode: watch::Receiver<Mode>, live: Arc<AtomicUsize>) {
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: String,
+    mode: watch::Receiver<Mode>,
+    live: Arc<AtomicUsize>,
+    refuse: Refusal,
+) {
     // Dropped with this task, which aborts every connection.
     let mut connections = JoinSet::new();
     loop {
@@ -89,7 +112,8 @@ async fn accept_loop(listener: TcpListener, upstream: String, mode: watch::Recei
                 Ok((inbound, _)) if *mode.borrow() == Mode::Cut => drop(inbound),
                 Ok((inbound, _)) => {
                     let guard = LiveGuard::new(&live);
-                    connections.spawn(proxy_connection(inbound, upstream.clone(), mode.clone(), guard));
+                    let refuse = refuse.marker.lock().unwrap().clone();
+                    connections.spawn(proxy_connection(inbound, upstream.clone(), mode.clone(), guard, refuse));
                 }
                 Err(e) => {
                     // E.g. out of file descriptors: back off instead of spinning.
@@ -103,15 +127,37 @@ async fn accept_loop(listener: TcpListener, upstream: String, mode: watch::Recei
     }
 }
 
-async fn proxy_connection(mut inbound: TcpStream, upstream: String, mut mode: watch::Receiver<Mode>, _live: LiveGuard) {
+async fn proxy_connection(
+    mut inbound: TcpStream,
+    upstream: String,
+    mut mode: watch::Receiver<Mode>,
+    _live: LiveGuard,
+    refuse: Option<Vec<u8>>,
+) {
     if *mode.borrow() == Mode::Forward {
         let mut outbound = match TcpStream::connect(&upstream).await {
             Ok(s) => s,
             // The upstream is down: the client sees its connection closed, as it would directly.
             Err(_) => return,
         };
+        let carry = async {
+            match &refuse {
+                None => {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+                Some(marker) => {
+                    let (client_read, client_write) = inbound.split();
+                    let (server_read, server_write) = outbound.split();
+                    let refused = Mutex::new(HashMap::new());
+                    tokio::select! {
+                        _ = requests(client_read, server_write, marker, &refused) => {}
+                        _ = replies(server_read, client_write, &refused) => {}
+                    }
+                }
+            }
+        };
         let changed = tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+            _ = carry => return,
             changed = mode.wait_for(|m| *m != Mode::Forward) => changed.map(|m| *m),
         };
         // Both sockets stay open through a blackhole (held by this frame), closed on return.
@@ -138,4 +184,144 @@ impl Drop for LiveGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// The marker that makes inserted documents refused, shared with the accept loop.
+#[derive(Clone, Default)]
+struct Refusal {
+    marker: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+/// MongoDB `OP_MSG`, the only opcode a current driver sends.
+const OP_MSG: i32 = 2013;
+
+/// Reads one wire-protocol message (length-prefixed).
+async fn read_message(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let total = usize::try_from(i32::from_le_bytes(len)).unwrap_or(0).max(4);
+    let mut message = vec![0u8; total];
+    message[..4].copy_from_slice(&len);
+    stream.read_exact(&mut message[4..]).await?;
+    Ok(message)
+}
+
+fn i32_at(bytes: &[u8], at: usize) -> Option<i32> {
+    Some(i32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Client → server: forwards every message; notes the inserts that carry the marker, by
+/// request id, with the index of the marked document.
+async fn requests(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    marker: &[u8],
+    refused: &Mutex<HashMap<i32, usize>>,
+) {
+    while let Ok(message) = read_message(&mut from).await {
+        if let Some((request_id, index)) = marked_insert(&message, marker) {
+            refused.lock().unwrap().insert(request_id, index);
+        }
+        if to.write_all(&message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Server → client: forwards every reply, replacing the reply to a marked insert with one that
+/// refuses the marked document.
+async fn replies(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    refused: &Mutex<HashMap<i32, usize>>,
+) {
+    while let Ok(message) = read_message(&mut from).await {
+        let response_to = i32_at(&message, 8).unwrap_or(0);
+        let index = refused.lock().unwrap().remove(&response_to);
+        let message = match index {
+            Some(index) => refusal_reply(response_to, index),
+            None => message,
+        };
+        if to.write_all(&message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `(request id, index of the marked document)` if `message` is an insert carrying `marker`.
+fn marked_insert(message: &[u8], marker: &[u8]) -> Option<(i32, usize)> {
+    if i32_at(message, 12)? != OP_MSG {
+        return None;
+    }
+    let request_id = i32_at(message, 4)?;
+    let mut at = 20; // header (16) + flag bits (4)
+    let mut is_insert = false;
+    let mut documents: Vec<&[u8]> = Vec::new();
+    while at < message.len() {
+        let kind = *message.get(at)?;
+        at += 1;
+        let size = usize::try_from(i32_at(message, at)?).ok()?;
+        let section = message.get(at..at + size)?;
+        match kind {
+            0 => {
+                let command = mongodb::bson::Document::from_reader(section).ok()?;
+                is_insert = command.keys().next().is_some_and(|k| k == "insert");
+                if let Ok(array) = command.get_array("documents") {
+                    // Documents inline in the command: find the marked one by re-encoding.
+                    for (i, doc) in array.iter().enumerate() {
+                        if let Some(doc) = doc.as_document() {
+                            let mut bytes = Vec::new();
+                            if doc.to_writer(&mut bytes).is_ok() && contains(&bytes, marker) {
+                                return is_insert.then_some((request_id, i));
+                            }
+                        }
+                    }
+                }
+            }
+            1 => {
+                // A document sequence: size, identifier (C string), then documents.
+                let name_end = section[4..].iter().position(|b| *b == 0)? + 5;
+                let mut doc_at = name_end;
+                while doc_at < section.len() {
+                    let doc_size = usize::try_from(i32_at(section, doc_at)?).ok()?;
+                    documents.push(section.get(doc_at..doc_at + doc_size)?);
+                    doc_at += doc_size;
+                }
+            }
+            _ => return None,
+        }
+        at += size;
+    }
+    let index = documents.iter().position(|doc| contains(doc, marker))?;
+    is_insert.then_some((request_id, index))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// An `OP_MSG` reply refusing document `index` of the insert `response_to`, as a MongoDB whose
+/// schema validator rejects it would answer.
+fn refusal_reply(response_to: i32, index: usize) -> Vec<u8> {
+    let body = mongodb::bson::doc! {
+        "n": 0,
+        "writeErrors": [{
+            "index": index as i32,
+            "code": 121,
+            "errmsg": "Document failed validation (refused by the test proxy)",
+        }],
+        "ok": 1.0,
+    };
+    let mut doc = Vec::new();
+    let _ = body.to_writer(&mut doc);
+    let total = 16 + 4 + 1 + doc.len();
+    let mut reply = Vec::with_capacity(total);
+    reply.extend_from_slice(&(total as i32).to_le_bytes());
+    reply.extend_from_slice(&0i32.to_le_bytes()); // request id
+    reply.extend_from_slice(&response_to.to_le_bytes());
+    reply.extend_from_slice(&OP_MSG.to_le_bytes());
+    reply.extend_from_slice(&0u32.to_le_bytes()); // flag bits
+    reply.push(0); // section kind 0: the body
+    reply.extend_from_slice(&doc);
+    reply
 }

@@ -609,6 +609,57 @@ async fn a_parked_backlog_longer_than_a_replay_page_is_delivered_on_the_next_con
     assert_eq!(got.len(), ids.len(), "all {} delivered on the next connection", ids.len());
 }
 
+/// A job the store refuses every time (here: the harness's Mongo proxy answers every insert of
+/// the marked document with write error 121, as a schema validator would) is tried
+/// `max_attempts` times, then dead-lettered: a `dead_letter` rejection on `<prefix>.dead` and a
+/// document in `dead_letters` with the reason; the jobs behind it are delivered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_store_always_refuses_is_dead_lettered_and_the_queue_moves_on() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    cluster.stack.mongo_proxy.refuse_inserts_containing("POISON");
+    let mut config = dispatcher_config(&cluster.stack, &cluster.options);
+    config.max_attempts = 3;
+    let _dispatcher = cluster.dispatcher_with(config).await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut dead = cluster.nats.subscribe(cluster.stack.names().dead_letter_subject()).await.unwrap();
+    let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
+    cluster.wait_presence(_dispatcher.addr, "alice", true).await.unwrap();
+    let started = Instant::now();
+    cluster.publish(&serde_json::json!({"id": "poison-1", "to": ["alice"], "payload": "POISON"})).await.unwrap();
+    for i in 0..5 {
+        cluster.send(&format!("behind-{i}"), &["alice"]).await.unwrap();
+    }
+    let mut behind = Vec::new();
+    while behind.len() < 5 {
+        let n = alice.next_notification(Duration::from_secs(10)).await.expect("the jobs behind the poison");
+        assert_ne!(n.id, "poison-1", "a refused job is never delivered");
+        alice.ack([n.id.as_str()]).await.unwrap();
+        if !behind.contains(&n.id) {
+            behind.push(n.id);
+        }
+    }
+    let behind_took = started.elapsed();
+    let msg = tokio::time::timeout(SETTLE, dead.next()).await.unwrap().unwrap();
+    let rejection: herald_proto::Rejection = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(rejection.code, herald_proto::RejectCode::DeadLetter);
+    assert_eq!(rejection.job_id.as_deref(), Some("poison-1"));
+    assert!(rejection.reason.contains("3 attempts"), "{rejection:?}");
+    let letters: Vec<Document> =
+        cluster.db.collection::<Document>("dead_letters").find(doc! {}).await.unwrap().try_collect().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].get_str("job_id").unwrap(), "poison-1");
+    assert!(letters[0].get_str("reason").unwrap().contains("validation"), "{letters:?}");
+    // An integer the store may hand back as int32 or int64.
+    let attempts = letters[0].get_i64("attempts").or_else(|_| letters[0].get_i32("attempts").map(i64::from));
+    assert_eq!(attempts.unwrap(), 3);
+    assert!(cluster.receipts("poison-1").await.unwrap().is_empty(), "no receipt for a job never stored");
+    for i in 0..5 {
+        cluster.wait_receipt(&format!("behind-{i}"), "alice", "delivered").await.unwrap();
+    }
+    println!("jobs behind the poison delivered in {behind_took:?}; dead-lettered after {:?}", started.elapsed());
+}
+
 /// A job the store refuses every time is tried `max_attempts` times, then dead-lettered: a
 /// rejection with code `dead_letter` on `<prefix>.dead` and a document in `dead_letters` with
 /// the reason; the jobs behind it are delivered meanwhile.
