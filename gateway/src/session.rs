@@ -151,23 +151,16 @@ impl Session<'_> {
                 _ = shutdown.cancelled() => break Some(SHUTTING_DOWN),
                 _ = &mut token_expiry => break Some(TOKEN_EXPIRED),
                 first = conn.outbox.pop() => {
-                    let mut outbound = first;
                     // Everything queued, up to a batch, goes out with one flush.
                     let write = async {
+                        let mut next = Some(first);
                         let mut written = 0;
-                        loop {
-                            let sent = outbound.sent.take();
+                        while let Some(outbound) = next.take() {
                             socket.feed(Message::Text(outbound.frame)).await?;
-                            self.written(sent);
+                            self.written(outbound.sent);
                             written += 1;
-                            match conn.outbox.try_pop() {
-                                Some(next) if written < WRITE_BATCH => outbound = next,
-                                Some(next) => {
-                                    socket.feed(Message::Text(next.frame)).await?;
-                                    self.written(next.sent);
-                                    break;
-                                }
-                                None => break,
+                            if written < WRITE_BATCH {
+                                next = conn.outbox.try_pop();
                             }
                         }
                         socket.flush().await
