@@ -618,13 +618,20 @@ async fn a_job_the_store_always_refuses_is_dead_lettered_and_the_queue_moves_on(
     let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = Cluster::start().await.unwrap();
     cluster.stack.mongo_proxy.refuse_inserts_containing("POISON");
+    poison_job_is_dead_lettered(cluster).await;
+}
+
+/// Publishes a job carrying `POISON` (which the store of `cluster` refuses every time) and five
+/// jobs behind it, and checks: bounded retries, a `dead_letter` rejection on `<prefix>.dead`, a
+/// `dead_letters` document with the reason, no receipt for the poison, and the five delivered.
+async fn poison_job_is_dead_lettered(cluster: Cluster) {
     let mut config = dispatcher_config(&cluster.stack, &cluster.options);
     config.max_attempts = 3;
-    let _dispatcher = cluster.dispatcher_with(config).await.unwrap();
+    let dispatcher = cluster.dispatcher_with(config).await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let mut dead = cluster.nats.subscribe(cluster.stack.names().dead_letter_subject()).await.unwrap();
     let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
-    cluster.wait_presence(_dispatcher.addr, "alice", true).await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "alice", true).await.unwrap();
     let started = Instant::now();
     cluster.publish(&serde_json::json!({"id": "poison-1", "to": ["alice"], "payload": "POISON"})).await.unwrap();
     for i in 0..5 {
@@ -677,36 +684,7 @@ async fn a_poison_job_is_dead_lettered_after_bounded_retries_and_the_queue_moves
     let probe =
         cluster.db.collection::<Document>("messages").insert_one(doc! {"_id": "probe", "payload": "POISON"}).await;
     assert!(probe.is_err(), "this store does not enforce validators, so nothing here can refuse a job");
-
-    let mut config = dispatcher_config(&cluster.stack, &cluster.options);
-    config.max_attempts = 3;
-    let _dispatcher = cluster.dispatcher_with(config).await.unwrap();
-    let gateway = cluster.gateway().await.unwrap();
-    let mut dead = cluster.nats.subscribe(cluster.stack.names().dead_letter_subject()).await.unwrap();
-    let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
-    let started = Instant::now();
-    cluster.publish(&serde_json::json!({"id": "poison-1", "to": ["alice"], "payload": "POISON"})).await.unwrap();
-    for i in 0..5 {
-        cluster.send(&format!("behind-{i}"), &["alice"]).await.unwrap();
-    }
-    for i in 0..5 {
-        let n = alice.next_notification(Duration::from_secs(10)).await.expect("the jobs behind the poison");
-        assert_eq!(n.id, format!("behind-{i}"));
-    }
-    let behind_took = started.elapsed();
-    let msg = tokio::time::timeout(SETTLE, dead.next()).await.unwrap().unwrap();
-    let rejection: herald_proto::Rejection = serde_json::from_slice(&msg.payload).unwrap();
-    assert_eq!(rejection.code, herald_proto::RejectCode::DeadLetter);
-    assert_eq!(rejection.job_id.as_deref(), Some("poison-1"));
-    assert!(rejection.reason.contains("3 attempts"), "{rejection:?}");
-    let letters: Vec<Document> =
-        cluster.db.collection::<Document>("dead_letters").find(doc! {}).await.unwrap().try_collect().await.unwrap();
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    assert_eq!(letters[0].get_str("job_id").unwrap(), "poison-1");
-    assert!(!letters[0].get_str("reason").unwrap().is_empty());
-    assert_eq!(letters[0].get_i64("attempts").unwrap(), 3);
-    assert!(cluster.receipts("poison-1").await.unwrap().is_empty(), "no receipt for a job never stored");
-    println!("jobs behind the poison delivered in {behind_took:?}; dead-lettered after {:?}", started.elapsed());
+    poison_job_is_dead_lettered(cluster).await;
 }
 
 fn humantime(d: Duration) -> String {
