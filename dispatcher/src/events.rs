@@ -153,7 +153,7 @@ impl EventPipeline {
                 published += count;
             }
             self.metrics.replayed.inc_by(published as u64);
-            sent.extend(mine.iter().take(published).filter_map(|s| s.receipt_id));
+            sent.extend(mine.iter().take(published).map(|s| s.receipt_id.clone()));
         }
         sent.sort_unstable();
         sent.dedup();

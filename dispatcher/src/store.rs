@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use herald_proto::{AckKind, AckRecord, Notification};
 use herald_shared::naming::collections;
-use mongodb::bson::{doc, oid::ObjectId, DateTime};
+use mongodb::bson::{doc, DateTime};
 use mongodb::error::ErrorKind;
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, Database, IndexModel};
@@ -112,14 +112,18 @@ pub struct DeliveredBy {
 
 /// One recipient's copy of a message: its inbox entry and its receipt.
 ///
+/// Its `_id` is [`receipt_key`]: the (message, user) pair itself. That makes the insert of a
+/// redelivered job idempotent without a second unique index, and lets an ack name exactly the
+/// receipts it may change, each found by primary key.
+///
 /// Timestamps written once, at insert, are BSON dates (`purge_at` must be one for the TTL
 /// index). Timestamps an update sets are integer milliseconds (`*_ms`), like everything on the
 /// wire; that also sidesteps a defect of the nx-27017 test server, which stores a date given to
 /// `$set` as a string (see docs/NOTES.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReceiptDoc {
-    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<ObjectId>,
+    #[serde(rename = "_id")]
+    pub id: String,
     pub message_id: String,
     pub user: String,
     pub seq: i64,
@@ -165,7 +169,7 @@ pub struct Inserted {
 /// A pending receipt with the notification to send for it.
 #[derive(Debug)]
 pub struct Sendable {
-    pub receipt_id: Option<ObjectId>,
+    pub receipt_id: String,
     pub user: String,
     pub notification: Notification,
 }
@@ -177,6 +181,12 @@ pub struct Store {
     dead_letters: Collection<DeadLetterDoc>,
     db: Database,
     metrics: DependencyMetrics,
+}
+
+/// The `_id` of `user`'s receipt of `message_id`. Unambiguous because message ids cannot
+/// contain `/` (see [`crate::job::is_valid_id`]); user names may.
+pub fn receipt_key(message_id: &str, user: &str) -> String {
+    format!("{message_id}/{user}")
 }
 
 pub fn date(ms: u64) -> DateTime {
@@ -212,10 +222,6 @@ impl Store {
         let ttl = || IndexOptions::builder().expire_after(Duration::ZERO).build();
         self.receipts
             .create_indexes([
-                IndexModel::builder()
-                    .keys(doc! { "user": 1, "message_id": 1 })
-                    .options(IndexOptions::builder().unique(true).build())
-                    .build(),
                 IndexModel::builder().keys(doc! { "user": 1, "state": 1, "seq": 1 }).build(),
                 IndexModel::builder().keys(doc! { "message_id": 1 }).build(),
                 IndexModel::builder().keys(doc! { "state": 1, "next_retry_at_ms": 1 }).build(),
@@ -261,7 +267,7 @@ impl Store {
             for user in &job.recipients {
                 owners.push(index);
                 receipts.push(ReceiptDoc {
-                    id: None,
+                    id: receipt_key(&job.message_id, user),
                     message_id: job.message_id.clone(),
                     user: user.clone(),
                     seq: job.seq as i64,
@@ -291,19 +297,16 @@ impl Store {
     }
 
     /// Applies client acknowledgements in one command (one round trip per thousand records).
-    /// Filters name the acking user, so an id that is not this user's matches nothing, and the
-    /// state filter lets receipts only move forward. Returns the number of receipts changed.
+    /// Each statement names its receipts by key, and the key holds the acking user, so an id
+    /// that is not this user's matches nothing; the state filter lets receipts only move
+    /// forward. Returns the number of receipts changed.
     pub async fn apply_acks(&self, records: &[AckRecord]) -> Result<u64, StoreError> {
         let mut statements = Vec::with_capacity(records.len());
         for record in records {
             let at = record.at_ms as i64;
-            let ids: Vec<&str> = record.ids.iter().map(String::as_str).collect();
+            let keys: Vec<String> = record.ids.iter().map(|id| receipt_key(id, &record.user)).collect();
             statements.push(doc! {
-                "q": {
-                    "user": &record.user,
-                    "message_id": { "$in": &ids },
-                    "state": { "$in": ReceiptState::Delivered.reachable_from() },
-                },
+                "q": { "_id": { "$in": &keys }, "state": { "$in": ReceiptState::Delivered.reachable_from() } },
                 "u": { "$set": {
                     "state": ReceiptState::Delivered.as_str(),
                     "delivered_at_ms": at,
@@ -314,11 +317,7 @@ impl Store {
             });
             if record.kind == AckKind::Read {
                 statements.push(doc! {
-                    "q": {
-                        "user": &record.user,
-                        "message_id": { "$in": &ids },
-                        "state": { "$in": ReceiptState::Read.reachable_from() },
-                    },
+                    "q": { "_id": { "$in": &keys }, "state": { "$in": ReceiptState::Read.reachable_from() } },
                     "u": { "$set": { "state": ReceiptState::Read.as_str(), "read_at_ms": at } },
                     "multi": true,
                 });
@@ -443,7 +442,7 @@ impl Store {
     }
 
     /// Sets when still-pending receipts are next sent again (None: not until the user connects).
-    pub async fn reschedule(&self, receipt_ids: &[ObjectId], next_retry_ms: Option<u64>) -> Result<(), StoreError> {
+    pub async fn reschedule(&self, receipt_ids: &[String], next_retry_ms: Option<u64>) -> Result<(), StoreError> {
         if receipt_ids.is_empty() {
             return Ok(());
         }

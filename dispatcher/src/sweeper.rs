@@ -101,7 +101,7 @@ impl Sweeper {
         let (online, offline): (Vec<_>, Vec<_>) = due.into_iter().partition(|r| presence.contains_key(&r.user));
 
         // Offline users get theirs when they connect; stop looking at them until then.
-        let parked: Vec<_> = offline.iter().filter_map(|r| r.id).collect();
+        let parked: Vec<_> = offline.iter().map(|r| r.id.clone()).collect();
         self.store.reschedule(&parked, None).await?;
         report.parked = parked.len();
 
@@ -122,7 +122,7 @@ impl Sweeper {
         );
         let failed = self.router.send(plan).await;
         self.metrics.route_failures.inc_by(failed as u64);
-        let resent: HashSet<_> = sendable.iter().filter_map(|s| s.receipt_id).collect();
+        let resent: HashSet<_> = sendable.iter().map(|s| s.receipt_id.clone()).collect();
         let resent: Vec<_> = resent.into_iter().collect();
         self.store.reschedule(&resent, Some(now + self.ack_timeout.as_millis() as u64)).await?;
         report.resent = resent.len();
