@@ -17,9 +17,6 @@ use crate::pull::{self, sleep_or_stop};
 use crate::routing::{self, Router};
 use crate::store::{Store, StoreError};
 
-/// Events applied per batch (one receipt-update round trip).
-const BATCH: usize = 512;
-
 #[derive(Clone)]
 pub struct EventPipeline {
     pub js: jetstream::Context,
@@ -30,6 +27,8 @@ pub struct EventPipeline {
     /// Most pending messages replayed to a connection at once; the rest follow through the
     /// ack-timeout sweep. Kept below a gateway's outbound queue so a replay never overflows it.
     pub replay_page: usize,
+    /// Events applied together: one receipt-update round trip per batch.
+    pub batching: pull::Batching,
     /// As for jobs: what a crashed dispatcher delays its unapplied events by.
     pub ack_wait: Duration,
     pub metrics: std::sync::Arc<DispatcherMetrics>,
@@ -39,7 +38,7 @@ impl EventPipeline {
     /// Pulls and applies events until `stop` fires; the batch in hand is finished first.
     pub async fn run(self, stop: CancellationToken) {
         let stream = self.names.events_stream();
-        pull::run(&self.js, &stream, self.names.events_consumer(), self.ack_wait, BATCH, &stop, |batch| {
+        pull::run(&self.js, &stream, self.names.events_consumer(), self.ack_wait, self.batching, &stop, |batch| {
             self.process(batch, &stop)
         })
         .await;

@@ -32,7 +32,7 @@ pub struct JobPipeline {
     pub router: Router,
     pub limits: Limits,
     pub ack_timeout: Duration,
-    pub batch: usize,
+    pub batching: pull::Batching,
     pub max_attempts: u64,
     /// How long a pulled job may stay unacknowledged before JetStream gives it to another
     /// dispatcher (what a crashed dispatcher costs in delay). Long store waits keep it alive
@@ -55,7 +55,7 @@ impl JobPipeline {
     /// Pulls and processes batches until `stop` fires; the batch in hand is finished first.
     pub async fn run(self, stop: CancellationToken) {
         let stream = self.names.jobs_stream();
-        pull::run(&self.js, &stream, self.names.jobs_consumer(), self.ack_wait, self.batch, &stop, |batch| {
+        pull::run(&self.js, &stream, self.names.jobs_consumer(), self.ack_wait, self.batching, &stop, |batch| {
             self.process(batch, &stop)
         })
         .await;

@@ -46,6 +46,9 @@ pub enum DispatcherError {
     Metrics(#[from] herald_shared::metrics::MetricsError),
 }
 
+/// Most gateway events applied at once (one receipt-update round trip per batch).
+const EVENT_BATCH: usize = 512;
+
 /// How long shutdown waits for in-flight batches to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -90,7 +93,7 @@ pub async fn run(
             max_ttl: config.max_ttl,
         },
         ack_timeout: config.ack_timeout,
-        batch: config.job_batch,
+        batching: pull::Batching { max: config.job_batch, linger: config.job_linger },
         max_attempts: config.max_attempts,
         ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
@@ -102,6 +105,7 @@ pub async fn run(
         router: router.clone(),
         ack_timeout: config.ack_timeout,
         replay_page: 256,
+        batching: pull::Batching { max: EVENT_BATCH, linger: config.event_linger },
         ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
     };

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, Message};
 use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 /// How long one fetch waits for messages; also the longest a stopping dispatcher keeps pulling.
@@ -22,6 +24,17 @@ pub struct ConsumerError {
 }
 
 pub type Consumer = jetstream::consumer::Consumer<pull::Config>;
+
+/// How pulled messages are grouped for their handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Most messages handed over at once.
+    pub max: usize,
+    /// How long a group waits for more messages after its first arrived. At a steady rate this
+    /// is what turns a store round trip per message into one per batch; it is added to each
+    /// message's latency, so it is kept to milliseconds.
+    pub linger: Duration,
+}
 
 /// A durable consumer all dispatchers share; created if missing (an existing consumer keeps
 /// the settings it was created with).
@@ -51,24 +64,59 @@ pub async fn consumer(
         .map_err(|e| err(e.to_string()))
 }
 
-/// Fetches batches of up to `batch` messages until `stop` fires, handing each group of
-/// messages that arrived together to `handle`. Errors (NATS away, consumer gone) are logged
-/// and retried with backoff; the loop ends only when `stop` fires.
+/// Fetches messages until `stop` fires, handing them to `handle` in groups: what arrived within
+/// `batching.linger` of a group's first message, up to `batching.max`. Errors (NATS away,
+/// consumer gone) are logged and retried with backoff; the loop ends only when `stop` fires,
+/// after everything fetched has been handled.
+///
+/// Fetching and handling run side by side, joined by a queue with room for one whole fetch: a
+/// fetch is read to its end however long `handle` takes. (async-nats ends a fetch that is not
+/// read for a few seconds past its expiry and drops what it still buffered; those jobs would
+/// wait out the ack wait, 30 s, after every slow batch or store outage.) A new fetch is made only
+/// once the queue is empty again, so at most one fetch is held beyond the group in hand.
 pub async fn run<F, Fut>(
     js: &jetstream::Context,
     stream: &str,
     name: &str,
     ack_wait: Duration,
-    batch: usize,
+    batching: Batching,
     stop: &CancellationToken,
     mut handle: F,
 ) where
     F: FnMut(Vec<Message>) -> Fut,
     Fut: Future<Output = ()>,
 {
+    let (tx, rx) = mpsc::channel(batching.max);
+    let fetching = fetch_into(tx, js, stream, name, ack_wait, batching.max, stop);
+    let handling = async {
+        let groups = tokio_stream::StreamExt::chunks_timeout(ReceiverStream::new(rx), batching.max, batching.linger);
+        let mut groups = std::pin::pin!(groups);
+        while let Some(group) = groups.next().await {
+            handle(group).await;
+        }
+    };
+    tokio::join!(fetching, handling);
+}
+
+/// Fetches up to `max` messages at a time into `tx` until `stop` fires; each fetch waits for
+/// room for all of it first. Dropping `tx` at the end lets the handler finish.
+async fn fetch_into(
+    tx: mpsc::Sender<Message>,
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+    ack_wait: Duration,
+    max: usize,
+    stop: &CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut cached: Option<Consumer> = None;
     while !stop.is_cancelled() {
+        let room = tokio::select! {
+            room = tx.reserve_many(max) => room,
+            _ = stop.cancelled() => return,
+        };
+        let Ok(room) = room else { return };
         let consumer = match cached.take() {
             Some(consumer) => consumer,
             None => match self::consumer(js, stream, name, ack_wait).await {
@@ -80,27 +128,29 @@ pub async fn run<F, Fut>(
                 }
             },
         };
-        let fetch = consumer.batch().max_messages(batch).expires(FETCH_EXPIRES).messages().await;
-        let mut chunks = match fetch {
-            Ok(messages) => messages.ready_chunks(batch),
+        let mut messages = match consumer.batch().max_messages(max).expires(FETCH_EXPIRES).messages().await {
+            Ok(messages) => messages,
             Err(e) => {
                 tracing::warn!(error = %e, stream, "cannot pull; retrying");
                 sleep_or_stop(&mut backoff, stop).await;
                 continue;
             }
         };
-        // The fetch is finished even when `stop` fires meanwhile (at most FETCH_EXPIRES):
-        // what was pulled gets processed, not left to the ack wait.
+        // The fetch is read to its end even when `stop` fires meanwhile (at most
+        // FETCH_EXPIRES): what was pulled gets handled, not left to the ack wait.
         let mut broken = false;
-        while let Some(chunk) = chunks.next().await {
-            let total = chunk.len();
-            let messages: Vec<Message> = chunk
-                .into_iter()
-                .filter_map(|m| m.map_err(|e| tracing::warn!(error = %e, stream, "pulling")).ok())
-                .collect();
-            broken |= messages.len() < total;
-            if !messages.is_empty() {
-                handle(messages).await;
+        let mut room = room;
+        while let Some(message) = messages.next().await {
+            match (message, room.next()) {
+                (Ok(message), Some(slot)) => slot.send(message),
+                // More than asked for (the server never does this): hand it straight back.
+                (Ok(message), None) => {
+                    let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
+                }
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, stream, "pulling");
+                    broken = true;
+                }
             }
         }
         if broken {

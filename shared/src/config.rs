@@ -101,14 +101,23 @@ pub struct DispatcherConfig {
     pub ack_wait: Duration,
     /// How often pending messages are checked for ack timeouts and expiry.
     pub sweep_interval: Duration,
-    /// Jobs pulled and stored per batch (one Mongo round trip per batch).
+    /// Most jobs pulled and stored per batch.
     pub job_batch: usize,
+    /// How long a batch of jobs waits for more after its first: under a steady load, batches
+    /// of many jobs instead of one store round trip per job, at the price of this much latency.
+    pub job_linger: Duration,
+    /// The same for gateway events (acks, connects): acks of many messages per receipt update.
+    /// Only the receipt's `delivered` and a reconnect's replay wait for it, not delivery.
+    pub event_linger: Duration,
     /// Concurrent job pipelines per dispatcher.
     pub job_workers: usize,
     /// Deliveries of a job that keeps failing (not counting store outages) before it is
     /// dead-lettered.
     pub max_attempts: u64,
 }
+
+/// Longest batching linger: beyond it, latency is lost for no fewer round trips.
+const MAX_LINGER: Duration = Duration::from_secs(1);
 
 /// Reads variables and collects what is wrong with them.
 pub struct Env {
@@ -282,11 +291,16 @@ impl DispatcherConfig {
             ack_wait: env.millis("HERALD_JETSTREAM_ACK_WAIT_MS", 30_000),
             sweep_interval: env.millis("HERALD_SWEEP_INTERVAL_MS", 1_000),
             job_batch: env.parse("HERALD_JOB_BATCH", 256),
+            job_linger: env.millis("HERALD_JOB_LINGER_MS", 10),
+            event_linger: env.millis("HERALD_EVENT_LINGER_MS", 50),
             job_workers: env.parse("HERALD_JOB_WORKERS", 2),
             max_attempts: env.parse("HERALD_MAX_ATTEMPTS", 5),
         };
         if config.job_batch == 0 || config.job_workers == 0 || config.max_attempts == 0 {
             env.invalid("HERALD_JOB_BATCH, HERALD_JOB_WORKERS and HERALD_MAX_ATTEMPTS must be positive");
+        }
+        if config.job_linger > MAX_LINGER || config.event_linger > MAX_LINGER {
+            env.invalid("HERALD_JOB_LINGER_MS and HERALD_EVENT_LINGER_MS: must be at most 1000");
         }
         if config.sweep_interval.is_zero() || config.ack_timeout.is_zero() {
             env.invalid("HERALD_SWEEP_INTERVAL_MS and HERALD_ACK_TIMEOUT_MS must be positive");
