@@ -93,7 +93,7 @@ pub async fn run(
             max_ttl: config.max_ttl,
         },
         ack_timeout: config.ack_timeout,
-        batching: pull::Batching { max: config.job_batch, linger: config.job_linger },
+        batching: pull::Batching { max: config.job_batch, linger: config.job_linger, concurrency: config.job_workers },
         max_attempts: config.max_attempts,
         ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
@@ -105,7 +105,8 @@ pub async fn run(
         router: router.clone(),
         ack_timeout: config.ack_timeout,
         replay_page: 256,
-        batching: pull::Batching { max: EVENT_BATCH, linger: config.event_linger },
+        // One batch at a time: a read receipt must not overtake the ack it follows.
+        batching: pull::Batching { max: EVENT_BATCH, linger: config.event_linger, concurrency: 1 },
         ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
     };
@@ -121,14 +122,12 @@ pub async fn run(
         metrics: Arc::clone(&metrics),
     };
 
-    // Workers stop pulling when `stop` fires; each ends only then, so an early end is a failure
+    // Pipelines stop pulling when `stop` fires; each ends only then, so an early end is a failure
     // that takes the process down (its jobs are redelivered to the other dispatchers).
     let tasks = TaskTracker::new();
     let failed = Arc::new(AtomicBool::new(false));
     let stop = shutdown.child_token();
-    for _ in 0..config.job_workers {
-        shutdown::spawn_critical(&tasks, "jobs", stop.clone(), Arc::clone(&failed), jobs.clone().run(stop.clone()));
-    }
+    shutdown::spawn_critical(&tasks, "jobs", stop.clone(), Arc::clone(&failed), jobs.run(stop.clone()));
     shutdown::spawn_critical(&tasks, "events", stop.clone(), Arc::clone(&failed), events.run(stop.clone()));
     shutdown::spawn_critical(&tasks, "sweeper", stop.clone(), Arc::clone(&failed), sweeper.run(stop.clone()));
     shutdown::spawn_critical(

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, Message};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,6 +35,9 @@ pub struct Batching {
     /// is what turns a store round trip per message into one per batch; it is added to each
     /// message's latency, so it is kept to milliseconds.
     pub linger: Duration,
+    /// Groups handled at once. More than one lets the next group gather while one is being
+    /// stored, without splitting the stream into smaller groups.
+    pub concurrency: usize,
 }
 
 /// A durable consumer all dispatchers share; created if missing (an existing consumer keeps
@@ -65,7 +69,8 @@ pub async fn consumer(
 }
 
 /// Fetches messages until `stop` fires, handing them to `handle` in groups: what arrived within
-/// `batching.linger` of a group's first message, up to `batching.max`. Errors (NATS away,
+/// `batching.linger` of a group's first message, up to `batching.max`; up to
+/// `batching.concurrency` groups are handled at once. Errors (NATS away,
 /// consumer gone) are logged and retried with backoff; the loop ends only when `stop` fires,
 /// after everything fetched has been handled.
 ///
@@ -91,9 +96,17 @@ pub async fn run<F, Fut>(
     let handling = async {
         let groups = tokio_stream::StreamExt::chunks_timeout(ReceiverStream::new(rx), batching.max, batching.linger);
         let mut groups = std::pin::pin!(groups);
-        while let Some(group) = groups.next().await {
-            handle(group).await;
+        let mut in_hand = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                Some(()) = in_hand.next(), if !in_hand.is_empty() => {}
+                group = groups.next(), if in_hand.len() < batching.concurrency.max(1) => match group {
+                    Some(group) => in_hand.push(handle(group)),
+                    None => break,
+                },
+            }
         }
+        while in_hand.next().await.is_some() {}
     };
     tokio::join!(fetching, handling);
 }

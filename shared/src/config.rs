@@ -109,7 +109,7 @@ pub struct DispatcherConfig {
     /// The same for gateway events (acks, connects): acks of many messages per receipt update.
     /// Only the receipt's `delivered` and a reconnect's replay wait for it, not delivery.
     pub event_linger: Duration,
-    /// Concurrent job pipelines per dispatcher.
+    /// Job batches handled at once per dispatcher (one gathers while another is stored).
     pub job_workers: usize,
     /// Deliveries of a job that keeps failing (not counting store outages) before it is
     /// dead-lettered.
@@ -291,7 +291,7 @@ impl DispatcherConfig {
             ack_wait: env.millis("HERALD_JETSTREAM_ACK_WAIT_MS", 30_000),
             sweep_interval: env.millis("HERALD_SWEEP_INTERVAL_MS", 1_000),
             job_batch: env.parse("HERALD_JOB_BATCH", 256),
-            job_linger: env.millis("HERALD_JOB_LINGER_MS", 10),
+            job_linger: env.millis("HERALD_JOB_LINGER_MS", 20),
             event_linger: env.millis("HERALD_EVENT_LINGER_MS", 50),
             job_workers: env.parse("HERALD_JOB_WORKERS", 2),
             max_attempts: env.parse("HERALD_MAX_ATTEMPTS", 5),

@@ -96,7 +96,7 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
         ack_wait: options.ack_wait,
         sweep_interval: options.sweep_interval,
         job_batch: 256,
-        job_linger: Duration::from_millis(10),
+        job_linger: Duration::from_millis(20),
         event_linger: Duration::from_millis(50),
         job_workers: 2,
         max_attempts: 5,
