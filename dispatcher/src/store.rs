@@ -2,6 +2,10 @@
 //! message and recipient, the durable inbox), and dead letters. The only module that talks to
 //! MongoDB. Every operation that touches many documents is one round trip.
 //!
+//! A message with one recipient (the common case: a notification to one user) has no message
+//! document: its receipt carries it ([`ReceiptDoc::inline`]), so storing it is one insert
+//! rather than two. A message to several recipients is stored once, in `messages`.
+//!
 //! Errors are classified once, here: a transient error (the store is unreachable, failing over)
 //! means "retry later, lose nothing"; a permanent one means this input will never be stored.
 
@@ -143,6 +147,33 @@ pub struct ReceiptDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expired_at_ms: Option<i64>,
     pub purge_at: DateTime,
+    /// The message itself when this is its only receipt (it then has no [`MessageDoc`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<InlineMessage>,
+}
+
+/// What a receipt carries of a message that has no document of its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InlineMessage {
+    /// The publisher's JSON as text, as in [`MessageDoc::payload`].
+    pub payload: String,
+    pub published_at: DateTime,
+}
+
+impl ReceiptDoc {
+    /// The message document this receipt stands for, when it carries its message.
+    fn inline_message(&self) -> Option<MessageDoc> {
+        let inline = self.inline.as_ref()?;
+        Some(MessageDoc {
+            id: self.message_id.clone(),
+            seq: self.seq,
+            payload: inline.payload.clone(),
+            published_at: inline.published_at,
+            expires_at: self.expires_at,
+            recipients: 1,
+            purge_at: self.purge_at,
+        })
+    }
 }
 
 /// A job that could not be stored, kept for an operator.
@@ -233,29 +264,39 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a batch of jobs: their messages, then one pending receipt per recipient. Two round
-    /// trips per batch. Existing messages and receipts (a redelivered or re-published job) are
-    /// left as they are, which makes the write idempotent.
+    /// Stores a batch of jobs: the messages of those with several recipients, then one pending
+    /// receipt per recipient (carrying the message when it is the only one). Two round trips
+    /// per batch, one if every job has a single recipient. Existing messages and receipts (a
+    /// redelivered or re-published job) are left as they are, which makes the write idempotent.
     pub async fn insert(&self, jobs: &[ValidJob], now_ms: u64, ack_timeout: Duration) -> Result<Inserted, StoreError> {
         let mut out = Inserted { new_recipients: vec![Vec::new(); jobs.len()], failed: HashMap::new() };
         if jobs.is_empty() {
             return Ok(out);
         }
-        let messages: Vec<MessageDoc> = jobs
+        let purge_at = |job: &ValidJob| date(job.expires_at_ms + RETENTION.as_millis() as u64);
+        let (shared, messages): (Vec<usize>, Vec<MessageDoc>) = jobs
             .iter()
-            .map(|job| MessageDoc {
-                id: job.message_id.clone(),
-                seq: job.seq as i64,
-                payload: job.payload.get().to_owned(),
-                published_at: date(job.published_at_ms),
-                expires_at: date(job.expires_at_ms),
-                recipients: job.recipients.len() as i64,
-                purge_at: date(job.expires_at_ms + RETENTION.as_millis() as u64),
+            .enumerate()
+            .filter(|(_, job)| job.recipients.len() > 1)
+            .map(|(index, job)| {
+                let message = MessageDoc {
+                    id: job.message_id.clone(),
+                    seq: job.seq as i64,
+                    payload: job.payload.get().to_owned(),
+                    published_at: date(job.published_at_ms),
+                    expires_at: date(job.expires_at_ms),
+                    recipients: job.recipients.len() as i64,
+                    purge_at: purge_at(job),
+                };
+                (index, message)
             })
-            .collect();
-        let (_, failed) = self.call("insert_messages", insert_tolerating_duplicates(&self.messages, &messages)).await?;
-        for (index, reason) in failed {
-            out.failed.insert(index, reason);
+            .unzip();
+        if !messages.is_empty() {
+            let (_, failed) =
+                self.call("insert_messages", insert_tolerating_duplicates(&self.messages, &messages)).await?;
+            for (i, reason) in failed {
+                out.failed.insert(shared[i], reason);
+            }
         }
 
         let mut owners = Vec::new();
@@ -279,7 +320,11 @@ impl Store {
                     delivered_by: None,
                     read_at_ms: None,
                     expired_at_ms: None,
-                    purge_at: date(job.expires_at_ms + RETENTION.as_millis() as u64),
+                    purge_at: purge_at(job),
+                    inline: (job.recipients.len() == 1).then(|| InlineMessage {
+                        payload: job.payload.get().to_owned(),
+                        published_at: date(job.published_at_ms),
+                    }),
                 });
             }
         }
@@ -404,37 +449,35 @@ impl Store {
         self.call("due_for_retry", find).await
     }
 
-    /// Adds the payloads to receipts (one round trip), oldest first; receipts whose message is
-    /// gone (purged) are skipped.
+    /// Adds the payloads to receipts (one round trip for those that do not carry their message,
+    /// none if all do), oldest first; receipts whose message is gone (purged) are skipped.
     pub async fn with_payloads(&self, receipts: Vec<ReceiptDoc>) -> Result<Vec<Sendable>, StoreError> {
-        if receipts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut ids: Vec<&str> = receipts.iter().map(|r| r.message_id.as_str()).collect();
+        let mut ids: Vec<&str> =
+            receipts.iter().filter(|r| r.inline.is_none()).map(|r| r.message_id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let find = async {
-            let cursor = self.messages.find(doc! { "_id": { "$in": ids } }).await?;
-            Ok(cursor.try_collect::<Vec<_>>().await?)
-        };
-        let messages: HashMap<String, MessageDoc> =
-            self.call("load_messages", find).await?.into_iter().map(|m| (m.id.clone(), m)).collect();
+        let mut messages = HashMap::new();
+        if !ids.is_empty() {
+            let find = async {
+                let cursor = self.messages.find(doc! { "_id": { "$in": ids } }).await?;
+                Ok(cursor.try_collect::<Vec<_>>().await?)
+            };
+            messages = self.call("load_messages", find).await?.into_iter().map(|m| (m.id.clone(), m)).collect();
+        }
         let mut out: Vec<Sendable> = receipts
             .into_iter()
             .filter_map(|r| {
-                let message = messages.get(&r.message_id)?;
+                let inline = r.inline_message();
+                let message = inline.as_ref().or_else(|| messages.get(&r.message_id))?;
                 let payload = RawValue::from_string(message.payload.clone()).ok()?;
-                Some(Sendable {
-                    receipt_id: r.id,
-                    user: r.user,
-                    notification: Notification {
-                        id: message.id.clone(),
-                        seq: message.seq as u64,
-                        payload,
-                        published_at_ms: millis(message.published_at),
-                        expires_at_ms: millis(message.expires_at),
-                    },
-                })
+                let notification = Notification {
+                    id: message.id.clone(),
+                    seq: message.seq as u64,
+                    payload,
+                    published_at_ms: millis(message.published_at),
+                    expires_at_ms: millis(message.expires_at),
+                };
+                Some(Sendable { receipt_id: r.id, user: r.user, notification })
             })
             .collect();
         out.sort_by_key(|s| s.notification.seq);
@@ -473,8 +516,14 @@ impl Store {
         Ok(self.call("expire", update).await?.modified_count)
     }
 
+    /// A message by id, whether stored on its own or carried by its only receipt.
     pub async fn message(&self, id: &str) -> Result<Option<MessageDoc>, StoreError> {
-        self.call("find_message", async { Ok(self.messages.find_one(doc! { "_id": id }).await?) }).await
+        let found = self.call("find_message", async { Ok(self.messages.find_one(doc! { "_id": id }).await?) }).await?;
+        if found.is_some() {
+            return Ok(found);
+        }
+        let carrier = async { Ok(self.receipts.find_one(doc! { "message_id": id }).await?) };
+        Ok(self.call("find_message", carrier).await?.and_then(|r| r.inline_message()))
     }
 
     /// Receipts of one message, by user, at most `limit`.

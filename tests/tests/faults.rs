@@ -626,7 +626,10 @@ async fn poison_job_is_dead_lettered(cluster: Cluster) {
     let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
     cluster.wait_presence(dispatcher.addr, "alice", true).await.unwrap();
     let started = Instant::now();
-    cluster.publish(&serde_json::json!({"id": "poison-1", "to": ["alice"], "payload": "POISON"})).await.unwrap();
+    // Two recipients, so the payload is written to `messages` (a one-recipient message travels
+    // in its receipt), where the validator variant of this test installs its rule.
+    let poison = serde_json::json!({"id": "poison-1", "to": ["alice", "bob"], "payload": "POISON"});
+    cluster.publish(&poison).await.unwrap();
     for i in 0..5 {
         cluster.send(&format!("behind-{i}"), &["alice"]).await.unwrap();
     }
