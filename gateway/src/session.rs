@@ -33,6 +33,14 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Only a measurement: forgetting one loses nothing.
 const IN_FLIGHT_REMEMBERED: usize = 512;
 
+/// Frames of one write batch, for the metrics.
+#[derive(Default)]
+struct Written {
+    frames: usize,
+    delivered: u64,
+    replayed: u64,
+}
+
 /// What every session of this gateway shares.
 pub(crate) struct SessionContext {
     pub(crate) gateway_id: String,
@@ -154,15 +162,15 @@ impl Session<'_> {
                     // Everything queued, up to a batch, goes out with one flush.
                     let write = async {
                         let mut next = Some(first);
-                        let mut written = 0;
+                        let mut tally = Written::default();
                         while let Some(outbound) = next.take() {
                             socket.feed(Message::Text(outbound.frame)).await?;
-                            self.written(outbound.sent);
-                            written += 1;
-                            if written < WRITE_BATCH {
+                            self.written(outbound.sent, &mut tally);
+                            if tally.frames < WRITE_BATCH {
                                 next = conn.outbox.try_pop();
                             }
                         }
+                        self.count(&tally);
                         socket.flush().await
                     };
                     // A client that stops reading blocks the write; the registry then finds its
@@ -219,16 +227,32 @@ impl Session<'_> {
     }
 
     /// Records a frame handed to the socket: metrics, and the notification now awaiting an ack.
-    fn written(&mut self, sent: Option<Arc<Sent>>) {
-        let metrics = &self.ctx.metrics;
-        metrics.frames_out.inc();
+    /// Remembers a frame just written; counted in `tally`, which [`Self::count`] adds to the
+    /// shared counters once per batch (per frame, they are contended atomics and label lookups
+    /// on the hottest path of the gateway).
+    fn written(&mut self, sent: Option<Arc<Sent>>, tally: &mut Written) {
+        tally.frames += 1;
         let Some(sent) = sent else { return };
-        metrics.notifications_sent.with_label_values(&[if sent.replay { "replay" } else { "deliver" }]).inc();
-        metrics.publish_to_deliver.observe(seconds_since(sent.published_at_ms));
+        if sent.replay {
+            tally.replayed += 1;
+        } else {
+            tally.delivered += 1;
+        }
+        self.ctx.metrics.publish_to_deliver.observe(seconds_since(sent.published_at_ms));
         if self.in_flight.len() == IN_FLIGHT_REMEMBERED {
             self.in_flight.pop_front();
         }
         self.in_flight.push_back(sent);
+    }
+
+    fn count(&self, tally: &Written) {
+        let metrics = &self.ctx.metrics;
+        metrics.frames_out.inc_by(tally.frames as u64);
+        for (path, n) in [("deliver", tally.delivered), ("replay", tally.replayed)] {
+            if n > 0 {
+                metrics.notifications_sent.with_label_values(&[path]).inc_by(n);
+            }
+        }
     }
 
     /// Handles one inbound message; `Err` ends the session (None: the client closed).
