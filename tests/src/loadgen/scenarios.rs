@@ -592,7 +592,9 @@ async fn receipt_latency(h: &Herald, expected: u64, timeout: Duration) -> anyhow
         }
     }
     let mut hist = report::histogram();
-    let projection = doc! { "message_id": 1, "delivered_at_ms": 1, "inline.published_at": 1 };
+    // `inline` whole: nx-27017 answers a dotted projection (`inline.published_at`) with a flat
+    // key of that name instead of the nested field.
+    let projection = doc! { "message_id": 1, "delivered_at_ms": 1, "inline": 1 };
     let mut cursor = receipts.find(doc! { "state": "delivered" }).projection(projection).await?;
     while let Some(r) = cursor.try_next().await? {
         let at = r.get_i64("delivered_at_ms").ok();
