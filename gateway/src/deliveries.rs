@@ -62,9 +62,7 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
                 let _entered = span.enter();
                 let trace = routed.traceparent.as_ref().and_then(|_| herald_shared::telemetry::traceparent(&span));
                 let Some(frame) = frame(routed.notification, false, trace, now_ms, &mut outcome) else { continue };
-                for user in &routed.users {
-                    outcome.queued += registry.deliver_to_user(user, &frame);
-                }
+                outcome.queued += registry.deliver_to_users(&routed.users, &frame);
             }
         }
         GatewayCommand::Replay(replay) => {

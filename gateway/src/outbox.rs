@@ -37,15 +37,20 @@ impl<T> Outbox<T> {
         if self.closed.load(Ordering::Acquire) {
             return Err(PushError::Closed);
         }
-        {
+        let was_empty = {
             let mut queue = self.lock();
             if queue.len() >= self.capacity {
                 return Err(PushError::Full);
             }
             queue.push_back(item);
+            queue.len() == 1
+        };
+        // The consumer waits only after finding the queue empty (under the lock), so only a
+        // push into an empty queue needs to wake it; during a burst the pushes skip it.
+        // `notify_one` stores a permit when the consumer is not waiting yet: no wake-up is lost.
+        if was_empty {
+            self.ready.notify_one();
         }
-        // Stores a permit when the consumer is not waiting yet: no wake-up is lost.
-        self.ready.notify_one();
         Ok(())
     }
 
@@ -113,5 +118,30 @@ mod tests {
         }
         while outbox.try_pop().is_some() {}
         assert!(outbox.lock().capacity() <= KEEP_SLOTS);
+    }
+
+    /// Only a push into an empty queue wakes the consumer; one that drains a burst and waits
+    /// again must still be woken by the next push.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_wake_up_is_lost_across_bursts() {
+        let outbox = std::sync::Arc::new(Outbox::new(100_000));
+        let consumer = tokio::spawn({
+            let outbox = std::sync::Arc::clone(&outbox);
+            async move {
+                let mut sum = 0u64;
+                for _ in 0..20_000 {
+                    sum += outbox.pop().await;
+                }
+                sum
+            }
+        });
+        for burst in 0..200u64 {
+            for i in 0..100 {
+                outbox.push(burst * 100 + i).unwrap();
+            }
+            tokio::task::yield_now().await;
+        }
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), consumer).await;
+        assert_eq!(got.expect("consumer stalled: a wake-up was lost").unwrap(), (0..20_000u64).sum::<u64>());
     }
 }

@@ -162,9 +162,16 @@ impl Registry {
         }
     }
 
-    /// Offers `frame` to every local connection of `user`; returns how many took it.
-    pub(crate) fn deliver_to_user(&self, user: &str, frame: &Outbound) -> usize {
-        self.read().get(user).map_or(0, |conns| conns.iter().filter(|c| c.offer(frame.clone())).count())
+    /// Offers `frame` to every local connection of each of `users`; returns how many took it.
+    /// One read lock for the whole list: a fan-out names thousands of users per gateway.
+    pub(crate) fn deliver_to_users(&self, users: &[String], frame: &Outbound) -> usize {
+        let map = self.read();
+        users
+            .iter()
+            .filter_map(|user| map.get(user.as_str()))
+            .flatten()
+            .filter(|conn| conn.offer(frame.clone()))
+            .count()
     }
 
     pub(crate) fn connection(&self, user: &str, connection_id: &str) -> Option<Arc<Connection>> {
@@ -209,10 +216,10 @@ mod tests {
         reg.insert(Arc::clone(&a1));
         reg.insert(Arc::clone(&a2));
         reg.insert(Arc::clone(&b1));
-        assert_eq!(reg.deliver_to_user("alice", &Outbound::control(Utf8Bytes::from_static("x"))), 2);
+        assert_eq!(reg.deliver_to_users(&["alice".into()], &Outbound::control(Utf8Bytes::from_static("x"))), 2);
         assert!(a1.outbox.try_pop().is_some() && a2.outbox.try_pop().is_some());
         assert!(b1.outbox.try_pop().is_none());
-        assert_eq!(reg.deliver_to_user("carol", &Outbound::control(Utf8Bytes::from_static("x"))), 0);
+        assert_eq!(reg.deliver_to_users(&["carol".into()], &Outbound::control(Utf8Bytes::from_static("x"))), 0);
     }
 
     #[test]
@@ -220,8 +227,8 @@ mod tests {
         let reg = Registry::new(10, 10);
         let (a, ()) = conn("a", "alice", 1);
         reg.insert(Arc::clone(&a));
-        assert_eq!(reg.deliver_to_user("alice", &Outbound::control(Utf8Bytes::from_static("1"))), 1);
-        assert_eq!(reg.deliver_to_user("alice", &Outbound::control(Utf8Bytes::from_static("2"))), 0);
+        assert_eq!(reg.deliver_to_users(&["alice".into()], &Outbound::control(Utf8Bytes::from_static("1"))), 1);
+        assert_eq!(reg.deliver_to_users(&["alice".into()], &Outbound::control(Utf8Bytes::from_static("2"))), 0);
         assert!(a.kicked().is_cancelled());
         assert_eq!(a.kick_code(), close::SLOW_CONSUMER);
     }
