@@ -69,10 +69,10 @@ pub async fn consumer(
 }
 
 /// Fetches messages until `stop` fires, handing them to `handle` in groups: what arrived within
-/// `batching.linger` of a group's first message, up to `batching.max`; up to
-/// `batching.concurrency` groups are handled at once. Errors (NATS away,
-/// consumer gone) are logged and retried with backoff; the loop ends only when `stop` fires,
-/// after everything fetched has been handled.
+/// `batching.linger` of a group's first message, up to `batching.max`, with up to
+/// `batching.concurrency` groups in hand at once. Errors (NATS away, consumer gone) are logged
+/// and retried with backoff; the loop ends only when `stop` fires, after everything fetched has
+/// been handled.
 ///
 /// Fetching and handling run side by side, joined by a queue with room for one whole fetch: a
 /// fetch is read to its end however long `handle` takes. (async-nats ends a fetch that is not
@@ -129,7 +129,7 @@ async fn fetch_into(
             room = tx.reserve_many(max) => room,
             _ = stop.cancelled() => return,
         };
-        let Ok(room) = room else { return };
+        let Ok(mut room) = room else { return };
         let consumer = match cached.take() {
             Some(consumer) => consumer,
             None => match self::consumer(js, stream, name, ack_wait).await {
@@ -152,7 +152,6 @@ async fn fetch_into(
         // The fetch is read to its end even when `stop` fires meanwhile (at most
         // FETCH_EXPIRES): what was pulled gets handled, not left to the ack wait.
         let mut broken = false;
-        let mut room = room;
         while let Some(message) = messages.next().await {
             match (message, room.next()) {
                 (Ok(message), Some(slot)) => slot.send(message),
