@@ -60,6 +60,15 @@ pub fn is_valid_id(id: &str) -> bool {
 }
 
 pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<ValidJob, Invalid> {
+    // serde reads a struct from a JSON array too, field by field (`[null, ["bob"], {}]`); the
+    // protocol's job is an object, and nothing else is taken for one.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Invalid {
+            job_id: None,
+            code: RejectCode::Malformed,
+            reason: "not a publish job: expected a JSON object".into(),
+        });
+    }
     let job: PublishJob = serde_json::from_slice(body).map_err(|e| Invalid {
         job_id: salvage_id(body),
         code: RejectCode::Malformed,
@@ -180,6 +189,8 @@ mod tests {
             ("not json", RejectCode::Malformed),
             (r#"{"to":"a","payload":1}"#, RejectCode::Malformed),
             (r#"{"to":["a"]}"#, RejectCode::Malformed),
+            (r#"[null, ["a"], {"k": 1}]"#, RejectCode::Malformed),
+            (r#"[null, [], null]"#, RejectCode::Malformed),
             (r#"{"id":"bad id","to":["a"],"payload":1}"#, RejectCode::InvalidId),
             (r#"{"id":"seq-1","to":["a"],"payload":1}"#, RejectCode::InvalidId),
             (r#"{"to":["a"],"payload":"0123456789012345678901234567890123456789"}"#, RejectCode::PayloadTooLarge),

@@ -274,7 +274,7 @@ impl Session<'_> {
             metrics.frames_in.with_label_values(&["invalid"]).inc();
             return Err(Some(TOO_BIG));
         }
-        let Ok(frame) = serde_json::from_str::<ClientFrame>(text.as_str()) else {
+        let Ok(frame) = ClientFrame::decode(text.as_str()) else {
             metrics.frames_in.with_label_values(&["invalid"]).inc();
             return Err(Some(BAD_FRAME));
         };

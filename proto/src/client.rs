@@ -16,6 +16,15 @@ pub enum ClientFrame {
 }
 
 impl ClientFrame {
+    /// Decodes a text frame from a client. Only a JSON object is a frame: serde would also read
+    /// the enum from an array (`["ack", ["id"]]`), a form the protocol does not have.
+    pub fn decode(text: &str) -> Result<Self, serde_json::Error> {
+        if !text.trim_start().starts_with('{') {
+            return Err(serde::de::Error::custom("a client frame is a JSON object"));
+        }
+        serde_json::from_str(text)
+    }
+
     /// What this frame tells the dispatcher, and about which messages.
     pub fn into_parts(self) -> (AckKind, Vec<String>) {
         match self {

@@ -205,7 +205,7 @@ fn decode_everything(bytes: &[u8]) {
     let _ = serde_json::from_slice::<Event>(bytes);
     let _ = serde_json::from_slice::<Rejection>(bytes);
     let text = String::from_utf8_lossy(bytes);
-    let _ = serde_json::from_str::<ClientFrame>(&text);
+    let _ = ClientFrame::decode(&text);
     let _ = serde_json::from_str::<PublishJob>(&text);
     let _ = ServerFrame::decode(&text);
 }
@@ -253,7 +253,7 @@ proptest! {
     #[test]
     fn client_frames_round_trip(frame in client_frame()) {
         let text = serde_json::to_string(&frame).unwrap();
-        prop_assert_eq!(serde_json::from_str::<ClientFrame>(&text).unwrap(), frame);
+        prop_assert_eq!(ClientFrame::decode(&text).unwrap(), frame);
     }
 
     #[test]
@@ -293,4 +293,11 @@ proptest! {
         let text = serde_json::to_string(&event).unwrap();
         prop_assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), event);
     }
+}
+
+/// serde reads a tagged enum from an array as well; a client frame is an object and nothing else.
+#[test]
+fn a_client_frame_is_an_object_not_an_array() {
+    assert!(ClientFrame::decode(r#"["ack", ["m-1"]]"#).is_err());
+    assert!(ClientFrame::decode(r#"  {"type": "ack", "ids": ["m-1"]}"#).is_ok());
 }
