@@ -353,6 +353,17 @@ mod tests {
     }
 
     #[test]
+    fn dispatcher_lingers_default_to_milliseconds_and_are_bounded() {
+        let mut e = env(&[("HERALD_ADMIN_TOKEN", "t")]);
+        let c = DispatcherConfig::from_env(&mut e);
+        let c = e.finish(c).unwrap();
+        assert_eq!((c.job_linger, c.event_linger), (Duration::from_millis(20), Duration::from_millis(50)));
+        let mut e = env(&[("HERALD_ADMIN_TOKEN", "t"), ("HERALD_EVENT_LINGER_MS", "5000")]);
+        let c = DispatcherConfig::from_env(&mut e);
+        assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_EVENT_LINGER_MS"));
+    }
+
+    #[test]
     fn dispatcher_checks_ttl_bounds() {
         let mut e =
             env(&[("HERALD_ADMIN_TOKEN", "t"), ("HERALD_DEFAULT_TTL_SECS", "100"), ("HERALD_MAX_TTL_SECS", "10")]);

@@ -43,6 +43,9 @@ async fn online_message_is_delivered_only_once_acked() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["receipts"][0]["state"], "delivered");
     assert_eq!(body["counts"]["delivered"], 1);
+    // A one-recipient message is carried by its receipt; the API reads it from there.
+    assert_eq!(body["message"]["recipients"], 1);
+    assert_eq!(body["message"]["payload"], serde_json::json!({"title": "hi", "n": [1.50, 2]}));
     assert_eq!(body["message"]["payload"]["title"], "hi");
 
     alice.read(["m-1"]).await.unwrap();
