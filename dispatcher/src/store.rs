@@ -161,13 +161,14 @@ pub struct InlineMessage {
 }
 
 impl ReceiptDoc {
-    /// The message document this receipt stands for, when it carries its message.
-    fn inline_message(&self) -> Option<MessageDoc> {
-        let inline = self.inline.as_ref()?;
+    /// The message document this receipt stands for, when it carries its message (moved out
+    /// of the receipt: a payload may be 64 KiB).
+    fn take_inline_message(&mut self) -> Option<MessageDoc> {
+        let inline = self.inline.take()?;
         Some(MessageDoc {
             id: self.message_id.clone(),
             seq: self.seq,
-            payload: inline.payload.clone(),
+            payload: inline.payload,
             published_at: inline.published_at,
             expires_at: self.expires_at,
             recipients: 1,
@@ -466,8 +467,8 @@ impl Store {
         }
         let mut out: Vec<Sendable> = receipts
             .into_iter()
-            .filter_map(|r| {
-                let inline = r.inline_message();
+            .filter_map(|mut r| {
+                let inline = r.take_inline_message();
                 let message = inline.as_ref().or_else(|| messages.get(&r.message_id))?;
                 let payload = RawValue::from_string(message.payload.clone()).ok()?;
                 let notification = Notification {
@@ -523,7 +524,7 @@ impl Store {
             return Ok(found);
         }
         let carrier = async { Ok(self.receipts.find_one(doc! { "message_id": id }).await?) };
-        Ok(self.call("find_message", carrier).await?.and_then(|r| r.inline_message()))
+        Ok(self.call("find_message", carrier).await?.and_then(|mut r| r.take_inline_message()))
     }
 
     /// Receipts of one message, by user, at most `limit`.
