@@ -50,9 +50,9 @@ test: deps
 	@for check in $(EXTRA_CHECKS); do \
 		if [ -f "$$check" ]; then echo "bash $$check"; bash "$$check"; fi; \
 	done
-	cargo build --workspace --all-targets
-	# The binaries the Dockerfile ships, built as it builds them.
-	cargo build --release --locked --bin herald-gateway --bin herald-dispatcher
+	# --locked as the Dockerfile builds: a Cargo.lock out of step with Cargo.toml fails here. (A
+	# release build would only compile the same code again, minutes on two cores.)
+	cargo build --locked --workspace --all-targets
 	export HERALD_TEST_REDIS_SERVER="$${HERALD_TEST_REDIS_SERVER:-$$(command -v redis-server)}"; \
 	export HERALD_TEST_NATS_SERVER="$${HERALD_TEST_NATS_SERVER:-$(VENV)/bin/nats-server}"; \
 	export HERALD_TEST_MONGO_SERVER="$${HERALD_TEST_MONGO_SERVER:-$(VENV)/bin/nx-27017}"; \

@@ -99,7 +99,9 @@ pub struct DispatcherConfig {
     /// dispatcher that died wait before another dispatcher gets them. Applies when the durable
     /// consumer is created.
     pub ack_wait: Duration,
-    /// How often pending messages are checked for ack timeouts and expiry.
+    /// How often pending messages are checked for ack timeouts and expiry. A sixth of the
+    /// default ack timeout: a resend is at most this late, and nothing reads the `expired` mark
+    /// (replays and the API judge expiry by `expires_at`), so sweeping more often buys little.
     pub sweep_interval: Duration,
     /// Most jobs pulled and stored per batch.
     pub job_batch: usize,
@@ -289,7 +291,7 @@ impl DispatcherConfig {
             max_ttl: env.secs("HERALD_MAX_TTL_SECS", 30 * 86_400),
             ack_timeout: env.millis("HERALD_ACK_TIMEOUT_MS", 30_000),
             ack_wait: env.millis("HERALD_JETSTREAM_ACK_WAIT_MS", 30_000),
-            sweep_interval: env.millis("HERALD_SWEEP_INTERVAL_MS", 1_000),
+            sweep_interval: env.millis("HERALD_SWEEP_INTERVAL_MS", 5_000),
             job_batch: env.parse("HERALD_JOB_BATCH", 256),
             job_linger: env.millis("HERALD_JOB_LINGER_MS", 20),
             event_linger: env.millis("HERALD_EVENT_LINGER_MS", 50),
