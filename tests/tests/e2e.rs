@@ -118,6 +118,34 @@ async fn every_device_on_every_gateway_gets_the_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_larger_than_one_insert_reaches_recipients_in_every_part() {
+    const RECIPIENTS: usize = 10_000;
+    const { assert!(RECIPIENTS > herald_dispatcher::store::RECEIPTS_PER_INSERT, "the job must need more than one insert") };
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    // One recipient in the first insert, one in the last; the rest are offline.
+    let (first, last) = ("fan-0".to_owned(), format!("fan-{}", RECIPIENTS - 1));
+    let mut early = cluster.connect(gateway.addr, &first).await.unwrap();
+    let mut late = cluster.connect(gateway.addr, &last).await.unwrap();
+    cluster.wait_presence(dispatcher.addr, &first, true).await.unwrap();
+    cluster.wait_presence(dispatcher.addr, &last, true).await.unwrap();
+
+    let to: Vec<String> = (0..RECIPIENTS).map(|i| format!("fan-{i}")).collect();
+    cluster.publish(&json!({ "id": "big-1", "to": to, "payload": {} })).await.unwrap();
+    for client in [&mut early, &mut late] {
+        assert_eq!(client.next_notification(WAIT).await.expect("notification").id, "big-1");
+        client.ack(["big-1"]).await.unwrap();
+    }
+    cluster.wait_receipt("big-1", &first, "delivered").await.unwrap();
+    cluster.wait_receipt("big-1", &last, "delivered").await.unwrap();
+    let (status, body) = cluster.api(dispatcher.addr, "/v1/messages/big-1", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["counts"]["delivered"], 2, "{}", body["counts"]);
+    assert_eq!(body["counts"]["pending"], RECIPIENTS - 2, "every recipient has its receipt: {}", body["counts"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacked_message_stays_pending_and_comes_back_on_reconnect() {
     let cluster = Cluster::start().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();

@@ -453,8 +453,8 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
     let per_server = if config.short { 1_000 } else { 2_500 };
     let step = Duration::from_secs(if config.short { 5 } else { 10 });
     let rates: &[f64] = &[
-        50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 350.0, 400.0, 500.0, 600.0, 700.0, 800.0, 1_000.0, 1_200.0, 1_600.0, 3_200.0,
-        6_400.0,
+        50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 350.0, 400.0, 500.0, 600.0, 700.0, 800.0, 1_000.0, 1_200.0, 1_600.0,
+        3_200.0, 6_400.0,
     ];
     let sut = Sut::start(System::Herald, servers, HeraldOptions::default(), config).await?;
     let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
