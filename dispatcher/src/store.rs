@@ -32,7 +32,7 @@ pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// Duplicate key: the message or receipt exists already, which is what idempotency wants.
 const DUPLICATE_KEY: i32 = 11000;
 /// Server error codes that mean "try again" (not primary, shutting down, interrupted, ...).
-const TRANSIENT_CODES: &[i32] = &[6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436];
+const TRANSIENT_CODES: &[i32] = &[6, 7, 50, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436];
 /// `next_retry_at_ms` of a receipt parked until its user connects: later than any sweep, and
 /// matched by equality. (Not null: nx-27017 does not match `{field: null}` against a stored
 /// null, and an explicit value keeps the `state, next_retry_at_ms` index useful.)
@@ -77,7 +77,9 @@ impl From<mongodb::error::Error> for StoreError {
     }
 }
 
-/// Longest a single store call may take before it counts as an outage.
+/// Longest a single store call may take before it counts as an outage. Queries also send it as
+/// `maxTimeMS`, so the server stops what the dispatcher gave up on instead of piling up
+/// abandoned scans while the retry runs.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Receipts written per insert call: a 10,000-recipient fan-out is two calls. Keeps each call
 /// well inside [`OP_TIMEOUT`] (about 0.7 s for 5,000 on nx-27017, the slowest store tested).
@@ -425,7 +427,8 @@ impl Store {
     async fn pending_receipts(&self, users: &[&str], limit: usize, now_ms: u64) -> Result<Vec<ReceiptDoc>, StoreError> {
         let filter = doc! { "user": { "$in": users }, "state": "pending", "expires_at": { "$gt": date(now_ms) } };
         let find = async {
-            let cursor = self.receipts.find(filter).sort(doc! { "seq": 1 }).limit(limit as i64).await?;
+            let cursor =
+                self.receipts.find(filter).sort(doc! { "seq": 1 }).limit(limit as i64).max_time(OP_TIMEOUT).await?;
             Ok(cursor.try_collect().await?)
         };
         self.call("pending_receipts", find).await
@@ -454,7 +457,7 @@ impl Store {
     pub async fn due_for_retry(&self, now_ms: u64, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
         let find = async {
             let filter = doc! { "state": "pending", "next_retry_at_ms": { "$lte": now_ms as i64 } };
-            let cursor = self.receipts.find(filter).limit(limit as i64).await?;
+            let cursor = self.receipts.find(filter).limit(limit as i64).max_time(OP_TIMEOUT).await?;
             Ok(cursor.try_collect().await?)
         };
         self.call("due_for_retry", find).await
@@ -470,7 +473,7 @@ impl Store {
         let mut messages = HashMap::new();
         if !ids.is_empty() {
             let find = async {
-                let cursor = self.messages.find(doc! { "_id": { "$in": ids } }).await?;
+                let cursor = self.messages.find(doc! { "_id": { "$in": ids } }).max_time(OP_TIMEOUT).await?;
                 Ok(cursor.try_collect::<Vec<_>>().await?)
             };
             messages = self.call("load_messages", find).await?.into_iter().map(|m| (m.id.clone(), m)).collect();
@@ -545,6 +548,7 @@ impl Store {
                 .find(doc! { "message_id": message_id })
                 .sort(doc! { "user": 1 })
                 .limit(limit as i64)
+                .max_time(OP_TIMEOUT)
                 .await?;
             Ok(cursor.try_collect().await?)
         };
@@ -560,6 +564,7 @@ impl Store {
                     doc! { "$match": { "message_id": message_id } },
                     doc! { "$group": { "_id": "$state", "n": { "$sum": 1 } } },
                 ])
+                .max_time(OP_TIMEOUT)
                 .await?;
             Ok(cursor.try_collect::<Vec<_>>().await?)
         };
