@@ -1,7 +1,9 @@
 //! A connection's outbound queue: bounded, never blocking the sender, and costing nothing while
 //! empty. A tokio mpsc channel allocates a 32-slot block up front, for every connection, idle
 //! or not; at tens of thousands of idle connections per gateway that block is a fifth of the
-//! memory budget. Here the buffer grows with use and is given back once drained after a burst.
+//! memory budget. Here the buffer grows with use, and the owner gives it back from time to time
+//! ([`Outbox::shrink_if_empty`]): not after every drained burst, which under a steady stream of
+//! bursts reallocated the buffer each time.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-/// A drained queue keeps at most this many slots; a larger buffer left by a burst is freed.
+/// A queue found empty keeps at most this many slots; a larger buffer left by a burst is freed.
 const KEEP_SLOTS: usize = 8;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -55,12 +57,15 @@ impl<T> Outbox<T> {
     }
 
     pub(crate) fn try_pop(&self) -> Option<T> {
+        self.lock().pop_front()
+    }
+
+    /// Frees what a burst left beyond [`KEEP_SLOTS`], if the queue is empty now.
+    pub(crate) fn shrink_if_empty(&self) {
         let mut queue = self.lock();
-        let item = queue.pop_front();
         if queue.is_empty() && queue.capacity() > KEEP_SLOTS {
             queue.shrink_to(KEEP_SLOTS);
         }
-        item
     }
 
     /// Waits for the next item. Cancel-safe: an item is taken only in the poll that returns it.
@@ -116,7 +121,10 @@ mod tests {
         for i in 0..500 {
             outbox.push(i).unwrap();
         }
+        outbox.shrink_if_empty();
+        assert!(outbox.lock().capacity() > KEEP_SLOTS, "not shrunk while items wait");
         while outbox.try_pop().is_some() {}
+        outbox.shrink_if_empty();
         assert!(outbox.lock().capacity() <= KEEP_SLOTS);
     }
 

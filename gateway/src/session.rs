@@ -34,11 +34,18 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const IN_FLIGHT_REMEMBERED: usize = 512;
 
 /// Frames of one write batch, for the metrics.
-#[derive(Default)]
 struct Written {
+    /// When the batch was written: one clock read for all its frames.
+    at_ms: u64,
     frames: usize,
     delivered: u64,
     replayed: u64,
+}
+
+impl Written {
+    fn now() -> Self {
+        Self { at_ms: herald_shared::now_ms(), frames: 0, delivered: 0, replayed: 0 }
+    }
 }
 
 /// What every session of this gateway shares.
@@ -162,7 +169,7 @@ impl Session<'_> {
                     // Everything queued, up to a batch, goes out with one flush.
                     let write = async {
                         let mut next = Some(first);
-                        let mut tally = Written::default();
+                        let mut tally = Written::now();
                         while let Some(outbound) = next.take() {
                             socket.feed(Message::Text(outbound.frame)).await?;
                             self.written(outbound.sent, &mut tally);
@@ -204,6 +211,7 @@ impl Session<'_> {
                     if last_heard.elapsed() > self.ctx.heartbeat_interval * 2 {
                         break Some(HEARTBEAT);
                     }
+                    conn.outbox.shrink_if_empty();
                     if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
                         break None;
                     }
@@ -226,10 +234,9 @@ impl Session<'_> {
         ending
     }
 
-    /// Records a frame handed to the socket: metrics, and the notification now awaiting an ack.
-    /// Remembers a frame just written; counted in `tally`, which [`Self::count`] adds to the
-    /// shared counters once per batch (per frame, they are contended atomics and label lookups
-    /// on the hottest path of the gateway).
+    /// Records a frame handed to the socket: the notification now awaits an ack. Counted in
+    /// `tally`, which [`Self::count`] adds to the shared counters once per batch (per frame,
+    /// they are contended atomics and label lookups on the hottest path of the gateway).
     fn written(&mut self, sent: Option<Arc<Sent>>, tally: &mut Written) {
         tally.frames += 1;
         let Some(sent) = sent else { return };
@@ -238,7 +245,8 @@ impl Session<'_> {
         } else {
             tally.delivered += 1;
         }
-        self.ctx.metrics.publish_to_deliver.observe(seconds_since(sent.published_at_ms));
+        let age_ms = tally.at_ms.saturating_sub(sent.published_at_ms);
+        self.ctx.metrics.publish_to_deliver.observe(age_ms as f64 / 1000.0);
         if self.in_flight.len() == IN_FLIGHT_REMEMBERED {
             self.in_flight.pop_front();
         }
