@@ -131,6 +131,13 @@ async fn a_fan_out_larger_than_one_insert_reaches_recipients_in_every_part() {
     cluster.wait_presence(dispatcher.addr, &first, true).await.unwrap();
     cluster.wait_presence(dispatcher.addr, &last, true).await.unwrap();
 
+    // Store calls that wrote receipts, from the dispatcher's own metrics.
+    let inserts = || async {
+        let text = reqwest::get(format!("http://{}/metrics", dispatcher.addr)).await.unwrap().text().await.unwrap();
+        let series = r#"herald_dependency_seconds_count{dependency="mongodb",op="insert_receipts"} "#;
+        text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    let inserts_before = inserts().await;
     let to: Vec<String> = (0..RECIPIENTS).map(|i| format!("fan-{i}")).collect();
     cluster.publish(&json!({ "id": "big-1", "to": to, "payload": {} })).await.unwrap();
     for client in [&mut early, &mut late] {
@@ -143,6 +150,7 @@ async fn a_fan_out_larger_than_one_insert_reaches_recipients_in_every_part() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["counts"]["delivered"], 2, "{}", body["counts"]);
     assert_eq!(body["counts"]["pending"], RECIPIENTS - 2, "every recipient has its receipt: {}", body["counts"]);
+    assert!(inserts().await - inserts_before >= 2.0, "the receipts were written in more than one call");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
