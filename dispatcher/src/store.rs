@@ -532,11 +532,12 @@ impl Store {
 
     /// A message by id, whether stored on its own or carried by its only receipt.
     pub async fn message(&self, id: &str) -> Result<Option<MessageDoc>, StoreError> {
-        let found = self.call("find_message", async { Ok(self.messages.find_one(doc! { "_id": id }).await?) }).await?;
+        let find = async { Ok(self.messages.find_one(doc! { "_id": id }).max_time(OP_TIMEOUT).await?) };
+        let found = self.call("find_message", find).await?;
         if found.is_some() {
             return Ok(found);
         }
-        let carrier = async { Ok(self.receipts.find_one(doc! { "message_id": id }).await?) };
+        let carrier = async { Ok(self.receipts.find_one(doc! { "message_id": id }).max_time(OP_TIMEOUT).await?) };
         Ok(self.call("find_message", carrier).await?.and_then(|mut r| r.take_inline_message()))
     }
 
