@@ -1,7 +1,7 @@
 //! The query API: "did Alice get message X?", a user's pending messages, a user's presence.
 //! Plus health probes. Everything under `/v1` needs the admin bearer token.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use fred::prelude::ClientLike;
+use herald_proto::{GatewayId, MessageId, UserId};
 use herald_shared::now_ms;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -57,6 +58,10 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Presence(#[from] crate::presence::PresenceError),
+    #[error("{0}")]
+    BadId(#[from] herald_proto::InvalidId),
+    #[error("stored {0} is not valid JSON")]
+    Corrupt(&'static str),
 }
 
 impl IntoResponse for ApiError {
@@ -64,6 +69,8 @@ impl IntoResponse for ApiError {
         let (status, error) = match &self {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadId(_) => (StatusCode::BAD_REQUEST, "bad_id"),
+            ApiError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
             ApiError::Store(e) if e.is_transient() => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ApiError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
             ApiError::Presence(_) => (StatusCode::SERVICE_UNAVAILABLE, "presence_unavailable"),
@@ -73,7 +80,9 @@ impl IntoResponse for ApiError {
         }
         let reason = match &self {
             // Details of internal failures stay in the log.
-            ApiError::Store(_) | ApiError::Presence(_) => "a dependency failed; see the dispatcher's log".to_owned(),
+            ApiError::Store(_) | ApiError::Presence(_) | ApiError::Corrupt(_) => {
+                "a dependency failed; see the dispatcher's log".to_owned()
+            }
             other => other.to_string(),
         };
         (status, Json(json!({ "error": error, "reason": reason }))).into_response()
@@ -94,7 +103,8 @@ async fn require_admin(State(state): State<Arc<ApiState>>, request: Request, nex
 
 /// Compares without revealing, through timing, how much of the token matched.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 #[derive(Deserialize)]
@@ -110,8 +120,8 @@ impl Limit {
 
 #[derive(Serialize)]
 struct ReceiptView {
-    user: String,
-    message_id: String,
+    user: UserId,
+    message_id: MessageId,
     state: ReceiptState,
     #[serde(skip_serializing_if = "Option::is_none")]
     delivered_at_ms: Option<i64>,
@@ -138,11 +148,41 @@ impl ReceiptView {
     }
 }
 
+// Answers are typed structs, never `serde_json::Value`: a payload goes out as the raw JSON it
+// was published as, however deeply it nests or whatever escapes it holds, without being parsed.
+
+#[derive(Serialize)]
+struct MessageAnswer {
+    message: MessageView,
+    counts: BTreeMap<String, u64>,
+    receipts: Vec<ReceiptView>,
+    truncated: bool,
+}
+
+#[derive(Serialize)]
+struct MessageView {
+    id: MessageId,
+    seq: i64,
+    payload: Box<RawValue>,
+    published_at_ms: i64,
+    expires_at_ms: i64,
+    recipients: i64,
+}
+
+#[derive(Serialize)]
+struct PendingAnswer {
+    user: UserId,
+    count: usize,
+    pending: Vec<herald_proto::Notification>,
+}
+
 async fn message(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
     Query(limit): Query<Limit>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<MessageAnswer>, ApiError> {
+    // No message has an id outside the grammar: such a path is simply not found.
+    let id = MessageId::new(id).map_err(|_| ApiError::NotFound("message"))?;
     let message = state.store.message(&id).await?.ok_or(ApiError::NotFound("message"))?;
     let limit = limit.get();
     let receipts = state.store.receipts_of(&id, limit).await?;
@@ -150,43 +190,47 @@ async fn message(
     let now = now_ms();
     // Pending receipts past expiry count as expired even before the sweeper marks them.
     if message.expires_at.timestamp_millis() as u64 <= now {
-        if let Some(pending) = counts.remove("pending") {
-            *counts.entry("expired".into()).or_default() += pending;
+        if let Some(pending) = counts.remove(ReceiptState::Pending.as_str()) {
+            *counts.entry(ReceiptState::Expired.as_str().into()).or_default() += pending;
         }
     }
     let truncated = receipts.len() as i64 >= limit as i64 && (receipts.len() as i64) < message.recipients;
-    let payload = RawValue::from_string(message.payload.clone()).ok();
-    Ok(Json(json!({
-        "message": {
-            "id": message.id,
-            "seq": message.seq,
-            "payload": payload,
-            "published_at_ms": message.published_at.timestamp_millis(),
-            "expires_at_ms": message.expires_at.timestamp_millis(),
-            "recipients": message.recipients,
+    // Stored by this service from a validated job, so it is JSON; a document that is not
+    // (edited by hand) is a store error, not a panic.
+    let payload = RawValue::from_string(message.payload).map_err(|_| ApiError::Corrupt("message payload"))?;
+    Ok(Json(MessageAnswer {
+        message: MessageView {
+            id: message.id,
+            seq: message.seq,
+            payload,
+            published_at_ms: message.published_at.timestamp_millis(),
+            expires_at_ms: message.expires_at.timestamp_millis(),
+            recipients: message.recipients,
         },
-        "counts": counts.into_iter().collect::<BTreeMap<_, _>>(),
-        "receipts": receipts.into_iter().map(|r| ReceiptView::new(r, now)).collect::<Vec<_>>(),
-        "truncated": truncated,
-    })))
+        counts: counts.into_iter().collect(),
+        receipts: receipts.into_iter().map(|r| ReceiptView::new(r, now)).collect(),
+        truncated,
+    }))
 }
 
 async fn pending(
     State(state): State<Arc<ApiState>>,
     Path(user): Path<String>,
     Query(limit): Query<Limit>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let pending = state.store.pending_for(&[user.as_str()], limit.get(), now_ms()).await?;
-    let messages: Vec<_> = pending.into_iter().map(|s| s.notification).collect();
-    Ok(Json(json!({ "user": user, "count": messages.len(), "pending": messages })))
+) -> Result<Json<PendingAnswer>, ApiError> {
+    let user = UserId::new(user).map_err(ApiError::BadId)?;
+    let pending = state.store.pending_for(&[&user], limit.get(), now_ms()).await?;
+    let pending: Vec<_> = pending.into_iter().map(|s| s.notification).collect();
+    Ok(Json(PendingAnswer { user, count: pending.len(), pending }))
 }
 
 async fn presence(
     State(state): State<Arc<ApiState>>,
     Path(user): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let found = state.presence.lookup(&[user.as_str()], now_ms()).await?;
-    let mut gateways: HashMap<String, usize> = HashMap::new();
+    let user = UserId::new(user).map_err(ApiError::BadId)?;
+    let found = state.presence.lookup(&[&user], now_ms()).await?;
+    let mut gateways: BTreeMap<GatewayId, usize> = BTreeMap::new();
     let mut connections = 0;
     if let Some(conns) = found.get(&user) {
         for gateway in conns.values() {
@@ -198,7 +242,7 @@ async fn presence(
         "user": user,
         "online": connections > 0,
         "connections": connections,
-        "gateways": gateways.into_iter().collect::<BTreeMap<_, _>>(),
+        "gateways": gateways,
     })))
 }
 

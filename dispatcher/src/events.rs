@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
-use herald_proto::{AckRecord, Event, GatewayCommand, Online};
+use herald_proto::{AckRecord, Event, GatewayCommand, Online, UserId};
 use herald_shared::naming::Names;
 use herald_shared::now_ms;
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::{self, AckUpdate};
 use crate::metrics::DispatcherMetrics;
 use crate::pull::{self, sleep_or_stop};
 use crate::routing::{self, Router};
@@ -44,78 +45,97 @@ impl EventPipeline {
         .await;
     }
 
+    /// Applies one batch: acks first, then replays, each acknowledged to JetStream as soon as it
+    /// is applied, so that an ack never waits behind a slow replay query. Neither is ever
+    /// dropped for a store error: a transient one is waited out, and a statement the store
+    /// refuses for good is dropped alone by the store (see `Store::apply_acks`).
     async fn process(&self, messages: Vec<Message>, stop: &CancellationToken) {
         let mut acks: Vec<AckRecord> = Vec::new();
         let mut onlines: Vec<Online> = Vec::new();
-        for message in &messages {
+        let (mut ack_messages, mut online_messages) = (Vec::new(), Vec::new());
+        for message in messages {
             match serde_json::from_slice::<Event>(&message.payload) {
                 Ok(Event::Acks(records)) => {
                     self.metrics.events.with_label_values(&["acks"]).inc();
                     acks.extend(records);
+                    ack_messages.push(message);
                 }
                 Ok(Event::Online(online)) => {
                     self.metrics.events.with_label_values(&["online"]).inc();
                     onlines.push(online);
+                    online_messages.push(message);
                 }
                 Err(e) => {
+                    // Only a gateway writes here; this is a bug, and retrying cannot fix it.
                     self.metrics.events.with_label_values(&["invalid"]).inc();
                     tracing::error!(error = %e, subject = %message.subject, "undecodable event dropped");
+                    let _ = message.ack_with(AckKind::Term).await;
                 }
             }
         }
+        if !ack_messages.is_empty() {
+            let updates = acks::plan(&acks);
+            if !self.until_applied(&ack_messages, stop, || self.apply_acks(&acks, &updates)).await {
+                return;
+            }
+        }
+        if !online_messages.is_empty() {
+            self.until_applied(&online_messages, stop, || self.replay(&onlines)).await;
+        }
+    }
+
+    /// Runs `apply` until it succeeds, then acknowledges `messages`. Store errors keep the
+    /// messages (their ack deadline extended) and retry with backoff; on shutdown they are
+    /// handed back. Returns false if it gave up for shutdown.
+    async fn until_applied<F, Fut>(&self, messages: &[Message], stop: &CancellationToken, mut apply: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
+    {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.apply(&acks, &onlines).await {
+            match apply().await {
                 Ok(()) => break,
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, events = messages.len(), "store unavailable; holding events and retrying");
-                    for message in &messages {
+                Err(e) => {
+                    tracing::warn!(error = %e, events = messages.len(), "events not applied; holding them and retrying");
+                    for message in messages {
                         let _ = message.ack_with(AckKind::Progress).await;
                     }
                     if !sleep_or_stop(&mut backoff, stop).await {
                         // Shutting down: let another dispatcher have them now.
-                        for message in &messages {
+                        for message in messages {
                             let _ = message.ack_with(AckKind::Nak(None)).await;
                         }
-                        return;
+                        return false;
                     }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "events refused by the store; dropped");
-                    break;
                 }
             }
         }
-        for message in &messages {
+        for message in messages {
             if let Err(e) = message.ack().await {
                 tracing::warn!(error = %e, "event ack failed; it will be applied again (idempotent)");
             }
         }
+        true
     }
 
-    /// Applies acks, then replays for new connections. Both are idempotent, so a retry after a
-    /// partial failure is harmless.
-    async fn apply(&self, acks: &[AckRecord], onlines: &[Online]) -> Result<(), StoreError> {
-        if !acks.is_empty() {
-            // A span per traced ack, open while its receipt is written: the last hop of the
-            // notification's trace.
-            let _spans: Vec<tracing::Span> = acks
-                .iter()
-                .filter(|a| a.traceparent.is_some())
-                .map(|a| {
-                    let span = tracing::info_span!("herald.receipt", ids = a.ids.len());
-                    herald_shared::telemetry::continue_from(&span, a.traceparent.as_deref());
-                    span
-                })
-                .collect();
-            let changed = self.store.apply_acks(acks).await?;
-            self.metrics.receipt_writes.with_label_values(&["ack"]).inc_by(changed);
-            self.metrics.store_batch_size.with_label_values(&["ack"]).observe(acks.len() as f64);
-            tracing::debug!(records = acks.len(), changed, "acks applied");
-        }
-        if !onlines.is_empty() {
-            self.replay(onlines).await?;
-        }
+    async fn apply_acks(&self, records: &[AckRecord], updates: &[AckUpdate]) -> Result<(), StoreError> {
+        // A span per traced ack, open while its receipt is written: the last hop of the
+        // notification's trace.
+        let _spans: Vec<tracing::Span> = records
+            .iter()
+            .filter(|a| a.traceparent.is_some())
+            .map(|a| {
+                let span = tracing::info_span!("herald.receipt", ids = a.ids.len());
+                herald_shared::telemetry::continue_from(&span, a.traceparent.as_deref());
+                span
+            })
+            .collect();
+        let outcome = self.store.apply_acks(updates).await?;
+        self.metrics.receipt_writes.with_label_values(&["ack"]).inc_by(outcome.modified);
+        self.metrics.acks_refused.inc_by(outcome.dropped);
+        self.metrics.store_batch_size.with_label_values(&["ack"]).observe(records.len() as f64);
+        tracing::debug!(records = records.len(), changed = outcome.modified, dropped = outcome.dropped, "acks applied");
         Ok(())
     }
 
@@ -123,7 +143,7 @@ impl EventPipeline {
     /// batch, one for the payloads, one to push their retry deadlines, and one to make whatever
     /// a page did not carry due for the sweep.
     async fn replay(&self, onlines: &[Online]) -> Result<(), StoreError> {
-        let mut users: Vec<&str> = onlines.iter().map(|o| o.user.as_str()).collect();
+        let mut users: Vec<&UserId> = onlines.iter().map(|o| &o.user).collect();
         users.sort_unstable();
         users.dedup();
         let now = now_ms();

@@ -4,8 +4,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use herald_proto::{PublishJob, RejectCode};
+use herald_proto::ids::MAX_MESSAGE_ID_BYTES;
+use herald_proto::{MessageId, PublishJob, RejectCode, UserId};
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 
 /// Limits from the dispatcher's configuration.
 #[derive(Debug, Clone)]
@@ -21,6 +23,9 @@ pub struct Limits {
 pub struct JobMeta<'a> {
     pub stream_seq: u64,
     pub published_at_ms: u64,
+    /// The stream's timestamp of the job in nanoseconds. With the sequence it names the job
+    /// uniquely even across a re-created stream, whose sequences start at 1 again.
+    pub published_at_ns: u128,
     pub subject: &'a str,
     /// The `Nats-Msg-Id` header, if the publisher set one.
     pub msg_id: Option<&'a str>,
@@ -29,13 +34,15 @@ pub struct JobMeta<'a> {
 /// A job that passed validation.
 #[derive(Debug, Clone)]
 pub struct ValidJob {
-    pub message_id: String,
+    pub message_id: MessageId,
     pub seq: u64,
     /// Distinct recipients, in the order first named.
-    pub recipients: Vec<String>,
+    pub recipients: Vec<UserId>,
     pub payload: Box<RawValue>,
     pub published_at_ms: u64,
     pub expires_at_ms: u64,
+    /// What makes two jobs with one id the same job: [`digest`] of its content.
+    pub digest: String,
 }
 
 /// Why a job was refused, with what could be read of its id.
@@ -46,17 +53,72 @@ pub struct Invalid {
     pub reason: String,
 }
 
-pub const MAX_ID_BYTES: usize = 128;
-pub const MAX_USER_BYTES: usize = 256;
-
 /// Ids the dispatcher makes for jobs without one; publishers may not use the form.
 const DERIVED_ID_PREFIX: &str = "seq-";
+/// Deepest nesting of arrays and objects a payload may have. Generous for any notification,
+/// and well inside what every JSON parser on the path (serde_json's 128, browsers') accepts.
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
 
-pub fn is_valid_id(id: &str) -> bool {
-    !id.starts_with(DERIVED_ID_PREFIX)
-        && !id.is_empty()
-        && id.len() <= MAX_ID_BYTES
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+/// A message id a publisher may choose: any [`MessageId`] not of the form Herald assigns.
+pub fn publisher_id(id: &str) -> Option<MessageId> {
+    if id.starts_with(DERIVED_ID_PREFIX) {
+        return None;
+    }
+    MessageId::new(id).ok()
+}
+
+/// The id of a job published without one: `seq-<stream sequence>-<stream timestamp, ns>`. The
+/// same for every redelivery of the job, and never that of another job, even once the stream
+/// has been re-created and its sequences restart at 1.
+pub fn derived_id(stream_seq: u64, published_at_ns: u128) -> MessageId {
+    // Digits only after a fixed prefix: always a valid message id (at most 4 + 20 + 1 + 39 bytes).
+    MessageId::new(format!("{DERIVED_ID_PREFIX}{stream_seq}-{published_at_ns}"))
+        .unwrap_or_else(|_| unreachable!("a derived id is a valid message id"))
+}
+
+/// What identifies a job's content, independent of when and where it sat in the stream: the
+/// payload's exact bytes, the TTL as asked for, and the set of recipients. A redelivered or
+/// re-published job has the same digest; a different job reusing the id does not.
+pub fn digest(payload: &str, ttl_secs: Option<u64>, recipients: &[UserId]) -> String {
+    let mut sorted: Vec<&str> = recipients.iter().map(UserId::as_str).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut hash = Sha256::new();
+    hash.update(b"herald-job-v1\0");
+    hash.update(payload.as_bytes());
+    hash.update(format!("\0{ttl_secs:?}\0").as_bytes());
+    // User ids hold no control characters, so NUL separates them unambiguously.
+    for user in sorted {
+        hash.update(user.as_bytes());
+        hash.update(b"\0");
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How deeply arrays and objects nest in a JSON text (which must be valid JSON).
+pub fn json_depth(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<ValidJob, Invalid> {
@@ -77,20 +139,28 @@ pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<Vali
     let reject = |code, reason: String| Invalid { job_id: job.id.clone(), code, reason };
 
     let message_id = match (&job.id, meta.msg_id) {
-        (Some(id), _) if !is_valid_id(id) => {
-            return Err(reject(
+        (Some(id), _) => publisher_id(id).ok_or_else(|| {
+            reject(
                 RejectCode::InvalidId,
-                format!("id must be 1-{MAX_ID_BYTES} of [A-Za-z0-9._:-], not starting with {DERIVED_ID_PREFIX:?}"),
-            ))
+                format!("id must be {}, not starting with {DERIVED_ID_PREFIX:?}", MessageId::RULE),
+            )
+        })?,
+        (None, Some(header)) => {
+            publisher_id(header).unwrap_or_else(|| derived_id(meta.stream_seq, meta.published_at_ns))
         }
-        (Some(id), _) => id.clone(),
-        (None, Some(header)) if is_valid_id(header) => header.to_owned(),
-        (None, _) => format!("{DERIVED_ID_PREFIX}{}", meta.stream_seq),
+        (None, None) => derived_id(meta.stream_seq, meta.published_at_ns),
     };
     if job.payload.get().len() > limits.max_payload_bytes {
         return Err(reject(
             RejectCode::PayloadTooLarge,
             format!("payload is {} bytes; the limit is {}", job.payload.get().len(), limits.max_payload_bytes),
+        ));
+    }
+    let depth = json_depth(job.payload.get());
+    if depth > MAX_PAYLOAD_DEPTH {
+        return Err(reject(
+            RejectCode::Malformed,
+            format!("payload nests {depth} levels deep; the limit is {MAX_PAYLOAD_DEPTH}"),
         ));
     }
     if job.to.is_empty() {
@@ -102,13 +172,15 @@ pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<Vali
             format!("{} recipients; the limit is {}", job.to.len(), limits.max_recipients),
         ));
     }
-    if let Some(bad) =
-        job.to.iter().find(|u| u.is_empty() || u.len() > MAX_USER_BYTES || u.chars().any(char::is_control))
-    {
-        return Err(reject(
-            RejectCode::InvalidRecipient,
-            format!("recipient {bad:?} must be 1-{MAX_USER_BYTES} bytes without control characters"),
-        ));
+    let mut recipients = Vec::with_capacity(job.to.len());
+    let mut seen = HashSet::with_capacity(job.to.len());
+    for user in &job.to {
+        let Ok(user) = UserId::new(user.as_str()) else {
+            return Err(reject(RejectCode::InvalidRecipient, format!("recipient {user:?} must be {}", UserId::RULE)));
+        };
+        if seen.insert(user.clone()) {
+            recipients.push(user);
+        }
     }
     let ttl = match job.ttl_secs {
         None => limits.default_ttl,
@@ -121,8 +193,7 @@ pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<Vali
         }
         Some(secs) => Duration::from_secs(secs),
     };
-    let mut seen = HashSet::with_capacity(job.to.len());
-    let recipients = job.to.into_iter().filter(|u| seen.insert(u.clone())).collect();
+    let digest = digest(job.payload.get(), job.ttl_secs, &recipients);
     Ok(ValidJob {
         message_id,
         seq: meta.stream_seq,
@@ -130,6 +201,7 @@ pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<Vali
         payload: job.payload,
         published_at_ms: meta.published_at_ms,
         expires_at_ms: meta.published_at_ms.saturating_add(ttl.as_millis() as u64),
+        digest,
     })
 }
 
@@ -140,7 +212,7 @@ fn salvage_id(body: &[u8]) -> Option<String> {
     struct IdOnly {
         id: Option<String>,
     }
-    serde_json::from_slice::<IdOnly>(body).ok()?.id.filter(|id| id.len() <= MAX_ID_BYTES)
+    serde_json::from_slice::<IdOnly>(body).ok()?.id.filter(|id| id.len() <= MAX_MESSAGE_ID_BYTES)
 }
 
 #[cfg(test)]
@@ -157,7 +229,13 @@ mod tests {
     }
 
     fn meta(msg_id: Option<&str>) -> JobMeta<'_> {
-        JobMeta { stream_seq: 7, published_at_ms: 1_000, subject: "herald.publish.x", msg_id }
+        JobMeta {
+            stream_seq: 7,
+            published_at_ms: 1_000,
+            published_at_ns: 1_000_000_123,
+            subject: "herald.publish.x",
+            msg_id,
+        }
     }
 
     fn check(body: &str) -> Result<ValidJob, Invalid> {
@@ -178,7 +256,8 @@ mod tests {
     fn ids_come_from_the_job_then_the_header_then_the_sequence() {
         let body = br#"{"to":["a"],"payload":1}"#;
         assert_eq!(validate(body, &meta(Some("hdr-1")), &limits()).unwrap().message_id, "hdr-1");
-        assert_eq!(validate(body, &meta(None), &limits()).unwrap().message_id, "seq-7");
+        assert_eq!(validate(body, &meta(None), &limits()).unwrap().message_id, "seq-7-1000000123");
+        assert_eq!(validate(body, &meta(Some("seq-9")), &limits()).unwrap().message_id, "seq-7-1000000123");
         let job = check(r#"{"to":["a"],"payload":1}"#).unwrap();
         assert_eq!(job.expires_at_ms, 61_000, "default ttl");
     }

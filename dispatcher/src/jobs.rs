@@ -10,7 +10,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, AckKind, Message};
-use herald_proto::{RejectCode, Rejection};
+use herald_proto::{RejectCode, Rejection, UserId};
 use herald_shared::naming::Names;
 use herald_shared::now_ms;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ use crate::metrics::DispatcherMetrics;
 use crate::presence::PresenceReader;
 use crate::pull;
 use crate::routing::{self, Router};
-use crate::store::{DeadLetterDoc, Store};
+use crate::store::{DeadLetterDoc, Store, Stored};
 
 /// Everything one job worker needs.
 #[derive(Clone)]
@@ -75,49 +75,77 @@ impl JobPipeline {
             return;
         }
         let jobs: Vec<ValidJob> = valid.iter().filter_map(|p| p.outcome.as_ref().ok().cloned()).collect();
-        let Some(inserted) = self.insert_until_stored(&jobs, &valid, stop).await else {
+        let Some((stored, interrupted)) = self.insert_until_stored(&jobs, &valid, stop).await else {
             // Shutting down during a store outage: hand the jobs back for redelivery.
             for job in &valid {
                 let _ = job.message.ack_with(AckKind::Nak(None)).await;
             }
             return;
         };
+        let verdicts: Vec<Verdict> = jobs
+            .iter()
+            .zip(&valid)
+            .zip(stored)
+            .map(|((job, pulled), stored)| {
+                verdict(job, stored, Attempt { delivered: pulled.delivered, interrupted }, self.max_attempts)
+            })
+            .collect();
 
-        // Route what is new (on a redelivery, everything still pending may never have been
-        // routed: route all recipients; clients deduplicate).
-        let mut routes: Vec<(usize, Vec<String>)> = Vec::new();
-        for (i, (job, pulled)) in jobs.iter().zip(&valid).enumerate() {
-            if inserted.failed.contains_key(&i) {
-                continue;
-            }
-            let users = if pulled.delivered > 1 { job.recipients.clone() } else { inserted.new_recipients[i].clone() };
-            if !users.is_empty() {
-                routes.push((i, users));
-            }
-        }
+        let routes: Vec<(usize, &[UserId])> = verdicts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| match v {
+                Verdict::Stored { route } if !route.is_empty() => Some((i, route.as_slice())),
+                _ => None,
+            })
+            .collect();
         self.route(&jobs, &valid, &routes).await;
 
-        for (i, pulled) in valid.iter().enumerate() {
-            match inserted.failed.get(&i) {
-                None => {
+        for ((pulled, job), verdict) in valid.iter().zip(&jobs).zip(verdicts) {
+            match verdict {
+                Verdict::Stored { .. } => {
                     self.metrics.jobs.with_label_values(&["stored"]).inc();
                     if let Err(e) = pulled.message.ack().await {
                         tracing::warn!(error = %e, seq = pulled.stream_seq, "job ack failed; it will be redelivered");
                     }
                 }
-                Some(reason) => self.failed_for_good(pulled, &jobs[i], reason).await,
+                Verdict::Conflict => {
+                    let reason = format!(
+                        "id {:?} is taken by a message with other content (payload, recipients or ttl_secs)",
+                        job.message_id.as_str()
+                    );
+                    let invalid =
+                        Invalid { job_id: Some(job.message_id.to_string()), code: RejectCode::IdConflict, reason };
+                    self.reject(pulled, invalid).await;
+                }
+                Verdict::Retry { delay, reason } => {
+                    tracing::warn!(seq = pulled.stream_seq, attempt = pulled.delivered, %reason, "job not stored; will retry");
+                    self.metrics.jobs.with_label_values(&["retried"]).inc();
+                    let _ = pulled.message.ack_with(AckKind::Nak(Some(delay))).await;
+                }
+                Verdict::DeadLetter { reason } => self.dead_letter(pulled, job, &reason).await,
             }
         }
     }
 
     fn read(&self, message: Message) -> Pulled {
-        let (stream_seq, delivered, published_at_ms) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64, unix_ms(SystemTime::from(info.published))),
-            Err(_) => (0, 1, now_ms()),
+        let (stream_seq, delivered, published_at_ms, published_at_ns) = match message.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                info.delivered.max(1) as u64,
+                unix_ms(SystemTime::from(info.published)),
+                u128::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
+            ),
+            Err(_) => (0, 1, now_ms(), 0),
         };
         let msg_id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_owned());
-        let meta =
-            JobMeta { stream_seq, published_at_ms, subject: message.subject.as_str(), msg_id: msg_id.as_deref() };
+        let meta = JobMeta {
+            stream_seq,
+            published_at_ms,
+            published_at_ns,
+            subject: message.subject.as_str(),
+            msg_id: msg_id.as_deref(),
+        };
         let outcome = job::validate(&message.payload, &meta, &self.limits);
         let span = tracing::info_span!("herald.job", seq = stream_seq, attempt = delivered);
         herald_shared::telemetry::continue_from_headers(&span, message.headers.as_ref());
@@ -125,13 +153,14 @@ impl JobPipeline {
     }
 
     /// Stores the batch, waiting out transient store errors with capped backoff while keeping
-    /// the jobs' ack deadlines alive. None if `stop` fires first.
+    /// the jobs' ack deadlines alive. None if `stop` fires first; otherwise what became of each
+    /// job, and whether an earlier attempt was interrupted (and may have written part of it).
     async fn insert_until_stored(
         &self,
         jobs: &[ValidJob],
         pulled: &[Pulled],
         stop: &CancellationToken,
-    ) -> Option<crate::store::Inserted> {
+    ) -> Option<(Vec<Stored>, bool)> {
         // One span per job, open for as long as its batch is being stored.
         let _spans: Vec<tracing::Span> =
             pulled.iter().map(|p| tracing::info_span!(parent: &p.span, "herald.store")).collect();
@@ -139,21 +168,12 @@ impl JobPipeline {
         let mut interrupted = false;
         loop {
             match self.store.insert(jobs, now_ms(), self.ack_timeout).await {
-                Ok(mut inserted) => {
-                    if interrupted {
-                        // An attempt that failed may have written some receipts before it did;
-                        // this one then saw them as existing. Route every recipient rather than
-                        // leave those to the ack-timeout sweep (clients deduplicate).
-                        for (i, job) in jobs.iter().enumerate() {
-                            if !inserted.failed.contains_key(&i) {
-                                inserted.new_recipients[i] = job.recipients.clone();
-                            }
-                        }
-                    }
-                    let written: usize = inserted.new_recipients.iter().map(Vec::len).sum();
+                Ok(stored) => {
+                    let written: usize =
+                        stored.iter().map(|s| if let Stored::New(users) = s { users.len() } else { 0 }).sum();
                     self.metrics.receipt_writes.with_label_values(&["insert"]).inc_by(written as u64);
                     self.metrics.store_batch_size.with_label_values(&["insert"]).observe(jobs.len() as f64);
-                    return Some(inserted);
+                    return Some((stored, interrupted));
                 }
                 Err(e) if e.is_transient() => {
                     interrupted = true;
@@ -162,12 +182,9 @@ impl JobPipeline {
                 }
                 Err(e) => {
                     // A whole-batch permanent error (not per document): nothing was stored.
-                    // Treat every job as failed once; `failed_for_good` bounds the retries.
+                    // Treat every job as failed once; `verdict` bounds the retries.
                     tracing::error!(error = %e, "store refused the batch");
-                    return Some(crate::store::Inserted {
-                        new_recipients: vec![Vec::new(); jobs.len()],
-                        failed: (0..jobs.len()).map(|i| (i, e.to_string())).collect(),
-                    });
+                    return Some((jobs.iter().map(|_| Stored::Failed(e.to_string())).collect(), interrupted));
                 }
             }
             for job in pulled {
@@ -179,7 +196,7 @@ impl JobPipeline {
         }
     }
 
-    async fn route(&self, jobs: &[ValidJob], pulled: &[Pulled], routes: &[(usize, Vec<String>)]) {
+    async fn route(&self, jobs: &[ValidJob], pulled: &[Pulled], routes: &[(usize, &[UserId])]) {
         if routes.is_empty() {
             return;
         }
@@ -198,7 +215,7 @@ impl JobPipeline {
                 }
             })
             .collect();
-        let mut users: Vec<&str> = routes.iter().flat_map(|(_, u)| u.iter().map(String::as_str)).collect();
+        let mut users: Vec<&UserId> = routes.iter().flat_map(|(_, u)| u.iter()).collect();
         users.sort_unstable();
         users.dedup();
         let lookup = self.presence.lookup(&users, now_ms());
@@ -248,20 +265,13 @@ impl JobPipeline {
         // Otherwise leave it unacked: redelivered, rejected again, and reported then.
     }
 
-    /// A job the store refused: retried later (nak with delay) until `max_attempts`, then
-    /// dead-lettered (kept in the store and reported on the dead-letter subject).
-    async fn failed_for_good(&self, pulled: &Pulled, job: &ValidJob, reason: &str) {
-        if pulled.delivered < self.max_attempts {
-            let delay = Duration::from_secs(pulled.delivered.min(30));
-            tracing::warn!(seq = pulled.stream_seq, attempt = pulled.delivered, reason, "job not stored; will retry");
-            self.metrics.jobs.with_label_values(&["retried"]).inc();
-            let _ = pulled.message.ack_with(AckKind::Nak(Some(delay))).await;
-            return;
-        }
+    /// A job the store refused on every attempt: kept in the store and reported on the
+    /// dead-letter subject.
+    async fn dead_letter(&self, pulled: &Pulled, job: &ValidJob, reason: &str) {
         let letter = DeadLetterDoc {
             stream_seq: pulled.stream_seq as i64,
             subject: pulled.message.subject.to_string(),
-            job_id: Some(job.message_id.clone()),
+            job_id: Some(job.message_id.to_string()),
             reason: reason.to_owned(),
             attempts: pulled.delivered as i64,
             body: String::from_utf8_lossy(&pulled.message.payload).into_owned(),
@@ -271,7 +281,7 @@ impl JobPipeline {
             tracing::warn!(error = %e, "dead letter not stored; reported on the subject only");
         }
         let rejection = Rejection {
-            job_id: Some(job.message_id.clone()),
+            job_id: Some(job.message_id.to_string()),
             stream_seq: pulled.stream_seq,
             subject: pulled.message.subject.to_string(),
             code: RejectCode::DeadLetter,
@@ -326,6 +336,89 @@ pub async fn report_lag(
     }
 }
 
+/// What became of one job once the store answered, and what to tell JetStream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Stored: route to these recipients, then ack.
+    Stored { route: Vec<UserId> },
+    /// Its id belongs to another message: reject as `id_conflict`.
+    Conflict,
+    /// Refused by the store: hand back, to be tried again after `delay`.
+    Retry { delay: Duration, reason: String },
+    /// Refused on every attempt: move aside.
+    DeadLetter { reason: String },
+}
+
+/// Which attempt at a job this was.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    /// JetStream's delivery count (1 the first time).
+    pub delivered: u64,
+    /// Whether an earlier store attempt of this batch failed midway.
+    pub interrupted: bool,
+}
+
+/// The rule for a job after its store attempt. Whom to route: the recipients whose receipt
+/// this attempt created; every recipient if the job was delivered before (an earlier attempt
+/// may have stored without routing) or an earlier attempt of this batch was interrupted (it
+/// may have written receipts that this attempt then found). Clients deduplicate.
+pub fn verdict(job: &ValidJob, stored: Stored, attempt: Attempt, max_attempts: u64) -> Verdict {
+    match stored {
+        Stored::New(_) if attempt.delivered > 1 || attempt.interrupted => {
+            Verdict::Stored { route: job.recipients.clone() }
+        }
+        Stored::New(new) => Verdict::Stored { route: new },
+        Stored::Conflict => Verdict::Conflict,
+        Stored::Failed(reason) if attempt.delivered < max_attempts => {
+            Verdict::Retry { delay: Duration::from_secs(attempt.delivered.min(30)), reason }
+        }
+        Stored::Failed(reason) => Verdict::DeadLetter { reason },
+    }
+}
+
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn job(recipients: &[&str]) -> ValidJob {
+        ValidJob {
+            message_id: herald_proto::MessageId::new("m1").unwrap(),
+            seq: 1,
+            recipients: recipients.iter().map(|u| UserId::new(*u).unwrap()).collect(),
+            payload: RawValue::from_string("1".into()).unwrap(),
+            published_at_ms: 0,
+            expires_at_ms: 1,
+            digest: "d".into(),
+        }
+    }
+
+    fn users(names: &[&str]) -> Vec<UserId> {
+        names.iter().map(|u| UserId::new(*u).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_first_attempt_routes_what_it_created_and_a_redelivery_routes_everyone() {
+        let j = job(&["a", "b"]);
+        let first = Attempt { delivered: 1, interrupted: false };
+        assert_eq!(verdict(&j, Stored::New(users(&["b"])), first, 5), Verdict::Stored { route: users(&["b"]) });
+        let again = Attempt { delivered: 2, interrupted: false };
+        assert_eq!(verdict(&j, Stored::New(vec![]), again, 5), Verdict::Stored { route: users(&["a", "b"]) });
+        let interrupted = Attempt { delivered: 1, interrupted: true };
+        assert_eq!(verdict(&j, Stored::New(vec![]), interrupted, 5), Verdict::Stored { route: users(&["a", "b"]) });
+    }
+
+    #[test]
+    fn refusals_retry_with_a_growing_delay_then_dead_letter_and_conflicts_are_rejected() {
+        let j = job(&["a"]);
+        let attempt = |delivered| Attempt { delivered, interrupted: false };
+        let retry = verdict(&j, Stored::Failed("x".into()), attempt(3), 5);
+        assert_eq!(retry, Verdict::Retry { delay: Duration::from_secs(3), reason: "x".into() });
+        assert_eq!(verdict(&j, Stored::Failed("x".into()), attempt(5), 5), Verdict::DeadLetter { reason: "x".into() });
+        assert_eq!(verdict(&j, Stored::Conflict, attempt(1), 5), Verdict::Conflict);
+    }
 }

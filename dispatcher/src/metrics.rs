@@ -17,6 +17,8 @@ pub struct DispatcherMetrics {
     pub replayed: IntCounter,
     pub resent: IntCounter,
     pub expired: IntCounter,
+    /// Ack updates the store refused for good, each dropped alone.
+    pub acks_refused: IntCounter,
     /// Receipt documents written, by operation (`insert`, `ack`).
     pub receipt_writes: IntCounterVec,
     /// Items per store round trip, by operation.
@@ -63,6 +65,11 @@ impl DispatcherMetrics {
             )?,
             resent: m::counter(&r, "herald_dispatcher_resent_total", "Notifications sent again after the ack timeout")?,
             expired: m::counter(&r, "herald_dispatcher_expired_total", "Receipts marked expired")?,
+            acks_refused: m::counter(
+                &r,
+                "herald_dispatcher_acks_refused_total",
+                "Ack updates the store refused for good (each dropped alone; the others applied)",
+            )?,
             receipt_writes: m::counter_vec(
                 &r,
                 "herald_dispatcher_receipt_writes_total",

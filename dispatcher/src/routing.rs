@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
-use herald_proto::{GatewayCommand, Notification, Routed};
+use herald_proto::{ConnectionId, GatewayCommand, GatewayId, Notification, Routed, UserId};
 use herald_shared::naming::Names;
 
 use crate::presence::Connections;
@@ -20,30 +20,30 @@ const MAX_COMMAND_BYTES: usize = 768 * 1024;
 #[derive(Debug, Default)]
 pub struct Plan {
     /// Per gateway, the notifications and the users on that gateway they are for.
-    pub by_gateway: BTreeMap<String, Vec<Routed>>,
+    pub by_gateway: BTreeMap<GatewayId, Vec<Routed>>,
     /// Recipients with at least one live connection.
     pub online: usize,
     /// Recipients with none: their receipts wait for them to connect.
-    pub offline: Vec<String>,
+    pub offline: Vec<UserId>,
 }
 
 /// One notification to route: its recipients, and the trace context to hand the gateway.
 pub struct Item<'a> {
     pub notification: &'a Notification,
-    pub users: &'a [String],
+    pub users: &'a [UserId],
     pub traceparent: Option<&'a str>,
 }
 
 /// Decides where each notification goes, given live presence.
-pub fn plan<'a>(items: impl IntoIterator<Item = Item<'a>>, presence: &HashMap<String, Connections>) -> Plan {
+pub fn plan<'a>(items: impl IntoIterator<Item = Item<'a>>, presence: &HashMap<UserId, Connections>) -> Plan {
     let mut out = Plan::default();
     for Item { notification, users, traceparent } in items {
-        let mut per_gateway: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut per_gateway: BTreeMap<&GatewayId, Vec<UserId>> = BTreeMap::new();
         for user in users {
             match presence.get(user) {
                 Some(conns) if !conns.is_empty() => {
                     out.online += 1;
-                    let mut gateways: Vec<&str> = conns.values().map(String::as_str).collect();
+                    let mut gateways: Vec<&GatewayId> = conns.values().collect();
                     gateways.sort_unstable();
                     gateways.dedup();
                     for gateway in gateways {
@@ -54,7 +54,7 @@ pub fn plan<'a>(items: impl IntoIterator<Item = Item<'a>>, presence: &HashMap<St
             }
         }
         for (gateway, users) in per_gateway {
-            out.by_gateway.entry(gateway.to_owned()).or_default().push(Routed {
+            out.by_gateway.entry(gateway.clone()).or_default().push(Routed {
                 users,
                 notification: notification.clone(),
                 traceparent: traceparent.map(str::to_owned),
@@ -71,13 +71,13 @@ pub fn commands(routed: Vec<Routed>) -> Vec<GatewayCommand> {
     let mut current: Vec<Routed> = Vec::new();
     let mut size = 0;
     for item in routed {
-        let base = item.notification.payload.get().len() + item.notification.id.len() + 160;
+        let base = item.notification.payload.get().len() + item.notification.id.as_str().len() + 160;
         let mut users = item.users;
         while !users.is_empty() {
             let mut take = 0;
             let mut bytes = base;
-            while take < users.len() && (take == 0 || bytes + users[take].len() + 3 <= MAX_COMMAND_BYTES) {
-                bytes += users[take].len() + 3;
+            while take < users.len() && (take == 0 || bytes + users[take].as_str().len() + 3 <= MAX_COMMAND_BYTES) {
+                bytes += users[take].as_str().len() + 3;
                 take += 1;
             }
             if !current.is_empty() && size + bytes > MAX_COMMAND_BYTES {
@@ -101,12 +101,16 @@ pub fn commands(routed: Vec<Routed>) -> Vec<GatewayCommand> {
 }
 
 /// A replay for one connection as commands under [`MAX_COMMAND_BYTES`], oldest first.
-pub fn replay_commands(user: &str, connection_id: &str, notifications: Vec<Notification>) -> Vec<GatewayCommand> {
+pub fn replay_commands(
+    user: &UserId,
+    connection_id: &ConnectionId,
+    notifications: Vec<Notification>,
+) -> Vec<GatewayCommand> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut size = 0;
     for notification in notifications {
-        let bytes = notification.payload.get().len() + notification.id.len() + 160;
+        let bytes = notification.payload.get().len() + notification.id.as_str().len() + 160;
         if !current.is_empty() && size + bytes > MAX_COMMAND_BYTES {
             out.push(std::mem::take(&mut current));
             size = 0;
@@ -120,8 +124,8 @@ pub fn replay_commands(user: &str, connection_id: &str, notifications: Vec<Notif
     out.into_iter()
         .map(|notifications| {
             GatewayCommand::Replay(herald_proto::Replay {
-                user: user.to_owned(),
-                connection_id: connection_id.to_owned(),
+                user: user.clone(),
+                connection_id: connection_id.clone(),
                 notifications,
             })
         })
@@ -154,7 +158,7 @@ impl Router {
         failed
     }
 
-    pub async fn publish(&self, gateway: &str, command: &GatewayCommand) -> bool {
+    pub async fn publish(&self, gateway: &GatewayId, command: &GatewayCommand) -> bool {
         let body = match serde_json::to_vec(command) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
@@ -162,10 +166,10 @@ impl Router {
                 return false;
             }
         };
-        match self.nats.publish(self.names.gateway_subject(gateway), body).await {
+        match self.nats.publish(self.names.gateway_subject(gateway.as_str()), body).await {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(error = %e, gateway, "gateway command not published; receipts stay pending");
+                tracing::warn!(error = %e, %gateway, "gateway command not published; receipts stay pending");
                 false
             }
         }
@@ -175,11 +179,16 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_proto::MessageId;
     use serde_json::value::RawValue;
+
+    fn user(s: &str) -> UserId {
+        UserId::new(s).unwrap()
+    }
 
     fn notification(id: &str, payload_len: usize) -> Notification {
         Notification {
-            id: id.into(),
+            id: MessageId::new(id).unwrap(),
             seq: 1,
             payload: RawValue::from_string(format!("\"{}\"", "x".repeat(payload_len))).unwrap(),
             published_at_ms: 0,
@@ -188,28 +197,29 @@ mod tests {
     }
 
     fn conns(pairs: &[(&str, &str)]) -> Connections {
-        pairs.iter().map(|(c, g)| (c.to_string(), g.to_string())).collect()
+        pairs.iter().map(|(c, g)| (ConnectionId::new(*c).unwrap(), GatewayId::new(*g).unwrap())).collect()
     }
 
     #[test]
     fn one_command_per_gateway_lists_its_users_once() {
         let presence = HashMap::from([
-            ("alice".to_string(), conns(&[("a1", "g1"), ("a2", "g1"), ("a3", "g2")])),
-            ("bob".to_string(), conns(&[("b1", "g1")])),
+            (user("alice"), conns(&[("a1", "g1"), ("a2", "g1"), ("a3", "g2")])),
+            (user("bob"), conns(&[("b1", "g1")])),
         ]);
         let n = notification("m1", 3);
-        let users = vec!["alice".to_string(), "bob".to_string(), "carol".to_string()];
+        let users = vec![user("alice"), user("bob"), user("carol")];
         let plan = plan([Item { notification: &n, users: &users, traceparent: None }], &presence);
+        let (g1, g2) = (GatewayId::new("g1").unwrap(), GatewayId::new("g2").unwrap());
         assert_eq!(plan.online, 2);
-        assert_eq!(plan.offline, vec!["carol".to_string()]);
-        assert_eq!(plan.by_gateway["g1"].len(), 1);
-        assert_eq!(plan.by_gateway["g1"][0].users, vec!["alice", "bob"]);
-        assert_eq!(plan.by_gateway["g2"][0].users, vec!["alice"]);
+        assert_eq!(plan.offline, vec![user("carol")]);
+        assert_eq!(plan.by_gateway[&g1].len(), 1);
+        assert_eq!(plan.by_gateway[&g1][0].users, vec![user("alice"), user("bob")]);
+        assert_eq!(plan.by_gateway[&g2][0].users, vec![user("alice")]);
     }
 
     #[test]
     fn big_fan_outs_are_split_under_the_limit_without_losing_a_user() {
-        let users: Vec<String> = (0..60_000).map(|i| format!("user-{i:08}")).collect();
+        let users: Vec<UserId> = (0..60_000).map(|i| user(&format!("user-{i:08}"))).collect();
         let routed = vec![Routed { users: users.clone(), notification: notification("m", 60_000), traceparent: None }];
         let commands = commands(routed);
         assert!(commands.len() > 1);
@@ -227,7 +237,7 @@ mod tests {
     #[test]
     fn a_large_replay_is_split_under_the_limit_in_order() {
         let notifications: Vec<Notification> = (0..40).map(|i| notification(&format!("r{i:02}"), 60_000)).collect();
-        let commands = replay_commands("u", "c", notifications);
+        let commands = replay_commands(&user("u"), &ConnectionId::new("c").unwrap(), notifications);
         assert!(commands.len() > 1);
         let mut ids = Vec::new();
         for command in &commands {
@@ -235,14 +245,14 @@ mod tests {
             let GatewayCommand::Replay(replay) = command else { panic!("replay expected") };
             ids.extend(replay.notifications.iter().map(|n| n.id.clone()));
         }
-        assert_eq!(ids, (0..40).map(|i| format!("r{i:02}")).collect::<Vec<_>>());
+        assert_eq!(ids, (0..40).map(|i| MessageId::new(format!("r{i:02}")).unwrap()).collect::<Vec<_>>());
     }
 
     #[test]
     fn many_small_notifications_share_a_command() {
         let routed: Vec<Routed> = (0..100)
             .map(|i| Routed {
-                users: vec!["u".into()],
+                users: vec![user("u")],
                 notification: notification(&format!("m{i}"), 10),
                 traceparent: None,
             })

@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use herald_proto::{AckKind, AckRecord, Notification};
+use herald_proto::{ConnectionId, GatewayId, MessageId, Notification, UserId};
 use herald_shared::naming::collections;
-use mongodb::bson::{doc, DateTime};
+use mongodb::bson::{doc, DateTime, Document};
 use mongodb::error::ErrorKind;
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, Database, IndexModel};
@@ -24,6 +24,7 @@ use serde_json::value::RawValue;
 
 use herald_shared::metrics::DependencyMetrics;
 
+use crate::acks::AckUpdate;
 use crate::job::ValidJob;
 use crate::receipt::ReceiptState;
 
@@ -39,6 +40,9 @@ const TRANSIENT_CODES: &[i32] = &[6, 7, 50, 89, 91, 189, 262, 9001, 10107, 11600
 pub const PARKED_MS: i64 = i64::MAX;
 /// Update statements per command (the server's batch limit is far higher; this bounds size).
 const UPDATE_BATCH: usize = 1000;
+/// Bytes of update statements per command: far below MongoDB's 16 MiB document and 48 MB
+/// message limits, so that no amount of acks in one batch makes a command the server refuses.
+const UPDATE_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -60,6 +64,12 @@ pub enum StoreError {
     /// TCP does. Every call is bounded by [`OP_TIMEOUT`] instead, and a timeout is transient.
     #[error("store: {op} took longer than {OP_TIMEOUT:?}")]
     Timeout { op: &'static str },
+    /// A command the server answered, with a write error in its reply.
+    #[error("store ({class:?}) refused a write: code {code}: {message}")]
+    WriteRefused { class: ErrorClass, code: i32, message: String },
+    /// A document this process built could not be encoded: a bug, never retried.
+    #[error("store: encoding a document: {0}")]
+    Encode(#[from] mongodb::bson::ser::Error),
 }
 
 impl StoreError {
@@ -67,6 +77,8 @@ impl StoreError {
         match self {
             StoreError::Mongo { class, .. } => *class == ErrorClass::Transient,
             StoreError::Timeout { .. } => true,
+            StoreError::WriteRefused { class, .. } => *class == ErrorClass::Transient,
+            StoreError::Encode(_) => false,
         }
     }
 }
@@ -102,7 +114,7 @@ fn classify(e: &mongodb::error::Error) -> ErrorClass {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MessageDoc {
     #[serde(rename = "_id")]
-    pub id: String,
+    pub id: MessageId,
     pub seq: i64,
     /// The publisher's JSON as text, so clients get it byte for byte.
     pub payload: String,
@@ -112,18 +124,30 @@ pub struct MessageDoc {
     pub purge_at: DateTime,
 }
 
+/// The claim a message id holds on its content, one per message in the receipts collection
+/// (where the insert that writes receipts writes it too, in the same round trip). A later job
+/// with the same id and another digest is a different job: an `id_conflict`, never a merge.
+/// Its `_id` is the bare message id, which holds no `/` and so never equals a receipt's key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimDoc {
+    #[serde(rename = "_id")]
+    pub id: MessageId,
+    pub digest: String,
+    pub purge_at: DateTime,
+}
+
 /// Who acknowledged a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveredBy {
-    pub connection_id: String,
-    pub gateway_id: String,
+    pub connection_id: ConnectionId,
+    pub gateway_id: GatewayId,
 }
 
 /// One recipient's copy of a message: its inbox entry and its receipt.
 ///
 /// Its `_id` is [`receipt_key`]: the (message, user) pair itself. That makes the insert of a
 /// redelivered job idempotent without a second unique index, and lets an ack name exactly the
-/// receipts it may change, each found by primary key.
+/// receipts it may change, each found by primary key (and filtered on `user` as well).
 ///
 /// Timestamps written once, at insert, are BSON dates (`purge_at` must be one for the TTL
 /// index). Timestamps an update sets are integer milliseconds (`*_ms`), like everything on the
@@ -133,8 +157,8 @@ pub struct DeliveredBy {
 pub struct ReceiptDoc {
     #[serde(rename = "_id")]
     pub id: String,
-    pub message_id: String,
-    pub user: String,
+    pub message_id: MessageId,
+    pub user: UserId,
     pub seq: i64,
     pub state: ReceiptState,
     pub created_at: DateTime,
@@ -194,20 +218,22 @@ pub struct DeadLetterDoc {
     pub dead_at: DateTime,
 }
 
-/// What an insert of a batch of jobs did.
-#[derive(Debug, Default)]
-pub struct Inserted {
-    /// Per job (same order as the input): the recipients whose receipt this call created.
-    pub new_recipients: Vec<Vec<String>>,
-    /// Jobs that failed for good, by index, with the server's reason.
-    pub failed: HashMap<usize, String>,
+/// What an insert did with one job of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored (now or before): these recipients' receipts were created by this call.
+    New(Vec<UserId>),
+    /// Its id is held by a message with other content: nothing of this job was kept.
+    Conflict,
+    /// The store refused it for good, with the server's reason.
+    Failed(String),
 }
 
 /// A pending receipt with the notification to send for it.
 #[derive(Debug)]
 pub struct Sendable {
     pub receipt_id: String,
-    pub user: String,
+    pub user: UserId,
     pub notification: Notification,
 }
 
@@ -215,14 +241,21 @@ pub struct Sendable {
 pub struct Store {
     messages: Collection<MessageDoc>,
     receipts: Collection<ReceiptDoc>,
+    /// The receipts collection, untyped: receipts and claims are inserted in one call.
+    inbox: Collection<Document>,
+    claims: Collection<ClaimDoc>,
     dead_letters: Collection<DeadLetterDoc>,
     db: Database,
     metrics: DependencyMetrics,
 }
 
-/// The `_id` of `user`'s receipt of `message_id`. Unambiguous because message ids cannot
-/// contain `/` (see [`crate::job::is_valid_id`]); user names may.
-pub fn receipt_key(message_id: &str, user: &str) -> String {
+/// The `_id` of `user`'s receipt of `message_id`: the pair, as one string. Injective because
+/// a [`MessageId`] cannot hold `/` (the type's grammar, checked wherever one is built, an ack
+/// frame included): the first `/` always ends the message id, whatever the user id holds.
+///
+/// (MongoDB's natural form is a subdocument `_id: {m, u}`. The nx-27017 test server cannot
+/// match a subdocument `_id`, and scans the table for dotted paths; see docs/NOTES.md.)
+pub fn receipt_key(message_id: &MessageId, user: &UserId) -> String {
     format!("{message_id}/{user}")
 }
 
@@ -239,6 +272,8 @@ impl Store {
         Self {
             messages: db.collection(collections::MESSAGES),
             receipts: db.collection(collections::RECEIPTS),
+            inbox: db.collection(collections::RECEIPTS),
+            claims: db.collection(collections::RECEIPTS),
             dead_letters: db.collection(collections::DEAD_LETTERS),
             db,
             metrics,
@@ -270,13 +305,20 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a batch of jobs: the messages of those with several recipients, then one pending
-    /// receipt per recipient (carrying the message when it is the only one). Two round trips
-    /// per batch, one if every job has a single recipient (plus one per further
-    /// [`RECEIPTS_PER_INSERT`] receipts). Existing messages and receipts (a
-    /// redelivered or re-published job) are left as they are, which makes the write idempotent.
-    pub async fn insert(&self, jobs: &[ValidJob], now_ms: u64, ack_timeout: Duration) -> Result<Inserted, StoreError> {
-        let mut out = Inserted { new_recipients: vec![Vec::new(); jobs.len()], failed: HashMap::new() };
+    /// Stores a batch of jobs: the messages of those with several recipients, then, in one
+    /// call, each job's claim on its id and one pending receipt per recipient (carrying the
+    /// message when it is the only one). Two round trips per batch, one if every job has a
+    /// single recipient (plus one per further [`RECEIPTS_PER_INSERT`] documents). Existing
+    /// messages and receipts of the same job (a redelivered or re-published job) are left as
+    /// they are, which makes the write idempotent; a job whose id is claimed by other content
+    /// is a [`Stored::Conflict`] and what this call wrote of it is removed again.
+    pub async fn insert(
+        &self,
+        jobs: &[ValidJob],
+        now_ms: u64,
+        ack_timeout: Duration,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let mut out = vec![Stored::New(Vec::new()); jobs.len()];
         if jobs.is_empty() {
             return Ok(out);
         }
@@ -298,23 +340,33 @@ impl Store {
                 (index, message)
             })
             .unzip();
+        // Which job wrote its message document in this call (to be removed on a conflict).
+        let mut wrote_message = vec![false; jobs.len()];
         if !messages.is_empty() {
-            let (_, failed) =
+            let (inserted, failed) =
                 self.call("insert_messages", insert_tolerating_duplicates(&self.messages, &messages)).await?;
+            for (i, was_inserted) in inserted.into_iter().enumerate() {
+                wrote_message[shared[i]] = was_inserted;
+            }
             for (i, reason) in failed {
-                out.failed.insert(shared[i], reason);
+                out[shared[i]] = Stored::Failed(reason);
             }
         }
 
+        // Per job, in order: its claim, then its receipts. `owners[k]` is the job of document k.
         let mut owners = Vec::new();
-        let mut receipts = Vec::new();
+        let mut documents = Vec::new();
+        let mut users: Vec<Option<&UserId>> = Vec::new();
         for (index, job) in jobs.iter().enumerate() {
-            if out.failed.contains_key(&index) {
+            if matches!(out[index], Stored::Failed(_)) {
                 continue;
             }
+            let claim = ClaimDoc { id: job.message_id.clone(), digest: job.digest.clone(), purge_at: purge_at(job) };
+            owners.push(index);
+            users.push(None);
+            documents.push(to_document(&claim)?);
             for user in &job.recipients {
-                owners.push(index);
-                receipts.push(ReceiptDoc {
+                let receipt = ReceiptDoc {
                     id: receipt_key(&job.message_id, user),
                     message_id: job.message_id.clone(),
                     user: user.clone(),
@@ -332,82 +384,163 @@ impl Store {
                         payload: job.payload.get().to_owned(),
                         published_at: date(job.published_at_ms),
                     }),
-                });
+                };
+                owners.push(index);
+                users.push(Some(user));
+                documents.push(to_document(&receipt)?);
             }
         }
         // One call per chunk, each within OP_TIMEOUT: a batch of large fan-outs is written piece
         // by piece instead of as one call that a slow store never finishes in time.
-        let mut inserted = Vec::with_capacity(receipts.len());
-        for (n, chunk) in receipts.chunks(RECEIPTS_PER_INSERT).enumerate() {
+        let mut inserted = Vec::with_capacity(documents.len());
+        for (n, chunk) in documents.chunks(RECEIPTS_PER_INSERT).enumerate() {
             let (chunk_inserted, failed) =
-                self.call("insert_receipts", insert_tolerating_duplicates(&self.receipts, chunk)).await?;
+                self.call("insert_receipts", insert_tolerating_duplicates(&self.inbox, chunk)).await?;
             inserted.extend(chunk_inserted);
             for (i, reason) in failed {
-                out.failed.insert(owners[n * RECEIPTS_PER_INSERT + i], reason);
+                out[owners[n * RECEIPTS_PER_INSERT + i]] = Stored::Failed(reason);
             }
         }
-        for ((receipt, inserted), owner) in receipts.into_iter().zip(inserted).zip(owners) {
-            if inserted {
-                out.new_recipients[owner].push(receipt.user);
+        // A claim that was there already: the same job again, or another job with this id.
+        let mut reused: Vec<usize> = Vec::new();
+        for (k, was_inserted) in inserted.iter().enumerate() {
+            if users[k].is_none() && !was_inserted && !matches!(out[owners[k]], Stored::Failed(_)) {
+                reused.push(owners[k]);
+            }
+        }
+        let conflicts = self.conflicting(jobs, &reused).await?;
+        // Receipts this call created for a conflicting job: the only ones to remove again.
+        let mut undo = Vec::new();
+        for (k, was_inserted) in inserted.into_iter().enumerate() {
+            let (owner, Some(user)) = (owners[k], users[k]) else { continue };
+            if !was_inserted {
+                continue;
+            }
+            if conflicts.contains(&owner) {
+                undo.push(receipt_key(&jobs[owner].message_id, user));
+            } else if let Stored::New(users) = &mut out[owner] {
+                users.push(user.clone());
+            }
+        }
+        if !conflicts.is_empty() {
+            self.undo_conflicting(jobs, &conflicts, &wrote_message, &undo).await?;
+            for index in conflicts {
+                out[index] = Stored::Conflict;
             }
         }
         Ok(out)
     }
 
-    /// Applies client acknowledgements in one command (one round trip per thousand records).
-    /// Each statement names its receipts by key, and the key holds the acking user, so an id
-    /// that is not this user's matches nothing; the state filter lets receipts only move
-    /// forward. Returns the number of receipts changed.
-    pub async fn apply_acks(&self, records: &[AckRecord]) -> Result<u64, StoreError> {
-        let mut statements = Vec::with_capacity(records.len());
-        for record in records {
-            let at = record.at_ms as i64;
-            let keys: Vec<String> = record.ids.iter().map(|id| receipt_key(id, &record.user)).collect();
-            statements.push(doc! {
-                "q": { "_id": { "$in": &keys }, "state": { "$in": ReceiptState::Delivered.reachable_from() } },
-                "u": { "$set": {
-                    "state": ReceiptState::Delivered.as_str(),
-                    "delivered_at_ms": at,
-                    "delivered_by": { "connection_id": &record.connection_id, "gateway_id": &record.gateway_id },
-                    "next_retry_at_ms": null,
-                } },
-                "multi": true,
-            });
-            if record.kind == AckKind::Read {
-                statements.push(doc! {
-                    "q": { "_id": { "$in": &keys }, "state": { "$in": ReceiptState::Read.reachable_from() } },
-                    "u": { "$set": { "state": ReceiptState::Read.as_str(), "read_at_ms": at } },
-                    "multi": true,
-                });
-            }
+    /// Of the jobs whose claim existed already, those whose stored claim has another digest.
+    async fn conflicting(&self, jobs: &[ValidJob], reused: &[usize]) -> Result<Vec<usize>, StoreError> {
+        if reused.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut modified = 0;
-        for chunk in statements.chunks(UPDATE_BATCH) {
-            // Ordered, so a read's "delivered" statement lands before its "read" one.
-            let command = doc! { "update": collections::RECEIPTS, "updates": chunk, "ordered": true };
-            let reply = self.call("apply_acks", async { Ok(self.db.run_command(command).await?) }).await?;
-            if let Ok(errors) = reply.get_array("writeErrors") {
-                if !errors.is_empty() {
-                    tracing::error!(errors = ?errors, "receipt updates refused by the store");
+        let ids: Vec<&str> = reused.iter().map(|i| jobs[*i].message_id.as_str()).collect();
+        let find = async {
+            let cursor = self.claims.find(doc! { "_id": { "$in": &ids } }).max_time(OP_TIMEOUT).await?;
+            Ok(cursor.try_collect::<Vec<_>>().await?)
+        };
+        let stored: HashMap<MessageId, String> =
+            self.call("find_claims", find).await?.into_iter().map(|c| (c.id, c.digest)).collect();
+        Ok(reused
+            .iter()
+            .copied()
+            .filter(|i| stored.get(&jobs[*i].message_id).is_some_and(|digest| *digest != jobs[*i].digest))
+            .collect())
+    }
+
+    /// Removes what this call wrote for jobs that turned out to conflict: the receipts and
+    /// message documents it created. What the stored message had is never touched. (Until
+    /// this round trip ends, a replay could find such a receipt; docs/RELIABILITY.md.)
+    async fn undo_conflicting(
+        &self,
+        jobs: &[ValidJob],
+        conflicts: &[usize],
+        wrote_message: &[bool],
+        receipts: &[String],
+    ) -> Result<(), StoreError> {
+        let messages: Vec<&str> =
+            conflicts.iter().filter(|i| wrote_message[**i]).map(|i| jobs[*i].message_id.as_str()).collect();
+        for id in conflicts.iter().map(|i| &jobs[*i].message_id) {
+            tracing::warn!(message = %id, "a job reuses the id of a different message; rejected as id_conflict");
+        }
+        if !messages.is_empty() {
+            let delete = async { Ok(self.messages.delete_many(doc! { "_id": { "$in": &messages } }).await?) };
+            self.call("undo_conflict", delete).await?;
+        }
+        if !receipts.is_empty() {
+            let delete = async { Ok(self.receipts.delete_many(doc! { "_id": { "$in": receipts } }).await?) };
+            self.call("undo_conflict", delete).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies ack updates (see [`crate::acks::plan`]), as few commands as their size allows:
+    /// at most [`UPDATE_BATCH`] statements and [`UPDATE_BATCH_BYTES`] each. A command the store
+    /// refuses as a whole is split in two and each half tried alone, down to one statement, so a
+    /// statement that can never be applied is dropped alone (logged, counted in the result)
+    /// and takes no other user's acks with it. Each statement filters on the acking user as well
+    /// as the key. Returns the receipts changed and the statements dropped.
+    pub async fn apply_acks(&self, updates: &[AckUpdate]) -> Result<AckOutcome, StoreError> {
+        let statements: Vec<(Document, usize)> = updates.iter().map(|u| (ack_statement(u), u.approx_bytes())).collect();
+        let mut outcome = AckOutcome::default();
+        for command in pack(&statements, UPDATE_BATCH, UPDATE_BATCH_BYTES) {
+            let mut parts = vec![command];
+            while let Some(part) = parts.pop() {
+                match self.update_command(part).await {
+                    Ok(modified) => outcome.modified += modified,
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(e) if part.len() == 1 => {
+                        tracing::error!(error = %e, "an ack update the store refuses for good; dropped alone");
+                        outcome.dropped += 1;
+                    }
+                    Err(_) => {
+                        let (a, b) = part.split_at(part.len() / 2);
+                        parts.push(b);
+                        parts.push(a);
+                    }
                 }
             }
-            modified +=
-                reply.get_i32("nModified").map(i64::from).or_else(|_| reply.get_i64("nModified")).unwrap_or(0) as u64;
         }
-        Ok(modified)
+        Ok(outcome)
+    }
+
+    /// One ordered `update` command. Write errors are classified like any store error: a
+    /// transient one fails the command (retried whole: acks are idempotent), a permanent one
+    /// fails it as refused (split by the caller).
+    async fn update_command(&self, statements: &[(Document, usize)]) -> Result<u64, StoreError> {
+        let updates: Vec<&Document> = statements.iter().map(|(d, _)| d).collect();
+        // Ordered, so a read's "delivered" statement lands before its "read" one.
+        let command = doc! { "update": collections::RECEIPTS, "updates": updates, "ordered": true };
+        let reply = self.call("apply_acks", async { Ok(self.db.run_command(command).await?) }).await?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            if let Some(first) = errors.iter().find_map(|e| e.as_document()) {
+                let code = first.get_i32("code").unwrap_or(0);
+                let message = first.get_str("errmsg").unwrap_or("").to_owned();
+                let class = if TRANSIENT_CODES.contains(&code) { ErrorClass::Transient } else { ErrorClass::Permanent };
+                return Err(StoreError::WriteRefused { class, code, message });
+            }
+        }
+        Ok(reply.get_i32("nModified").map(i64::from).or_else(|_| reply.get_i64("nModified")).unwrap_or(0) as u64)
     }
 
     /// The oldest pending, unexpired messages of each user, at most `per_user` each: what a
     /// connection that just came online must get. Usually two round trips for any number of
     /// users; when one user's backlog fills the shared query, the users it crowded out get a
     /// query of their own.
-    pub async fn pending_for(&self, users: &[&str], per_user: usize, now_ms: u64) -> Result<Vec<Sendable>, StoreError> {
+    pub async fn pending_for(
+        &self,
+        users: &[&UserId],
+        per_user: usize,
+        now_ms: u64,
+    ) -> Result<Vec<Sendable>, StoreError> {
         if users.is_empty() {
             return Ok(Vec::new());
         }
         let limit = per_user * users.len();
         let mut receipts = self.pending_receipts(users, limit, now_ms).await?;
-        let mut per = HashMap::<String, usize>::new();
+        let mut per = HashMap::<UserId, usize>::new();
         receipts.retain(|r| {
             let n = per.entry(r.user.clone()).or_default();
             *n += 1;
@@ -424,8 +557,18 @@ impl Store {
         self.with_payloads(receipts).await
     }
 
-    async fn pending_receipts(&self, users: &[&str], limit: usize, now_ms: u64) -> Result<Vec<ReceiptDoc>, StoreError> {
-        let filter = doc! { "user": { "$in": users }, "state": "pending", "expires_at": { "$gt": date(now_ms) } };
+    async fn pending_receipts(
+        &self,
+        users: &[&UserId],
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<ReceiptDoc>, StoreError> {
+        let users: Vec<&str> = users.iter().map(|u| u.as_str()).collect();
+        let filter = doc! {
+            "user": { "$in": users },
+            "state": ReceiptState::Pending.as_str(),
+            "expires_at": { "$gt": date(now_ms) },
+        };
         let find = async {
             let cursor =
                 self.receipts.find(filter).sort(doc! { "seq": 1 }).limit(limit as i64).max_time(OP_TIMEOUT).await?;
@@ -437,14 +580,15 @@ impl Store {
     /// Makes every pending receipt of `users` that waits for a connection (no retry time) due
     /// after `next_retry_ms`: what a replay page did not carry follows through the ack-timeout
     /// sweep while the user is connected.
-    pub async fn unpark(&self, users: &[&str], next_retry_ms: u64) -> Result<(), StoreError> {
+    pub async fn unpark(&self, users: &[&UserId], next_retry_ms: u64) -> Result<(), StoreError> {
         if users.is_empty() {
             return Ok(());
         }
+        let users: Vec<&str> = users.iter().map(|u| u.as_str()).collect();
         let update = async {
             self.receipts
                 .update_many(
-                    doc! { "user": { "$in": users }, "state": "pending", "next_retry_at_ms": PARKED_MS },
+                    doc! { "user": { "$in": users }, "state": ReceiptState::Pending.as_str(), "next_retry_at_ms": PARKED_MS },
                     doc! { "$set": { "next_retry_at_ms": next_retry_ms as i64 } },
                 )
                 .await?;
@@ -456,7 +600,8 @@ impl Store {
     /// Pending receipts whose ack timeout passed: sent to a connected client that did not ack.
     pub async fn due_for_retry(&self, now_ms: u64, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
         let find = async {
-            let filter = doc! { "state": "pending", "next_retry_at_ms": { "$lte": now_ms as i64 } };
+            let filter =
+                doc! { "state": ReceiptState::Pending.as_str(), "next_retry_at_ms": { "$lte": now_ms as i64 } };
             let cursor = self.receipts.find(filter).limit(limit as i64).max_time(OP_TIMEOUT).await?;
             Ok(cursor.try_collect().await?)
         };
@@ -507,7 +652,7 @@ impl Store {
         let update = async {
             self.receipts
                 .update_many(
-                    doc! { "_id": { "$in": receipt_ids }, "state": "pending" },
+                    doc! { "_id": { "$in": receipt_ids }, "state": ReceiptState::Pending.as_str() },
                     doc! { "$set": { "next_retry_at_ms": next } },
                 )
                 .await?;
@@ -522,8 +667,8 @@ impl Store {
             Ok(self
                 .receipts
                 .update_many(
-                    doc! { "state": "pending", "expires_at": { "$lte": date(now_ms) } },
-                    doc! { "$set": { "state": "expired", "expired_at_ms": now_ms as i64, "next_retry_at_ms": null } },
+                    doc! { "state": ReceiptState::Pending.as_str(), "expires_at": { "$lte": date(now_ms) } },
+                    doc! { "$set": { "state": ReceiptState::Expired.as_str(), "expired_at_ms": now_ms as i64, "next_retry_at_ms": null } },
                 )
                 .await?)
         };
@@ -531,7 +676,8 @@ impl Store {
     }
 
     /// A message by id, whether stored on its own or carried by its only receipt.
-    pub async fn message(&self, id: &str) -> Result<Option<MessageDoc>, StoreError> {
+    pub async fn message(&self, id: &MessageId) -> Result<Option<MessageDoc>, StoreError> {
+        let id = id.as_str();
         let find = async { Ok(self.messages.find_one(doc! { "_id": id }).max_time(OP_TIMEOUT).await?) };
         let found = self.call("find_message", find).await?;
         if found.is_some() {
@@ -542,7 +688,8 @@ impl Store {
     }
 
     /// Receipts of one message, by user, at most `limit`.
-    pub async fn receipts_of(&self, message_id: &str, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
+    pub async fn receipts_of(&self, message_id: &MessageId, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
+        let message_id = message_id.as_str();
         let find = async {
             let cursor = self
                 .receipts
@@ -557,7 +704,8 @@ impl Store {
     }
 
     /// How many receipts of one message are in each state.
-    pub async fn receipt_counts(&self, message_id: &str) -> Result<HashMap<String, u64>, StoreError> {
+    pub async fn receipt_counts(&self, message_id: &MessageId) -> Result<HashMap<String, u64>, StoreError> {
+        let message_id = message_id.as_str();
         let aggregate = async {
             let cursor = self
                 .receipts
@@ -592,6 +740,66 @@ impl Store {
     pub fn receipts(&self) -> &Collection<ReceiptDoc> {
         &self.receipts
     }
+}
+
+/// What applying a batch of ack updates did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// Receipts changed.
+    pub modified: u64,
+    /// Statements the store refused for good, each alone.
+    pub dropped: u64,
+}
+
+/// The update statement for one [`AckUpdate`]: by key and by user, and only from the states
+/// the receipt rules allow.
+fn ack_statement(update: &AckUpdate) -> Document {
+    let keys: Vec<String> = update.ids.iter().map(|id| receipt_key(id, &update.user)).collect();
+    let from: Vec<&str> = update.from.iter().map(|s| s.as_str()).collect();
+    let mut set = doc! { "state": update.to.as_str() };
+    match update.to {
+        ReceiptState::Delivered => {
+            set.insert("delivered_at_ms", update.at_ms);
+            set.insert("next_retry_at_ms", mongodb::bson::Bson::Null);
+            if let Some((connection, gateway)) = &update.by {
+                set.insert(
+                    "delivered_by",
+                    doc! { "connection_id": connection.as_str(), "gateway_id": gateway.as_str() },
+                );
+            }
+        }
+        ReceiptState::Read => {
+            set.insert("read_at_ms", update.at_ms);
+        }
+        ReceiptState::Pending | ReceiptState::Expired => {}
+    }
+    doc! {
+        "q": { "_id": { "$in": keys }, "user": update.user.as_str(), "state": { "$in": from } },
+        "u": { "$set": set },
+        "multi": true,
+    }
+}
+
+/// Splits `items` (each with its size in bytes) into runs of at most `max_count` items and
+/// `max_bytes` bytes, in order; an item larger than `max_bytes` goes alone.
+pub fn pack<T>(items: &[(T, usize)], max_count: usize, max_bytes: usize) -> Vec<&[(T, usize)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, size)) in items.iter().enumerate() {
+        if i > start && (i - start >= max_count || bytes + size > max_bytes) {
+            out.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+fn to_document<T: Serialize>(value: &T) -> Result<Document, StoreError> {
+    Ok(mongodb::bson::to_document(value)?)
 }
 
 /// Inserts `docs` unordered in one round trip. Returns which were inserted, and the index and

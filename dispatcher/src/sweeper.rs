@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
-use herald_proto::Notification;
+use herald_proto::{Notification, UserId};
 use herald_shared::naming::Names;
 use herald_shared::now_ms;
 use tokio_util::sync::CancellationToken;
@@ -94,7 +94,7 @@ impl Sweeper {
         if due.is_empty() {
             return Ok(report);
         }
-        let mut users: Vec<&str> = due.iter().map(|r| r.user.as_str()).collect();
+        let mut users: Vec<&UserId> = due.iter().map(|r| &r.user).collect();
         users.sort_unstable();
         users.dedup();
         let presence = self.presence.lookup(&users, now).await?;
@@ -108,7 +108,7 @@ impl Sweeper {
         let sendable = self.store.with_payloads(online).await?;
         // One item per message, with all its due recipients: a fan-out resends as one command
         // per gateway, as on first delivery.
-        let mut items: BTreeMap<&str, (&Notification, Vec<String>)> = BTreeMap::new();
+        let mut items: BTreeMap<&str, (&Notification, Vec<UserId>)> = BTreeMap::new();
         for s in &sendable {
             items
                 .entry(s.notification.id.as_str())

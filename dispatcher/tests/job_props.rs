@@ -4,12 +4,14 @@
 
 use std::time::Duration;
 
-use herald_dispatcher::job::{validate, JobMeta, Limits, MAX_ID_BYTES, MAX_USER_BYTES};
+use herald_dispatcher::job::{validate, JobMeta, Limits};
+use herald_proto::ids::{MAX_MESSAGE_ID_BYTES as MAX_ID_BYTES, MAX_USER_ID_BYTES as MAX_USER_BYTES};
 use herald_proto::RejectCode;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
 const PUBLISHED_AT_MS: u64 = 1_764_169_629_123;
+const PUBLISHED_AT_NS: u128 = 1_764_169_629_123_456_789;
 
 fn limits() -> Limits {
     Limits {
@@ -21,7 +23,13 @@ fn limits() -> Limits {
 }
 
 fn meta(stream_seq: u64, msg_id: Option<&str>) -> JobMeta<'_> {
-    JobMeta { stream_seq, published_at_ms: PUBLISHED_AT_MS, subject: "herald.publish.props", msg_id }
+    JobMeta {
+        stream_seq,
+        published_at_ms: PUBLISHED_AT_MS,
+        published_at_ns: PUBLISHED_AT_NS,
+        subject: "herald.publish.props",
+        msg_id,
+    }
 }
 
 // --- Generators ---------------------------------------------------------------------------------
@@ -145,8 +153,8 @@ proptest! {
         let body = job.body();
         let valid = validate(body.as_bytes(), &meta(seq, header.as_deref()), &limits())
             .map_err(|e| TestCaseError::fail(format!("{body} refused: {e:?}")))?;
-        let expected_id = job.id.clone().or(header).unwrap_or_else(|| format!("seq-{seq}"));
-        prop_assert_eq!(&valid.message_id, &expected_id);
+        let expected_id = job.id.clone().or(header).unwrap_or_else(|| format!("seq-{seq}-{PUBLISHED_AT_NS}"));
+        prop_assert_eq!(valid.message_id.as_str(), expected_id.as_str());
         prop_assert_eq!(valid.seq, seq);
         let mut distinct: Vec<String> = Vec::new();
         for user in &job.to {
@@ -154,7 +162,8 @@ proptest! {
                 distinct.push(user.clone());
             }
         }
-        prop_assert_eq!(&valid.recipients, &distinct);
+        let recipients: Vec<String> = valid.recipients.iter().map(ToString::to_string).collect();
+        prop_assert_eq!(&recipients, &distinct);
         prop_assert_eq!(valid.payload.get(), job.payload.as_str());
         prop_assert_eq!(valid.published_at_ms, PUBLISHED_AT_MS);
         let ttl_ms = job.ttl_secs.unwrap_or(60) * 1000;
@@ -212,15 +221,26 @@ proptest! {
     }
 }
 
-/// Nesting is no way to crash the validator: serde_json reads raw values without recursion.
+/// Nesting is no way to crash the validator (serde_json reads raw values without recursion),
+/// and past [`MAX_PAYLOAD_DEPTH`] a payload is refused, however it nests.
 #[test]
 fn deeply_nested_payloads_are_answered() {
-    for depth in [127, 128, 129, 10_000, 100_000] {
+    use herald_dispatcher::job::MAX_PAYLOAD_DEPTH;
+    for depth in [1, 63, 64, 65, 128, 129, 10_000, 100_000] {
         let payload = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
         let body = format!(r#"{{"to":["a"],"payload":{payload}}}"#);
         let big = Limits { max_payload_bytes: 1 << 20, ..limits() };
         let valid = validate(body.as_bytes(), &meta(1, None), &big);
-        assert!(valid.is_ok(), "depth {depth}: {:?}", valid.err());
+        if depth <= MAX_PAYLOAD_DEPTH {
+            assert!(valid.is_ok(), "depth {depth}: {:?}", valid.err());
+        } else {
+            assert_eq!(valid.err().map(|e| e.code), Some(RejectCode::Malformed), "depth {depth}");
+        }
+        // Brackets inside a string (and an escaped quote) do not count.
+        let objects = [r#"{"k":"#.repeat(depth), r#""[{\"]""#.to_owned(), "}".repeat(depth)].concat();
+        let body = format!(r#"{{"to":["a"],"payload":{objects}}}"#);
+        let valid = validate(body.as_bytes(), &meta(1, None), &big);
+        assert_eq!(valid.is_ok(), depth <= MAX_PAYLOAD_DEPTH, "objects, depth {depth}, brackets in a string ignored");
         let unterminated = format!(r#"{{"to":["a"],"payload":{}"#, "[".repeat(depth));
         assert_eq!(
             validate(unterminated.as_bytes(), &meta(1, None), &big).err().map(|e| e.code),

@@ -106,7 +106,9 @@ fn chunks(records: Vec<AckRecord>) -> Vec<Vec<AckRecord>> {
     let mut current = Vec::new();
     let mut size = 0;
     for record in records {
-        let estimate = 160 + record.user.len() + record.ids.iter().map(|id| id.len() + 3).sum::<usize>();
+        let estimate = 160
+            + record.user.as_str().len()
+            + record.ids.iter().chain(&record.read_unsent).map(|id| id.as_str().len() + 3).sum::<usize>();
         if !current.is_empty() && size + estimate > MAX_BATCH_BYTES {
             out.push(std::mem::take(&mut current));
             size = 0;
@@ -128,11 +130,12 @@ mod tests {
     #[test]
     fn big_batches_are_split_under_the_payload_limit() {
         let record = |n: usize| AckRecord {
-            user: "u".into(),
-            connection_id: "c".into(),
-            gateway_id: "g".into(),
+            user: herald_proto::UserId::new("u").unwrap(),
+            connection_id: herald_proto::ConnectionId::new("c").unwrap(),
+            gateway_id: herald_proto::GatewayId::new("g").unwrap(),
             kind: AckKind::Delivered,
-            ids: (0..n).map(|i| format!("{i:0>100}")).collect(),
+            ids: (0..n).map(|i| herald_proto::MessageId::new(format!("{i:0>100}")).unwrap()).collect(),
+            read_unsent: Vec::new(),
             at_ms: 1,
             traceparent: None,
         };

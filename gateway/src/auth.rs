@@ -3,6 +3,7 @@
 //! what happens to a refused client is the HTTP layer's business.
 
 use axum::http::{header, HeaderMap};
+use herald_proto::UserId;
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -10,8 +11,6 @@ use herald_shared::config::JwtConfig;
 
 /// Allowed clock skew between the token issuer and the gateway.
 const LEEWAY_SECS: u64 = 5;
-/// Longest user id accepted, in bytes (it becomes part of Redis keys and receipts).
-pub(crate) const MAX_USER_ID_BYTES: usize = 256;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -27,6 +26,8 @@ pub enum AuthError {
     WrongIssuerOrAudience,
     #[error("invalid user id in `sub`")]
     InvalidSubject,
+    #[error("the token names critical header extensions ({0}) this server does not understand")]
+    CriticalExtension(String),
     #[error("invalid token: {0}")]
     Invalid(String),
 }
@@ -41,7 +42,7 @@ pub struct Authenticator {
 /// Who the client is, and until when its token holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    pub user: String,
+    pub user: UserId,
     /// Seconds since the epoch; the session is closed with 4401 then.
     pub expires_at: u64,
 }
@@ -91,17 +92,33 @@ impl Authenticator {
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
+        refuse_critical_extensions(token)?;
         let data = decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
             ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => AuthError::WrongIssuerOrAudience,
             _ => AuthError::Invalid(e.to_string()),
         })?;
-        let user = data.claims.sub;
-        if user.is_empty() || user.len() > MAX_USER_ID_BYTES || user.chars().any(char::is_control) {
-            return Err(AuthError::InvalidSubject);
-        }
+        let user = UserId::new(data.claims.sub).map_err(|_| AuthError::InvalidSubject)?;
         Ok(Identity { user, expires_at: data.claims.exp })
+    }
+}
+
+/// RFC 7515 §4.1.11: a recipient must refuse a token whose `crit` header lists extensions it
+/// does not understand, and this server understands none. jsonwebtoken ignores the field, so
+/// the header is read here first.
+fn refuse_critical_extensions(token: &str) -> Result<(), AuthError> {
+    use base64::Engine as _;
+    #[derive(Deserialize)]
+    struct Crit {
+        crit: Option<serde_json::Value>,
+    }
+    let Some(header) = token.split('.').next() else { return Ok(()) };
+    // Anything unreadable here is refused by the full decode that follows, with its reason.
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header) else { return Ok(()) };
+    match serde_json::from_slice::<Crit>(&bytes) {
+        Ok(Crit { crit: Some(crit) }) => Err(AuthError::CriticalExtension(crit.to_string())),
+        _ => Ok(()),
     }
 }
 
@@ -154,6 +171,31 @@ mod tests {
         let empty_sub = token(json!({"sub": "", "exp": now() + 60}), SECRET);
         assert_eq!(a.verify(&empty_sub), Err(AuthError::InvalidSubject));
         assert!(matches!(a.verify("not.a.jwt"), Err(AuthError::Invalid(_))));
+        let control = token(json!({"sub": "a\nb", "exp": now() + 60}), SECRET);
+        assert_eq!(a.verify(&control), Err(AuthError::InvalidSubject));
+    }
+
+    #[test]
+    fn refuses_critical_header_extensions() {
+        let mut header = Header::new(Algorithm::HS256);
+        header.typ = Some("JWT".into());
+        let claims = json!({"sub": "a", "exp": now() + 60});
+        let plain = encode(&header, &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+        assert!(auth(None, None).verify(&plain).is_ok());
+        // The same token with `crit` in its (signed) header.
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let head = b64.encode(r#"{"alg":"HS256","typ":"JWT","crit":["exp-ext"],"exp-ext":1}"#);
+        let body = b64.encode(serde_json::to_vec(&claims).unwrap());
+        let signing_input = format!("{head}.{body}");
+        let signature = jsonwebtoken::crypto::sign(
+            signing_input.as_bytes(),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+            Algorithm::HS256,
+        )
+        .unwrap();
+        let critical = format!("{signing_input}.{signature}");
+        assert!(matches!(auth(None, None).verify(&critical), Err(AuthError::CriticalExtension(_))));
     }
 
     #[test]

@@ -97,6 +97,7 @@ fn frame(
     let sent = Sent {
         id: notification.id.as_str().into(),
         published_at_ms: notification.published_at_ms,
+        expires_at_ms: notification.expires_at_ms,
         replay,
         traceparent: traceparent.map(Into::into),
     };
@@ -118,7 +119,7 @@ mod tests {
 
     fn notification(id: &str, expires_at_ms: u64) -> Notification {
         Notification {
-            id: id.into(),
+            id: herald_proto::MessageId::new(id).unwrap(),
             seq: 1,
             payload: RawValue::from_string(r#"{"k":1}"#.into()).unwrap(),
             published_at_ms: 1,
@@ -129,15 +130,17 @@ mod tests {
     #[test]
     fn deliver_and_replay_reach_the_right_sockets_and_skip_expired() {
         let registry = Registry::new(10, 10);
-        let conn = Arc::new(Connection::new("c1".into(), "alice".into(), 8));
+        let user = |u: &str| herald_proto::UserId::new(u).unwrap();
+        let conn_id = |c: &str| herald_proto::ConnectionId::new(c).unwrap();
+        let conn = Arc::new(Connection::new(conn_id("c1"), user("alice"), 8));
         registry.insert(Arc::clone(&conn));
         let deliver = GatewayCommand::Deliver(vec![
             Routed {
-                users: vec!["alice".into(), "bob".into()],
+                users: vec![user("alice"), user("bob")],
                 notification: notification("m1", 2_000),
                 traceparent: None,
             },
-            Routed { users: vec!["alice".into()], notification: notification("old", 500), traceparent: None },
+            Routed { users: vec![user("alice")], notification: notification("old", 500), traceparent: None },
         ]);
         let out = handle(&serde_json::to_vec(&deliver).unwrap(), &registry, 1_000);
         assert_eq!(out, Outcome { kind: "deliver", queued: 1, expired: 1 });
@@ -145,14 +148,14 @@ mod tests {
         assert!(text.as_str().contains(r#""type":"notification""#) && text.as_str().contains(r#""payload":{"k":1}"#));
 
         let replay = GatewayCommand::Replay(Replay {
-            user: "alice".into(),
-            connection_id: "c1".into(),
+            user: user("alice"),
+            connection_id: conn_id("c1"),
             notifications: vec![notification("m2", 2_000), notification("m3", 2_000)],
         });
         assert_eq!(handle(&serde_json::to_vec(&replay).unwrap(), &registry, 1_000).queued, 2);
         let wrong_conn = GatewayCommand::Replay(Replay {
-            user: "alice".into(),
-            connection_id: "nope".into(),
+            user: user("alice"),
+            connection_id: conn_id("nope"),
             notifications: vec![notification("m4", 2_000)],
         });
         assert_eq!(handle(&serde_json::to_vec(&wrong_conn).unwrap(), &registry, 1_000).queued, 0);

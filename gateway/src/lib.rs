@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use fred::prelude::ClientLike;
+use herald_proto::GatewayId;
 use herald_shared::config::GatewayConfig;
 use herald_shared::naming::Names;
 use herald_shared::{connect, shutdown, streams};
@@ -25,6 +26,7 @@ mod metrics;
 mod outbox;
 mod presence;
 mod registry;
+mod sent;
 mod session;
 
 use auth::Authenticator;
@@ -44,6 +46,8 @@ pub enum GatewayError {
     Serve(#[from] std::io::Error),
     #[error("a critical task failed; see the log")]
     TaskFailed,
+    #[error("configuration: {0}")]
+    Config(herald_proto::InvalidId),
     #[error("metrics: {0}")]
     Metrics(#[from] herald_shared::metrics::MetricsError),
 }
@@ -85,7 +89,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let names = Names::new(&config.common.prefix);
-    let gateway_id = config.gateway_id.clone();
+    let gateway_id = GatewayId::new(config.gateway_id.as_str()).map_err(GatewayError::Config)?;
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
     let start = async {
         let redis = connect::redis(&config.common.redis_url).await?;
@@ -102,7 +106,7 @@ pub async fn run(
     let metrics = Arc::new(metrics::GatewayMetrics::new()?);
     let registry = Registry::new(config.max_connections, config.max_connections_per_user);
     // Subscribe before becoming routable, so nothing routed here falls on the floor.
-    let deliveries = nats.subscribe(names.gateway_subject(&gateway_id)).await?;
+    let deliveries = nats.subscribe(names.gateway_subject(gateway_id.as_str())).await?;
     let (presence_task, presence) = PresenceTask::new(
         redis.clone(),
         js.clone(),
@@ -116,7 +120,7 @@ pub async fn run(
         tracing::warn!(error = %e, "first presence heartbeat failed; retrying in the background");
     }
     let (ack_publisher, acks) =
-        acks::AckPublisher::new(js.clone(), names.ack_events_subject(&gateway_id), Arc::clone(&metrics));
+        acks::AckPublisher::new(js.clone(), names.ack_events_subject(gateway_id.as_str()), Arc::clone(&metrics));
 
     let sessions = Arc::new(SessionContext {
         gateway_id: gateway_id.clone(),
@@ -127,6 +131,7 @@ pub async fn run(
         outbound_queue: config.outbound_queue,
         max_frame_bytes: config.max_frame_bytes,
         frames_per_sec: config.client_frames_per_sec,
+        ack_ids_per_sec: config.client_ack_ids_per_sec,
         metrics: Arc::clone(&metrics),
     });
 

@@ -21,6 +21,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) queue_overflows: IntCounter,
     /// Message ids acknowledged by clients, by kind (`delivered`, `read`).
     pub(crate) acks_received: IntCounterVec,
+    /// Acked or read ids not passed on: not sent to that connection, or acked before.
+    pub(crate) acks_ignored: IntCounter,
     pub(crate) ack_batch_size: Histogram,
     pub(crate) commands_received: IntCounterVec,
     pub(crate) presence_resyncs: IntCounter,
@@ -59,6 +61,11 @@ impl GatewayMetrics {
                 &r,
                 "herald_gateway_notifications_expired_total",
                 "Notifications not delivered because their TTL had passed",
+            )?,
+            acks_ignored: m::counter(
+                &r,
+                "herald_gateway_acks_ignored_total",
+                "Acked or read ids not passed on: never sent to that connection, or acked already",
             )?,
             queue_overflows: m::counter(
                 &r,

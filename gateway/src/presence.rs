@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use fred::prelude::*;
-use herald_proto::{Event, Online};
+use herald_proto::{ConnectionId, Event, GatewayId, Online, UserId};
 use herald_shared::naming::Names;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ const BATCH: usize = 1024;
 
 pub(crate) enum PresenceOp {
     Register(Arc<Connection>),
-    Unregister { user: Arc<str>, connection_id: Arc<str> },
+    Unregister { user: UserId, connection_id: ConnectionId },
 }
 
 /// The sessions' side of the presence queue.
@@ -45,7 +45,7 @@ impl PresenceHandle {
     }
 
     pub(crate) async fn unregister(&self, conn: &Connection) {
-        let op = PresenceOp::Unregister { user: Arc::clone(&conn.user), connection_id: Arc::clone(&conn.id) };
+        let op = PresenceOp::Unregister { user: conn.user.clone(), connection_id: conn.id.clone() };
         let _ = self.tx.send(op).await;
     }
 }
@@ -54,7 +54,7 @@ pub(crate) struct PresenceTask {
     redis: Client,
     js: jetstream::Context,
     names: Names,
-    gateway_id: String,
+    gateway_id: GatewayId,
     registry: Arc<Registry>,
     ttl: Duration,
     metrics: Arc<GatewayMetrics>,
@@ -76,7 +76,7 @@ impl PresenceTask {
         redis: Client,
         js: jetstream::Context,
         names: Names,
-        gateway_id: String,
+        gateway_id: GatewayId,
         registry: Arc<Registry>,
         ttl: Duration,
         metrics: Arc<GatewayMetrics>,
@@ -186,11 +186,11 @@ impl PresenceTask {
             match op {
                 PresenceOp::Register(conn) => {
                     let () = pipeline
-                        .hset(self.names.presence_key(&conn.user), (&*conn.id, self.gateway_id.as_str()))
+                        .hset(self.names.presence_key(conn.user.as_str()), (conn.id.as_str(), self.gateway_id.as_str()))
                         .await?;
                 }
                 PresenceOp::Unregister { user, connection_id } => {
-                    let () = pipeline.hdel(self.names.presence_key(user), &**connection_id).await?;
+                    let () = pipeline.hdel(self.names.presence_key(user.as_str()), connection_id.as_str()).await?;
                 }
             }
         }
@@ -200,7 +200,7 @@ impl PresenceTask {
 
     /// Publishes an online event per connection still open; returns those that failed.
     async fn announce(&self, conns: Vec<Arc<Connection>>) -> Vec<Arc<Connection>> {
-        let subject = self.names.online_events_subject(&self.gateway_id);
+        let subject = self.names.online_events_subject(self.gateway_id.as_str());
         let mut acks = Vec::with_capacity(conns.len());
         let mut failed = Vec::new();
         for conn in conns {
@@ -208,8 +208,8 @@ impl PresenceTask {
                 continue;
             }
             let event = Event::Online(Online {
-                user: conn.user.to_string(),
-                connection_id: conn.id.to_string(),
+                user: conn.user.clone(),
+                connection_id: conn.id.clone(),
                 gateway_id: self.gateway_id.clone(),
                 at_ms: herald_shared::now_ms(),
             });
@@ -238,7 +238,7 @@ impl PresenceTask {
             .registry
             .all()
             .into_iter()
-            .map(|c| PresenceOp::Unregister { user: Arc::clone(&c.user), connection_id: Arc::clone(&c.id) })
+            .map(|c| PresenceOp::Unregister { user: c.user.clone(), connection_id: c.id.clone() })
             .collect();
         self.unapplied.retain(|op| matches!(op, PresenceOp::Unregister { .. }));
         self.unapplied.extend(leftovers);

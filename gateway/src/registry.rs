@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
-use herald_proto::close;
+use herald_proto::{close, ConnectionId, UserId};
 
 use crate::outbox::{Outbox, PushError};
 use tokio_util::sync::CancellationToken;
@@ -27,10 +27,13 @@ pub(crate) struct Outbound {
 }
 
 /// Which notification a frame carries.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Sent {
+    /// The notification's [`herald_proto::MessageId`], shared rather than copied per connection.
     pub(crate) id: Arc<str>,
     pub(crate) published_at_ms: u64,
+    /// A frame still queued at this instant is not written: nothing goes out past its expiry.
+    pub(crate) expires_at_ms: u64,
     pub(crate) replay: bool,
     /// The delivery span's trace context, when traces are exported.
     pub(crate) traceparent: Option<Arc<str>>,
@@ -46,8 +49,8 @@ impl Outbound {
 /// One open WebSocket, as the rest of the gateway sees it.
 #[derive(Debug)]
 pub(crate) struct Connection {
-    pub(crate) id: Arc<str>,
-    pub(crate) user: Arc<str>,
+    pub(crate) id: ConnectionId,
+    pub(crate) user: UserId,
     /// Pre-serialized frames for the socket, drained by the session task, which closes it when
     /// the socket ends.
     pub(crate) outbox: Outbox<Outbound>,
@@ -58,7 +61,7 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(id: Arc<str>, user: Arc<str>, queue: usize) -> Self {
+    pub(crate) fn new(id: ConnectionId, user: UserId, queue: usize) -> Self {
         Self {
             id,
             user,
@@ -111,7 +114,7 @@ pub(crate) enum AdmitError {
 /// users per command, and SipHash was 7 % of the gateway's CPU in the delivery benchmark. Its
 /// weaker DoS resistance is enough here: every key is a user name signed into a token by the
 /// backend, not a string a client picks.
-type ByUser = HashMap<Arc<str>, Vec<Arc<Connection>>, foldhash::fast::RandomState>;
+type ByUser = HashMap<UserId, Vec<Arc<Connection>>, foldhash::fast::RandomState>;
 
 #[derive(Debug)]
 pub(crate) struct Registry {
@@ -142,7 +145,7 @@ impl Registry {
 
     /// Holds a place for a new connection of `user`, or says why there is none. The per-user
     /// check counts open connections, so a burst of simultaneous upgrades may pass it together.
-    pub(crate) fn admit(self: &Arc<Self>, user: &str) -> Result<Admission, AdmitError> {
+    pub(crate) fn admit(self: &Arc<Self>, user: &UserId) -> Result<Admission, AdmitError> {
         if self.admitted.fetch_add(1, Ordering::Relaxed) >= self.max_total {
             self.admitted.fetch_sub(1, Ordering::Relaxed);
             return Err(AdmitError::GatewayFull);
@@ -155,7 +158,7 @@ impl Registry {
     }
 
     pub(crate) fn insert(&self, conn: Arc<Connection>) {
-        self.write().entry(Arc::clone(&conn.user)).or_default().push(conn);
+        self.write().entry(conn.user.clone()).or_default().push(conn);
     }
 
     pub(crate) fn remove(&self, conn: &Connection) {
@@ -170,18 +173,13 @@ impl Registry {
 
     /// Offers `frame` to every local connection of each of `users`; returns how many took it.
     /// One read lock for the whole list: a fan-out names thousands of users per gateway.
-    pub(crate) fn deliver_to_users(&self, users: &[String], frame: &Outbound) -> usize {
+    pub(crate) fn deliver_to_users(&self, users: &[UserId], frame: &Outbound) -> usize {
         let map = self.read();
-        users
-            .iter()
-            .filter_map(|user| map.get(user.as_str()))
-            .flatten()
-            .filter(|conn| conn.offer(frame.clone()))
-            .count()
+        users.iter().filter_map(|user| map.get(user)).flatten().filter(|conn| conn.offer(frame.clone())).count()
     }
 
-    pub(crate) fn connection(&self, user: &str, connection_id: &str) -> Option<Arc<Connection>> {
-        self.read().get(user)?.iter().find(|c| &*c.id == connection_id).cloned()
+    pub(crate) fn connection(&self, user: &UserId, connection_id: &ConnectionId) -> Option<Arc<Connection>> {
+        self.read().get(user)?.iter().find(|c| c.id == *connection_id).cloned()
     }
 
     /// Every open connection, for presence resync and drain.
@@ -210,7 +208,7 @@ mod tests {
     use super::*;
 
     fn conn(id: &str, user: &str, cap: usize) -> (Arc<Connection>, ()) {
-        (Arc::new(Connection::new(id.into(), user.into(), cap)), ())
+        (Arc::new(Connection::new(ConnectionId::new(id).unwrap(), UserId::new(user).unwrap(), cap)), ())
     }
 
     #[test]
@@ -222,10 +220,16 @@ mod tests {
         reg.insert(Arc::clone(&a1));
         reg.insert(Arc::clone(&a2));
         reg.insert(Arc::clone(&b1));
-        assert_eq!(reg.deliver_to_users(&["alice".into()], &Outbound::control(Utf8Bytes::from_static("x"))), 2);
+        assert_eq!(
+            reg.deliver_to_users(&[UserId::new("alice").unwrap()], &Outbound::control(Utf8Bytes::from_static("x"))),
+            2
+        );
         assert!(a1.outbox.try_pop().is_some() && a2.outbox.try_pop().is_some());
         assert!(b1.outbox.try_pop().is_none());
-        assert_eq!(reg.deliver_to_users(&["carol".into()], &Outbound::control(Utf8Bytes::from_static("x"))), 0);
+        assert_eq!(
+            reg.deliver_to_users(&[UserId::new("carol").unwrap()], &Outbound::control(Utf8Bytes::from_static("x"))),
+            0
+        );
     }
 
     #[test]
@@ -233,8 +237,14 @@ mod tests {
         let reg = Registry::new(10, 10);
         let (a, ()) = conn("a", "alice", 1);
         reg.insert(Arc::clone(&a));
-        assert_eq!(reg.deliver_to_users(&["alice".into()], &Outbound::control(Utf8Bytes::from_static("1"))), 1);
-        assert_eq!(reg.deliver_to_users(&["alice".into()], &Outbound::control(Utf8Bytes::from_static("2"))), 0);
+        assert_eq!(
+            reg.deliver_to_users(&[UserId::new("alice").unwrap()], &Outbound::control(Utf8Bytes::from_static("1"))),
+            1
+        );
+        assert_eq!(
+            reg.deliver_to_users(&[UserId::new("alice").unwrap()], &Outbound::control(Utf8Bytes::from_static("2"))),
+            0
+        );
         assert!(a.kicked().is_cancelled());
         assert_eq!(a.kick_code(), close::SLOW_CONSUMER);
     }
@@ -242,14 +252,14 @@ mod tests {
     #[test]
     fn admission_enforces_both_limits_and_frees_places() {
         let reg = Registry::new(2, 1);
-        let first = reg.admit("alice").unwrap();
+        let first = reg.admit(&UserId::new("alice").unwrap()).unwrap();
         let (a, ()) = conn("a", "alice", 1);
         reg.insert(Arc::clone(&a));
-        assert_eq!(reg.admit("alice").unwrap_err(), AdmitError::UserLimit);
-        let second = reg.admit("bob").unwrap();
-        assert_eq!(reg.admit("carol").unwrap_err(), AdmitError::GatewayFull);
+        assert_eq!(reg.admit(&UserId::new("alice").unwrap()).unwrap_err(), AdmitError::UserLimit);
+        let second = reg.admit(&UserId::new("bob").unwrap()).unwrap();
+        assert_eq!(reg.admit(&UserId::new("carol").unwrap()).unwrap_err(), AdmitError::GatewayFull);
         drop(second);
-        assert!(reg.admit("carol").is_ok());
+        assert!(reg.admit(&UserId::new("carol").unwrap()).is_ok());
         reg.remove(&a);
         drop(first);
         assert_eq!(reg.len(), 0);

@@ -5,13 +5,15 @@
 //! task, one bounded queue and the socket's small buffers. What the client acks goes to the ack
 //! publisher; what it was sent but did not ack stays pending in the store, whatever the ending.
 
-use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::{SinkExt, StreamExt};
-use herald_proto::{close, AckKind, AckRecord, ClientFrame, ErrorCode, Hello, ServerFrame};
+use futures::{FutureExt, SinkExt, StreamExt};
+use herald_proto::{
+    close, AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, GatewayId, Hello, MessageId, ServerFrame,
+};
 use herald_shared::metrics::seconds_since;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,18 +22,14 @@ use crate::auth::Identity;
 use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
 use crate::registry::{Admission, Connection, Registry, Sent};
+use crate::sent::{Acked, Read, SentSet};
 
 /// Most ids one ack or read frame may carry.
 pub(crate) const MAX_IDS_PER_FRAME: usize = 1000;
-/// Longest message id accepted in a frame (ids are at most 128 bytes when published).
-const MAX_ID_BYTES: usize = 128;
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Notifications remembered per connection until acked, for the publish→ack latency metric.
-/// Only a measurement: forgetting one loses nothing.
-const IN_FLIGHT_REMEMBERED: usize = 512;
 
 /// Frames of one write batch, for the metrics.
 struct Written {
@@ -40,17 +38,19 @@ struct Written {
     frames: usize,
     delivered: u64,
     replayed: u64,
+    /// Queued notifications not written because they expired while queued.
+    expired: u64,
 }
 
 impl Written {
     fn now() -> Self {
-        Self { at_ms: herald_shared::now_ms(), frames: 0, delivered: 0, replayed: 0 }
+        Self { at_ms: herald_shared::now_ms(), frames: 0, delivered: 0, replayed: 0, expired: 0 }
     }
 }
 
 /// What every session of this gateway shares.
 pub(crate) struct SessionContext {
-    pub(crate) gateway_id: String,
+    pub(crate) gateway_id: GatewayId,
     pub(crate) registry: Arc<Registry>,
     pub(crate) presence: PresenceHandle,
     pub(crate) acks: mpsc::Sender<AckRecord>,
@@ -58,6 +58,9 @@ pub(crate) struct SessionContext {
     pub(crate) outbound_queue: usize,
     pub(crate) max_frame_bytes: usize,
     pub(crate) frames_per_sec: u32,
+    /// Sustained message ids per second a connection may ack or read, with a burst of twice as
+    /// many: what one client can make the dispatchers write.
+    pub(crate) ack_ids_per_sec: u32,
     pub(crate) metrics: Arc<GatewayMetrics>,
 }
 
@@ -100,8 +103,7 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let _admission = admission;
-    let connection_id: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
-    let conn = Arc::new(Connection::new(connection_id, identity.user.as_str().into(), ctx.outbound_queue));
+    let conn = Arc::new(Connection::new(new_connection_id(), identity.user.clone(), ctx.outbound_queue));
     // Local registration first (deliveries can find the socket), then Redis and the online
     // announcement: the order that makes replay race-free (see presence.rs).
     ctx.registry.insert(Arc::clone(&conn));
@@ -110,13 +112,27 @@ pub(crate) async fn run(
     ctx.presence.register(Arc::clone(&conn)).await;
     tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
 
-    let session = Session { ctx: &ctx, conn: &conn, identity: &identity, in_flight: VecDeque::new() };
-    let ending = session.serve(socket, &shutdown).await;
+    let session = Session {
+        ctx: &ctx,
+        conn: &conn,
+        identity: &identity,
+        sent: SentSet::default(),
+        ack_ids: RateLimiter::new(ctx.ack_ids_per_sec),
+    };
+    // However the session ends, a panic included, the connection leaves the registry and
+    // presence below: a session that died must not hold its user's slot or attract routing.
+    let (ending, label) = match AssertUnwindSafe(session.serve(socket, &shutdown)).catch_unwind().await {
+        Ok(ending) => (ending, ending.map_or("client_gone", |e| e.label)),
+        Err(_) => {
+            tracing::error!(user = %conn.user, connection = %conn.id, "session panicked; closing it");
+            (None, "panic")
+        }
+    };
     conn.outbox.close();
 
     ctx.registry.remove(&conn);
     ctx.metrics.connections_open.dec();
-    ctx.metrics.connections_closed.with_label_values(&[ending.map_or("client_gone", |e| e.label)]).inc();
+    ctx.metrics.connections_closed.with_label_values(&[label]).inc();
     if ending == Some(SLOW) {
         ctx.metrics.queue_overflows.inc();
     }
@@ -124,12 +140,20 @@ pub(crate) async fn run(
     tracing::debug!(user = %conn.user, connection = %conn.id, ending = ?ending, "session closed");
 }
 
+/// A fresh connection id: a UUID v4 in its simple form (32 hex digits).
+fn new_connection_id() -> ConnectionId {
+    ConnectionId::new(uuid::Uuid::new_v4().simple().to_string())
+        .unwrap_or_else(|_| unreachable!("32 hex digits are a valid connection id"))
+}
+
 struct Session<'a> {
     ctx: &'a SessionContext,
     conn: &'a Connection,
     identity: &'a Identity,
-    /// Notifications written and not yet acked, oldest first (see [`IN_FLIGHT_REMEMBERED`]).
-    in_flight: VecDeque<Arc<Sent>>,
+    /// What this connection was sent: only acks of these count (see [`crate::sent`]).
+    sent: SentSet,
+    /// Ids acked or read per second (see [`SessionContext::ack_ids_per_sec`]).
+    ack_ids: RateLimiter,
 }
 
 impl Session<'_> {
@@ -138,7 +162,7 @@ impl Session<'_> {
         // Written straight to the socket, before the loop reads the queue: it precedes every
         // notification, and an idle connection never allocates its queue's buffer.
         let hello = ServerFrame::Hello(Hello {
-            connection_id: self.conn.id.to_string(),
+            connection_id: self.conn.id.clone(),
             gateway_id: self.ctx.gateway_id.clone(),
             heartbeat_interval_ms: self.ctx.heartbeat_interval.as_millis() as u64,
             max_frame_bytes: self.ctx.max_frame_bytes,
@@ -171,8 +195,13 @@ impl Session<'_> {
                         let mut next = Some(first);
                         let mut tally = Written::now();
                         while let Some(outbound) = next.take() {
-                            socket.feed(Message::Text(outbound.frame)).await?;
-                            self.written(outbound.sent, &mut tally);
+                            // Never past the expiry: what a client is sent, it got in time.
+                            if outbound.sent.as_ref().is_some_and(|s| s.expires_at_ms <= tally.at_ms) {
+                                tally.expired += 1;
+                            } else {
+                                socket.feed(Message::Text(outbound.frame)).await?;
+                                self.written(outbound.sent, &mut tally);
+                            }
                             if tally.frames < WRITE_BATCH {
                                 next = conn.outbox.try_pop();
                             }
@@ -247,15 +276,13 @@ impl Session<'_> {
         }
         let age_ms = tally.at_ms.saturating_sub(sent.published_at_ms);
         self.ctx.metrics.publish_to_deliver.observe(age_ms as f64 / 1000.0);
-        if self.in_flight.len() == IN_FLIGHT_REMEMBERED {
-            self.in_flight.pop_front();
-        }
-        self.in_flight.push_back(sent);
+        self.sent.record(sent);
     }
 
     fn count(&self, tally: &Written) {
         let metrics = &self.ctx.metrics;
         metrics.frames_out.inc_by(tally.frames as u64);
+        metrics.notifications_expired.inc_by(tally.expired);
         for (path, n) in [("deliver", tally.delivered), ("replay", tally.replayed)] {
             if n > 0 {
                 metrics.notifications_sent.with_label_values(&[path]).inc_by(n);
@@ -287,9 +314,12 @@ impl Session<'_> {
             return Err(Some(BAD_FRAME));
         };
         let (kind, ids) = frame.into_parts();
-        if ids.len() > MAX_IDS_PER_FRAME || ids.iter().any(|id| id.is_empty() || id.len() > MAX_ID_BYTES) {
+        if ids.len() > MAX_IDS_PER_FRAME {
             metrics.frames_in.with_label_values(&["invalid"]).inc();
             return Err(Some(BAD_FRAME));
+        }
+        if !self.ack_ids.allow_n(Instant::now(), ids.len()) {
+            return Err(Some(RATE_LIMITED));
         }
         let kind_label = match kind {
             AckKind::Delivered => "delivered",
@@ -297,19 +327,7 @@ impl Session<'_> {
         };
         metrics.frames_in.with_label_values(&[if kind == AckKind::Read { "read" } else { "ack" }]).inc();
         metrics.acks_received.with_label_values(&[kind_label]).inc_by(ids.len() as u64);
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let traceparent = self.observe_acked(&ids);
-        let record = AckRecord {
-            user: self.conn.user.to_string(),
-            connection_id: self.conn.id.to_string(),
-            gateway_id: self.ctx.gateway_id.clone(),
-            kind,
-            ids,
-            at_ms: herald_shared::now_ms(),
-            traceparent,
-        };
+        let Some(record) = self.record(kind, ids) else { return Ok(()) };
         // The queue is large; waiting when it is full slows this client rather than losing acks.
         match self.ctx.acks.try_send(record) {
             Ok(()) => Ok(()),
@@ -319,16 +337,57 @@ impl Session<'_> {
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Some(SHUTTING_DOWN)),
         }
     }
-}
 
-impl Session<'_> {
-    /// Publish→ack latency for the acked ids this connection was sent. Returns the context of
-    /// an ack span continuing the first traced notification, for the dispatcher's receipt span.
-    fn observe_acked(&mut self, ids: &[String]) -> Option<String> {
-        let mut traceparent = None;
+    /// What an ack or read frame tells the dispatchers, by the rule of [`crate::sent`]: ids
+    /// this connection was sent count once each; a read of anything else can only mark read
+    /// what another connection of the user delivered; the rest is ignored (and counted).
+    /// None when nothing is left to say.
+    fn record(&mut self, kind: AckKind, ids: Vec<MessageId>) -> Option<AckRecord> {
+        let mut sent_ids = Vec::new();
+        let mut read_unsent = Vec::new();
+        let mut first_acks = Vec::new();
+        let mut ignored = 0u64;
         for id in ids {
-            let Some(at) = self.in_flight.iter().position(|s| &*s.id == id.as_str()) else { continue };
-            let Some(sent) = self.in_flight.remove(at) else { continue };
+            match kind {
+                AckKind::Delivered => match self.sent.ack(id.as_str()) {
+                    Acked::First(sent) => {
+                        first_acks.push(sent);
+                        sent_ids.push(id);
+                    }
+                    Acked::Again | Acked::NotSent => ignored += 1,
+                },
+                AckKind::Read => match self.sent.read(id.as_str()) {
+                    Read::First { first_ack } => {
+                        first_acks.extend(first_ack);
+                        sent_ids.push(id);
+                    }
+                    Read::NotSent if !read_unsent.contains(&id) => read_unsent.push(id),
+                    Read::NotSent | Read::Again => ignored += 1,
+                },
+            }
+        }
+        self.ctx.metrics.acks_ignored.inc_by(ignored);
+        if sent_ids.is_empty() && read_unsent.is_empty() {
+            return None;
+        }
+        let traceparent = self.observe_acked(&first_acks);
+        Some(AckRecord {
+            user: self.conn.user.clone(),
+            connection_id: self.conn.id.clone(),
+            gateway_id: self.ctx.gateway_id.clone(),
+            kind,
+            ids: sent_ids,
+            read_unsent,
+            at_ms: herald_shared::now_ms(),
+            traceparent,
+        })
+    }
+
+    /// Publish→ack latency for notifications acked for the first time. Returns the context of
+    /// an ack span continuing the first traced one, for the dispatcher's receipt span.
+    fn observe_acked(&self, acked: &[Arc<Sent>]) -> Option<String> {
+        let mut traceparent = None;
+        for sent in acked {
             self.ctx.metrics.publish_to_ack.observe(seconds_since(sent.published_at_ms));
             if traceparent.is_none() && sent.traceparent.is_some() {
                 let span = tracing::info_span!("herald.ack", message_id = %sent.id);
@@ -349,10 +408,11 @@ fn read_error(error: axum::Error) -> Option<Ending> {
     }
 }
 
-/// The instant a token with `exp` (seconds since the epoch) runs out.
+/// The instant a token with `exp` (seconds since the epoch) runs out. Saturating: `exp` is
+/// whatever the token says, up to `u64::MAX`.
 fn expiry_instant(exp_secs: u64) -> tokio::time::Instant {
     let now_ms = herald_shared::now_ms();
-    let left = Duration::from_millis((exp_secs * 1000).saturating_sub(now_ms));
+    let left = Duration::from_millis(exp_secs.saturating_mul(1000).saturating_sub(now_ms));
     // Far-future tokens: cap so the deadline arithmetic cannot overflow.
     tokio::time::Instant::now() + left.min(Duration::from_secs(10 * 365 * 86_400))
 }
@@ -373,12 +433,18 @@ impl RateLimiter {
     }
 
     pub(crate) fn allow(&mut self, now: Instant) -> bool {
+        self.allow_n(now, 1)
+    }
+
+    /// Takes `n` tokens at once, if there are that many.
+    pub(crate) fn allow_n(&mut self, now: Instant, n: usize) -> bool {
         if let Some(last) = self.last {
             self.tokens = (self.tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
         }
         self.last = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
@@ -403,5 +469,21 @@ mod tests {
     #[test]
     fn token_expiry_in_the_past_is_now() {
         assert!(expiry_instant(1) <= tokio::time::Instant::now());
+    }
+
+    #[test]
+    fn any_token_expiry_is_a_deadline_without_overflow() {
+        for exp in [18_500_000_000_000_000, u64::MAX / 1000 + 1, u64::MAX] {
+            assert!(expiry_instant(exp) > tokio::time::Instant::now() + Duration::from_secs(86_400), "{exp}");
+        }
+    }
+
+    #[test]
+    fn the_id_limiter_takes_a_frame_of_ids_at_once() {
+        let mut limiter = RateLimiter::new(1000);
+        let start = Instant::now();
+        assert!(limiter.allow_n(start, 1000) && limiter.allow_n(start, 1000));
+        assert!(!limiter.allow_n(start, 1), "the burst is twice the rate");
+        assert!(limiter.allow_n(start + Duration::from_millis(500), 500));
     }
 }

@@ -3,16 +3,19 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::ids::{ConnectionId, GatewayId, MessageId};
 use crate::UnixMillis;
 
 /// A frame from a client to its gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
-    /// The client has the messages with these ids: their receipts become `delivered`.
-    Ack { ids: Vec<String> },
-    /// The user has seen these messages: their receipts become `read` (which implies `delivered`).
-    Read { ids: Vec<String> },
+    /// The client has the messages with these ids: their receipts become `delivered`. Only ids
+    /// this connection was sent count (proto/README.md, "Acks").
+    Ack { ids: Vec<MessageId> },
+    /// The user has seen these messages: their receipts become `read` (which implies
+    /// `delivered`), if this connection was sent them or they were delivered already.
+    Read { ids: Vec<MessageId> },
 }
 
 impl ClientFrame {
@@ -26,7 +29,7 @@ impl ClientFrame {
     }
 
     /// What this frame tells the dispatcher, and about which messages.
-    pub fn into_parts(self) -> (AckKind, Vec<String>) {
+    pub fn into_parts(self) -> (AckKind, Vec<MessageId>) {
         match self {
             ClientFrame::Ack { ids } => (AckKind::Delivered, ids),
             ClientFrame::Read { ids } => (AckKind::Read, ids),
@@ -89,8 +92,8 @@ impl ServerFrame {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// This connection's id, as it appears in receipts (`delivered_by`).
-    pub connection_id: String,
-    pub gateway_id: String,
+    pub connection_id: ConnectionId,
+    pub gateway_id: GatewayId,
     /// How often the gateway pings. A client that does not answer (pong) within two intervals is
     /// closed with 4408. Browsers answer pings themselves but cannot see them, so only a client
     /// with access to pings can use two silent intervals as a sign of a dead connection.
@@ -103,7 +106,7 @@ pub struct Hello {
 /// by `id`, and order by `seq`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Notification {
-    pub id: String,
+    pub id: MessageId,
     /// Increases with publish order across all of Herald (the job's JetStream sequence); two
     /// messages to one user never share it.
     pub seq: u64,

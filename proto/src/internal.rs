@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::client::{AckKind, Notification};
+use crate::ids::{ConnectionId, GatewayId, MessageId, UserId};
 use crate::UnixMillis;
 
 /// Dispatcher → one gateway, on that gateway's own core NATS subject. Best effort by design: a
@@ -21,7 +22,7 @@ pub enum GatewayCommand {
 /// travels once per gateway, not once per recipient.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Routed {
-    pub users: Vec<String>,
+    pub users: Vec<UserId>,
     pub notification: Notification,
     /// W3C trace context of the dispatcher's routing span, when traces are exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -30,8 +31,8 @@ pub struct Routed {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Replay {
-    pub user: String,
-    pub connection_id: String,
+    pub user: UserId,
+    pub connection_id: ConnectionId,
     pub notifications: Vec<Notification>,
 }
 
@@ -49,11 +50,17 @@ pub enum Event {
 /// the client, so a client can only ever move its own user's receipts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckRecord {
-    pub user: String,
-    pub connection_id: String,
-    pub gateway_id: String,
+    pub user: UserId,
+    pub connection_id: ConnectionId,
+    pub gateway_id: GatewayId,
     pub kind: AckKind,
-    pub ids: Vec<String>,
+    /// Ids the gateway sent this connection (before their expiry): an ack or read of these moves
+    /// a pending or expired receipt.
+    pub ids: Vec<MessageId>,
+    /// Only for `read`: ids this connection was not sent (another device got them). They can
+    /// only turn a receipt that is `delivered` already into `read`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_unsent: Vec<MessageId>,
     pub at_ms: UnixMillis,
     /// W3C trace context of the gateway's ack span (for the first traced id), when traces are
     /// exported.
@@ -63,8 +70,8 @@ pub struct AckRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Online {
-    pub user: String,
-    pub connection_id: String,
-    pub gateway_id: String,
+    pub user: UserId,
+    pub connection_id: ConnectionId,
+    pub gateway_id: GatewayId,
     pub at_ms: UnixMillis,
 }

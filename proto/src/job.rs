@@ -34,6 +34,9 @@ pub enum RejectCode {
     InvalidId,
     InvalidRecipient,
     InvalidTtl,
+    /// The `id` names a message already stored with different content (payload, recipients or
+    /// TTL). The stored message is left as it was; nothing of this job is delivered.
+    IdConflict,
     /// Accepted but failed to be stored every time it was tried; moved aside so the queue moves.
     DeadLetter,
 }

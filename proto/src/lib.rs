@@ -4,16 +4,19 @@
 //! * [`job`]: what a backend publishes to JetStream, and the rejections it may get back.
 //! * [`internal`]: what gateways and dispatchers tell each other over NATS.
 //! * [`close`]: the WebSocket close codes a client must understand.
+//! * [`ids`]: message, user, connection and gateway ids, validated where they are built.
 //!
 //! `README.md` next to this crate is the protocol document; the JSON files under `golden/` are its
 //! examples, and the tests below keep the two in step with these types.
 
 pub mod client;
 pub mod close;
+pub mod ids;
 pub mod internal;
 pub mod job;
 
 pub use client::{AckKind, ClientFrame, ErrorCode, Hello, Notification, ServerFrame};
+pub use ids::{ConnectionId, GatewayId, InvalidId, MessageId, UserId};
 pub use internal::{AckRecord, Event, GatewayCommand, Online, Replay, Routed};
 pub use job::{PublishJob, RejectCode, Rejection};
 

@@ -1,9 +1,10 @@
 //! Properties of decoding: no input makes a decoder panic (bad input is normal input on a socket
 //! or a subject), and every valid message survives encode then decode unchanged.
+#![allow(clippy::unwrap_used)]
 
 use herald_proto::{
-    AckKind, AckRecord, ClientFrame, ErrorCode, Event, GatewayCommand, Hello, Notification, Online, PublishJob,
-    RejectCode, Rejection, Replay, Routed, ServerFrame,
+    AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, Event, GatewayCommand, GatewayId, Hello, MessageId,
+    Notification, Online, PublishJob, RejectCode, Rejection, Replay, Routed, ServerFrame, UserId,
 };
 use proptest::prelude::*;
 use serde_json::value::RawValue;
@@ -40,8 +41,32 @@ fn ids() -> impl Strategy<Value = Vec<String>> {
     prop::collection::vec(".{0,20}", 0..8)
 }
 
+fn message_id() -> impl Strategy<Value = MessageId> {
+    "[A-Za-z0-9._:-]{1,20}".prop_map(|s| MessageId::new(s).unwrap())
+}
+
+fn message_ids() -> impl Strategy<Value = Vec<MessageId>> {
+    prop::collection::vec(message_id(), 0..8)
+}
+
+/// User ids as permissive as the grammar: separators, `@`, non-ASCII letters.
+fn user_id() -> impl Strategy<Value = UserId> {
+    "[A-Za-z0-9/@.:é ]{1,20}".prop_map(|s| UserId::new(s).unwrap())
+}
+
+fn connection_id() -> impl Strategy<Value = ConnectionId> {
+    "[A-Za-z0-9_-]{1,20}".prop_map(|s| ConnectionId::new(s).unwrap())
+}
+
+fn gateway_id() -> impl Strategy<Value = GatewayId> {
+    "[A-Za-z0-9_-]{1,20}".prop_map(|s| GatewayId::new(s).unwrap())
+}
+
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
-    prop_oneof![ids().prop_map(|ids| ClientFrame::Ack { ids }), ids().prop_map(|ids| ClientFrame::Read { ids }),]
+    prop_oneof![
+        message_ids().prop_map(|ids| ClientFrame::Ack { ids }),
+        message_ids().prop_map(|ids| ClientFrame::Read { ids }),
+    ]
 }
 
 fn publish_job() -> impl Strategy<Value = PublishJob> {
@@ -50,7 +75,7 @@ fn publish_job() -> impl Strategy<Value = PublishJob> {
 }
 
 fn notification() -> impl Strategy<Value = Notification> {
-    (".{0,20}", any::<u64>(), payload(), any::<u64>(), any::<u64>()).prop_map(
+    (message_id(), any::<u64>(), payload(), any::<u64>(), any::<u64>()).prop_map(
         |(id, seq, payload, published_at_ms, expires_at_ms)| Notification {
             id,
             seq,
@@ -75,7 +100,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
 
 fn server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
-        (".{0,20}", ".{0,20}", any::<u64>(), any::<usize>()).prop_map(
+        (connection_id(), gateway_id(), any::<u64>(), any::<usize>()).prop_map(
             |(connection_id, gateway_id, heartbeat_interval_ms, max_frame_bytes)| {
                 ServerFrame::Hello(Hello { connection_id, gateway_id, heartbeat_interval_ms, max_frame_bytes })
             }
@@ -94,6 +119,7 @@ fn rejection() -> impl Strategy<Value = Rejection> {
         RejectCode::InvalidId,
         RejectCode::InvalidRecipient,
         RejectCode::InvalidTtl,
+        RejectCode::IdConflict,
         RejectCode::DeadLetter,
     ]);
     (prop::option::of(".{0,20}"), any::<u64>(), ".{0,30}", code, ".{0,40}", any::<u64>()).prop_map(
@@ -110,14 +136,11 @@ fn rejection() -> impl Strategy<Value = Rejection> {
 
 fn gateway_command() -> impl Strategy<Value = GatewayCommand> {
     let traceparent = prop::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01");
-    let routed = (ids(), notification(), traceparent).prop_map(|(users, notification, traceparent)| Routed {
-        users,
-        notification,
-        traceparent,
-    });
+    let routed = (prop::collection::vec(user_id(), 0..8), notification(), traceparent)
+        .prop_map(|(users, notification, traceparent)| Routed { users, notification, traceparent });
     prop_oneof![
         prop::collection::vec(routed, 0..4).prop_map(GatewayCommand::Deliver),
-        (".{0,20}", ".{0,20}", prop::collection::vec(notification(), 0..4)).prop_map(
+        (user_id(), connection_id(), prop::collection::vec(notification(), 0..4)).prop_map(
             |(user, connection_id, notifications)| GatewayCommand::Replay(Replay {
                 user,
                 connection_id,
@@ -130,22 +153,25 @@ fn gateway_command() -> impl Strategy<Value = GatewayCommand> {
 fn event() -> impl Strategy<Value = Event> {
     let kind = prop::sample::select(vec![AckKind::Delivered, AckKind::Read]);
     let traceparent = prop::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01");
-    let record = (".{0,20}", ".{0,20}", ".{0,20}", kind, ids(), any::<u64>(), traceparent).prop_map(
-        |(user, connection_id, gateway_id, kind, ids, at_ms, traceparent)| AckRecord {
-            user,
-            connection_id,
-            gateway_id,
-            kind,
-            ids,
-            at_ms,
-            traceparent,
-        },
-    );
+    let record =
+        (user_id(), connection_id(), gateway_id(), kind, message_ids(), message_ids(), any::<u64>(), traceparent)
+            .prop_map(|(user, connection_id, gateway_id, kind, ids, read_unsent, at_ms, traceparent)| AckRecord {
+                user,
+                connection_id,
+                gateway_id,
+                kind,
+                ids,
+                read_unsent,
+                at_ms,
+                traceparent,
+            });
     prop_oneof![
         prop::collection::vec(record, 0..4).prop_map(Event::Acks),
-        (".{0,20}", ".{0,20}", ".{0,20}", any::<u64>()).prop_map(|(user, connection_id, gateway_id, at_ms)| {
-            Event::Online(Online { user, connection_id, gateway_id, at_ms })
-        }),
+        (user_id(), connection_id(), gateway_id(), any::<u64>()).prop_map(
+            |(user, connection_id, gateway_id, at_ms)| {
+                Event::Online(Online { user, connection_id, gateway_id, at_ms })
+            }
+        ),
     ]
 }
 

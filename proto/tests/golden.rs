@@ -234,12 +234,13 @@ fn all_reject_codes() -> Vec<RejectCode> {
         InvalidId,
         InvalidRecipient,
         InvalidTtl,
+        IdConflict,
         DeadLetter,
     ];
     for code in &all {
         match code {
             Malformed | PayloadTooLarge | NoRecipients | TooManyRecipients | InvalidId | InvalidRecipient
-            | InvalidTtl | DeadLetter => {}
+            | InvalidTtl | IdConflict | DeadLetter => {}
         }
     }
     all
@@ -455,7 +456,18 @@ fn routed_payload_is_kept_byte_for_byte() {
 #[test]
 fn client_frame_and_ack_kind_agree() {
     use herald_proto::AckKind;
-    let ids = vec!["a".to_owned()];
+    let ids = vec![herald_proto::MessageId::new("a").unwrap()];
     assert_eq!(ClientFrame::Ack { ids: ids.clone() }.into_parts(), (AckKind::Delivered, ids.clone()));
     assert_eq!(ClientFrame::Read { ids: ids.clone() }.into_parts(), (AckKind::Read, ids));
+}
+
+#[test]
+fn an_ack_frame_carries_only_well_formed_message_ids() {
+    // The forgery of issue 10: an id that names another user's receipt through a separator.
+    for frame in
+        [r#"{"type":"ack","ids":["m1/org"]}"#, r#"{"type":"read","ids":[""]}"#, r#"{"type":"ack","ids":["a b"]}"#]
+    {
+        assert!(ClientFrame::decode(frame).is_err(), "{frame}");
+    }
+    assert!(ClientFrame::decode(r#"{"type":"ack","ids":["order-1:a.b_c"]}"#).is_ok());
 }

@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+/// Shortest admin token accepted: 128 bits of a random hex or base64 string.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
 /// Everything wrong with the environment, one line per variable.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
@@ -68,6 +71,9 @@ pub struct GatewayConfig {
     pub max_connections_per_user: usize,
     /// Sustained client frames per second per connection, with a burst of twice as many.
     pub client_frames_per_sec: u32,
+    /// Sustained message ids per second one connection may ack or read, with a burst of twice
+    /// as many; past it the connection is closed with 4429.
+    pub client_ack_ids_per_sec: u32,
     /// Bytes of the socket read buffer per connection (see STYLE.md: defaults cost ~128 KiB).
     pub read_buffer_bytes: usize,
     /// Bytes written to a socket before a flush is forced.
@@ -244,6 +250,7 @@ impl GatewayConfig {
             max_connections: env.parse("HERALD_MAX_CONNECTIONS", 50_000),
             max_connections_per_user: env.parse("HERALD_MAX_CONNECTIONS_PER_USER", 16),
             client_frames_per_sec: env.parse("HERALD_CLIENT_FRAMES_PER_SEC", 50),
+            client_ack_ids_per_sec: env.parse("HERALD_CLIENT_ACK_IDS_PER_SEC", 2000),
             read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 1024),
             write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
             drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
@@ -258,8 +265,13 @@ impl GatewayConfig {
         if config.presence_ttl < Duration::from_millis(300) {
             env.invalid("HERALD_PRESENCE_TTL_MS: must be at least 300");
         }
-        if config.heartbeat_interval.is_zero() || config.client_frames_per_sec == 0 {
-            env.invalid("HERALD_HEARTBEAT_INTERVAL_MS and HERALD_CLIENT_FRAMES_PER_SEC must be positive");
+        if config.heartbeat_interval.is_zero()
+            || config.client_frames_per_sec == 0
+            || config.client_ack_ids_per_sec == 0
+        {
+            env.invalid(
+                "HERALD_HEARTBEAT_INTERVAL_MS, HERALD_CLIENT_FRAMES_PER_SEC and HERALD_CLIENT_ACK_IDS_PER_SEC must be positive",
+            );
         }
         if !(1..=5).contains(&config.common.jetstream_replicas) {
             env.invalid("HERALD_JETSTREAM_REPLICAS: must be 1 to 5");
@@ -298,6 +310,10 @@ impl DispatcherConfig {
             job_workers: env.parse("HERALD_JOB_WORKERS", 2),
             max_attempts: env.parse("HERALD_MAX_ATTEMPTS", 5),
         };
+        // Like the JWT secret: a short admin token can be guessed.
+        if !config.admin_token.is_empty() && config.admin_token.len() < MIN_ADMIN_TOKEN_BYTES {
+            env.invalid(format!("HERALD_ADMIN_TOKEN: must be at least {MIN_ADMIN_TOKEN_BYTES} bytes"));
+        }
         if config.job_batch == 0 || config.job_workers == 0 || config.max_attempts == 0 {
             env.invalid("HERALD_JOB_BATCH, HERALD_JOB_WORKERS and HERALD_MAX_ATTEMPTS must be positive");
         }
@@ -356,19 +372,30 @@ mod tests {
 
     #[test]
     fn dispatcher_lingers_default_to_milliseconds_and_are_bounded() {
-        let mut e = env(&[("HERALD_ADMIN_TOKEN", "t")]);
+        let mut e = env(&[("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!")]);
         let c = DispatcherConfig::from_env(&mut e);
         let c = e.finish(c).unwrap();
         assert_eq!((c.job_linger, c.event_linger), (Duration::from_millis(20), Duration::from_millis(50)));
-        let mut e = env(&[("HERALD_ADMIN_TOKEN", "t"), ("HERALD_EVENT_LINGER_MS", "5000")]);
+        let mut e =
+            env(&[("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"), ("HERALD_EVENT_LINGER_MS", "5000")]);
         let c = DispatcherConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_EVENT_LINGER_MS"));
     }
 
     #[test]
+    fn a_short_admin_token_is_refused() {
+        let mut e = env(&[("HERALD_ADMIN_TOKEN", "short")]);
+        let c = DispatcherConfig::from_env(&mut e);
+        assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_ADMIN_TOKEN: must be at least 16 bytes"));
+    }
+
+    #[test]
     fn dispatcher_checks_ttl_bounds() {
-        let mut e =
-            env(&[("HERALD_ADMIN_TOKEN", "t"), ("HERALD_DEFAULT_TTL_SECS", "100"), ("HERALD_MAX_TTL_SECS", "10")]);
+        let mut e = env(&[
+            ("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"),
+            ("HERALD_DEFAULT_TTL_SECS", "100"),
+            ("HERALD_MAX_TTL_SECS", "10"),
+        ]);
         let c = DispatcherConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_DEFAULT_TTL_SECS"));
     }

@@ -186,13 +186,23 @@ impl TestClient {
     }
 
     /// Acknowledges delivery of these messages.
+    /// Any string goes, so that a test can send ids a real client never would.
     pub async fn ack<I: AsRef<str>>(&mut self, ids: impl IntoIterator<Item = I>) -> Result<(), tungstenite::Error> {
-        self.send_frame(&ClientFrame::Ack { ids: ids.into_iter().map(|i| i.as_ref().to_owned()).collect() }).await
+        self.send_ids("ack", ids).await
     }
 
     /// Marks these messages read.
     pub async fn read<I: AsRef<str>>(&mut self, ids: impl IntoIterator<Item = I>) -> Result<(), tungstenite::Error> {
-        self.send_frame(&ClientFrame::Read { ids: ids.into_iter().map(|i| i.as_ref().to_owned()).collect() }).await
+        self.send_ids("read", ids).await
+    }
+
+    async fn send_ids<I: AsRef<str>>(
+        &mut self,
+        kind: &str,
+        ids: impl IntoIterator<Item = I>,
+    ) -> Result<(), tungstenite::Error> {
+        let ids: Vec<String> = ids.into_iter().map(|i| i.as_ref().to_owned()).collect();
+        self.send_text(serde_json::json!({ "type": kind, "ids": ids }).to_string()).await
     }
 
     pub async fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), tungstenite::Error> {

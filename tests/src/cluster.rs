@@ -73,6 +73,7 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         max_connections: 10_000,
         max_connections_per_user: 16,
         client_frames_per_sec: 1000,
+        client_ack_ids_per_sec: 100_000,
         read_buffer_bytes: 4096,
         write_buffer_bytes: 4096,
         drain_grace: options.drain_grace,
@@ -233,6 +234,7 @@ impl Cluster {
             ("HERALD_PRESENCE_TTL_MS", config.presence_ttl.as_millis().to_string()),
             ("HERALD_OUTBOUND_QUEUE", config.outbound_queue.to_string()),
             ("HERALD_CLIENT_FRAMES_PER_SEC", config.client_frames_per_sec.to_string()),
+            ("HERALD_CLIENT_ACK_IDS_PER_SEC", config.client_ack_ids_per_sec.to_string()),
             ("HERALD_DRAIN_GRACE_MS", config.drain_grace.as_millis().to_string()),
             ("HERALD_SHUTDOWN_DELAY_MS", config.shutdown_delay.as_millis().to_string()),
         ];
@@ -344,7 +346,7 @@ impl Cluster {
             .await?
             .try_collect()
             .await?;
-        Ok(receipts.into_iter().map(|r| (r.user.clone(), r)).collect())
+        Ok(receipts.into_iter().map(|r| (r.user.to_string(), r)).collect())
     }
 
     /// All receipts in one state, as (message id, user) pairs.
@@ -356,7 +358,7 @@ impl Cluster {
             .await?
             .try_collect()
             .await?;
-        Ok(receipts.into_iter().map(|r| (r.message_id, r.user)).collect())
+        Ok(receipts.into_iter().map(|r| (r.message_id.into_string(), r.user.into_string())).collect())
     }
 
     /// Waits until the receipt of (`message_id`, `user`) is in `state`.

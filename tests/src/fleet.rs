@@ -228,7 +228,7 @@ impl UserClient {
     }
 
     async fn session(&self, mut client: TestClient) -> Ended {
-        let gateway_id = client.hello().gateway_id.clone();
+        let gateway_id = client.hello().gateway_id.to_string();
         self.log(|l| {
             l.connections += 1;
             l.gateway_id = Some(gateway_id);
@@ -246,13 +246,13 @@ impl UserClient {
                     let late = herald_shared::now_ms() > n.expires_at_ms;
                     self.shared.notifications.fetch_add(1, Ordering::SeqCst);
                     self.log(|l| {
-                        *l.received.entry(n.id.clone()).or_default() += 1;
+                        *l.received.entry(n.id.to_string()).or_default() += 1;
                         if late {
-                            l.late.push(n.id.clone());
+                            l.late.push(n.id.to_string());
                         }
                     });
                     // Duplicates are acked too (the README: their ack is what stops them).
-                    acks.push(n.id);
+                    acks.push(n.id.into_string());
                     if acks.len() >= ACK_BATCH && !self.flush(&mut client, &mut acks).await {
                         break Ended::Closed(ABNORMAL);
                     }
@@ -479,8 +479,16 @@ async fn publish_all(
 /// Receipt states in the store, by (message id, user).
 pub async fn receipt_states(db: &mongodb::Database) -> anyhow::Result<HashMap<(String, String), String>> {
     let receipts: Vec<ReceiptDoc> =
-        db.collection::<ReceiptDoc>(collections::RECEIPTS).find(doc! {}).await?.try_collect().await?;
-    Ok(receipts.into_iter().map(|r| ((r.message_id, r.user), r.state.as_str().to_owned())).collect())
+        // Receipts only, not the claims that share their collection.
+        db.collection::<ReceiptDoc>(collections::RECEIPTS)
+            .find(doc! { "message_id": { "$exists": true } })
+            .await?
+            .try_collect()
+            .await?;
+    Ok(receipts
+        .into_iter()
+        .map(|r| ((r.message_id.into_string(), r.user.into_string()), r.state.as_str().to_owned()))
+        .collect())
 }
 
 /// Waits until every (message, recipient) of `jobs` whose recipient is not in `offline` has a

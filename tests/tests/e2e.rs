@@ -239,7 +239,7 @@ async fn bad_tokens_are_refused_before_the_upgrade_and_leave_no_presence() {
 
     // And a good token in the query works, as browsers need.
     let ok = TestClient::connect_with_query_token(&url, &cluster.token("mallory")).await.unwrap();
-    assert!(!ok.hello().connection_id.is_empty());
+    assert!(!ok.hello().connection_id.as_str().is_empty());
 }
 
 fn tungstenite_request(url: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {

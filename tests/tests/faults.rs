@@ -428,7 +428,7 @@ async fn collect(
     while ids.iter().any(|id| !seen.contains(id)) && Instant::now() < deadline {
         if let Some(n) = client.next_notification(Duration::from_millis(200)).await {
             client.ack([n.id.as_str()]).await.unwrap();
-            seen.insert(n.id);
+            seen.insert(n.id.into_string());
         }
     }
     seen

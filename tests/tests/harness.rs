@@ -297,8 +297,8 @@ mod echo {
 
     async fn session(mut socket: WebSocket) {
         let hello = Hello {
-            connection_id: "c1".into(),
-            gateway_id: "gw-echo".into(),
+            connection_id: herald_proto::ConnectionId::new("c1").unwrap(),
+            gateway_id: herald_proto::GatewayId::new("gw-echo").unwrap(),
             heartbeat_interval_ms: 50,
             max_frame_bytes: 1024,
         };

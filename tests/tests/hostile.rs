@@ -122,7 +122,7 @@ async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
 
     // A token with the configured issuer and audience is accepted.
     let ok = TestClient::connect(&url, &good("mallory")).await.unwrap();
-    assert!(!ok.hello().connection_id.is_empty());
+    assert!(!ok.hello().connection_id.as_str().is_empty());
 }
 
 /// proto/README.md: `iss` must equal the configured issuer, `aud` must contain the configured
@@ -167,7 +167,8 @@ async fn a_client_cannot_ack_read_or_receive_another_users_messages() {
     }
     // Two job workers route concurrently: live messages may arrive out of order (clients order
     // by `seq`).
-    let mut got: Vec<String> = alice.notifications_until(ids.len(), WAIT).await.into_iter().map(|n| n.id).collect();
+    let mut got: Vec<String> =
+        alice.notifications_until(ids.len(), WAIT).await.into_iter().map(|n| n.id.into_string()).collect();
     got.sort();
     assert_eq!(got, ids, "alice gets her own messages");
 
@@ -177,11 +178,20 @@ async fn a_client_cannot_ack_read_or_receive_another_users_messages() {
     let probes = [
         json!({"type": "ack", "ids": ids, "user": "alice"}),
         json!({"type": "read", "ids": ids, "user": "alice", "connection_id": alice.hello().connection_id}),
-        json!({"type": "ack", "ids": ["$ne", "{\"$ne\": null}", ".*", "alice-secret-*", "*"]}),
-        json!({"type": "ack", "ids": ["alice-secret-0 ", " alice-secret-0", "ALICE-SECRET-0"]}),
+        json!({"type": "ack", "ids": ["ALICE-SECRET-0", "alice-secret-00", "alice-secret"]}),
     ];
     for probe in &probes {
         mallory.send_text(probe.to_string()).await.unwrap();
+    }
+    // Ids outside the message id grammar (operators, patterns, padding) are malformed frames.
+    let malformed = [
+        json!({"type": "ack", "ids": ["$ne", "{\"$ne\": null}", ".*", "alice-secret-*", "*"]}),
+        json!({"type": "ack", "ids": ["alice-secret-0 ", " alice-secret-0"]}),
+    ];
+    for probe in &malformed {
+        let mut prober = cluster.connect(gateway.addr, "mallory").await.unwrap();
+        prober.send_text(probe.to_string()).await.unwrap();
+        assert_eq!(ending(&mut prober).await, (vec![ErrorCode::BadFrame], Some(4400)), "{probe}");
     }
     for (_, client) in &mut lookalikes {
         client.ack(ids.iter()).await.unwrap();
@@ -193,7 +203,7 @@ async fn a_client_cannot_ack_read_or_receive_another_users_messages() {
         cluster.send(&format!("own-{i}"), &[user]).await.unwrap();
         let n = client.next_notification(WAIT).await.unwrap_or_else(|| panic!("{user:?} got no message of its own"));
         client.ack([n.id.as_str()]).await.unwrap();
-        cluster.wait_receipt(&n.id, user, "delivered").await.unwrap();
+        cluster.wait_receipt(n.id.as_str(), user, "delivered").await.unwrap();
     }
     for id in &ids {
         let receipts = cluster.receipts(id).await.unwrap();
@@ -386,7 +396,9 @@ async fn invalid_jobs_are_rejected_with_reasons_and_the_worker_carries_on() {
 
     let many: Vec<String> = (0..10_001).map(|i| format!("u{i}")).collect();
     let big = "x".repeat(64 * 1024 + 1);
-    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    // The nesting limit (proto/README.md): 64 levels pass, 65 do not.
+    let deep = format!("{}{}", "[".repeat(64), "]".repeat(64));
+    let too_deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
     let cases: Vec<(&str, Vec<u8>, RejectCode, Option<&str>)> = vec![
         ("not JSON", b"{not json".to_vec(), RejectCode::Malformed, None),
         ("not UTF-8", vec![0xff, 0xfe, b'{', 0x80], RejectCode::Malformed, None),
@@ -416,6 +428,12 @@ async fn invalid_jobs_are_rejected_with_reasons_and_the_worker_carries_on() {
             json!({"id": "j-big", "to": ["alice"], "payload": big}).to_string().into_bytes(),
             RejectCode::PayloadTooLarge,
             Some("j-big"),
+        ),
+        (
+            "payload nested 200 deep",
+            format!(r#"{{"id":"j-deep","to":["alice"],"payload":{too_deep}}}"#).into_bytes(),
+            RejectCode::Malformed,
+            Some("j-deep"),
         ),
         ("empty recipient", br#"{"to":[""],"payload":1}"#.to_vec(), RejectCode::InvalidRecipient, None),
         ("control character", br#"{"to":["al\u0000ice"],"payload":1}"#.to_vec(), RejectCode::InvalidRecipient, None),

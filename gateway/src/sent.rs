@@ -1,0 +1,151 @@
+//! What one connection was sent: the notifications written to its socket, and whether the
+//! client has acked or read each. It is what makes a receipt's `delivered` true: only an ack of
+//! a notification this connection was sent is passed on (proto/README.md, "Acks"), and each
+//! only once, so no frame a client makes up can move a receipt, and no flood of repeats reaches
+//! the store. Owned by the session task; no locks.
+//!
+//! Bounded: past [`SENT_REMEMBERED`] the oldest entry is forgotten. An ack of a forgotten
+//! notification is ignored, so its receipt stays pending and it is sent again after the ack
+//! timeout: forgetting costs a resend, never a false receipt.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::registry::Sent;
+
+/// Notifications remembered per connection.
+pub(crate) const SENT_REMEMBERED: usize = 1024;
+
+#[derive(Debug)]
+struct Entry {
+    sent: Arc<Sent>,
+    acked: bool,
+    read: bool,
+}
+
+/// What an ack of one id means on this connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Acked {
+    /// Sent here and not acked before: pass it on. Carries what was sent, for the latency
+    /// metrics and the trace.
+    First(Arc<Sent>),
+    /// Acked before: nothing more to say.
+    Again,
+    /// Never sent here (or forgotten): it cannot count.
+    NotSent,
+}
+
+/// What a read of one id means on this connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// Sent here and not read before: may take the receipt to `delivered` and `read`.
+    First { first_ack: Option<Arc<Sent>> },
+    /// Read before.
+    Again,
+    /// Not sent here: it may only mark read what another connection delivered.
+    NotSent,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SentSet {
+    entries: HashMap<Arc<str>, Entry, foldhash::fast::RandomState>,
+    /// Ids in the order first sent; always the same ids as `entries`.
+    order: VecDeque<Arc<str>>,
+}
+
+impl SentSet {
+    /// Records a notification written to the socket. A notification sent again (a resend) keeps
+    /// its place and its flags: it was sent, and an ack already given still holds.
+    pub(crate) fn record(&mut self, sent: Arc<Sent>) {
+        if self.entries.contains_key(&sent.id) {
+            return;
+        }
+        if self.order.len() >= SENT_REMEMBERED {
+            if let Some(oldest) = self.order.pop_front() {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.order.push_back(Arc::clone(&sent.id));
+        self.entries.insert(Arc::clone(&sent.id), Entry { sent, acked: false, read: false });
+    }
+
+    pub(crate) fn ack(&mut self, id: &str) -> Acked {
+        match self.entries.get_mut(id) {
+            None => Acked::NotSent,
+            Some(entry) if entry.acked => Acked::Again,
+            Some(entry) => {
+                entry.acked = true;
+                Acked::First(Arc::clone(&entry.sent))
+            }
+        }
+    }
+
+    pub(crate) fn read(&mut self, id: &str) -> Read {
+        match self.entries.get_mut(id) {
+            None => Read::NotSent,
+            Some(entry) if entry.read => Read::Again,
+            Some(entry) => {
+                entry.read = true;
+                let first_ack = (!entry.acked).then(|| Arc::clone(&entry.sent));
+                entry.acked = true;
+                Read::First { first_ack }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn awaits_ack(&self, id: &str) -> bool {
+        self.entries.get(id).is_some_and(|e| !e.acked)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(id: &str) -> Arc<Sent> {
+        Arc::new(Sent { id: id.into(), published_at_ms: 0, expires_at_ms: u64::MAX, replay: false, traceparent: None })
+    }
+
+    #[test]
+    fn only_what_was_sent_can_be_acked_and_only_once() {
+        let mut set = SentSet::default();
+        set.record(sent("m1"));
+        assert!(set.awaits_ack("m1"));
+        assert_eq!(set.ack("m2"), Acked::NotSent);
+        assert!(matches!(set.ack("m1"), Acked::First(_)));
+        assert_eq!(set.ack("m1"), Acked::Again);
+        assert!(!set.awaits_ack("m1"));
+        set.record(sent("m1"));
+        assert_eq!(set.ack("m1"), Acked::Again, "a resend keeps the ack already given");
+    }
+
+    #[test]
+    fn a_read_of_an_unacked_notification_acks_it_too() {
+        let mut set = SentSet::default();
+        set.record(sent("m1"));
+        set.record(sent("m2"));
+        assert!(matches!(set.read("m1"), Read::First { first_ack: Some(_) }));
+        assert_eq!(set.ack("m1"), Acked::Again);
+        assert!(matches!(set.ack("m2"), Acked::First(_)));
+        assert_eq!(set.read("m2"), Read::First { first_ack: None });
+        assert_eq!(set.read("m2"), Read::Again);
+        assert_eq!(set.read("elsewhere"), Read::NotSent);
+    }
+
+    #[test]
+    fn the_oldest_is_forgotten_past_the_bound() {
+        let mut set = SentSet::default();
+        for i in 0..SENT_REMEMBERED + 10 {
+            set.record(sent(&format!("m{i}")));
+        }
+        assert_eq!(set.len(), SENT_REMEMBERED);
+        assert_eq!(set.ack("m0"), Acked::NotSent);
+        assert!(matches!(set.ack(&format!("m{}", SENT_REMEMBERED + 9)), Acked::First(_)));
+    }
+}
