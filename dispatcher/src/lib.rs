@@ -49,6 +49,9 @@ pub enum DispatcherError {
 
 /// Most gateway events applied at once (one receipt-update round trip per batch).
 const EVENT_BATCH: usize = 512;
+/// Bytes of events or jobs one fetch may hold (see `pull::Batching::max_bytes`): with the job
+/// workers, what bounds a dispatcher's memory under any flood of events or jobs.
+const FETCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// How long shutdown waits for in-flight batches to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -79,6 +82,7 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
 
+    let fetch_bytes = pull::fetch_bytes(FETCH_BYTES, nats.server_info().max_payload);
     let presence = presence::PresenceReader::new(redis.clone(), names.clone());
     let router = routing::Router::new(nats.clone(), names.clone());
     let jobs = jobs::JobPipeline {
@@ -94,7 +98,12 @@ pub async fn run(
             max_ttl: config.max_ttl,
         },
         ack_timeout: config.ack_timeout,
-        batching: pull::Batching { max: config.job_batch, linger: config.job_linger, concurrency: config.job_workers },
+        batching: pull::Batching {
+            max: config.job_batch,
+            linger: config.job_linger,
+            concurrency: config.job_workers,
+            max_bytes: fetch_bytes,
+        },
         max_attempts: config.max_attempts,
         ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
@@ -107,7 +116,12 @@ pub async fn run(
         ack_timeout: config.ack_timeout,
         replay_page: 256,
         // One batch at a time: a read receipt must not overtake the ack it follows.
-        batching: pull::Batching { max: EVENT_BATCH, linger: config.event_linger, concurrency: 1 },
+        batching: pull::Batching {
+            max: EVENT_BATCH,
+            linger: config.event_linger,
+            concurrency: 1,
+            max_bytes: fetch_bytes,
+        },
         ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
     };
@@ -128,14 +142,17 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let failed = Arc::new(AtomicBool::new(false));
     let stop = shutdown.child_token();
-    shutdown::spawn_critical(&tasks, "jobs", stop.clone(), Arc::clone(&failed), jobs.run(stop.clone()));
-    shutdown::spawn_critical(&tasks, "events", stop.clone(), Arc::clone(&failed), events.run(stop.clone()));
-    shutdown::spawn_critical(&tasks, "sweeper", stop.clone(), Arc::clone(&failed), sweeper.run(stop.clone()));
+    // A failed pipeline cancels `shutdown` itself, not just `stop`: the API stops answering and
+    // `run` returns an error, so the process exits non-zero and is restarted.
+    let critical =
+        shutdown::Critical { stopping: stop.clone(), process: shutdown.clone(), failed: Arc::clone(&failed) };
+    shutdown::spawn_critical(&tasks, "jobs", critical.clone(), jobs.run(stop.clone()));
+    shutdown::spawn_critical(&tasks, "events", critical.clone(), events.run(stop.clone()));
+    shutdown::spawn_critical(&tasks, "sweeper", critical.clone(), sweeper.run(stop.clone()));
     shutdown::spawn_critical(
         &tasks,
         "lag",
-        stop.clone(),
-        Arc::clone(&failed),
+        critical,
         jobs::report_lag(js.clone(), names.clone(), config.ack_wait, Arc::clone(&metrics), stop.clone()),
     );
 

@@ -38,6 +38,16 @@ pub struct Batching {
     /// Groups handled at once. More than one lets the next group gather while one is being
     /// stored, without splitting the stream into smaller groups.
     pub concurrency: usize,
+    /// Most bytes of messages one fetch brings: with `max`, what a batch can hold in memory
+    /// (jobs and events may each be up to NATS's `max_payload`). Raised to twice the server's
+    /// `max_payload` when that is larger, because JetStream never delivers a message bigger
+    /// than a fetch's byte budget, and such a message would block the consumer.
+    pub max_bytes: usize,
+}
+
+/// The byte budget of one fetch from a server that accepts messages of up to `max_payload`.
+pub fn fetch_bytes(budget: usize, max_payload: usize) -> usize {
+    budget.max(max_payload.saturating_mul(2))
 }
 
 /// A durable consumer all dispatchers share; created if missing (an existing consumer keeps
@@ -92,7 +102,7 @@ pub async fn run<F, Fut>(
     Fut: Future<Output = ()>,
 {
     let (tx, rx) = mpsc::channel(batching.max);
-    let fetching = fetch_into(tx, js, stream, name, ack_wait, batching.max, stop);
+    let fetching = fetch_into(tx, js, stream, name, ack_wait, (batching.max, batching.max_bytes), stop);
     let handling = async {
         let groups = tokio_stream::StreamExt::chunks_timeout(ReceiverStream::new(rx), batching.max, batching.linger);
         let mut groups = std::pin::pin!(groups);
@@ -119,7 +129,7 @@ async fn fetch_into(
     stream: &str,
     name: &str,
     ack_wait: Duration,
-    max: usize,
+    (max, max_bytes): (usize, usize),
     stop: &CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -141,24 +151,32 @@ async fn fetch_into(
                 }
             },
         };
-        let mut messages = match consumer.batch().max_messages(max).expires(FETCH_EXPIRES).messages().await {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::warn!(error = %e, stream, "cannot pull; retrying");
-                sleep_or_stop(&mut backoff, stop).await;
-                continue;
-            }
-        };
+        let mut messages =
+            match consumer.batch().max_messages(max).max_bytes(max_bytes).expires(FETCH_EXPIRES).messages().await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(error = %e, stream, "cannot pull; retrying");
+                    sleep_or_stop(&mut backoff, stop).await;
+                    continue;
+                }
+            };
         // The fetch is read to its end even when `stop` fires meanwhile (at most
         // FETCH_EXPIRES): what was pulled gets handled, not left to the ack wait.
         let mut broken = false;
+        let mut got = 0usize;
         while let Some(message) = messages.next().await {
             match (message, room.next()) {
-                (Ok(message), Some(slot)) => slot.send(message),
+                (Ok(message), Some(slot)) => {
+                    got += 1;
+                    slot.send(message);
+                }
                 // More than asked for (the server never does this): hand it straight back.
                 (Ok(message), None) => {
                     let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
                 }
+                // A fetch that filled its byte budget ends with a status (409 "Message Size
+                // Exceeds MaxBytes"): after messages, that is a full fetch, not a failure.
+                (Err(e), _) if got > 0 => tracing::debug!(error = %e, stream, "fetch ended"),
                 (Err(e), _) => {
                     tracing::warn!(error = %e, stream, "pulling");
                     broken = true;
@@ -182,5 +200,16 @@ pub(crate) async fn sleep_or_stop(backoff: &mut Duration, stop: &CancellationTok
     tokio::select! {
         _ = tokio::time::sleep(pause) => true,
         _ = stop.cancelled() => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetch_always_has_room_for_the_largest_message() {
+        assert_eq!(fetch_bytes(8 << 20, 1 << 20), 8 << 20);
+        assert_eq!(fetch_bytes(8 << 20, 8 << 20), 16 << 20);
     }
 }

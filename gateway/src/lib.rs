@@ -142,27 +142,17 @@ pub async fn run(
     let failed = Arc::new(AtomicBool::new(false));
     let stop_presence = CancellationToken::new();
     let stop_acks = CancellationToken::new();
+    // Each ends as planned only after `shutdown` (the drain stops them in order after it).
+    let critical =
+        shutdown::Critical { stopping: shutdown.clone(), process: shutdown.clone(), failed: Arc::clone(&failed) };
     shutdown::spawn_critical(
         &tasks,
         "deliveries",
-        shutdown.clone(),
-        Arc::clone(&failed),
+        critical.clone(),
         deliveries::run(deliveries, Arc::clone(&registry), Arc::clone(&metrics), close_sessions.clone()),
     );
-    shutdown::spawn_critical(
-        &tasks,
-        "presence",
-        shutdown.clone(),
-        Arc::clone(&failed),
-        presence_task.run(stop_presence.clone()),
-    );
-    shutdown::spawn_critical(
-        &tasks,
-        "acks",
-        shutdown.clone(),
-        Arc::clone(&failed),
-        ack_publisher.run(stop_acks.clone(), config.drain_grace),
-    );
+    shutdown::spawn_critical(&tasks, "presence", critical.clone(), presence_task.run(stop_presence.clone()));
+    shutdown::spawn_critical(&tasks, "acks", critical, ack_publisher.run(stop_acks.clone(), config.drain_grace));
 
     let (drain_grace, shutdown_delay) = (config.drain_grace, config.shutdown_delay);
     let gateway = Arc::new(Gateway {

@@ -40,17 +40,26 @@ pub async fn run_until_signal<F: Future>(token: CancellationToken, service: F) -
     service.await
 }
 
-/// Runs a task that must live as long as the process. If it ends before `shutdown` is
-/// cancelled, that is a failure: it is logged, counted in `failed`, and the whole process is
-/// asked to shut down (an orchestrator restarts it), because a gateway without its delivery
-/// subscription or a dispatcher without its consumer would look healthy while doing nothing.
-pub fn spawn_critical<F>(
-    tracker: &tokio_util::task::TaskTracker,
-    name: &'static str,
-    shutdown: CancellationToken,
-    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: F,
-) where
+/// What a critical task answers to: the token whose cancellation means "stop now, as planned",
+/// and the process's own shutdown token, cancelled when the task fails.
+#[derive(Debug, Clone)]
+pub struct Critical {
+    /// Cancelled when the task is expected to end (it may be a child of `process`).
+    pub stopping: CancellationToken,
+    /// The whole process's shutdown: what `run` and the HTTP server wait on.
+    pub process: CancellationToken,
+    /// Set when any critical task failed: `run` then returns an error, and `main` exits non-zero.
+    pub failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Runs a task that must live as long as the process. If it ends before `critical.stopping` is
+/// cancelled (a panic included), that is a failure: it is logged, recorded in `failed`, and the
+/// whole process shuts down and exits non-zero (an orchestrator restarts it), because a gateway
+/// without its delivery subscription or a dispatcher without its consumer would look healthy
+/// while doing nothing. (Cancelling only `stopping`, a child token, left the HTTP server and
+/// `/readyz` up over a dead pipeline.)
+pub fn spawn_critical<F>(tracker: &tokio_util::task::TaskTracker, name: &'static str, critical: Critical, task: F)
+where
     F: Future<Output = ()> + Send + 'static,
 {
     tracker.spawn(async move {
@@ -59,10 +68,49 @@ pub fn spawn_critical<F>(
             let what = panic.downcast_ref::<&str>().copied().or(panic.downcast_ref::<String>().map(String::as_str));
             tracing::error!(task = name, panic = what.unwrap_or("?"), "critical task panicked");
         }
-        if !shutdown.is_cancelled() {
+        if !critical.stopping.is_cancelled() {
             tracing::error!(task = name, "critical task ended unexpectedly; shutting down");
-            failed.store(true, std::sync::atomic::Ordering::SeqCst);
-            shutdown.cancel();
+            critical.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            critical.process.cancel();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_critical_task_that_panics_takes_the_process_down_and_a_planned_stop_does_not() {
+        let process = CancellationToken::new();
+        let stopping = process.child_token();
+        let critical = Critical { stopping: stopping.clone(), process: process.clone(), failed: Arc::default() };
+        let tracker = tokio_util::task::TaskTracker::new();
+        spawn_critical(&tracker, "planned", critical.clone(), {
+            let stopping = stopping.clone();
+            async move { stopping.cancelled().await }
+        });
+        spawn_critical(&tracker, "doomed", critical.clone(), async { panic!("injected") });
+        tokio::time::timeout(std::time::Duration::from_secs(5), process.cancelled()).await.unwrap();
+        assert!(critical.failed.load(Ordering::SeqCst));
+        // The parent's cancellation reaches the child: the planned task ends without a failure.
+        tracker.close();
+        tracker.wait().await;
+
+        let process = CancellationToken::new();
+        let stopping = process.child_token();
+        let calm =
+            Critical { stopping: stopping.clone(), process: process.clone(), failed: Arc::new(AtomicBool::new(false)) };
+        let tracker = tokio_util::task::TaskTracker::new();
+        spawn_critical(&tracker, "planned", calm.clone(), {
+            let stopping = stopping.clone();
+            async move { stopping.cancelled().await }
+        });
+        stopping.cancel();
+        tracker.close();
+        tracker.wait().await;
+        assert!(!process.is_cancelled() && !calm.failed.load(Ordering::SeqCst));
+    }
 }
