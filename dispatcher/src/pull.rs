@@ -10,7 +10,6 @@ use async_nats::jetstream::{self, consumer::pull, Message};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 /// How long one fetch waits for messages; also the longest a stopping dispatcher keeps pulling.
@@ -104,7 +103,12 @@ pub async fn run<F, Fut>(
     let (tx, rx) = mpsc::channel(batching.max);
     let fetching = fetch_into(tx, js, stream, name, ack_wait, (batching.max, batching.max_bytes), stop);
     let handling = async {
-        let groups = tokio_stream::StreamExt::chunks_timeout(ReceiverStream::new(rx), batching.max, batching.linger);
+        // A stream, so that a group half gathered survives the select below polling something
+        // else (an unfold keeps its pending future).
+        let groups = futures::stream::unfold(rx, |mut rx| async move {
+            let group = next_group(&mut rx, &batching).await?;
+            Some((group, rx))
+        });
         let mut groups = std::pin::pin!(groups);
         let mut in_hand = FuturesUnordered::new();
         loop {
@@ -119,6 +123,29 @@ pub async fn run<F, Fut>(
         while in_hand.next().await.is_some() {}
     };
     tokio::join!(fetching, handling);
+}
+
+/// The next group of messages: what arrives within `linger` of the first, up to `max` messages
+/// or `max_bytes` of payload (the message that crosses it included). None once the fetcher is gone.
+async fn next_group(rx: &mut mpsc::Receiver<Message>, batching: &Batching) -> Option<Vec<Message>> {
+    let first = rx.recv().await?;
+    let mut bytes = first.payload.len();
+    let mut group = vec![first];
+    let linger = tokio::time::sleep(batching.linger);
+    tokio::pin!(linger);
+    while group.len() < batching.max && bytes < batching.max_bytes {
+        tokio::select! {
+            _ = &mut linger => break,
+            next = rx.recv() => match next {
+                Some(message) => {
+                    bytes += message.payload.len();
+                    group.push(message);
+                }
+                None => break,
+            },
+        }
+    }
+    Some(group)
 }
 
 /// Fetches up to `max` messages at a time into `tx` until `stop` fires; each fetch waits for
