@@ -159,6 +159,10 @@ pub struct ReceiptDoc {
     pub id: String,
     pub message_id: MessageId,
     pub user: UserId,
+    /// The resend partition of `user` ([`partition_of`]): dispatchers divide the resend sweep
+    /// by it. Absent on receipts written before partitions existed (swept as [`LEGACY`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<i32>,
     pub seq: i64,
     pub state: ReceiptState,
     pub created_at: DateTime,
@@ -249,6 +253,21 @@ pub struct Store {
     metrics: DependencyMetrics,
 }
 
+/// Partitions of the resend sweep. Each dispatcher sweeps the partitions whose lock it takes, so
+/// resending spreads over every dispatcher, and each scan is bounded to one partition's due
+/// receipts.
+pub const PARTITIONS: u16 = 16;
+/// The sweep "partition" of receipts that have no `part` (written by an older version).
+pub const LEGACY: u16 = PARTITIONS;
+
+/// Which resend partition a user's receipts are in: a stable hash of the user id, the same in
+/// every process and version (the first two bytes of its SHA-256).
+pub fn partition_of(user: &UserId) -> u16 {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(user.as_str().as_bytes());
+    u16::from_be_bytes([hash[0], hash[1]]) % PARTITIONS
+}
+
 /// The `_id` of `user`'s receipt of `message_id`: the pair, as one string. Injective because
 /// a [`MessageId`] cannot hold `/` (the type's grammar, checked wherever one is built, an ack
 /// frame included): the first `/` always ends the message id, whatever the user id holds.
@@ -297,6 +316,7 @@ impl Store {
                 IndexModel::builder().keys(doc! { "user": 1, "state": 1, "seq": 1 }).build(),
                 IndexModel::builder().keys(doc! { "message_id": 1 }).build(),
                 IndexModel::builder().keys(doc! { "state": 1, "next_retry_at_ms": 1 }).build(),
+                IndexModel::builder().keys(doc! { "state": 1, "part": 1, "next_retry_at_ms": 1 }).build(),
                 IndexModel::builder().keys(doc! { "state": 1, "expires_at": 1 }).build(),
                 IndexModel::builder().keys(doc! { "purge_at": 1 }).options(ttl()).build(),
             ])
@@ -370,6 +390,7 @@ impl Store {
                     id: receipt_key(&job.message_id, user),
                     message_id: job.message_id.clone(),
                     user: user.clone(),
+                    part: Some(i32::from(partition_of(user))),
                     seq: job.seq as i64,
                     state: ReceiptState::Pending,
                     created_at: date(now_ms),
@@ -597,12 +618,46 @@ impl Store {
         self.call("unpark", update).await
     }
 
-    /// Pending receipts whose ack timeout passed: sent to a connected client that did not ack.
-    pub async fn due_for_retry(&self, now_ms: u64, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
+    /// The partitions that have receipts due for a resend (one indexed `distinct`), so that a
+    /// sweep scans only those. [`LEGACY`] is not among them: it is swept every interval.
+    pub async fn due_partitions(&self, now_ms: u64) -> Result<Vec<u16>, StoreError> {
+        let filter = doc! { "state": ReceiptState::Pending.as_str(), "next_retry_at_ms": { "$lte": now_ms as i64 } };
+        let distinct = async { Ok(self.receipts.distinct("part", filter).max_time(OP_TIMEOUT).await?) };
+        let values = self.call("due_partitions", distinct).await?;
+        Ok(values
+            .into_iter()
+            .filter_map(|v| v.as_i32().or_else(|| v.as_i64().and_then(|n| i32::try_from(n).ok())))
+            .filter_map(|n| u16::try_from(n).ok())
+            .filter(|p| *p < PARTITIONS)
+            .collect())
+    }
+
+    /// Pending receipts of one partition ([`LEGACY`]: those without one) whose ack timeout
+    /// passed: sent to a connected client that did not ack. Oldest deadline first.
+    pub async fn due_for_retry(
+        &self,
+        partition: u16,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ReceiptDoc>, StoreError> {
+        let part = if partition >= LEGACY {
+            mongodb::bson::Bson::Document(doc! { "$exists": false })
+        } else {
+            mongodb::bson::Bson::Int32(i32::from(partition))
+        };
+        let filter = doc! {
+            "state": ReceiptState::Pending.as_str(),
+            "part": part,
+            "next_retry_at_ms": { "$lte": now_ms as i64 },
+        };
         let find = async {
-            let filter =
-                doc! { "state": ReceiptState::Pending.as_str(), "next_retry_at_ms": { "$lte": now_ms as i64 } };
-            let cursor = self.receipts.find(filter).limit(limit as i64).max_time(OP_TIMEOUT).await?;
+            let cursor = self
+                .receipts
+                .find(filter)
+                .sort(doc! { "next_retry_at_ms": 1 })
+                .limit(limit as i64)
+                .max_time(OP_TIMEOUT)
+                .await?;
             Ok(cursor.try_collect().await?)
         };
         self.call("due_for_retry", find).await

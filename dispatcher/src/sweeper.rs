@@ -1,7 +1,14 @@
 //! The periodic sweep: marks expired receipts, and sends again what a connected client was sent
 //! but did not ack within the ack timeout (the frame sat in a dead socket's buffer, the command
-//! was lost in a NATS outage, the gateway died). One dispatcher sweeps per interval, chosen by a
-//! Redis lock that any of them can take; no dispatcher is special.
+//! was lost in a NATS outage, the gateway died).
+//!
+//! Resending is divided into [`PARTITIONS`] by user. Every interval, each dispatcher asks which
+//! partitions have receipts due, walks them from a random one and resends those whose lock it
+//! takes (a Redis key that expires
+//! with the interval, so each partition is swept once per interval by one dispatcher). Each
+//! partition's scan is bounded ([`SWEEP_BATCH`]), and while one dispatcher is busy with a
+//! partition the others take the rest: resend capacity grows with the number of dispatchers.
+//! Expiry is one update, done by whoever takes the expiry lock. No dispatcher is special.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -16,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::DispatcherMetrics;
 use crate::presence::PresenceReader;
 use crate::routing::{self, Router};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, LEGACY, PARTITIONS};
 
-/// Receipts looked at per sweep; a backlog takes several sweeps.
+/// Receipts looked at per partition and sweep; a backlog takes several sweeps.
 const SWEEP_BATCH: usize = 1000;
 
 pub struct Sweeper {
@@ -38,6 +45,8 @@ pub struct SweepReport {
     pub expired: u64,
     pub resent: usize,
     pub parked: usize,
+    /// Partitions this dispatcher resent in this interval.
+    pub partitions: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,36 +70,71 @@ impl Sweeper {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.sweep_if_leader().await {
-                Ok(Some(report)) if report != SweepReport::default() => tracing::debug!(?report, "sweep"),
+            match self.sweep_once().await {
+                Ok(report) if report != SweepReport::default() => tracing::debug!(?report, "sweep"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "sweep failed; retrying next interval"),
             }
         }
     }
 
-    /// Takes the sweep lock for one interval (it expires by itself), then sweeps.
-    pub async fn sweep_if_leader(&self) -> Result<Option<SweepReport>, SweepError> {
+    /// One interval's share of the sweep: expiry if this dispatcher takes that lock, then every
+    /// partition whose lock it takes, from a random one.
+    pub async fn sweep_once(&self) -> Result<SweepReport, SweepError> {
+        let now = now_ms();
+        let mut report = SweepReport::default();
+        if self.take(self.names.sweep_lock_key()).await? {
+            report.expired = self.store.expire(now).await?;
+            self.metrics.expired.inc_by(report.expired);
+        }
+        let mut due = self.store.due_partitions(now).await?;
+        due.push(LEGACY);
+        // From a random place, so that dispatchers ticking together start on different ones.
+        let start = rand::random_range(0..due.len());
+        due.rotate_left(start);
+        for partition in due {
+            if !self.take(self.names.resend_lock_key(partition)).await? {
+                continue;
+            }
+            let part = self.resend(partition, now).await?;
+            report.resent += part.resent;
+            report.parked += part.parked;
+            report.partitions += 1;
+        }
+        Ok(report)
+    }
+
+    /// Takes a lock for one interval; it expires by itself. False if another dispatcher holds it.
+    async fn take(&self, key: String) -> Result<bool, SweepError> {
         let taken: Option<String> = self
             .redis
             .set(
-                self.names.sweep_lock_key(),
+                key,
                 self.dispatcher_id.as_str(),
                 Some(Expiration::PX(self.interval.as_millis().max(1) as i64)),
                 Some(SetOptions::NX),
                 false,
             )
             .await?;
-        if taken.is_none() {
-            return Ok(None);
-        }
-        self.sweep(now_ms()).await.map(Some)
+        Ok(taken.is_some())
     }
 
+    /// The whole sweep in one call, every partition, ignoring locks (for tests).
     pub async fn sweep(&self, now: u64) -> Result<SweepReport, SweepError> {
         let mut report = SweepReport { expired: self.store.expire(now).await?, ..Default::default() };
-        self.metrics.expired.inc_by(report.expired);
-        let due = self.store.due_for_retry(now, SWEEP_BATCH).await?;
+        for partition in walk(0) {
+            let part = self.resend(partition, now).await?;
+            report.resent += part.resent;
+            report.parked += part.parked;
+            report.partitions += 1;
+        }
+        Ok(report)
+    }
+
+    /// Resends one partition's receipts whose ack timeout passed.
+    async fn resend(&self, partition: u16, now: u64) -> Result<SweepReport, SweepError> {
+        let mut report = SweepReport::default();
+        let due = self.store.due_for_retry(partition, now, SWEEP_BATCH).await?;
         if due.is_empty() {
             return Ok(report);
         }
@@ -128,5 +172,35 @@ impl Sweeper {
         report.resent = resent.len();
         self.metrics.resent.inc_by(resent.len() as u64);
         Ok(report)
+    }
+}
+
+/// Every partition once (the legacy one included), starting at `start`.
+fn walk(start: u16) -> impl Iterator<Item = u16> {
+    (0..=LEGACY).map(move |k| (start + k) % (PARTITIONS + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_walk_visits_every_partition_once_from_anywhere() {
+        for start in [0, 5, LEGACY] {
+            let mut seen: Vec<u16> = walk(start).collect();
+            assert_eq!(seen[0], start);
+            seen.sort_unstable();
+            assert_eq!(seen, (0..=LEGACY).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        use crate::store::partition_of;
+        let user = |s: &str| UserId::new(s).unwrap();
+        assert_eq!(partition_of(&user("alice")), partition_of(&user("alice")));
+        let used: HashSet<u16> = (0..200).map(|i| partition_of(&user(&format!("user-{i}")))).collect();
+        assert_eq!(used.len(), PARTITIONS as usize, "200 users cover every partition");
+        assert!(used.iter().all(|p| *p < PARTITIONS));
     }
 }

@@ -113,6 +113,11 @@ impl Names {
     pub fn sweep_lock_key(&self) -> String {
         format!("{}:lock:sweep", self.prefix)
     }
+
+    /// Held by the dispatcher that resends one partition of receipts for one sweep interval.
+    pub fn resend_lock_key(&self, partition: u16) -> String {
+        format!("{}:lock:resend:{partition}", self.prefix)
+    }
 }
 
 #[cfg(test)]

@@ -455,3 +455,50 @@ async fn a_backlog_larger_than_a_replay_page_is_delivered_in_full() {
     .await
     .unwrap();
 }
+
+/// Resending is divided among dispatchers by partition (issue 11 item 9): while another
+/// dispatcher holds a partition's lock, that partition's receipts are not resent here, and every
+/// other partition's are; once the lock goes, they are resent too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resends_are_divided_among_dispatchers_by_partition() {
+    use herald_dispatcher::store::partition_of;
+    use herald_proto::UserId;
+    let options = Options { ack_timeout: Duration::from_millis(500), ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let held_user = "held-user";
+    let held = partition_of(&UserId::new(held_user).unwrap());
+    let free_user = (0..)
+        .map(|i| format!("free-user-{i}"))
+        .find(|u| partition_of(&UserId::new(u.as_str()).unwrap()) != held)
+        .unwrap();
+    // Another dispatcher, as far as this one can tell, sweeps the held partition.
+    let redis = cluster.redis().await.unwrap();
+    let lock = cluster.stack.names().resend_lock_key(held);
+    let _: () = redis.set(&lock, "another-dispatcher", Some(Expiration::PX(120_000)), None, false).await.unwrap();
+
+    let gateway = cluster.gateway().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let mut held_client = cluster.connect(gateway.addr, held_user).await.unwrap();
+    let mut free_client = cluster.connect(gateway.addr, &free_user).await.unwrap();
+    cluster.wait_presence(dispatcher.addr, held_user, true).await.unwrap();
+    cluster.wait_presence(dispatcher.addr, &free_user, true).await.unwrap();
+    cluster.send("to-held", &[held_user]).await.unwrap();
+    cluster.send("to-free", &[&free_user]).await.unwrap();
+    assert_eq!(held_client.next_notification(WAIT).await.map(|n| n.id.into_string()).as_deref(), Some("to-held"));
+    // Neither acks. The free partition is resent, again and again.
+    for _ in 0..3 {
+        let n = free_client.next_notification(WAIT).await.expect("a resend");
+        assert_eq!(n.id, "to-free");
+    }
+    // Three resends of the free partition took three ack timeouts: the held one would have had
+    // as many by now. (At most one more copy may have come: a replay that raced the first
+    // delivery right after connecting.)
+    let mut copies = 0;
+    while held_client.next_notification(Duration::from_millis(100)).await.is_some() {
+        copies += 1;
+    }
+    assert!(copies <= 1, "a held partition is not resent: {copies} more copies");
+    let _: i64 = redis.del(&lock).await.unwrap();
+    let n = held_client.next_notification(WAIT).await.expect("resent once its lock is free");
+    assert_eq!(n.id, "to-held");
+}
