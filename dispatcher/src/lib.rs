@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use fred::prelude::ClientLike;
 use herald_shared::config::DispatcherConfig;
 use herald_shared::naming::Names;
-use herald_shared::{connect, shutdown, streams};
+use herald_shared::{connect, serve, shutdown, streams};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,8 +38,6 @@ pub enum DispatcherError {
     Streams(#[from] streams::StreamError),
     #[error("creating indexes: {0}")]
     Indexes(#[from] store::StoreError),
-    #[error("serving HTTP: {0}")]
-    Serve(#[from] std::io::Error),
     #[error("a critical task failed; see the log")]
     TaskFailed,
     #[error("metrics: {0}")]
@@ -138,6 +136,7 @@ pub async fn run(
         jobs::report_lag(js.clone(), names.clone(), config.ack_wait, Arc::clone(&metrics), stop.clone()),
     );
 
+    let http_metrics = metrics.http.clone();
     let state = Arc::new(api::ApiState {
         metrics,
         admin_token: config.admin_token.clone(),
@@ -147,8 +146,7 @@ pub async fn run(
         nats: nats.clone(),
     });
     tracing::info!(dispatcher = %config.dispatcher_id, addr = ?listener.local_addr().ok(), "dispatcher running");
-    let served =
-        axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    serve::serve(listener, api::router(state), &config.common.http, http_metrics, shutdown.clone()).await;
 
     stop.cancel();
     tasks.close();
@@ -158,7 +156,6 @@ pub async fn run(
     let _ = nats.flush().await;
     let _ = redis.quit().await;
     tracing::info!(dispatcher = %config.dispatcher_id, "dispatcher stopped");
-    served?;
     if failed.load(Ordering::SeqCst) {
         return Err(DispatcherError::TaskFailed);
     }

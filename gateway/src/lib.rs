@@ -12,7 +12,7 @@ use async_nats::jetstream;
 use fred::prelude::ClientLike;
 use herald_shared::config::GatewayConfig;
 use herald_shared::naming::Names;
-use herald_shared::{connect, shutdown, streams};
+use herald_shared::{connect, serve, shutdown, streams};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,8 +40,6 @@ pub enum GatewayError {
     Streams(#[from] streams::StreamError),
     #[error("subscribing to deliveries: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
-    #[error("serving HTTP: {0}")]
-    Serve(#[from] std::io::Error),
     #[error("a critical task failed; see the log")]
     TaskFailed,
     #[error("metrics: {0}")]
@@ -174,13 +172,13 @@ pub async fn run(
     // HTTP keeps serving through the drain, so probes see "not ready" and late connects get a
     // clear 503 instead of a refused connection; it stops once the sessions are gone.
     let stop_http = CancellationToken::new();
-    let server = axum::serve(listener, http::router(Arc::clone(&gateway)))
-        .with_graceful_shutdown(stop_http.clone().cancelled_owned());
-    let serve = async {
-        let served = server.await;
-        shutdown.cancel(); // a server that fails on its own takes the process down
-        served
-    };
+    let serve = serve::serve(
+        listener,
+        http::router(Arc::clone(&gateway)),
+        &gateway.config.common.http,
+        metrics.http.clone(),
+        stop_http.clone(),
+    );
     // Drain, in order: not ready and no new sessions; after the shutdown delay (time for load
     // balancers to notice), sessions close with 1012; their removals reach Redis and the
     // gateway leaves the routing set; queued acks go out.
@@ -197,7 +195,7 @@ pub async fn run(
         stop_http.cancel();
         deadline
     };
-    let (served, deadline) = tokio::join!(serve, drain);
+    let ((), deadline) = tokio::join!(serve, drain);
     stop_presence.cancel();
     stop_acks.cancel();
     tasks.close();
@@ -207,7 +205,6 @@ pub async fn run(
     let _ = nats.flush().await;
     let _ = redis.quit().await;
     tracing::info!(gateway = %gateway_id, "gateway stopped");
-    served?;
     if failed.load(Ordering::SeqCst) {
         return Err(GatewayError::TaskFailed);
     }

@@ -266,6 +266,9 @@ impl Cluster {
             .env("HERALD_REDIS_URL", &common.redis_url)
             .env("HERALD_NATS_URL", &common.nats_url)
             .env("HERALD_LOG", log)
+            // Tests connect their clients from one address, quickly: as in `Stack::common_config`,
+            // no per-address connect rate unless a test sets one.
+            .env("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "0")
             .envs(env)
             .envs(self.options.otlp_endpoint.iter().flat_map(|endpoint| {
                 // Export every 100 ms rather than every 5 s, so tests see spans quickly.
