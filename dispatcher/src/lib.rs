@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use fred::prelude::ClientLike;
 use herald_shared::config::DispatcherConfig;
 use herald_shared::naming::Names;
-use herald_shared::{connect, serve, shutdown, streams};
+use herald_shared::{connect, fdlimit, serve, shutdown, streams};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,6 +38,8 @@ pub enum DispatcherError {
     Streams(#[from] streams::StreamError),
     #[error("creating indexes: {0}")]
     Indexes(#[from] store::StoreError),
+    #[error(transparent)]
+    FdLimit(#[from] fdlimit::FdLimitError),
     #[error("a critical task failed; see the log")]
     TaskFailed,
     #[error("metrics: {0}")]
@@ -46,6 +48,11 @@ pub enum DispatcherError {
 
 /// Most gateway events applied at once (one receipt-update round trip per batch).
 const EVENT_BATCH: usize = 512;
+
+/// Open files kept for everything but HTTP connections: the MongoDB pool (10 per server and its
+/// monitors, so ~36 for a three-member replica set), Redis, NATS, the listener, the runtime,
+/// stdio, trace export.
+const FD_RESERVE: usize = 128;
 
 /// How long shutdown waits for in-flight batches to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -57,6 +64,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), DispatcherError> {
+    // The HTTP connections and the reserve must fit in the open-file limit, or the API, the probes
+    // and the store connections would fail together under load.
+    let limit = fdlimit::raise_to_hard();
+    let http = serve::open_files(&config.common.http);
+    fdlimit::plan_http(http, FD_RESERVE, limit)?;
+    tracing::info!(open_file_limit = %fdlimit::describe(limit), http, reserve = FD_RESERVE, "connection limits");
     let names = Names::new(&config.common.prefix);
     let metrics = Arc::new(metrics::DispatcherMetrics::new()?);
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.

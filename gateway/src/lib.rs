@@ -12,7 +12,7 @@ use async_nats::jetstream;
 use fred::prelude::ClientLike;
 use herald_shared::config::GatewayConfig;
 use herald_shared::naming::Names;
-use herald_shared::{connect, serve, shutdown, streams};
+use herald_shared::{connect, fdlimit, serve, shutdown, streams};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,11 +40,18 @@ pub enum GatewayError {
     Streams(#[from] streams::StreamError),
     #[error("subscribing to deliveries: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    #[error(transparent)]
+    FdLimit(#[from] fdlimit::FdLimitError),
     #[error("a critical task failed; see the log")]
     TaskFailed,
     #[error("metrics: {0}")]
     Metrics(#[from] herald_shared::metrics::MetricsError),
 }
+
+/// Open files kept for everything but client connections: Redis and NATS (and their reconnects),
+/// the listener, the runtime, stdio, trace export, the metrics' reads of /proc. Generous: running
+/// out of these takes presence and deliveries down for every client at once.
+const FD_RESERVE: usize = 64;
 
 /// State shared by the HTTP handlers.
 pub(crate) struct Gateway {
@@ -82,6 +89,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
+    let sessions = session_budget(&config)?;
     let names = Names::new(&config.common.prefix);
     let gateway_id = config.gateway_id.clone();
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
@@ -98,7 +106,7 @@ pub async fn run(
     };
 
     let metrics = Arc::new(metrics::GatewayMetrics::new()?);
-    let registry = Registry::new(config.max_connections, config.max_connections_per_user);
+    let registry = Registry::new(sessions, config.max_connections_per_user);
     // Subscribe before becoming routable, so nothing routed here falls on the floor.
     let deliveries = nats.subscribe(names.gateway_subject(&gateway_id)).await?;
     let (presence_task, presence) = PresenceTask::new(
@@ -209,4 +217,29 @@ pub async fn run(
         return Err(GatewayError::TaskFailed);
     }
     Ok(())
+}
+
+/// How many sessions this gateway may hold within its open-file limit (raised to the hard limit
+/// first), with the HTTP listener's budget and [`FD_RESERVE`] set aside. A configured
+/// `max_connections` that does not fit stops the start; the default is lowered to fit, loudly.
+fn session_budget(config: &GatewayConfig) -> Result<usize, fdlimit::FdLimitError> {
+    let limit = fdlimit::raise_to_hard();
+    let http = serve::open_files(&config.common.http);
+    let budget = fdlimit::plan_sessions(config.max_connections, http, FD_RESERVE, limit)?;
+    if let Some(default) = budget.lowered_from {
+        tracing::warn!(
+            open_file_limit = %fdlimit::describe(limit),
+            sessions = budget.sessions,
+            "HERALD_MAX_CONNECTIONS is unset and the open-file limit leaves room for fewer sessions than the \
+             default {default}: raise the limit (ulimit -n) to hold more"
+        );
+    }
+    tracing::info!(
+        open_file_limit = %fdlimit::describe(limit),
+        sessions = budget.sessions,
+        http,
+        reserve = FD_RESERVE,
+        "connection limits"
+    );
+    Ok(budget.sessions)
 }

@@ -96,7 +96,10 @@ pub struct GatewayConfig {
     pub outbound_queue: usize,
     /// Largest frame accepted from a client.
     pub max_frame_bytes: usize,
-    pub max_connections: usize,
+    /// Most WebSocket sessions at once. `Some(n)`: exactly n, and the gateway refuses to start if
+    /// its open-file limit cannot hold them. `None` (`HERALD_MAX_CONNECTIONS` unset): as many as
+    /// the limit leaves room for, at most [`DEFAULT_MAX_CONNECTIONS`]. See `fdlimit`.
+    pub max_connections: Option<usize>,
     pub max_connections_per_user: usize,
     /// Sustained client frames per second per connection, with a burst of twice as many.
     pub client_frames_per_sec: u32,
@@ -149,6 +152,9 @@ pub struct DispatcherConfig {
     /// dead-lettered.
     pub max_attempts: u64,
 }
+
+/// Sessions per gateway when `HERALD_MAX_CONNECTIONS` is unset and the open-file limit allows.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
 
 /// Shortest HTTP timeout accepted: below it, ordinary clients on a slow network would be cut off.
 const MIN_HTTP_TIMEOUT: Duration = Duration::from_millis(100);
@@ -204,6 +210,21 @@ impl Env {
             Some(Err(e)) => {
                 self.errors.push(format!("{name}: {e}"));
                 default
+            }
+        }
+    }
+
+    /// Like [`Env::parse`], for a variable whose absence means something of its own.
+    pub fn parse_optional<T>(&mut self, name: &str) -> Option<T>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        match self.raw(name).map(str::parse::<T>)? {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errors.push(format!("{name}: {e}"));
+                None
             }
         }
     }
@@ -296,7 +317,7 @@ impl GatewayConfig {
             presence_ttl: env.millis("HERALD_PRESENCE_TTL_MS", 10_000),
             outbound_queue: env.parse("HERALD_OUTBOUND_QUEUE", 1024),
             max_frame_bytes: env.parse("HERALD_MAX_FRAME_BYTES", 16 * 1024),
-            max_connections: env.parse("HERALD_MAX_CONNECTIONS", 50_000),
+            max_connections: env.parse_optional("HERALD_MAX_CONNECTIONS"),
             max_connections_per_user: env.parse("HERALD_MAX_CONNECTIONS_PER_USER", 16),
             client_frames_per_sec: env.parse("HERALD_CLIENT_FRAMES_PER_SEC", 50),
             read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 1024),
@@ -395,6 +416,7 @@ mod tests {
         assert_eq!(c.common.prefix, "herald");
         assert_eq!(c.read_buffer_bytes, 1024);
         assert!(c.gateway_id.starts_with("gw-"));
+        assert_eq!(c.max_connections, None, "unset: as many as the open-file limit allows");
         assert_eq!(c.common.http, HttpConfig::default());
     }
 
@@ -402,6 +424,7 @@ mod tests {
     fn http_limits_are_read_and_checked() {
         let mut e = env(&[
             ("HERALD_JWT_SECRET", "0123456789abcdef"),
+            ("HERALD_MAX_CONNECTIONS", "500"),
             ("HERALD_HTTP_HEADER_TIMEOUT_MS", "2500"),
             ("HERALD_HTTP_IDLE_TIMEOUT_MS", "7000"),
             ("HERALD_HTTP_MAX_CONNECTIONS", "64"),
@@ -409,6 +432,7 @@ mod tests {
         ]);
         let c = GatewayConfig::from_env(&mut e);
         let c = e.finish(c).unwrap();
+        assert_eq!(c.max_connections, Some(500));
         let want = HttpConfig {
             header_timeout: Duration::from_millis(2500),
             idle_timeout: Duration::from_secs(7),
@@ -431,6 +455,9 @@ mod tests {
         {
             assert!(text.contains(var), "{var} missing from {text}");
         }
+        let mut e = env(&[("HERALD_JWT_SECRET", "0123456789abcdef"), ("HERALD_MAX_CONNECTIONS", "lots")]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_MAX_CONNECTIONS"));
     }
 
     #[test]

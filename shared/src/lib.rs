@@ -3,6 +3,7 @@
 pub mod backoff;
 pub mod config;
 pub mod connect;
+pub mod fdlimit;
 pub mod metrics;
 pub mod naming;
 pub mod serve;

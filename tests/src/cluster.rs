@@ -70,7 +70,7 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         presence_ttl: options.presence_ttl,
         outbound_queue: options.outbound_queue,
         max_frame_bytes: 16 * 1024,
-        max_connections: 10_000,
+        max_connections: Some(10_000),
         max_connections_per_user: 16,
         client_frames_per_sec: 1000,
         read_buffer_bytes: 4096,
@@ -235,6 +235,8 @@ impl Cluster {
             ("HERALD_CLIENT_FRAMES_PER_SEC", config.client_frames_per_sec.to_string()),
             ("HERALD_DRAIN_GRACE_MS", config.drain_grace.as_millis().to_string()),
             ("HERALD_SHUTDOWN_DELAY_MS", config.shutdown_delay.as_millis().to_string()),
+            // As in `gateway_config`; set, so the gateway does not warn that it lowered its default.
+            ("HERALD_MAX_CONNECTIONS", "10000".to_owned()),
         ];
         self.spawn("herald-gateway", addr, env).await
     }

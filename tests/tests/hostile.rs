@@ -344,7 +344,7 @@ async fn connection_limits_refuse_the_next_connection_with_a_reason() {
     let cluster = Cluster::start().await.unwrap();
     let mut config = gateway_config(&cluster.stack, &cluster.options);
     config.max_connections_per_user = 2;
-    config.max_connections = 4;
+    config.max_connections = Some(4);
     let gateway = cluster.gateway_with(config).await.unwrap();
     let url = ws_url(gateway.addr);
     let token = |user: &str| cluster.token(user);
