@@ -437,7 +437,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_registry, metrics) = metrics();
-        let router = Router::new().route("/healthz", get(|| async { "ok" }));
+        // /big: more than the socket buffers of a client that does not read can take.
+        let big = axum::body::Bytes::from(vec![b'x'; 16 << 20]);
+        let router =
+            Router::new().route("/healthz", get(|| async { "ok" })).route("/big", get(move || async move { big }));
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let (metrics, stop) = (metrics.clone(), stop.clone());
@@ -486,6 +489,45 @@ mod tests {
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(1), task).await.unwrap().unwrap();
         assert_eq!(metrics.open.get(), 0);
+    }
+
+    /// Polls `check` every 10 ms until it holds, for at most `within`.
+    async fn until(within: Duration, check: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        while !check() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_its_response_is_closed_after_the_idle_timeout() {
+        let config = HttpConfig {
+            idle_timeout: Duration::from_millis(300),
+            connects_per_sec_per_ip: 0,
+            ..HttpConfig::default()
+        };
+        let (addr, metrics, stop, task) = start(config).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        // The response stalls in full socket buffers; nothing moves, so the server lets go.
+        let idle_timeouts = || metrics.shed.with_label_values(&[shed::IDLE_TIMEOUT]).get();
+        assert!(until(Duration::from_secs(3), || idle_timeouts() == 1 && metrics.open.get() == 0).await);
+        // A client that does read gets the whole body, however long that takes in all.
+        let mut reader = TcpStream::connect(addr).await.unwrap();
+        reader.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut body = Vec::new();
+        reader.read_to_end(&mut body).await.unwrap();
+        assert!(body.len() > 16 << 20, "{} bytes", body.len());
+        assert_eq!(idle_timeouts(), 1);
+        drop(stream);
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]
