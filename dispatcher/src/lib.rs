@@ -59,6 +59,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs a dispatcher, with its query API on `listener`, until `shutdown` is cancelled. Then it
 /// stops pulling, finishes the batches in flight (or hands them back to JetStream), and returns.
+/// Fails at once when its HTTP connections do not fit the process's open-file limit.
 pub async fn run(
     config: DispatcherConfig,
     listener: TcpListener,

@@ -83,7 +83,8 @@ impl Gateway {
 
 /// Runs a gateway on `listener` until `shutdown` is cancelled, then drains: stops accepting,
 /// closes every session with 1012 (reconnect elsewhere), removes its presence, flushes acks,
-/// and returns within the configured grace period.
+/// and returns within the configured grace period. Fails at once, before connecting to anything,
+/// when its connection limits do not fit the process's open-file limit.
 pub async fn run(
     config: GatewayConfig,
     listener: TcpListener,
