@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use fred::prelude::ClientLike;
 use herald_shared::config::DispatcherConfig;
 use herald_shared::naming::Names;
-use herald_shared::{connect, shutdown, streams};
+use herald_shared::{connect, fdlimit, serve, shutdown, streams};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,8 +39,8 @@ pub enum DispatcherError {
     Streams(#[from] streams::StreamError),
     #[error("creating indexes: {0}")]
     Indexes(#[from] store::StoreError),
-    #[error("serving HTTP: {0}")]
-    Serve(#[from] std::io::Error),
+    #[error(transparent)]
+    FdLimit(#[from] fdlimit::FdLimitError),
     #[error("a critical task failed; see the log")]
     TaskFailed,
     #[error("metrics: {0}")]
@@ -53,16 +53,28 @@ const EVENT_BATCH: usize = 512;
 /// workers, what bounds a dispatcher's memory under any flood of events or jobs.
 const FETCH_BYTES: usize = 8 * 1024 * 1024;
 
+/// Open files kept for everything but HTTP connections: the MongoDB pool (10 per server and its
+/// monitors, so ~36 for a three-member replica set), Redis, NATS, the listener, the runtime,
+/// stdio, trace export.
+const FD_RESERVE: usize = 128;
+
 /// How long shutdown waits for in-flight batches to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs a dispatcher, with its query API on `listener`, until `shutdown` is cancelled. Then it
 /// stops pulling, finishes the batches in flight (or hands them back to JetStream), and returns.
+/// Fails at once when its HTTP connections do not fit the process's open-file limit.
 pub async fn run(
     config: DispatcherConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), DispatcherError> {
+    // The HTTP connections and the reserve must fit in the open-file limit, or the API, the probes
+    // and the store connections would fail together under load.
+    let limit = fdlimit::raise_to_hard();
+    let http = serve::open_files(&config.common.http);
+    fdlimit::plan_http(http, FD_RESERVE, limit)?;
+    tracing::info!(open_file_limit = %fdlimit::describe(limit), http, reserve = FD_RESERVE, "connection limits");
     let names = Names::new(&config.common.prefix);
     let metrics = Arc::new(metrics::DispatcherMetrics::new()?);
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
@@ -156,6 +168,7 @@ pub async fn run(
         jobs::report_lag(js.clone(), names.clone(), config.ack_wait, Arc::clone(&metrics), stop.clone()),
     );
 
+    let http_metrics = metrics.http.clone();
     let state = Arc::new(api::ApiState {
         metrics,
         admin_token: config.admin_token.clone(),
@@ -165,8 +178,7 @@ pub async fn run(
         nats: nats.clone(),
     });
     tracing::info!(dispatcher = %config.dispatcher_id, addr = ?listener.local_addr().ok(), "dispatcher running");
-    let served =
-        axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    serve::serve(listener, api::router(state), &config.common.http, http_metrics, shutdown.clone()).await;
 
     stop.cancel();
     tasks.close();
@@ -176,7 +188,6 @@ pub async fn run(
     let _ = nats.flush().await;
     let _ = redis.quit().await;
     tracing::info!(dispatcher = %config.dispatcher_id, "dispatcher stopped");
-    served?;
     if failed.load(Ordering::SeqCst) {
         return Err(DispatcherError::TaskFailed);
     }

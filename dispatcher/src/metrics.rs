@@ -1,6 +1,7 @@
 //! The dispatcher's Prometheus metrics. Labels carry outcomes and codes, never user or message ids.
 
 use herald_shared::metrics::{self as m, DependencyMetrics, MetricsError, BATCH_BUCKETS};
+use herald_shared::serve::ServeMetrics;
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
 pub struct DispatcherMetrics {
@@ -28,6 +29,8 @@ pub struct DispatcherMetrics {
     /// Jobs waiting in the stream for a dispatcher (the consumer's lag).
     pub pending_jobs: IntGauge,
     pub dependencies: DependencyMetrics,
+    /// The HTTP listener's (`herald_http_*`).
+    pub http: ServeMetrics,
 }
 
 impl DispatcherMetrics {
@@ -90,6 +93,7 @@ impl DispatcherMetrics {
                 "Jobs in the stream not yet delivered to a dispatcher",
             )?,
             dependencies: DependencyMetrics::new(&r)?,
+            http: ServeMetrics::new(&r)?,
             registry: r,
         })
     }

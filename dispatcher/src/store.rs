@@ -889,3 +889,34 @@ where
     }
     Ok((inserted, failed))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_packed_by_count_and_by_bytes_in_order() {
+        let items: Vec<(u32, usize)> = (0..10).map(|i| (i, 100)).collect();
+        let sizes = |runs: Vec<&[(u32, usize)]>| runs.iter().map(|r| r.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(pack(&items, 4, 10_000)), vec![4, 4, 2]);
+        assert_eq!(sizes(pack(&items, 100, 250)), vec![2, 2, 2, 2, 2]);
+        let huge = [(0, 10), (1, 5_000), (2, 10)];
+        assert_eq!(sizes(pack(&huge, 100, 1_000)), vec![1, 1, 1], "an item over the budget goes alone");
+        let flat: Vec<u32> = pack(&items, 3, 250).into_iter().flatten().map(|(i, _)| *i).collect();
+        assert_eq!(flat, (0..10).collect::<Vec<_>>());
+        assert!(pack::<u32>(&[], 3, 250).is_empty());
+    }
+
+    #[test]
+    fn receipt_keys_are_injective_whatever_the_user_id_holds() {
+        let key = |m: &str, u: &str| receipt_key(&MessageId::new(m).unwrap(), &UserId::new(u).unwrap());
+        // The forgery of issue 10: ("m1", "org/alice") and ("m1/org", "alice") cannot both exist,
+        // because "m1/org" is not a message id.
+        assert!(MessageId::new("m1/org").is_err());
+        let pairs = [("m1", "org/alice"), ("m1", "org"), ("m1", "alice"), ("m1.org", "alice"), ("m", "1/org/alice")];
+        let keys: std::collections::HashSet<String> = pairs.iter().map(|(m, u)| key(m, u)).collect();
+        assert_eq!(keys.len(), pairs.len());
+        // A claim's key (the bare message id) never equals a receipt's.
+        assert!(pairs.iter().all(|(m, u)| key(m, u) != *m));
+    }
+}

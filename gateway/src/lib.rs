@@ -13,7 +13,7 @@ use fred::prelude::ClientLike;
 use herald_proto::GatewayId;
 use herald_shared::config::GatewayConfig;
 use herald_shared::naming::Names;
-use herald_shared::{connect, shutdown, streams};
+use herald_shared::{connect, fdlimit, serve, shutdown, streams};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,8 +42,8 @@ pub enum GatewayError {
     Streams(#[from] streams::StreamError),
     #[error("subscribing to deliveries: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
-    #[error("serving HTTP: {0}")]
-    Serve(#[from] std::io::Error),
+    #[error(transparent)]
+    FdLimit(#[from] fdlimit::FdLimitError),
     #[error("a critical task failed; see the log")]
     TaskFailed,
     #[error("configuration: {0}")]
@@ -51,6 +51,11 @@ pub enum GatewayError {
     #[error("metrics: {0}")]
     Metrics(#[from] herald_shared::metrics::MetricsError),
 }
+
+/// Open files kept for everything but client connections: Redis and NATS (and their reconnects),
+/// the listener, the runtime, stdio, trace export, the metrics' reads of /proc. Generous: running
+/// out of these takes presence and deliveries down for every client at once.
+const FD_RESERVE: usize = 64;
 
 /// State shared by the HTTP handlers.
 pub(crate) struct Gateway {
@@ -82,12 +87,14 @@ impl Gateway {
 
 /// Runs a gateway on `listener` until `shutdown` is cancelled, then drains: stops accepting,
 /// closes every session with 1012 (reconnect elsewhere), removes its presence, flushes acks,
-/// and returns within the configured grace period.
+/// and returns within the configured grace period. Fails at once, before connecting to anything,
+/// when its connection limits do not fit the process's open-file limit.
 pub async fn run(
     config: GatewayConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
+    let sessions = session_budget(&config)?;
     let names = Names::new(&config.common.prefix);
     let gateway_id = GatewayId::new(config.gateway_id.as_str()).map_err(GatewayError::Config)?;
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
@@ -104,7 +111,7 @@ pub async fn run(
     };
 
     let metrics = Arc::new(metrics::GatewayMetrics::new()?);
-    let registry = Registry::new(config.max_connections, config.max_connections_per_user);
+    let registry = Registry::new(sessions, config.max_connections_per_user);
     // Subscribe before becoming routable, so nothing routed here falls on the floor.
     let deliveries = nats.subscribe(names.gateway_subject(gateway_id.as_str())).await?;
     let (presence_task, presence) = PresenceTask::new(
@@ -169,13 +176,13 @@ pub async fn run(
     // HTTP keeps serving through the drain, so probes see "not ready" and late connects get a
     // clear 503 instead of a refused connection; it stops once the sessions are gone.
     let stop_http = CancellationToken::new();
-    let server = axum::serve(listener, http::router(Arc::clone(&gateway)))
-        .with_graceful_shutdown(stop_http.clone().cancelled_owned());
-    let serve = async {
-        let served = server.await;
-        shutdown.cancel(); // a server that fails on its own takes the process down
-        served
-    };
+    let serve = serve::serve(
+        listener,
+        http::router(Arc::clone(&gateway)),
+        &gateway.config.common.http,
+        metrics.http.clone(),
+        stop_http.clone(),
+    );
     // Drain, in order: not ready and no new sessions; after the shutdown delay (time for load
     // balancers to notice), sessions close with 1012; their removals reach Redis and the
     // gateway leaves the routing set; queued acks go out.
@@ -192,7 +199,7 @@ pub async fn run(
         stop_http.cancel();
         deadline
     };
-    let (served, deadline) = tokio::join!(serve, drain);
+    let ((), deadline) = tokio::join!(serve, drain);
     stop_presence.cancel();
     stop_acks.cancel();
     tasks.close();
@@ -202,9 +209,33 @@ pub async fn run(
     let _ = nats.flush().await;
     let _ = redis.quit().await;
     tracing::info!(gateway = %gateway_id, "gateway stopped");
-    served?;
     if failed.load(Ordering::SeqCst) {
         return Err(GatewayError::TaskFailed);
     }
     Ok(())
+}
+
+/// How many sessions this gateway may hold within its open-file limit (raised to the hard limit
+/// first), with the HTTP listener's budget and [`FD_RESERVE`] set aside. A configured
+/// `max_connections` that does not fit stops the start; the default is lowered to fit, loudly.
+fn session_budget(config: &GatewayConfig) -> Result<usize, fdlimit::FdLimitError> {
+    let limit = fdlimit::raise_to_hard();
+    let http = serve::open_files(&config.common.http);
+    let budget = fdlimit::plan_sessions(config.max_connections, http, FD_RESERVE, limit)?;
+    if let Some(default) = budget.lowered_from {
+        tracing::warn!(
+            open_file_limit = %fdlimit::describe(limit),
+            sessions = budget.sessions,
+            "HERALD_MAX_CONNECTIONS is unset and the open-file limit leaves room for fewer sessions than the \
+             default {default}: raise the limit (ulimit -n) to hold more"
+        );
+    }
+    tracing::info!(
+        open_file_limit = %fdlimit::describe(limit),
+        sessions = budget.sessions,
+        http,
+        reserve = FD_RESERVE,
+        "connection limits"
+    );
+    Ok(budget.sessions)
 }

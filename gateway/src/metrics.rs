@@ -1,6 +1,7 @@
 //! The gateway's Prometheus metrics. Labels carry reasons and kinds, never user or message ids.
 
 use herald_shared::metrics::{self as m, DependencyMetrics, MetricsError, BATCH_BUCKETS, LATENCY_BUCKETS};
+use herald_shared::serve::ServeMetrics;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
 pub(crate) struct GatewayMetrics {
@@ -29,6 +30,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) publish_to_deliver: Histogram,
     pub(crate) publish_to_ack: Histogram,
     pub(crate) dependencies: DependencyMetrics,
+    /// The HTTP listener's (`herald_http_*`).
+    pub(crate) http: ServeMetrics,
 }
 
 impl GatewayMetrics {
@@ -108,6 +111,7 @@ impl GatewayMetrics {
                 LATENCY_BUCKETS,
             )?,
             dependencies: DependencyMetrics::new(&r)?,
+            http: ServeMetrics::new(&r)?,
             registry: r,
         })
     }

@@ -29,6 +29,38 @@ pub struct CommonConfig {
     /// Replicas of Herald's JetStream streams when a process creates them (3 in production;
     /// 1 for a single NATS server). Existing streams are left as they are.
     pub jetstream_replicas: usize,
+    /// Limits of the service's HTTP listener.
+    pub http: HttpConfig,
+}
+
+/// Limits on HTTP connections that are not (or not yet) a WebSocket session: connect requests
+/// before their upgrade, probes, metrics scrapes and the query API. They are open to anyone who
+/// can reach the port, before any token is checked; these bound what such a client can hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// A connection must send a complete request head within this of connecting, or of its
+    /// previous response: it bounds an idle connection, keep-alive or not, and a drip-fed head.
+    pub header_timeout: Duration,
+    /// A connection that moves no byte either way for this long is closed, whatever it is doing
+    /// (a client that does not read its response, a stalled body).
+    pub idle_timeout: Duration,
+    /// Most such connections at once. When they are all taken, a new one takes the place of the
+    /// oldest that is waiting on its client, or is closed at once if none is.
+    pub max_connections: usize,
+    /// New connections per second from one source address (an IPv6 /64), with a burst of twice
+    /// as many; over it, connections are closed at once. 0: no limit.
+    pub connects_per_sec_per_ip: u32,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            connects_per_sec_per_ip: 20,
+        }
+    }
 }
 
 /// How the gateway checks client tokens.
@@ -67,7 +99,10 @@ pub struct GatewayConfig {
     pub outbound_queue: usize,
     /// Largest frame accepted from a client.
     pub max_frame_bytes: usize,
-    pub max_connections: usize,
+    /// Most WebSocket sessions at once. `Some(n)`: exactly n, and the gateway refuses to start if
+    /// its open-file limit cannot hold them. `None` (`HERALD_MAX_CONNECTIONS` unset): as many as
+    /// the limit leaves room for, at most [`DEFAULT_MAX_CONNECTIONS`]. See `fdlimit`.
+    pub max_connections: Option<usize>,
     pub max_connections_per_user: usize,
     /// Sustained client frames per second per connection, with a burst of twice as many.
     pub client_frames_per_sec: u32,
@@ -124,6 +159,12 @@ pub struct DispatcherConfig {
     pub max_attempts: u64,
 }
 
+/// Sessions per gateway when `HERALD_MAX_CONNECTIONS` is unset and the open-file limit allows.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
+
+/// Shortest HTTP timeout accepted: below it, ordinary clients on a slow network would be cut off.
+const MIN_HTTP_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// Longest batching linger: beyond it, latency is lost for no fewer round trips.
 const MAX_LINGER: Duration = Duration::from_secs(1);
 
@@ -179,6 +220,21 @@ impl Env {
         }
     }
 
+    /// Like [`Env::parse`], for a variable whose absence means something of its own.
+    pub fn parse_optional<T>(&mut self, name: &str) -> Option<T>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        match self.raw(name).map(str::parse::<T>)? {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errors.push(format!("{name}: {e}"));
+                None
+            }
+        }
+    }
+
     pub fn millis(&mut self, name: &str, default_ms: u64) -> Duration {
         Duration::from_millis(self.parse(name, default_ms))
     }
@@ -223,7 +279,27 @@ impl CommonConfig {
             redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
             nats_url: env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222"),
             jetstream_replicas: env.parse("HERALD_JETSTREAM_REPLICAS", 1),
+            http: HttpConfig::from_env(env),
         }
+    }
+}
+
+impl HttpConfig {
+    pub fn from_env(env: &mut Env) -> Self {
+        let default = Self::default();
+        let config = Self {
+            header_timeout: env.millis("HERALD_HTTP_HEADER_TIMEOUT_MS", default.header_timeout.as_millis() as u64),
+            idle_timeout: env.millis("HERALD_HTTP_IDLE_TIMEOUT_MS", default.idle_timeout.as_millis() as u64),
+            max_connections: env.parse("HERALD_HTTP_MAX_CONNECTIONS", default.max_connections),
+            connects_per_sec_per_ip: env.parse("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", default.connects_per_sec_per_ip),
+        };
+        if config.header_timeout < MIN_HTTP_TIMEOUT || config.idle_timeout < MIN_HTTP_TIMEOUT {
+            env.invalid("HERALD_HTTP_HEADER_TIMEOUT_MS and HERALD_HTTP_IDLE_TIMEOUT_MS: must be at least 100");
+        }
+        if config.max_connections == 0 {
+            env.invalid("HERALD_HTTP_MAX_CONNECTIONS: must be positive");
+        }
+        config
     }
 }
 
@@ -247,7 +323,7 @@ impl GatewayConfig {
             presence_ttl: env.millis("HERALD_PRESENCE_TTL_MS", 10_000),
             outbound_queue: env.parse("HERALD_OUTBOUND_QUEUE", 1024),
             max_frame_bytes: env.parse("HERALD_MAX_FRAME_BYTES", 16 * 1024),
-            max_connections: env.parse("HERALD_MAX_CONNECTIONS", 50_000),
+            max_connections: env.parse_optional("HERALD_MAX_CONNECTIONS"),
             max_connections_per_user: env.parse("HERALD_MAX_CONNECTIONS_PER_USER", 16),
             client_frames_per_sec: env.parse("HERALD_CLIENT_FRAMES_PER_SEC", 50),
             client_ack_ids_per_sec: env.parse("HERALD_CLIENT_ACK_IDS_PER_SEC", 2000),
@@ -356,6 +432,48 @@ mod tests {
         assert_eq!(c.common.prefix, "herald");
         assert_eq!(c.read_buffer_bytes, 1024);
         assert!(c.gateway_id.starts_with("gw-"));
+        assert_eq!(c.max_connections, None, "unset: as many as the open-file limit allows");
+        assert_eq!(c.common.http, HttpConfig::default());
+    }
+
+    #[test]
+    fn http_limits_are_read_and_checked() {
+        let mut e = env(&[
+            ("HERALD_JWT_SECRET", "0123456789abcdef"),
+            ("HERALD_MAX_CONNECTIONS", "500"),
+            ("HERALD_HTTP_HEADER_TIMEOUT_MS", "2500"),
+            ("HERALD_HTTP_IDLE_TIMEOUT_MS", "7000"),
+            ("HERALD_HTTP_MAX_CONNECTIONS", "64"),
+            ("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "0"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let c = e.finish(c).unwrap();
+        assert_eq!(c.max_connections, Some(500));
+        let want = HttpConfig {
+            header_timeout: Duration::from_millis(2500),
+            idle_timeout: Duration::from_secs(7),
+            max_connections: 64,
+            connects_per_sec_per_ip: 0,
+        };
+        assert_eq!(c.common.http, want);
+
+        // Every bad one at once, in the dispatcher too (the limits are common to both).
+        let mut e = env(&[
+            ("HERALD_ADMIN_TOKEN", "t"),
+            ("HERALD_HTTP_HEADER_TIMEOUT_MS", "0"),
+            ("HERALD_HTTP_MAX_CONNECTIONS", "0"),
+            ("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "-1"),
+        ]);
+        let c = DispatcherConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        for var in
+            ["HERALD_HTTP_HEADER_TIMEOUT_MS", "HERALD_HTTP_MAX_CONNECTIONS", "HERALD_HTTP_CONNECTS_PER_SEC_PER_IP"]
+        {
+            assert!(text.contains(var), "{var} missing from {text}");
+        }
+        let mut e = env(&[("HERALD_JWT_SECRET", "0123456789abcdef"), ("HERALD_MAX_CONNECTIONS", "lots")]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_MAX_CONNECTIONS"));
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Plumbing shared by the gateway and the dispatcher; no business logic lives here.
 
+pub mod backoff;
 pub mod config;
 pub mod connect;
+pub mod fdlimit;
 pub mod metrics;
 pub mod naming;
+pub mod serve;
 pub mod shutdown;
 pub mod streams;
 pub mod telemetry;

@@ -4,6 +4,7 @@
 //! Owns one connection and the task reading it. Deduplication, reconnection and ordering are
 //! left to the tests, which check exactly those.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,9 +112,21 @@ impl TestClient {
         Self::connect_request(bearer_request(url, token)?, true).await
     }
 
+    /// Connects like [`TestClient::connect`] from the local address `source` (any of
+    /// 127.0.0.0/8 on loopback), as a client on another host would.
+    pub async fn connect_from(url: &str, token: &str, source: IpAddr) -> Result<Self, ConnectError> {
+        let request = bearer_request(url, token)?;
+        let stream = tcp_connect(&request, false, Some(source)).await?;
+        Self::handshake(request, stream, false).await
+    }
+
     /// Connects with any request: no token, odd headers, other paths.
     pub async fn connect_request(request: Request, paused: bool) -> Result<Self, ConnectError> {
-        let stream = tcp_connect(&request, paused).await?;
+        let stream = tcp_connect(&request, paused, None).await?;
+        Self::handshake(request, stream, paused).await
+    }
+
+    async fn handshake(request: Request, stream: TcpStream, paused: bool) -> Result<Self, ConnectError> {
         let (mut ws, _response) = match tokio_tungstenite::client_async(request, stream).await {
             Ok(ok) => ok,
             Err(tungstenite::Error::Http(response)) => {
@@ -249,11 +262,11 @@ fn bearer_request(url: &str, token: &str) -> Result<Request, ConnectError> {
 
 /// A plain TCP connection to the request's host (tests never use TLS); for a paused client, with
 /// a small receive buffer, which must be set before connecting to take effect.
-async fn tcp_connect(request: &Request, small_buffer: bool) -> Result<TcpStream, ConnectError> {
+async fn tcp_connect(request: &Request, small_buffer: bool, source: Option<IpAddr>) -> Result<TcpStream, ConnectError> {
     let uri = request.uri();
     let host = uri.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(80);
-    if !small_buffer {
+    if !small_buffer && source.is_none() {
         return Ok(TcpStream::connect((host, port)).await?);
     }
     let addr = tokio::net::lookup_host((host, port))
@@ -261,7 +274,12 @@ async fn tcp_connect(request: &Request, small_buffer: bool) -> Result<TcpStream,
         .next()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address")))?;
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    socket.set_recv_buffer_size(PAUSED_RECV_BUFFER)?;
+    if small_buffer {
+        socket.set_recv_buffer_size(PAUSED_RECV_BUFFER)?;
+    }
+    if let Some(source) = source {
+        socket.bind(std::net::SocketAddr::new(source, 0))?;
+    }
     Ok(socket.connect(addr).await?)
 }
 

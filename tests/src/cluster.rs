@@ -70,7 +70,7 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         presence_ttl: options.presence_ttl,
         outbound_queue: options.outbound_queue,
         max_frame_bytes: 16 * 1024,
-        max_connections: 10_000,
+        max_connections: Some(10_000),
         max_connections_per_user: 16,
         client_frames_per_sec: 1000,
         client_ack_ids_per_sec: 100_000,
@@ -225,9 +225,77 @@ impl Cluster {
 
     /// A gateway as a child process (the `herald-gateway` binary).
     pub async fn gateway_process(&self) -> anyhow::Result<Process> {
-        let config = gateway_config(&self.stack, &self.options);
+        self.gateway_process_with(&[], None).await
+    }
+
+    /// A gateway process with `extra` variables over the usual ones (an empty value unsets one)
+    /// and, with `nofile`, that open-file limit (soft and hard, as `ulimit -n` sets them).
+    pub async fn gateway_process_with(&self, extra: &[(&str, &str)], nofile: Option<u64>) -> anyhow::Result<Process> {
         let addr = free_addr()?;
-        let env = vec![
+        let child = self.start_process("herald-gateway", self.gateway_env(addr), extra, nofile, false)?;
+        self.ready(child, addr).await
+    }
+
+    /// A dispatcher as a child process (the `herald-dispatcher` binary).
+    pub async fn dispatcher_process(&self) -> anyhow::Result<Process> {
+        self.dispatcher_process_with(&[], None).await
+    }
+
+    /// A dispatcher process, with `extra` and `nofile` as for [`Cluster::gateway_process_with`].
+    pub async fn dispatcher_process_with(
+        &self,
+        extra: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> anyhow::Result<Process> {
+        let addr = free_addr()?;
+        let child = self.start_process("herald-dispatcher", self.dispatcher_env(addr), extra, nofile, false)?;
+        self.ready(child, addr).await
+    }
+
+    /// Starts a gateway process that is expected not to start, and waits up to `within` for it
+    /// to exit. Returns its exit status (`None`: still running at the deadline, then killed) and
+    /// everything it wrote.
+    pub async fn gateway_process_exit(
+        &self,
+        extra: &[(&str, &str)],
+        nofile: Option<u64>,
+        within: Duration,
+    ) -> anyhow::Result<(Option<std::process::ExitStatus>, String)> {
+        use std::io::Read as _;
+        let addr = free_addr()?;
+        let mut child = self.start_process("herald-gateway", self.gateway_env(addr), extra, nofile, true)?;
+        let exited = crate::eventually(within, Duration::from_millis(50), || {
+            let status = child.try_wait();
+            async move {
+                match status {
+                    Ok(Some(status)) => Ok(status),
+                    Ok(None) => Err("still running".to_owned()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        let status = match exited {
+            Ok(status) => Some(status),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        };
+        let mut output = String::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            stdout.read_to_string(&mut output)?;
+        }
+        if let Some(mut stderr) = child.stderr.take() {
+            stderr.read_to_string(&mut output)?;
+        }
+        Ok((status, output))
+    }
+
+    fn gateway_env(&self, addr: SocketAddr) -> Vec<(&'static str, String)> {
+        let config = gateway_config(&self.stack, &self.options);
+        vec![
             ("HERALD_GATEWAY_LISTEN", addr.to_string()),
             ("HERALD_JWT_SECRET", config.jwt.secret.clone()),
             ("HERALD_HEARTBEAT_INTERVAL_MS", config.heartbeat_interval.as_millis().to_string()),
@@ -237,15 +305,14 @@ impl Cluster {
             ("HERALD_CLIENT_ACK_IDS_PER_SEC", config.client_ack_ids_per_sec.to_string()),
             ("HERALD_DRAIN_GRACE_MS", config.drain_grace.as_millis().to_string()),
             ("HERALD_SHUTDOWN_DELAY_MS", config.shutdown_delay.as_millis().to_string()),
-        ];
-        self.spawn("herald-gateway", addr, env).await
+            // As in `gateway_config`; set, so the gateway does not warn that it lowered its default.
+            ("HERALD_MAX_CONNECTIONS", "10000".to_owned()),
+        ]
     }
 
-    /// A dispatcher as a child process (the `herald-dispatcher` binary).
-    pub async fn dispatcher_process(&self) -> anyhow::Result<Process> {
+    fn dispatcher_env(&self, addr: SocketAddr) -> Vec<(&'static str, String)> {
         let config = dispatcher_config(&self.stack, &self.options);
-        let addr = free_addr()?;
-        let env = vec![
+        vec![
             ("HERALD_DISPATCHER_LISTEN", addr.to_string()),
             ("HERALD_MONGODB_URI", config.mongodb_uri.clone()),
             ("HERALD_MONGODB_DATABASE", config.mongodb_database.clone()),
@@ -255,27 +322,54 @@ impl Cluster {
             ("HERALD_SWEEP_INTERVAL_MS", config.sweep_interval.as_millis().to_string()),
             ("HERALD_DEFAULT_TTL_SECS", config.default_ttl.as_secs().to_string()),
             ("HERALD_MAX_TTL_SECS", config.max_ttl.as_secs().to_string()),
-        ];
-        self.spawn("herald-dispatcher", addr, env).await
+        ]
     }
 
-    async fn spawn(&self, binary: &str, addr: SocketAddr, env: Vec<(&str, String)>) -> anyhow::Result<Process> {
+    /// Starts `binary` with the stack's common variables, `env`, then `extra`; with `capture`, its
+    /// output is piped to the caller rather than shown with the test's.
+    fn start_process(
+        &self,
+        binary: &str,
+        env: Vec<(&str, String)>,
+        extra: &[(&str, &str)],
+        nofile: Option<u64>,
+        capture: bool,
+    ) -> anyhow::Result<Child> {
         let common = self.stack.common_config();
         let log = std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "warn".into());
-        let child = Command::new(bin_path(binary)?)
+        let path = bin_path(binary)?;
+        let mut command = match nofile {
+            // `ulimit -n` in a shell that then becomes the binary: no unsafe pre_exec needed.
+            Some(nofile) => {
+                let mut sh = Command::new("/bin/sh");
+                sh.args(["-c", "ulimit -n \"$1\" && exec \"$0\""]).arg(&path).arg(nofile.to_string());
+                sh
+            }
+            None => Command::new(&path),
+        };
+        if capture {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        command
             .env_clear()
             .env("HERALD_PREFIX", &common.prefix)
             .env("HERALD_REDIS_URL", &common.redis_url)
             .env("HERALD_NATS_URL", &common.nats_url)
             .env("HERALD_LOG", log)
+            // Tests connect their clients from one address, quickly: as in `Stack::common_config`,
+            // no per-address connect rate unless a test sets one.
+            .env("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "0")
             .envs(env)
+            .envs(extra.iter().copied())
             .envs(self.options.otlp_endpoint.iter().flat_map(|endpoint| {
                 // Export every 100 ms rather than every 5 s, so tests see spans quickly.
                 [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()), ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned())]
             }))
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("spawning {binary}"))?;
+            .stdin(Stdio::null());
+        command.spawn().with_context(|| format!("spawning {binary}"))
+    }
+
+    async fn ready(&self, child: Child, addr: SocketAddr) -> anyhow::Result<Process> {
         let process = Process { addr, child };
         self.wait_ready(addr).await?;
         Ok(process)

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use herald_shared::config::CommonConfig;
+use herald_shared::config::{CommonConfig, HttpConfig};
 use herald_shared::naming::Names;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -72,6 +72,9 @@ impl Stack {
             redis_url: self.redis.url(),
             nats_url: self.nats.url(),
             jetstream_replicas: 1,
+            // Tests connect their clients from one address, quickly: no per-address connect rate
+            // unless a test sets one.
+            http: HttpConfig { connects_per_sec_per_ip: 0, ..HttpConfig::default() },
         }
     }
 

@@ -1,10 +1,12 @@
 //! Hostile and broken input, end to end: bad tokens, clients poking at other users' messages,
-//! malformed and abusive frames, too many connections, and jobs that are not jobs. Each must be
-//! refused with the reason proto/README.md promises, and none may hurt anyone else: after each
-//! test's abuse a well-behaved client still gets its messages.
+//! malformed and abusive frames, too many connections, jobs that are not jobs, and floods of
+//! connections that never authenticate. Each must be refused with the reason proto/README.md
+//! promises, and none may hurt anyone else: after each test's abuse a well-behaved client still
+//! gets its messages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -12,6 +14,7 @@ use herald_proto::client::{ErrorCode, ServerFrame};
 use herald_proto::{RejectCode, Rejection};
 use herald_tests::client::{Frame, TestClient};
 use herald_tests::cluster::{gateway_config, ws_url, Cluster, ADMIN_TOKEN, JWT_SECRET};
+use herald_tests::flood::{self, Flood};
 use herald_tests::tokens::{self, Claims};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -354,7 +357,7 @@ async fn connection_limits_refuse_the_next_connection_with_a_reason() {
     let cluster = Cluster::start().await.unwrap();
     let mut config = gateway_config(&cluster.stack, &cluster.options);
     config.max_connections_per_user = 2;
-    config.max_connections = 4;
+    config.max_connections = Some(4);
     let gateway = cluster.gateway_with(config).await.unwrap();
     let url = ws_url(gateway.addr);
     let token = |user: &str| cluster.token(user);
@@ -499,4 +502,227 @@ async fn invalid_jobs_are_rejected_with_reasons_and_the_worker_carries_on() {
     cluster.wait_receipt("valid-after-the-junk", "alice", "delivered").await.unwrap();
     let ready = reqwest::get(format!("http://{}/readyz", dispatcher.addr)).await.unwrap();
     assert_eq!(ready.status(), 200, "the dispatcher is still up");
+}
+
+// --- unauthenticated exhaustion ---------------------------------------------------------------
+
+/// The open-file limit of a flooded process: small enough that the flood below exhausts it when
+/// nothing bounds the connections, as 20,000 sockets exhausted a production-sized limit.
+const FLOOD_NOFILE: u64 = 512;
+const HEADER_TIMEOUT_MS: u64 = 1000;
+/// The flood: idle connections opened this fast, up to this many held at once (each holds a
+/// descriptor in the test process too, whose limit is shared by every test).
+const FLOOD_PER_SEC: u32 = 1000;
+const FLOOD_MAX_OPEN: usize = 1500;
+/// A flooding connection still open this long after it connected was never closed by the server.
+const HELD_LIMIT: Duration = Duration::from_millis(HEADER_TIMEOUT_MS + 3000);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The HTTP limits of a flooded gateway or dispatcher: a 1 s header timeout, 64 places, and no
+/// per-address rate (the flood comes from one address; the rate limit has its own test).
+const FLOOD_LIMITS: &[(&str, &str)] = &[
+    ("HERALD_HTTP_HEADER_TIMEOUT_MS", "1000"),
+    ("HERALD_HTTP_IDLE_TIMEOUT_MS", "2000"),
+    ("HERALD_HTTP_MAX_CONNECTIONS", "64"),
+    ("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "0"),
+];
+
+/// Floods `addr` with idle connections and drip-fed heads, and while it lasts probes each of
+/// `paths` (with `token`) on fresh connections every 100 ms for 2 s: every probe must be
+/// answered 200 in time. `during` runs while the flood is on. Then checks that the server closed
+/// every flooding connection within [`HELD_LIMIT`] (under this pressure they give way to
+/// newcomers long before their timeout), and that, with the pressure gone, idle connections and
+/// drip-fed heads are closed by the header timeout.
+async fn flood_and_probe<F: std::future::Future<Output = ()>>(
+    addr: SocketAddr,
+    paths: &[&str],
+    token: Option<&str>,
+    during: F,
+) {
+    let idle = Flood::idle(addr, FLOOD_PER_SEC, FLOOD_MAX_OPEN, HELD_LIMIT);
+    let mut drips = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        drips.spawn(flood::drip_feed(addr, Duration::from_millis(100), HELD_LIMIT));
+    }
+    // Under way: more connections than the process could hold descriptors for, had it kept them.
+    herald_tests::eventually(Duration::from_secs(10), Duration::from_millis(20), || async {
+        let opened = idle.opened();
+        if opened as u64 >= FLOOD_NOFILE {
+            Ok(())
+        } else {
+            Err(format!("{opened} flooding connections so far"))
+        }
+    })
+    .await
+    .unwrap();
+
+    let mut latencies = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for round in 0..20 {
+        tick.tick().await;
+        for path in paths {
+            match flood::probe(addr, path, None, token, PROBE_TIMEOUT).await {
+                Ok((200, latency)) => latencies.push(latency),
+                Ok((status, _)) => panic!("{path} during the flood (probe {round}): HTTP {status}"),
+                Err(e) => panic!("{path} during the flood (probe {round}): {e:#}"),
+            }
+        }
+    }
+    during.await;
+
+    while let Some(drip) = drips.join_next().await {
+        drip.unwrap().unwrap_or_else(|e| panic!("a drip-fed head during the flood: {e:#}"));
+    }
+    let stats = idle.stop().await;
+    assert_eq!(stats.held_past_limit, 0, "idle connections the server never closed: {stats:?}");
+    let (p50, max) = flood::median_and_max(&latencies);
+    println!(
+        "flood of {addr}: {} idle connections opened ({} connects failed), closed by the server after \
+         p50 {:?}, max {:?}; {} probes during it: p50 {p50:?}, max {max:?}",
+        stats.opened,
+        stats.failed_connects,
+        stats.lifetime(0.5),
+        stats.lifetime(1.0),
+        latencies.len(),
+    );
+
+    // No pressure: nothing gives way, and the header timeout closes what sends no whole head.
+    let idle = futures::future::join_all((0..32).map(|_| flood::idle_once(addr, HELD_LIMIT)));
+    let drips =
+        futures::future::join_all((0..8).map(|_| flood::drip_feed(addr, Duration::from_millis(100), HELD_LIMIT)));
+    let (idle, drips) = tokio::join!(idle, drips);
+    let idle: Vec<Duration> = idle.into_iter().map(|r| r.unwrap()).collect();
+    let drips: Vec<Duration> = drips.into_iter().map(|r| r.unwrap()).collect();
+    let timeout = Duration::from_millis(HEADER_TIMEOUT_MS);
+    for closed_after in idle.iter().chain(&drips) {
+        assert!(*closed_after >= timeout - Duration::from_millis(50), "closed before the header timeout");
+    }
+    let (idle_p50, idle_max) = flood::median_and_max(&idle);
+    let (drip_p50, drip_max) = flood::median_and_max(&drips);
+    println!(
+        "header timeout {timeout:?}: 32 idle connections closed after p50 {idle_p50:?}, max {idle_max:?}; \
+         8 drip-fed heads after p50 {drip_p50:?}, max {drip_max:?}"
+    );
+}
+
+/// Issue 10, item 4: idle sockets and drip-fed headers exhausted the gateway's descriptors; it
+/// stopped answering /healthz, legitimate clients timed out, and it never closed those sockets.
+/// Now, on a gateway whose open-file limit a flood far exceeds: probes and a new client get in
+/// during the flood, a connected client keeps receiving, and every flooding connection is closed
+/// after the header timeout (or sooner, to make room).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_drip_fed_connections_cannot_exhaust_the_gateway() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let mut limits = FLOOD_LIMITS.to_vec();
+    limits.push(("HERALD_MAX_CONNECTIONS", "200"));
+    let gateway = cluster.gateway_process_with(&limits, Some(FLOOD_NOFILE)).await.unwrap();
+    let mut before = cluster.connect(gateway.addr, "before").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "before", true).await.unwrap();
+
+    let during = async {
+        let mut late = cluster.connect(gateway.addr, "late").await.expect("a client connects during the flood");
+        receives(&cluster, &mut late, "late", "during-the-flood").await;
+        receives(&cluster, &mut before, "before", "through-the-flood").await;
+    };
+    flood_and_probe(gateway.addr, &["/healthz", "/readyz", "/metrics"], None, during).await;
+
+    // Still whole afterwards, and it says what it shed.
+    let (status, _) = flood::probe(gateway.addr, "/readyz", None, None, PROBE_TIMEOUT).await.unwrap();
+    assert_eq!(status, 200);
+    receives(&cluster, &mut before, "before", "after-the-flood").await;
+    let metrics = reqwest::get(format!("http://{}/metrics", gateway.addr)).await.unwrap().text().await.unwrap();
+    let shed: Vec<&str> = metrics.lines().filter(|l| l.starts_with("herald_http_connections_shed_total")).collect();
+    println!("{shed:#?}");
+    for reason in ["evicted", "header_timeout"] {
+        assert!(shed.iter().any(|l| l.contains(reason)), "nothing shed as {reason}: {shed:?}");
+    }
+}
+
+/// The same flood on the dispatcher's port: its probes and its query API stay answerable, and
+/// it closes every flooding connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_drip_fed_connections_cannot_exhaust_the_dispatcher() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher_process_with(FLOOD_LIMITS, Some(FLOOD_NOFILE)).await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "alice", true).await.unwrap();
+
+    let paths = ["/healthz", "/readyz", "/v1/users/alice/presence"];
+    let during = receives(&cluster, &mut alice, "alice", "routed-during-the-flood");
+    flood_and_probe(dispatcher.addr, &paths, Some(ADMIN_TOKEN), during).await;
+
+    let (status, body) = cluster.api(dispatcher.addr, "/v1/users/alice/presence", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!((status, &body["online"]), (200, &json!(true)), "{body}");
+    receives(&cluster, &mut alice, "alice", "routed-after-the-flood").await;
+}
+
+/// Connections from one address beyond its rate are closed before any HTTP is read; another
+/// address still gets in, WebSocket and all, and the first gets in again once its rate allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_over_the_per_address_rate_are_closed_and_other_addresses_get_in() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    // 5 a second, bursts of 10.
+    let gateway = cluster.gateway_process_with(&[("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "5")], None).await.unwrap();
+    let (flooder, other): (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+
+    let started = tokio::time::Instant::now();
+    let mut answered = 0;
+    let mut closed = Vec::new();
+    for _ in 0..40 {
+        match flood::probe(gateway.addr, "/healthz", Some(flooder), None, PROBE_TIMEOUT).await {
+            Ok((200, _)) => answered += 1,
+            Ok((status, _)) => panic!("HTTP {status}"),
+            Err(e) => closed.push(e.to_string()),
+        }
+    }
+    let allowed = 10 + (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    println!(
+        "a burst of 40 connects from one address: {answered} answered, {} closed in {:?}",
+        closed.len(),
+        started.elapsed()
+    );
+    assert!(answered >= 1 && answered <= allowed, "{answered} of 40 answered; the rate allows {allowed}");
+    assert!(closed.iter().all(|e| e.contains("without a response") || e.contains("reset")), "{closed:?}");
+
+    // Another address is not held back by the first: probes, and a client that gets its message.
+    let (status, _) = flood::probe(gateway.addr, "/healthz", Some(other), None, PROBE_TIMEOUT).await.unwrap();
+    assert_eq!(status, 200);
+    let mut bob = TestClient::connect_from(&ws_url(gateway.addr), &cluster.token("bob"), other).await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "bob", true).await.unwrap();
+    receives(&cluster, &mut bob, "bob", "from-another-address").await;
+
+    // The flooding address is slowed, not banned.
+    herald_tests::eventually(Duration::from_secs(5), Duration::from_millis(250), || async {
+        flood::probe(gateway.addr, "/healthz", Some(flooder), None, PROBE_TIMEOUT).await
+    })
+    .await
+    .unwrap();
+}
+
+/// HERALD_MAX_CONNECTIONS is checked against the open-file limit at start-up: a configured limit
+/// that cannot fit stops the gateway with a message saying what to change; an unset one is
+/// lowered to fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_refuses_to_start_when_its_connections_cannot_fit_the_open_file_limit() {
+    let cluster = Cluster::start().await.unwrap();
+    let within = Duration::from_secs(10);
+    let (status, output) =
+        cluster.gateway_process_exit(&[("HERALD_MAX_CONNECTIONS", "5000")], Some(4096), within).await.unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "started with 5000 connections and 4096 files: {output}");
+    for part in ["HERALD_MAX_CONNECTIONS=5000", "open-file limit", "4096", "ulimit -n", "at most 2944"] {
+        assert!(output.contains(part), "{part:?} missing from:\n{output}");
+    }
+    println!("{}", output.lines().find(|l| l.contains("HERALD_MAX_CONNECTIONS")).unwrap_or_default());
+    // Not even the HTTP listener's budget fits: the message names that setting instead.
+    let (status, output) = cluster.gateway_process_exit(&[], Some(1024), within).await.unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "started with 1024 files: {output}");
+    assert!(output.contains("HERALD_HTTP_MAX_CONNECTIONS") && output.contains("1024"), "{output}");
+
+    // Unset, the default is lowered to what fits, and the gateway serves.
+    let gateway = cluster.gateway_process_with(&[("HERALD_MAX_CONNECTIONS", "")], Some(4096)).await.unwrap();
+    let client = cluster.connect(gateway.addr, "fits").await.unwrap();
+    assert!(!client.hello().connection_id.as_str().is_empty());
 }

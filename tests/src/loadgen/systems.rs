@@ -114,14 +114,16 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 pub(crate) struct HeraldOptions {
     pub(crate) gateways: usize,
     pub(crate) dispatchers: usize,
-    pub(crate) max_connections: usize,
+    /// `HERALD_MAX_CONNECTIONS`; `None`: the gateway's default, as many as its open-file limit
+    /// allows (at most 50,000), so that a run is not refused on a machine with a lower limit.
+    pub(crate) max_connections: Option<usize>,
     pub(crate) presence_ttl_ms: u64,
     pub(crate) ack_timeout_ms: u64,
 }
 
 impl Default for HeraldOptions {
     fn default() -> Self {
-        Self { gateways: 2, dispatchers: 1, max_connections: 30_000, presence_ttl_ms: 10_000, ack_timeout_ms: 30_000 }
+        Self { gateways: 2, dispatchers: 1, max_connections: None, presence_ttl_ms: 10_000, ack_timeout_ms: 30_000 }
     }
 }
 
@@ -184,9 +186,12 @@ impl Herald {
                 ("HERALD_GATEWAY_LISTEN", free_addr()?.to_string()),
                 ("HERALD_GATEWAY_ID", id.clone()),
                 ("HERALD_JWT_SECRET", JWT_SECRET.into()),
-                ("HERALD_MAX_CONNECTIONS", options.max_connections.to_string()),
                 ("HERALD_PRESENCE_TTL_MS", options.presence_ttl_ms.to_string()),
+                // The generator's users connect from a handful of loopback addresses, as fast as
+                // a storm needs: a per-address rate limit would measure itself, not Herald.
+                ("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "0".into()),
             ]);
+            env.extend(options.max_connections.map(|max| ("HERALD_MAX_CONNECTIONS", max.to_string())));
             let env = with_extra(&env, "HERALD_BENCH_GATEWAY_ENV");
             let mut server = spawn(&format!("gateway-{i}"), &sibling_binary("herald-gateway")?, &[], &env, logs)?;
             wait_http(&mut server, "/readyz").await?;
