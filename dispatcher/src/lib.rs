@@ -146,6 +146,7 @@ pub async fn run(
         dispatcher_id: config.dispatcher_id.clone(),
         interval: config.sweep_interval,
         ack_timeout: config.ack_timeout,
+        events: sweeper::EventsLag { js: js.clone(), ack_wait: config.ack_wait },
         metrics: Arc::clone(&metrics),
     };
 

@@ -20,6 +20,8 @@ pub struct DispatcherMetrics {
     pub expired: IntCounter,
     /// Ack updates the store refused for good, each dropped alone.
     pub acks_refused: IntCounter,
+    /// Sweeps that resent nothing because acks were behind in the events stream.
+    pub resends_deferred: IntCounter,
     /// Receipt documents written, by operation (`insert`, `ack`).
     pub receipt_writes: IntCounterVec,
     /// Items per store round trip, by operation.
@@ -68,6 +70,11 @@ impl DispatcherMetrics {
             )?,
             resent: m::counter(&r, "herald_dispatcher_resent_total", "Notifications sent again after the ack timeout")?,
             expired: m::counter(&r, "herald_dispatcher_expired_total", "Receipts marked expired")?,
+            resends_deferred: m::counter(
+                &r,
+                "herald_dispatcher_resends_deferred_total",
+                "Sweeps that resent nothing because the events stream (acks) was behind",
+            )?,
             acks_refused: m::counter(
                 &r,
                 "herald_dispatcher_acks_refused_total",

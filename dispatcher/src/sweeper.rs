@@ -27,6 +27,10 @@ use crate::store::{Store, StoreError, LEGACY, PARTITIONS};
 
 /// Receipts looked at per partition and sweep; a backlog takes several sweeps.
 const SWEEP_BATCH: usize = 1000;
+/// Gateway events not yet taken by a dispatcher above which nothing is resent: acks waiting in
+/// that queue would make the sweep resend what clients have already acked, adding load to a
+/// store that is behind already. Resends resume once the events catch up.
+pub const EVENTS_LAG_LIMIT: u64 = 5_000;
 
 pub struct Sweeper {
     pub store: Store,
@@ -37,7 +41,31 @@ pub struct Sweeper {
     pub dispatcher_id: String,
     pub interval: Duration,
     pub ack_timeout: Duration,
+    /// How far behind the events pipeline is.
+    pub events: EventsLag,
     pub metrics: std::sync::Arc<DispatcherMetrics>,
+}
+
+/// Reads the lag of the dispatchers' events consumer.
+pub struct EventsLag {
+    pub js: async_nats::jetstream::Context,
+    pub ack_wait: Duration,
+}
+
+impl EventsLag {
+    /// Events waiting for a dispatcher; None when JetStream cannot say (the sweep then goes on).
+    async fn pending(&self, names: &Names) -> Option<u64> {
+        let mut consumer =
+            crate::pull::consumer(&self.js, &names.events_stream(), names.events_consumer(), self.ack_wait)
+                .await
+                .ok()?;
+        Some(consumer.info().await.ok()?.num_pending)
+    }
+}
+
+/// Whether to resend now, given the events waiting: not while acks are this far behind.
+pub fn resend_allowed(events_pending: Option<u64>) -> bool {
+    events_pending.is_none_or(|n| n <= EVENTS_LAG_LIMIT)
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -86,6 +114,12 @@ impl Sweeper {
         if self.take(self.names.sweep_lock_key()).await? {
             report.expired = self.store.expire(now).await?;
             self.metrics.expired.inc_by(report.expired);
+        }
+        let lag = self.events.pending(&self.names).await;
+        if !resend_allowed(lag) {
+            self.metrics.resends_deferred.inc();
+            tracing::warn!(events_pending = lag, "acks are behind; resends wait for them to catch up");
+            return Ok(report);
         }
         let mut due = self.store.due_partitions(now).await?;
         due.push(LEGACY);
@@ -192,6 +226,12 @@ mod tests {
             seen.sort_unstable();
             assert_eq!(seen, (0..=LEGACY).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn resends_wait_while_acks_are_behind() {
+        assert!(resend_allowed(None) && resend_allowed(Some(0)) && resend_allowed(Some(EVENTS_LAG_LIMIT)));
+        assert!(!resend_allowed(Some(EVENTS_LAG_LIMIT + 1)));
     }
 
     #[test]
