@@ -181,6 +181,8 @@ impl Session<'_> {
         let token_expiry = tokio::time::sleep_until(expiry_instant(self.identity.expires_at));
         tokio::pin!(token_expiry);
 
+        // Two heartbeat intervals without a byte from the client: it is gone.
+        let silence_limit = self.ctx.heartbeat_interval * 2;
         let ending = loop {
             tokio::select! {
                 biased;
@@ -209,16 +211,30 @@ impl Session<'_> {
                         self.count(&tally);
                         socket.flush().await
                     };
-                    // A client that stops reading blocks the write; the registry then finds its
-                    // queue full and kicks it, which must be able to end this wait.
-                    // The goodbye (error frame, close code) then follows what is already buffered,
-                    // for a client that reads again within the closing handshake.
-                    tokio::select! {
-                        result = write => if result.is_err() { break None },
-                        _ = conn.kicked().cancelled() => {
-                            break if conn.kick_code() == close::SLOW_CONSUMER { Some(SLOW) } else { Some(SHUTTING_DOWN) };
+                    // A client that stops reading blocks the write. Every deadline still holds
+                    // meanwhile: a kick (its queue filled up), shutdown, the token's expiry, and
+                    // the heartbeat: a peer that has read nothing for two intervals is gone, and
+                    // must not keep its user's slot and presence until TCP gives up. The goodbye
+                    // (error frame, close code) then follows what is already buffered, for a
+                    // client that reads again within the closing handshake.
+                    tokio::pin!(write);
+                    let blocked = loop {
+                        tokio::select! {
+                            result = &mut write => break result.err().map(|_| None),
+                            _ = conn.kicked().cancelled() => {
+                                break Some(if conn.kick_code() == close::SLOW_CONSUMER { Some(SLOW) } else { Some(SHUTTING_DOWN) });
+                            }
+                            _ = shutdown.cancelled() => break Some(Some(SHUTTING_DOWN)),
+                            _ = &mut token_expiry => break Some(Some(TOKEN_EXPIRED)),
+                            _ = heartbeat.tick() => {
+                                if last_heard.elapsed() > silence_limit {
+                                    break Some(Some(HEARTBEAT));
+                                }
+                            }
                         }
-                        _ = shutdown.cancelled() => break Some(SHUTTING_DOWN),
+                    };
+                    if let Some(ending) = blocked {
+                        break ending;
                     }
                 }
                 message = socket.next() => {
@@ -237,12 +253,15 @@ impl Session<'_> {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > self.ctx.heartbeat_interval * 2 {
+                    if last_heard.elapsed() > silence_limit {
                         break Some(HEARTBEAT);
                     }
                     conn.outbox.shrink_if_empty();
-                    if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                        break None;
+                    // A ping into a full send buffer waits too; it may wait one interval at most.
+                    match tokio::time::timeout(self.ctx.heartbeat_interval, socket.send(Message::Ping(bytes::Bytes::new()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break None,
+                        Err(_) => break Some(HEARTBEAT),
                     }
                 }
             }

@@ -686,3 +686,31 @@ async fn a_poison_job_is_dead_lettered_after_bounded_retries_and_the_queue_moves
 fn humantime(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
+
+/// A peer that stops reading while a write to it is blocked (a dead client whose send buffer is
+/// full) still times out: the heartbeat deadline holds during the write, and the session frees
+/// its slot and its presence within two intervals instead of when TCP gives up (issue 11 item 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_blocked_on_a_write_still_times_out_on_the_heartbeat() {
+    let options = Options { heartbeat_interval: Duration::from_secs(1), ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let _frozen = TestClient::connect_paused(&ws_url(gateway.addr), &cluster.token("frozen")).await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "frozen", true).await.unwrap();
+    // 7 MiB: more than loopback's socket buffers and the write buffer, far less than the
+    // outbound queue (1024 frames), so the write blocks and no slow-consumer kick ends it.
+    let filler = "z".repeat(60 * 1024);
+    for i in 0..120 {
+        let job = serde_json::json!({"id": format!("heavy-{i:03}"), "to": ["frozen"], "payload": {"fill": filler}});
+        cluster.publish(&job).await.unwrap();
+    }
+    // Nothing more is published: only the heartbeat can end the session now.
+    cluster.wait_presence(dispatcher.addr, "frozen", false).await.unwrap();
+    let metrics = reqwest::get(format!("http://{}/metrics", gateway.addr)).await.unwrap().text().await.unwrap();
+    let closed = metrics
+        .lines()
+        .find(|l| l.starts_with("herald_gateway_connections_closed_total") && l.contains("heartbeat_timeout"))
+        .unwrap_or_else(|| panic!("no heartbeat_timeout close in\n{metrics}"));
+    assert!(closed.ends_with(" 1"), "{closed}");
+}
