@@ -25,7 +25,7 @@ HERALDCTL := cargo run --quiet -p herald-dispatcher --bin heraldctl --
 # Extra checks other parts of the repo may provide; each runs in `make test` when present.
 EXTRA_CHECKS := scripts/check-k8s.sh scripts/check-dockerfile.sh
 
-.PHONY: help deps build test fmt clippy run token publish clean
+.PHONY: help deps build test fmt clippy run token publish clean chaos
 
 help:
 	@echo 'make deps      install redis-server and .venv (nats-server, nx-27017)'
@@ -34,6 +34,7 @@ help:
 	@echo 'make run       start redis, nats, mongo, one dispatcher and two gateways (Ctrl-C stops all)'
 	@echo "make token USER=alice                       print a dev client token"
 	@echo "make publish TO=alice,bob MSG='{\"title\":\"hi\"}' [ID=x TTL=secs TOPIC=t]   publish a job"
+	@echo 'make chaos SEED=1 MINUTES=2   a seeded randomized fault run, checked against every invariant'
 	@echo 'make fmt | clippy | clean'
 
 deps:
@@ -60,6 +61,16 @@ test: deps
 
 fmt:
 	cargo fmt --all
+
+# A seeded, randomized fault run (tests/tests/chaos.rs); a failure prints the seed and schedule.
+SEED ?= 1
+MINUTES ?= 2
+chaos: deps
+	export HERALD_TEST_REDIS_SERVER="$${HERALD_TEST_REDIS_SERVER:-$$(command -v redis-server)}"; \
+	export HERALD_TEST_NATS_SERVER="$${HERALD_TEST_NATS_SERVER:-$(VENV)/bin/nats-server}"; \
+	export HERALD_TEST_MONGO_SERVER="$${HERALD_TEST_MONGO_SERVER:-$(VENV)/bin/nx-27017}"; \
+	HERALD_CHAOS_SEED=$(SEED) HERALD_CHAOS_SECONDS=$$(( $(MINUTES) * 60 )) \
+		cargo test -p herald-tests --test chaos -- --include-ignored --nocapture
 
 clippy:
 	cargo clippy --workspace --all-targets -- -D warnings
