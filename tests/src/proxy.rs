@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ pub struct TcpProxy {
     live: Arc<AtomicUsize>,
     /// Bytes that make an insert's document refused (see `refuse_inserts_containing`).
     refuse: Refusal,
+    /// Milliseconds each reply from upstream is held back (see `delay_replies`).
+    delay_ms: Arc<AtomicU64>,
     /// The accept loop, which owns the connection tasks: aborting it (on drop) ends them all.
     accept: JoinHandle<()>,
 }
@@ -47,9 +49,16 @@ impl TcpProxy {
         let (mode, _) = watch::channel(Mode::Forward);
         let live = Arc::new(AtomicUsize::new(0));
         let refuse = Refusal::default();
-        let accept =
-            tokio::spawn(accept_loop(listener, upstream.into(), mode.subscribe(), live.clone(), refuse.clone()));
-        Ok(Self { addr, mode, live, refuse, accept })
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            upstream.into(),
+            mode.subscribe(),
+            live.clone(),
+            refuse.clone(),
+            delay_ms.clone(),
+        ));
+        Ok(Self { addr, mode, live, refuse, delay_ms, accept })
     }
 
     /// Where clients should connect.
@@ -85,6 +94,12 @@ impl TcpProxy {
         *self.refuse.marker.lock().unwrap() = Some(marker.as_bytes().to_vec());
     }
 
+    /// Holds back every chunk the upstream sends by `delay` (zero: none), on live connections
+    /// too: a store that answers, slowly.
+    pub fn delay_replies(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
     /// Connections currently held by the proxy.
     pub fn live_connections(&self) -> usize {
         self.live.load(Ordering::SeqCst)
@@ -103,6 +118,7 @@ async fn accept_loop(
     mode: watch::Receiver<Mode>,
     live: Arc<AtomicUsize>,
     refuse: Refusal,
+    delay_ms: Arc<AtomicU64>,
 ) {
     // Dropped with this task, which aborts every connection.
     let mut connections = JoinSet::new();
@@ -113,7 +129,7 @@ async fn accept_loop(
                 Ok((inbound, _)) => {
                     let guard = LiveGuard::new(&live);
                     let refuse = refuse.marker.lock().unwrap().clone();
-                    connections.spawn(proxy_connection(inbound, upstream.clone(), mode.clone(), guard, refuse));
+                    connections.spawn(proxy_connection(inbound, upstream.clone(), mode.clone(), guard, refuse, delay_ms.clone()));
                 }
                 Err(e) => {
                     // E.g. out of file descriptors: back off instead of spinning.
@@ -133,6 +149,7 @@ async fn proxy_connection(
     mut mode: watch::Receiver<Mode>,
     _live: LiveGuard,
     refuse: Option<Vec<u8>>,
+    delay_ms: Arc<AtomicU64>,
 ) {
     if *mode.borrow() == Mode::Forward {
         let mut outbound = match TcpStream::connect(&upstream).await {
@@ -143,7 +160,13 @@ async fn proxy_connection(
         let carry = async {
             match &refuse {
                 None => {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    let (mut client_read, mut client_write) = inbound.split();
+                    let (mut server_read, server_write) = outbound.split();
+                    let mut server_write = server_write;
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut client_read, &mut server_write) => {}
+                        _ = delayed_copy(&mut server_read, &mut client_write, &delay_ms) => {}
+                    }
                 }
                 Some(marker) => {
                     let (client_read, client_write) = inbound.split();
@@ -167,6 +190,26 @@ async fn proxy_connection(
         drop(outbound);
     } else {
         let _ = mode.wait_for(|m| *m != Mode::Blackhole).await;
+    }
+}
+
+/// Copies `from` to `to`, holding each chunk back by the current delay.
+async fn delayed_copy(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    delay_ms: &AtomicU64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let delay = delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        to.write_all(&buf[..n]).await?;
     }
 }
 

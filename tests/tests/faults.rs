@@ -714,3 +714,47 @@ async fn a_session_blocked_on_a_write_still_times_out_on_the_heartbeat() {
         .unwrap_or_else(|| panic!("no heartbeat_timeout close in\n{metrics}"));
     assert!(closed.ends_with(" 1"), "{closed}");
 }
+
+/// A store that answers, slowly: every reply held back 300 ms, under steady load. Acks keep
+/// being applied meanwhile, nothing is lost, and the system catches up once the delay ends,
+/// without a restart (issue 11 item 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    let _d1 = cluster.dispatcher().await.unwrap();
+    let _d2 = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let audience = audience(vec![g1.addr, g2.addr], "slowstore").await;
+    let publisher = publisher(&cluster, "slowstore", fleet::users("slowstore", USERS)).await;
+    publisher.wait_for(JOBS / 4, SETTLE).await.unwrap();
+
+    let delivered = || async {
+        let states = fleet::receipt_states(&cluster.db).await.map_err(|e| e.to_string())?;
+        Ok::<usize, String>(states.values().filter(|s| matches!(s.as_str(), "delivered" | "read")).count())
+    };
+    cluster.stack.mongo_proxy.delay_replies(Duration::from_millis(300));
+    let slowed_at = Instant::now();
+    let before = delivered().await.unwrap();
+    // Acks go on being applied through the slow store (read straight from it, not through the
+    // proxy).
+    eventually(SETTLE, Duration::from_millis(250), || async {
+        let now = delivered().await?;
+        if now >= before + 200 {
+            Ok(())
+        } else {
+            Err(format!("{} delivered since the store slowed down", now - before))
+        }
+    })
+    .await
+    .unwrap();
+    let applied_while_slow = slowed_at.elapsed();
+    cluster.stack.mongo_proxy.delay_replies(Duration::ZERO);
+    let recovered_from = Instant::now();
+    let jobs = publisher.log();
+    let recovery = fleet::wait_delivered(&cluster.db, &jobs, &audience.offline, recovered_from, SETTLE).await.unwrap();
+    println!("slow store: 200 more receipts delivered {applied_while_slow:?} into the slowdown");
+    let tally = settle("store replies held 300 ms", &cluster, &audience, &publisher, recovery).await;
+    tally.assert_nothing_lost();
+}
