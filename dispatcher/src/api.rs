@@ -12,7 +12,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use fred::prelude::ClientLike;
 use herald_proto::{GatewayId, MessageId, UserId};
-use herald_shared::now_ms;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -32,6 +31,8 @@ pub struct ApiState {
     pub presence: PresenceReader,
     pub redis: fred::clients::Client,
     pub nats: async_nats::Client,
+    /// This host's wall clock, for judging expiry in answers.
+    pub clock: herald_shared::Clock,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -187,7 +188,7 @@ async fn message(
     let limit = limit.get();
     let receipts = state.store.receipts_of(&id, limit).await?;
     let mut counts = state.store.receipt_counts(&id).await?;
-    let now = now_ms();
+    let now = state.clock.now_ms();
     // Pending receipts past expiry count as expired even before the sweeper marks them.
     if message.expires_at.timestamp_millis() as u64 <= now {
         if let Some(pending) = counts.remove(ReceiptState::Pending.as_str()) {
@@ -219,7 +220,7 @@ async fn pending(
     Query(limit): Query<Limit>,
 ) -> Result<Json<PendingAnswer>, ApiError> {
     let user = UserId::new(user).map_err(ApiError::BadId)?;
-    let pending = state.store.pending_for(&[&user], limit.get(), now_ms()).await?;
+    let pending = state.store.pending_for(&[&user], limit.get(), state.clock.now_ms()).await?;
     let pending: Vec<_> = pending.into_iter().map(|s| s.notification).collect();
     Ok(Json(PendingAnswer { user, count: pending.len(), pending }))
 }
@@ -229,7 +230,7 @@ async fn presence(
     Path(user): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let user = UserId::new(user).map_err(ApiError::BadId)?;
-    let found = state.presence.lookup(&[&user], now_ms()).await?;
+    let found = state.presence.lookup(&[&user], state.clock.now_ms()).await?;
     let mut gateways: BTreeMap<GatewayId, usize> = BTreeMap::new();
     let mut connections = 0;
     if let Some(conns) = found.get(&user) {

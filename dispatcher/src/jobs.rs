@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, AckKind, Message};
 use herald_proto::{RejectCode, Rejection, UserId};
 use herald_shared::naming::Names;
-use herald_shared::now_ms;
+use herald_shared::Clock;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::{self, Invalid, JobMeta, Limits, ValidJob};
@@ -39,6 +39,8 @@ pub struct JobPipeline {
     /// with progress acks.
     pub ack_wait: Duration,
     pub metrics: std::sync::Arc<DispatcherMetrics>,
+    /// This host's wall clock: receipt times, rejection times.
+    pub clock: Clock,
 }
 
 /// A job as pulled from the stream, with what was read of it.
@@ -136,7 +138,7 @@ impl JobPipeline {
                 unix_ms(SystemTime::from(info.published)),
                 u128::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
             ),
-            Err(_) => (0, 1, now_ms(), 0),
+            Err(_) => (0, 1, self.clock.now_ms(), 0),
         };
         let msg_id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_owned());
         let meta = JobMeta {
@@ -167,7 +169,7 @@ impl JobPipeline {
         let mut backoff = Duration::from_millis(100);
         let mut interrupted = false;
         loop {
-            match self.store.insert(jobs, now_ms(), self.ack_timeout).await {
+            match self.store.insert(jobs, self.clock.now_ms(), self.ack_timeout).await {
                 Ok(stored) => {
                     let written: usize =
                         stored.iter().map(|s| if let Stored::New(users) = s { users.len() } else { 0 }).sum();
@@ -218,7 +220,7 @@ impl JobPipeline {
         let mut users: Vec<&UserId> = routes.iter().flat_map(|(_, u)| u.iter()).collect();
         users.sort_unstable();
         users.dedup();
-        let lookup = self.presence.lookup(&users, now_ms());
+        let lookup = self.presence.lookup(&users, self.clock.now_ms());
         let presence = match self.metrics.dependencies.time("redis", "presence_lookup", lookup).await {
             Ok(presence) => presence,
             Err(e) => {
@@ -253,7 +255,7 @@ impl JobPipeline {
             subject: job.message.subject.to_string(),
             code: invalid.code,
             reason: invalid.reason,
-            rejected_at_ms: now_ms(),
+            rejected_at_ms: self.clock.now_ms(),
         };
         tracing::info!(seq = job.stream_seq, code = ?rejection.code, reason = %rejection.reason, "job rejected");
         self.metrics.jobs.with_label_values(&["rejected"]).inc();
@@ -275,7 +277,7 @@ impl JobPipeline {
             reason: reason.to_owned(),
             attempts: pulled.delivered as i64,
             body: String::from_utf8_lossy(&pulled.message.payload).into_owned(),
-            dead_at: crate::store::date(now_ms()),
+            dead_at: crate::store::date(self.clock.now_ms()),
         };
         if let Err(e) = self.store.dead_letter(letter).await {
             tracing::warn!(error = %e, "dead letter not stored; reported on the subject only");
@@ -286,7 +288,7 @@ impl JobPipeline {
             subject: pulled.message.subject.to_string(),
             code: RejectCode::DeadLetter,
             reason: format!("not stored after {} attempts: {reason}", pulled.delivered),
-            rejected_at_ms: now_ms(),
+            rejected_at_ms: self.clock.now_ms(),
         };
         tracing::error!(seq = pulled.stream_seq, reason, "job dead-lettered");
         self.metrics.jobs.with_label_values(&["dead_lettered"]).inc();

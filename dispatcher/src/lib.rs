@@ -98,6 +98,7 @@ pub async fn run(
         max_attempts: config.max_attempts,
         ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
+        clock: config.common.clock,
     };
     let events = events::EventPipeline {
         js: js.clone(),
@@ -121,6 +122,7 @@ pub async fn run(
         interval: config.sweep_interval,
         ack_timeout: config.ack_timeout,
         metrics: Arc::clone(&metrics),
+        clock: config.common.clock,
     };
 
     // Pipelines stop pulling when `stop` fires; each ends only then, so an early end is a failure
@@ -146,6 +148,7 @@ pub async fn run(
         presence,
         redis: redis.clone(),
         nats: nats.clone(),
+        clock: config.common.clock,
     });
     tracing::info!(dispatcher = %config.dispatcher_id, addr = ?listener.local_addr().ok(), "dispatcher running");
     let served =

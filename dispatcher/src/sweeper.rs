@@ -10,7 +10,7 @@ use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 use herald_proto::{Notification, UserId};
 use herald_shared::naming::Names;
-use herald_shared::now_ms;
+use herald_shared::Clock;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::DispatcherMetrics;
@@ -31,6 +31,8 @@ pub struct Sweeper {
     pub interval: Duration,
     pub ack_timeout: Duration,
     pub metrics: std::sync::Arc<DispatcherMetrics>,
+    /// This host's wall clock, against which retry times and expiries are judged.
+    pub clock: Clock,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -84,7 +86,7 @@ impl Sweeper {
         if taken.is_none() {
             return Ok(None);
         }
-        self.sweep(now_ms()).await.map(Some)
+        self.sweep(self.clock.now_ms()).await.map(Some)
     }
 
     pub async fn sweep(&self, now: u64) -> Result<SweepReport, SweepError> {

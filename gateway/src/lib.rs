@@ -114,6 +114,7 @@ pub async fn run(
         gateway_id.clone(),
         Arc::clone(&registry),
         config.presence_ttl,
+        config.common.clock,
         Arc::clone(&metrics),
     );
     if let Err(e) = presence_task.heartbeat().await {
@@ -147,7 +148,13 @@ pub async fn run(
         "deliveries",
         shutdown.clone(),
         Arc::clone(&failed),
-        deliveries::run(deliveries, Arc::clone(&registry), Arc::clone(&metrics), close_sessions.clone()),
+        deliveries::run(
+            deliveries,
+            Arc::clone(&registry),
+            Arc::clone(&metrics),
+            config.common.clock,
+            close_sessions.clone(),
+        ),
     );
     shutdown::spawn_critical(
         &tasks,

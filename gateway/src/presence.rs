@@ -17,6 +17,7 @@ use async_nats::jetstream;
 use fred::prelude::*;
 use herald_proto::{ConnectionId, Event, GatewayId, Online, UserId};
 use herald_shared::naming::Names;
+use herald_shared::Clock;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +58,7 @@ pub(crate) struct PresenceTask {
     gateway_id: GatewayId,
     registry: Arc<Registry>,
     ttl: Duration,
+    clock: Clock,
     metrics: Arc<GatewayMetrics>,
     rx: mpsc::Receiver<PresenceOp>,
     /// Operations not yet applied in Redis, in the order they were queued.
@@ -79,6 +81,7 @@ impl PresenceTask {
         gateway_id: GatewayId,
         registry: Arc<Registry>,
         ttl: Duration,
+        clock: Clock,
         metrics: Arc<GatewayMetrics>,
     ) -> (Self, PresenceHandle) {
         let (tx, rx) = mpsc::channel(8192);
@@ -89,6 +92,7 @@ impl PresenceTask {
             gateway_id,
             registry,
             ttl,
+            clock,
             metrics,
             rx,
             unapplied: Vec::new(),
@@ -100,7 +104,7 @@ impl PresenceTask {
     /// Marks this gateway alive. Returns true when Redis did not know it: either this is the
     /// first heartbeat, or Redis lost its data and every connection must be registered again.
     pub(crate) async fn heartbeat(&self) -> Result<bool, PresenceError> {
-        let lapse_at = herald_shared::now_ms() + self.ttl.as_millis() as u64;
+        let lapse_at = self.clock.now_ms() + self.ttl.as_millis() as u64;
         let zadd = self.redis.zadd::<i64, _, _>(
             self.names.gateways_key(),
             None,
@@ -211,7 +215,7 @@ impl PresenceTask {
                 user: conn.user.clone(),
                 connection_id: conn.id.clone(),
                 gateway_id: self.gateway_id.clone(),
-                at_ms: herald_shared::now_ms(),
+                at_ms: self.clock.now_ms(),
             });
             let Ok(body) = serde_json::to_vec(&event) else { continue };
             match self.js.publish(subject.clone(), body.into()).await {

@@ -29,6 +29,9 @@ pub struct CommonConfig {
     /// Replicas of Herald's JetStream streams when a process creates them (3 in production;
     /// 1 for a single NATS server). Existing streams are left as they are.
     pub jetstream_replicas: usize,
+    /// The wall clock. Not read from the environment: always the system clock, except in tests
+    /// that play a host whose clock is off.
+    pub clock: crate::Clock,
 }
 
 /// How the gateway checks client tokens.
@@ -223,6 +226,7 @@ impl CommonConfig {
             redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
             nats_url: env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222"),
             jetstream_replicas: env.parse("HERALD_JETSTREAM_REPLICAS", 1),
+            clock: crate::Clock::system(),
         }
     }
 }

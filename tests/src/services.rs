@@ -72,6 +72,7 @@ impl Stack {
             redis_url: self.redis.url(),
             nats_url: self.nats.url(),
             jetstream_replicas: 1,
+            clock: herald_shared::Clock::system(),
         }
     }
 
