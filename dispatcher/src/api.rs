@@ -230,7 +230,7 @@ async fn presence(
     Path(user): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let user = UserId::new(user).map_err(ApiError::BadId)?;
-    let found = state.presence.lookup(&[&user], state.clock.now_ms()).await?;
+    let found = state.presence.lookup(&[&user]).await?;
     let mut gateways: BTreeMap<GatewayId, usize> = BTreeMap::new();
     let mut connections = 0;
     if let Some(conns) = found.get(&user) {

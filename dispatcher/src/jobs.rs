@@ -220,7 +220,7 @@ impl JobPipeline {
         let mut users: Vec<&UserId> = routes.iter().flat_map(|(_, u)| u.iter()).collect();
         users.sort_unstable();
         users.dedup();
-        let lookup = self.presence.lookup(&users, self.clock.now_ms());
+        let lookup = self.presence.lookup(&users);
         let presence = match self.metrics.dependencies.time("redis", "presence_lookup", lookup).await {
             Ok(presence) => presence,
             Err(e) => {

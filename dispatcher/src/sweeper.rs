@@ -99,7 +99,7 @@ impl Sweeper {
         let mut users: Vec<&UserId> = due.iter().map(|r| &r.user).collect();
         users.sort_unstable();
         users.dedup();
-        let presence = self.presence.lookup(&users, now).await?;
+        let presence = self.presence.lookup(&users).await?;
         let (online, offline): (Vec<_>, Vec<_>) = due.into_iter().partition(|r| presence.contains_key(&r.user));
 
         // Offline users get theirs when they connect; stop looking at them until then.

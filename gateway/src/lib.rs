@@ -107,7 +107,7 @@ pub async fn run(
     let registry = Registry::new(config.max_connections, config.max_connections_per_user);
     // Subscribe before becoming routable, so nothing routed here falls on the floor.
     let deliveries = nats.subscribe(names.gateway_subject(gateway_id.as_str())).await?;
-    let (presence_task, presence) = PresenceTask::new(
+    let (mut presence_task, presence) = PresenceTask::new(
         redis.clone(),
         js.clone(),
         names.clone(),

@@ -336,8 +336,8 @@ async fn gateway_sigterm_drains_with_1012_removes_presence_and_loses_nothing() {
         "no presence left pointing at the drained gateway"
     );
     let redis = cluster.redis().await.unwrap();
-    let score: Option<f64> = redis.zscore(cluster.stack.names().gateways_key(), drained_id.as_str()).await.unwrap();
-    assert_eq!(score, None, "the drained gateway left the routing set");
+    let alive: i64 = redis.exists(cluster.stack.names().gateway_key(&drained_id)).await.unwrap();
+    assert_eq!(alive, 0, "the drained gateway removed its liveness key");
     tally.assert_nothing_lost();
 }
 
@@ -685,4 +685,202 @@ async fn a_poison_job_is_dead_lettered_after_bounded_retries_and_the_queue_moves
 
 fn humantime(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
+}
+
+// --- presence that heals itself (issue 11) -------------------------------------------------------
+
+/// A gateway whose Redis goes through a proxy, so that the test can cut it off from Redis alone:
+/// its liveness then lapses while the gateway itself runs.
+async fn gateway_behind_redis_proxy(
+    cluster: &Cluster,
+    clock: herald_shared::Clock,
+) -> (herald_tests::cluster::InProcess, herald_tests::proxy::TcpProxy) {
+    let proxy =
+        herald_tests::proxy::TcpProxy::start(format!("127.0.0.1:{}", cluster.stack.redis.port())).await.unwrap();
+    let mut config = herald_tests::cluster::gateway_config(&cluster.stack, &cluster.options);
+    config.common.redis_url = format!("redis://{}", proxy.addr());
+    config.common.clock = clock;
+    (cluster.gateway_with(config).await.unwrap(), proxy)
+}
+
+/// A gateway or a dispatcher whose clock is a minute off, behind or ahead, changes nothing:
+/// connected clients get their messages live, presence reports them online, and a gateway that
+/// stops heartbeating leaves presence within its TTL. Liveness is a Redis key's expiry, so no
+/// decision compares a time taken on one host with another host's clock (issue 11, item 1). On
+/// the old code a gateway behind or a dispatcher ahead saw every gateway as dead, and a gateway
+/// ahead or a dispatcher behind kept a dead gateway routable for a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_or_dispatcher_whose_clock_is_a_minute_off_still_delivers_live() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    let mut failures = Vec::new();
+    for (skewed, offset_ms) in
+        [("gateway", -60_000), ("gateway", 60_000), ("dispatcher", -60_000), ("dispatcher", 60_000)]
+    {
+        let case = format!("{skewed} {:+} s", offset_ms / 1000);
+        match skewed_host(&cluster, skewed, offset_ms).await {
+            Ok(report) => println!("{case}: {report}"),
+            Err(e) => failures.push(format!("{case}: {e:#}")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// One case of the clock-skew test: the `skewed` service (`gateway` or `dispatcher`) runs
+/// `offset_ms` off. Returns what it measured.
+async fn skewed_host(cluster: &Cluster, skewed: &str, offset_ms: i64) -> anyhow::Result<String> {
+    let skew = |who: &str| {
+        if who == skewed {
+            herald_shared::Clock::skewed(offset_ms)
+        } else {
+            herald_shared::Clock::system()
+        }
+    };
+    let mut config = dispatcher_config(&cluster.stack, &cluster.options);
+    config.common.clock = skew("dispatcher");
+    let dispatcher = cluster.dispatcher_with(config).await?;
+    let (gateway, redis_link) = gateway_behind_redis_proxy(cluster, skew("gateway")).await;
+    let user = format!("skew-{skewed}-{}", if offset_ms < 0 { "behind" } else { "ahead" });
+    let mut client = cluster.connect(gateway.addr, &user).await?;
+    cluster.wait_presence(dispatcher.addr, &user, true).await?;
+
+    let id = format!("{user}-1");
+    cluster.send(&id, &[&user]).await?;
+    // The ack timeout is a minute: only live routing delivers within this wait.
+    let got = client.next_notification(Duration::from_secs(15)).await.map(|n| n.id.into_string());
+    anyhow::ensure!(got.as_deref() == Some(id.as_str()), "not delivered live: got {got:?}");
+    client.ack([id.as_str()]).await?;
+    cluster.wait_receipt(&id, &user, "delivered").await?;
+
+    // Cut off from Redis, the gateway stops heartbeating: it must leave presence within its TTL
+    // (a fortieth of the minute of skew), whatever either clock says.
+    redis_link.cut().await;
+    let cut_at = Instant::now();
+    cluster.wait_presence(dispatcher.addr, &user, false).await?;
+    let offline_after = cut_at.elapsed();
+    drop(client);
+    gateway.stop().await?;
+    dispatcher.stop().await?;
+    Ok(format!(
+        "delivered live; offline {offline_after:?} after its gateway was cut off from Redis (TTL {:?})",
+        cluster.options.presence_ttl
+    ))
+}
+
+/// Waits until `gateway` has just heartbeaten: its liveness key's remaining time jumps up.
+/// Returns soon after a heartbeat, so that a test has most of an interval before the next one.
+async fn just_after_a_heartbeat(cluster: &Cluster, redis: &fred::clients::Client, gateway: &str) {
+    let key = cluster.stack.names().gateway_key(gateway);
+    let last = std::cell::Cell::new(redis.pttl::<i64, _>(&key).await.unwrap());
+    eventually(Duration::from_secs(30), Duration::from_millis(10), || async {
+        let now: i64 = redis.pttl(&key).await.map_err(|e| e.to_string())?;
+        if now > last.replace(now) {
+            Ok(())
+        } else {
+            Err(format!("{key} not refreshed yet ({now} ms left)"))
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// One user's presence hash vanishes (an eviction, a delete) while the user stays connected and
+/// the gateway's own liveness survives: the gateway notices at its next heartbeat, writes the
+/// connection again and announces it, so a message published meanwhile, which the sweep has
+/// parked as "user offline", is replayed, and live delivery resumes, without a reconnect and
+/// well before the ack timeout could explain it (issue 11, item 2). On the old code the user got
+/// nothing until they reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_presence_hash_heals_within_two_heartbeats_and_the_parked_message_is_replayed() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // A long heartbeat (10 s), so the sweep has time to park the message before the heal; a
+    // short ack timeout, so that it does (a minute would do it only after this test's deadline).
+    let options =
+        Options { presence_ttl: Duration::from_secs(30), ack_timeout: Duration::from_secs(1), ..Options::default() };
+    let heartbeat = options.presence_ttl / 3;
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "alice", true).await.unwrap();
+    let redis = cluster.redis().await.unwrap();
+
+    just_after_a_heartbeat(&cluster, &redis, &gateway.id).await;
+    let deleted: i64 = redis.del(cluster.stack.names().presence_key("alice")).await.unwrap();
+    assert_eq!(deleted, 1);
+    let lost_at = Instant::now();
+    cluster.send("while-lost", &["alice"]).await.unwrap();
+    // Alice looks offline, so the sweep parks the message until her next connection.
+    eventually(Duration::from_secs(8), Duration::from_millis(20), || async {
+        let receipts = cluster.receipts("while-lost").await.map_err(|e| e.to_string())?;
+        match receipts.get("alice") {
+            Some(r) if r.next_retry_at_ms == Some(herald_dispatcher::store::PARKED_MS) => Ok(()),
+            other => Err(format!("not parked yet: {other:?}")),
+        }
+    })
+    .await
+    .unwrap();
+
+    let bound = 2 * heartbeat;
+    let got = alice.next_notification(bound + Duration::from_secs(10)).await.map(|n| n.id.into_string());
+    let healed_after = lost_at.elapsed();
+    assert_eq!(got.as_deref(), Some("while-lost"), "the parked message is replayed once presence heals");
+    alice.ack(["while-lost"]).await.unwrap();
+    cluster.wait_receipt("while-lost", "alice", "delivered").await.unwrap();
+    cluster.send("after", &["alice"]).await.unwrap();
+    let got = alice.next_notification(Duration::from_secs(10)).await.map(|n| n.id.into_string());
+    assert_eq!(got.as_deref(), Some("after"), "live delivery resumes");
+    println!(
+        "presence hash lost and healed: the parked message arrived {healed_after:?} after the loss (bound {bound:?})"
+    );
+}
+
+/// Waits until presence reports `want` connections of `user`.
+async fn connections(cluster: &Cluster, dispatcher: std::net::SocketAddr, user: &str, want: u64) -> anyhow::Result<()> {
+    let path = format!("/v1/users/{user}/presence");
+    eventually(Duration::from_secs(15), Duration::from_millis(25), || async {
+        let (_, body) = cluster
+            .api(dispatcher, &path, Some(herald_tests::cluster::ADMIN_TOKEN))
+            .await
+            .map_err(|e| e.to_string())?;
+        if body["connections"] == want {
+            Ok(())
+        } else {
+            Err(format!("presence of {user}: {body}"))
+        }
+    })
+    .await
+}
+
+/// A replica promoted without the latest writes: this gateway's liveness key holds an older count
+/// of its presence writes, and the entry of one connection is gone, while the user's hash lives on
+/// through their connection on another gateway. The heartbeat sees the count behind, writes every
+/// connection again, and the lost one is back in presence and receives live (issue 11, item 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_writes_lost_in_a_failover_are_written_again() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let mut on_g1 = cluster.connect(g1.addr, "bob").await.unwrap();
+    let mut on_g2 = cluster.connect(g2.addr, "bob").await.unwrap();
+    connections(&cluster, dispatcher.addr, "bob", 2).await.unwrap();
+
+    let redis = cluster.redis().await.unwrap();
+    let names = cluster.stack.names();
+    let removed: i64 = redis.hdel(names.presence_key("bob"), on_g2.hello().connection_id.as_str()).await.unwrap();
+    assert_eq!(removed, 1);
+    let () =
+        redis.set(names.gateway_key(&g2.id), "0", Some(fred::types::Expiration::KEEPTTL), None, false).await.unwrap();
+    let lost_at = Instant::now();
+    connections(&cluster, dispatcher.addr, "bob", 2).await.unwrap();
+    let healed_after = lost_at.elapsed();
+
+    cluster.send("after-failover", &["bob"]).await.unwrap();
+    for (client, on) in [(&mut on_g1, "g1"), (&mut on_g2, "g2")] {
+        let got = client.next_notification(Duration::from_secs(10)).await.map(|n| n.id.into_string());
+        assert_eq!(got.as_deref(), Some("after-failover"), "bob's connection on {on}");
+    }
+    println!("writes lost in a failover were written again {healed_after:?} after the loss");
 }
