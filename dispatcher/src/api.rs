@@ -10,8 +10,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use fred::prelude::ClientLike;
 use herald_proto::{GatewayId, MessageId, UserId};
+use herald_shared::readiness;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -30,7 +30,9 @@ pub struct ApiState {
     pub store: Store,
     pub presence: PresenceReader,
     pub redis: fred::clients::Client,
-    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    /// The last round of dependency checks, shared by `/readyz` requests.
+    pub checks: readiness::Checks,
     /// This host's wall clock, for judging expiry in answers.
     pub clock: herald_shared::Clock,
 }
@@ -251,13 +253,21 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> String {
     herald_shared::metrics::encode(&state.metrics.registry)
 }
 
+/// 200 when MongoDB, Redis and NATS each answer within the readiness deadline, else 503; the
+/// body says which checks failed either way.
 async fn ready(State(state): State<Arc<ApiState>>) -> Response {
-    let checks = BTreeMap::from([
-        ("mongodb", state.store.ping().await.is_ok()),
-        ("redis", state.redis.is_connected()),
-        ("nats", state.nats.connection_state() == async_nats::connection::State::Connected),
-    ]);
-    let ready = checks.values().all(|ok| *ok);
+    let report = state
+        .checks
+        .report(|| async {
+            let (mongodb, redis, nats) = tokio::join!(
+                readiness::answers(state.store.ping()),
+                readiness::redis(&state.redis),
+                readiness::nats(&state.js),
+            );
+            readiness::Report::new([("mongodb", mongodb), ("redis", redis), ("nats", nats)])
+        })
+        .await;
+    let ready = report.ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "ready": ready, "checks": checks }))).into_response()
+    (status, Json(json!({ "ready": ready, "checks": report.checks, "failing": report.failing() }))).into_response()
 }

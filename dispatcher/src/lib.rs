@@ -147,7 +147,8 @@ pub async fn run(
         store,
         presence,
         redis: redis.clone(),
-        nats: nats.clone(),
+        js: js.clone(),
+        checks: herald_shared::readiness::Checks::default(),
         clock: config.common.clock,
     });
     tracing::info!(dispatcher = %config.dispatcher_id, addr = ?listener.local_addr().ok(), "dispatcher running");

@@ -4,7 +4,6 @@
 //! It is stateless: it touches only Redis and NATS, and a killed gateway loses nothing because
 //! every message it held is still pending in the dispatchers' store.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -13,7 +12,7 @@ use fred::prelude::ClientLike;
 use herald_proto::GatewayId;
 use herald_shared::config::GatewayConfig;
 use herald_shared::naming::Names;
-use herald_shared::{connect, shutdown, streams};
+use herald_shared::{connect, readiness, shutdown, streams};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,7 +62,9 @@ pub(crate) struct Gateway {
     close_sessions: CancellationToken,
     draining: AtomicBool,
     redis: fred::clients::Client,
-    nats: async_nats::Client,
+    js: jetstream::Context,
+    /// The last round of dependency checks, shared by `/readyz` requests.
+    checks: readiness::Checks,
 }
 
 impl Gateway {
@@ -71,12 +72,17 @@ impl Gateway {
         self.draining.load(Ordering::Relaxed) || self.close_sessions.is_cancelled()
     }
 
-    fn readiness(&self) -> BTreeMap<&'static str, bool> {
-        BTreeMap::from([
-            ("accepting", !self.is_draining()),
-            ("redis", self.redis.is_connected()),
-            ("nats", self.nats.connection_state() == async_nats::connection::State::Connected),
-        ])
+    /// Whether this gateway should get new clients: it is not draining, and Redis and NATS
+    /// answer within the readiness deadline.
+    async fn readiness(&self) -> readiness::Report {
+        let dependencies = self
+            .checks
+            .report(|| async {
+                let (redis, nats) = tokio::join!(readiness::redis(&self.redis), readiness::nats(&self.js));
+                readiness::Report::new([("redis", redis), ("nats", nats)])
+            })
+            .await;
+        dependencies.with("accepting", !self.is_draining())
     }
 }
 
@@ -180,7 +186,8 @@ pub async fn run(
         close_sessions: close_sessions.clone(),
         draining: AtomicBool::new(false),
         redis: redis.clone(),
-        nats: nats.clone(),
+        js: js.clone(),
+        checks: readiness::Checks::default(),
     });
     tracing::info!(gateway = %gateway_id, addr = ?listener.local_addr().ok(), "gateway listening");
     // HTTP keeps serving through the drain, so probes see "not ready" and late connects get a

@@ -4,6 +4,7 @@ pub mod config;
 pub mod connect;
 pub mod metrics;
 pub mod naming;
+pub mod readiness;
 pub mod shutdown;
 pub mod streams;
 pub mod telemetry;

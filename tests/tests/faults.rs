@@ -945,3 +945,58 @@ async fn events_applied(cluster: &Cluster) {
     .await
     .unwrap();
 }
+
+/// `GET /readyz` of a gateway or dispatcher, as status and body.
+async fn readyz(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    let response = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Waits until `/readyz` of `addr` is `status` with exactly `failing` named as failing.
+async fn wait_readyz(addr: std::net::SocketAddr, status: u16, failing: &[&str]) {
+    eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+        let (got, body) = readyz(addr).await;
+        if got == status && body["failing"] == serde_json::json!(failing) {
+            Ok(())
+        } else {
+            Err(format!("{addr}/readyz: {got} {body}"))
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// A dependency that stops answering while its connections stay open (SIGSTOP) makes `/readyz`
+/// 503 on every service that uses it, naming it, and ready again once it answers; `/healthz`
+/// stays a liveness check that calls nothing. Before, readiness looked at connection state only
+/// and stayed green (issue 11, item 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_and_names_a_dependency_that_does_not_answer() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    for addr in [gateway.addr, dispatcher.addr] {
+        wait_readyz(addr, 200, &[]).await;
+    }
+
+    cluster.stack.redis.pause();
+    for addr in [gateway.addr, dispatcher.addr] {
+        wait_readyz(addr, 503, &["redis"]).await;
+        let healthz = reqwest::get(format!("http://{addr}/healthz")).await.unwrap();
+        assert_eq!(healthz.status().as_u16(), 200, "liveness does not depend on Redis");
+    }
+    cluster.stack.redis.resume();
+    for addr in [gateway.addr, dispatcher.addr] {
+        wait_readyz(addr, 200, &[]).await;
+    }
+
+    cluster.stack.nats.pause();
+    for addr in [gateway.addr, dispatcher.addr] {
+        wait_readyz(addr, 503, &["nats"]).await;
+    }
+    cluster.stack.nats.resume();
+    for addr in [gateway.addr, dispatcher.addr] {
+        wait_readyz(addr, 200, &[]).await;
+    }
+}
