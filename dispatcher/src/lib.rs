@@ -64,10 +64,12 @@ pub async fn run(
     let metrics = Arc::new(metrics::DispatcherMetrics::new()?);
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
     let start = async {
-        let db = connect::mongo(&config.mongodb_uri, &config.mongodb_database).await?;
-        let redis = connect::redis(&config.common.redis_url).await?;
-        let nats =
-            connect::nats(&config.common.nats_url, &format!("herald-dispatcher {}", config.dispatcher_id)).await?;
+        let name = format!("herald-dispatcher {}", config.dispatcher_id);
+        let (db, redis, nats) = tokio::try_join!(
+            connect::mongo(&config.mongodb_uri, &config.mongodb_database),
+            connect::redis(&config.common.redis_url),
+            connect::nats(&config.common.nats_url, &name),
+        )?;
         let js = jetstream::new(nats.clone());
         streams::ensure(&js, &names, config.common.jetstream_replicas).await?;
         let store = store::Store::new(db, metrics.dependencies.clone());

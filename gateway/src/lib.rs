@@ -98,8 +98,9 @@ pub async fn run(
     let gateway_id = GatewayId::new(config.gateway_id.as_str()).map_err(GatewayError::Config)?;
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
     let start = async {
-        let redis = connect::redis(&config.common.redis_url).await?;
-        let nats = connect::nats(&config.common.nats_url, &format!("herald-gateway {gateway_id}")).await?;
+        let name = format!("herald-gateway {gateway_id}");
+        let (redis, nats) =
+            tokio::try_join!(connect::redis(&config.common.redis_url), connect::nats(&config.common.nats_url, &name))?;
         let js = jetstream::new(nats.clone());
         streams::ensure(&js, &names, config.common.jetstream_replicas).await?;
         Ok::<_, GatewayError>((redis, nats, js))

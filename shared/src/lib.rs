@@ -1,5 +1,6 @@
 //! Plumbing shared by the gateway and the dispatcher; no business logic lives here.
 
+pub mod backoff;
 pub mod config;
 pub mod connect;
 pub mod metrics;

@@ -1000,3 +1000,33 @@ async fn readiness_fails_and_names_a_dependency_that_does_not_answer() {
         wait_readyz(addr, 200, &[]).await;
     }
 }
+
+/// A gateway and a dispatcher started while Redis and NATS are down (refusing connections) wait
+/// for them, with backoff, as docs/CONFIGURATION.md promises, and serve once they are up; until
+/// then neither exits. Before, the gateway exited at once when Redis refused (issue 11, item 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_started_before_redis_and_nats_wait_for_them_and_then_serve() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start().await.unwrap();
+    cluster.stack.redis.stop().await;
+    cluster.stack.nats.stop().await;
+    let gateway = cluster
+        .start_gateway_with(herald_tests::cluster::gateway_config(&cluster.stack, &cluster.options))
+        .await
+        .unwrap();
+    let dispatcher = cluster.start_dispatcher_with(dispatcher_config(&cluster.stack, &cluster.options)).await.unwrap();
+    // Refused for a few seconds: several attempts each, well inside the 20 s start-up wait.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(gateway.is_running(), "the gateway gave up on a Redis that refused");
+    assert!(dispatcher.is_running(), "the dispatcher gave up on a NATS that refused");
+
+    cluster.stack.redis.restart().await.unwrap();
+    cluster.stack.nats.restart().await.unwrap();
+    cluster.wait_ready(gateway.addr).await.unwrap();
+    cluster.wait_ready(dispatcher.addr).await.unwrap();
+    let mut dave = cluster.connect(gateway.addr, "dave").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "dave", true).await.unwrap();
+    cluster.send("after-start", &["dave"]).await.unwrap();
+    let got = dave.next_notification(Duration::from_secs(15)).await.map(|n| n.id.into_string());
+    assert_eq!(got.as_deref(), Some("after-start"));
+}
