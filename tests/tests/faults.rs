@@ -1030,3 +1030,56 @@ async fn services_started_before_redis_and_nats_wait_for_them_and_then_serve() {
     let got = dave.next_notification(Duration::from_secs(15)).await.map(|n| n.id.into_string());
     assert_eq!(got.as_deref(), Some("after-start"));
 }
+
+/// Calls of each Redis command since the server started, from `INFO commandstats`.
+async fn commandstats(redis: &fred::clients::Client) -> std::collections::BTreeMap<String, u64> {
+    let info: String = redis.info(Some(fred::types::InfoKind::CommandStats)).await.unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// Measures what presence costs Redis at idle: one gateway (a process, default presence TTL of
+/// 10 s) holding 10,000 idle connections and one dispatcher (default sweep interval), sampled
+/// from `INFO commandstats` over a minute. Prints commands/s by command; asserts the budget of
+/// issue 11 (within 10x of the 0.8 commands/s measured before the heartbeat's check existed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: 10,000 connections for over a minute; run with --ignored --nocapture"]
+async fn idle_presence_costs_redis_a_few_commands_per_second_per_10k_connections() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let options = Options {
+        presence_ttl: Duration::from_secs(10),
+        sweep_interval: Duration::from_secs(5),
+        heartbeat_interval: Duration::from_secs(15),
+        ..Options::default()
+    };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let _dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway_process().await.unwrap();
+    let users = fleet::users("idle", 10_000);
+    let idle = Fleet::new(vec![gateway.addr]);
+    idle.connect(&users, Duration::from_secs(300)).await.unwrap();
+    let redis = cluster.redis().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(15)).await; // registrations and their replays settle
+    let before = commandstats(&redis).await;
+    let window = Duration::from_secs(60);
+    tokio::time::sleep(window).await; // the measurement window
+    let after = commandstats(&redis).await;
+    let per_sec = |name: &str| {
+        (after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)) as f64 / window.as_secs_f64()
+    };
+    let mut total = 0.0;
+    for name in after.keys().filter(|n| n.as_str() != "info") {
+        let rate = per_sec(name);
+        if rate > 0.0 {
+            println!("{name}: {rate:.2}/s");
+            total += rate;
+        }
+    }
+    println!("Redis commands/s at idle, 1 gateway x 10,000 connections + 1 dispatcher: {total:.2}");
+    assert!(total <= 8.0, "{total:.2} commands/s exceeds 10x the 0.8/s budget");
+}
