@@ -223,6 +223,10 @@ impl PresenceTask {
             );
         }
         self.suspect = false;
+        // A re-write still queued from an earlier heartbeat (Redis failing since) is replaced,
+        // not repeated. Connections that closed meanwhile are not in the registry any more, so
+        // none is written again after its removal.
+        self.unapplied.retain(|op| !matches!(op, PresenceOp::Reassert(_)));
         self.unapplied.extend(again.into_iter().map(PresenceOp::Reassert));
         Ok(())
     }
