@@ -68,13 +68,39 @@ impl PresenceReader {
         for user in users {
             let () = pipeline.hgetall(self.names.presence_key(user.as_str())).await?;
         }
-        let mut replies = pipeline.all::<Vec<Value>>().await?.into_iter();
+        let replies: Vec<Result<Value, fred::error::Error>> = pipeline.try_all().await;
+        // A round trip that failed (Redis away, slow, loading) fails its commands: the caller
+        // waits and asks again. What no retry changes stays local to its key (below).
+        if let Some(e) = replies.iter().find_map(|r| r.as_ref().err().filter(|e| is_transient(e))) {
+            return Err(PresenceError(e.clone()));
+        }
+        let expected = users.len() + usize::from(!known.is_empty());
+        if replies.len() != expected {
+            let e = fred::error::Error::new(fred::error::ErrorKind::Protocol, "pipeline answered short");
+            return Err(PresenceError(e));
+        }
+        let mut replies = replies.into_iter();
         let mut alive: HashMap<GatewayId, bool> = HashMap::new();
         if !known.is_empty() {
-            let held: Vec<Option<String>> = replies.next().map(Value::convert).transpose()?.unwrap_or_default();
+            let held: Vec<Option<String>> = match replies.next() {
+                Some(Ok(value)) => value.convert()?,
+                _ => Vec::new(),
+            };
             alive.extend(known.iter().cloned().zip(held.iter().map(Option::is_some)));
         }
-        let hashes: Vec<HashMap<String, String>> = replies.map(Value::convert).collect::<Result<_, _>>()?;
+        // A key that is not a presence hash (WRONGTYPE, written by something else) reads as no
+        // connection: one bad key must not hold every batch that names its user.
+        let hashes: Vec<HashMap<String, String>> = users
+            .iter()
+            .zip(replies)
+            .map(|(user, reply)| match reply.and_then(Value::convert) {
+                Ok(hash) => hash,
+                Err(e) => {
+                    tracing::warn!(%user, error = %e, "presence key is not a presence hash; reading it as offline");
+                    HashMap::new()
+                }
+            })
+            .collect();
 
         let unseen: Vec<GatewayId> = hashes
             .iter()
@@ -147,6 +173,13 @@ impl PresenceReader {
             tracing::debug!(error = %e, "pruning stale presence failed; the next lookup retries");
         }
     }
+}
+
+/// Whether asking again can help: Redis away, slow, loading or failing over. Not a key holding
+/// another type (WRONGTYPE), a command Redis refuses, or a reply that cannot be read.
+fn is_transient(e: &fred::error::Error) -> bool {
+    use fred::error::ErrorKind;
+    !matches!(e.kind(), ErrorKind::InvalidArgument | ErrorKind::InvalidCommand | ErrorKind::Parse)
 }
 
 /// Keeps the gateways a lookup found alive, up to [`MAX_KNOWN_GATEWAYS`], and forgets those it

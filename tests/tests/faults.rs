@@ -946,6 +946,27 @@ async fn events_applied(cluster: &Cluster) {
     .unwrap();
 }
 
+/// A presence key that is not a hash (written by something else) reads as "offline" for its own
+/// user only: a batch naming that user is routed to everyone else at once, not held as if Redis
+/// were away (nor, as before, left to the ack-timeout sweep whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_key_of_the_wrong_type_does_not_hold_other_users_messages() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "alice", true).await.unwrap();
+    events_applied(&cluster).await;
+    let redis = cluster.redis().await.unwrap();
+    let () = redis.set(cluster.stack.names().presence_key("mallory"), "not a hash", None, None, false).await.unwrap();
+
+    cluster.send("mixed", &["alice", "mallory"]).await.unwrap();
+    let got = alice.next_notification(Duration::from_secs(10)).await.map(|n| n.id.into_string());
+    assert_eq!(got.as_deref(), Some("mixed"), "alice's copy is routed despite mallory's broken key");
+    let receipts = cluster.receipts("mixed").await.unwrap();
+    assert_eq!(receipts["mallory"].state.as_str(), "pending", "mallory's waits in the store");
+}
+
 /// `GET /readyz` of a gateway or dispatcher, as status and body.
 async fn readyz(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
     let response = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
