@@ -10,9 +10,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use fred::prelude::ClientLike;
 use herald_proto::{GatewayId, MessageId, UserId};
-use herald_shared::now_ms;
+use herald_shared::readiness;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -31,7 +30,11 @@ pub struct ApiState {
     pub store: Store,
     pub presence: PresenceReader,
     pub redis: fred::clients::Client,
-    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    /// The last round of dependency checks, shared by `/readyz` requests.
+    pub checks: readiness::Checks,
+    /// This host's wall clock, for judging expiry in answers.
+    pub clock: herald_shared::Clock,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -187,7 +190,7 @@ async fn message(
     let limit = limit.get();
     let receipts = state.store.receipts_of(&id, limit).await?;
     let mut counts = state.store.receipt_counts(&id).await?;
-    let now = now_ms();
+    let now = state.clock.now_ms();
     // Pending receipts past expiry count as expired even before the sweeper marks them.
     if message.expires_at.timestamp_millis() as u64 <= now {
         if let Some(pending) = counts.remove(ReceiptState::Pending.as_str()) {
@@ -219,7 +222,7 @@ async fn pending(
     Query(limit): Query<Limit>,
 ) -> Result<Json<PendingAnswer>, ApiError> {
     let user = UserId::new(user).map_err(ApiError::BadId)?;
-    let pending = state.store.pending_for(&[&user], limit.get(), now_ms()).await?;
+    let pending = state.store.pending_for(&[&user], limit.get(), state.clock.now_ms()).await?;
     let pending: Vec<_> = pending.into_iter().map(|s| s.notification).collect();
     Ok(Json(PendingAnswer { user, count: pending.len(), pending }))
 }
@@ -229,7 +232,7 @@ async fn presence(
     Path(user): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let user = UserId::new(user).map_err(ApiError::BadId)?;
-    let found = state.presence.lookup(&[&user], now_ms()).await?;
+    let found = state.presence.lookup(&[&user]).await?;
     let mut gateways: BTreeMap<GatewayId, usize> = BTreeMap::new();
     let mut connections = 0;
     if let Some(conns) = found.get(&user) {
@@ -250,13 +253,21 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> String {
     herald_shared::metrics::encode(&state.metrics.registry)
 }
 
+/// 200 when MongoDB, Redis and NATS each answer within the readiness deadline, else 503; the
+/// body says which checks failed either way.
 async fn ready(State(state): State<Arc<ApiState>>) -> Response {
-    let checks = BTreeMap::from([
-        ("mongodb", state.store.ping().await.is_ok()),
-        ("redis", state.redis.is_connected()),
-        ("nats", state.nats.connection_state() == async_nats::connection::State::Connected),
-    ]);
-    let ready = checks.values().all(|ok| *ok);
+    let report = state
+        .checks
+        .report(|| async {
+            let (mongodb, redis, nats) = tokio::join!(
+                readiness::answers(state.store.ping()),
+                readiness::redis(&state.redis),
+                readiness::nats(&state.js),
+            );
+            readiness::Report::new([("mongodb", mongodb), ("redis", redis), ("nats", nats)])
+        })
+        .await;
+    let ready = report.ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "ready": ready, "checks": checks }))).into_response()
+    (status, Json(json!({ "ready": ready, "checks": report.checks, "failing": report.failing() }))).into_response()
 }

@@ -3,21 +3,22 @@
 //!
 //! Ordering is the whole point: receipts are durable (pending) **before** presence is read, and
 //! a job is acked to JetStream only after its receipts are durable, so a crash anywhere means a
-//! redelivery, never a loss. Store outages are waited out (the batch is held, its ack deadline
-//! extended); a job the store refuses for good is retried a bounded number of times and then
-//! dead-lettered so the queue keeps moving.
+//! redelivery, never a loss. Store and presence outages are waited out (the batch is held, its
+//! ack deadline extended); a job the store refuses for good is retried a bounded number of times
+//! and then dead-lettered so the queue keeps moving.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, AckKind, Message};
 use herald_proto::{RejectCode, Rejection, UserId};
 use herald_shared::naming::Names;
-use herald_shared::now_ms;
+use herald_shared::Clock;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::{self, Invalid, JobMeta, Limits, ValidJob};
 use crate::metrics::DispatcherMetrics;
-use crate::presence::PresenceReader;
+use crate::presence::{Connections, PresenceReader};
 use crate::pull;
 use crate::routing::{self, Router};
 use crate::store::{DeadLetterDoc, Store, Stored};
@@ -39,6 +40,8 @@ pub struct JobPipeline {
     /// with progress acks.
     pub ack_wait: Duration,
     pub metrics: std::sync::Arc<DispatcherMetrics>,
+    /// This host's wall clock: receipt times, rejection times.
+    pub clock: Clock,
 }
 
 /// A job as pulled from the stream, with what was read of it.
@@ -99,7 +102,16 @@ impl JobPipeline {
                 _ => None,
             })
             .collect();
-        self.route(&jobs, &valid, &routes).await;
+        if !self.route(&jobs, &valid, &routes, stop).await {
+            // Shutting down while presence is unreadable. The receipts are stored, so acking
+            // would lose nothing, but the messages would then wait for the ack-timeout sweep.
+            // Handed back, the jobs go to a dispatcher that stays (or to this one restarted),
+            // which routes every recipient of a redelivered job as soon as Redis answers.
+            for job in &valid {
+                let _ = job.message.ack_with(AckKind::Nak(None)).await;
+            }
+            return;
+        }
 
         for ((pulled, job), verdict) in valid.iter().zip(&jobs).zip(verdicts) {
             match verdict {
@@ -136,7 +148,7 @@ impl JobPipeline {
                 unix_ms(SystemTime::from(info.published)),
                 u128::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0),
             ),
-            Err(_) => (0, 1, now_ms(), 0),
+            Err(_) => (0, 1, self.clock.now_ms(), 0),
         };
         let msg_id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_owned());
         let meta = JobMeta {
@@ -167,7 +179,7 @@ impl JobPipeline {
         let mut backoff = Duration::from_millis(100);
         let mut interrupted = false;
         loop {
-            match self.store.insert(jobs, now_ms(), self.ack_timeout).await {
+            match self.store.insert(jobs, self.clock.now_ms(), self.ack_timeout).await {
                 Ok(stored) => {
                     let written: usize =
                         stored.iter().map(|s| if let Stored::New(users) = s { users.len() } else { 0 }).sum();
@@ -196,9 +208,17 @@ impl JobPipeline {
         }
     }
 
-    async fn route(&self, jobs: &[ValidJob], pulled: &[Pulled], routes: &[(usize, &[UserId])]) {
+    /// Routes the stored jobs to the gateways holding their recipients. Returns false if `stop`
+    /// fired while presence could not be read (nothing was routed then).
+    async fn route(
+        &self,
+        jobs: &[ValidJob],
+        pulled: &[Pulled],
+        routes: &[(usize, &[UserId])],
+        stop: &CancellationToken,
+    ) -> bool {
         if routes.is_empty() {
-            return;
+            return true;
         }
         let lookup_spans: Vec<tracing::Span> =
             routes.iter().map(|(i, _)| tracing::info_span!(parent: &pulled[*i].span, "herald.presence")).collect();
@@ -218,16 +238,8 @@ impl JobPipeline {
         let mut users: Vec<&UserId> = routes.iter().flat_map(|(_, u)| u.iter()).collect();
         users.sort_unstable();
         users.dedup();
-        let lookup = self.presence.lookup(&users, now_ms());
-        let presence = match self.metrics.dependencies.time("redis", "presence_lookup", lookup).await {
-            Ok(presence) => presence,
-            Err(e) => {
-                self.metrics.routing.with_label_values(&["presence_unavailable"]).inc_by(users.len() as u64);
-                // Receipts are pending: the sweeper retries them after the ack timeout, and a
-                // Redis restart makes gateways re-announce their connections for replay.
-                tracing::warn!(error = %e, "presence unavailable; messages wait in the store");
-                return;
-            }
+        let Some(presence) = self.read_presence_until_answered(&users, pulled, stop).await else {
+            return false;
         };
         drop(lookup_spans);
         let route_spans: Vec<tracing::Span> =
@@ -244,6 +256,44 @@ impl JobPipeline {
         self.metrics.routing.with_label_values(&["offline"]).inc_by(plan.offline.len() as u64);
         let failed = self.router.send(plan).await;
         self.metrics.route_failures.inc_by(failed as u64);
+        true
+    }
+
+    /// Reads presence, holding the batch while Redis does not answer: the lookup is retried
+    /// with capped backoff and the jobs' ack deadlines are extended, as for a store outage, so
+    /// the batch is routed as soon as Redis answers again (not after the ack timeout, by the
+    /// sweep). None if `stop` fires first.
+    async fn read_presence_until_answered(
+        &self,
+        users: &[&UserId],
+        pulled: &[Pulled],
+        stop: &CancellationToken,
+    ) -> Option<HashMap<UserId, Connections>> {
+        let mut backoff = Duration::from_millis(100);
+        let mut held_since: Option<tokio::time::Instant> = None;
+        loop {
+            let lookup = self.presence.lookup(users);
+            match self.metrics.dependencies.time("redis", "presence_lookup", lookup).await {
+                Ok(presence) => {
+                    if let Some(since) = held_since {
+                        tracing::info!(jobs = pulled.len(), held = ?since.elapsed(), "presence answers again; routing");
+                    }
+                    return Some(presence);
+                }
+                Err(e) if held_since.is_none() => {
+                    held_since = Some(tokio::time::Instant::now());
+                    self.metrics.routing.with_label_values(&["presence_unavailable"]).inc_by(users.len() as u64);
+                    tracing::warn!(error = %e, jobs = pulled.len(), "presence unavailable; holding the jobs and retrying");
+                }
+                Err(e) => tracing::debug!(error = %e, "presence still unavailable"),
+            }
+            for job in pulled {
+                let _ = job.message.ack_with(AckKind::Progress).await;
+            }
+            if !pull::sleep_or_stop(&mut backoff, stop).await {
+                return None;
+            }
+        }
     }
 
     async fn reject(&self, job: &Pulled, invalid: Invalid) {
@@ -253,7 +303,7 @@ impl JobPipeline {
             subject: job.message.subject.to_string(),
             code: invalid.code,
             reason: invalid.reason,
-            rejected_at_ms: now_ms(),
+            rejected_at_ms: self.clock.now_ms(),
         };
         tracing::info!(seq = job.stream_seq, code = ?rejection.code, reason = %rejection.reason, "job rejected");
         self.metrics.jobs.with_label_values(&["rejected"]).inc();
@@ -275,7 +325,7 @@ impl JobPipeline {
             reason: reason.to_owned(),
             attempts: pulled.delivered as i64,
             body: String::from_utf8_lossy(&pulled.message.payload).into_owned(),
-            dead_at: crate::store::date(now_ms()),
+            dead_at: crate::store::date(self.clock.now_ms()),
         };
         if let Err(e) = self.store.dead_letter(letter).await {
             tracing::warn!(error = %e, "dead letter not stored; reported on the subject only");
@@ -286,7 +336,7 @@ impl JobPipeline {
             subject: pulled.message.subject.to_string(),
             code: RejectCode::DeadLetter,
             reason: format!("not stored after {} attempts: {reason}", pulled.delivered),
-            rejected_at_ms: now_ms(),
+            rejected_at_ms: self.clock.now_ms(),
         };
         tracing::error!(seq = pulled.stream_seq, reason, "job dead-lettered");
         self.metrics.jobs.with_label_values(&["dead_lettered"]).inc();

@@ -79,10 +79,12 @@ pub async fn run(
     let metrics = Arc::new(metrics::DispatcherMetrics::new()?);
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
     let start = async {
-        let db = connect::mongo(&config.mongodb_uri, &config.mongodb_database).await?;
-        let redis = connect::redis(&config.common.redis_url).await?;
-        let nats =
-            connect::nats(&config.common.nats_url, &format!("herald-dispatcher {}", config.dispatcher_id)).await?;
+        let name = format!("herald-dispatcher {}", config.dispatcher_id);
+        let (db, redis, nats) = tokio::try_join!(
+            connect::mongo(&config.mongodb_uri, &config.mongodb_database),
+            connect::redis(&config.common.redis_url),
+            connect::nats(&config.common.nats_url, &name),
+        )?;
         let js = jetstream::new(nats.clone());
         streams::ensure(&js, &names, config.common.jetstream_replicas).await?;
         let store = store::Store::new(db, metrics.dependencies.clone());
@@ -119,6 +121,7 @@ pub async fn run(
         max_attempts: config.max_attempts,
         ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
+        clock: config.common.clock,
     };
     let events = events::EventPipeline {
         js: js.clone(),
@@ -148,6 +151,7 @@ pub async fn run(
         ack_timeout: config.ack_timeout,
         events: sweeper::EventsLag { js: js.clone(), ack_wait: config.ack_wait },
         metrics: Arc::clone(&metrics),
+        clock: config.common.clock,
     };
 
     // Pipelines stop pulling when `stop` fires; each ends only then, so an early end is a failure
@@ -176,7 +180,9 @@ pub async fn run(
         store,
         presence,
         redis: redis.clone(),
-        nats: nats.clone(),
+        js: js.clone(),
+        checks: herald_shared::readiness::Checks::default(),
+        clock: config.common.clock,
     });
     tracing::info!(dispatcher = %config.dispatcher_id, addr = ?listener.local_addr().ok(), "dispatcher running");
     serve::serve(listener, api::router(state), &config.common.http, http_metrics, shutdown.clone()).await;

@@ -17,7 +17,7 @@ use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 use herald_proto::{Notification, UserId};
 use herald_shared::naming::Names;
-use herald_shared::now_ms;
+use herald_shared::Clock;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::DispatcherMetrics;
@@ -44,6 +44,8 @@ pub struct Sweeper {
     /// How far behind the events pipeline is.
     pub events: EventsLag,
     pub metrics: std::sync::Arc<DispatcherMetrics>,
+    /// This host's wall clock, against which retry times and expiries are judged.
+    pub clock: Clock,
 }
 
 /// Reads the lag of the dispatchers' events consumer.
@@ -109,7 +111,7 @@ impl Sweeper {
     /// One interval's share of the sweep: expiry if this dispatcher takes that lock, then every
     /// partition whose lock it takes, from a random one.
     pub async fn sweep_once(&self) -> Result<SweepReport, SweepError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut report = SweepReport::default();
         if self.take(self.names.sweep_lock_key()).await? {
             report.expired = self.store.expire(now).await?;
@@ -175,7 +177,7 @@ impl Sweeper {
         let mut users: Vec<&UserId> = due.iter().map(|r| &r.user).collect();
         users.sort_unstable();
         users.dedup();
-        let presence = self.presence.lookup(&users, now).await?;
+        let presence = self.presence.lookup(&users).await?;
         let (online, offline): (Vec<_>, Vec<_>) = due.into_iter().partition(|r| presence.contains_key(&r.user));
 
         // Offline users get theirs when they connect; stop looking at them until then.

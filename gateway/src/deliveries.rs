@@ -19,6 +19,7 @@ pub(crate) async fn run(
     mut sub: async_nats::Subscriber,
     registry: Arc<Registry>,
     metrics: Arc<GatewayMetrics>,
+    clock: herald_shared::Clock,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -26,7 +27,7 @@ pub(crate) async fn run(
             _ = shutdown.cancelled() => break,
             msg = sub.next() => match msg {
                 Some(msg) => {
-                    let outcome = handle(&msg.payload, &registry, herald_shared::now_ms());
+                    let outcome = handle(&msg.payload, &registry, clock.now_ms());
                     metrics.commands_received.with_label_values(&[outcome.kind]).inc();
                     metrics.notifications_expired.inc_by(outcome.expired as u64);
                 }

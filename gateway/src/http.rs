@@ -102,9 +102,10 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> String {
     herald_shared::metrics::encode(&gateway.sessions.metrics.registry)
 }
 
+/// 200 when ready, 503 when not; the body says which checks failed either way.
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
-    let checks = gateway.readiness();
-    let ready = checks.values().all(|ok| *ok);
+    let report = gateway.readiness().await;
+    let ready = report.ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "ready": ready, "checks": checks }))).into_response()
+    (status, Json(json!({ "ready": ready, "checks": report.checks, "failing": report.failing() }))).into_response()
 }

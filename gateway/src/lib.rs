@@ -4,7 +4,6 @@
 //! It is stateless: it touches only Redis and NATS, and a killed gateway loses nothing because
 //! every message it held is still pending in the dispatchers' store.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -13,7 +12,7 @@ use fred::prelude::ClientLike;
 use herald_proto::GatewayId;
 use herald_shared::config::GatewayConfig;
 use herald_shared::naming::Names;
-use herald_shared::{connect, fdlimit, serve, shutdown, streams};
+use herald_shared::{connect, fdlimit, readiness, serve, shutdown, streams};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -68,7 +67,9 @@ pub(crate) struct Gateway {
     close_sessions: CancellationToken,
     draining: AtomicBool,
     redis: fred::clients::Client,
-    nats: async_nats::Client,
+    js: jetstream::Context,
+    /// The last round of dependency checks, shared by `/readyz` requests.
+    checks: readiness::Checks,
 }
 
 impl Gateway {
@@ -76,12 +77,17 @@ impl Gateway {
         self.draining.load(Ordering::Relaxed) || self.close_sessions.is_cancelled()
     }
 
-    fn readiness(&self) -> BTreeMap<&'static str, bool> {
-        BTreeMap::from([
-            ("accepting", !self.is_draining()),
-            ("redis", self.redis.is_connected()),
-            ("nats", self.nats.connection_state() == async_nats::connection::State::Connected),
-        ])
+    /// Whether this gateway should get new clients: it is not draining, and Redis and NATS
+    /// answer within the readiness deadline.
+    async fn readiness(&self) -> readiness::Report {
+        let dependencies = self
+            .checks
+            .report(|| async {
+                let (redis, nats) = tokio::join!(readiness::redis(&self.redis), readiness::nats(&self.js));
+                readiness::Report::new([("redis", redis), ("nats", nats)])
+            })
+            .await;
+        dependencies.with("accepting", !self.is_draining())
     }
 }
 
@@ -99,8 +105,9 @@ pub async fn run(
     let gateway_id = GatewayId::new(config.gateway_id.as_str()).map_err(GatewayError::Config)?;
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
     let start = async {
-        let redis = connect::redis(&config.common.redis_url).await?;
-        let nats = connect::nats(&config.common.nats_url, &format!("herald-gateway {gateway_id}")).await?;
+        let name = format!("herald-gateway {gateway_id}");
+        let (redis, nats) =
+            tokio::try_join!(connect::redis(&config.common.redis_url), connect::nats(&config.common.nats_url, &name))?;
         let js = jetstream::new(nats.clone());
         streams::ensure(&js, &names, config.common.jetstream_replicas).await?;
         Ok::<_, GatewayError>((redis, nats, js))
@@ -114,13 +121,14 @@ pub async fn run(
     let registry = Registry::new(sessions, config.max_connections_per_user);
     // Subscribe before becoming routable, so nothing routed here falls on the floor.
     let deliveries = nats.subscribe(names.gateway_subject(gateway_id.as_str())).await?;
-    let (presence_task, presence) = PresenceTask::new(
+    let (mut presence_task, presence) = PresenceTask::new(
         redis.clone(),
         js.clone(),
         names.clone(),
         gateway_id.clone(),
         Arc::clone(&registry),
         config.presence_ttl,
+        config.common.clock,
         Arc::clone(&metrics),
     );
     if let Err(e) = presence_task.heartbeat().await {
@@ -156,7 +164,13 @@ pub async fn run(
         &tasks,
         "deliveries",
         critical.clone(),
-        deliveries::run(deliveries, Arc::clone(&registry), Arc::clone(&metrics), close_sessions.clone()),
+        deliveries::run(
+            deliveries,
+            Arc::clone(&registry),
+            Arc::clone(&metrics),
+            config.common.clock,
+            close_sessions.clone(),
+        ),
     );
     shutdown::spawn_critical(&tasks, "presence", critical.clone(), presence_task.run(stop_presence.clone()));
     shutdown::spawn_critical(&tasks, "acks", critical, ack_publisher.run(stop_acks.clone(), config.drain_grace));
@@ -170,7 +184,8 @@ pub async fn run(
         close_sessions: close_sessions.clone(),
         draining: AtomicBool::new(false),
         redis: redis.clone(),
-        nats: nats.clone(),
+        js: js.clone(),
+        checks: readiness::Checks::default(),
     });
     tracing::info!(gateway = %gateway_id, addr = ?listener.local_addr().ok(), "gateway listening");
     // HTTP keeps serving through the drain, so probes see "not ready" and late connects get a

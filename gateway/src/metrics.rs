@@ -27,6 +27,7 @@ pub(crate) struct GatewayMetrics {
     pub(crate) ack_batch_size: Histogram,
     pub(crate) commands_received: IntCounterVec,
     pub(crate) presence_resyncs: IntCounter,
+    pub(crate) presence_healed: IntCounter,
     pub(crate) publish_to_deliver: Histogram,
     pub(crate) publish_to_ack: Histogram,
     pub(crate) dependencies: DependencyMetrics,
@@ -96,7 +97,12 @@ impl GatewayMetrics {
             presence_resyncs: m::counter(
                 &r,
                 "herald_gateway_presence_resyncs_total",
-                "Times Redis had lost this gateway's presence and every connection was registered again",
+                "Heartbeats that found presence missing in Redis and wrote connections again",
+            )?,
+            presence_healed: m::counter(
+                &r,
+                "herald_gateway_presence_healed_total",
+                "Connections that Redis had lost, registered again and announced",
             )?,
             publish_to_deliver: m::histogram(
                 &r,

@@ -2,33 +2,67 @@
 //!
 //! One task owns all of it. Sessions hand it registrations and removals through a queue; it
 //! applies them in batches (one pipelined round trip per batch), then announces each new
-//! connection on the events stream. Liveness is one sorted-set entry per gateway, refreshed every
-//! third of the TTL, so steady-state Redis load does not grow with the number of connections.
+//! connection on the events stream. Failed batches are kept and retried on the next tick.
 //!
-//! If Redis loses our entry (a restart, an eviction) the next heartbeat notices (ZADD reports a
-//! new member) and the task re-registers and re-announces every local connection, so messages
-//! published meanwhile reach still-connected clients without them reconnecting. Failed batches
-//! are kept and retried on the next tick.
+//! Liveness is one key per gateway (`Names::gateway_key`), set with a Redis expiry of the
+//! presence TTL every third of it and with every batch. Dispatchers route to a gateway while its
+//! key exists: the expiry runs on Redis's clock, so no decision compares this host's clock with
+//! another's.
+//!
+//! Presence heals itself. Redis can lose part of it while this gateway and its clients are fine:
+//! everything (a restart or a flush), one user's hash (an eviction, a delete), the latest writes
+//! (a replica promoted without them), or our entries because our key lapsed while we were
+//! stalled (dispatchers prune entries of gateways whose key is gone). Each heartbeat checks, in
+//! its one round trip:
+//! - the liveness key's value, the number of presence batches this gateway wrote: gone or
+//!   different, Redis lost some of our writes, and every connection is written again;
+//! - `EXISTS` over the hashes of all our users, [`CHECK_CHUNK`] keys per command: a count short
+//!   of the number asked means a hash is gone, and that chunk's connections are written again.
+//!
+//! A connection written again is announced (so its pending and parked messages are replayed)
+//! only if Redis did not have it, which `HSET` says by adding the field.
+//!
+//! Bound: a connection Redis loses is back within one heartbeat interval (a third of the TTL,
+//! 3.3 s by default) plus a round trip, while Redis answers; the docs state two intervals, for
+//! margin. Cost: one `SET` per heartbeat and one `EXISTS` per 1,000 users here, whatever the
+//! message rate (3.3 commands/s for 10,000 idle users at the default TTL). Not detected: a field
+//! deleted by hand from a hash that also holds other connections; nothing in Herald deletes
+//! that way (dispatchers prune only a dead gateway's entries, and only while its key is gone).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use fred::prelude::*;
+use fred::types::Expiration;
 use herald_proto::{ConnectionId, Event, GatewayId, Online, UserId};
 use herald_shared::naming::Names;
+use herald_shared::Clock;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::GatewayMetrics;
 use crate::registry::{Connection, Registry};
 
-/// Largest number of queued operations applied in one round trip.
+/// Largest number of queued operations taken from the queue at once.
 const BATCH: usize = 1024;
+/// Keys per `EXISTS` of the heartbeat's check: what one command costs Redis stays small.
+const CHECK_CHUNK: usize = 1000;
+
+/// One user's registered connections here.
+type UserConnections = (UserId, Vec<Arc<Connection>>);
 
 pub(crate) enum PresenceOp {
+    /// A new connection: written, then announced.
     Register(Arc<Connection>),
-    Unregister { user: UserId, connection_id: ConnectionId },
+    /// A registered connection Redis may have lost: written again, and announced only if Redis
+    /// did not have it.
+    Reassert(Arc<Connection>),
+    Unregister {
+        user: UserId,
+        connection_id: ConnectionId,
+    },
 }
 
 /// The sessions' side of the presence queue.
@@ -57,12 +91,18 @@ pub(crate) struct PresenceTask {
     gateway_id: GatewayId,
     registry: Arc<Registry>,
     ttl: Duration,
+    clock: Clock,
     metrics: Arc<GatewayMetrics>,
     rx: mpsc::Receiver<PresenceOp>,
     /// Operations not yet applied in Redis, in the order they were queued.
     unapplied: Vec<PresenceOp>,
     /// Registered connections whose online event is not yet on the stream.
     unannounced: Vec<Arc<Connection>>,
+    /// Presence batches sent to Redis: what our liveness key should hold.
+    written: u64,
+    /// Redis may have lost some of our writes (a failed or unconfirmed batch, a key that was
+    /// gone or behind): every registered connection is written again after the next heartbeat.
+    suspect: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +111,40 @@ pub(crate) enum PresenceError {
     Redis(#[from] fred::error::Error),
 }
 
+/// What this gateway's liveness key held, against the number of batches the gateway wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// Everything we wrote is there.
+    Intact,
+    /// The key was gone: Redis lost our data, or we were away past the TTL and dispatchers
+    /// pruned our entries.
+    KeyGone,
+    /// The key held another count: Redis lost our latest writes (a replica promoted without
+    /// them).
+    Behind,
+}
+
+fn check_writes(held: Option<&str>, written: u64) -> Writes {
+    match held {
+        None => Writes::KeyGone,
+        Some(held) if held.parse::<u64>().ok() == Some(written) => Writes::Intact,
+        Some(_) => Writes::Behind,
+    }
+}
+
+/// Which chunks of the heartbeat's check lost a hash: fewer keys found than asked for.
+fn short_chunks(asked: &[usize], found: &[i64]) -> Vec<usize> {
+    asked
+        .iter()
+        .zip(found)
+        .enumerate()
+        .filter(|(_, (asked, found))| (**found as usize) < **asked)
+        .map(|(i, _)| i)
+        .collect()
+}
+
 impl PresenceTask {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         redis: Client,
         js: jetstream::Context,
@@ -79,6 +152,7 @@ impl PresenceTask {
         gateway_id: GatewayId,
         registry: Arc<Registry>,
         ttl: Duration,
+        clock: Clock,
         metrics: Arc<GatewayMetrics>,
     ) -> (Self, PresenceHandle) {
         let (tx, rx) = mpsc::channel(8192);
@@ -89,28 +163,72 @@ impl PresenceTask {
             gateway_id,
             registry,
             ttl,
+            clock,
             metrics,
             rx,
             unapplied: Vec::new(),
             unannounced: Vec::new(),
+            written: 0,
+            suspect: false,
         };
         (task, PresenceHandle { tx })
     }
 
-    /// Marks this gateway alive. Returns true when Redis did not know it: either this is the
-    /// first heartbeat, or Redis lost its data and every connection must be registered again.
-    pub(crate) async fn heartbeat(&self) -> Result<bool, PresenceError> {
-        let lapse_at = herald_shared::now_ms() + self.ttl.as_millis() as u64;
-        let zadd = self.redis.zadd::<i64, _, _>(
-            self.names.gateways_key(),
-            None,
-            None,
-            false,
-            false,
-            (lapse_at as f64, self.gateway_id.as_str()),
-        );
-        let added = self.metrics.dependencies.time("redis", "heartbeat", zadd).await?;
-        Ok(added == 1)
+    fn liveness(&self) -> Expiration {
+        Expiration::PX(self.ttl.as_millis().try_into().unwrap_or(i64::MAX))
+    }
+
+    /// Marks this gateway alive for one TTL and checks that Redis still holds its presence;
+    /// queues whatever must be written again.
+    pub(crate) async fn heartbeat(&mut self) -> Result<(), PresenceError> {
+        let mut users: BTreeMap<UserId, Vec<Arc<Connection>>> = BTreeMap::new();
+        for conn in self.registry.all() {
+            if conn.is_registered() && !conn.kicked().is_cancelled() {
+                users.entry(conn.user.clone()).or_default().push(conn);
+            }
+        }
+        let users: Vec<UserConnections> = users.into_iter().collect();
+        let chunks: Vec<&[UserConnections]> = users.chunks(CHECK_CHUNK).collect();
+
+        let pipeline = self.redis.pipeline();
+        let key = self.names.gateway_key(self.gateway_id.as_str());
+        let () = pipeline.set(key, self.written.to_string(), Some(self.liveness()), None, true).await?;
+        for chunk in &chunks {
+            let keys: Vec<String> = chunk.iter().map(|(user, _)| self.names.presence_key(user.as_str())).collect();
+            let () = pipeline.exists(keys).await?;
+        }
+        let replies = self.metrics.dependencies.time("redis", "heartbeat", pipeline.all::<Vec<Value>>()).await;
+        let replies = replies.inspect_err(|_| self.suspect = true)?;
+        let mut replies = replies.into_iter();
+        let held: Option<String> = replies.next().map(Value::convert::<Option<String>>).transpose()?.flatten();
+        let found: Vec<i64> = replies.map(Value::convert).collect::<Result<_, _>>()?;
+
+        let writes = check_writes(held.as_deref(), self.written);
+        self.suspect |= writes != Writes::Intact;
+        let again: Vec<Arc<Connection>> = if self.suspect {
+            users.iter().flat_map(|(_, conns)| conns.iter().cloned()).collect()
+        } else {
+            let asked: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+            short_chunks(&asked, &found)
+                .into_iter()
+                .flat_map(|i| chunks[i].iter().flat_map(|(_, conns)| conns.iter().cloned()))
+                .collect()
+        };
+        if !again.is_empty() {
+            self.metrics.presence_resyncs.inc();
+            tracing::warn!(
+                connections = again.len(),
+                liveness_key = ?writes,
+                "redis may have lost presence of this gateway's connections; writing them again"
+            );
+        }
+        self.suspect = false;
+        // A re-write still queued from an earlier heartbeat (Redis failing since) is replaced,
+        // not repeated. Connections that closed meanwhile are not in the registry any more, so
+        // none is written again after its removal.
+        self.unapplied.retain(|op| !matches!(op, PresenceOp::Reassert(_)));
+        self.unapplied.extend(again.into_iter().map(PresenceOp::Reassert));
+        Ok(())
     }
 
     /// Runs until `stop` is cancelled, then removes this gateway's presence. Sessions must have
@@ -131,10 +249,8 @@ impl PresenceTask {
                     self.flush().await;
                 }
                 _ = tick.tick() => {
-                    match self.heartbeat().await {
-                        Ok(true) => self.resync(),
-                        Ok(false) => {}
-                        Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+                    if let Err(e) = self.heartbeat().await {
+                        tracing::warn!(error = %e, "presence heartbeat failed");
                     }
                     self.flush().await;
                 }
@@ -148,28 +264,14 @@ impl PresenceTask {
         }
     }
 
-    /// Queues every local connection for registration and announcement again.
-    fn resync(&mut self) {
-        let conns = self.registry.all();
-        if !conns.is_empty() {
-            self.metrics.presence_resyncs.inc();
-            tracing::warn!(connections = conns.len(), "redis lost this gateway's presence; registering again");
-        }
-        self.unapplied.extend(conns.into_iter().map(PresenceOp::Register));
-    }
-
     async fn flush(&mut self) {
         if !self.unapplied.is_empty() {
-            match self.apply(&self.unapplied).await {
-                Ok(()) => {
-                    for op in self.unapplied.drain(..) {
-                        if let PresenceOp::Register(conn) = op {
-                            self.unannounced.push(conn);
-                        }
-                    }
-                }
+            let ops = std::mem::take(&mut self.unapplied);
+            match self.apply(&ops).await {
+                Ok(announce) => self.unannounced.extend(announce),
                 Err(e) => {
-                    tracing::warn!(error = %e, pending = self.unapplied.len(), "presence update failed; retrying");
+                    tracing::warn!(error = %e, pending = ops.len(), "presence update failed; retrying");
+                    self.unapplied = ops;
                     return;
                 }
             }
@@ -180,11 +282,13 @@ impl PresenceTask {
         }
     }
 
-    async fn apply(&self, ops: &[PresenceOp]) -> Result<(), PresenceError> {
+    /// Writes `ops` and our liveness key (with the new count of batches) in one round trip.
+    /// Returns the connections to announce: new ones, and re-written ones Redis did not have.
+    async fn apply(&mut self, ops: &[PresenceOp]) -> Result<Vec<Arc<Connection>>, PresenceError> {
         let pipeline = self.redis.pipeline();
         for op in ops {
             match op {
-                PresenceOp::Register(conn) => {
+                PresenceOp::Register(conn) | PresenceOp::Reassert(conn) => {
                     let () = pipeline
                         .hset(self.names.presence_key(conn.user.as_str()), (conn.id.as_str(), self.gateway_id.as_str()))
                         .await?;
@@ -194,8 +298,39 @@ impl PresenceTask {
                 }
             }
         }
-        self.metrics.dependencies.time("redis", "presence_update", pipeline.all::<Vec<Value>>()).await?;
-        Ok(())
+        let before = self.written;
+        self.written += 1;
+        let key = self.names.gateway_key(self.gateway_id.as_str());
+        let () = pipeline.set(key, self.written.to_string(), Some(self.liveness()), None, true).await?;
+        // Failed or unanswered, the batch may have landed in part: check everything next time.
+        let replies = self.metrics.dependencies.time("redis", "presence_update", pipeline.all::<Vec<Value>>()).await;
+        let mut replies = replies.inspect_err(|_| self.suspect = true)?.into_iter();
+
+        let mut announce = Vec::new();
+        let mut healed = 0;
+        for (op, reply) in ops.iter().zip(replies.by_ref()) {
+            match op {
+                PresenceOp::Register(conn) => {
+                    conn.mark_registered();
+                    announce.push(Arc::clone(conn));
+                }
+                PresenceOp::Reassert(conn) if reply.as_i64() == Some(1) => {
+                    healed += 1;
+                    announce.push(Arc::clone(conn));
+                }
+                PresenceOp::Reassert(_) | PresenceOp::Unregister { .. } => {}
+            }
+        }
+        let held: Option<String> = replies.next().map(Value::convert::<Option<String>>).transpose()?.flatten();
+        if check_writes(held.as_deref(), before) != Writes::Intact {
+            // Lost before this batch: the next heartbeat writes every connection again.
+            self.suspect = true;
+        }
+        if healed > 0 {
+            self.metrics.presence_healed.inc_by(healed);
+            tracing::warn!(connections = healed, "registered again connections that Redis had lost; announcing them");
+        }
+        Ok(announce)
     }
 
     /// Publishes an online event per connection still open; returns those that failed.
@@ -211,7 +346,7 @@ impl PresenceTask {
                 user: conn.user.clone(),
                 connection_id: conn.id.clone(),
                 gateway_id: self.gateway_id.clone(),
-                at_ms: herald_shared::now_ms(),
+                at_ms: self.clock.now_ms(),
             });
             let Ok(body) = serde_json::to_vec(&event) else { continue };
             match self.js.publish(subject.clone(), body.into()).await {
@@ -232,18 +367,40 @@ impl PresenceTask {
     }
 
     /// Drain: applies the last removals, then removes whatever is still registered and the
-    /// gateway's own liveness entry, so dispatchers stop routing here at once.
+    /// gateway's liveness key, so dispatchers stop routing here at once.
     async fn withdraw(&mut self) -> Result<(), PresenceError> {
-        let leftovers: Vec<PresenceOp> = self
-            .registry
-            .all()
-            .into_iter()
-            .map(|c| PresenceOp::Unregister { user: c.user.clone(), connection_id: c.id.clone() })
-            .collect();
-        self.unapplied.retain(|op| matches!(op, PresenceOp::Unregister { .. }));
-        self.unapplied.extend(leftovers);
-        self.apply(&self.unapplied).await?;
-        let _: i64 = self.redis.zrem(self.names.gateways_key(), self.gateway_id.as_str()).await?;
+        let pipeline = self.redis.pipeline();
+        let leftovers = self.registry.all().into_iter().map(|c| (c.user.clone(), c.id.clone()));
+        let removals = self.unapplied.iter().filter_map(|op| match op {
+            PresenceOp::Unregister { user, connection_id } => Some((user.clone(), connection_id.clone())),
+            PresenceOp::Register(_) | PresenceOp::Reassert(_) => None,
+        });
+        for (user, connection_id) in removals.chain(leftovers) {
+            let () = pipeline.hdel(self.names.presence_key(user.as_str()), connection_id.as_str()).await?;
+        }
+        let () = pipeline.del(self.names.gateway_key(self.gateway_id.as_str())).await?;
+        pipeline.all::<Vec<Value>>().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_liveness_key_says_whether_redis_kept_every_write() {
+        assert_eq!(check_writes(Some("7"), 7), Writes::Intact);
+        assert_eq!(check_writes(None, 7), Writes::KeyGone);
+        assert_eq!(check_writes(Some("5"), 7), Writes::Behind, "a replica promoted without the last writes");
+        assert_eq!(check_writes(Some("junk"), 7), Writes::Behind);
+        assert_eq!(check_writes(None, 0), Writes::KeyGone, "the first heartbeat finds no key");
+    }
+
+    #[test]
+    fn a_chunk_with_fewer_hashes_than_users_lost_one() {
+        assert_eq!(short_chunks(&[1000, 1000, 3], &[1000, 999, 3]), vec![1]);
+        assert!(short_chunks(&[2], &[2]).is_empty());
+        assert!(short_chunks(&[], &[]).is_empty());
     }
 }

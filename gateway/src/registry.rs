@@ -6,7 +6,7 @@
 //! stays pending in the store for its next connection. Nothing waits on a slow client.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -58,6 +58,9 @@ pub(crate) struct Connection {
     kick: CancellationToken,
     /// The close code to use when `kick` fires.
     kick_code: AtomicU16,
+    /// Set by the presence task once Redis has this connection; until then its registration
+    /// is still queued, and the heartbeat's check for lost presence leaves it alone.
+    registered: AtomicBool,
 }
 
 impl Connection {
@@ -68,7 +71,16 @@ impl Connection {
             outbox: Outbox::new(queue),
             kick: CancellationToken::new(),
             kick_code: AtomicU16::new(close::SERVICE_RESTART),
+            registered: AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn mark_registered(&self) {
+        self.registered.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::Relaxed)
     }
 
     /// Queues a frame without waiting. Returns false (and closes the connection as a slow

@@ -1,6 +1,7 @@
 //! A capped doubling backoff: the delay after each consecutive failure of something retried in
 //! a loop, starting small and doubling up to a ceiling, back to the start after a success.
 //! It decides delays only; sleeping (and being woken by a shutdown) is the caller's business.
+//! [`Backoff::next_pause`] adds jitter, for retries that many processes make at once.
 
 use std::time::Duration;
 
@@ -42,11 +43,28 @@ impl Backoff {
     pub fn failures(&self) -> u32 {
         self.failures
     }
+
+    /// Records a failure and returns a pause drawn between half and all of [`Backoff::failed`]'s
+    /// delay, so that processes started together (a deploy, a fleet restarted with its Redis)
+    /// do not retry in lockstep.
+    pub fn next_pause(&mut self) -> Duration {
+        self.failed().mul_f64(rand::random_range(0.5..=1.0))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jittered_pauses_grow_to_the_cap_and_stay_within_half_and_all_of_each_step() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        for step in [100, 200, 350, 350] {
+            let pause = backoff.next_pause();
+            let step = Duration::from_millis(step);
+            assert!(pause >= step / 2 && pause <= step, "{pause:?} for a step of {step:?}");
+        }
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -31,6 +31,9 @@ pub struct CommonConfig {
     pub jetstream_replicas: usize,
     /// Limits of the service's HTTP listener.
     pub http: HttpConfig,
+    /// The wall clock. Not read from the environment: always the system clock, except in tests
+    /// that play a host whose clock is off.
+    pub clock: crate::Clock,
 }
 
 /// Limits on HTTP connections that are not (or not yet) a WebSocket session: connect requests
@@ -280,6 +283,7 @@ impl CommonConfig {
             nats_url: env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222"),
             jetstream_replicas: env.parse("HERALD_JETSTREAM_REPLICAS", 1),
             http: HttpConfig::from_env(env),
+            clock: crate::Clock::system(),
         }
     }
 }

@@ -1,13 +1,24 @@
-//! Connections to Redis, NATS and MongoDB, set up the same way by every Herald process: they
-//! reconnect on their own after an outage, and fail fast instead of queueing forever.
+//! Connections to Redis, NATS and MongoDB, set up the same way by every Herald process: start-up
+//! waits for each dependency, they reconnect on their own after an outage, and they fail fast
+//! instead of queueing forever.
+//!
+//! At start-up a dependency that is not up yet is the normal case (an orchestrator starts pods
+//! in any order, and a fleet restarted with its Redis comes back together), so every failed
+//! attempt (a refused connection, a server still loading) is retried with jittered backoff for
+//! up to [`STARTUP_TIMEOUT`]. A shutdown request ends the wait: the services drop this future.
 
+use std::fmt::Display;
+use std::future::Future;
 use std::time::Duration;
 
 use fred::prelude::{ClientLike, Config as RedisConfig};
 use fred::types::config::{ConnectionConfig, PerformanceConfig, ReconnectPolicy};
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
 
 /// How long start-up waits for a dependency before giving up.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one Redis command may take, including waiting for a reconnect.
 const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -15,12 +26,54 @@ const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum ConnectError {
     #[error("redis at {url}: {source}")]
     Redis { url: String, source: fred::error::Error },
-    #[error("redis at {url}: not reachable within {STARTUP_TIMEOUT:?}")]
-    RedisTimeout { url: String },
     #[error("nats at {url}: {source}")]
-    Nats { url: String, source: async_nats::ConnectError },
+    Nats { url: String, source: NatsError },
     #[error("mongodb at {uri}: {source}")]
     Mongo { uri: String, source: mongodb::error::Error },
+    #[error("{dependency} at {url}: no answer within {STARTUP_TIMEOUT:?}")]
+    Timeout { dependency: &'static str, url: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error(transparent)]
+    Connect(#[from] async_nats::ConnectError),
+    #[error("jetstream: {0}")]
+    JetStream(#[from] async_nats::jetstream::context::AccountError),
+}
+
+/// How waiting for a dependency ended, when it did not answer.
+enum Waited<E> {
+    /// Its last attempt's error, once the time was up.
+    Failed(E),
+    /// An attempt was still running when the time was up.
+    TimedOut,
+}
+
+/// Runs `attempt` until it succeeds, retrying failures with jittered backoff (100 ms doubling
+/// to 2 s) for up to [`STARTUP_TIMEOUT`] from the first try.
+async fn wait_for<T, E, F, Fut>(dependency: &'static str, mut attempt: F) -> Result<T, Waited<E>>
+where
+    E: Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        let error = match tokio::time::timeout_at(deadline, attempt()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => error,
+            Err(_) => return Err(Waited::TimedOut),
+        };
+        let pause = backoff.next_pause();
+        if Instant::now() + pause >= deadline {
+            return Err(Waited::Failed(error));
+        }
+        // The URL is left out: it may hold a password.
+        tracing::warn!(dependency, %error, retry_in = ?pause, "not reachable yet; waiting");
+        tokio::time::sleep(pause).await;
+    }
 }
 
 /// A Redis client that reconnects forever with a capped backoff. Commands issued while Redis is
@@ -28,48 +81,62 @@ pub enum ConnectError {
 pub async fn redis(url: &str) -> Result<fred::clients::Client, ConnectError> {
     let err = |source| ConnectError::Redis { url: url.to_owned(), source };
     let config = RedisConfig::from_url(url).map_err(err)?;
-    let client = fred::types::Builder::from_config(config)
-        .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
-        .set_performance_config(PerformanceConfig {
-            default_command_timeout: REDIS_COMMAND_TIMEOUT,
-            ..PerformanceConfig::default()
-        })
-        .set_connection_config(ConnectionConfig {
-            connection_timeout: Duration::from_secs(2),
-            max_command_attempts: 2,
-            ..ConnectionConfig::default()
-        })
-        .build()
-        .map_err(err)?;
-    // The connection task is owned by the client: it ends when the client quits or is dropped.
-    let _task = client.connect();
-    match tokio::time::timeout(STARTUP_TIMEOUT, client.wait_for_connect()).await {
-        Ok(result) => result.map_err(err)?,
-        Err(_) => return Err(ConnectError::RedisTimeout { url: url.to_owned() }),
-    }
-    Ok(client)
+    let attempt = || async {
+        let client = fred::types::Builder::from_config(config.clone())
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+            .set_performance_config(PerformanceConfig {
+                default_command_timeout: REDIS_COMMAND_TIMEOUT,
+                ..PerformanceConfig::default()
+            })
+            .set_connection_config(ConnectionConfig {
+                connection_timeout: Duration::from_secs(2),
+                max_command_attempts: 2,
+                ..ConnectionConfig::default()
+            })
+            .build()?;
+        // The first connection's error comes back here (fred's `fail_fast`, the default) and
+        // this loop retries it; once connected, the client's reconnect policy takes over. The
+        // connection task is owned by the client: it ends when the client quits or is dropped.
+        let _task = client.init().await?;
+        Ok::<_, fred::error::Error>(client)
+    };
+    wait_for("redis", attempt).await.map_err(|waited| match waited {
+        Waited::Failed(source) => err(source),
+        Waited::TimedOut => ConnectError::Timeout { dependency: "redis", url: url.to_owned() },
+    })
 }
 
-/// A NATS client that reconnects forever and resubscribes on its own.
+/// A NATS client that reconnects forever and resubscribes on its own, once JetStream answers.
 pub async fn nats(url: &str, name: &str) -> Result<async_nats::Client, ConnectError> {
-    let name_for_log = name.to_owned();
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(Duration::from_secs(2))
-        .max_reconnects(None)
-        .reconnect_delay_callback(|attempt| Duration::from_millis((50 * 2u64.pow(attempt.min(5) as u32)).min(1_000)))
-        .event_callback(move |event| {
-            let name = name_for_log.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!(client = %name, "nats connected"),
-                    other => tracing::warn!(client = %name, event = %other, "nats connection event"),
+    let attempt = || async {
+        let name_for_log = name.to_owned();
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(2))
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis((50 * 2u64.pow(attempt.min(5) as u32)).min(1_000))
+            })
+            .event_callback(move |event| {
+                let name = name_for_log.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!(client = %name, "nats connected"),
+                        other => tracing::warn!(client = %name, event = %other, "nats connection event"),
+                    }
                 }
-            }
-        })
-        .connect(url)
-        .await
-        .map_err(|source| ConnectError::Nats { url: url.to_owned(), source })
+            })
+            .connect(url)
+            .await
+            .map_err(NatsError::from)?;
+        // A server that has just started serves clients before JetStream has recovered its store.
+        async_nats::jetstream::new(client.clone()).query_account().await?;
+        Ok::<_, NatsError>(client)
+    };
+    wait_for("nats", attempt).await.map_err(|waited| match waited {
+        Waited::Failed(source) => ConnectError::Nats { url: url.to_owned(), source },
+        Waited::TimedOut => ConnectError::Timeout { dependency: "nats", url: url.to_owned() },
+    })
 }
 
 /// A MongoDB database handle whose operations give up on an unreachable server within seconds,
@@ -84,15 +151,25 @@ pub async fn mongo(uri: &str, database: &str) -> Result<mongodb::Database, Conne
     options.app_name.get_or_insert_with(|| "herald".to_owned());
     let client = mongodb::Client::with_options(options).map_err(err)?;
     let db = client.database(database);
-    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        match db.run_command(mongodb::bson::doc! { "ping": 1 }).await {
-            Ok(_) => return Ok(db),
-            Err(e) if tokio::time::Instant::now() >= deadline => return Err(err(e)),
-            Err(e) => {
-                tracing::warn!(error = %e, "mongodb not reachable yet");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
+    let ping = || async { db.run_command(mongodb::bson::doc! { "ping": 1 }).await };
+    wait_for("mongodb", ping).await.map_err(|waited| match waited {
+        Waited::Failed(source) => err(source),
+        Waited::TimedOut => ConnectError::Timeout { dependency: "mongodb", url: uri.to_owned() },
+    })?;
+    Ok(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Start-up against a port nothing listens on: refused at once, and retried rather than
+    /// reported (the end-to-end tests start a gateway before its Redis and NATS).
+    #[tokio::test]
+    async fn a_refused_connection_is_retried_not_fatal() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("redis://127.0.0.1:{port}");
+        let waited = tokio::time::timeout(Duration::from_secs(1), redis(&url)).await;
+        assert!(waited.is_err(), "still waiting after a second, not failed at once: {waited:?}");
     }
 }

@@ -104,9 +104,11 @@ impl Names {
         format!("{}:presence:{user}", self.prefix)
     }
 
-    /// Sorted set of gateways, scored by the instant (ms) their liveness lapses.
-    pub fn gateways_key(&self) -> String {
-        format!("{}:gateways", self.prefix)
+    /// One gateway's liveness: it exists while the gateway is alive, because the gateway keeps
+    /// setting it with a Redis expiry of its presence TTL. Its value is the gateway's count of
+    /// presence writes, which tells the gateway whether Redis lost any of them.
+    pub fn gateway_key(&self, gateway_id: &str) -> String {
+        format!("{}:gateway:{gateway_id}", self.prefix)
     }
 
     /// Held by the one dispatcher sweeping timeouts and expiries at a time.
@@ -131,6 +133,7 @@ mod tests {
         assert_eq!(n.jobs_subjects(), "t-1.publish.>");
         assert_eq!(n.gateway_subject("gw-a"), "t-1.gw.gw-a");
         assert_eq!(n.presence_key("alice"), "t-1:presence:alice");
+        assert_eq!(n.gateway_key("gw-a"), "t-1:gateway:gw-a");
         assert!(n.ack_events_subject("g").starts_with("t-1.events."));
     }
 }

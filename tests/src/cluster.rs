@@ -113,6 +113,11 @@ pub struct InProcess {
 }
 
 impl InProcess {
+    /// Whether `run` is still going (it has not returned, with an error or otherwise).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|task| !task.is_finished())
+    }
+
     /// Asks it to shut down as on SIGTERM and waits for `run` to return.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.token.cancel();
@@ -193,7 +198,14 @@ impl Cluster {
         self.gateway_with(gateway_config(&self.stack, &self.options)).await
     }
 
-    pub async fn gateway_with(&self, mut config: GatewayConfig) -> anyhow::Result<InProcess> {
+    pub async fn gateway_with(&self, config: GatewayConfig) -> anyhow::Result<InProcess> {
+        let node = self.start_gateway_with(config).await?;
+        self.wait_ready(node.addr).await?;
+        Ok(node)
+    }
+
+    /// Starts a gateway without waiting for it to be ready (it may be waiting for Redis or NATS).
+    pub async fn start_gateway_with(&self, mut config: GatewayConfig) -> anyhow::Result<InProcess> {
         let listener = TcpListener::bind(config.listen).await?;
         config.listen = listener.local_addr()?;
         let addr = config.listen;
@@ -201,16 +213,21 @@ impl Cluster {
         let token = CancellationToken::new();
         let run = herald_gateway::run(config, listener, token.clone());
         let task = tokio::spawn(async move { run.await.map_err(anyhow::Error::from) });
-        let node = InProcess { addr, id, token, task: Some(task) };
-        self.wait_ready(addr).await?;
-        Ok(node)
+        Ok(InProcess { addr, id, token, task: Some(task) })
     }
 
     pub async fn dispatcher(&self) -> anyhow::Result<InProcess> {
         self.dispatcher_with(dispatcher_config(&self.stack, &self.options)).await
     }
 
-    pub async fn dispatcher_with(&self, mut config: DispatcherConfig) -> anyhow::Result<InProcess> {
+    pub async fn dispatcher_with(&self, config: DispatcherConfig) -> anyhow::Result<InProcess> {
+        let node = self.start_dispatcher_with(config).await?;
+        self.wait_ready(node.addr).await?;
+        Ok(node)
+    }
+
+    /// Starts a dispatcher without waiting for it to be ready.
+    pub async fn start_dispatcher_with(&self, mut config: DispatcherConfig) -> anyhow::Result<InProcess> {
         let listener = TcpListener::bind(config.listen).await?;
         config.listen = listener.local_addr()?;
         let addr = config.listen;
@@ -218,9 +235,7 @@ impl Cluster {
         let token = CancellationToken::new();
         let run = herald_dispatcher::run(config, listener, token.clone());
         let task = tokio::spawn(async move { run.await.map_err(anyhow::Error::from) });
-        let node = InProcess { addr, id, token, task: Some(task) };
-        self.wait_ready(addr).await?;
-        Ok(node)
+        Ok(InProcess { addr, id, token, task: Some(task) })
     }
 
     /// A gateway as a child process (the `herald-gateway` binary).

@@ -75,6 +75,7 @@ impl Stack {
             // Tests connect their clients from one address, quickly: no per-address connect rate
             // unless a test sets one.
             http: HttpConfig { connects_per_sec_per_ip: 0, ..HttpConfig::default() },
+            clock: herald_shared::Clock::system(),
         }
     }
 
@@ -138,6 +139,17 @@ impl Redis {
         self.process.stop_hard().await;
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is answered, as with a
+    /// server stalled on a slow disk or a paused VM, until [`Self::resume`].
+    pub fn pause(&self) {
+        self.process.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.process.signal("CONT");
+    }
+
     /// Starts the server again on the same port, empty (stopping it first if it runs).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.process.restart(redis_ready).await
@@ -174,6 +186,17 @@ impl Nats {
     /// Kills the server (SIGKILL), as a crash would.
     pub async fn stop_hard(&mut self) {
         self.process.stop_hard().await;
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is answered, as with a
+    /// server stalled on a slow disk or a paused VM, until [`Self::resume`].
+    pub fn pause(&self) {
+        self.process.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.process.signal("CONT");
     }
 
     /// Starts the server again on the same port with the same JetStream store.
@@ -490,6 +513,14 @@ impl Process {
 
     async fn stop_hard(&mut self) {
         self.kill_and_reap();
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the running server; panics if it cannot, as a test
+    /// that means to freeze a server has failed if it did not.
+    fn signal(&self, signal: &str) {
+        let Some(child) = self.child.as_ref() else { panic!("{}: not running", self.name) };
+        let status = Command::new("kill").args([format!("-{signal}"), child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "{}: kill -{signal} failed", self.name);
     }
 
     /// SIGKILL and wait: the process is gone when this returns (it takes milliseconds).
