@@ -220,7 +220,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds a presence loss after a gateway SIGSTOP (faults::a_frozen_gateway_...): open, see docs/RELIABILITY.md"]
 async fn a_seeded_fault_schedule_loses_nothing() {
     let seed = env_u64("HERALD_CHAOS_SEED", 1);
     let seconds = env_u64("HERALD_CHAOS_SECONDS", 40);

@@ -1178,12 +1178,11 @@ async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
 }
 
 /// Found by the chaos run (seed 1), reduced: one of three gateways frozen (SIGSTOP) for 3.8 s,
-/// longer than the presence TTL, while jobs flow. Afterwards every client is still connected,
-/// but the presence hashes of one gateway's users are empty and stay empty, so their messages
-/// wait for a reconnect that never comes: 75 of 400 receipts pending 40 s after SIGCONT. Open:
-/// the gateway logs no heal. Ignored until fixed; it must pass before the chaos run is enabled.
+/// longer than the presence TTL, while jobs flow. Dispatchers take it for dead and prune its
+/// users' presence; before presence healed itself, its heartbeat after SIGCONT only refreshed
+/// its own entry, and its still-connected users looked offline for good (75 of 400 receipts
+/// pending 40 s after SIGCONT). Now the heartbeat finds the lost hashes and writes them back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug: presence is not healed after a gateway SIGSTOP longer than the presence TTL"]
 async fn a_frozen_gateway_longer_than_the_presence_ttl_loses_no_users_presence() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let options =
