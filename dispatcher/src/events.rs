@@ -76,6 +76,10 @@ impl EventPipeline {
         if !ack_messages.is_empty() {
             let updates = acks::plan(&acks);
             if !self.until_applied(&ack_messages, stop, || self.apply_acks(&acks, &updates)).await {
+                // Shutting down: the online events were not tried; another dispatcher has them now.
+                for message in &online_messages {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
                 return;
             }
         }
