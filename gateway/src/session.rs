@@ -28,7 +28,8 @@ use crate::sent::{Acked, Read, SentSet};
 pub(crate) const MAX_IDS_PER_FRAME: usize = 1000;
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;
-/// How long a closing handshake may take before the socket is simply dropped.
+/// How long each step of a closing handshake (our frames out, the client's close in) may take
+/// before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Frames of one write batch, for the metrics.
@@ -247,19 +248,7 @@ impl Session<'_> {
                 }
             }
         };
-        if let Some(ending) = ending {
-            let goodbye = async {
-                if let Some(code) = ending.error {
-                    let frame = ServerFrame::Error { code, message: ending.reason.to_owned() };
-                    if let Ok(text) = serde_json::to_string(&frame) {
-                        socket.feed(Message::Text(text.into())).await?;
-                    }
-                }
-                let frame = CloseFrame { code: ending.code, reason: Utf8Bytes::from_static(ending.reason) };
-                socket.send(Message::Close(Some(frame))).await
-            };
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
-        }
+        goodbye(&mut socket, ending).await;
         ending
     }
 
@@ -397,6 +386,44 @@ impl Session<'_> {
         }
         traceparent
     }
+}
+
+/// Ends the connection as `ending` says: the error frame and the close frame, then the rest of
+/// the closing handshake, each step bounded by [`CLOSE_TIMEOUT`]. The handshake matters: a
+/// socket dropped while the client's frames still sit unread in its receive buffer makes the
+/// kernel answer with a TCP reset, and the client's kernel then throws away what it had not yet
+/// read, the error frame and the close code among it (the client sees 1006). So the gateway
+/// reads on, discarding, until the client's close frame (or the end, or the bound) before it
+/// drops the socket. With no ending of its own (the client closed, or went away), it only
+/// flushes the reply to a client's close frame.
+async fn goodbye(socket: &mut WebSocket, ending: Option<Ending>) {
+    let Some(ending) = ending else {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+        return;
+    };
+    let send = async {
+        if let Some(code) = ending.error {
+            let frame = ServerFrame::Error { code, message: ending.reason.to_owned() };
+            if let Ok(text) = serde_json::to_string(&frame) {
+                socket.feed(Message::Text(text.into())).await?;
+            }
+        }
+        let frame = CloseFrame { code: ending.code, reason: Utf8Bytes::from_static(ending.reason) };
+        socket.send(Message::Close(Some(frame))).await
+    };
+    if !matches!(tokio::time::timeout(CLOSE_TIMEOUT, send).await, Ok(Ok(()))) {
+        return;
+    }
+    let drain = async {
+        // After our close frame, tungstenite still hands over what the client sent before its
+        // own; its close frame completes the handshake.
+        while let Some(Ok(message)) = socket.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
 }
 
 /// Maps a read error to an ending: oversized frames get 1009, anything else means the socket
