@@ -58,6 +58,7 @@ pub fn plan<'a>(items: impl IntoIterator<Item = Item<'a>>, presence: &HashMap<Us
                 users,
                 notification: notification.clone(),
                 traceparent: traceparent.map(str::to_owned),
+                resend: false,
             });
         }
     }
@@ -89,6 +90,7 @@ pub fn commands(routed: Vec<Routed>) -> Vec<GatewayCommand> {
                 users,
                 notification: item.notification.clone(),
                 traceparent: item.traceparent.clone(),
+                resend: item.resend,
             });
             size += bytes;
             users = rest;
@@ -220,7 +222,12 @@ mod tests {
     #[test]
     fn big_fan_outs_are_split_under_the_limit_without_losing_a_user() {
         let users: Vec<UserId> = (0..60_000).map(|i| user(&format!("user-{i:08}"))).collect();
-        let routed = vec![Routed { users: users.clone(), notification: notification("m", 60_000), traceparent: None }];
+        let routed = vec![Routed {
+            users: users.clone(),
+            notification: notification("m", 60_000),
+            traceparent: None,
+            resend: true,
+        }];
         let commands = commands(routed);
         assert!(commands.len() > 1);
         let mut seen = Vec::new();
@@ -228,6 +235,7 @@ mod tests {
             assert!(serde_json::to_vec(command).unwrap().len() <= 1024 * 1024);
             let GatewayCommand::Deliver(items) = command else { panic!("deliver expected") };
             for item in items {
+                assert!(item.resend, "every part of a resend is marked as one");
                 seen.extend(item.users.iter().cloned());
             }
         }
@@ -255,6 +263,7 @@ mod tests {
                 users: vec![user("u")],
                 notification: notification(&format!("m{i}"), 10),
                 traceparent: None,
+                resend: false,
             })
             .collect();
         assert_eq!(commands(routed).len(), 1);

@@ -61,7 +61,8 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
                 herald_shared::telemetry::continue_from(&span, routed.traceparent.as_deref());
                 let _entered = span.enter();
                 let trace = routed.traceparent.as_ref().and_then(|_| herald_shared::telemetry::traceparent(&span));
-                let Some(frame) = frame(routed.notification, false, trace, now_ms, &mut outcome) else { continue };
+                let path = if routed.resend { Path::Resend } else { Path::Deliver };
+                let Some(frame) = frame(routed.notification, path, trace, now_ms, &mut outcome) else { continue };
                 outcome.queued += registry.deliver_to_users(&routed.users, &frame);
             }
         }
@@ -71,7 +72,7 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
                 return outcome;
             };
             for notification in replay.notifications {
-                let Some(frame) = frame(notification, true, None, now_ms, &mut outcome) else { continue };
+                let Some(frame) = frame(notification, Path::Replay, None, now_ms, &mut outcome) else { continue };
                 if !conn.offer(frame) {
                     break;
                 }
@@ -82,10 +83,21 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
     outcome
 }
 
+/// How a notification came to this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Routed when it was published.
+    Deliver,
+    /// Sent again by the ack-timeout sweep.
+    Resend,
+    /// In a connection's replay of pending messages.
+    Replay,
+}
+
 /// The text frame for a notification, or None if it expired (never deliver past the TTL).
 fn frame(
     notification: Notification,
-    replay: bool,
+    path: Path,
     traceparent: Option<String>,
     now_ms: u64,
     outcome: &mut Outcome,
@@ -98,7 +110,8 @@ fn frame(
         id: notification.id.as_str().into(),
         published_at_ms: notification.published_at_ms,
         expires_at_ms: notification.expires_at_ms,
-        replay,
+        replay: path == Path::Replay,
+        resend: path == Path::Resend,
         traceparent: traceparent.map(Into::into),
     };
     match serde_json::to_string(&ServerFrame::Notification(notification)) {
@@ -139,8 +152,14 @@ mod tests {
                 users: vec![user("alice"), user("bob")],
                 notification: notification("m1", 2_000),
                 traceparent: None,
+                resend: false,
             },
-            Routed { users: vec![user("alice")], notification: notification("old", 500), traceparent: None },
+            Routed {
+                users: vec![user("alice")],
+                notification: notification("old", 500),
+                traceparent: None,
+                resend: false,
+            },
         ]);
         let out = handle(&serde_json::to_vec(&deliver).unwrap(), &registry, 1_000);
         assert_eq!(out, Outcome { kind: "deliver", queued: 1, expired: 1 });

@@ -18,6 +18,8 @@ pub(crate) struct GatewayMetrics {
     /// Notifications written to sockets, by path (`deliver`, `replay`).
     pub(crate) notifications_sent: IntCounterVec,
     pub(crate) notifications_expired: IntCounter,
+    /// Second copies not written: the connection was sent the notification already.
+    pub(crate) notifications_repeated: IntCounter,
     pub(crate) queue_overflows: IntCounter,
     /// Message ids acknowledged by clients, by kind (`delivered`, `read`).
     pub(crate) acks_received: IntCounterVec,
@@ -61,6 +63,11 @@ impl GatewayMetrics {
                 &r,
                 "herald_gateway_notifications_expired_total",
                 "Notifications not delivered because their TTL had passed",
+            )?,
+            notifications_repeated: m::counter(
+                &r,
+                "herald_gateway_notifications_repeated_total",
+                "Notifications not written because the connection was sent them already and no resend asked for them",
             )?,
             acks_ignored: m::counter(
                 &r,

@@ -35,6 +35,8 @@ pub(crate) struct Sent {
     /// A frame still queued at this instant is not written: nothing goes out past its expiry.
     pub(crate) expires_at_ms: u64,
     pub(crate) replay: bool,
+    /// Sent again by the ack-timeout sweep: written even to a connection that was sent it.
+    pub(crate) resend: bool,
     /// The delivery span's trace context, when traces are exported.
     pub(crate) traceparent: Option<Arc<str>>,
 }

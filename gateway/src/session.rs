@@ -41,11 +41,13 @@ struct Written {
     replayed: u64,
     /// Queued notifications not written because they expired while queued.
     expired: u64,
+    /// Queued notifications not written because this connection was sent them already.
+    repeats: u64,
 }
 
 impl Written {
     fn now() -> Self {
-        Self { at_ms: herald_shared::now_ms(), frames: 0, delivered: 0, replayed: 0, expired: 0 }
+        Self { at_ms: herald_shared::now_ms(), frames: 0, delivered: 0, replayed: 0, expired: 0, repeats: 0 }
     }
 }
 
@@ -196,12 +198,15 @@ impl Session<'_> {
                         let mut next = Some(first);
                         let mut tally = Written::now();
                         while let Some(outbound) = next.take() {
-                            // Never past the expiry: what a client is sent, it got in time.
-                            if outbound.sent.as_ref().is_some_and(|s| s.expires_at_ms <= tally.at_ms) {
-                                tally.expired += 1;
-                            } else {
-                                socket.feed(Message::Text(outbound.frame)).await?;
-                                self.written(outbound.sent, &mut tally);
+                            match outbound.sent.as_deref() {
+                                // Never past the expiry: what a client is sent, it got in time.
+                                Some(sent) if sent.expires_at_ms <= tally.at_ms => tally.expired += 1,
+                                // Sent here already (live and in the replay): once is enough.
+                                Some(sent) if self.sent.repeats(sent) => tally.repeats += 1,
+                                _ => {
+                                    socket.feed(Message::Text(outbound.frame)).await?;
+                                    self.written(outbound.sent, &mut tally);
+                                }
                             }
                             if tally.frames < WRITE_BATCH {
                                 next = conn.outbox.try_pop();
@@ -272,6 +277,7 @@ impl Session<'_> {
         let metrics = &self.ctx.metrics;
         metrics.frames_out.inc_by(tally.frames as u64);
         metrics.notifications_expired.inc_by(tally.expired);
+        metrics.notifications_repeated.inc_by(tally.repeats);
         for (path, n) in [("deliver", tally.delivered), ("replay", tally.replayed)] {
             if n > 0 {
                 metrics.notifications_sent.with_label_values(&[path]).inc_by(n);

@@ -27,6 +27,11 @@ pub struct Routed {
     /// W3C trace context of the dispatcher's routing span, when traces are exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Sent again because the ack timeout passed without an ack. A gateway writes a notification
+    /// to a connection that was sent it already only when this is set: any other second copy
+    /// (the same message live and in a replay) is a duplicate it leaves out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resend: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -136,8 +136,8 @@ fn rejection() -> impl Strategy<Value = Rejection> {
 
 fn gateway_command() -> impl Strategy<Value = GatewayCommand> {
     let traceparent = prop::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01");
-    let routed = (prop::collection::vec(user_id(), 0..8), notification(), traceparent)
-        .prop_map(|(users, notification, traceparent)| Routed { users, notification, traceparent });
+    let routed = (prop::collection::vec(user_id(), 0..8), notification(), traceparent, any::<bool>())
+        .prop_map(|(users, notification, traceparent, resend)| Routed { users, notification, traceparent, resend });
     prop_oneof![
         prop::collection::vec(routed, 0..4).prop_map(GatewayCommand::Deliver),
         (user_id(), connection_id(), prop::collection::vec(notification(), 0..4)).prop_map(

@@ -95,7 +95,12 @@ const GOLDEN: &[(&str, RoundTrip)] = &[
     }),
     ("gateway_deliver.json", |t| {
         let c: GatewayCommand = decode(t);
-        assert!(matches!(c, GatewayCommand::Deliver(_)), "{c:?}");
+        assert!(matches!(&c, GatewayCommand::Deliver(items) if !items.iter().any(|r| r.resend)), "{c:?}");
+        encode(&c)
+    }),
+    ("gateway_resend.json", |t| {
+        let c: GatewayCommand = decode(t);
+        assert!(matches!(&c, GatewayCommand::Deliver(items) if items.iter().all(|r| r.resend)), "{c:?}");
         encode(&c)
     }),
     ("gateway_replay.json", |t| {

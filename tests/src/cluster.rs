@@ -427,6 +427,20 @@ impl Cluster {
         Ok(client)
     }
 
+    /// Waits until every job published so far has been handled: stored, routed and acked (the
+    /// dispatcher acks a job only after handing its deliveries to NATS).
+    pub async fn wait_jobs_handled(&self) -> anyhow::Result<()> {
+        crate::eventually(Duration::from_secs(15), Duration::from_millis(20), || async {
+            let info = self.jobs_consumer_info().await.map_err(|e| e.to_string())?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                Ok(())
+            } else {
+                Err(format!("{} jobs waiting, {} unacked", info.num_pending, info.num_ack_pending))
+            }
+        })
+        .await
+    }
+
     /// The jobs stream's durable consumer, as JetStream reports it.
     pub async fn jobs_consumer_info(&self) -> anyhow::Result<jetstream::consumer::Info> {
         let names = self.stack.names();

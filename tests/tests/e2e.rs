@@ -404,6 +404,67 @@ async fn concurrent_publish_and_connect_never_strands_a_message() {
     clients.abort_all();
 }
 
+/// A message published as its recipient connects reaches the connection both ways, routed live
+/// (presence already lists the connection) and in the replay (its receipt was already stored):
+/// the gateway must write it once. Each round: a message pending before the connect (`pre-N`,
+/// which only the replay brings), then `race-N` published at the moment of connecting, then,
+/// once both paths have been taken, a sentinel. One dispatcher, so every command reaches the
+/// gateway in the order it was published: by the sentinel, any second copy would have arrived.
+/// The ack timeout is a minute: nothing here is a resend (that one is
+/// `an_unacked_message_is_sent_again_after_the_ack_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_as_its_recipient_connects_arrives_once() {
+    let cluster = Cluster::start().await.unwrap();
+    let _dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    const ROUNDS: u64 = 12;
+    let mut both_paths = 0;
+    for round in 0..ROUNDS {
+        let user = format!("hasty-{round}");
+        let (pre, race, sentinel) = (format!("pre-{round}"), format!("race-{round}"), format!("sentinel-{round}"));
+        cluster.send(&pre, &[user.as_str()]).await.unwrap();
+        cluster.wait_jobs_handled().await.unwrap();
+        let repeated_before = repeated(gateway.addr).await;
+        // From 10 ms before the connect starts to 20 ms after: hello, presence and the online
+        // event all fall in that span.
+        let offset = Duration::from_millis(round * 30 / ROUNDS);
+        let publish = async {
+            tokio::time::sleep(offset).await;
+            cluster.send(&race, &[user.as_str()]).await
+        };
+        let connect = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            cluster.connect(gateway.addr, &user).await
+        };
+        let (sent, client) = tokio::join!(publish, connect);
+        sent.unwrap();
+        let mut client = client.unwrap();
+        let mut got: Vec<String> = Vec::new();
+        let seen = |id: &str, got: &[String]| got.iter().any(|g| g == id);
+        while !seen(&pre, &got) || !seen(&race, &got) {
+            got.push(client.next_notification(WAIT).await.expect("pre and race").id.into_string());
+        }
+        cluster.wait_jobs_handled().await.unwrap();
+        cluster.send(&sentinel, &[user.as_str()]).await.unwrap();
+        while !seen(&sentinel, &got) {
+            got.push(client.next_notification(WAIT).await.expect("the sentinel").id.into_string());
+        }
+        let copies = got.iter().filter(|id| **id == race).count();
+        assert_eq!(copies, 1, "round {round}: {race} arrived {copies} times; received {got:?}");
+        assert_eq!(got.iter().filter(|id| **id == pre).count(), 1, "round {round}: {got:?}");
+        both_paths += (repeated(gateway.addr).await - repeated_before) as u64;
+    }
+    println!("{both_paths} of {ROUNDS} rounds sent the message both ways; the gateway wrote it once");
+    assert!(both_paths > 0, "no round raced: the test did not exercise the two paths");
+}
+
+/// `herald_gateway_notifications_repeated_total` of the gateway at `addr`.
+async fn repeated(addr: std::net::SocketAddr) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    let series = "herald_gateway_notifications_repeated_total ";
+    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
 /// More pending messages than one replay page: the first page comes on connect, the rest
 /// through the ack-timeout sweep, and nothing is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
