@@ -27,6 +27,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) acks_ignored: IntCounter,
     pub(crate) ack_batch_size: Histogram,
     pub(crate) commands_received: IntCounterVec,
+    /// Next replay pages asked for, by kind (`next`, `retry`: asked again, the page had not come).
+    pub(crate) replay_requests: IntCounterVec,
     pub(crate) presence_resyncs: IntCounter,
     pub(crate) publish_to_deliver: Histogram,
     pub(crate) publish_to_ack: Histogram,
@@ -95,6 +97,12 @@ impl GatewayMetrics {
                 &r,
                 "herald_gateway_commands_received_total",
                 "Commands from dispatchers, by kind (deliver, replay, invalid)",
+                &["kind"],
+            )?,
+            replay_requests: m::counter_vec(
+                &r,
+                "herald_gateway_replay_requests_total",
+                "Next pages of connections' replays asked for, by kind (next, retry)",
                 &["kind"],
             )?,
             presence_resyncs: m::counter(

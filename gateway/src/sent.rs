@@ -55,6 +55,8 @@ pub(crate) struct SentSet {
     entries: HashMap<Arc<str>, Entry, foldhash::fast::RandomState>,
     /// Ids in the order first sent; always the same ids as `entries`.
     order: VecDeque<Arc<str>>,
+    /// Entries not acked yet.
+    unacked: usize,
 }
 
 impl SentSet {
@@ -66,11 +68,20 @@ impl SentSet {
         }
         if self.order.len() >= SENT_REMEMBERED {
             if let Some(oldest) = self.order.pop_front() {
-                self.entries.remove(&oldest);
+                if self.entries.remove(&oldest).is_some_and(|e| !e.acked) {
+                    self.unacked -= 1;
+                }
             }
         }
         self.order.push_back(Arc::clone(&sent.id));
         self.entries.insert(Arc::clone(&sent.id), Entry { sent, acked: false, read: false });
+        self.unacked += 1;
+    }
+
+    /// Notifications written and not acked (of those remembered): what a replay waits for
+    /// before it asks for more than the set can hold.
+    pub(crate) fn awaiting_ack(&self) -> usize {
+        self.unacked
     }
 
     /// Whether writing `sent` would repeat a notification this connection was sent already,
@@ -87,6 +98,7 @@ impl SentSet {
             Some(entry) if entry.acked => Acked::Again,
             Some(entry) => {
                 entry.acked = true;
+                self.unacked -= 1;
                 Acked::First(Arc::clone(&entry.sent))
             }
         }
@@ -99,6 +111,9 @@ impl SentSet {
             Some(entry) => {
                 entry.read = true;
                 let first_ack = (!entry.acked).then(|| Arc::clone(&entry.sent));
+                if !entry.acked {
+                    self.unacked -= 1;
+                }
                 entry.acked = true;
                 Read::First { first_ack }
             }
@@ -181,6 +196,26 @@ mod tests {
         assert_eq!(set.read("m2"), Read::First { first_ack: None });
         assert_eq!(set.read("m2"), Read::Again);
         assert_eq!(set.read("elsewhere"), Read::NotSent);
+    }
+
+    #[test]
+    fn what_awaits_an_ack_is_counted() {
+        let mut set = SentSet::default();
+        for i in 0..5 {
+            set.record(sent(&format!("m{i}")));
+        }
+        set.record(sent("m0"));
+        assert_eq!(set.awaiting_ack(), 5, "a resend is not counted twice");
+        set.ack("m0");
+        set.ack("m0");
+        let _ = set.read("m1");
+        let _ = set.read("elsewhere");
+        assert_eq!(set.awaiting_ack(), 3);
+        for i in 5..SENT_REMEMBERED + 3 {
+            set.record(sent(&format!("m{i}")));
+        }
+        // m0 and m1 (acked) and m2 (not) were forgotten; all the others await an ack.
+        assert_eq!(set.awaiting_ack(), SENT_REMEMBERED);
     }
 
     #[test]

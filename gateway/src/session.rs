@@ -1,5 +1,6 @@
 //! One client connection from upgrade to close: the hello, outbound frames from the registry
-//! queue, inbound acks, keep-alive, limits, and the close code that explains every ending.
+//! queue, inbound acks, keep-alive, limits, the pace of its replay (when to ask for the next
+//! page), and the close code that explains every ending.
 //!
 //! A session is one task that both reads and writes its socket, so an idle connection costs one
 //! task, one bounded queue and the socket's small buffers. What the client acks goes to the ack
@@ -12,17 +13,19 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{FutureExt, SinkExt, StreamExt};
 use herald_proto::{
-    close, AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, GatewayId, Hello, MessageId, ServerFrame,
+    close, AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, GatewayId, Hello, MessageId, More, ServerFrame,
 };
 use herald_shared::metrics::seconds_since;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::Outgoing;
 use crate::auth::Identity;
 use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
-use crate::registry::{Admission, Connection, Registry, Sent};
-use crate::sent::{Acked, Read, SentSet};
+use crate::registry::{Admission, Connection, Outbound, Registry, Sent};
+use crate::replay::ReplayCursor;
+use crate::sent::{Acked, Read, SentSet, SENT_REMEMBERED};
 
 /// Most ids one ack or read frame may carry.
 pub(crate) const MAX_IDS_PER_FRAME: usize = 1000;
@@ -56,7 +59,8 @@ pub(crate) struct SessionContext {
     pub(crate) gateway_id: GatewayId,
     pub(crate) registry: Arc<Registry>,
     pub(crate) presence: PresenceHandle,
-    pub(crate) acks: mpsc::Sender<AckRecord>,
+    /// Acks and replay page requests, to the publisher task (see [`crate::acks`]).
+    pub(crate) acks: mpsc::Sender<Outgoing>,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) outbound_queue: usize,
     pub(crate) max_frame_bytes: usize,
@@ -121,6 +125,7 @@ pub(crate) async fn run(
         identity: &identity,
         sent: SentSet::default(),
         ack_ids: RateLimiter::new(ctx.ack_ids_per_sec),
+        replay: ReplayCursor::new(Instant::now()),
     };
     // However the session ends, a panic included, the connection leaves the registry and
     // presence below: a session that died must not hold its user's slot or attract routing.
@@ -157,6 +162,8 @@ struct Session<'a> {
     sent: SentSet,
     /// Ids acked or read per second (see [`SessionContext::ack_ids_per_sec`]).
     ack_ids: RateLimiter,
+    /// How far this connection's replay has got, and when to ask for its next page.
+    replay: ReplayCursor,
 }
 
 impl Session<'_> {
@@ -198,14 +205,23 @@ impl Session<'_> {
                         let mut next = Some(first);
                         let mut tally = Written::now();
                         while let Some(outbound) = next.take() {
-                            match outbound.sent.as_deref() {
+                            let (frame, sent) = match outbound {
+                                Outbound::Frame { frame, sent } => (frame, sent),
+                                // The page has left the queue; the next may be asked for below.
+                                Outbound::PageEnd(end) => {
+                                    self.replay.page_end(end);
+                                    next = conn.outbox.try_pop();
+                                    continue;
+                                }
+                            };
+                            match sent.as_deref() {
                                 // Never past the expiry: what a client is sent, it got in time.
-                                Some(sent) if sent.expires_at_ms <= tally.at_ms => tally.expired += 1,
+                                Some(s) if s.expires_at_ms <= tally.at_ms => tally.expired += 1,
                                 // Sent here already (live and in the replay): once is enough.
-                                Some(sent) if self.sent.repeats(sent) => tally.repeats += 1,
+                                Some(s) if self.sent.repeats(s) => tally.repeats += 1,
                                 _ => {
-                                    socket.feed(Message::Text(outbound.frame)).await?;
-                                    self.written(outbound.sent, &mut tally);
+                                    socket.feed(Message::Text(frame)).await?;
+                                    self.written(sent, &mut tally);
                                 }
                             }
                             if tally.frames < WRITE_BATCH {
@@ -226,6 +242,9 @@ impl Session<'_> {
                         }
                         _ = shutdown.cancelled() => break Some(SHUTTING_DOWN),
                     }
+                    if let Err(ending) = self.ask_for_more().await {
+                        break ending;
+                    }
                 }
                 message = socket.next() => {
                     last_heard = Instant::now();
@@ -239,6 +258,10 @@ impl Session<'_> {
                             if let Err(ending) = self.on_message(message).await {
                                 break ending;
                             }
+                            // An ack may have made room for the next page.
+                            if let Err(ending) = self.ask_for_more().await {
+                                break ending;
+                            }
                         }
                     }
                 }
@@ -249,6 +272,13 @@ impl Session<'_> {
                     conn.outbox.shrink_if_empty();
                     if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
                         break None;
+                    }
+                    // A page asked for a heartbeat ago and not come was lost: ask again.
+                    if let Some(after_seq) = self.replay.retry(Instant::now(), self.ctx.heartbeat_interval) {
+                        self.ctx.metrics.replay_requests.with_label_values(&["retry"]).inc();
+                        if let Err(ending) = self.request_page(after_seq).await {
+                            break ending;
+                        }
                     }
                 }
             }
@@ -323,11 +353,37 @@ impl Session<'_> {
         metrics.frames_in.with_label_values(&[if kind == AckKind::Read { "read" } else { "ack" }]).inc();
         metrics.acks_received.with_label_values(&[kind_label]).inc_by(ids.len() as u64);
         let Some(record) = self.record(kind, ids) else { return Ok(()) };
-        // The queue is large; waiting when it is full slows this client rather than losing acks.
-        match self.ctx.acks.try_send(record) {
+        self.tell_dispatchers(Outgoing::Ack(record)).await
+    }
+
+    /// Asks for the next page of this connection's replay when [`ReplayCursor`] says it is
+    /// time: the last page has left the queue, and the unacked notifications leave room.
+    async fn ask_for_more(&mut self) -> Result<(), Option<Ending>> {
+        let Some(after_seq) = self.replay.next(self.sent.awaiting_ack(), SENT_REMEMBERED, Instant::now()) else {
+            return Ok(());
+        };
+        self.ctx.metrics.replay_requests.with_label_values(&["next"]).inc();
+        self.request_page(after_seq).await
+    }
+
+    async fn request_page(&self, after_seq: u64) -> Result<(), Option<Ending>> {
+        let more = More {
+            user: self.conn.user.clone(),
+            connection_id: self.conn.id.clone(),
+            gateway_id: self.ctx.gateway_id.clone(),
+            after_seq,
+            at_ms: herald_shared::now_ms(),
+        };
+        self.tell_dispatchers(Outgoing::More(more)).await
+    }
+
+    /// Queues an ack or a page request for the dispatchers. The queue is large; waiting when it
+    /// is full slows this client rather than losing what it said.
+    async fn tell_dispatchers(&self, item: Outgoing) -> Result<(), Option<Ending>> {
+        match self.ctx.acks.try_send(item) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(record)) => {
-                self.ctx.acks.send(record).await.map_err(|_| Some(SHUTTING_DOWN))
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.ctx.acks.send(item).await.map_err(|_| Some(SHUTTING_DOWN))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Some(SHUTTING_DOWN)),
         }
