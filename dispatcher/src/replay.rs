@@ -46,7 +46,7 @@ impl From<More> for Request {
 }
 
 /// A pending receipt that may go in a page, with the bytes its notification adds to the command
-/// (None: it cannot be sent, its message is gone).
+/// (None: it cannot be sent: it has expired, or its message is gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
     pub seq: u64,
@@ -144,7 +144,8 @@ impl Replayer {
         let mut firsts: Vec<&UserId> = requests.iter().filter(|r| r.after_seq.is_none()).map(|r| &r.user).collect();
         firsts.sort_unstable();
         firsts.dedup();
-        for receipt in self.store.pending_receipts_for(&firsts, fetch, now).await? {
+        // Expiry is judged below, from the notifications, not by the store.
+        for receipt in self.store.pending_receipts_for(&firsts, fetch, None).await? {
             if let Some(user) = firsts.iter().find(|u| ***u == receipt.user) {
                 fetched.entry((*user, None)).or_default().push(receipt);
             }
@@ -152,7 +153,7 @@ impl Replayer {
         for request in requests {
             let Some(after) = request.after_seq else { continue };
             if let Entry::Vacant(slot) = fetched.entry((&request.user, Some(after))) {
-                slot.insert(self.store.pending_receipts_after(&request.user, after, fetch, now).await?);
+                slot.insert(self.store.pending_receipts_after(&request.user, after, fetch).await?);
             }
         }
         for user in &firsts {
@@ -171,11 +172,14 @@ impl Replayer {
                 unique.entry(receipt.id.clone()).or_insert(receipt);
             }
         }
+        // What can be sent: its message is there, and it has not expired (never send past the
+        // expiry; the sweeper marks it `expired` in its own time).
         let sendable: HashMap<String, Notification> = self
             .store
             .with_payloads(unique.into_values().collect())
             .await?
             .into_iter()
+            .filter(|s| s.notification.expires_at_ms > now)
             .map(|s| (s.receipt_id, s.notification))
             .collect();
 
