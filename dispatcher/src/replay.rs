@@ -83,6 +83,17 @@ pub fn cut(candidates: &[Candidate], page: usize, max_bytes: usize) -> Cut {
     Cut { take, more_after_seq }
 }
 
+/// Most receipts one round of [`Replayer::answer`] loads (with their payloads, when they carry
+/// them): 127 requests at the default page of 256, where a batch of events could otherwise load
+/// 512 × 257. Smaller rounds cost a query each, which nx-27017 answers with a scan of the whole
+/// collection (docs/NOTES.md).
+pub const ROUND_RECEIPTS: usize = 32_768;
+
+/// Requests per round: as many as [`ROUND_RECEIPTS`] allows at one more than a page each.
+pub fn round_size(page: usize) -> usize {
+    (ROUND_RECEIPTS / (page + 1)).max(1)
+}
+
 /// Where a page starts: the user, and the `seq` it follows (None: the first page).
 type Start<'a> = (&'a UserId, Option<u64>);
 
@@ -106,10 +117,21 @@ pub struct Replayer {
 }
 
 impl Replayer {
-    /// Answers a batch of requests: usually one query for all first pages, one per further
-    /// page, one for the payloads receipts do not carry, and one to reschedule what was sent.
-    /// A page NATS does not take is left to the gateway, which asks again.
+    /// Answers a batch of requests, in rounds of requests whose receipts (one more than a page
+    /// each) stay within [`ROUND_RECEIPTS`], so that a storm of connects with long backlogs
+    /// holds a bounded number of receipts and payloads at once. A round answered before a store
+    /// error is answered again when the batch is retried: a page that comes twice is harmless.
     pub async fn answer(&self, requests: &[Request]) -> Result<(), StoreError> {
+        for round in requests.chunks(round_size(self.page)) {
+            self.answer_round(round).await?;
+        }
+        Ok(())
+    }
+
+    /// One round: usually one query for all first pages, one per further page, one for the
+    /// payloads receipts do not carry, and one to reschedule what was sent. A page NATS does
+    /// not take is left to the gateway, which asks again.
+    async fn answer_round(&self, requests: &[Request]) -> Result<(), StoreError> {
         if requests.is_empty() {
             return Ok(());
         }
@@ -242,6 +264,15 @@ mod tests {
         // They do not count against the bytes.
         let c = candidates(&[Some(600), None, Some(300), Some(300)]);
         assert_eq!(cut(&c, 10, 1000), Cut { take: 3, more_after_seq: Some(12) });
+    }
+
+    #[test]
+    fn a_round_holds_a_bounded_number_of_receipts() {
+        assert_eq!(round_size(256), 127);
+        for page in [1, 100, 256, 1000, 20_000] {
+            let n = round_size(page);
+            assert!(n >= 1 && (n == 1 || n * (page + 1) <= ROUND_RECEIPTS), "page {page}: {n}");
+        }
     }
 
     #[test]
