@@ -42,11 +42,13 @@ impl EventPipeline {
         .await;
     }
 
-    /// Applies one batch: acks first, then replays, each acknowledged to JetStream as soon as it
-    /// is applied, so that an ack never waits behind a slow replay query (and a page never
-    /// carries what the batch's acks just delivered). Neither is ever dropped for a store
-    /// error: a transient one is waited out, and a statement the store refuses for good is
-    /// dropped alone by the store (see `Store::apply_acks`).
+    /// Applies one batch: its acks and its page requests side by side, each acknowledged to
+    /// JetStream as soon as it is applied, so that neither waits behind the other (a storm of
+    /// acks on a slow store must not hold up the next page of a replay, nor a slow replay query
+    /// the acks). A page may then carry a receipt whose ack is being applied; it went to the
+    /// connection that acked it, which leaves the repeat out. Neither is ever dropped for a
+    /// store error: a transient one is waited out, and a statement the store refuses for good
+    /// is dropped alone by the store (see `Store::apply_acks`).
     async fn process(&self, messages: Vec<Message>, stop: &CancellationToken) {
         let mut acks: Vec<AckRecord> = Vec::new();
         let mut pages: Vec<Request> = Vec::new();
@@ -76,21 +78,24 @@ impl EventPipeline {
                 }
             }
         }
-        if !ack_messages.is_empty() {
-            let updates = acks::plan(&acks);
-            if !self.until_applied(&ack_messages, stop, || self.apply_acks(&acks, &updates)).await {
-                return;
+        let apply_acks = async {
+            if !ack_messages.is_empty() {
+                let updates = acks::plan(&acks);
+                self.until_applied(&ack_messages, stop, || self.apply_acks(&acks, &updates)).await;
             }
-        }
-        if !page_messages.is_empty() {
-            self.until_applied(&page_messages, stop, || self.replayer.answer(&pages)).await;
-        }
+        };
+        let answer_pages = async {
+            if !page_messages.is_empty() {
+                self.until_applied(&page_messages, stop, || self.replayer.answer(&pages)).await;
+            }
+        };
+        tokio::join!(apply_acks, answer_pages);
     }
 
     /// Runs `apply` until it succeeds, then acknowledges `messages`. Store errors keep the
     /// messages (their ack deadline extended) and retry with backoff; on shutdown they are
-    /// handed back. Returns false if it gave up for shutdown.
-    async fn until_applied<F, Fut>(&self, messages: &[Message], stop: &CancellationToken, mut apply: F) -> bool
+    /// handed back.
+    async fn until_applied<F, Fut>(&self, messages: &[Message], stop: &CancellationToken, mut apply: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(), StoreError>>,
@@ -109,7 +114,7 @@ impl EventPipeline {
                         for message in messages {
                             let _ = message.ack_with(AckKind::Nak(None)).await;
                         }
-                        return false;
+                        return;
                     }
                 }
             }
@@ -119,7 +124,6 @@ impl EventPipeline {
                 tracing::warn!(error = %e, "event ack failed; it will be applied again (idempotent)");
             }
         }
-        true
     }
 
     async fn apply_acks(&self, records: &[AckRecord], updates: &[AckUpdate]) -> Result<(), StoreError> {
