@@ -8,10 +8,16 @@
 //! ([`crate::sent::SENT_REMEMBERED`]), so that the acks of a replay still count. So a queue never
 //! holds more than one page, and a client that reads and acks gets the next page as soon as a
 //! dispatcher answers, never after the ack timeout. A page asked for that has not come within the
-//! retry interval (a lost command, a dispatcher that died) is asked for again; a page that comes
-//! twice is harmless: its frames are repeats the session leaves out, and its end counts once.
+//! retry interval (a lost command) is asked for again, at doubling intervals and [`MAX_RETRIES`]
+//! times at most: the request itself waits in JetStream for as long as no dispatcher runs, so
+//! asking again only covers a page lost on its way back. A page that comes twice is harmless: its
+//! frames are repeats the session leaves out, and its end counts once.
 
 use std::time::{Duration, Instant};
+
+/// Times a page that has not come is asked for again before the replay waits for the client's
+/// next connection.
+pub(crate) const MAX_RETRIES: u32 = 4;
 
 /// The end of one replay page, queued behind the page's frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,14 +28,28 @@ pub(crate) struct PageEnd {
     pub(crate) len: usize,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    after_seq: u64,
+    at: Instant,
+    /// Times asked again.
+    retries: u32,
+}
+
+impl Asked {
+    fn new(after_seq: u64, at: Instant) -> Self {
+        Self { after_seq, at, retries: 0 }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct ReplayCursor {
     /// The furthest `seq` any page of this connection's replay has reached.
     furthest: u64,
     /// The page to ask for (the one after this `seq`) once the window has room.
     want: Option<u64>,
-    /// The page asked for that has not come yet, and when it was asked for.
-    asked: Option<(u64, Instant)>,
+    /// The page asked for that has not come yet.
+    asked: Option<Asked>,
     /// Notifications in the last page: the room the next one needs.
     page_len: usize,
 }
@@ -37,7 +57,7 @@ pub(crate) struct ReplayCursor {
 impl ReplayCursor {
     /// A new connection: its online announcement asks for the first page.
     pub(crate) fn new(now: Instant) -> Self {
-        Self { furthest: 0, want: None, asked: Some((0, now)), page_len: 0 }
+        Self { furthest: 0, want: None, asked: Some(Asked::new(0, now)), page_len: 0 }
     }
 
     /// A page has left the queue.
@@ -73,18 +93,24 @@ impl ReplayCursor {
             return None;
         }
         self.want = None;
-        self.asked = Some((after, now));
+        self.asked = Some(Asked::new(after, now));
         Some(after)
     }
 
-    /// The page to ask for again: asked for at least `interval` ago and not come.
+    /// The page to ask for again: asked for `interval` ago (twice that after the first retry,
+    /// and so on) and not come. After [`MAX_RETRIES`] the replay stops asking; what it has not
+    /// reached stays pending for the client's next connection.
     pub(crate) fn retry(&mut self, now: Instant, interval: Duration) -> Option<u64> {
-        let (after, at) = self.asked?;
-        if now.saturating_duration_since(at) < interval {
+        let asked = self.asked?;
+        if now.saturating_duration_since(asked.at) < interval * 2u32.pow(asked.retries) {
             return None;
         }
-        self.asked = Some((after, now));
-        Some(after)
+        if asked.retries >= MAX_RETRIES {
+            self.asked = None;
+            return None;
+        }
+        self.asked = Some(Asked { at: now, retries: asked.retries + 1, ..asked });
+        Some(asked.after_seq)
     }
 }
 
@@ -147,6 +173,24 @@ mod tests {
         assert_eq!(cursor.next(0, WINDOW, t + RETRY), Some(50));
         assert_eq!(cursor.retry(t + RETRY * 2, RETRY), Some(50));
         assert_eq!(cursor.retry(t + RETRY * 2, RETRY), None, "once per interval");
+        cursor.page_end(end(Some(100), 50));
+        assert_eq!(cursor.next(0, WINDOW, t + RETRY * 3), Some(100), "the page came after all");
+    }
+
+    #[test]
+    fn asking_again_backs_off_and_gives_up() {
+        let t = Instant::now();
+        let mut cursor = ReplayCursor::new(t);
+        let mut at = t;
+        let mut asked = Vec::new();
+        for step in 0..=MAX_RETRIES + 1 {
+            // Each retry waits twice as long as the one before.
+            at += RETRY * 2u32.pow(step);
+            assert_eq!(cursor.retry(at - Duration::from_millis(1), RETRY), None, "not before its time");
+            asked.extend(cursor.retry(at, RETRY));
+        }
+        assert_eq!(asked, vec![0; MAX_RETRIES as usize], "{MAX_RETRIES} retries, then the next connection");
+        assert_eq!(cursor.retry(at + RETRY * 1000, RETRY), None);
     }
 
     #[test]
