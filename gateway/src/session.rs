@@ -452,9 +452,10 @@ impl Session<'_> {
 
 /// Ends the connection as `ending` says: the error frame and the close frame, then the rest of
 /// the closing handshake, each step bounded by [`CLOSE_TIMEOUT`]. The handshake matters: a
-/// socket dropped while the client's frames still sit unread in its receive buffer makes the
-/// kernel answer with a TCP reset, and the client's kernel then throws away what it had not yet
-/// read, the error frame and the close code among it (the client sees 1006). So the gateway
+/// socket closed while the client's frames still sit unread in its receive buffer is reset by
+/// the kernel (which also drops whatever of our last frames it had not sent yet). The client's
+/// next send then fails with a broken pipe, and a client library that gives up on that
+/// (browsers do) reports 1006 without reading the error frame or the close code. So the gateway
 /// reads on, discarding, until the client's close frame (or the end, or the bound) before it
 /// drops the socket. With no ending of its own (the client closed, or went away), it only
 /// flushes the reply to a client's close frame.
