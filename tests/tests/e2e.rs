@@ -491,8 +491,9 @@ async fn a_backlog_of_many_pages_arrives_whole_and_in_order_without_the_ack_time
     .await
     .unwrap();
 
+    let connected_at = tokio::time::Instant::now();
     let mut ursula = cluster.connect(gateway.addr, "ursula").await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = connected_at + Duration::from_secs(60);
     let mut got = Vec::with_capacity(N);
     let mut unacked = Vec::new();
     while got.len() < N {
@@ -505,6 +506,7 @@ async fn a_backlog_of_many_pages_arrives_whole_and_in_order_without_the_ack_time
             ursula.ack(unacked.drain(..)).await.unwrap();
         }
     }
+    println!("{} of {N} in {:.2} s from the connect", got.len(), connected_at.elapsed().as_secs_f64());
     let got_ids: Vec<&str> = got.iter().map(|n| n.id.as_str()).collect();
     assert_eq!(got.len(), N, "{} of {N} within a minute; the last: {:?}", got.len(), got_ids.last());
     assert_eq!(got_ids, ids.iter().map(String::as_str).collect::<Vec<_>>(), "all, once each, oldest first");
