@@ -285,10 +285,14 @@ impl CommonConfig {
         if !is_token(&prefix) {
             env.invalid(format!("HERALD_PREFIX: {prefix:?} must be 1-64 of [A-Za-z0-9_-]"));
         }
+        let nats_url = env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222");
+        if let Err(e) = crate::connect::nats_seeds(&nats_url) {
+            env.invalid(format!("HERALD_NATS_URL: {e}"));
+        }
         Self {
             prefix,
             redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
-            nats_url: env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222"),
+            nats_url,
             jetstream_replicas: env.parse("HERALD_JETSTREAM_REPLICAS", 1),
             http: HttpConfig::from_env(env),
             clock: crate::Clock::system(),
