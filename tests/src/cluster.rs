@@ -185,9 +185,13 @@ pub struct Cluster {
 impl Cluster {
     pub async fn new(stack: Stack, options: Options) -> anyhow::Result<Self> {
         crate::init_test_logging();
-        let nats = async_nats::connect(stack.nats.url()).await?;
+        // Reconnects to any node while the nemesis of a chaos run kills others.
+        let nats = async_nats::ConnectOptions::new()
+            .max_reconnects(None)
+            .connect(herald_shared::connect::nats_seeds(&stack.nats.url())?)
+            .await?;
         let js = jetstream::new(nats.clone());
-        herald_shared::streams::ensure(&js, &stack.names(), 1).await?;
+        herald_shared::streams::ensure(&js, &stack.names(), stack.common_config().jetstream_replicas).await?;
         // Assertions read Mongo directly, not through the proxy a test may cut.
         let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
         Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
@@ -375,6 +379,7 @@ impl Cluster {
             .env("HERALD_PREFIX", &common.prefix)
             .env("HERALD_REDIS_URL", &common.redis_url)
             .env("HERALD_NATS_URL", &common.nats_url)
+            .env("HERALD_JETSTREAM_REPLICAS", common.jetstream_replicas.to_string())
             .env("HERALD_LOG", log)
             // Tests connect their clients from one address, quickly: as in `Stack::common_config`,
             // no per-address connect rate unless a test sets one.
