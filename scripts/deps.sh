@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what `make test` and `make run` need: redis-server (apt) and a .venv holding
+# Installs what `make test` and `make run` need: redis-server and libfaketime (apt) and a .venv holding
 # nats-server and nx-27017 (pinned in scripts/requirements.txt).
 # Idempotent: a re-run with unchanged pins only checks a stamp file. Quiet on success; safe under
 # CI=true with no terminal.
@@ -49,6 +49,13 @@ apt_install() {
 if ! command -v redis-server >/dev/null 2>&1; then
     log "installing redis-server (apt)"
     apt_install redis-server
+fi
+
+# --- libfaketime: the chaos run steps Herald processes' wall clocks with it -------------------
+faketime_version="0.9.10-2.1"
+if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] && [ -z "${HERALD_TEST_LIBFAKETIME:-}" ]; then
+    log "installing libfaketime $faketime_version (apt)"
+    apt_install "libfaketime=$faketime_version"
 fi
 
 # --- .venv with nats-server and nx-27017 -------------------------------------------------------
