@@ -122,7 +122,7 @@ pub async fn run(
         max_attempts: config.max_attempts,
         ack_wait: config.ack_wait,
         metrics: Arc::clone(&metrics),
-        clock: config.common.clock,
+        clock: config.common.clock.clone(),
     };
     let events = events::EventPipeline {
         js: js.clone(),
@@ -134,6 +134,7 @@ pub async fn run(
             ack_timeout: config.ack_timeout,
             page: config.replay_page,
             metrics: Arc::clone(&metrics),
+            clock: config.common.clock.clone(),
         },
         // One batch at a time: a read receipt must not overtake the ack it follows.
         batching: pull::Batching {
@@ -156,7 +157,7 @@ pub async fn run(
         ack_timeout: config.ack_timeout,
         events: sweeper::EventsLag { js: js.clone(), ack_wait: config.ack_wait },
         metrics: Arc::clone(&metrics),
-        clock: config.common.clock,
+        clock: config.common.clock.clone(),
     };
 
     // Pipelines stop pulling when `stop` fires; each ends only then, so an early end is a failure
@@ -168,6 +169,9 @@ pub async fn run(
     // `run` returns an error, so the process exits non-zero and is restarted.
     let critical =
         shutdown::Critical { stopping: stop.clone(), process: shutdown.clone(), failed: Arc::clone(&failed) };
+    // Every expiry decision reads Redis's clock, not this host's (herald_shared::clock).
+    let clock = herald_shared::clock::follow_redis(config.common.clock.clone(), redis.clone(), stop.clone());
+    shutdown::spawn_critical(&tasks, "clock", critical.clone(), clock);
     shutdown::spawn_critical(&tasks, "jobs", critical.clone(), jobs.run(stop.clone()));
     shutdown::spawn_critical(&tasks, "events", critical.clone(), events.run(stop.clone()));
     shutdown::spawn_critical(&tasks, "sweeper", critical.clone(), sweeper.run(stop.clone()));
@@ -187,7 +191,7 @@ pub async fn run(
         redis: redis.clone(),
         js: js.clone(),
         checks: herald_shared::readiness::Checks::default(),
-        clock: config.common.clock,
+        clock: config.common.clock.clone(),
     });
     tracing::info!(dispatcher = %config.dispatcher_id, addr = ?listener.local_addr().ok(), "dispatcher running");
     serve::serve(listener, api::router(state), &config.common.http, http_metrics, shutdown.clone()).await;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_proto::{ConnectionId, GatewayId, More, Notification, Online, UserId};
-use herald_shared::now_ms;
+use herald_shared::Clock;
 
 use crate::metrics::DispatcherMetrics;
 use crate::routing::{self, Router};
@@ -114,6 +114,8 @@ pub struct Replayer {
     /// Most receipts per page (`HERALD_REPLAY_PAGE`).
     pub page: usize,
     pub metrics: Arc<DispatcherMetrics>,
+    /// Judges which receipts have expired.
+    pub clock: Clock,
 }
 
 impl Replayer {
@@ -135,7 +137,7 @@ impl Replayer {
         if requests.is_empty() {
             return Ok(());
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let pages = self.pages(requests, now).await?;
         let mut sent = Vec::new();
         for request in requests {

@@ -129,7 +129,7 @@ pub async fn run(
         gateway_id.clone(),
         Arc::clone(&registry),
         config.presence_ttl,
-        config.common.clock,
+        config.common.clock.clone(),
         Arc::clone(&metrics),
     );
     if let Err(e) = presence_task.heartbeat().await {
@@ -147,6 +147,7 @@ pub async fn run(
         max_frame_bytes: config.max_frame_bytes,
         frames_per_sec: config.client_frames_per_sec,
         ack_ids_per_sec: config.client_ack_ids_per_sec,
+        clock: config.common.clock.clone(),
         metrics: Arc::clone(&metrics),
     });
 
@@ -168,11 +169,14 @@ pub async fn run(
             deliveries,
             Arc::clone(&registry),
             Arc::clone(&metrics),
-            config.common.clock,
+            config.common.clock.clone(),
             close_sessions.clone(),
         ),
     );
     shutdown::spawn_critical(&tasks, "presence", critical.clone(), presence_task.run(stop_presence.clone()));
+    // Every expiry decision reads Redis's clock, not this host's (herald_shared::clock).
+    let clock = herald_shared::clock::follow_redis(config.common.clock.clone(), redis.clone(), stop_presence.clone());
+    shutdown::spawn_critical(&tasks, "clock", critical.clone(), clock);
     shutdown::spawn_critical(&tasks, "acks", critical, ack_publisher.run(stop_acks.clone(), config.drain_grace));
 
     let (drain_grace, shutdown_delay) = (config.drain_grace, config.shutdown_delay);

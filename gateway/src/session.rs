@@ -31,6 +31,9 @@ use crate::sent::{Acked, Read, SentSet, SENT_REMEMBERED};
 pub(crate) const MAX_IDS_PER_FRAME: usize = 1000;
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;
+/// A notification is written only with this much of its life left: one written at its expiry
+/// would reach the client after it (the chaos run saw one arrive late that way).
+const EXPIRY_GUARD_MS: u64 = 1_000;
 /// How long each step of a closing handshake (our frames out, the client's close in) may take
 /// before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -49,8 +52,8 @@ struct Written {
 }
 
 impl Written {
-    fn now() -> Self {
-        Self { at_ms: herald_shared::now_ms(), frames: 0, delivered: 0, replayed: 0, expired: 0, repeats: 0 }
+    fn now(clock: &herald_shared::Clock) -> Self {
+        Self { at_ms: clock.now_ms(), frames: 0, delivered: 0, replayed: 0, expired: 0, repeats: 0 }
     }
 }
 
@@ -69,6 +72,8 @@ pub(crate) struct SessionContext {
     /// many: what one client can make the dispatchers write.
     pub(crate) ack_ids_per_sec: u32,
     pub(crate) metrics: Arc<GatewayMetrics>,
+    /// Fleet time (herald_shared::clock): what a notification's expiry is judged by.
+    pub(crate) clock: herald_shared::Clock,
 }
 
 /// Why a session ended: the close code sent (if any) and the error frame before it.
@@ -205,7 +210,7 @@ impl Session<'_> {
                     // Everything queued, up to a batch, goes out with one flush.
                     let write = async {
                         let mut next = Some(first);
-                        let mut tally = Written::now();
+                        let mut tally = Written::now(&self.ctx.clock);
                         while let Some(outbound) = next.take() {
                             let (frame, sent) = match outbound {
                                 Outbound::Frame { frame, sent } => (frame, sent),
@@ -218,7 +223,9 @@ impl Session<'_> {
                             };
                             match sent.as_deref() {
                                 // Never past the expiry: what a client is sent, it got in time.
-                                Some(s) if s.expires_at_ms <= tally.at_ms => tally.expired += 1,
+                                Some(s) if s.expires_at_ms <= tally.at_ms.saturating_add(EXPIRY_GUARD_MS) => {
+                                    tally.expired += 1
+                                }
                                 // Sent here already (live and in the replay): once is enough.
                                 Some(s) if self.sent.repeats(s) => tally.repeats += 1,
                                 _ => {
@@ -393,7 +400,7 @@ impl Session<'_> {
             connection_id: self.conn.id.clone(),
             gateway_id: self.ctx.gateway_id.clone(),
             after_seq,
-            at_ms: herald_shared::now_ms(),
+            at_ms: self.ctx.clock.now_ms(),
         };
         self.tell_dispatchers(Outgoing::More(more)).await
     }
@@ -450,7 +457,7 @@ impl Session<'_> {
             kind,
             ids: sent_ids,
             read_unsent,
-            at_ms: herald_shared::now_ms(),
+            at_ms: self.ctx.clock.now_ms(),
             traceparent,
         })
     }

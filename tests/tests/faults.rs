@@ -834,6 +834,34 @@ fn humantime(d: Duration) -> String {
 
 // --- presence that heals itself (issue 11) -------------------------------------------------------
 
+/// Expiry stamped by one dispatcher and judged by another: a message stored by a dispatcher
+/// with a true clock, then swept by one whose clock runs a minute ahead, must not expire early.
+/// Before herald_shared::clock anchored every process to Redis's `TIME`, the second dispatcher
+/// marked the 30 s message expired at its first sweep, and the user connecting a moment later
+/// got nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_whose_clock_runs_ahead_expires_nothing_early() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let stamping = cluster.dispatcher().await.unwrap();
+    let id = "early-1";
+    cluster.publish(&serde_json::json!({ "id": id, "to": ["early"], "payload": {}, "ttl_secs": 30 })).await.unwrap();
+    cluster.wait_receipt(id, "early", "pending").await.unwrap();
+    stamping.stop().await.unwrap();
+
+    let mut config = dispatcher_config(&cluster.stack, &cluster.options);
+    config.common.clock = herald_shared::Clock::skewed(60_000);
+    let _ahead = cluster.dispatcher_with(config).await.unwrap();
+    // Several sweeps (200 ms apart here) by the dispatcher that is ahead.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let state = cluster.receipts(id).await.unwrap().get("early").map(|r| r.state.as_str().to_owned());
+    assert_eq!(state.as_deref(), Some("pending"), "expired 28 s early by a clock a minute ahead");
+    let mut client = cluster.connect(gateway.addr, "early").await.unwrap();
+    let got = client.next_notification(Duration::from_secs(10)).await.map(|n| n.id.into_string());
+    assert_eq!(got.as_deref(), Some(id));
+}
+
 /// A gateway whose Redis goes through a proxy, so that the test can cut it off from Redis alone:
 /// its liveness then lapses while the gateway itself runs.
 async fn gateway_behind_redis_proxy(
