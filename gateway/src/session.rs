@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{FutureExt, SinkExt, StreamExt};
+use herald_proto::client::MAX_IDS_PER_FRAME;
 use herald_proto::{
     close, AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, GatewayId, Hello, MessageId, ServerFrame,
 };
@@ -24,8 +25,6 @@ use crate::presence::PresenceHandle;
 use crate::registry::{Admission, Connection, Registry, Sent};
 use crate::sent::{Acked, Read, SentSet};
 
-/// Most ids one ack or read frame may carry.
-pub(crate) const MAX_IDS_PER_FRAME: usize = 1000;
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;
 /// How long a closing handshake may take before the socket is simply dropped.
