@@ -94,7 +94,10 @@ export type ConnectionState =
 
 interface Events {
   state: ConnectionState;
+  /** A message, the first time it arrives. */
   notification: Notification;
+  /** A copy of a message already handed out: not shown again (for the application's metrics). */
+  duplicate: Notification;
   error: Error;
 }
 
@@ -127,6 +130,7 @@ export class HeraldClient {
   readonly #listeners: { [K in keyof Events]: Set<Listener<Events[K]>> } = {
     state: new Set(),
     notification: new Set(),
+    duplicate: new Set(),
     error: new Set(),
   };
 
@@ -360,6 +364,7 @@ export class HeraldClient {
     if (!this.#seen.add(n.id, n.expires_at_ms, publishedAt, now)) {
       // A copy: not shown again, but acked again (or read again) if the application got that far,
       // since a lost ack is what brought it back.
+      this.#emit("duplicate", n);
       const state = this.#seen.state(n.id);
       if (state === "read") this.#enqueueOn(conn, "read", [n.id]);
       else if (state === "acked") this.#enqueueOn(conn, "ack", [n.id]);

@@ -81,16 +81,18 @@ async function start(options = {}) {
     ...options,
   });
   client.on("state", (s) => states.push(s));
+  const duplicates = [];
   client.on("notification", (n) => seen.push(n.id));
+  client.on("duplicate", (n) => duplicates.push(n.id));
   client.connect();
   await settle();
-  return { client, tokens, states, seen, socket: () => FakeSocket.all.at(-1) };
+  return { client, tokens, states, seen, duplicates, socket: () => FakeSocket.all.at(-1) };
 }
 
 test("connects with the token in a header, delivers once, acks every copy in batches", async (t) => {
   mock.timers.enable({ apis: ["setTimeout", "setInterval", "Date"] });
   t.after(() => mock.timers.reset());
-  const { client, tokens, states, seen, socket } = await start();
+  const { client, tokens, states, seen, duplicates, socket } = await start();
   assert.equal(socket().url, "ws://gw.test/v1/connect");
   assert.deepEqual(socket().options, { headers: { Authorization: "Bearer token-1" } });
   assert.deepEqual(tokens, [{ attempt: 1, reason: "connect" }]);
@@ -101,6 +103,7 @@ test("connects with the token in a header, delivers once, acks every copy in bat
   socket().frame(note("m1", 1));
   socket().frame({ type: "from_the_future", x: 1 });
   assert.deepEqual(seen, ["m1", "m2"], "a copy is not shown again; unknown frames are ignored");
+  assert.deepEqual(duplicates, ["m1"]);
   assert.deepEqual(socket().sent, [], "acks wait to be batched");
   mock.timers.tick(100);
   assert.deepEqual(socket().sent, [{ type: "ack", ids: ["m1", "m2"] }]);
