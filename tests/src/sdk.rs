@@ -170,3 +170,58 @@ impl SdkApp {
         out
     }
 }
+
+/// The demo's dev server (clients/js/demo/server.js) as a child process, killed on drop.
+pub struct DemoServer {
+    pub url: String,
+    _child: Child,
+}
+
+impl DemoServer {
+    /// Starts it on `listen` with `env` (see the top of server.js) and waits until it answers.
+    pub async fn start(listen: std::net::SocketAddr, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        check_sdk_built()?;
+        let child = Command::new("node")
+            .arg("demo/server.js")
+            .current_dir(sdk_dir())
+            .env("HERALD_DEMO_LISTEN", listen.to_string())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning node demo/server.js")?;
+        let url = format!("http://{listen}/");
+        let config = format!("http://{listen}/dev/config");
+        crate::eventually(Duration::from_secs(15), Duration::from_millis(50), || async {
+            reqwest::get(&config).await.map_err(|e| e.to_string())?.error_for_status().map_err(|e| e.to_string())
+        })
+        .await?;
+        Ok(Self { url, _child: child })
+    }
+}
+
+/// Runs `node <script>` in clients/js with `env` to its end (at most `timeout`); returns what it
+/// reported (one JSON object a line on stdout) and whether it exited 0.
+pub async fn run_script(script: &str, env: &[(&str, String)], timeout: Duration) -> anyhow::Result<(bool, Vec<Value>)> {
+    check_sdk_built()?;
+    let child = Command::new("node")
+        .arg(script)
+        .current_dir(sdk_dir())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning node {script}"))?;
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .with_context(|| format!("node {script} did not finish within {timeout:?}"))??;
+    let events = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| serde_json::json!({ "ev": "text", "text": line })))
+        .collect();
+    Ok((output.status.success(), events))
+}

@@ -246,3 +246,68 @@ macro_rules! in_both {
 }
 
 in_both!(receive_ack_read_close, gateway_killed, token_refresh, offline_backlog_in_order, drain_reconnects_elsewhere);
+
+/// The demo page of `make run`, in headless Chromium: connect, publish, see the notification
+/// arrive and its receipt turn `delivered`, mark it read. Screenshots: target/sdk-demo*.png.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_publishes_and_follows_the_receipt() {
+    use herald_tests::cluster::ADMIN_TOKEN;
+    use herald_tests::sdk::{run_script, DemoServer};
+
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let g1 = cluster.gateway().await.unwrap();
+    let g2 = cluster.gateway().await.unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let heraldctl = herald_tests::bin_path("heraldctl").unwrap();
+    let target = heraldctl.parent().and_then(|debug| debug.parent()).unwrap().to_path_buf();
+    let gateways = [g1.addr, g2.addr].iter().map(|a| format!("ws://{a}")).collect::<Vec<_>>().join(",");
+    let demo = DemoServer::start(
+        listen,
+        &[
+            ("HERALD_DEMO_GATEWAYS", gateways),
+            ("HERALD_DEMO_API", format!("http://{}", dispatcher.addr)),
+            ("HERALD_JWT_SECRET", JWT_SECRET.to_owned()),
+            ("HERALD_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+            // For the page's fallback when the dispatcher has no POST /v1/publish.
+            ("HERALD_DEMO_HERALDCTL", heraldctl.display().to_string()),
+            ("HERALD_NATS_URL", cluster.stack.nats.url()),
+            ("HERALD_PREFIX", cluster.stack.prefix.clone()),
+        ],
+    )
+    .await
+    .unwrap();
+
+    let env = [
+        ("HERALD_DEMO_URL", demo.url.clone()),
+        ("HERALD_DEMO_USER", "olivia".to_owned()),
+        ("HERALD_DEMO_SCREENSHOTS", target.display().to_string()),
+    ];
+    let (ok, events) = run_script("test/e2e/demo.js", &env, Duration::from_secs(90)).await.unwrap();
+    let transcript = events.iter().map(Value::to_string).collect::<Vec<_>>().join("\n  ");
+    assert!(ok, "the demo driver failed:\n  {transcript}");
+    let done = events.iter().find(|e| e["ev"] == "demo").unwrap_or_else(|| panic!("no result:\n  {transcript}"));
+    let id = done["id"].as_str().unwrap();
+    // The page publishes with POST /v1/publish, and falls back to the dev server's heraldctl only
+    // where the dispatcher has no such route: wherever it has one, the page must have used it.
+    let probe = reqwest::Client::new()
+        .post(format!("http://{}/v1/publish", dispatcher.addr))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    let via_api = done["published"].as_str().unwrap_or_default().contains("via POST /v1/publish");
+    println!("demo: published {} (the dispatcher answers {probe} to POST /v1/publish)", done["published"]);
+    assert!(via_api || probe == 404 || probe == 405, "the dispatcher has POST /v1/publish, the page did not use it");
+    let receipt = cluster.wait_receipt(id, "olivia", "read").await.unwrap();
+    let by = receipt.delivered_by.expect("delivered_by");
+    assert!([g1.id.as_str(), g2.id.as_str()].contains(&by.gateway_id.as_str()));
+    for shot in ["sdk-demo-delivered.png", "sdk-demo.png"] {
+        let meta = std::fs::metadata(target.join(shot)).unwrap_or_else(|e| panic!("{shot}: {e}"));
+        assert!(meta.len() > 10_000, "{shot} is {} bytes: a blank page?", meta.len());
+    }
+    assert!(events.iter().all(|e| e["ev"] != "error"), "{transcript}");
+}
