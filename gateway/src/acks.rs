@@ -1,11 +1,13 @@
-//! Client acknowledgements on their way to the dispatchers. Sessions queue one record per
-//! ack/read frame; one task batches them onto the durable events stream and retries until
-//! JetStream has them, so an ack is never lost while no dispatcher runs.
+//! What sessions tell the dispatchers: client acknowledgements, and requests for the next page
+//! of a connection's replay. Sessions queue them; one task batches the acks onto the durable
+//! events stream and retries every message until JetStream has it, so an ack (or a page request)
+//! is never lost while no dispatcher runs.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
-use herald_proto::{AckRecord, Event};
+use herald_proto::{AckRecord, Event, GatewayId, More};
+use herald_shared::naming::Names;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -18,85 +20,129 @@ const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// Capacity of the sessions' queue: a NATS outage of several seconds at full rate fits in it.
 pub(crate) const QUEUE: usize = 65_536;
 
+/// One thing a session has to tell the dispatchers.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// What one ack or read frame acknowledged.
+    Ack(AckRecord),
+    /// A connection wants the next page of its replay.
+    More(More),
+}
+
 pub(crate) struct AckPublisher {
     js: jetstream::Context,
-    subject: String,
-    rx: mpsc::Receiver<AckRecord>,
+    ack_subject: String,
+    more_subject: String,
+    rx: mpsc::Receiver<Outgoing>,
     metrics: std::sync::Arc<GatewayMetrics>,
 }
 
 impl AckPublisher {
     pub(crate) fn new(
         js: jetstream::Context,
-        subject: String,
+        names: &Names,
+        gateway_id: &GatewayId,
         metrics: std::sync::Arc<GatewayMetrics>,
-    ) -> (Self, mpsc::Sender<AckRecord>) {
+    ) -> (Self, mpsc::Sender<Outgoing>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        (Self { js, subject, rx, metrics }, tx)
+        let ack_subject = names.ack_events_subject(gateway_id.as_str());
+        let more_subject = names.more_events_subject(gateway_id.as_str());
+        (Self { js, ack_subject, more_subject, rx, metrics }, tx)
     }
 
-    /// Publishes until `stop` fires, then publishes what is still queued, giving up on a batch
+    /// Publishes until `stop` fires, then publishes what is still queued, giving up on a message
     /// only if `deadline` passes during shutdown (those acks are re-earned: the messages stay
     /// pending and are delivered and acked again).
     pub(crate) async fn run(mut self, stop: CancellationToken, drain_grace: Duration) {
-        let mut records = Vec::with_capacity(BATCH);
+        let mut queued = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
                 biased;
-                n = self.rx.recv_many(&mut records, BATCH) => {
+                n = self.rx.recv_many(&mut queued, BATCH) => {
                     if n == 0 {
                         return;
                     }
-                    self.publish(&mut records, &stop, None).await;
+                    self.publish(&mut queued, &stop, None).await;
                 }
                 _ = stop.cancelled() => break,
             }
         }
         let deadline = tokio::time::Instant::now() + drain_grace;
-        while let Ok(record) = self.rx.try_recv() {
-            records.push(record);
+        while let Ok(item) = self.rx.try_recv() {
+            queued.push(item);
         }
-        self.publish(&mut records, &stop, Some(deadline)).await;
+        self.publish(&mut queued, &stop, Some(deadline)).await;
     }
 
+    /// Acks first, batched; then the page requests, one message each (a dispatcher answers
+    /// each with a page, and a page should not carry what these acks delivered).
     async fn publish(
         &self,
-        records: &mut Vec<AckRecord>,
+        queued: &mut Vec<Outgoing>,
         stop: &CancellationToken,
         deadline: Option<tokio::time::Instant>,
     ) {
-        for chunk in chunks(std::mem::take(records)) {
+        let mut records = Vec::new();
+        let mut mores = Vec::new();
+        for item in queued.drain(..) {
+            match item {
+                Outgoing::Ack(record) => records.push(record),
+                Outgoing::More(more) => mores.push(more),
+            }
+        }
+        for chunk in chunks(records) {
             self.metrics.ack_batch_size.observe(chunk.len() as f64);
             let Ok(body) = serde_json::to_vec(&Event::Acks(chunk)) else { continue };
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match self.send(body.clone()).await {
-                    Ok(()) => break,
-                    Err(e) => tracing::warn!(error = %e, "acks not yet on the events stream; retrying"),
-                }
-                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                    tracing::error!("drain deadline passed with acks unpublished; their messages stay pending");
-                    return;
-                }
-                let pause = tokio::time::sleep(backoff);
-                if deadline.is_none() {
-                    // While running, a shutdown request ends the pause early so the final flush
-                    // (with its deadline) takes over.
-                    tokio::select! { _ = pause => {}, _ = stop.cancelled() => {} }
-                } else {
-                    pause.await;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+            if !self.deliver(&self.ack_subject, "publish_acks", body, stop, deadline).await {
+                tracing::error!("drain deadline passed with acks unpublished; their messages stay pending");
+                return;
+            }
+        }
+        for more in mores {
+            let Ok(body) = serde_json::to_vec(&Event::More(more)) else { continue };
+            if !self.deliver(&self.more_subject, "publish_more", body, stop, deadline).await {
+                return;
             }
         }
     }
 
-    async fn send(&self, body: Vec<u8>) -> Result<(), String> {
+    /// Publishes one message, retrying with backoff until JetStream has it; false if `deadline`
+    /// passed first.
+    async fn deliver(
+        &self,
+        subject: &str,
+        op: &'static str,
+        body: Vec<u8>,
+        stop: &CancellationToken,
+        deadline: Option<tokio::time::Instant>,
+    ) -> bool {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.send(subject, op, body.clone()).await {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!(error = %e, subject, "not yet on the events stream; retrying"),
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return false;
+            }
+            let pause = tokio::time::sleep(backoff);
+            if deadline.is_none() {
+                // While running, a shutdown request ends the pause early so the final flush
+                // (with its deadline) takes over.
+                tokio::select! { _ = pause => {}, _ = stop.cancelled() => {} }
+            } else {
+                pause.await;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn send(&self, subject: &str, op: &'static str, body: Vec<u8>) -> Result<(), String> {
         let publish = async {
-            let ack = self.js.publish(self.subject.clone(), body.into()).await.map_err(|e| e.to_string())?;
+            let ack = self.js.publish(subject.to_owned(), body.into()).await.map_err(|e| e.to_string())?;
             ack.await.map(|_| ()).map_err(|e| e.to_string())
         };
-        self.metrics.dependencies.time("nats", "publish_acks", publish).await
+        self.metrics.dependencies.time("nats", op, publish).await
     }
 }
 

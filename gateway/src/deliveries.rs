@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::GatewayMetrics;
 use crate::registry::{Outbound, Registry, Sent};
+use crate::replay::PageEnd;
 
 /// Reads the subscription until shutdown (or until NATS closes it for good).
 pub(crate) async fn run(
@@ -62,7 +63,8 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
                 herald_shared::telemetry::continue_from(&span, routed.traceparent.as_deref());
                 let _entered = span.enter();
                 let trace = routed.traceparent.as_ref().and_then(|_| herald_shared::telemetry::traceparent(&span));
-                let Some(frame) = frame(routed.notification, false, trace, now_ms, &mut outcome) else { continue };
+                let path = if routed.resend { Path::Resend } else { Path::Deliver };
+                let Some(frame) = frame(routed.notification, path, trace, now_ms, &mut outcome) else { continue };
                 outcome.queued += registry.deliver_to_users(&routed.users, &frame);
             }
         }
@@ -71,22 +73,40 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
             let Some(conn) = registry.connection(&replay.user, &replay.connection_id) else {
                 return outcome;
             };
+            let mut len = 0;
             for notification in replay.notifications {
-                let Some(frame) = frame(notification, true, None, now_ms, &mut outcome) else { continue };
+                let Some(frame) = frame(notification, Path::Replay, None, now_ms, &mut outcome) else { continue };
                 if !conn.offer(frame) {
-                    break;
+                    // A full queue closed the connection as a slow consumer: its replay ends here,
+                    // and the rest stays pending for its next connection.
+                    outcome.queued += len;
+                    return outcome;
                 }
-                outcome.queued += 1;
+                len += 1;
             }
+            outcome.queued += len;
+            // Behind the page's frames: the session asks for the next page once it takes this.
+            conn.end_page(PageEnd { more_after_seq: replay.more_after_seq, len });
         }
     }
     outcome
 }
 
+/// How a notification came to this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Routed when it was published.
+    Deliver,
+    /// Sent again by the ack-timeout sweep.
+    Resend,
+    /// In a connection's replay of pending messages.
+    Replay,
+}
+
 /// The text frame for a notification, or None if it expired (never deliver past the TTL).
 fn frame(
     notification: Notification,
-    replay: bool,
+    path: Path,
     traceparent: Option<String>,
     now_ms: u64,
     outcome: &mut Outcome,
@@ -99,11 +119,12 @@ fn frame(
         id: notification.id.as_str().into(),
         published_at_ms: notification.published_at_ms,
         expires_at_ms: notification.expires_at_ms,
-        replay,
+        replay: path == Path::Replay,
+        resend: path == Path::Resend,
         traceparent: traceparent.map(Into::into),
     };
     match serde_json::to_string(&ServerFrame::Notification(notification)) {
-        Ok(text) => Some(Outbound { frame: Utf8Bytes::from(text), sent: Some(Arc::new(sent)) }),
+        Ok(text) => Some(Outbound::Frame { frame: Utf8Bytes::from(text), sent: Some(Arc::new(sent)) }),
         Err(e) => {
             tracing::warn!(error = %e, "notification not serializable; left pending");
             None
@@ -140,24 +161,39 @@ mod tests {
                 users: vec![user("alice"), user("bob")],
                 notification: notification("m1", 2_000),
                 traceparent: None,
+                resend: false,
             },
-            Routed { users: vec![user("alice")], notification: notification("old", 500), traceparent: None },
+            Routed {
+                users: vec![user("alice")],
+                notification: notification("old", 500),
+                traceparent: None,
+                resend: false,
+            },
         ]);
         let out = handle(&serde_json::to_vec(&deliver).unwrap(), &registry, 1_000);
         assert_eq!(out, Outcome { kind: "deliver", queued: 1, expired: 1 });
-        let text = conn.outbox.try_pop().unwrap().frame;
-        assert!(text.as_str().contains(r#""type":"notification""#) && text.as_str().contains(r#""payload":{"k":1}"#));
+        let queued = conn.outbox.try_pop().unwrap();
+        let text = queued.text().unwrap();
+        assert!(text.contains(r#""type":"notification""#) && text.contains(r#""payload":{"k":1}"#));
 
         let replay = GatewayCommand::Replay(Replay {
             user: user("alice"),
             connection_id: conn_id("c1"),
-            notifications: vec![notification("m2", 2_000), notification("m3", 2_000)],
+            notifications: vec![notification("m2", 2_000), notification("m3", 2_000), notification("old", 500)],
+            more_after_seq: Some(3),
         });
         assert_eq!(handle(&serde_json::to_vec(&replay).unwrap(), &registry, 1_000).queued, 2);
+        assert!(conn.outbox.try_pop().unwrap().text().unwrap().contains("m2"));
+        assert!(conn.outbox.try_pop().unwrap().text().unwrap().contains("m3"));
+        assert!(
+            matches!(conn.outbox.try_pop(), Some(Outbound::PageEnd(PageEnd { more_after_seq: Some(3), len: 2 }))),
+            "the page's end, behind its frames"
+        );
         let wrong_conn = GatewayCommand::Replay(Replay {
             user: user("alice"),
             connection_id: conn_id("nope"),
             notifications: vec![notification("m4", 2_000)],
+            more_after_seq: None,
         });
         assert_eq!(handle(&serde_json::to_vec(&wrong_conn).unwrap(), &registry, 1_000).queued, 0);
         assert_eq!(handle(b"{not json", &registry, 1_000), Outcome { kind: "invalid", ..Outcome::default() });

@@ -25,6 +25,7 @@ mod metrics;
 mod outbox;
 mod presence;
 mod registry;
+mod replay;
 mod sent;
 mod session;
 
@@ -134,8 +135,7 @@ pub async fn run(
     if let Err(e) = presence_task.heartbeat().await {
         tracing::warn!(error = %e, "first presence heartbeat failed; retrying in the background");
     }
-    let (ack_publisher, acks) =
-        acks::AckPublisher::new(js.clone(), names.ack_events_subject(gateway_id.as_str()), Arc::clone(&metrics));
+    let (ack_publisher, acks) = acks::AckPublisher::new(js.clone(), &names, &gateway_id, Arc::clone(&metrics));
 
     let sessions = Arc::new(SessionContext {
         gateway_id: gateway_id.clone(),

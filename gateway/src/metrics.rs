@@ -19,6 +19,8 @@ pub(crate) struct GatewayMetrics {
     /// Notifications written to sockets, by path (`deliver`, `replay`).
     pub(crate) notifications_sent: IntCounterVec,
     pub(crate) notifications_expired: IntCounter,
+    /// Second copies not written: the connection was sent the notification already.
+    pub(crate) notifications_repeated: IntCounter,
     pub(crate) queue_overflows: IntCounter,
     /// Message ids acknowledged by clients, by kind (`delivered`, `read`).
     pub(crate) acks_received: IntCounterVec,
@@ -26,6 +28,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) acks_ignored: IntCounter,
     pub(crate) ack_batch_size: Histogram,
     pub(crate) commands_received: IntCounterVec,
+    /// Next replay pages asked for, by kind (`next`, `retry`: asked again, the page had not come).
+    pub(crate) replay_requests: IntCounterVec,
     pub(crate) presence_resyncs: IntCounter,
     pub(crate) presence_healed: IntCounter,
     pub(crate) publish_to_deliver: Histogram,
@@ -66,6 +70,11 @@ impl GatewayMetrics {
                 "herald_gateway_notifications_expired_total",
                 "Notifications not delivered because their TTL had passed",
             )?,
+            notifications_repeated: m::counter(
+                &r,
+                "herald_gateway_notifications_repeated_total",
+                "Notifications not written because the connection was sent them already and no resend asked for them",
+            )?,
             acks_ignored: m::counter(
                 &r,
                 "herald_gateway_acks_ignored_total",
@@ -92,6 +101,12 @@ impl GatewayMetrics {
                 &r,
                 "herald_gateway_commands_received_total",
                 "Commands from dispatchers, by kind (deliver, replay, invalid)",
+                &["kind"],
+            )?,
+            replay_requests: m::counter_vec(
+                &r,
+                "herald_gateway_replay_requests_total",
+                "Next pages of connections' replays asked for, by kind (next, retry)",
                 &["kind"],
             )?,
             presence_resyncs: m::counter(

@@ -56,6 +56,23 @@ impl<T> Outbox<T> {
         Ok(())
     }
 
+    /// Pushes even past the capacity (not past a close): for the few markers whose number the
+    /// caller bounds by other means.
+    pub(crate) fn push_past_capacity(&self, item: T) -> Result<(), PushError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PushError::Closed);
+        }
+        let was_empty = {
+            let mut queue = self.lock();
+            queue.push_back(item);
+            queue.len() == 1
+        };
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
     pub(crate) fn try_pop(&self) -> Option<T> {
         self.lock().pop_front()
     }
@@ -101,11 +118,14 @@ mod tests {
         assert_eq!(outbox.push(1), Ok(()));
         assert_eq!(outbox.push(2), Ok(()));
         assert_eq!(outbox.push(3), Err(PushError::Full));
+        assert_eq!(outbox.push_past_capacity(30), Ok(()), "a marker goes in all the same");
         assert_eq!(outbox.pop().await, 1);
         assert_eq!(outbox.try_pop(), Some(2));
+        assert_eq!(outbox.try_pop(), Some(30));
         assert_eq!(outbox.try_pop(), None);
         outbox.close();
         assert_eq!(outbox.push(4), Err(PushError::Closed));
+        assert_eq!(outbox.push_past_capacity(40), Err(PushError::Closed));
     }
 
     #[tokio::test]

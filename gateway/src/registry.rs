@@ -13,17 +13,24 @@ use axum::extract::ws::Utf8Bytes;
 use herald_proto::{close, ConnectionId, UserId};
 
 use crate::outbox::{Outbox, PushError};
+use crate::replay::PageEnd;
 use tokio_util::sync::CancellationToken;
 
-/// A frame queued for a socket. Notifications carry what the session needs to measure
-/// publish→deliver and publish→ack latency; the frame text itself is shared by every
-/// connection it goes to.
+/// What a connection's queue holds.
 #[derive(Debug, Clone)]
-pub(crate) struct Outbound {
-    pub(crate) frame: Utf8Bytes,
-    /// Shared by every connection the notification goes to; small, because every queue slot of
-    /// every connection holds one.
-    pub(crate) sent: Option<Arc<Sent>>,
+pub(crate) enum Outbound {
+    /// A frame for the socket. Notifications carry what the session needs to measure
+    /// publish→deliver and publish→ack latency; the frame text itself is shared by every
+    /// connection it goes to.
+    Frame {
+        frame: Utf8Bytes,
+        /// Shared by every connection the notification goes to; small, because every queue slot
+        /// of every connection holds one.
+        sent: Option<Arc<Sent>>,
+    },
+    /// The end of a replay page, queued behind its frames: once the session takes it, the
+    /// whole page has left the queue (see [`crate::replay`]). Nothing is written for it.
+    PageEnd(PageEnd),
 }
 
 /// Which notification a frame carries.
@@ -35,6 +42,8 @@ pub(crate) struct Sent {
     /// A frame still queued at this instant is not written: nothing goes out past its expiry.
     pub(crate) expires_at_ms: u64,
     pub(crate) replay: bool,
+    /// Sent again by the ack-timeout sweep: written even to a connection that was sent it.
+    pub(crate) resend: bool,
     /// The delivery span's trace context, when traces are exported.
     pub(crate) traceparent: Option<Arc<str>>,
 }
@@ -42,7 +51,15 @@ pub(crate) struct Sent {
 #[cfg(test)]
 impl Outbound {
     pub(crate) fn control(frame: Utf8Bytes) -> Self {
-        Self { frame, sent: None }
+        Self::Frame { frame, sent: None }
+    }
+
+    /// The frame's text; None for a page end.
+    pub(crate) fn text(&self) -> Option<&str> {
+        match self {
+            Self::Frame { frame, .. } => Some(frame.as_str()),
+            Self::PageEnd(_) => None,
+        }
     }
 }
 
@@ -94,6 +111,14 @@ impl Connection {
             }
             Err(PushError::Closed) => false,
         }
+    }
+
+    /// Queues the end of a replay page behind its frames. It goes in even when the page filled
+    /// the queue to the brim: it is one small item per page, and a connection asks for its next
+    /// page only after taking this one, so there is at most one (or one per page sent twice).
+    pub(crate) fn end_page(&self, end: PageEnd) {
+        // Closed: the session has ended, and its replay with it.
+        let _ = self.outbox.push_past_capacity(Outbound::PageEnd(end));
     }
 
     /// Asks the session to close with `code`; the first reason given wins.

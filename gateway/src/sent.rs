@@ -4,9 +4,13 @@
 //! only once, so no frame a client makes up can move a receipt, and no flood of repeats reaches
 //! the store. Owned by the session task; no locks.
 //!
+//! It also keeps a connection from being written the same notification twice: a second copy
+//! (the message routed live and found by the connection's replay as well) is left out, unless
+//! the ack-timeout sweep sent it again ([`SentSet::repeats`]).
+//!
 //! Bounded: past [`SENT_REMEMBERED`] the oldest entry is forgotten. An ack of a forgotten
 //! notification is ignored, so its receipt stays pending and it is sent again after the ack
-//! timeout: forgetting costs a resend, never a false receipt.
+//! timeout: forgetting costs a resend (or a duplicate), never a false receipt.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -51,6 +55,8 @@ pub(crate) struct SentSet {
     entries: HashMap<Arc<str>, Entry, foldhash::fast::RandomState>,
     /// Ids in the order first sent; always the same ids as `entries`.
     order: VecDeque<Arc<str>>,
+    /// Entries not acked yet.
+    unacked: usize,
 }
 
 impl SentSet {
@@ -62,11 +68,28 @@ impl SentSet {
         }
         if self.order.len() >= SENT_REMEMBERED {
             if let Some(oldest) = self.order.pop_front() {
-                self.entries.remove(&oldest);
+                if self.entries.remove(&oldest).is_some_and(|e| !e.acked) {
+                    self.unacked -= 1;
+                }
             }
         }
         self.order.push_back(Arc::clone(&sent.id));
         self.entries.insert(Arc::clone(&sent.id), Entry { sent, acked: false, read: false });
+        self.unacked += 1;
+    }
+
+    /// Notifications written and not acked (of those remembered): what a replay waits for
+    /// before it asks for more than the set can hold.
+    pub(crate) fn awaiting_ack(&self) -> usize {
+        self.unacked
+    }
+
+    /// Whether writing `sent` would repeat a notification this connection was sent already,
+    /// with nobody asking for it again: a live copy and a replay copy of the same message, or
+    /// two replays. Only a resend (the ack timeout passed) goes out twice; an ack given for the
+    /// first copy holds for both, and one not yet given is what the resend is for.
+    pub(crate) fn repeats(&self, sent: &Sent) -> bool {
+        !sent.resend && self.entries.contains_key(&sent.id)
     }
 
     pub(crate) fn ack(&mut self, id: &str) -> Acked {
@@ -75,6 +98,7 @@ impl SentSet {
             Some(entry) if entry.acked => Acked::Again,
             Some(entry) => {
                 entry.acked = true;
+                self.unacked -= 1;
                 Acked::First(Arc::clone(&entry.sent))
             }
         }
@@ -87,6 +111,9 @@ impl SentSet {
             Some(entry) => {
                 entry.read = true;
                 let first_ack = (!entry.acked).then(|| Arc::clone(&entry.sent));
+                if !entry.acked {
+                    self.unacked -= 1;
+                }
                 entry.acked = true;
                 Read::First { first_ack }
             }
@@ -109,7 +136,40 @@ mod tests {
     use super::*;
 
     fn sent(id: &str) -> Arc<Sent> {
-        Arc::new(Sent { id: id.into(), published_at_ms: 0, expires_at_ms: u64::MAX, replay: false, traceparent: None })
+        Arc::new(Sent {
+            id: id.into(),
+            published_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            replay: false,
+            resend: false,
+            traceparent: None,
+        })
+    }
+
+    fn resent(id: &str) -> Arc<Sent> {
+        Arc::new(Sent { resend: true, ..(*sent(id)).clone() })
+    }
+
+    #[test]
+    fn a_second_copy_is_left_out_unless_it_is_a_resend() {
+        let mut set = SentSet::default();
+        assert!(!set.repeats(&sent("m1")), "never sent: goes out");
+        set.record(sent("m1"));
+        assert!(set.repeats(&sent("m1")), "sent, not acked: a live and a replay copy go out once");
+        assert!(!set.repeats(&resent("m1")), "the ack timeout asked for it again");
+        assert!(matches!(set.ack("m1"), Acked::First(_)));
+        assert!(set.repeats(&sent("m1")), "acked here: no second copy either");
+        assert!(!set.repeats(&sent("m2")));
+    }
+
+    #[test]
+    fn a_forgotten_notification_may_go_out_again() {
+        let mut set = SentSet::default();
+        for i in 0..=SENT_REMEMBERED {
+            set.record(sent(&format!("m{i}")));
+        }
+        assert!(!set.repeats(&sent("m0")), "forgotten: a duplicate, never a loss");
+        assert!(set.repeats(&sent(&format!("m{SENT_REMEMBERED}"))));
     }
 
     #[test]
@@ -136,6 +196,26 @@ mod tests {
         assert_eq!(set.read("m2"), Read::First { first_ack: None });
         assert_eq!(set.read("m2"), Read::Again);
         assert_eq!(set.read("elsewhere"), Read::NotSent);
+    }
+
+    #[test]
+    fn what_awaits_an_ack_is_counted() {
+        let mut set = SentSet::default();
+        for i in 0..5 {
+            set.record(sent(&format!("m{i}")));
+        }
+        set.record(sent("m0"));
+        assert_eq!(set.awaiting_ack(), 5, "a resend is not counted twice");
+        set.ack("m0");
+        set.ack("m0");
+        let _ = set.read("m1");
+        let _ = set.read("elsewhere");
+        assert_eq!(set.awaiting_ack(), 3);
+        for i in 5..SENT_REMEMBERED + 3 {
+            set.record(sent(&format!("m{i}")));
+        }
+        // m0 and m1 (acked) and m2 (not) were forgotten; all the others await an ack.
+        assert_eq!(set.awaiting_ack(), SENT_REMEMBERED);
     }
 
     #[test]

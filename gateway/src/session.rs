@@ -1,5 +1,6 @@
 //! One client connection from upgrade to close: the hello, outbound frames from the registry
-//! queue, inbound acks, keep-alive, limits, and the close code that explains every ending.
+//! queue, inbound acks, keep-alive, limits, the pace of its replay (when to ask for the next
+//! page), and the close code that explains every ending.
 //!
 //! A session is one task that both reads and writes its socket, so an idle connection costs one
 //! task, one bounded queue and the socket's small buffers. What the client acks goes to the ack
@@ -13,21 +14,24 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{FutureExt, SinkExt, StreamExt};
 use herald_proto::client::MAX_IDS_PER_FRAME;
 use herald_proto::{
-    close, AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, GatewayId, Hello, MessageId, ServerFrame,
+    close, AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, GatewayId, Hello, MessageId, More, ServerFrame,
 };
 use herald_shared::metrics::seconds_since;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::Outgoing;
 use crate::auth::Identity;
 use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
-use crate::registry::{Admission, Connection, Registry, Sent};
-use crate::sent::{Acked, Read, SentSet};
+use crate::registry::{Admission, Connection, Outbound, Registry, Sent};
+use crate::replay::ReplayCursor;
+use crate::sent::{Acked, Read, SentSet, SENT_REMEMBERED};
 
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;
-/// How long a closing handshake may take before the socket is simply dropped.
+/// How long each step of a closing handshake (our frames out, the client's close in) may take
+/// before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Frames of one write batch, for the metrics.
@@ -39,11 +43,13 @@ struct Written {
     replayed: u64,
     /// Queued notifications not written because they expired while queued.
     expired: u64,
+    /// Queued notifications not written because this connection was sent them already.
+    repeats: u64,
 }
 
 impl Written {
     fn now() -> Self {
-        Self { at_ms: herald_shared::now_ms(), frames: 0, delivered: 0, replayed: 0, expired: 0 }
+        Self { at_ms: herald_shared::now_ms(), frames: 0, delivered: 0, replayed: 0, expired: 0, repeats: 0 }
     }
 }
 
@@ -52,7 +58,8 @@ pub(crate) struct SessionContext {
     pub(crate) gateway_id: GatewayId,
     pub(crate) registry: Arc<Registry>,
     pub(crate) presence: PresenceHandle,
-    pub(crate) acks: mpsc::Sender<AckRecord>,
+    /// Acks and replay page requests, to the publisher task (see [`crate::acks`]).
+    pub(crate) acks: mpsc::Sender<Outgoing>,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) outbound_queue: usize,
     pub(crate) max_frame_bytes: usize,
@@ -117,6 +124,7 @@ pub(crate) async fn run(
         identity: &identity,
         sent: SentSet::default(),
         ack_ids: RateLimiter::new(ctx.ack_ids_per_sec),
+        replay: ReplayCursor::new(Instant::now()),
     };
     // However the session ends, a panic included, the connection leaves the registry and
     // presence below: a session that died must not hold its user's slot or attract routing.
@@ -153,6 +161,8 @@ struct Session<'a> {
     sent: SentSet,
     /// Ids acked or read per second (see [`SessionContext::ack_ids_per_sec`]).
     ack_ids: RateLimiter,
+    /// How far this connection's replay has got, and when to ask for its next page.
+    replay: ReplayCursor,
 }
 
 impl Session<'_> {
@@ -196,12 +206,24 @@ impl Session<'_> {
                         let mut next = Some(first);
                         let mut tally = Written::now();
                         while let Some(outbound) = next.take() {
-                            // Never past the expiry: what a client is sent, it got in time.
-                            if outbound.sent.as_ref().is_some_and(|s| s.expires_at_ms <= tally.at_ms) {
-                                tally.expired += 1;
-                            } else {
-                                socket.feed(Message::Text(outbound.frame)).await?;
-                                self.written(outbound.sent, &mut tally);
+                            let (frame, sent) = match outbound {
+                                Outbound::Frame { frame, sent } => (frame, sent),
+                                // The page has left the queue; the next may be asked for below.
+                                Outbound::PageEnd(end) => {
+                                    self.replay.page_end(end);
+                                    next = conn.outbox.try_pop();
+                                    continue;
+                                }
+                            };
+                            match sent.as_deref() {
+                                // Never past the expiry: what a client is sent, it got in time.
+                                Some(s) if s.expires_at_ms <= tally.at_ms => tally.expired += 1,
+                                // Sent here already (live and in the replay): once is enough.
+                                Some(s) if self.sent.repeats(s) => tally.repeats += 1,
+                                _ => {
+                                    socket.feed(Message::Text(frame)).await?;
+                                    self.written(sent, &mut tally);
+                                }
                             }
                             if tally.frames < WRITE_BATCH {
                                 next = conn.outbox.try_pop();
@@ -216,8 +238,9 @@ impl Session<'_> {
                     // must not keep its user's slot and presence until TCP gives up. The goodbye
                     // (error frame, close code) then follows what is already buffered, for a
                     // client that reads again within the closing handshake.
+                    let blocked = {
                     tokio::pin!(write);
-                    let blocked = loop {
+                    loop {
                         tokio::select! {
                             result = &mut write => break result.err().map(|_| None),
                             _ = conn.kicked().cancelled() => {
@@ -231,8 +254,12 @@ impl Session<'_> {
                                 }
                             }
                         }
+                    }
                     };
                     if let Some(ending) = blocked {
+                        break ending;
+                    }
+                    if let Err(ending) = self.ask_for_more().await {
                         break ending;
                     }
                 }
@@ -246,6 +273,10 @@ impl Session<'_> {
                                 break Some(RATE_LIMITED);
                             }
                             if let Err(ending) = self.on_message(message).await {
+                                break ending;
+                            }
+                            // An ack may have made room for the next page.
+                            if let Err(ending) = self.ask_for_more().await {
                                 break ending;
                             }
                         }
@@ -262,22 +293,17 @@ impl Session<'_> {
                         Ok(Err(_)) => break None,
                         Err(_) => break Some(HEARTBEAT),
                     }
+                    // A page asked for a heartbeat ago and not come was lost: ask again.
+                    if let Some(after_seq) = self.replay.retry(Instant::now(), self.ctx.heartbeat_interval) {
+                        self.ctx.metrics.replay_requests.with_label_values(&["retry"]).inc();
+                        if let Err(ending) = self.request_page(after_seq).await {
+                            break ending;
+                        }
+                    }
                 }
             }
         };
-        if let Some(ending) = ending {
-            let goodbye = async {
-                if let Some(code) = ending.error {
-                    let frame = ServerFrame::Error { code, message: ending.reason.to_owned() };
-                    if let Ok(text) = serde_json::to_string(&frame) {
-                        socket.feed(Message::Text(text.into())).await?;
-                    }
-                }
-                let frame = CloseFrame { code: ending.code, reason: Utf8Bytes::from_static(ending.reason) };
-                socket.send(Message::Close(Some(frame))).await
-            };
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
-        }
+        goodbye(&mut socket, ending).await;
         ending
     }
 
@@ -301,6 +327,7 @@ impl Session<'_> {
         let metrics = &self.ctx.metrics;
         metrics.frames_out.inc_by(tally.frames as u64);
         metrics.notifications_expired.inc_by(tally.expired);
+        metrics.notifications_repeated.inc_by(tally.repeats);
         for (path, n) in [("deliver", tally.delivered), ("replay", tally.replayed)] {
             if n > 0 {
                 metrics.notifications_sent.with_label_values(&[path]).inc_by(n);
@@ -346,11 +373,37 @@ impl Session<'_> {
         metrics.frames_in.with_label_values(&[if kind == AckKind::Read { "read" } else { "ack" }]).inc();
         metrics.acks_received.with_label_values(&[kind_label]).inc_by(ids.len() as u64);
         let Some(record) = self.record(kind, ids) else { return Ok(()) };
-        // The queue is large; waiting when it is full slows this client rather than losing acks.
-        match self.ctx.acks.try_send(record) {
+        self.tell_dispatchers(Outgoing::Ack(record)).await
+    }
+
+    /// Asks for the next page of this connection's replay when [`ReplayCursor`] says it is
+    /// time: the last page has left the queue, and the unacked notifications leave room.
+    async fn ask_for_more(&mut self) -> Result<(), Option<Ending>> {
+        let Some(after_seq) = self.replay.next(self.sent.awaiting_ack(), SENT_REMEMBERED, Instant::now()) else {
+            return Ok(());
+        };
+        self.ctx.metrics.replay_requests.with_label_values(&["next"]).inc();
+        self.request_page(after_seq).await
+    }
+
+    async fn request_page(&self, after_seq: u64) -> Result<(), Option<Ending>> {
+        let more = More {
+            user: self.conn.user.clone(),
+            connection_id: self.conn.id.clone(),
+            gateway_id: self.ctx.gateway_id.clone(),
+            after_seq,
+            at_ms: herald_shared::now_ms(),
+        };
+        self.tell_dispatchers(Outgoing::More(more)).await
+    }
+
+    /// Queues an ack or a page request for the dispatchers. The queue is large; waiting when it
+    /// is full slows this client rather than losing what it said.
+    async fn tell_dispatchers(&self, item: Outgoing) -> Result<(), Option<Ending>> {
+        match self.ctx.acks.try_send(item) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(record)) => {
-                self.ctx.acks.send(record).await.map_err(|_| Some(SHUTTING_DOWN))
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.ctx.acks.send(item).await.map_err(|_| Some(SHUTTING_DOWN))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Some(SHUTTING_DOWN)),
         }
@@ -415,6 +468,45 @@ impl Session<'_> {
         }
         traceparent
     }
+}
+
+/// Ends the connection as `ending` says: the error frame and the close frame, then the rest of
+/// the closing handshake, each step bounded by [`CLOSE_TIMEOUT`]. The handshake matters: a
+/// socket closed while the client's frames still sit unread in its receive buffer is reset by
+/// the kernel (which also drops whatever of our last frames it had not sent yet). The client's
+/// next send then fails with a broken pipe, and a client library that gives up on that
+/// (browsers do) reports 1006 without reading the error frame or the close code. So the gateway
+/// reads on, discarding, until the client's close frame (or the end, or the bound) before it
+/// drops the socket. With no ending of its own (the client closed, or went away), it only
+/// flushes the reply to a client's close frame.
+async fn goodbye(socket: &mut WebSocket, ending: Option<Ending>) {
+    let Some(ending) = ending else {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+        return;
+    };
+    let send = async {
+        if let Some(code) = ending.error {
+            let frame = ServerFrame::Error { code, message: ending.reason.to_owned() };
+            if let Ok(text) = serde_json::to_string(&frame) {
+                socket.feed(Message::Text(text.into())).await?;
+            }
+        }
+        let frame = CloseFrame { code: ending.code, reason: Utf8Bytes::from_static(ending.reason) };
+        socket.send(Message::Close(Some(frame))).await
+    };
+    if !matches!(tokio::time::timeout(CLOSE_TIMEOUT, send).await, Ok(Ok(()))) {
+        return;
+    }
+    let drain = async {
+        // After our close frame, tungstenite still hands over what the client sent before its
+        // own; its close frame completes the handshake.
+        while let Some(Ok(message)) = socket.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
 }
 
 /// Maps a read error to an ending: oversized frames get 1009, anything else means the socket

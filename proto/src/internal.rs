@@ -14,7 +14,7 @@ use crate::UnixMillis;
 pub enum GatewayCommand {
     /// New messages, each for every local connection of the listed users.
     Deliver(Vec<Routed>),
-    /// Pending messages for one connection that just came online, oldest first.
+    /// A page of pending messages for one connection that came online, oldest first.
     Replay(Replay),
 }
 
@@ -27,13 +27,24 @@ pub struct Routed {
     /// W3C trace context of the dispatcher's routing span, when traces are exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Sent again because the ack timeout passed without an ack. A gateway writes a notification
+    /// to a connection that was sent it already only when this is set: any other second copy
+    /// (the same message live and in a replay) is a duplicate it leaves out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resend: bool,
 }
 
+/// One page of a connection's replay: the user's oldest pending messages after where the
+/// previous page ended, in `seq` order, bounded in count and bytes (one command).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Replay {
     pub user: UserId,
     pub connection_id: ConnectionId,
     pub notifications: Vec<Notification>,
+    /// More of the backlog follows, after this `seq`: the gateway asks for it ([`Event::More`])
+    /// once the connection has taken this page. Absent on the page that ends the backlog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub more_after_seq: Option<u64>,
 }
 
 /// Gateway → dispatchers, on the durable events stream (`herald.events.>`).
@@ -44,6 +55,8 @@ pub enum Event {
     Acks(Vec<AckRecord>),
     /// A connection was registered in presence and wants its pending messages.
     Online(Online),
+    /// A connection took a replay page that said more follows, and wants the next one.
+    More(More),
 }
 
 /// What one client frame acknowledged. The user comes from the connection's token, never from
@@ -73,5 +86,16 @@ pub struct Online {
     pub user: UserId,
     pub connection_id: ConnectionId,
     pub gateway_id: GatewayId,
+    pub at_ms: UnixMillis,
+}
+
+/// The next page of one connection's replay: the user's pending messages after `after_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct More {
+    pub user: UserId,
+    pub connection_id: ConnectionId,
+    pub gateway_id: GatewayId,
+    /// The `more_after_seq` of the page the connection took.
+    pub after_seq: u64,
     pub at_ms: UnixMillis,
 }

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use herald_proto::{
-    AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, Event, GatewayCommand, GatewayId, Hello, MessageId,
+    AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, Event, GatewayCommand, GatewayId, Hello, MessageId, More,
     Notification, Online, PublishJob, RejectCode, Rejection, Replay, Routed, ServerFrame, UserId,
 };
 use proptest::prelude::*;
@@ -136,17 +136,17 @@ fn rejection() -> impl Strategy<Value = Rejection> {
 
 fn gateway_command() -> impl Strategy<Value = GatewayCommand> {
     let traceparent = prop::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01");
-    let routed = (prop::collection::vec(user_id(), 0..8), notification(), traceparent)
-        .prop_map(|(users, notification, traceparent)| Routed { users, notification, traceparent });
+    let routed = (prop::collection::vec(user_id(), 0..8), notification(), traceparent, any::<bool>())
+        .prop_map(|(users, notification, traceparent, resend)| Routed { users, notification, traceparent, resend });
     prop_oneof![
         prop::collection::vec(routed, 0..4).prop_map(GatewayCommand::Deliver),
-        (user_id(), connection_id(), prop::collection::vec(notification(), 0..4)).prop_map(
-            |(user, connection_id, notifications)| GatewayCommand::Replay(Replay {
+        (user_id(), connection_id(), prop::collection::vec(notification(), 0..4), prop::option::of(any::<u64>()))
+            .prop_map(|(user, connection_id, notifications, more_after_seq)| GatewayCommand::Replay(Replay {
                 user,
                 connection_id,
-                notifications
-            })
-        ),
+                notifications,
+                more_after_seq,
+            })),
     ]
 }
 
@@ -170,6 +170,11 @@ fn event() -> impl Strategy<Value = Event> {
         (user_id(), connection_id(), gateway_id(), any::<u64>()).prop_map(
             |(user, connection_id, gateway_id, at_ms)| {
                 Event::Online(Online { user, connection_id, gateway_id, at_ms })
+            }
+        ),
+        (user_id(), connection_id(), gateway_id(), any::<u64>(), any::<u64>()).prop_map(
+            |(user, connection_id, gateway_id, after_seq, at_ms)| {
+                Event::More(More { user, connection_id, gateway_id, after_seq, at_ms })
             }
         ),
     ]

@@ -95,12 +95,17 @@ const GOLDEN: &[(&str, RoundTrip)] = &[
     }),
     ("gateway_deliver.json", |t| {
         let c: GatewayCommand = decode(t);
-        assert!(matches!(c, GatewayCommand::Deliver(_)), "{c:?}");
+        assert!(matches!(&c, GatewayCommand::Deliver(items) if !items.iter().any(|r| r.resend)), "{c:?}");
+        encode(&c)
+    }),
+    ("gateway_resend.json", |t| {
+        let c: GatewayCommand = decode(t);
+        assert!(matches!(&c, GatewayCommand::Deliver(items) if items.iter().all(|r| r.resend)), "{c:?}");
         encode(&c)
     }),
     ("gateway_replay.json", |t| {
         let c: GatewayCommand = decode(t);
-        assert!(matches!(c, GatewayCommand::Replay(_)), "{c:?}");
+        assert!(matches!(&c, GatewayCommand::Replay(r) if r.more_after_seq.is_some()), "{c:?}");
         encode(&c)
     }),
     ("event_acks.json", |t| {
@@ -111,6 +116,11 @@ const GOLDEN: &[(&str, RoundTrip)] = &[
     ("event_online.json", |t| {
         let e: Event = decode(t);
         assert!(matches!(e, Event::Online(_)), "{e:?}");
+        encode(&e)
+    }),
+    ("event_more.json", |t| {
+        let e: Event = decode(t);
+        assert!(matches!(e, Event::More(_)), "{e:?}");
         encode(&e)
     }),
 ];

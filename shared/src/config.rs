@@ -139,6 +139,10 @@ pub struct DispatcherConfig {
     pub max_ttl: Duration,
     /// A message sent to a connected client and not acked within this is sent again.
     pub ack_timeout: Duration,
+    /// Most pending messages in one page of a connection's replay (also bounded to one gateway
+    /// command, 768 KiB). The next page follows once the connection has taken this one, so
+    /// keep it well below the gateways' `HERALD_OUTBOUND_QUEUE`: live messages share the queue.
+    pub replay_page: usize,
     /// JetStream ack wait of the dispatchers' consumers: how long jobs and events pulled by a
     /// dispatcher that died wait before another dispatcher gets them. Applies when the durable
     /// consumer is created.
@@ -167,6 +171,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
 
 /// Shortest HTTP timeout accepted: below it, ordinary clients on a slow network would be cut off.
 const MIN_HTTP_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Largest replay page: a gateway remembers the last 1024 notifications it wrote to a connection
+/// and asks for a page only when the connection's unacked ones leave room for one.
+pub const MAX_REPLAY_PAGE: usize = 1000;
 
 /// Longest batching linger: beyond it, latency is lost for no fewer round trips.
 const MAX_LINGER: Duration = Duration::from_secs(1);
@@ -277,10 +285,14 @@ impl CommonConfig {
         if !is_token(&prefix) {
             env.invalid(format!("HERALD_PREFIX: {prefix:?} must be 1-64 of [A-Za-z0-9_-]"));
         }
+        let nats_url = env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222");
+        if let Err(e) = crate::connect::nats_seeds(&nats_url) {
+            env.invalid(format!("HERALD_NATS_URL: {e}"));
+        }
         Self {
             prefix,
             redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
-            nats_url: env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222"),
+            nats_url,
             jetstream_replicas: env.parse("HERALD_JETSTREAM_REPLICAS", 1),
             http: HttpConfig::from_env(env),
             clock: crate::Clock::system(),
@@ -382,6 +394,7 @@ impl DispatcherConfig {
             default_ttl: env.secs("HERALD_DEFAULT_TTL_SECS", 86_400),
             max_ttl: env.secs("HERALD_MAX_TTL_SECS", 30 * 86_400),
             ack_timeout: env.millis("HERALD_ACK_TIMEOUT_MS", 30_000),
+            replay_page: env.parse("HERALD_REPLAY_PAGE", 256),
             ack_wait: env.millis("HERALD_JETSTREAM_ACK_WAIT_MS", 30_000),
             sweep_interval: env.millis("HERALD_SWEEP_INTERVAL_MS", 5_000),
             job_batch: env.parse("HERALD_JOB_BATCH", 256),
@@ -402,6 +415,9 @@ impl DispatcherConfig {
         }
         if config.sweep_interval.is_zero() || config.ack_timeout.is_zero() {
             env.invalid("HERALD_SWEEP_INTERVAL_MS and HERALD_ACK_TIMEOUT_MS must be positive");
+        }
+        if !(1..=MAX_REPLAY_PAGE).contains(&config.replay_page) {
+            env.invalid(format!("HERALD_REPLAY_PAGE: must be 1 to {MAX_REPLAY_PAGE}"));
         }
         if config.ack_wait < Duration::from_secs(1) {
             env.invalid("HERALD_JETSTREAM_ACK_WAIT_MS: must be at least 1000");
@@ -498,6 +514,7 @@ mod tests {
         let c = DispatcherConfig::from_env(&mut e);
         let c = e.finish(c).unwrap();
         assert_eq!((c.job_linger, c.event_linger), (Duration::from_millis(20), Duration::from_millis(50)));
+        assert_eq!(c.replay_page, 256);
         let mut e =
             env(&[("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"), ("HERALD_EVENT_LINGER_MS", "5000")]);
         let c = DispatcherConfig::from_env(&mut e);
@@ -509,6 +526,15 @@ mod tests {
         let mut e = env(&[("HERALD_ADMIN_TOKEN", "short")]);
         let c = DispatcherConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_ADMIN_TOKEN: must be at least 16 bytes"));
+    }
+
+    #[test]
+    fn a_replay_page_is_bounded() {
+        for bad in ["0", "1001"] {
+            let mut e = env(&[("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"), ("HERALD_REPLAY_PAGE", bad)]);
+            let c = DispatcherConfig::from_env(&mut e);
+            assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_REPLAY_PAGE"), "{bad}");
+        }
     }
 
     #[test]

@@ -40,6 +40,19 @@ pub enum NatsError {
     Connect(#[from] async_nats::ConnectError),
     #[error("jetstream: {0}")]
     JetStream(#[from] async_nats::jetstream::context::AccountError),
+    #[error("not a NATS server address: {0}")]
+    Address(String),
+}
+
+/// The servers of `HERALD_NATS_URL`: one URL, or a comma-separated seed list of a cluster's
+/// nodes. The client learns the rest of the cluster from any one of them, and reconnects to
+/// another when the one it uses goes away.
+pub fn nats_seeds(url: &str) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
+    let seeds: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if seeds.is_empty() {
+        return Err(NatsError::Address(url.to_owned()));
+    }
+    seeds.into_iter().map(|s| s.parse().map_err(|_| NatsError::Address(s.to_owned()))).collect()
 }
 
 /// How waiting for a dependency ended, when it did not answer.
@@ -126,7 +139,7 @@ pub async fn nats(url: &str, name: &str) -> Result<async_nats::Client, ConnectEr
                     }
                 }
             })
-            .connect(url)
+            .connect(nats_seeds(url)?)
             .await
             .map_err(NatsError::from)?;
         // A server that has just started serves clients before JetStream has recovered its store.
@@ -162,6 +175,15 @@ pub async fn mongo(uri: &str, database: &str) -> Result<mongodb::Database, Conne
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seed_list_names_every_node_and_nothing_else_passes() {
+        let seeds = nats_seeds("nats://127.0.0.1:4222, nats://10.0.0.2:4222,").unwrap();
+        assert_eq!(seeds.len(), 2);
+        assert_eq!(nats_seeds("nats://h:1").unwrap().len(), 1);
+        assert!(matches!(nats_seeds(" , "), Err(NatsError::Address(_))));
+        assert!(matches!(nats_seeds("nats://h:1,http://[::1"), Err(NatsError::Address(a)) if a == "http://[::1"));
+    }
 
     /// Start-up against a port nothing listens on: refused at once, and retried rather than
     /// reported (the end-to-end tests start a gateway before its Redis and NATS).

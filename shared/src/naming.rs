@@ -52,7 +52,8 @@ impl Names {
 
     // --- JetStream: events from gateways -----------------------------------------------------
 
-    /// Stream holding client acks and online announcements until a dispatcher has applied them.
+    /// Stream holding client acks, online announcements and replay page requests until a
+    /// dispatcher has applied them.
     pub fn events_stream(&self) -> String {
         format!("{}_EVENTS", self.stream_prefix)
     }
@@ -67,6 +68,11 @@ impl Names {
 
     pub fn online_events_subject(&self, gateway_id: &str) -> String {
         format!("{}.events.online.{gateway_id}", self.prefix)
+    }
+
+    /// Where a gateway asks for the next page of a connection's replay.
+    pub fn more_events_subject(&self, gateway_id: &str) -> String {
+        format!("{}.events.more.{gateway_id}", self.prefix)
     }
 
     pub fn events_consumer(&self) -> &'static str {
@@ -135,5 +141,6 @@ mod tests {
         assert_eq!(n.presence_key("alice"), "t-1:presence:alice");
         assert_eq!(n.gateway_key("gw-a"), "t-1:gateway:gw-a");
         assert!(n.ack_events_subject("g").starts_with("t-1.events."));
+        assert!(n.more_events_subject("g").starts_with("t-1.events."));
     }
 }

@@ -40,6 +40,8 @@ pub struct Options {
     pub shutdown_delay: Duration,
     /// JetStream ack wait of the dispatchers' consumers (how long a dead dispatcher's jobs wait).
     pub ack_wait: Duration,
+    /// Most pending messages per replay page (`HERALD_REPLAY_PAGE`).
+    pub replay_page: usize,
     /// Where process-mode gateways and dispatchers export traces (`OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub otlp_endpoint: Option<String>,
 }
@@ -55,6 +57,7 @@ impl Default for Options {
             drain_grace: Duration::from_secs(3),
             shutdown_delay: Duration::ZERO,
             ack_wait: Duration::from_secs(30),
+            replay_page: 256,
             otlp_endpoint: None,
         }
     }
@@ -94,6 +97,7 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
         default_ttl: Duration::from_secs(3600),
         max_ttl: Duration::from_secs(86_400),
         ack_timeout: options.ack_timeout,
+        replay_page: options.replay_page,
         ack_wait: options.ack_wait,
         sweep_interval: options.sweep_interval,
         job_batch: 256,
@@ -181,9 +185,13 @@ pub struct Cluster {
 impl Cluster {
     pub async fn new(stack: Stack, options: Options) -> anyhow::Result<Self> {
         crate::init_test_logging();
-        let nats = async_nats::connect(stack.nats.url()).await?;
+        // Reconnects to any node while the nemesis of a chaos run kills others.
+        let nats = async_nats::ConnectOptions::new()
+            .max_reconnects(None)
+            .connect(herald_shared::connect::nats_seeds(&stack.nats.url())?)
+            .await?;
         let js = jetstream::new(nats.clone());
-        herald_shared::streams::ensure(&js, &stack.names(), 1).await?;
+        herald_shared::streams::ensure(&js, &stack.names(), stack.common_config().jetstream_replicas).await?;
         // Assertions read Mongo directly, not through the proxy a test may cut.
         let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
         Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
@@ -333,6 +341,7 @@ impl Cluster {
             ("HERALD_MONGODB_DATABASE", config.mongodb_database.clone()),
             ("HERALD_ADMIN_TOKEN", config.admin_token.clone()),
             ("HERALD_ACK_TIMEOUT_MS", config.ack_timeout.as_millis().to_string()),
+            ("HERALD_REPLAY_PAGE", config.replay_page.to_string()),
             ("HERALD_JETSTREAM_ACK_WAIT_MS", config.ack_wait.as_millis().to_string()),
             ("HERALD_SWEEP_INTERVAL_MS", config.sweep_interval.as_millis().to_string()),
             ("HERALD_DEFAULT_TTL_SECS", config.default_ttl.as_secs().to_string()),
@@ -370,6 +379,7 @@ impl Cluster {
             .env("HERALD_PREFIX", &common.prefix)
             .env("HERALD_REDIS_URL", &common.redis_url)
             .env("HERALD_NATS_URL", &common.nats_url)
+            .env("HERALD_JETSTREAM_REPLICAS", common.jetstream_replicas.to_string())
             .env("HERALD_LOG", log)
             // Tests connect their clients from one address, quickly: as in `Stack::common_config`,
             // no per-address connect rate unless a test sets one.
@@ -534,6 +544,20 @@ impl Cluster {
         let client = fred::types::Builder::from_config(config).build()?;
         client.init().await?;
         Ok(client)
+    }
+
+    /// Waits until every job published so far has been handled: stored, routed and acked (the
+    /// dispatcher acks a job only after handing its deliveries to NATS).
+    pub async fn wait_jobs_handled(&self) -> anyhow::Result<()> {
+        crate::eventually(Duration::from_secs(15), Duration::from_millis(20), || async {
+            let info = self.jobs_consumer_info().await.map_err(|e| e.to_string())?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                Ok(())
+            } else {
+                Err(format!("{} jobs waiting, {} unacked", info.num_pending, info.num_ack_pending))
+            }
+        })
+        .await
     }
 
     /// The jobs stream's durable consumer, as JetStream reports it.

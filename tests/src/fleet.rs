@@ -8,7 +8,7 @@
 //! Owns the client tasks and the publisher task (both end on drop). What to break, and when, is
 //! left to the tests.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,6 +35,10 @@ const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Ids per ack frame: the README's browser client batches 100.
 const ACK_BATCH: usize = 100;
+/// How far from a message's expiry the checker looks for a moment its user had no connection,
+/// to allow an `expired` receipt: the expiry sweep's interval, and the clock steps of a chaos
+/// run (at most 20 s), either side.
+const EXPIRY_SLACK: Duration = Duration::from_secs(25);
 /// Close code recorded when a connection ends without a close frame.
 pub const ABNORMAL: u16 = 1006;
 
@@ -53,6 +57,40 @@ pub struct UserLog {
     pub late: Vec<String>,
     /// The gateway holding the current connection, if any.
     pub gateway_id: Option<String>,
+    /// Message ids this client sent an ack for (the frame was written).
+    pub acked: HashSet<String>,
+    /// Message id → the payload first received with it (raw JSON).
+    pub payloads: HashMap<String, String>,
+    /// Message ids that came again with another payload than the first time.
+    pub changed: Vec<String>,
+    /// When each connection had its `hello`, and when it ended (None: still open).
+    pub connected: Vec<(Instant, Option<Instant>)>,
+}
+
+impl UserLog {
+    /// Whether a connection of this user was open at some moment within `from..=to`.
+    pub fn connected_within(&self, from: Instant, to: Instant) -> bool {
+        self.connected.iter().any(|(start, end)| *start <= to && end.is_none_or(|end| end >= from))
+    }
+
+    /// Whether no connection of this user was open at some moment within `from..=to`.
+    pub fn disconnected_within(&self, from: Instant, to: Instant) -> bool {
+        let mut spans: Vec<(Instant, Option<Instant>)> =
+            self.connected.iter().copied().filter(|(s, e)| *s <= to && e.is_none_or(|e| e >= from)).collect();
+        spans.sort_by_key(|(s, _)| *s);
+        // Covered from `from` to `to` without a gap?
+        let mut covered_to = from;
+        for (start, end) in spans {
+            if start > covered_to {
+                return true;
+            }
+            match end {
+                None => return false,
+                Some(end) => covered_to = covered_to.max(end),
+            }
+        }
+        covered_to < to
+    }
 }
 
 struct Shared {
@@ -61,14 +99,18 @@ struct Shared {
     logs: Mutex<BTreeMap<String, UserLog>>,
     /// Notifications received, all users: for "is it still flowing" checks.
     notifications: AtomicUsize,
+    /// Users whose client neither reads nor writes until then: a stalled network.
+    stalls: Mutex<HashMap<String, Instant>>,
 }
 
 /// A set of users, one client each. Add users with [`Fleet::connect`]; every client runs until
 /// the fleet is dropped or [`Fleet::disconnect`] removes it.
 pub struct Fleet {
     shared: Arc<Shared>,
-    /// Per user: the token that stops its client task.
-    stops: Mutex<HashMap<String, CancellationToken>>,
+    /// Per user: the tokens that stop its clients' tasks (one per device).
+    stops: Mutex<HashMap<String, Vec<CancellationToken>>>,
+    /// Clients started, for spreading them over the gateways.
+    started: AtomicUsize,
     /// Owns every client task; aborted on drop.
     tasks: Mutex<JoinSet<()>>,
 }
@@ -80,8 +122,10 @@ impl Fleet {
                 gateways: RwLock::new(gateways),
                 logs: Mutex::default(),
                 notifications: AtomicUsize::new(0),
+                stalls: Mutex::default(),
             }),
             stops: Mutex::default(),
+            started: AtomicUsize::new(0),
             tasks: Mutex::new(JoinSet::new()),
         }
     }
@@ -94,12 +138,19 @@ impl Fleet {
     /// Starts a client for each user (the first gateway tried varies by user, so a fleet spreads
     /// evenly), and waits until all have received `hello` or `within` has passed.
     pub async fn connect(&self, users: &[String], within: Duration) -> anyhow::Result<()> {
-        let offset = self.stops.lock().unwrap().len();
-        for (i, user) in users.iter().enumerate() {
+        self.connect_as(users, Behaviour::default(), within).await
+    }
+
+    /// As [`Fleet::connect`], with clients that behave as `behaviour` says. Connecting a user
+    /// again adds a device: another client of the same user (on the next gateway), sharing its
+    /// log.
+    pub async fn connect_as(&self, users: &[String], behaviour: Behaviour, within: Duration) -> anyhow::Result<()> {
+        for user in users {
             let stop = CancellationToken::new();
-            self.stops.lock().unwrap().insert(user.clone(), stop.clone());
+            self.stops.lock().unwrap().entry(user.clone()).or_default().push(stop.clone());
             self.shared.logs.lock().unwrap().entry(user.clone()).or_default();
-            let client = UserClient { user: user.clone(), shared: Arc::clone(&self.shared), next: offset + i, stop };
+            let next = self.started.fetch_add(1, Ordering::SeqCst);
+            let client = UserClient { user: user.clone(), shared: Arc::clone(&self.shared), next, stop, behaviour };
             self.tasks.lock().unwrap().spawn(client.run());
         }
         crate::eventually(within, Duration::from_millis(50), || async {
@@ -119,9 +170,19 @@ impl Fleet {
     pub fn disconnect(&self, users: &[String]) {
         let stops = self.stops.lock().unwrap();
         for user in users {
-            if let Some(stop) = stops.get(user) {
+            for stop in stops.get(user).into_iter().flatten() {
                 stop.cancel();
             }
+        }
+    }
+
+    /// Stalls these users' networks for `lasting`: their clients neither read nor write (nor
+    /// answer pings), and their connections stay open, until it passes.
+    pub fn stall(&self, users: &[String], lasting: Duration) {
+        let until = Instant::now() + lasting;
+        let mut stalls = self.shared.stalls.lock().unwrap();
+        for user in users {
+            stalls.insert(user.clone(), until);
         }
     }
 
@@ -166,6 +227,15 @@ impl Drop for Fleet {
     }
 }
 
+/// How a client departs from the plain one (which reads at once and stays connected).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behaviour {
+    /// Time taken over each notification: a slow reader, whose queue and socket fill up.
+    pub read_delay: Option<Duration>,
+    /// Closes its connection itself after a random time up to this, then reconnects: flapping.
+    pub flap_within: Option<Duration>,
+}
+
 /// One user's client: connect, read, ack, reconnect, until stopped.
 struct UserClient {
     user: String,
@@ -173,6 +243,7 @@ struct UserClient {
     /// Index of the next gateway to try.
     next: usize,
     stop: CancellationToken,
+    behaviour: Behaviour,
 }
 
 /// How a connection ended, for the reconnect decision.
@@ -232,11 +303,31 @@ impl UserClient {
         self.log(|l| {
             l.connections += 1;
             l.gateway_id = Some(gateway_id);
+            l.connected.push((Instant::now(), None));
         });
         let mut acks: Vec<String> = Vec::new();
+        // A flapping client hangs up by itself at a random moment.
+        let hang_up = self
+            .behaviour
+            .flap_within
+            .map_or(Duration::from_secs(86_400), |within| within.mul_f64(rand::rng().random_range(0.2..1.0)));
+        let hang_up_at = Instant::now() + hang_up;
         let ended = loop {
+            if Instant::now() >= hang_up_at {
+                let _ = self.flush(&mut client, &mut acks).await;
+                let _ = client.close().await;
+                break Ended::Closed(1000);
+            }
+            let stalled = self.shared.stalls.lock().unwrap().get(&self.user).copied();
+            if let Some(until) = stalled.filter(|until| *until > Instant::now()) {
+                tokio::select! {
+                    _ = self.stop.cancelled() => break Ended::Stopped,
+                    _ = tokio::time::sleep_until(until) => continue,
+                }
+            }
             // Take what is there without waiting, then ack it in one frame; wait only when idle.
-            let wait = if acks.is_empty() { Duration::from_secs(3600) } else { Duration::ZERO };
+            let wait =
+                if acks.is_empty() { hang_up_at.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
             let frame = tokio::select! {
                 _ = self.stop.cancelled() => break Ended::Stopped,
                 frame = client.next_frame(wait) => frame,
@@ -250,7 +341,18 @@ impl UserClient {
                         if late {
                             l.late.push(n.id.to_string());
                         }
+                        let payload = n.payload.get();
+                        match l.payloads.get(n.id.as_str()) {
+                            Some(first) if first != payload => l.changed.push(n.id.to_string()),
+                            Some(_) => {}
+                            None => {
+                                l.payloads.insert(n.id.to_string(), payload.to_owned());
+                            }
+                        }
                     });
+                    if let Some(delay) = self.behaviour.read_delay {
+                        tokio::time::sleep(delay).await;
+                    }
                     // Duplicates are acked too (the README: their ack is what stops them).
                     acks.push(n.id.into_string());
                     if acks.len() >= ACK_BATCH && !self.flush(&mut client, &mut acks).await {
@@ -267,12 +369,15 @@ impl UserClient {
                 Frame::Error(_) | Frame::Closed => break Ended::Closed(ABNORMAL),
             }
         };
-        if let Ended::Closed(code) = ended {
-            self.log(|l| {
+        self.log(|l| {
+            if let Some((_, end)) = l.connected.last_mut() {
+                *end = Some(Instant::now());
+            }
+            if let Ended::Closed(code) = ended {
                 l.closes.push(code);
                 l.gateway_id = None;
-            });
-        }
+            }
+        });
         ended
     }
 
@@ -283,7 +388,12 @@ impl UserClient {
             return true;
         }
         let ids = std::mem::take(acks);
-        client.ack(ids).await.is_ok()
+        let written = ids.clone();
+        let ok = client.ack(ids).await.is_ok();
+        if ok {
+            self.log(|l| l.acked.extend(written));
+        }
+        ok
     }
 
     fn log(&self, f: impl FnOnce(&mut UserLog)) {
@@ -308,8 +418,14 @@ pub fn users(prefix: &str, count: usize) -> Vec<String> {
 /// One job the publisher got JetStream to store.
 #[derive(Debug, Clone)]
 pub struct Published {
+    /// The message id: the job's own, or (for a job published without one) the id the store
+    /// holds for its `key`, once [`assigned_ids`] has looked it up; until then, empty.
     pub id: String,
+    /// Unique per job, in its payload and its `Nats-Msg-Id`.
+    pub key: String,
     pub to: Vec<String>,
+    /// Exactly what was published as the job's payload (null: not recorded, not checked).
+    pub payload: serde_json::Value,
     /// When JetStream acknowledged it.
     pub at: Instant,
 }
@@ -339,6 +455,9 @@ pub struct Stream {
     pub rate: u32,
     /// Seconds to live, or the dispatcher's default.
     pub ttl_secs: Option<u64>,
+    /// Whether jobs carry an `id`; without one the dispatcher assigns it, and the publisher's
+    /// retries are deduplicated by `Nats-Msg-Id` alone.
+    pub with_ids: bool,
 }
 
 impl Publisher {
@@ -348,7 +467,7 @@ impl Publisher {
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
             .reconnect_delay_callback(|_| Duration::from_millis(100))
-            .connect(nats_url)
+            .connect(herald_shared::connect::nats_seeds(nats_url)?)
             .await?;
         let js = async_nats::jetstream::new(client);
         let log = Arc::new(Mutex::new(Vec::with_capacity(stream.count)));
@@ -436,8 +555,15 @@ async fn publish_all(
         let to: Vec<String> = (0..stream.recipients_per_job.min(stream.users.len()))
             .map(|k| stream.users[(n * stream.recipients_per_job + k) % stream.users.len()].clone())
             .collect();
-        let id = format!("{}-{n:05}", stream.run);
-        let mut job = json!({ "id": id, "to": to, "payload": { "n": n, "run": stream.run } });
+        let key = format!("{}-{n:05}", stream.run);
+        let payload = json!({ "n": n, "run": stream.run, "key": key });
+        let mut job = json!({ "to": to, "payload": payload });
+        let id = if stream.with_ids {
+            job["id"] = json!(key);
+            key.clone()
+        } else {
+            String::new()
+        };
         if let Some(ttl) = stream.ttl_secs {
             job["ttl_secs"] = json!(ttl);
         }
@@ -450,7 +576,7 @@ async fn publish_all(
         in_flight.spawn(async move {
             loop {
                 let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", id.as_str());
+                headers.insert("Nats-Msg-Id", key.as_str());
                 let attempt = async {
                     let ack = js.publish_with_headers(subject.clone(), headers, body.clone()).await?;
                     tokio::time::timeout(Duration::from_secs(3), ack).await??;
@@ -467,7 +593,7 @@ async fn publish_all(
                     }
                 }
             }
-            log.lock().unwrap().push(Published { id, to, at: Instant::now() });
+            log.lock().unwrap().push(Published { id, key, to, payload, at: Instant::now() });
         });
     }
     while in_flight.join_next().await.is_some() {}
@@ -491,9 +617,83 @@ pub async fn receipt_states(db: &mongodb::Database) -> anyhow::Result<HashMap<(S
         .collect())
 }
 
+/// Fills in the ids the dispatchers assigned to jobs published without one, from the messages
+/// the store holds (by the `key` in their payloads). A job the store does not hold keeps an
+/// empty id, and [`Tally::take`] counts its receipts lost.
+pub async fn assigned_ids(db: &mongodb::Database, jobs: &mut [Published]) -> anyhow::Result<()> {
+    if jobs.iter().all(|j| !j.id.is_empty()) {
+        return Ok(());
+    }
+    let messages = messages(db).await?;
+    let by_key: HashMap<String, String> =
+        messages.into_iter().filter_map(|(id, m)| Some((m.payload.get("key")?.as_str()?.to_owned(), id))).collect();
+    for job in jobs.iter_mut().filter(|j| j.id.is_empty()) {
+        if let Some(id) = by_key.get(&job.key) {
+            job.id = id.clone();
+        }
+    }
+    Ok(())
+}
+
+/// What the store says of a message.
+pub struct StoredMessage {
+    pub payload: serde_json::Value,
+    /// Its expiry, as a moment on this process's monotonic clock.
+    pub expires: Instant,
+}
+
+/// Every message in the store, by id: those with a document of their own (several recipients)
+/// and those their only receipt carries.
+pub async fn messages(db: &mongodb::Database) -> anyhow::Result<HashMap<String, StoredMessage>> {
+    let docs: Vec<herald_dispatcher::store::MessageDoc> =
+        db.collection(collections::MESSAGES).find(doc! {}).await?.try_collect().await?;
+    let inline: Vec<ReceiptDoc> =
+        db.collection(collections::RECEIPTS).find(doc! { "inline": { "$exists": true } }).await?.try_collect().await?;
+    let (now, now_ms) = (Instant::now(), herald_shared::now_ms() as i64);
+    let inline = inline.into_iter().filter_map(|r| {
+        let message = r.inline?;
+        Some((r.message_id, message.payload, r.expires_at))
+    });
+    Ok(docs
+        .into_iter()
+        .map(|m| (m.id, m.payload, m.expires_at))
+        .chain(inline)
+        .map(|(id, payload, expires_at)| {
+            let ahead_ms = expires_at.timestamp_millis().saturating_sub(now_ms);
+            let expires = if ahead_ms >= 0 {
+                now + Duration::from_millis(ahead_ms as u64)
+            } else {
+                now.checked_sub(Duration::from_millis(ahead_ms.unsigned_abs())).unwrap_or(now)
+            };
+            let payload = serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null);
+            (id.into_string(), StoredMessage { payload, expires })
+        })
+        .collect())
+}
+
+/// As [`wait_delivered`], for jobs some of which were published without an id: their ids are
+/// looked up first, as the store comes to hold them.
+pub async fn wait_delivered_or_expired(
+    db: &mongodb::Database,
+    jobs: &mut [Published],
+    offline: &BTreeSet<String>,
+    since: Instant,
+    within: Duration,
+) -> anyhow::Result<Duration> {
+    let deadline = Instant::now() + within;
+    loop {
+        assigned_ids(db, jobs).await?;
+        if jobs.iter().all(|j| !j.id.is_empty()) || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_delivered(db, jobs, offline, since, deadline.saturating_duration_since(Instant::now())).await
+}
+
 /// Waits until every (message, recipient) of `jobs` whose recipient is not in `offline` has a
-/// `delivered` (or `read`) receipt; returns the time from `since` until then. Fails after
-/// `within`.
+/// final receipt: `delivered`, `read` or `expired` (whether it may be expired is
+/// [`Tally::take`]'s to judge); returns the time from `since` until then. Fails after `within`.
 pub async fn wait_delivered(
     db: &mongodb::Database,
     jobs: &[Published],
@@ -507,7 +707,8 @@ pub async fn wait_delivered(
         for job in jobs {
             for user in job.to.iter().filter(|u| !offline.contains(*u)) {
                 match states.get(&(job.id.clone(), user.clone())).map(String::as_str) {
-                    Some("delivered" | "read") => {}
+                    // Expired is final; whether it may be is the tally's to judge.
+                    Some("delivered" | "read" | "expired") => {}
                     other => waiting.push(format!("{}/{user}: {}", job.id, other.unwrap_or("no receipt"))),
                 }
             }
@@ -540,6 +741,14 @@ pub struct Tally {
     pub late: usize,
     /// Notifications a user got that were not addressed to them.
     pub misrouted: usize,
+    /// Receipts `delivered` or `read` that no client of their user acked.
+    pub unacked: usize,
+    /// Receipts `expired` while a client of their user was connected all along their expiry.
+    pub expired: usize,
+    /// Expired receipts whose user had no connection around the expiry: allowed.
+    pub expired_offline: usize,
+    /// Notifications whose payload was not what was published.
+    pub corrupt: usize,
     pub reconnects: u32,
     pub recovery: Duration,
     /// Examples of what went wrong, for the failure message.
@@ -558,6 +767,8 @@ impl Tally {
         recovery: Duration,
     ) -> anyhow::Result<Self> {
         let states = receipt_states(db).await?;
+        let stored = messages(db).await?;
+        let slack = EXPIRY_SLACK;
         let logs = fleet.logs();
         let mut tally = Tally {
             fault: fault.to_owned(),
@@ -572,19 +783,64 @@ impl Tally {
                 tally.receipts += 1;
                 expected.entry(user.clone()).or_default().insert(job.id.as_str());
                 let state = states.get(&(job.id.clone(), user.clone())).map(String::as_str);
-                let received = logs.get(user).is_some_and(|l| l.received.contains_key(&job.id));
+                let log = logs.get(user);
+                let received = log.is_some_and(|l| l.received.contains_key(&job.id));
+                let acked = log.is_some_and(|l| l.acked.contains(&job.id));
+                let published = Some(&job.payload).filter(|p| !p.is_null());
+                if let (Some(got), Some(_)) = (log.and_then(|l| l.payloads.get(&job.id)), published) {
+                    let same = serde_json::from_str::<serde_json::Value>(got).is_ok_and(|got| got == job.payload);
+                    if !same {
+                        tally.corrupt += 1;
+                        tally.example(format!("{}/{user}: payload {got}, published {}", job.id, job.payload));
+                    }
+                }
                 match state {
-                    Some("delivered" | "read") if received => tally.delivered += 1,
+                    Some("delivered" | "read") if received && acked => tally.delivered += 1,
+                    Some("delivered" | "read") if received => {
+                        tally.unacked += 1;
+                        tally.example(format!(
+                            "{}/{user}: {} but its client never acked it",
+                            job.id,
+                            state.unwrap_or("")
+                        ));
+                    }
                     Some("pending") if offline.contains(user) && !received => tally.pending += 1,
-                    other => {
-                        tally.lost += 1;
-                        if tally.examples.len() < 10 {
-                            tally.examples.push(format!(
-                                "{}/{user}: receipt {}, received by the client: {received}",
+                    // Allowed only where the TTL passed while no client of the user was connected:
+                    // judged around the expiry, `slack` either side (clock steps, sweep interval).
+                    Some("expired") if !received => {
+                        let expires = stored.get(&job.id).map(|m| m.expires);
+                        let offline_then = expires.is_some_and(|at| {
+                            log.is_none_or(|l| l.disconnected_within(at.checked_sub(slack).unwrap_or(at), at + slack))
+                        });
+                        if offline_then {
+                            tally.expired_offline += 1;
+                        } else {
+                            tally.expired += 1;
+                            let now = Instant::now();
+                            let ago = |t: Instant| now.saturating_duration_since(t).as_secs_f64();
+                            let spans: Vec<String> = log
+                                .map(|l| {
+                                    l.connected
+                                        .iter()
+                                        .map(|(s, e)| format!("{:.1}..{:?}", ago(*s), e.map(ago)))
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            tally.example(format!(
+                                "{}/{user}: expired {:?} s ago while its user was connected (connections, s ago: {spans:?}; {} messages stored)",
                                 job.id,
-                                other.unwrap_or("missing")
+                                expires.map(ago),
+                                stored.len()
                             ));
                         }
+                    }
+                    other => {
+                        tally.lost += 1;
+                        let id = if job.id.is_empty() { format!("(no id, key {})", job.key) } else { job.id.clone() };
+                        tally.example(format!(
+                            "{id}/{user}: receipt {}, received by the client: {received}",
+                            other.unwrap_or("missing")
+                        ));
                     }
                 }
             }
@@ -592,6 +848,7 @@ impl Tally {
         for (user, log) in &logs {
             tally.duplicates += log.received.values().map(|n| (*n as usize).saturating_sub(1)).sum::<usize>();
             tally.late += log.late.len();
+            tally.corrupt += log.changed.len();
             let mine = expected.get(user);
             let strays = log.received.keys().filter(|id| !mine.is_some_and(|m| m.contains(id.as_str()))).count();
             tally.misrouted += strays;
@@ -599,9 +856,21 @@ impl Tally {
         Ok(tally)
     }
 
-    /// Fails with the figures and examples unless nothing was lost, late or misrouted.
+    /// Every broken promise: lost, late, misrouted, delivered without an ack, expired under a
+    /// connected user, or changed on the way.
+    pub fn violations(&self) -> usize {
+        self.lost + self.late + self.misrouted + self.unacked + self.expired + self.corrupt
+    }
+
+    fn example(&mut self, what: String) {
+        if self.examples.len() < 10 {
+            self.examples.push(what);
+        }
+    }
+
+    /// Fails with the figures and examples unless no promise was broken.
     pub fn assert_nothing_lost(&self) {
-        assert!(self.lost == 0 && self.late == 0 && self.misrouted == 0, "{self}\nexamples: {:#?}", self.examples);
+        assert!(self.violations() == 0, "{self}\nexamples: {:#?}", self.examples);
     }
 
     /// One row of the table in docs/RELIABILITY.md.
@@ -625,17 +894,21 @@ impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "[{}] jobs {} receipts {} delivered {} pending {} lost {} duplicates {} late {} misrouted {} \
-             reconnects {} recovery {:.1}s",
+            "[{}] jobs {} receipts {} delivered {} pending {} expired (offline) {} lost {} duplicates {} late {} \
+             misrouted {} delivered-unacked {} expired-online {} corrupt {} reconnects {} recovery {:.1}s",
             self.fault,
             self.jobs,
             self.receipts,
             self.delivered,
             self.pending,
+            self.expired_offline,
             self.lost,
             self.duplicates,
             self.late,
             self.misrouted,
+            self.unacked,
+            self.expired,
+            self.corrupt,
             self.reconnects,
             self.recovery.as_secs_f64()
         )

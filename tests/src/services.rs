@@ -54,7 +54,20 @@ pub struct Stack {
 impl Stack {
     /// Starts the three servers concurrently and waits until each answers.
     pub async fn start() -> anyhow::Result<Self> {
-        let (redis, nats, mongo) = tokio::try_join!(Redis::start(), Nats::start(), Mongo::start())?;
+        Self::start_with_nats_nodes(1).await
+    }
+
+    /// As [`Stack::start`], with a NATS cluster of `nodes` (1: a single server) and Herald's
+    /// streams replicated on up to three of them.
+    pub async fn start_with_nats_nodes(nodes: usize) -> anyhow::Result<Self> {
+        let nats = async {
+            if nodes > 1 {
+                Nats::start_cluster(nodes).await
+            } else {
+                Nats::start().await
+            }
+        };
+        let (redis, nats, mongo) = tokio::try_join!(Redis::start(), nats, Mongo::start())?;
         let mongo_proxy = TcpProxy::start(mongo.host_port()?).await?;
         let name = unique_name("t");
         Ok(Self { redis, nats, mongo, mongo_proxy, prefix: name.clone(), database: name })
@@ -71,7 +84,7 @@ impl Stack {
             prefix: self.prefix.clone(),
             redis_url: self.redis.url(),
             nats_url: self.nats.url(),
-            jetstream_replicas: 1,
+            jetstream_replicas: self.nats.nodes().min(3),
             // Tests connect their clients from one address, quickly: no per-address connect rate
             // unless a test sets one.
             http: HttpConfig { connects_per_sec_per_ip: 0, ..HttpConfig::default() },
@@ -156,52 +169,155 @@ impl Redis {
     }
 }
 
-/// A `nats-server -js` whose JetStream store lives in its temporary directory, so streams and
-/// messages survive a restart (even one after [`Nats::stop_hard`]).
+/// `nats-server -js`, one node or a cluster of several, each with its JetStream store in its
+/// temporary directory, so streams and messages survive a restart (even one after
+/// [`Nats::stop_hard`]). Whole-server operations act on every node; `*_node` on one.
 pub struct Nats {
-    process: Process,
+    nodes: Vec<Process>,
+}
+
+/// Name of a cluster's node `i`, as JetStream reports a stream's leader.
+fn nats_node_name(i: usize) -> String {
+    format!("n{i}")
 }
 
 impl Nats {
     pub async fn start() -> anyhow::Result<Self> {
         let program = find_binary("HERALD_TEST_NATS_SERVER", Some("nats-server"), "nats-server")?;
         let process = Process::start("nats", program, NATS_READY_LINE, nats_args, nats_ready).await?;
-        Ok(Self { process })
+        Ok(Self { nodes: vec![process] })
     }
 
-    /// `nats://127.0.0.1:<port>`
+    /// A cluster of `size` nodes on free ports, routed to each other, once JetStream has a meta
+    /// leader (streams can then be created with up to `size` replicas).
+    pub async fn start_cluster(size: usize) -> anyhow::Result<Self> {
+        let program = find_binary("HERALD_TEST_NATS_SERVER", Some("nats-server"), "nats-server")?;
+        let cluster_ports = (0..size).map(|_| free_port()).collect::<anyhow::Result<Vec<u16>>>()?;
+        let routes = cluster_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let mut nodes = Vec::with_capacity(size);
+        for (i, cluster_port) in cluster_ports.iter().enumerate() {
+            let mut node = Process::new("nats", program.clone(), NATS_READY_LINE)?;
+            node.port = free_port()?;
+            let mut args = nats_args(node.port, node.dir_path());
+            let name = nats_node_name(i);
+            let listen = format!("nats://127.0.0.1:{cluster_port}");
+            args.extend(self::args(&[
+                "-n",
+                &name,
+                "--cluster_name",
+                "herald",
+                "--cluster",
+                &listen,
+                "--routes",
+                &routes,
+            ]));
+            node.args = args;
+            // A node serves clients before the cluster has formed; JetStream is asked below.
+            node.spawn_and_wait(&nats_listening).await.map_err(SpawnError::into_error)?;
+            nodes.push(node);
+        }
+        let nats = Self { nodes };
+        nats.wait_jetstream().await?;
+        Ok(nats)
+    }
+
+    /// `nats://127.0.0.1:<port>`, or the seed list of every node for a cluster.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.process.port)
+        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
     }
 
+    /// The first node's client port.
     pub fn port(&self) -> u16 {
-        self.process.port
+        self.nodes[0].port
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
     }
 
     /// Shuts the server down cleanly (SIGTERM: JetStream flushes) and waits for it to exit.
     pub async fn stop(&mut self) {
-        self.process.stop().await;
+        for node in &mut self.nodes {
+            node.stop().await;
+        }
     }
 
     /// Kills the server (SIGKILL), as a crash would.
     pub async fn stop_hard(&mut self) {
-        self.process.stop_hard().await;
+        for node in &mut self.nodes {
+            node.stop_hard().await;
+        }
     }
 
     /// Freezes the server (SIGSTOP): connections stay open and nothing is answered, as with a
     /// server stalled on a slow disk or a paused VM, until [`Self::resume`].
     pub fn pause(&self) {
-        self.process.signal("STOP");
+        for node in &self.nodes {
+            node.signal("STOP");
+        }
     }
 
     /// Lets a paused server go on (SIGCONT).
     pub fn resume(&self) {
-        self.process.signal("CONT");
+        for node in &self.nodes {
+            node.signal("CONT");
+        }
     }
 
     /// Starts the server again on the same port with the same JetStream store.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.process.restart(nats_ready).await
+        if self.nodes.len() == 1 {
+            return self.nodes[0].restart(nats_ready).await;
+        }
+        self.stop().await;
+        for i in 0..self.nodes.len() {
+            self.nodes[i].restart(nats_listening).await?;
+        }
+        self.wait_jetstream().await
+    }
+
+    /// Kills one node (SIGKILL); the others carry on.
+    pub async fn kill_node(&mut self, i: usize) {
+        self.nodes[i].stop_hard().await;
+    }
+
+    /// Starts a killed node again, with its store; it catches up with the others by itself.
+    pub async fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.nodes[i].restart(nats_listening).await
+    }
+
+    /// Which node leads `stream` (its index), if any does right now.
+    pub async fn stream_leader(&self, stream: &str) -> Option<usize> {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(2))
+            .connect(herald_shared::connect::nats_seeds(&self.url()).ok()?)
+            .await
+            .ok()?;
+        let mut stream = async_nats::jetstream::new(client).get_stream(stream).await.ok()?;
+        let info = tokio::time::timeout(Duration::from_secs(3), stream.info()).await.ok()?.ok()?;
+        let leader = info.cluster.as_ref()?.leader.clone()?;
+        (0..self.nodes.len()).find(|i| nats_node_name(*i) == leader)
+    }
+
+    /// Until JetStream answers through the cluster (it has a meta leader).
+    async fn wait_jetstream(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+            let mut last = None;
+            for port in ports {
+                match tokio::time::timeout(Duration::from_secs(3), nats_ready(port)).await {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => last = Some(anyhow::anyhow!("JetStream did not answer within 3 s")),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last.unwrap_or_else(|| anyhow::anyhow!("no nodes")))
+                    .context("nats cluster: no JetStream meta leader");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -340,6 +456,15 @@ async fn nats_ready(port: u16) -> anyhow::Result<()> {
         .await?;
     // JetStream answers once it has recovered its store (after a restart).
     async_nats::jetstream::new(client).query_account().await?;
+    Ok(())
+}
+
+/// A cluster node accepts a client connection (JetStream may not have formed yet).
+async fn nats_listening(port: u16) -> anyhow::Result<()> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(format!("nats://127.0.0.1:{port}"))
+        .await?;
     Ok(())
 }
 
@@ -554,6 +679,14 @@ enum SpawnError {
     /// The server exited before it was ready: usually a lost port race, worth another port.
     Exited(anyhow::Error),
     Other(anyhow::Error),
+}
+
+impl SpawnError {
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            SpawnError::Exited(e) | SpawnError::Other(e) => e,
+        }
+    }
 }
 
 fn other(e: std::io::Error) -> SpawnError {

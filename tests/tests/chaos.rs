@@ -1,11 +1,19 @@
-//! A seeded, randomized fault run (issue 12, first part): Herald as processes (3 gateways, 2
-//! dispatchers) on real Redis, NATS JetStream and nx-27017 behind the harness's proxy; a fleet of
-//! clients that follow proto/README.md and publishers that retry with the same id; and a nemesis
-//! that, at times drawn from the seed, kills (-9), terminates, freezes and thaws any gateway or
-//! dispatcher, restarts Redis empty or flushes it, restarts NATS, and cuts the store off, alone
-//! and overlapping. Afterwards the system heals and a checker holds what was published against
-//! the store and the clients' own logs: every job reached every recipient's client and its
-//! receipt is delivered; nothing came late, twice to the wrong user, or to anyone else.
+//! A seeded, randomized fault run: Herald as processes (3 gateways, 2 dispatchers) on real Redis,
+//! a 3-node NATS JetStream cluster with Herald's streams on 3 replicas, and nx-27017 behind the
+//! harness's proxy; a fleet of clients that follow proto/README.md (some slow readers, some
+//! flapping, some offline for a long spell, some users with two devices on different gateways);
+//! publishers that retry with the same id, of jobs with and without `id`, with one or several
+//! recipients, and with a short TTL; and a nemesis that, at times drawn from the seed, alone and
+//! overlapping, kills (-9), terminates, freezes and thaws any gateway or dispatcher, kills any
+//! NATS node (the stream leader included) or restarts them all, restarts Redis empty or flushes
+//! it, cuts the store off or slows it, stalls some clients' networks, and steps the wall clock
+//! of one gateway or dispatcher (libfaketime) by 20 s.
+//!
+//! Afterwards the system heals and a checker holds what was published against the store and
+//! the clients' own logs (`fleet::Tally`): every job reached every recipient's client, and its
+//! receipt is `delivered` or `read`, or `expired` only where the TTL passed while no client of
+//! the user was connected; no receipt is delivered that no client of its user acked; nothing
+//! came after its expiry, to a user it was not addressed to, or with another payload.
 //!
 //! `make test` runs a short run with a fixed seed. `make chaos SEED=<n> MINUTES=<m>` runs any
 //! (`HERALD_CHAOS_SEED`, `HERALD_CHAOS_SECONDS`). A failure prints the seed and the schedule, so
@@ -18,7 +26,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use herald_tests::cluster::{Cluster, Options, Process};
-use herald_tests::fleet::{self, Fleet, Publisher, Stream, Tally};
+use herald_tests::fleet::{self, Behaviour, Fleet, Publisher, Stream, Tally};
 use herald_tests::services::Stack;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,11 +34,31 @@ use tokio::time::Instant;
 
 const GATEWAYS: usize = 3;
 const DISPATCHERS: usize = 2;
+const NATS_NODES: usize = 3;
 const USERS: usize = 60;
+/// The last users: offline for the whole run, connected only at the end.
 const OFFLINE: usize = 10;
-/// Jobs per second, per publisher (one with one recipient a job, one with three).
-const RATE: u32 = 40;
+/// The first users: slow readers, then flapping ones, then users with a second device.
+const SLOW: usize = 5;
+const FLAPPING: usize = 5;
+const TWO_DEVICES: usize = 10;
+/// Clients whose network a stall freezes.
+const STALLED: usize = 4;
+/// Jobs per second, per publisher (four of them).
+const RATE: u32 = 20;
+/// The short TTL: longer than any fault lasts (5 s) plus the reconnect backoff, so that only a
+/// user without a connection lets a message expire.
+const SHORT_TTL_SECS: u64 = 30;
+/// How far a clock step moves a service's wall clock.
+const CLOCK_STEP_SECS: i64 = 20;
 const SETTLE: Duration = Duration::from_secs(120);
+
+/// A Herald process the nemesis acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Service {
+    Gateway(usize),
+    Dispatcher(usize),
+}
 
 /// One thing the nemesis does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +72,16 @@ enum Fault {
     RestartRedis,
     FlushRedis,
     RestartNats,
+    KillNatsNode(usize),
+    /// Kills whichever node leads the jobs stream at that moment.
+    KillNatsLeader,
     CutStore,
+    /// Every store reply held back 300 ms.
+    SlowStore,
+    /// Freezes the networks of [`STALLED`] clients, chosen by this number.
+    StallClients(u64),
+    /// Steps a service's wall clock [`CLOCK_STEP_SECS`] ahead (or behind), and back at the end.
+    StepClock(Service, bool),
 }
 
 impl Fault {
@@ -52,7 +89,8 @@ impl Fault {
     fn draw(rng: &mut StdRng) -> Self {
         let g = rng.random_range(0..GATEWAYS);
         let d = rng.random_range(0..DISPATCHERS);
-        match rng.random_range(0..10) {
+        let n = rng.random_range(0..NATS_NODES);
+        match rng.random_range(0..16) {
             0 => Fault::KillGateway(g),
             1 => Fault::TermGateway(g),
             2 => Fault::FreezeGateway(g),
@@ -62,7 +100,13 @@ impl Fault {
             6 => Fault::RestartRedis,
             7 => Fault::FlushRedis,
             8 => Fault::RestartNats,
-            _ => Fault::CutStore,
+            9 => Fault::KillNatsNode(n),
+            10 => Fault::KillNatsLeader,
+            11 => Fault::CutStore,
+            12 => Fault::SlowStore,
+            13 => Fault::StallClients(rng.random()),
+            14 => Fault::StepClock(Service::Gateway(g), rng.random()),
+            _ => Fault::StepClock(Service::Dispatcher(d), rng.random()),
         }
     }
 
@@ -76,8 +120,14 @@ impl Fault {
             Fault::FreezeDispatcher(_) => "dispatcher SIGSTOP",
             Fault::RestartRedis => "redis restart (empty)",
             Fault::FlushRedis => "redis FLUSHALL",
-            Fault::RestartNats => "nats restart",
+            Fault::RestartNats => "nats restart (all nodes)",
+            Fault::KillNatsNode(_) => "nats node kill -9",
+            Fault::KillNatsLeader => "nats stream leader kill -9",
             Fault::CutStore => "store cut off",
+            Fault::SlowStore => "store slowed",
+            Fault::StallClients(_) => "client networks stalled",
+            Fault::StepClock(Service::Gateway(_), _) => "gateway clock step",
+            Fault::StepClock(Service::Dispatcher(_), _) => "dispatcher clock step",
         }
     }
 }
@@ -130,6 +180,78 @@ struct System {
     gateways: Vec<Option<Process>>,
     dispatchers: Vec<Option<Process>>,
     fleet: Fleet,
+    /// The users a stall may pick (the connected ones).
+    online: Vec<String>,
+    /// Each process's libfaketime offset file, by service; it outlives restarts.
+    clocks: Clocks,
+    /// The users the open stall froze.
+    stalled: Vec<String>,
+    /// The NATS node the leader kill took down, to bring back.
+    leader_killed: Option<usize>,
+    nats_down: [bool; NATS_NODES],
+}
+
+/// The wall clocks the nemesis can step: each Herald process runs under libfaketime and reads
+/// its offset from a file of its own (re-read every second). Monotonic time is left alone.
+struct Clocks {
+    dir: tempfile::TempDir,
+    library: std::path::PathBuf,
+}
+
+impl Clocks {
+    fn new() -> Self {
+        let library = std::env::var_os("HERALD_TEST_LIBFAKETIME")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into());
+        assert!(
+            library.exists(),
+            "{} is missing: `make deps` installs Debian's libfaketime (or set HERALD_TEST_LIBFAKETIME)",
+            library.display()
+        );
+        let clocks = Self { dir: tempfile::tempdir().unwrap(), library };
+        for i in 0..GATEWAYS {
+            clocks.set(Service::Gateway(i), 0);
+        }
+        for i in 0..DISPATCHERS {
+            clocks.set(Service::Dispatcher(i), 0);
+        }
+        clocks
+    }
+
+    fn file(&self, service: Service) -> std::path::PathBuf {
+        match service {
+            Service::Gateway(i) => self.dir.path().join(format!("gateway-{i}")),
+            Service::Dispatcher(i) => self.dir.path().join(format!("dispatcher-{i}")),
+        }
+    }
+
+    fn set(&self, service: Service, offset_secs: i64) {
+        std::fs::write(self.file(service), format!("{offset_secs:+}\n")).unwrap();
+    }
+
+    /// The environment that puts a process under its clock file.
+    fn env(&self, service: Service) -> Vec<(String, String)> {
+        vec![
+            ("LD_PRELOAD".into(), self.library.display().to_string()),
+            ("FAKETIME_TIMESTAMP_FILE".into(), self.file(service).display().to_string()),
+            ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ]
+    }
+}
+
+impl System {
+    async fn start_gateway(&self, i: usize) -> Process {
+        let env = self.clocks.env(Service::Gateway(i));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.cluster.gateway_process_with(&env, None).await.unwrap()
+    }
+
+    async fn start_dispatcher(&self, i: usize) -> Process {
+        let env = self.clocks.env(Service::Dispatcher(i));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.cluster.dispatcher_process_with(&env, None).await.unwrap()
+    }
 }
 
 impl System {
@@ -172,10 +294,53 @@ impl System {
                 self.cluster.stack.nats.stop().await;
                 true
             }
+            Fault::KillNatsNode(i) => self.kill_nats_node(i).await,
+            Fault::KillNatsLeader => {
+                let stream = self.cluster.stack.names().jobs_stream();
+                match self.cluster.stack.nats.stream_leader(&stream).await {
+                    Some(leader) if self.kill_nats_node(leader).await => {
+                        self.leader_killed = Some(leader);
+                        true
+                    }
+                    _ => false,
+                }
+            }
             Fault::CutStore => {
                 self.cluster.stack.mongo_proxy.cut().await;
                 true
             }
+            Fault::SlowStore => {
+                self.cluster.stack.mongo_proxy.delay_replies(Duration::from_millis(300));
+                true
+            }
+            Fault::StallClients(pick) => {
+                let mut rng = StdRng::seed_from_u64(pick);
+                let users: Vec<String> =
+                    (0..STALLED).map(|_| self.online[rng.random_range(0..self.online.len())].clone()).collect();
+                self.fleet.stall(&users, Duration::from_secs(3600));
+                self.stalled = users;
+                true
+            }
+            Fault::StepClock(service, ahead) => {
+                self.clocks.set(service, if ahead { CLOCK_STEP_SECS } else { -CLOCK_STEP_SECS });
+                true
+            }
+        }
+    }
+
+    async fn kill_nats_node(&mut self, i: usize) -> bool {
+        if self.nats_down[i] {
+            return false;
+        }
+        self.cluster.stack.nats.kill_node(i).await;
+        self.nats_down[i] = true;
+        true
+    }
+
+    async fn restart_nats_node(&mut self, i: usize) {
+        if self.nats_down[i] {
+            self.cluster.stack.nats.restart_node(i).await.unwrap();
+            self.nats_down[i] = false;
         }
     }
 
@@ -184,13 +349,13 @@ impl System {
         match fault {
             Fault::KillGateway(i) | Fault::TermGateway(i) => {
                 if self.gateways[i].is_none() {
-                    self.gateways[i] = Some(self.cluster.gateway_process().await.unwrap());
+                    self.gateways[i] = Some(self.start_gateway(i).await);
                     self.fleet.set_gateways(self.gateway_addrs());
                 }
             }
             Fault::KillDispatcher(i) | Fault::TermDispatcher(i) => {
                 if self.dispatchers[i].is_none() {
-                    self.dispatchers[i] = Some(self.cluster.dispatcher_process().await.unwrap());
+                    self.dispatchers[i] = Some(self.start_dispatcher(i).await);
                 }
             }
             Fault::FreezeGateway(i) => {
@@ -204,8 +369,23 @@ impl System {
                 }
             }
             Fault::RestartRedis | Fault::FlushRedis => {}
-            Fault::RestartNats => self.cluster.stack.nats.restart().await.unwrap(),
+            Fault::RestartNats => {
+                self.cluster.stack.nats.restart().await.unwrap();
+                self.nats_down = [false; NATS_NODES];
+            }
+            Fault::KillNatsNode(i) => self.restart_nats_node(i).await,
+            Fault::KillNatsLeader => {
+                if let Some(i) = self.leader_killed.take() {
+                    self.restart_nats_node(i).await;
+                }
+            }
             Fault::CutStore => self.cluster.stack.mongo_proxy.restore(),
+            Fault::SlowStore => self.cluster.stack.mongo_proxy.delay_replies(Duration::ZERO),
+            Fault::StallClients(_) => {
+                let users = std::mem::take(&mut self.stalled);
+                self.fleet.stall(&users, Duration::ZERO);
+            }
+            Fault::StepClock(service, _) => self.clocks.set(service, 0),
         }
     }
 }
@@ -230,35 +410,67 @@ async fn a_seeded_fault_schedule_loses_nothing() {
     // dispatcher's jobs go to the other after 5 s.
     let options =
         Options { ack_timeout: Duration::from_secs(10), ack_wait: Duration::from_secs(5), ..Options::default() };
-    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
-    let mut gateways = Vec::new();
-    for _ in 0..GATEWAYS {
-        gateways.push(Some(cluster.gateway_process().await.unwrap()));
-    }
-    let mut dispatchers = Vec::new();
-    for _ in 0..DISPATCHERS {
-        dispatchers.push(Some(cluster.dispatcher_process().await.unwrap()));
-    }
-    let addrs: Vec<_> = gateways.iter().flatten().map(|p: &Process| p.addr).collect();
+    let cluster = Cluster::new(Stack::start_with_nats_nodes(NATS_NODES).await.unwrap(), options).await.unwrap();
     let users = fleet::users("chaos", USERS);
     let (online, offline) = users.split_at(USERS - OFFLINE);
-    let fleet = Fleet::new(addrs);
-    fleet.connect(online, Duration::from_secs(60)).await.unwrap();
-    let mut system = System { cluster, gateways, dispatchers, fleet };
+    let mut system = System {
+        cluster,
+        gateways: Vec::new(),
+        dispatchers: Vec::new(),
+        fleet: Fleet::new(Vec::new()),
+        online: online.to_vec(),
+        clocks: Clocks::new(),
+        stalled: Vec::new(),
+        leader_killed: None,
+        nats_down: [false; NATS_NODES],
+    };
+    for i in 0..GATEWAYS {
+        let gateway = system.start_gateway(i).await;
+        system.gateways.push(Some(gateway));
+    }
+    for i in 0..DISPATCHERS {
+        let dispatcher = system.start_dispatcher(i).await;
+        system.dispatchers.push(Some(dispatcher));
+    }
+    system.fleet.set_gateways(system.gateway_addrs());
+    let (slow, rest) = online.split_at(SLOW);
+    let (flapping, plain) = rest.split_at(FLAPPING);
+    let within = Duration::from_secs(60);
+    let fleet = &system.fleet;
+    fleet
+        .connect_as(slow, Behaviour { read_delay: Some(Duration::from_millis(30)), ..Behaviour::default() }, within)
+        .await
+        .unwrap();
+    fleet
+        .connect_as(flapping, Behaviour { flap_within: Some(Duration::from_secs(8)), ..Behaviour::default() }, within)
+        .await
+        .unwrap();
+    fleet.connect(plain, within).await.unwrap();
+    // A second device each, on the next gateway along.
+    fleet.connect(&plain[..TWO_DEVICES], within).await.unwrap();
 
     let count = RATE as usize * seconds as usize;
-    let publish = |run: &str, recipients_per_job| Stream {
+    let publish = |run: &str, recipients_per_job, ttl_secs, with_ids| Stream {
         run: run.to_owned(),
         users: users.clone(),
         recipients_per_job,
         count,
         rate: RATE,
-        ttl_secs: None,
+        ttl_secs,
+        with_ids,
     };
     let nats_url = system.cluster.stack.nats.url();
     let names = system.cluster.stack.names();
-    let single = Publisher::start(&nats_url, names.publish_subject("chaos-1"), publish("chaos1", 1)).await.unwrap();
-    let fan_out = Publisher::start(&nats_url, names.publish_subject("chaos-3"), publish("chaos3", 3)).await.unwrap();
+    let publishers = [
+        Publisher::start(&nats_url, names.publish_subject("chaos-1"), publish("chaos1", 1, None, true)).await.unwrap(),
+        Publisher::start(&nats_url, names.publish_subject("chaos-3"), publish("chaos3", 3, None, true)).await.unwrap(),
+        Publisher::start(&nats_url, names.publish_subject("chaos-noid"), publish("noid", 2, None, false))
+            .await
+            .unwrap(),
+        Publisher::start(&nats_url, names.publish_subject("chaos-ttl"), publish("ttl", 1, Some(SHORT_TTL_SECS), true))
+            .await
+            .unwrap(),
+    ];
 
     // The nemesis: each episode applied at its time and healed when it ends; they overlap.
     let start = Instant::now();
@@ -294,33 +506,40 @@ async fn a_seeded_fault_schedule_loses_nothing() {
     let healed = Instant::now();
 
     // The checker: everything published reached every recipient, once the system has healed.
-    let mut jobs = single.finish(SETTLE).await.unwrap();
-    jobs.extend(fan_out.finish(SETTLE).await.unwrap());
+    let mut jobs = Vec::new();
+    for publisher in &publishers {
+        jobs.extend(publisher.finish(SETTLE).await.unwrap());
+    }
     let offline: BTreeSet<String> = offline.iter().cloned().collect();
-    let db = &system.cluster.db;
-    let recovery = fleet::wait_delivered(db, &jobs, &offline, healed, SETTLE)
+    let db = system.cluster.db.clone();
+    let fail = |what: &str, e: anyhow::Error| -> ! {
+        panic!("seed {seed}: {what}: {e:#}\nschedule:\n{}", Schedule(&episodes))
+    };
+    let recovery = fleet::wait_delivered_or_expired(&db, &mut jobs, &offline, healed, SETTLE)
         .await
-        .unwrap_or_else(|e| panic!("seed {seed}: not all delivered: {e:#}\nschedule:\n{}", Schedule(&episodes)));
+        .unwrap_or_else(|e| fail("not all delivered", e));
     let late: Vec<String> = offline.iter().cloned().collect();
     system.fleet.connect(&late, Duration::from_secs(60)).await.unwrap();
-    fleet::wait_delivered(db, &jobs, &BTreeSet::new(), Instant::now(), SETTLE)
+    fleet::wait_delivered_or_expired(&db, &mut jobs, &BTreeSet::new(), Instant::now(), SETTLE)
         .await
-        .unwrap_or_else(|e| panic!("seed {seed}: offline users' backlog: {e:#}\nschedule:\n{}", Schedule(&episodes)));
-    let tally =
-        Tally::take(&format!("chaos seed {seed}"), db, &jobs, &system.fleet, &BTreeSet::new(), recovery).await.unwrap();
+        .unwrap_or_else(|e| fail("offline users' backlog", e));
+    let tally = Tally::take(&format!("chaos seed {seed}"), &db, &jobs, &system.fleet, &BTreeSet::new(), recovery)
+        .await
+        .unwrap();
     println!("chaos: faults injected by kind: {injected:?}");
     println!("chaos: {tally}");
     println!(
-        "chaos table row: | {seed} | {seconds} | {} | {} | {} | {} | {} | {:.1} s |",
+        "chaos table row: | {seed} | {seconds} | {} | {} | {} | {} | {} | {} | {:.1} s |",
         injected.values().sum::<usize>(),
         tally.jobs,
         tally.receipts,
-        tally.lost + tally.late + tally.misrouted,
+        tally.expired_offline,
+        tally.violations(),
         tally.duplicates,
         recovery.as_secs_f64()
     );
     assert!(
-        tally.lost == 0 && tally.late == 0 && tally.misrouted == 0,
+        tally.violations() == 0,
         "seed {seed}: {tally}\nexamples: {:#?}\nschedule:\n{}",
         tally.examples,
         Schedule(&episodes)

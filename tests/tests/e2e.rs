@@ -404,8 +404,127 @@ async fn concurrent_publish_and_connect_never_strands_a_message() {
     clients.abort_all();
 }
 
-/// More pending messages than one replay page: the first page comes on connect, the rest
-/// through the ack-timeout sweep, and nothing is left behind.
+/// A message published as its recipient connects reaches the connection both ways, routed live
+/// (presence already lists the connection) and in the replay (its receipt was already stored):
+/// the gateway must write it once. Each round: a message pending before the connect (`pre-N`,
+/// which only the replay brings), then `race-N` published at the moment of connecting, then,
+/// once both paths have been taken, a sentinel. One dispatcher, so every command reaches the
+/// gateway in the order it was published: by the sentinel, any second copy would have arrived.
+/// The ack timeout is a minute: nothing here is a resend (that one is
+/// `an_unacked_message_is_sent_again_after_the_ack_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_as_its_recipient_connects_arrives_once() {
+    let cluster = Cluster::start().await.unwrap();
+    let _dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    const ROUNDS: u64 = 12;
+    let mut both_paths = 0;
+    for round in 0..ROUNDS {
+        let user = format!("hasty-{round}");
+        let (pre, race, sentinel) = (format!("pre-{round}"), format!("race-{round}"), format!("sentinel-{round}"));
+        cluster.send(&pre, &[user.as_str()]).await.unwrap();
+        cluster.wait_jobs_handled().await.unwrap();
+        let repeated_before = repeated(gateway.addr).await;
+        // From 10 ms before the connect starts to 20 ms after: hello, presence and the online
+        // event all fall in that span.
+        let offset = Duration::from_millis(round * 30 / ROUNDS);
+        let publish = async {
+            tokio::time::sleep(offset).await;
+            cluster.send(&race, &[user.as_str()]).await
+        };
+        let connect = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            cluster.connect(gateway.addr, &user).await
+        };
+        let (sent, client) = tokio::join!(publish, connect);
+        sent.unwrap();
+        let mut client = client.unwrap();
+        let mut got: Vec<String> = Vec::new();
+        let seen = |id: &str, got: &[String]| got.iter().any(|g| g == id);
+        while !seen(&pre, &got) || !seen(&race, &got) {
+            got.push(client.next_notification(WAIT).await.expect("pre and race").id.into_string());
+        }
+        cluster.wait_jobs_handled().await.unwrap();
+        cluster.send(&sentinel, &[user.as_str()]).await.unwrap();
+        while !seen(&sentinel, &got) {
+            got.push(client.next_notification(WAIT).await.expect("the sentinel").id.into_string());
+        }
+        let copies = got.iter().filter(|id| **id == race).count();
+        assert_eq!(copies, 1, "round {round}: {race} arrived {copies} times; received {got:?}");
+        assert_eq!(got.iter().filter(|id| **id == pre).count(), 1, "round {round}: {got:?}");
+        both_paths += (repeated(gateway.addr).await - repeated_before) as u64;
+    }
+    println!("{both_paths} of {ROUNDS} rounds sent the message both ways; the gateway wrote it once");
+    assert!(both_paths > 0, "no round raced: the test did not exercise the two paths");
+}
+
+/// `herald_gateway_notifications_repeated_total` of the gateway at `addr`.
+async fn repeated(addr: std::net::SocketAddr) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    let series = "herald_gateway_notifications_repeated_total ";
+    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// A backlog of ten replay pages (1,000 pending, pages of 100) arrives whole, oldest first and
+/// once each, page after page as the client reads and acks. The ack timeout is two minutes and
+/// the wait one: only the paging can deliver past the first page (it used to leave the rest to
+/// the ack-timeout sweep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_many_pages_arrives_whole_and_in_order_without_the_ack_timeout() {
+    let options = Options { ack_timeout: Duration::from_secs(120), replay_page: 100, ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let _dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    const N: usize = 1000;
+    let ids: Vec<String> = (0..N).map(|i| format!("page-{i:04}")).collect();
+    for id in &ids {
+        cluster.send(id, &["ursula"]).await.unwrap();
+    }
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let pending = cluster.receipts_in("pending").await.map_err(|e| e.to_string())?;
+        if pending.len() == N {
+            Ok(())
+        } else {
+            Err(format!("{} of {N} stored", pending.len()))
+        }
+    })
+    .await
+    .unwrap();
+
+    let connected_at = tokio::time::Instant::now();
+    let mut ursula = cluster.connect(gateway.addr, "ursula").await.unwrap();
+    let deadline = connected_at + Duration::from_secs(60);
+    let mut got = Vec::with_capacity(N);
+    let mut unacked = Vec::new();
+    while got.len() < N {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(n) = ursula.next_notification(left).await else { break };
+        unacked.push(n.id.to_string());
+        got.push(n);
+        // Acks in batches, as a real client sends them.
+        if unacked.len() == 50 || got.len() == N {
+            ursula.ack(unacked.drain(..)).await.unwrap();
+        }
+    }
+    println!("{} of {N} in {:.2} s from the connect", got.len(), connected_at.elapsed().as_secs_f64());
+    let got_ids: Vec<&str> = got.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(got.len(), N, "{} of {N} within a minute; the last: {:?}", got.len(), got_ids.last());
+    assert_eq!(got_ids, ids.iter().map(String::as_str).collect::<Vec<_>>(), "all, once each, oldest first");
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "in seq order");
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let delivered = cluster.receipts_in("delivered").await.map_err(|e| e.to_string())?;
+        if delivered.len() == N {
+            Ok(())
+        } else {
+            Err(format!("{} of {N} delivered", delivered.len()))
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// More pending messages than one replay page, for two users, with a short ack timeout (so
+/// resends mix in): nothing is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_larger_than_a_replay_page_is_delivered_in_full() {
     let options = Options { ack_timeout: Duration::from_millis(500), ..Options::default() };

@@ -17,7 +17,7 @@ use herald_tests::cluster::{gateway_config, ws_url, Cluster, ADMIN_TOKEN, JWT_SE
 use herald_tests::flood::{self, Flood};
 use herald_tests::tokens::{self, Claims};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
 const WAIT: Duration = Duration::from_secs(10);
 const ISSUER: &str = "herald-tests-issuer";
@@ -348,6 +348,49 @@ async fn a_frame_flood_is_closed_with_4429_and_others_keep_receiving() {
 
     receives(&cluster, &mut bystander, "bystander", "after-the-flood").await;
     receives(&cluster, &mut polite, "polite", "polite-still-here").await;
+}
+
+/// A client that goes on sending after it broke the limit still learns why, every time: the
+/// `rate_limited` error frame and close 4429, and a closing handshake rather than a reset. A
+/// gateway that drops the socket right after its close frame, with the client's frames still
+/// unread, makes the kernel reset the connection: the client's next send fails with a broken
+/// pipe, and a client library that gives up on that (browsers do) reports 1006 and never reads
+/// the close frame, nor the error frame before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_keeps_sending_past_the_limit_is_told_4429_every_time() {
+    let cluster = Cluster::start().await.unwrap();
+    let mut config = gateway_config(&cluster.stack, &cluster.options);
+    config.client_frames_per_sec = 5; // bursts of 10
+    let gateway = cluster.gateway_with(config).await.unwrap();
+    const TRIES: usize = 20;
+    let mut outcomes = Vec::new();
+    for attempt in 0..TRIES {
+        let mut flooder = cluster.connect(gateway.addr, &format!("flooder-{attempt}")).await.unwrap();
+        // 60 frames, one a millisecond, before the client reads anything: the gateway closes
+        // after the 11th, and the client sends on for a while before it looks at what came
+        // back (well within the gateway's closing handshake of a second).
+        flooder.pause_reading();
+        let mut reset = None;
+        for i in 0..60 {
+            match flooder.ack([format!("m-{i}")]).await {
+                Ok(()) => {}
+                // Refused by the client's own library (it has read the close frame).
+                Err(e) if !matches!(e, tungstenite::Error::Io(_)) => break,
+                Err(e) => {
+                    reset = Some(format!("send {i}: {e}"));
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        flooder.resume_reading();
+        outcomes.push((ending(&mut flooder).await, reset));
+    }
+    let told = outcomes
+        .iter()
+        .filter(|(ending, reset)| *ending == (vec![ErrorCode::RateLimited], Some(4429)) && reset.is_none())
+        .count();
+    assert_eq!(told, TRIES, "a closing handshake with rate_limited and 4429 in {told} of {TRIES} tries: {outcomes:?}");
 }
 
 /// Connection limits per user and per gateway: the next connection is refused with a status

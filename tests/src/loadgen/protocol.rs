@@ -41,6 +41,8 @@ pub(crate) struct Message<'a> {
     pub(crate) k: Option<u64>,
     pub(crate) sent_us: Option<u64>,
     pub(crate) published_ms: Option<u64>,
+    /// Herald's `seq`, to check the order of a replay; None on the peer.
+    pub(crate) seq: Option<u64>,
 }
 
 pub(crate) fn classify(flavor: Flavor, text: &str) -> Inbound<'_> {
@@ -77,6 +79,7 @@ fn message(text: &str, herald: bool) -> Message<'_> {
         k: number_field(text, r#""lg_k":"#),
         sent_us: number_field(text, r#""lg_t":"#),
         published_ms: if herald { number_field(text, r#""published_at_ms":"#) } else { None },
+        seq: if herald { number_field(text, r#""seq":"#) } else { None },
     }
 }
 
@@ -130,7 +133,8 @@ mod tests {
                 id: Some("d-7"),
                 k: Some(7),
                 sent_us: Some(1_700_000_000_000_123),
-                published_ms: Some(1_700_000_000_000)
+                published_ms: Some(1_700_000_000_000),
+                seq: Some(9),
             })
         );
         assert_eq!(classify(Flavor::Herald, r#"{"type":"error","code":"x"}"#), Inbound::Other);
@@ -144,7 +148,7 @@ mod tests {
         let n = r#"42["n",{"payload":{"lg_k":3,"lg_t":55}}]"#;
         assert_eq!(
             classify(Flavor::EngineIo, n),
-            Inbound::Message(Message { id: None, k: Some(3), sent_us: Some(55), published_ms: None })
+            Inbound::Message(Message { id: None, k: Some(3), sent_us: Some(55), published_ms: None, seq: None })
         );
     }
 

@@ -48,6 +48,9 @@ pub(crate) struct WorkerReport {
     /// Distinct (user, message) pairs received since start.
     pub(crate) unique: u64,
     pub(crate) duplicates: u64,
+    /// New messages that came with a lower `seq` than one before them on the same connection.
+    #[serde(default)]
+    pub(crate) out_of_order: u64,
     pub(crate) acked_ids: u64,
     /// Frames that were neither hello nor a load message (e.g. error frames).
     pub(crate) other_frames: u64,
@@ -77,6 +80,7 @@ pub(crate) struct Totals {
     pub(crate) received: u64,
     pub(crate) unique: u64,
     pub(crate) duplicates: u64,
+    pub(crate) out_of_order: u64,
     pub(crate) acked_ids: u64,
     pub(crate) other_frames: u64,
     pub(crate) first_rx_us: u64,
@@ -104,6 +108,7 @@ impl Totals {
             t.received += r.received;
             t.unique += r.unique;
             t.duplicates += r.duplicates;
+            t.out_of_order += r.out_of_order;
             t.acked_ids += r.acked_ids;
             t.other_frames += r.other_frames;
             if r.first_rx_us > 0 && (t.first_rx_us == 0 || r.first_rx_us < t.first_rx_us) {

@@ -39,6 +39,10 @@ pub(crate) enum Scenario {
     Fanout,
     Storm,
     Loss,
+    /// One user with a long backlog connects (10,000 pending; 2,000 in the short run).
+    Backlog,
+    /// 1,000 users with 100 pending each connect at once (500 in the short run).
+    BacklogStorm,
     /// A few hundred connections through the whole path, checking only that nothing is lost.
     Smoke,
 }
@@ -667,41 +671,97 @@ pub(crate) async fn fanout(config: &RunConfig) -> anyhow::Result<Outcome> {
 // --- 5. reconnect storm with replay ----------------------------------------------------------------
 
 pub(crate) async fn storm(config: &RunConfig) -> anyhow::Result<Outcome> {
-    let mut out = Outcome::new(Scenario::Storm, System::Herald);
-    let servers = 2;
     let users_n = if config.short { 1_000 } else { 10_000 };
-    let pending = 10u64;
+    storm_with(Scenario::Storm, users_n, 10, config).await
+}
+
+/// `users_n` users with `pending` messages each (fan-out jobs to all of them, published while
+/// they are offline) connect at once; every message must be received, and acked.
+async fn storm_with(scenario: Scenario, users_n: usize, pending: u64, config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(scenario, System::Herald);
+    let servers = 2;
     let sut = Sut::start(System::Herald, servers, HeraldOptions::default(), config).await?;
     let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
     let users = user_names("u", 0, users_n);
-    // Ten fan-out jobs to every (offline) user: users × 10 pending receipts.
+    // `pending` fan-out jobs to every (offline) user: users × pending receipts.
     for k in 0..pending {
         let job = json!({ "id": format!("s-{k}"), "to": users, "payload": { "lg_k": k, "lg_t": protocol::now_us() } });
         h.js.publish(h.stack.names().publish_subject("bench"), serde_json::to_vec(&job)?.into()).await?.await?;
     }
     let want = users_n as u64 * pending;
-    let deadline = Instant::now() + Duration::from_secs(180);
+    wait_stored(h, want, Duration::from_secs(180)).await?;
+    let workers = Workers::spawn(&sut.plan(users_n / servers, true, 1024))?;
+    let watched = watch_replay(&sut, h, workers, users_n as u64, want).await?;
+    out.set("users", users_n as u64);
+    out.set("pending_per_user", pending);
+    watched.report(&mut out, want);
+    Ok(out)
+}
+
+// --- 7. replay: one long backlog, and a storm of long backlogs -----------------------------------
+
+/// One user with a long backlog (one-recipient jobs published while it is offline) connects:
+/// page after page, everything must come, in `seq` order.
+pub(crate) async fn backlog(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Backlog, System::Herald);
+    let pending: u64 = if config.short { 2_000 } else { 10_000 };
+    let sut = Sut::start(System::Herald, 1, HeraldOptions::default(), config).await?;
+    let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
+    let users = user_names("u", 0, 1);
+    publish_jobs(h, &users, 0, pending, 5_000.0).await?;
+    wait_stored(h, pending, Duration::from_secs(180)).await?;
+    let workers = Workers::spawn(&sut.plan(1, true, 1))?;
+    let watched = watch_replay(&sut, h, workers, 1, pending).await?;
+    out.set("users", 1u64);
+    out.set("pending_per_user", pending);
+    watched.report(&mut out, pending);
+    Ok(out)
+}
+
+/// 1,000 users with 100 pending each (500 in the short run) connect at once.
+pub(crate) async fn backlog_storm(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let users_n = if config.short { 500 } else { 1_000 };
+    storm_with(Scenario::BacklogStorm, users_n, 100, config).await
+}
+
+/// Waits until the store holds `want` pending receipts.
+async fn wait_stored(h: &Herald, want: u64, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
     loop {
-        let stored = count_receipts(&h.db, doc! {}).await?;
+        // Receipts only: the claims that share their collection have no state.
+        let stored = count_receipts(&h.db, doc! { "state": "pending" }).await?;
         if stored >= want {
-            break;
+            return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "only {stored} of {want} receipts stored within 180 s");
+        anyhow::ensure!(Instant::now() < deadline, "only {stored} of {want} receipts stored within {limit:?}");
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
-    let mut workers = Workers::spawn(&sut.plan(users_n / servers, true, 1024))?;
+}
+
+/// What a replay run measured, from the moment every connection was asked to open.
+struct Watched {
+    connected_s: Option<f64>,
+    received_s: Option<f64>,
+    delivered_s: f64,
+    totals: Totals,
+    delivered: u64,
+    peak_gw_kib: u64,
+    peak_dsp_kib: u64,
+}
+
+/// Opens every connection of `workers` at once, then watches until `want` messages are
+/// received (at most 180 s) and `want` receipts read `delivered` (at most 300 s).
+async fn watch_replay(sut: &Sut, h: &Herald, mut workers: Workers, users: u64, want: u64) -> anyhow::Result<Watched> {
     let start = Instant::now();
-    let mut peak_gw = 0u64;
-    let mut peak_dsp = 0u64;
+    let (mut peak_gw_kib, mut peak_dsp_kib) = (0u64, 0u64);
     workers.activate(1.0).await?;
-    let mut connected_s = None;
-    let mut received_s = None;
+    let (mut connected_s, mut received_s) = (None, None);
     let mut totals;
     loop {
         totals = workers.totals().await?;
-        peak_gw = peak_gw.max(sut.front().rss_kib().iter().sum());
-        peak_dsp = peak_dsp.max(h.dispatchers[0].rss_kib());
-        if connected_s.is_none() && totals.connected >= users_n as u64 {
+        peak_gw_kib = peak_gw_kib.max(sut.front().rss_kib().iter().sum());
+        peak_dsp_kib = peak_dsp_kib.max(h.dispatchers[0].rss_kib());
+        if connected_s.is_none() && totals.connected >= users {
             connected_s = Some(start.elapsed().as_secs_f64());
         }
         if received_s.is_none() && totals.unique >= want {
@@ -710,7 +770,7 @@ pub(crate) async fn storm(config: &RunConfig) -> anyhow::Result<Outcome> {
         if received_s.is_some() || start.elapsed() > Duration::from_secs(180) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut delivered;
     loop {
@@ -718,26 +778,41 @@ pub(crate) async fn storm(config: &RunConfig) -> anyhow::Result<Outcome> {
         if delivered >= want || start.elapsed() > Duration::from_secs(300) {
             break;
         }
-        peak_gw = peak_gw.max(sut.front().rss_kib().iter().sum());
-        peak_dsp = peak_dsp.max(h.dispatchers[0].rss_kib());
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        peak_gw_kib = peak_gw_kib.max(sut.front().rss_kib().iter().sum());
+        peak_dsp_kib = peak_dsp_kib.max(h.dispatchers[0].rss_kib());
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    out.set("users", users_n as u64);
-    out.set("pending_per_user", pending);
-    out.set("all_connected_s", connected_s.map(|s| round(s, 2)));
-    out.set("all_received_s", received_s.map(|s| round(s, 2)));
-    out.set("all_acked_delivered_s", round(start.elapsed().as_secs_f64(), 2));
-    out.set("received_unique", totals.unique);
-    out.set("lost", want.saturating_sub(totals.unique));
-    out.set("duplicates", totals.duplicates);
-    out.set("receipts_delivered", delivered);
-    out.set("gateways_peak_rss_mib_sum", round(peak_gw as f64 / 1024.0, 1));
-    out.set("dispatcher_peak_rss_mib", round(peak_dsp as f64 / 1024.0, 1));
-    if totals.unique < want || delivered < want {
-        out.fail(format!("received {} of {want}; receipts delivered {delivered}", totals.unique));
-    }
+    let delivered_s = start.elapsed().as_secs_f64();
+    // The duplicates and order figures as of the end, not of the last poll.
+    let totals_end = workers.totals().await?;
     workers.quit().await;
-    Ok(out)
+    Ok(Watched {
+        connected_s,
+        received_s,
+        delivered_s,
+        totals: Totals { duplicates: totals_end.duplicates, out_of_order: totals_end.out_of_order, ..totals },
+        delivered,
+        peak_gw_kib,
+        peak_dsp_kib,
+    })
+}
+
+impl Watched {
+    fn report(&self, out: &mut Outcome, want: u64) {
+        out.set("all_connected_s", self.connected_s.map(|s| round(s, 2)));
+        out.set("all_received_s", self.received_s.map(|s| round(s, 2)));
+        out.set("all_acked_delivered_s", round(self.delivered_s, 2));
+        out.set("received_unique", self.totals.unique);
+        out.set("lost", want.saturating_sub(self.totals.unique));
+        out.set("duplicates", self.totals.duplicates);
+        out.set("out_of_order", self.totals.out_of_order);
+        out.set("receipts_delivered", self.delivered);
+        out.set("gateways_peak_rss_mib_sum", round(self.peak_gw_kib as f64 / 1024.0, 1));
+        out.set("dispatcher_peak_rss_mib", round(self.peak_dsp_kib as f64 / 1024.0, 1));
+        if self.totals.unique < want || self.delivered < want {
+            out.fail(format!("received {} of {want}; receipts delivered {}", self.totals.unique, self.delivered));
+        }
+    }
 }
 
 // --- 6. gateway loss ---------------------------------------------------------------------------------
@@ -853,6 +928,8 @@ pub(crate) async fn run(scenario: Scenario, system: System, config: &RunConfig, 
             (Scenario::Fanout, System::Herald) => fanout(config).await,
             (Scenario::Storm, System::Herald) => storm(config).await,
             (Scenario::Loss, System::Herald) => loss(config).await,
+            (Scenario::Backlog, System::Herald) => backlog(config).await,
+            (Scenario::BacklogStorm, System::Herald) => backlog_storm(config).await,
             (Scenario::Smoke, System::Herald) => smoke(config).await,
             (scenario, system) => anyhow::bail!("{scenario:?} is not measured on {system:?}"),
         }

@@ -74,6 +74,7 @@ struct Stats {
     received: u64,
     unique: u64,
     duplicates: u64,
+    out_of_order: u64,
     acked_ids: u64,
     other_frames: u64,
     first_rx_us: u64,
@@ -108,6 +109,7 @@ impl Stats {
             received: self.received,
             unique: self.unique,
             duplicates: self.duplicates,
+            out_of_order: self.out_of_order,
             acked_ids: self.acked_ids,
             other_frames: self.other_frames,
             first_rx_us: self.first_rx_us,
@@ -268,6 +270,8 @@ async fn open(spec: &WorkerSpec, url: &str, user: &str, source: Ipv4Addr) -> Res
 async fn serve(spec: &WorkerSpec, ws: Ws, stats: &RefCell<Stats>, seen: &mut HashSet<u64>) -> u16 {
     let (mut sink, mut stream) = ws.split();
     let mut acks: Vec<String> = Vec::new();
+    // The highest `seq` of a new message on this connection: a replay must come in order.
+    let mut highest_seq = 0;
     let ack_at = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(ack_at);
     loop {
@@ -281,7 +285,7 @@ async fn serve(spec: &WorkerSpec, ws: Ws, stats: &RefCell<Stats>, seen: &mut Has
                 };
                 let reply = match protocol::classify(spec.flavor, text.as_str()) {
                     Inbound::Message(m) => {
-                        on_message(stats, seen, &m);
+                        on_message(stats, seen, &m, &mut highest_seq);
                         if let (true, Some(id)) = (spec.ack, m.id) {
                             if acks.is_empty() {
                                 ack_at.as_mut().reset(Instant::now() + ACK_DELAY);
@@ -320,7 +324,7 @@ async fn serve(spec: &WorkerSpec, ws: Ws, stats: &RefCell<Stats>, seen: &mut Has
     }
 }
 
-fn on_message(stats: &RefCell<Stats>, seen: &mut HashSet<u64>, m: &protocol::Message<'_>) {
+fn on_message(stats: &RefCell<Stats>, seen: &mut HashSet<u64>, m: &protocol::Message<'_>, highest_seq: &mut u64) {
     let now = protocol::now_us();
     let mut st = stats.borrow_mut();
     st.received += 1;
@@ -337,6 +341,12 @@ fn on_message(stats: &RefCell<Stats>, seen: &mut HashSet<u64>, m: &protocol::Mes
     // Messages without an index (none the generator publishes) are all counted as new.
     if m.k.is_none_or(|k| seen.insert(k)) {
         st.unique += 1;
+        if let Some(seq) = m.seq {
+            if seq < *highest_seq {
+                st.out_of_order += 1;
+            }
+            *highest_seq = (*highest_seq).max(seq);
+        }
     } else {
         st.duplicates += 1;
     }
