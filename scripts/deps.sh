@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what `make test` and `make run` need: redis-server and libfaketime (apt) and a .venv holding
-# nats-server and nx-27017 (pinned in scripts/requirements.txt).
+# Installs what `make test` and `make run` need: redis-server, libfaketime and Debian's chromium
+# (apt), the JS SDK's dev dependencies (npm ci in clients/js, pinned by its package-lock.json)
+# and a .venv holding nats-server and nx-27017 (pinned in scripts/requirements.txt).
 # Idempotent: a re-run with unchanged pins only checks a stamp file. Quiet on success; safe under
 # CI=true with no terminal.
 set -euo pipefail
@@ -56,6 +57,37 @@ faketime_version="0.9.10-2.1"
 if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] && [ -z "${HERALD_TEST_LIBFAKETIME:-}" ]; then
     log "installing libfaketime $faketime_version (apt)"
     apt_install "libfaketime=$faketime_version"
+fi
+
+# --- chromium, for the SDK's browser tests -----------------------------------------------------
+# Pinned to the version the tests were last run with. Debian's security archive replaces a
+# version when it ships the next one, so a pin that is gone falls back to what apt offers now,
+# with a warning, rather than leave a fresh machine without a browser.
+chromium_version="156.0.8078.114-1~deb12u1"
+installed_chromium="$(dpkg-query -W -f='${Version}' chromium 2>/dev/null || true)"
+if [ "$installed_chromium" != "$chromium_version" ] && { [ -z "$installed_chromium" ] || [ "${HERALD_DEPS_UPGRADE_CHROMIUM:-}" = 1 ]; }; then
+    log "installing chromium $chromium_version (apt)"
+    if ! apt_install "chromium=$chromium_version" 2>/dev/null; then
+        log "warning: chromium $chromium_version is no longer offered; installing apt's current version"
+        apt_install chromium
+    fi
+elif [ "$installed_chromium" != "$chromium_version" ]; then
+    log "note: chromium $installed_chromium is installed (tests were last run with $chromium_version)"
+fi
+
+# --- the JS SDK's dev dependencies (typescript, ws, playwright-core) ----------------------------
+# The stamp records the lockfile and the Node version; npm ci installs exactly the lockfile.
+sdk="$root/clients/js"
+if ! command -v npm >/dev/null 2>&1; then
+    log "npm is missing: install Node.js 20 or later (the SDK's build and tests need it)"
+    exit 1
+fi
+sdk_want="$(node --version)|$(sha256sum "$sdk/package-lock.json" | cut -d' ' -f1)"
+sdk_stamp="$sdk/node_modules/.herald-deps-stamp"
+if [ ! -f "$sdk_stamp" ] || [ "$(cat "$sdk_stamp")" != "$sdk_want" ]; then
+    log "installing the JS SDK's dev dependencies (npm ci)"
+    quiet env npm_config_update_notifier=false npm ci --prefix "$sdk" --no-audit --no-fund
+    printf '%s' "$sdk_want" >"$sdk_stamp"
 fi
 
 # --- .venv with nats-server and nx-27017 -------------------------------------------------------

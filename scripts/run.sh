@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make run`: a whole Herald on this machine. Builds the debug binaries, starts redis-server,
 # nats-server (JetStream) and nx-27017 (unless MONGODB_URI is set) with their data under .data/,
-# then one dispatcher and two gateways. Ctrl-C or SIGTERM stops everything it started.
+# then one dispatcher, two gateways and the demo page (http://127.0.0.1:8080/, built on the JS
+# SDK in clients/js). Ctrl-C or SIGTERM stops everything it started.
 #
 # Settings come from the environment the Makefile exports (see the top of the Makefile).
 set -euo pipefail
@@ -23,6 +24,7 @@ target="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 dispatcher_addr=127.0.0.1:8090
 gateway_addrs=(127.0.0.1:8081 127.0.0.1:8082)
+demo_addr=127.0.0.1:8080
 
 say() { printf 'run: %s\n' "$*" >&2; }
 die() {
@@ -50,7 +52,7 @@ else
 fi
 
 # --- refuse to start over something else ------------------------------------------------------
-ports=("$redis_port" "$nats_port" "${dispatcher_addr##*:}")
+ports=("$redis_port" "$nats_port" "${dispatcher_addr##*:}" "${demo_addr##*:}")
 for addr in "${gateway_addrs[@]}"; do ports+=("${addr##*:}"); done
 if $own_mongo; then ports+=("$mongo_port"); fi
 for port in "${ports[@]}"; do
@@ -71,9 +73,12 @@ command -v redis-server >/dev/null 2>&1 || die "redis-server is not on PATH: run
 # --- build -------------------------------------------------------------------------------------
 say "building (cargo build --bins)"
 cargo build --bins
-for bin in herald-dispatcher herald-gateway; do
+for bin in herald-dispatcher herald-gateway heraldctl; do
     [ -x "$target/$bin" ] || die "$target/$bin was not built"
 done
+say "building the JS SDK (npm run build in clients/js)"
+command -v node >/dev/null 2>&1 || die "node is not on PATH: the demo page needs Node.js 20 or later"
+npm --prefix clients/js run --silent build
 
 # --- process supervision -----------------------------------------------------------------------
 mkdir -p "$logs" "$data/redis" "$data/nats" "$data/mongo"
@@ -125,7 +130,7 @@ stop_all() {
         local group=()
         for i in "${!pids[@]}"; do
             case "${names[$i]}" in
-                gateway-* | dispatcher) [ "$phase" = herald ] && group+=("${pids[$i]}") ;;
+                gateway-* | dispatcher | demo) [ "$phase" = herald ] && group+=("${pids[$i]}") ;;
                 *) [ "$phase" = deps ] && group+=("${pids[$i]}") ;;
             esac
         done
@@ -188,13 +193,23 @@ for i in "${!gateway_addrs[@]}"; do
     wait_port "gateway-$((i + 1))" "${gateway_addrs[$i]##*:}"
 done
 
+# The demo page and its dev-only helpers (tokens for any user, the API with the admin token):
+# clients/js/demo/server.js. It listens on 127.0.0.1 only.
+gateway_urls=""
+for addr in "${gateway_addrs[@]}"; do gateway_urls+="${gateway_urls:+,}ws://$addr"; done
+HERALD_DEMO_LISTEN="$demo_addr" HERALD_DEMO_GATEWAYS="$gateway_urls" \
+    HERALD_DEMO_API="http://$dispatcher_addr" HERALD_DEMO_HERALDCTL="$target/heraldctl" \
+    start_herald demo node clients/js/demo/server.js
+wait_port demo "${demo_addr##*:}"
+
 cat >&2 <<EOF
 
 Herald is running (logs in .data/logs/; Ctrl-C stops everything).
+  demo page:  http://$demo_addr/   (connect as a user, publish, watch receipts)
   gateways:   ws://${gateway_addrs[0]}/v1/connect   ws://${gateway_addrs[1]}/v1/connect
   dispatcher: http://$dispatcher_addr
 
-Try it, in another terminal:
+Or by hand, in another terminal:
   TOKEN=\$(make -s token USER=alice)
   websocat "ws://${gateway_addrs[0]}/v1/connect?token=\$TOKEN"
       then ack what arrives by typing:  {"type":"ack","ids":["<id>"]}

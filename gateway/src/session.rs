@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{FutureExt, SinkExt, StreamExt};
+use herald_proto::client::MAX_IDS_PER_FRAME;
 use herald_proto::{
     close, AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, GatewayId, Hello, MessageId, More, ServerFrame,
 };
@@ -27,8 +28,6 @@ use crate::registry::{Admission, Connection, Outbound, Registry, Sent};
 use crate::replay::ReplayCursor;
 use crate::sent::{Acked, Read, SentSet, SENT_REMEMBERED};
 
-/// Most ids one ack or read frame may carry.
-pub(crate) const MAX_IDS_PER_FRAME: usize = 1000;
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;
 /// A notification is written only with this much of its life left: one written at its expiry

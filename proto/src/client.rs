@@ -6,8 +6,12 @@ use serde_json::value::RawValue;
 use crate::ids::{ConnectionId, GatewayId, MessageId};
 use crate::UnixMillis;
 
+/// Most ids one `ack` or `read` frame may carry; a frame with more closes with 4400.
+pub const MAX_IDS_PER_FRAME: usize = 1000;
+
 /// A frame from a client to its gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     /// The client has the messages with these ids: their receipts become `delivered`. Only ids
@@ -50,6 +54,7 @@ pub enum AckKind {
 /// Serialized with a `type` tag. Decoding goes through [`ServerFrame::decode`], because the
 /// notification payload is kept as raw JSON, which serde cannot buffer inside a tagged enum.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     Hello(Hello),
@@ -90,6 +95,7 @@ impl ServerFrame {
 
 /// The first frame on every connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct Hello {
     /// This connection's id, as it appears in receipts (`delivered_by`).
     pub connection_id: ConnectionId,
@@ -105,12 +111,14 @@ pub struct Hello {
 /// One message for the user. May arrive more than once (delivery is at-least-once): deduplicate
 /// by `id`, and order by `seq`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct Notification {
     pub id: MessageId,
     /// Increases with publish order across all of Herald (the job's JetStream sequence); two
     /// messages to one user never share it.
     pub seq: u64,
     /// The publisher's JSON, exactly as published.
+    #[cfg_attr(test, ts(type = "unknown"))]
     pub payload: Box<RawValue>,
     pub published_at_ms: UnixMillis,
     /// After this instant the message is never delivered; its receipt reads `expired`.
@@ -119,6 +127,7 @@ pub struct Notification {
 
 /// Why a gateway reports an error to a client. Sent in an `error` frame before a close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadFrame,

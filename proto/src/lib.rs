@@ -7,13 +7,16 @@
 //! * [`ids`]: message, user, connection and gateway ids, validated where they are built.
 //!
 //! `README.md` next to this crate is the protocol document; the JSON files under `golden/` are its
-//! examples, and the tests below keep the two in step with these types.
+//! examples, and the tests below keep the two in step with these types. The JS SDK's declarations
+//! (`clients/js/src/protocol.ts`) are generated from them too, and checked by `typescript`.
 
 pub mod client;
 pub mod close;
 pub mod ids;
 pub mod internal;
 pub mod job;
+#[cfg(test)]
+mod typescript;
 
 pub use client::{AckKind, ClientFrame, ErrorCode, Hello, Notification, ServerFrame};
 pub use ids::{ConnectionId, GatewayId, InvalidId, MessageId, UserId};

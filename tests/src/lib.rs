@@ -1,8 +1,8 @@
 //! Harness for Herald's end-to-end tests: real Redis, NATS (JetStream) and a Mongo-compatible
 //! server per test ([`services`]), a TCP proxy to cut a dependency off ([`proxy`]), a WebSocket
 //! client speaking Herald's protocol ([`client`]), JWTs good and bad ([`tokens`]), floods of
-//! unauthenticated connections ([`flood`]) and a polling wait ([`eventually`]). Starting
-//! gateways and dispatchers is left to the cluster module.
+//! unauthenticated connections ([`flood`]), the JS SDK as a child process ([`sdk`]) and a polling
+//! wait ([`eventually`]). Starting gateways and dispatchers is left to the cluster module.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod flood;
 pub mod otlp;
 pub mod proxy;
+pub mod sdk;
 pub mod services;
 pub mod tokens;
 

@@ -1,0 +1,100 @@
+// Generated from the Rust types in proto/src by proto/src/typescript.rs: do not edit.
+// Regenerate with `make ts-types`; `make test` fails while this file and the types differ.
+
+/**
+ * A message's id: the publisher's `id`, or one Herald assigned. It never holds `/`, space or
+ * any character a key could be split on.
+ */
+export type MessageId = string;
+
+/**
+ * One WebSocket connection, assigned by its gateway.
+ */
+export type ConnectionId = string;
+
+/**
+ * One gateway process; part of its NATS subjects.
+ */
+export type GatewayId = string;
+
+/**
+ * Why a gateway reports an error to a client. Sent in an `error` frame before a close.
+ */
+export type ErrorCode = "bad_frame" | "unsupported_data" | "frame_too_large" | "rate_limited" | "slow_consumer" | "token_expired" | "shutting_down";
+
+/**
+ * The first frame on every connection.
+ */
+export type Hello = { 
+/**
+ * This connection's id, as it appears in receipts (`delivered_by`).
+ */
+connection_id: ConnectionId, gateway_id: GatewayId, 
+/**
+ * How often the gateway pings. A client that does not answer (pong) within two intervals is
+ * closed with 4408. Browsers answer pings themselves but cannot see them, so only a client
+ * with access to pings can use two silent intervals as a sign of a dead connection.
+ */
+heartbeat_interval_ms: number, 
+/**
+ * The largest frame the gateway accepts from the client.
+ */
+max_frame_bytes: number, };
+
+/**
+ * One message for the user. May arrive more than once (delivery is at-least-once): deduplicate
+ * by `id`, and order by `seq`.
+ */
+export type Notification = { id: MessageId, 
+/**
+ * Increases with publish order across all of Herald (the job's JetStream sequence); two
+ * messages to one user never share it.
+ */
+seq: number, 
+/**
+ * The publisher's JSON, exactly as published.
+ */
+payload: unknown, published_at_ms: number, 
+/**
+ * After this instant the message is never delivered; its receipt reads `expired`.
+ */
+expires_at_ms: number, };
+
+/**
+ * A frame from a gateway to a client.
+ *
+ * Serialized with a `type` tag. Decoding goes through [`ServerFrame::decode`], because the
+ * notification payload is kept as raw JSON, which serde cannot buffer inside a tagged enum.
+ */
+export type ServerFrame = { "type": "hello" } & Hello | { "type": "notification" } & Notification | { "type": "error", code: ErrorCode, message: string, };
+
+/**
+ * A frame from a client to its gateway.
+ */
+export type ClientFrame = { "type": "ack", ids: Array<MessageId>, } | { "type": "read", ids: Array<MessageId>, };
+
+/** WebSocket close codes a gateway sends (proto/src/close.rs). */
+export const CloseCode = {
+  /** The gateway is shutting down or being drained: reconnect (to any gateway) right away. */
+  SERVICE_RESTART: 1012,
+  /** A binary frame: the protocol is JSON text only. */
+  UNSUPPORTED_DATA: 1003,
+  /** A frame larger than the gateway's configured limit. */
+  MESSAGE_TOO_BIG: 1009,
+  /** A text frame that is not a valid client frame (not JSON, unknown type, missing fields). */
+  BAD_FRAME: 4400,
+  /** The token expired while the connection was open: get a fresh one and reconnect. */
+  TOKEN_EXPIRED: 4401,
+  /** The client did not answer pings in time. */
+  HEARTBEAT_TIMEOUT: 4408,
+  /** The client read too slowly and its outbound queue filled up: reconnect and it gets the rest. */
+  SLOW_CONSUMER: 4409,
+  /** The client sent frames faster than the per-connection rate limit: back off, then reconnect. */
+  RATE_LIMITED: 4429,
+} as const;
+
+/** Longest message id, in bytes (proto/src/ids.rs). */
+export const MAX_MESSAGE_ID_BYTES = 128;
+
+/** Most ids one `ack` or `read` frame may carry (proto/src/client.rs). */
+export const MAX_IDS_PER_FRAME = 1000;
