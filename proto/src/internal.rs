@@ -16,6 +16,8 @@ pub enum GatewayCommand {
     Deliver(Vec<Routed>),
     /// Pending messages for one connection that just came online, oldest first.
     Replay(Replay),
+    /// Close every connection of this user on the gateway (an operator's kick).
+    Kick(Kick),
 }
 
 /// One notification and the users on the receiving gateway it is for. A fan-out to many users
@@ -27,6 +29,12 @@ pub struct Routed {
     /// W3C trace context of the dispatcher's routing span, when traces are exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+}
+
+/// Sent to each gateway that presence says holds a connection of `user`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kick {
+    pub user: UserId,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

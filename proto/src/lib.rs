@@ -17,7 +17,7 @@ pub mod job;
 
 pub use client::{AckKind, ClientFrame, ErrorCode, Hello, Notification, ServerFrame};
 pub use ids::{ConnectionId, GatewayId, InvalidId, MessageId, UserId};
-pub use internal::{AckRecord, Event, GatewayCommand, Online, Replay, Routed};
+pub use internal::{AckRecord, Event, GatewayCommand, Kick, Online, Replay, Routed};
 pub use job::{PublishJob, RejectCode, Rejection};
 
 /// Milliseconds since the Unix epoch: every timestamp on the wire uses this unit.
