@@ -25,6 +25,8 @@ use crate::{bin_path, tokens};
 
 pub const JWT_SECRET: &str = "herald-test-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "herald-test-admin-token";
+pub const PUBLISH_TOKEN: &str = "herald-test-publish-token";
+pub const READ_TOKEN: &str = "herald-test-read-token";
 
 /// Settings a test may change before starting Herald.
 #[derive(Debug, Clone)]
@@ -88,7 +90,14 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
         dispatcher_id: herald_shared::config::process_id("dsp"),
         mongodb_uri: stack.mongo_uri(),
         mongodb_database: stack.database.clone(),
-        admin_token: ADMIN_TOKEN.into(),
+        api: herald_shared::config::ApiConfig {
+            admin_token: ADMIN_TOKEN.into(),
+            publish_token: Some(PUBLISH_TOKEN.into()),
+            read_token: Some(READ_TOKEN.into()),
+            max_body_bytes: 256 * 1024,
+            max_batch: 20,
+            cors_origins: vec!["http://127.0.0.1:8080".into()],
+        },
         max_payload_bytes: 64 * 1024,
         max_recipients: 10_000,
         default_ttl: Duration::from_secs(3600),
@@ -331,7 +340,7 @@ impl Cluster {
             ("HERALD_DISPATCHER_LISTEN", addr.to_string()),
             ("HERALD_MONGODB_URI", config.mongodb_uri.clone()),
             ("HERALD_MONGODB_DATABASE", config.mongodb_database.clone()),
-            ("HERALD_ADMIN_TOKEN", config.admin_token.clone()),
+            ("HERALD_ADMIN_TOKEN", config.api.admin_token.clone()),
             ("HERALD_ACK_TIMEOUT_MS", config.ack_timeout.as_millis().to_string()),
             ("HERALD_JETSTREAM_ACK_WAIT_MS", config.ack_wait.as_millis().to_string()),
             ("HERALD_SWEEP_INTERVAL_MS", config.sweep_interval.as_millis().to_string()),
