@@ -455,6 +455,53 @@ impl Cluster {
         Ok((status, body))
     }
 
+    /// Any request to a dispatcher's API: method, path, bearer token, extra headers and a body.
+    /// Returns status, the response headers and the body as JSON (Null when it is not JSON).
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        dispatcher: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
+        let mut request = self.http.request(method, format!("http://{dispatcher}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Ok((status, headers, body))
+    }
+
+    /// POST of a JSON body to a dispatcher's API; returns status and body.
+    pub async fn post(
+        &self,
+        dispatcher: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        let (status, _, body) =
+            self.request(reqwest::Method::POST, dispatcher, path, token, &[], Some(serde_json::to_vec(body)?)).await?;
+        Ok((status, body))
+    }
+
+    /// The jobs stream's last sequence: what has ever been published to it (consumed or not).
+    pub async fn jobs_last_seq(&self) -> anyhow::Result<u64> {
+        let mut stream = self.js.get_stream(self.stack.names().jobs_stream()).await?;
+        Ok(stream.info().await?.state.last_sequence)
+    }
+
     /// Receipt states of one message, by user, read straight from the store.
     pub async fn receipts(&self, message_id: &str) -> anyhow::Result<BTreeMap<String, ReceiptDoc>> {
         let receipts: Vec<ReceiptDoc> = self
