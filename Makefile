@@ -4,6 +4,11 @@
 # These match the defaults in shared/src/config.rs; `make run` starts the services on these ports.
 export HERALD_JWT_SECRET ?= herald-dev-secret-change-me
 export HERALD_ADMIN_TOKEN ?= herald-dev-admin-token
+# Scoped API tokens (publish only, read only); the admin token holds every scope.
+export HERALD_PUBLISH_TOKEN ?= herald-dev-publish-token
+export HERALD_READ_TOKEN ?= herald-dev-read-token
+# Browsers on this origin (the demo page) may call the dispatcher's API.
+export HERALD_API_CORS_ORIGINS ?= http://127.0.0.1:8080
 export HERALD_REDIS_URL ?= redis://127.0.0.1:16379
 export HERALD_NATS_URL ?= nats://127.0.0.1:14222
 # A user-supplied MongoDB wins: `make run` then uses it instead of starting nx-27017, and the e2e
@@ -20,7 +25,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV := $(CURDIR)/.venv
-HERALDCTL := cargo run --quiet -p herald-dispatcher --bin heraldctl --
+# The binary `make run` builds (cargo build --bins). `cargo run` here would rebuild for minutes,
+# silently, on a first use; a missing binary is built once, visibly, instead.
+HERALDCTL_BIN := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug/heraldctl
+HERALDCTL = { [ -x "$(HERALDCTL_BIN)" ] || { echo "make: building heraldctl (make run builds it too)" >&2; \
+	cargo build --quiet -p herald-dispatcher --bin heraldctl; }; } && "$(HERALDCTL_BIN)"
 
 # Extra checks other parts of the repo may provide; each runs in `make test` when present.
 EXTRA_CHECKS := scripts/check-k8s.sh scripts/check-dockerfile.sh
@@ -34,7 +43,7 @@ help:
 	@echo 'make test      fmt check, clippy, extra checks, build, all tests (what CI runs)'
 	@echo 'make run       start redis, nats, mongo, one dispatcher and two gateways (Ctrl-C stops all)'
 	@echo "make token USER=alice                       print a dev client token"
-	@echo "make publish TO=alice,bob MSG='{\"title\":\"hi\"}' [ID=x TTL=secs TOPIC=t]   publish a job"
+	@echo "make publish TO=alice,bob MSG='{\"title\":\"hi\"}' [ID=x TTL=secs TOPIC=t WAIT=secs]   publish a job"
 	@echo 'make chaos SEED=1 MINUTES=2   a seeded randomized fault run, checked against every invariant'
 	@echo 'make fmt | clippy | clean'
 
@@ -106,7 +115,8 @@ publish:
 	fi; \
 	args=(--to "$$TO" --payload "$$MSG"); \
 	if [ -n "$${ID:-}" ]; then args+=(--id "$$ID"); fi; \
-	if [ -n "$${TTL:-}" ]; then args+=(--ttl-secs "$$TTL"); fi; \
+	if [ -n "$${TTL:-}" ]; then args+=(--ttl "$$TTL"); fi; \
+	if [ -n "$${WAIT:-}" ]; then args+=(--wait "$$WAIT"); fi; \
 	if [ -n "$${TOPIC:-}" ]; then args+=(--topic "$$TOPIC"); fi; \
 	$(HERALDCTL) publish "$${args[@]}"
 

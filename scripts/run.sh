@@ -16,6 +16,9 @@ cd "$root"
 : "${HERALD_NATS_URL:?not set: start this with make run}"
 : "${HERALD_MONGODB_URI:?not set: start this with make run}"
 export HERALD_JWT_SECRET HERALD_ADMIN_TOKEN HERALD_REDIS_URL HERALD_NATS_URL HERALD_MONGODB_URI
+# Optional: scoped API tokens and the CORS allow-list (the Makefile sets dev values).
+export HERALD_PUBLISH_TOKEN="${HERALD_PUBLISH_TOKEN:-}" HERALD_READ_TOKEN="${HERALD_READ_TOKEN:-}"
+export HERALD_API_CORS_ORIGINS="${HERALD_API_CORS_ORIGINS:-}"
 
 data="$root/.data"
 logs="$data/logs"
@@ -218,6 +221,7 @@ Or by hand, in another terminal:
       ws.onmessage = (e) => { const f = JSON.parse(e.data); console.log(f);
         if (f.type === 'notification') ws.send(JSON.stringify({type: 'ack', ids: [f.id]})); };
   make publish TO=alice MSG='{"title":"hi"}'
+  curl -H "Authorization: Bearer $HERALD_PUBLISH_TOKEN" -d '{"to":["alice"],"payload":{"title":"hi"}}' http://$dispatcher_addr/v1/publish
   curl -H "Authorization: Bearer $HERALD_ADMIN_TOKEN" http://$dispatcher_addr/v1/users/alice/pending
 
 EOF

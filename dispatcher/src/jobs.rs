@@ -16,12 +16,12 @@ use herald_shared::naming::Names;
 use herald_shared::Clock;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{self, Invalid, JobMeta, Limits, ValidJob};
 use crate::metrics::DispatcherMetrics;
 use crate::presence::{Connections, PresenceReader};
 use crate::pull;
 use crate::routing::{self, Router};
 use crate::store::{DeadLetterDoc, Store, Stored};
+use herald_publish::validate::{self as job, Invalid, JobMeta, Limits, ValidJob};
 
 /// Everything one job worker needs.
 #[derive(Clone)]
@@ -93,6 +93,7 @@ impl JobPipeline {
                 verdict(job, stored, Attempt { delivered: pulled.delivered, interrupted }, self.max_attempts)
             })
             .collect();
+        let verdicts = self.only_pending(&jobs, &valid, interrupted, verdicts).await;
 
         let routes: Vec<(usize, &[UserId])> = verdicts
             .iter()
@@ -206,6 +207,47 @@ impl JobPipeline {
                 return None;
             }
         }
+    }
+
+    /// A job seen before (redelivered, or its batch's store attempt interrupted) is routed to
+    /// every recipient, because an earlier attempt may have stored it without routing. Only to
+    /// those whose receipt is still pending, though: one delivered, expired or cancelled since
+    /// must not be sent again. Asked in one query for the batch; if the store does not answer,
+    /// such a job is routed to nobody now, and the ack-timeout sweep sends what is pending.
+    async fn only_pending(
+        &self,
+        jobs: &[ValidJob],
+        pulled: &[Pulled],
+        interrupted: bool,
+        mut verdicts: Vec<Verdict>,
+    ) -> Vec<Verdict> {
+        let again: Vec<usize> = (0..jobs.len())
+            .filter(|i| pulled[*i].delivered > 1 || interrupted)
+            .filter(|i| matches!(&verdicts[*i], Verdict::Stored { route } if !route.is_empty()))
+            .collect();
+        if again.is_empty() {
+            return verdicts;
+        }
+        let mut keys = Vec::new();
+        for i in &again {
+            if let Verdict::Stored { route } = &verdicts[*i] {
+                keys.extend(route.iter().map(|user| crate::store::receipt_key(&jobs[*i].message_id, user)));
+            }
+        }
+        let pending = match self.store.pending_keys(&keys).await {
+            Ok(pending) => Some(pending),
+            Err(e) => {
+                tracing::warn!(error = %e, "receipt states unknown; the sweep resends what is pending");
+                None
+            }
+        };
+        for i in again {
+            if let Verdict::Stored { route } = &mut verdicts[i] {
+                let id = &jobs[i].message_id;
+                route.retain(|user| pending.as_ref().is_some_and(|p| p.contains(&crate::store::receipt_key(id, user))));
+            }
+        }
+        verdicts
     }
 
     /// Routes the stored jobs to the gateways holding their recipients. Returns false if `stop`

@@ -21,7 +21,6 @@ use tokio_util::task::TaskTracker;
 pub mod acks;
 pub mod api;
 pub mod events;
-pub mod job;
 pub mod jobs;
 pub mod metrics;
 pub mod presence;
@@ -46,6 +45,8 @@ pub enum DispatcherError {
     TaskFailed,
     #[error("metrics: {0}")]
     Metrics(#[from] herald_shared::metrics::MetricsError),
+    #[error(transparent)]
+    Publisher(#[from] herald_publish::PublishError),
 }
 
 /// Most gateway events applied at once (one receipt-update round trip per batch).
@@ -100,18 +101,20 @@ pub async fn run(
     let fetch_bytes = pull::fetch_bytes(FETCH_BYTES, nats.server_info().max_payload);
     let presence = presence::PresenceReader::new(redis.clone(), names.clone());
     let router = routing::Router::new(nats.clone(), names.clone());
+    let api_router = router.clone();
+    let limits = herald_publish::validate::Limits {
+        max_payload_bytes: config.max_payload_bytes,
+        max_recipients: config.max_recipients,
+        default_ttl: config.default_ttl,
+        max_ttl: config.max_ttl,
+    };
     let jobs = jobs::JobPipeline {
         js: js.clone(),
         names: names.clone(),
         store: store.clone(),
         presence: presence.clone(),
         router: router.clone(),
-        limits: job::Limits {
-            max_payload_bytes: config.max_payload_bytes,
-            max_recipients: config.max_recipients,
-            default_ttl: config.default_ttl,
-            max_ttl: config.max_ttl,
-        },
+        limits: limits.clone(),
         ack_timeout: config.ack_timeout,
         batching: pull::Batching {
             max: config.job_batch,
@@ -183,18 +186,28 @@ pub async fn run(
     );
 
     let http_metrics = metrics.http.clone();
+    // The streams exist (ensured above): this only looks the jobs stream up.
+    let destination =
+        herald_publish::Destination { stream: names.jobs_stream(), subject: names.publish_subject("http") };
+    let publisher = herald_publish::Publisher::new(js.clone(), destination, limits).await?;
     let state = Arc::new(api::ApiState {
         metrics,
-        admin_token: config.admin_token.clone(),
+        tokens: api::auth::Tokens::new(&config.api),
         store,
         presence,
         redis: redis.clone(),
         js: js.clone(),
+        publisher,
+        router: api_router,
+        names: names.clone(),
+        max_batch: config.api.max_batch,
+        max_body_bytes: config.api.max_body_bytes,
         checks: herald_shared::readiness::Checks::default(),
         clock: config.common.clock.clone(),
     });
     tracing::info!(dispatcher = %config.dispatcher_id, addr = ?listener.local_addr().ok(), "dispatcher running");
-    serve::serve(listener, api::router(state), &config.common.http, http_metrics, shutdown.clone()).await;
+    let app = api::router(state, config.api.max_body_bytes, &config.api.cors_origins);
+    serve::serve(listener, app, &config.common.http, http_metrics, shutdown.clone()).await;
 
     stop.cancel();
     tasks.close();

@@ -49,6 +49,24 @@ impl PresenceReader {
         Self { redis, names, known: Arc::default() }
     }
 
+    /// The gateways whose liveness key exists, by id: one SCAN of the liveness keys (never
+    /// KEYS, which would block Redis), for an operator's status.
+    pub async fn live_gateways(&self) -> Result<Vec<GatewayId>, PresenceError> {
+        use futures::StreamExt as _;
+        let prefix = self.names.gateway_key("");
+        let mut keys = self.redis.scan_buffered(self.names.gateway_key("*"), Some(100), None);
+        let mut out = BTreeSet::new();
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            if let Some(id) = key.as_str().and_then(|k| k.strip_prefix(prefix.as_str())) {
+                if let Ok(id) = GatewayId::new(id) {
+                    out.insert(id);
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
     /// The live connections of each user. Users without a live connection are absent from the
     /// result. Entries pointing at a gateway whose liveness key is gone are dropped here and
     /// deleted before returning (best effort: a failed delete is retried by the next lookup).

@@ -5,6 +5,11 @@
 //! duplicate event can never move a receipt backwards. `expired → delivered` is allowed on
 //! purpose: a gateway never delivers past the TTL, so an ack for an expired receipt means the
 //! client did get the message in time and the receipt must say so (invariant 2).
+//!
+//! `cancelled` stands outside that order: an operator's cancel moves a `pending` receipt there,
+//! and nothing moves it anywhere else. The sweep, the replay and routing read only `pending`
+//! receipts, so a cancelled one is never sent again, and an ack (which moves only `pending`,
+//! `expired` and `delivered` receipts) never makes it `delivered`.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,10 +20,12 @@ pub enum ReceiptState {
     Expired,
     Delivered,
     Read,
+    /// Cancelled by an operator while pending: never delivered afterwards. Terminal.
+    Cancelled,
 }
 
 impl ReceiptState {
-    pub const ALL: [ReceiptState; 4] = [Self::Pending, Self::Expired, Self::Delivered, Self::Read];
+    pub const ALL: [ReceiptState; 5] = [Self::Pending, Self::Expired, Self::Delivered, Self::Read, Self::Cancelled];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -26,12 +33,17 @@ impl ReceiptState {
             Self::Expired => "expired",
             Self::Delivered => "delivered",
             Self::Read => "read",
+            Self::Cancelled => "cancelled",
         }
     }
 
-    /// The states a receipt may be in for an event to move it to `self`.
+    /// The states a receipt may be in for an event to move it to `self`: the ranked states
+    /// below it, and only `pending` for `cancelled`. Nothing leaves `cancelled`.
     pub fn reachable_from(self) -> Vec<&'static str> {
-        Self::ALL.into_iter().filter(|s| *s < self).map(Self::as_str).collect()
+        match self {
+            Self::Cancelled => vec![Self::Pending.as_str()],
+            to => Self::ALL.into_iter().filter(|s| *s != Self::Cancelled && *s < to).map(Self::as_str).collect(),
+        }
     }
 
     /// What an observer should be told: a pending receipt past its expiry is expired even
@@ -55,12 +67,35 @@ mod tests {
         assert_eq!(ReceiptState::Expired.reachable_from(), vec!["pending"]);
         assert_eq!(ReceiptState::Delivered.reachable_from(), vec!["pending", "expired"]);
         assert_eq!(ReceiptState::Read.reachable_from(), vec!["pending", "expired", "delivered"]);
-        for from in ReceiptState::ALL {
-            for to in ReceiptState::ALL {
+        let ranked = &ReceiptState::ALL[..4];
+        for from in ranked {
+            for to in ranked {
                 let allowed = to.reachable_from().contains(&from.as_str());
                 assert_eq!(allowed, from < to, "{from:?} -> {to:?}");
             }
         }
+    }
+
+    #[test]
+    fn only_a_pending_receipt_is_cancelled_and_a_cancelled_one_stays() {
+        assert_eq!(ReceiptState::Cancelled.reachable_from(), vec!["pending"]);
+        for to in ReceiptState::ALL {
+            assert!(!to.reachable_from().contains(&"cancelled"), "cancelled -> {to:?}");
+        }
+        // The ack rules name their source states; cancelled is never one of them.
+        for update in crate::acks::plan(&[herald_proto::AckRecord {
+            user: herald_proto::UserId::new("u").unwrap(),
+            connection_id: herald_proto::ConnectionId::new("c").unwrap(),
+            gateway_id: herald_proto::GatewayId::new("g").unwrap(),
+            kind: herald_proto::AckKind::Read,
+            ids: vec![herald_proto::MessageId::new("m").unwrap()],
+            read_unsent: vec![],
+            at_ms: 1,
+            traceparent: None,
+        }]) {
+            assert!(!update.from.contains(&ReceiptState::Cancelled), "{update:?}");
+        }
+        assert_eq!(ReceiptState::Cancelled.effective(1, 10), ReceiptState::Cancelled);
     }
 
     #[test]

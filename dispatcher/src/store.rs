@@ -25,8 +25,8 @@ use serde_json::value::RawValue;
 use herald_shared::metrics::DependencyMetrics;
 
 use crate::acks::AckUpdate;
-use crate::job::ValidJob;
 use crate::receipt::ReceiptState;
+use herald_publish::validate::ValidJob;
 
 /// How long messages and receipts are kept after they expire, for the query API and audits.
 pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
@@ -179,6 +179,9 @@ pub struct ReceiptDoc {
     pub read_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expired_at_ms: Option<i64>,
+    /// When an operator cancelled it (state `cancelled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_at_ms: Option<i64>,
     pub purge_at: DateTime,
     /// The message itself when this is its only receipt (it then has no [`MessageDoc`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -400,6 +403,7 @@ impl Store {
                     delivered_by: None,
                     read_at_ms: None,
                     expired_at_ms: None,
+                    cancelled_at_ms: None,
                     purge_at: purge_at(job),
                     inline: (job.recipients.len() == 1).then(|| InlineMessage {
                         payload: job.payload.get().to_owned(),
@@ -797,6 +801,68 @@ impl Store {
         Ok(counts)
     }
 
+    /// Of these receipt keys, those whose receipt is still pending: whom a job seen before may be
+    /// routed to again. One query per [`RECEIPTS_PER_INSERT`] keys.
+    pub async fn pending_keys(&self, keys: &[String]) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut pending = std::collections::HashSet::new();
+        for chunk in keys.chunks(RECEIPTS_PER_INSERT) {
+            let filter = doc! { "_id": { "$in": chunk }, "state": ReceiptState::Pending.as_str() };
+            let find = async {
+                let cursor = self.inbox.find(filter).projection(doc! { "_id": 1 }).max_time(OP_TIMEOUT).await?;
+                Ok(cursor.try_collect::<Vec<Document>>().await?)
+            };
+            for row in self.call("pending_keys", find).await? {
+                if let Ok(id) = row.get_str("_id") {
+                    pending.insert(id.to_owned());
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    /// The digest of the content a message id is claimed by, if any job has claimed it.
+    pub async fn claim_digest(&self, id: &MessageId) -> Result<Option<String>, StoreError> {
+        let id = id.as_str();
+        let find = async { Ok(self.claims.find_one(doc! { "_id": id }).max_time(OP_TIMEOUT).await?) };
+        Ok(self.call("find_claim", find).await?.map(|claim| claim.digest))
+    }
+
+    /// An operator's cancel: every pending receipt of the message becomes `cancelled`, after
+    /// which no sweep, replay or route reads it (they read pending receipts only). Returns how
+    /// many were cancelled.
+    pub async fn cancel(&self, message_id: &MessageId, now_ms: u64) -> Result<u64, StoreError> {
+        let id = message_id.as_str();
+        let from = ReceiptState::Cancelled.reachable_from();
+        let update = async {
+            Ok(self
+                .receipts
+                .update_many(
+                    doc! { "message_id": id, "state": { "$in": from } },
+                    doc! { "$set": {
+                        "state": ReceiptState::Cancelled.as_str(),
+                        "cancelled_at_ms": now_ms as i64,
+                        "next_retry_at_ms": null,
+                    } },
+                )
+                .await?)
+        };
+        Ok(self.call("cancel", update).await?.modified_count)
+    }
+
+    /// A data-protection request: deletes every receipt of `user`, and with them the messages
+    /// they carry (those sent to this user alone). Messages to several users stay for the others.
+    /// Returns (receipts deleted, of which carried their message).
+    pub async fn forget(&self, user: &UserId) -> Result<(u64, u64), StoreError> {
+        let user = user.as_str();
+        let carriers = async {
+            Ok(self.receipts.delete_many(doc! { "user": user, "inline": { "$exists": true } }).await?.deleted_count)
+        };
+        let messages = self.call("forget", carriers).await?;
+        let rest = async { Ok(self.receipts.delete_many(doc! { "user": user }).await?.deleted_count) };
+        let receipts = self.call("forget", rest).await?;
+        Ok((messages + receipts, messages))
+    }
+
     pub async fn dead_letter(&self, letter: DeadLetterDoc) -> Result<(), StoreError> {
         self.call("dead_letter", async { Ok(self.dead_letters.insert_one(letter).await.map(|_| ())?) }).await?;
         Ok(())
@@ -842,7 +908,7 @@ fn ack_statement(update: &AckUpdate) -> Document {
         ReceiptState::Read => {
             set.insert("read_at_ms", update.at_ms);
         }
-        ReceiptState::Pending | ReceiptState::Expired => {}
+        ReceiptState::Pending | ReceiptState::Expired | ReceiptState::Cancelled => {}
     }
     doc! {
         "q": { "_id": { "$in": keys }, "user": update.user.as_str(), "state": { "$in": from } },

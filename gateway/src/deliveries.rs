@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
-use herald_proto::{GatewayCommand, Notification, ServerFrame};
+use herald_proto::{close, GatewayCommand, Notification, ServerFrame};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::GatewayMetrics;
@@ -87,6 +87,11 @@ pub(crate) fn handle(payload: &[u8], registry: &Registry, now_ms: u64) -> Outcom
             outcome.queued += len;
             // Behind the page's frames: the session asks for the next page once it takes this.
             conn.end_page(PageEnd { more_after_seq: replay.more_after_seq, len });
+        }
+        GatewayCommand::Kick(kick) => {
+            outcome.kind = "kick";
+            let closed = registry.close_user(&kick.user, close::KICKED);
+            tracing::info!(user = %kick.user, connections = closed, "kicked by an operator");
         }
     }
     outcome
@@ -197,5 +202,26 @@ mod tests {
         });
         assert_eq!(handle(&serde_json::to_vec(&wrong_conn).unwrap(), &registry, 1_000).queued, 0);
         assert_eq!(handle(b"{not json", &registry, 1_000), Outcome { kind: "invalid", ..Outcome::default() });
+    }
+
+    #[test]
+    fn a_kick_closes_every_connection_of_that_user_only() {
+        let registry = Registry::new(10, 10);
+        let user = |u: &str| herald_proto::UserId::new(u).unwrap();
+        let conn =
+            |c: &str, u: &str| Arc::new(Connection::new(herald_proto::ConnectionId::new(c).unwrap(), user(u), 8));
+        let (a1, a2, b1) = (conn("a1", "alice"), conn("a2", "alice"), conn("b1", "bob"));
+        for c in [&a1, &a2, &b1] {
+            registry.insert(Arc::clone(c));
+        }
+        let kick = GatewayCommand::Kick(herald_proto::Kick { user: user("alice") });
+        assert_eq!(handle(&serde_json::to_vec(&kick).unwrap(), &registry, 1_000).kind, "kick");
+        for c in [&a1, &a2] {
+            assert!(c.kicked().is_cancelled());
+            assert_eq!(c.kick_code(), close::KICKED);
+        }
+        assert!(!b1.kicked().is_cancelled(), "bob stays");
+        let nobody = GatewayCommand::Kick(herald_proto::Kick { user: user("carol") });
+        assert_eq!(handle(&serde_json::to_vec(&nobody).unwrap(), &registry, 1_000).kind, "kick");
     }
 }

@@ -100,7 +100,7 @@ impl GatewayMetrics {
             commands_received: m::counter_vec(
                 &r,
                 "herald_gateway_commands_received_total",
-                "Commands from dispatchers, by kind (deliver, replay, invalid)",
+                "Commands from dispatchers, by kind (deliver, replay, kick, invalid)",
                 &["kind"],
             )?,
             replay_requests: m::counter_vec(

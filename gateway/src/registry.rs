@@ -215,6 +215,16 @@ impl Registry {
         users.iter().filter_map(|user| map.get(user)).flatten().filter(|conn| conn.offer(frame.clone())).count()
     }
 
+    /// Asks every local connection of `user` to close with `code`; returns how many there were.
+    pub(crate) fn close_user(&self, user: &UserId, code: u16) -> usize {
+        let map = self.read();
+        let conns = map.get(user).map(Vec::as_slice).unwrap_or_default();
+        for conn in conns {
+            conn.close_with(code);
+        }
+        conns.len()
+    }
+
     pub(crate) fn connection(&self, user: &UserId, connection_id: &ConnectionId) -> Option<Arc<Connection>> {
         self.read().get(user)?.iter().find(|c| c.id == *connection_id).cloned()
     }

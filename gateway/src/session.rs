@@ -104,6 +104,16 @@ const HEARTBEAT: Ending = Ending::new(close::HEARTBEAT_TIMEOUT, None, "no pong",
 const SHUTTING_DOWN: Ending =
     Ending::new(close::SERVICE_RESTART, Some(ErrorCode::ShuttingDown), "reconnect", "shutdown");
 const SLOW: Ending = Ending::new(close::SLOW_CONSUMER, Some(ErrorCode::SlowConsumer), "slow consumer", "slow_consumer");
+const KICKED: Ending = Ending::new(close::KICKED, Some(ErrorCode::Kicked), "closed by an operator", "kicked");
+
+/// How a session closed from outside ends, by the code its closer gave.
+fn kicked_ending(code: u16) -> Ending {
+    match code {
+        close::SLOW_CONSUMER => SLOW,
+        close::KICKED => KICKED,
+        _ => SHUTTING_DOWN,
+    }
+}
 
 /// Runs one connection to its end. `admission` holds the connection's place until then.
 pub(crate) async fn run(
@@ -201,7 +211,7 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = conn.kicked().cancelled() => {
-                    break if conn.kick_code() == close::SLOW_CONSUMER { Some(SLOW) } else { Some(SHUTTING_DOWN) };
+                    break Some(kicked_ending(conn.kick_code()));
                 }
                 _ = shutdown.cancelled() => break Some(SHUTTING_DOWN),
                 _ = &mut token_expiry => break Some(TOKEN_EXPIRED),
@@ -251,7 +261,7 @@ impl Session<'_> {
                         tokio::select! {
                             result = &mut write => break result.err().map(|_| None),
                             _ = conn.kicked().cancelled() => {
-                                break Some(if conn.kick_code() == close::SLOW_CONSUMER { Some(SLOW) } else { Some(SHUTTING_DOWN) });
+                                break Some(Some(kicked_ending(conn.kick_code())));
                             }
                             _ = shutdown.cancelled() => break Some(Some(SHUTTING_DOWN)),
                             _ = &mut token_expiry => break Some(Some(TOKEN_EXPIRED)),

@@ -23,7 +23,13 @@ from pathlib import Path
 import yaml
 from kubernetes_validate import utils as kv
 
-SECRET_KEYS = {"HERALD_JWT_SECRET", "HERALD_ADMIN_TOKEN", "HERALD_MONGODB_URI"}
+SECRET_KEYS = {
+    "HERALD_JWT_SECRET",
+    "HERALD_ADMIN_TOKEN",
+    "HERALD_PUBLISH_TOKEN",
+    "HERALD_READ_TOKEN",
+    "HERALD_MONGODB_URI",
+}
 # Read by the code but deliberately left unset: every process then takes a random id.
 UNSET_ON_PURPOSE = {"HERALD_GATEWAY_ID", "HERALD_DISPATCHER_ID"}
 # Secrets that the cluster provides rather than the rendering (prod creates it by hand).

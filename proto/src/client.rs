@@ -137,4 +137,6 @@ pub enum ErrorCode {
     SlowConsumer,
     TokenExpired,
     ShuttingDown,
+    /// An operator closed the user's connections.
+    Kicked,
 }

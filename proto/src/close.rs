@@ -16,5 +16,8 @@ pub const TOKEN_EXPIRED: u16 = 4401;
 pub const HEARTBEAT_TIMEOUT: u16 = 4408;
 /// The client read too slowly and its outbound queue filled up: reconnect and it gets the rest.
 pub const SLOW_CONSUMER: u16 = 4409;
+/// An operator closed this user's connections (`heraldctl kick`): get a new token before
+/// reconnecting, and expect a refused or revoked one.
+pub const KICKED: u16 = 4403;
 /// The client sent frames faster than the per-connection rate limit: back off, then reconnect.
 pub const RATE_LIMITED: u16 = 4429;

@@ -16,6 +16,8 @@ pub enum GatewayCommand {
     Deliver(Vec<Routed>),
     /// A page of pending messages for one connection that came online, oldest first.
     Replay(Replay),
+    /// Close every connection of this user on the gateway (an operator's kick).
+    Kick(Kick),
 }
 
 /// One notification and the users on the receiving gateway it is for. A fan-out to many users
@@ -32,6 +34,12 @@ pub struct Routed {
     /// (the same message live and in a replay) is a duplicate it leaves out.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resend: bool,
+}
+
+/// Sent to each gateway that presence says holds a connection of `user`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kick {
+    pub user: UserId,
 }
 
 /// One page of a connection's replay: the user's oldest pending messages after where the

@@ -20,7 +20,7 @@ mod typescript;
 
 pub use client::{AckKind, ClientFrame, ErrorCode, Hello, Notification, ServerFrame};
 pub use ids::{ConnectionId, GatewayId, InvalidId, MessageId, UserId};
-pub use internal::{AckRecord, Event, GatewayCommand, More, Online, Replay, Routed};
+pub use internal::{AckRecord, Event, GatewayCommand, Kick, More, Online, Replay, Routed};
 pub use job::{PublishJob, RejectCode, Rejection};
 
 /// Milliseconds since the Unix epoch: every timestamp on the wire uses this unit.

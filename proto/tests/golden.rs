@@ -108,6 +108,11 @@ const GOLDEN: &[(&str, RoundTrip)] = &[
         assert!(matches!(&c, GatewayCommand::Replay(r) if r.more_after_seq.is_some()), "{c:?}");
         encode(&c)
     }),
+    ("gateway_kick.json", |t| {
+        let c: GatewayCommand = decode(t);
+        assert!(matches!(c, GatewayCommand::Kick(_)), "{c:?}");
+        encode(&c)
+    }),
     ("event_acks.json", |t| {
         let e: Event = decode(t);
         assert!(matches!(e, Event::Acks(_)), "{e:?}");
@@ -224,11 +229,13 @@ fn as_str<T: serde::Serialize>(t: T) -> String {
 
 fn all_error_codes() -> Vec<ErrorCode> {
     use ErrorCode::*;
-    let all = vec![BadFrame, UnsupportedData, FrameTooLarge, RateLimited, SlowConsumer, TokenExpired, ShuttingDown];
+    let all =
+        vec![BadFrame, UnsupportedData, FrameTooLarge, RateLimited, SlowConsumer, TokenExpired, ShuttingDown, Kicked];
     // Without a wildcard arm, a new variant does not compile until it is listed above.
     for code in &all {
         match code {
-            BadFrame | UnsupportedData | FrameTooLarge | RateLimited | SlowConsumer | TokenExpired | ShuttingDown => {}
+            BadFrame | UnsupportedData | FrameTooLarge | RateLimited | SlowConsumer | TokenExpired | ShuttingDown
+            | Kicked => {}
         }
     }
     all
@@ -268,6 +275,7 @@ fn close_codes() -> Vec<(u16, Option<ErrorCode>)> {
         (close::HEARTBEAT_TIMEOUT, None),
         (close::SLOW_CONSUMER, Some(ErrorCode::SlowConsumer)),
         (close::RATE_LIMITED, Some(ErrorCode::RateLimited)),
+        (close::KICKED, Some(ErrorCode::Kicked)),
     ]
 }
 

@@ -131,8 +131,8 @@ pub struct DispatcherConfig {
     pub dispatcher_id: String,
     pub mongodb_uri: String,
     pub mongodb_database: String,
-    /// Bearer token for the query API.
-    pub admin_token: String,
+    /// The HTTP API: its tokens and limits.
+    pub api: ApiConfig,
     pub max_payload_bytes: usize,
     pub max_recipients: usize,
     pub default_ttl: Duration,
@@ -164,6 +164,102 @@ pub struct DispatcherConfig {
     /// Deliveries of a job that keeps failing (not counting store outages) before it is
     /// dead-lettered.
     pub max_attempts: u64,
+}
+
+/// The dispatcher's HTTP API (publish, query, operate).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Bearer token of every scope: publish, read and the operator's actions.
+    pub admin_token: String,
+    /// Bearer token that may only publish (`/v1/publish…`), when set.
+    pub publish_token: Option<String>,
+    /// Bearer token that may only read (messages, pending, presence, rejections, status), when set.
+    pub read_token: Option<String>,
+    /// Largest request body accepted; a larger one gets 413.
+    pub max_body_bytes: usize,
+    /// Most jobs in one `POST /v1/publish/batch`.
+    pub max_batch: usize,
+    /// Origins a browser may call the API from (CORS). Empty: no CORS headers at all.
+    pub cors_origins: Vec<String>,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |t: &Option<String>| t.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ApiConfig")
+            .field("admin_token", &"<redacted>")
+            .field("publish_token", &redact(&self.publish_token))
+            .field("read_token", &redact(&self.read_token))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_batch", &self.max_batch)
+            .field("cors_origins", &self.cors_origins)
+            .finish()
+    }
+}
+
+/// Defaults of the limits a job is validated against (the dispatcher's, and `heraldctl`'s when
+/// it validates before publishing).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_RECIPIENTS: usize = 10_000;
+pub const DEFAULT_TTL_SECS: u64 = 86_400;
+pub const DEFAULT_MAX_TTL_SECS: u64 = 30 * 86_400;
+
+/// The job limits from the environment: (payload bytes, recipients, default TTL, largest TTL).
+pub fn job_limits(env: &mut Env) -> (usize, usize, Duration, Duration) {
+    let limits = (
+        env.parse("HERALD_MAX_PAYLOAD_BYTES", DEFAULT_MAX_PAYLOAD_BYTES),
+        env.parse("HERALD_MAX_RECIPIENTS", DEFAULT_MAX_RECIPIENTS),
+        env.secs("HERALD_DEFAULT_TTL_SECS", DEFAULT_TTL_SECS),
+        env.secs("HERALD_MAX_TTL_SECS", DEFAULT_MAX_TTL_SECS),
+    );
+    if limits.2 > limits.3 {
+        env.invalid("HERALD_DEFAULT_TTL_SECS: must not exceed HERALD_MAX_TTL_SECS");
+    }
+    limits
+}
+
+/// An origin as a browser sends it: `http` or `https`, a host, an optional port; no path.
+fn is_origin(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")) else { return false };
+    !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+impl ApiConfig {
+    pub fn from_env(env: &mut Env) -> Self {
+        let config = Self {
+            admin_token: env.required("HERALD_ADMIN_TOKEN"),
+            publish_token: env.optional("HERALD_PUBLISH_TOKEN"),
+            read_token: env.optional("HERALD_READ_TOKEN"),
+            max_body_bytes: env.parse("HERALD_API_MAX_BODY_BYTES", 1024 * 1024),
+            max_batch: env.parse("HERALD_API_MAX_BATCH", 100),
+            cors_origins: env
+                .string("HERALD_API_CORS_ORIGINS", "")
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+        };
+        // Like the JWT secret: a short token can be guessed.
+        for (name, token) in [
+            ("HERALD_ADMIN_TOKEN", Some(&config.admin_token)),
+            ("HERALD_PUBLISH_TOKEN", config.publish_token.as_ref()),
+            ("HERALD_READ_TOKEN", config.read_token.as_ref()),
+        ] {
+            if token.is_some_and(|t| !t.is_empty() && t.len() < MIN_ADMIN_TOKEN_BYTES) {
+                env.invalid(format!("{name}: must be at least {MIN_ADMIN_TOKEN_BYTES} bytes"));
+            }
+        }
+        if config.max_body_bytes < 1024 {
+            env.invalid("HERALD_API_MAX_BODY_BYTES: must be at least 1024");
+        }
+        if !(1..=1000).contains(&config.max_batch) {
+            env.invalid("HERALD_API_MAX_BATCH: must be 1 to 1000");
+        }
+        for origin in config.cors_origins.iter().filter(|o| !is_origin(o)) {
+            env.invalid(format!("HERALD_API_CORS_ORIGINS: {origin:?} is not an origin like http://127.0.0.1:8080"));
+        }
+        config
+    }
 }
 
 /// Sessions per gateway when `HERALD_MAX_CONNECTIONS` is unset and the open-file limit allows.
@@ -382,17 +478,18 @@ impl GatewayConfig {
 impl DispatcherConfig {
     pub fn from_env(env: &mut Env) -> Self {
         let common = CommonConfig::from_env(env);
+        let (max_payload_bytes, max_recipients, default_ttl, max_ttl) = job_limits(env);
         let config = Self {
             common,
             listen: env.parse("HERALD_DISPATCHER_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8090))),
             dispatcher_id: env.optional("HERALD_DISPATCHER_ID").unwrap_or_else(|| process_id("dsp")),
             mongodb_uri: env.string("HERALD_MONGODB_URI", "mongodb://127.0.0.1:27117"),
             mongodb_database: env.string("HERALD_MONGODB_DATABASE", "herald"),
-            admin_token: env.required("HERALD_ADMIN_TOKEN"),
-            max_payload_bytes: env.parse("HERALD_MAX_PAYLOAD_BYTES", 64 * 1024),
-            max_recipients: env.parse("HERALD_MAX_RECIPIENTS", 10_000),
-            default_ttl: env.secs("HERALD_DEFAULT_TTL_SECS", 86_400),
-            max_ttl: env.secs("HERALD_MAX_TTL_SECS", 30 * 86_400),
+            api: ApiConfig::from_env(env),
+            max_payload_bytes,
+            max_recipients,
+            default_ttl,
+            max_ttl,
             ack_timeout: env.millis("HERALD_ACK_TIMEOUT_MS", 30_000),
             replay_page: env.parse("HERALD_REPLAY_PAGE", 256),
             ack_wait: env.millis("HERALD_JETSTREAM_ACK_WAIT_MS", 30_000),
@@ -403,10 +500,6 @@ impl DispatcherConfig {
             job_workers: env.parse("HERALD_JOB_WORKERS", 2),
             max_attempts: env.parse("HERALD_MAX_ATTEMPTS", 5),
         };
-        // Like the JWT secret: a short admin token can be guessed.
-        if !config.admin_token.is_empty() && config.admin_token.len() < MIN_ADMIN_TOKEN_BYTES {
-            env.invalid(format!("HERALD_ADMIN_TOKEN: must be at least {MIN_ADMIN_TOKEN_BYTES} bytes"));
-        }
         if config.job_batch == 0 || config.job_workers == 0 || config.max_attempts == 0 {
             env.invalid("HERALD_JOB_BATCH, HERALD_JOB_WORKERS and HERALD_MAX_ATTEMPTS must be positive");
         }
@@ -421,9 +514,6 @@ impl DispatcherConfig {
         }
         if config.ack_wait < Duration::from_secs(1) {
             env.invalid("HERALD_JETSTREAM_ACK_WAIT_MS: must be at least 1000");
-        }
-        if config.default_ttl > config.max_ttl {
-            env.invalid("HERALD_DEFAULT_TTL_SECS: must not exceed HERALD_MAX_TTL_SECS");
         }
         config
     }
@@ -534,6 +624,38 @@ mod tests {
             let mut e = env(&[("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"), ("HERALD_REPLAY_PAGE", bad)]);
             let c = DispatcherConfig::from_env(&mut e);
             assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_REPLAY_PAGE"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn api_tokens_limits_and_origins_are_read_and_checked() {
+        let mut e = env(&[
+            ("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"),
+            ("HERALD_PUBLISH_TOKEN", "a-publish-token-0123"),
+            ("HERALD_API_CORS_ORIGINS", "http://127.0.0.1:8080, https://app.example.com/"),
+            ("HERALD_API_MAX_BATCH", "10"),
+        ]);
+        let c = DispatcherConfig::from_env(&mut e);
+        let c = e.finish(c).unwrap();
+        assert_eq!(c.api.publish_token.as_deref(), Some("a-publish-token-0123"));
+        assert_eq!(c.api.read_token, None);
+        assert_eq!(c.api.cors_origins, ["http://127.0.0.1:8080", "https://app.example.com"]);
+        assert_eq!((c.api.max_batch, c.api.max_body_bytes), (10, 1024 * 1024));
+        assert!(!format!("{:?}", c.api).contains("publish-token"), "tokens are redacted");
+
+        let mut e = env(&[
+            ("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"),
+            ("HERALD_READ_TOKEN", "short"),
+            ("HERALD_API_CORS_ORIGINS", "127.0.0.1:8080,*"),
+            ("HERALD_API_MAX_BATCH", "0"),
+            ("HERALD_API_MAX_BODY_BYTES", "10"),
+        ]);
+        let c = DispatcherConfig::from_env(&mut e);
+        let err = e.finish(c).unwrap_err().to_string();
+        for name in
+            ["HERALD_READ_TOKEN", "\"127.0.0.1:8080\"", "\"*\"", "HERALD_API_MAX_BATCH", "HERALD_API_MAX_BODY_BYTES"]
+        {
+            assert!(err.contains(name), "{name}: {err}");
         }
     }
 

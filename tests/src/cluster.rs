@@ -25,6 +25,8 @@ use crate::{bin_path, tokens};
 
 pub const JWT_SECRET: &str = "herald-test-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "herald-test-admin-token";
+pub const PUBLISH_TOKEN: &str = "herald-test-publish-token";
+pub const READ_TOKEN: &str = "herald-test-read-token";
 
 /// Settings a test may change before starting Herald.
 #[derive(Debug, Clone)]
@@ -91,7 +93,14 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
         dispatcher_id: herald_shared::config::process_id("dsp"),
         mongodb_uri: stack.mongo_uri(),
         mongodb_database: stack.database.clone(),
-        admin_token: ADMIN_TOKEN.into(),
+        api: herald_shared::config::ApiConfig {
+            admin_token: ADMIN_TOKEN.into(),
+            publish_token: Some(PUBLISH_TOKEN.into()),
+            read_token: Some(READ_TOKEN.into()),
+            max_body_bytes: 256 * 1024,
+            max_batch: 20,
+            cors_origins: vec!["http://127.0.0.1:8080".into()],
+        },
         max_payload_bytes: 64 * 1024,
         max_recipients: 10_000,
         default_ttl: Duration::from_secs(3600),
@@ -339,7 +348,7 @@ impl Cluster {
             ("HERALD_DISPATCHER_LISTEN", addr.to_string()),
             ("HERALD_MONGODB_URI", config.mongodb_uri.clone()),
             ("HERALD_MONGODB_DATABASE", config.mongodb_database.clone()),
-            ("HERALD_ADMIN_TOKEN", config.admin_token.clone()),
+            ("HERALD_ADMIN_TOKEN", config.api.admin_token.clone()),
             ("HERALD_ACK_TIMEOUT_MS", config.ack_timeout.as_millis().to_string()),
             ("HERALD_REPLAY_PAGE", config.replay_page.to_string()),
             ("HERALD_JETSTREAM_ACK_WAIT_MS", config.ack_wait.as_millis().to_string()),
@@ -454,6 +463,53 @@ impl Cluster {
         let status = response.status().as_u16();
         let body = response.json().await.unwrap_or(Value::Null);
         Ok((status, body))
+    }
+
+    /// Any request to a dispatcher's API: method, path, bearer token, extra headers and a body.
+    /// Returns status, the response headers and the body as JSON (Null when it is not JSON).
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        dispatcher: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
+        let mut request = self.http.request(method, format!("http://{dispatcher}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Ok((status, headers, body))
+    }
+
+    /// POST of a JSON body to a dispatcher's API; returns status and body.
+    pub async fn post(
+        &self,
+        dispatcher: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        let (status, _, body) =
+            self.request(reqwest::Method::POST, dispatcher, path, token, &[], Some(serde_json::to_vec(body)?)).await?;
+        Ok((status, body))
+    }
+
+    /// The jobs stream's last sequence: what has ever been published to it (consumed or not).
+    pub async fn jobs_last_seq(&self) -> anyhow::Result<u64> {
+        let mut stream = self.js.get_stream(self.stack.names().jobs_stream()).await?;
+        Ok(stream.info().await?.state.last_sequence)
     }
 
     /// Receipt states of one message, by user, read straight from the store.

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use herald_dispatcher::job::{validate, JobMeta, Limits};
 use herald_proto::ids::{MAX_MESSAGE_ID_BYTES as MAX_ID_BYTES, MAX_USER_ID_BYTES as MAX_USER_BYTES};
 use herald_proto::RejectCode;
+use herald_publish::validate::{validate, JobMeta, Limits};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -225,7 +225,7 @@ proptest! {
 /// and past [`MAX_PAYLOAD_DEPTH`] a payload is refused, however it nests.
 #[test]
 fn deeply_nested_payloads_are_answered() {
-    use herald_dispatcher::job::MAX_PAYLOAD_DEPTH;
+    use herald_publish::validate::MAX_PAYLOAD_DEPTH;
     for depth in [1, 63, 64, 65, 128, 129, 10_000, 100_000] {
         let payload = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
         let body = format!(r#"{{"to":["a"],"payload":{payload}}}"#);
