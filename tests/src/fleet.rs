@@ -319,10 +319,11 @@ impl UserClient {
                 break Ended::Closed(1000);
             }
             let stalled = self.shared.stalls.lock().unwrap().get(&self.user).copied();
-            if let Some(until) = stalled.filter(|until| *until > Instant::now()) {
+            if stalled.is_some_and(|until| until > Instant::now()) {
+                // Looks again every 100 ms: the stall may be lifted before its time.
                 tokio::select! {
                     _ = self.stop.cancelled() => break Ended::Stopped,
-                    _ = tokio::time::sleep_until(until) => continue,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
             }
             // Take what is there without waiting, then ack it in one frame; wait only when idle.
