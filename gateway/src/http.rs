@@ -80,6 +80,8 @@ fn admit(
         return Err(ConnectRefusal::Draining);
     }
     let identity = gateway.auth.authenticate(headers, query.get("token").map(String::as_str))?;
+    // Browsers cannot see pings; `heartbeat=frame` asks for a text frame each interval too.
+    let frame_heartbeats = query.get("heartbeat").is_some_and(|v| v == "frame");
     let admission = gateway.sessions.registry.admit(&identity.user)?;
     let config = &gateway.config;
     let ctx = Arc::clone(&gateway.sessions);
@@ -94,7 +96,7 @@ fn admit(
         .max_message_size(config.max_frame_bytes.saturating_mul(4).max(4096))
         .max_frame_size(config.max_frame_bytes.saturating_mul(4).max(4096))
         .on_upgrade(move |socket| {
-            tracker.track_future(crate::session::run(socket, identity, admission, ctx, shutdown))
+            tracker.track_future(crate::session::run(socket, identity, admission, frame_heartbeats, ctx, shutdown))
         }))
 }
 

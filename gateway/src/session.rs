@@ -33,6 +33,8 @@ const WRITE_BATCH: usize = 64;
 /// A notification is written only with this much of its life left: one written at its expiry
 /// would reach the client after it (the chaos run saw one arrive late that way).
 const EXPIRY_GUARD_MS: u64 = 1_000;
+/// `ServerFrame::Heartbeat` as sent: the same bytes every time.
+const HEARTBEAT_FRAME: &str = r#"{"type":"heartbeat"}"#;
 /// How long each step of a closing handshake (our frames out, the client's close in) may take
 /// before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -120,6 +122,7 @@ pub(crate) async fn run(
     socket: WebSocket,
     identity: Identity,
     admission: Admission,
+    frame_heartbeats: bool,
     ctx: Arc<SessionContext>,
     shutdown: CancellationToken,
 ) {
@@ -140,6 +143,7 @@ pub(crate) async fn run(
         sent: SentSet::default(),
         ack_ids: RateLimiter::new(ctx.ack_ids_per_sec),
         replay: ReplayCursor::new(Instant::now()),
+        frame_heartbeats,
     };
     // However the session ends, a panic included, the connection leaves the registry and
     // presence below: a session that died must not hold its user's slot or attract routing.
@@ -178,6 +182,8 @@ struct Session<'a> {
     ack_ids: RateLimiter,
     /// How far this connection's replay has got, and when to ask for its next page.
     replay: ReplayCursor,
+    /// Send a `heartbeat` text frame with each ping (the client asked: `heartbeat=frame`).
+    frame_heartbeats: bool,
 }
 
 impl Session<'_> {
@@ -309,6 +315,14 @@ impl Session<'_> {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break None,
                         Err(_) => break Some(HEARTBEAT),
+                    }
+                    if self.frame_heartbeats {
+                        let beat = Message::Text(HEARTBEAT_FRAME.into());
+                        match tokio::time::timeout(self.ctx.heartbeat_interval, socket.send(beat)).await {
+                            Ok(Ok(())) => self.ctx.metrics.frames_out.inc(),
+                            Ok(Err(_)) => break None,
+                            Err(_) => break Some(HEARTBEAT),
+                        }
                     }
                     // A page asked for a heartbeat ago and not come was lost: ask again.
                     if let Some(after_seq) = self.replay.retry(Instant::now(), self.ctx.heartbeat_interval) {

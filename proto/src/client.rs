@@ -59,7 +59,13 @@ pub enum AckKind {
 pub enum ServerFrame {
     Hello(Hello),
     Notification(Notification),
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// Sent every heartbeat interval to a client that connected with `heartbeat=frame`: a
+    /// sign of life a browser can see (it cannot see pings).
+    Heartbeat,
 }
 
 impl ServerFrame {
@@ -71,6 +77,7 @@ impl ServerFrame {
             Hello,
             Notification,
             Error,
+            Heartbeat,
         }
         #[derive(Deserialize)]
         struct Probe {
@@ -89,6 +96,7 @@ impl ServerFrame {
                 let body: ErrorBody = serde_json::from_str(text)?;
                 ServerFrame::Error { code: body.code, message: body.message }
             }
+            Kind::Heartbeat => ServerFrame::Heartbeat,
         })
     }
 }

@@ -26,6 +26,7 @@ const CLOSE_CODES: &[(&str, u16)] = &[
     ("TOKEN_EXPIRED", close::TOKEN_EXPIRED),
     ("HEARTBEAT_TIMEOUT", close::HEARTBEAT_TIMEOUT),
     ("SLOW_CONSUMER", close::SLOW_CONSUMER),
+    ("KICKED", close::KICKED),
     ("RATE_LIMITED", close::RATE_LIMITED),
 ];
 

@@ -621,3 +621,34 @@ async fn resends_are_divided_among_dispatchers_by_partition() {
     let n = held_client.next_notification(WAIT).await.expect("resent once its lock is free");
     assert_eq!(n.id, "to-held");
 }
+
+/// A client that asks for `heartbeat=frame` (what a browser, blind to pings, needs to tell a dead
+/// connection from an idle one) gets a `heartbeat` text frame each interval; one that does not
+/// ask gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_frames_come_each_interval_only_to_clients_that_ask() {
+    use herald_proto::client::ServerFrame;
+    use herald_tests::client::Frame;
+
+    let interval = Duration::from_millis(300);
+    let cluster =
+        Cluster::new(Stack::start().await.unwrap(), Options { heartbeat_interval: interval, ..Options::default() })
+            .await
+            .unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let token = cluster.token("beats");
+    let url = format!("{}?heartbeat=frame", ws_url(gateway.addr));
+    let mut asking = TestClient::connect(&url, &token).await.unwrap();
+    let mut plain = TestClient::connect(&ws_url(gateway.addr), &cluster.token("quiet")).await.unwrap();
+    let count_beats =
+        |frames: Vec<Frame>| frames.iter().filter(|f| matches!(f, Frame::Server(ServerFrame::Heartbeat))).count();
+    let (mut got_asking, mut got_plain) = (Vec::new(), Vec::new());
+    let until = tokio::time::Instant::now() + interval * 5;
+    while tokio::time::Instant::now() < until {
+        got_asking.push(asking.next_frame(Duration::from_millis(50)).await);
+        got_plain.push(plain.next_frame(Duration::from_millis(50)).await);
+    }
+    let (beats, quiet) = (count_beats(got_asking), count_beats(got_plain));
+    assert!(beats >= 3, "{beats} heartbeat frames in five intervals");
+    assert_eq!(quiet, 0, "a client that did not ask got heartbeat frames");
+}

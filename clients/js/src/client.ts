@@ -278,6 +278,8 @@ export class HeraldClient {
     const base = typeof this.#options.url === "function" ? await this.#options.url() : this.#options.url;
     const url = new URL(base);
     if (!url.pathname.endsWith("/v1/connect")) url.pathname = `${url.pathname.replace(/\/$/, "")}/v1/connect`;
+    // A text frame each heartbeat interval: the sign of life a browser can see (see liveness.ts).
+    url.searchParams.set("heartbeat", "frame");
     return url;
   }
 
@@ -441,13 +443,12 @@ export class HeraldClient {
   #armLiveness(conn: Connection): void {
     clearTimeout(this.#livenessTimer);
     const interval = conn.hello?.heartbeat_interval_ms ?? 0;
-    const pingsVisible = typeof conn.socket.on === "function";
-    const at = deadline(conn.lastActivityMs, interval, pingsVisible);
+    const at = deadline(conn.lastActivityMs, interval);
     if (at === null) return;
     this.#livenessTimer = setTimeout(() => {
       if (this.#conn !== conn || conn.ended) return;
       const now = Date.now();
-      const due = deadline(conn.lastActivityMs, interval, pingsVisible);
+      const due = deadline(conn.lastActivityMs, interval);
       if (due !== null && now >= due) {
         this.#drop(conn, `no ping or frame from the gateway for ${now - conn.lastActivityMs} ms`);
       } else {

@@ -20,7 +20,7 @@ export type GatewayId = string;
 /**
  * Why a gateway reports an error to a client. Sent in an `error` frame before a close.
  */
-export type ErrorCode = "bad_frame" | "unsupported_data" | "frame_too_large" | "rate_limited" | "slow_consumer" | "token_expired" | "shutting_down";
+export type ErrorCode = "bad_frame" | "unsupported_data" | "frame_too_large" | "rate_limited" | "slow_consumer" | "token_expired" | "shutting_down" | "kicked";
 
 /**
  * The first frame on every connection.
@@ -66,7 +66,7 @@ expires_at_ms: number, };
  * Serialized with a `type` tag. Decoding goes through [`ServerFrame::decode`], because the
  * notification payload is kept as raw JSON, which serde cannot buffer inside a tagged enum.
  */
-export type ServerFrame = { "type": "hello" } & Hello | { "type": "notification" } & Notification | { "type": "error", code: ErrorCode, message: string, };
+export type ServerFrame = { "type": "hello" } & Hello | { "type": "notification" } & Notification | { "type": "error", code: ErrorCode, message: string, } | { "type": "heartbeat" };
 
 /**
  * A frame from a client to its gateway.
@@ -89,6 +89,8 @@ export const CloseCode = {
   HEARTBEAT_TIMEOUT: 4408,
   /** The client read too slowly and its outbound queue filled up: reconnect and it gets the rest. */
   SLOW_CONSUMER: 4409,
+  /** An operator closed this user's connections (`heraldctl kick`): get a new token before reconnecting, and expect a refused or revoked one. */
+  KICKED: 4403,
   /** The client sent frames faster than the per-connection rate limit: back off, then reconnect. */
   RATE_LIMITED: 4429,
 } as const;

@@ -46,6 +46,9 @@ export function decide(ending: Ending): Decision {
       return { action: "backoff", token: "expired", minStepMs: 0 };
     case CloseCode.RATE_LIMITED:
       return { action: "backoff", token: "connect", minStepMs: SLOW_DOWN_MS };
+    case CloseCode.KICKED:
+      // An operator closed this user's connections: a fresh token, which the backend may refuse.
+      return { action: "backoff", token: "unauthorized", minStepMs: SLOW_DOWN_MS };
     case CloseCode.UNSUPPORTED_DATA:
     case CloseCode.MESSAGE_TOO_BIG:
     case CloseCode.BAD_FRAME:

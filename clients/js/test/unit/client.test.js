@@ -93,7 +93,7 @@ test("connects with the token in a header, delivers once, acks every copy in bat
   mock.timers.enable({ apis: ["setTimeout", "setInterval", "Date"] });
   t.after(() => mock.timers.reset());
   const { client, tokens, states, seen, duplicates, socket } = await start();
-  assert.equal(socket().url, "ws://gw.test/v1/connect");
+  assert.equal(socket().url, "ws://gw.test/v1/connect?heartbeat=frame");
   assert.deepEqual(socket().options, { headers: { Authorization: "Bearer token-1" } });
   assert.deepEqual(tokens, [{ attempt: 1, reason: "connect" }]);
   socket().hello();
@@ -117,7 +117,7 @@ test("in a browser the token goes in the query string", async (t) => {
   mock.timers.enable({ apis: ["setTimeout", "setInterval", "Date"] });
   t.after(() => mock.timers.reset());
   const { client, socket } = await start({ WebSocket: BrowserSocket, tokenIn: "query", url: "ws://gw.test/base/" });
-  assert.equal(socket().url, "ws://gw.test/base/v1/connect?token=token-1");
+  assert.equal(socket().url, "ws://gw.test/base/v1/connect?heartbeat=frame&token=token-1");
   assert.equal(socket().options, undefined);
   await stop(client);
 });
@@ -208,13 +208,21 @@ test("where pings are visible, two silent intervals drop the connection", async 
   await stop(client);
 });
 
-test("a browser socket gets no liveness deadline", async (t) => {
+test("in a browser, heartbeat frames keep the connection and their absence drops it", async (t) => {
   mock.timers.enable({ apis: ["setTimeout", "setInterval", "Date"] });
   t.after(() => mock.timers.reset());
   const { client, states, socket } = await start({ WebSocket: BrowserSocket, tokenIn: "query" });
-  socket().hello({ heartbeat_interval_ms: 1000 });
-  mock.timers.tick(60_000);
-  assert.equal(states.at(-1).state, "open");
+  const first = socket();
+  assert.match(first.url, /[?&]heartbeat=frame/, "asks for heartbeat frames");
+  first.hello({ heartbeat_interval_ms: 1000 });
+  for (let i = 0; i < 10; i++) {
+    mock.timers.tick(1000);
+    first.frame({ type: "heartbeat" });
+  }
+  assert.equal(states.at(-1).state, "open", "heartbeat frames keep it open");
+  mock.timers.tick(3001);
+  assert.equal(states.at(-1).state, "closed");
+  assert.match(states.at(-1).reason, /no ping or frame/);
   await stop(client);
 });
 

@@ -18,6 +18,13 @@ test("a browser's 1006 before hello may hide a 401: fresh token; after hello: an
   assert.equal(decide({ code: 1006, opened: true }).token, "connect");
 });
 
+test("4403 (kicked) asks for a fresh token and waits first", () => {
+  const d = decide({ code: CloseCode.KICKED, opened: true });
+  assert.equal(d.action, "backoff");
+  assert.equal(d.token, "unauthorized");
+  assert.ok(d.minStepMs >= 1000);
+});
+
 test("codes that mean 'fix the client' stop reconnecting", () => {
   for (const code of [CloseCode.UNSUPPORTED_DATA, CloseCode.MESSAGE_TOO_BIG, CloseCode.BAD_FRAME]) {
     assert.equal(decide({ code, opened: true }).action, "stop", `${code}`);
