@@ -23,6 +23,7 @@ pub mod api;
 pub mod events;
 pub mod jobs;
 pub mod metrics;
+pub mod pace;
 pub mod presence;
 pub mod pull;
 pub mod receipt;
@@ -98,6 +99,10 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
 
+    // Fleet time before anything reads the clock (herald_shared::clock); retried by the task.
+    if !herald_shared::clock::anchor(&config.common.clock, &redis).await {
+        tracing::warn!("Redis did not answer TIME; the clock runs on the host's until it does");
+    }
     let fetch_bytes = pull::fetch_bytes(FETCH_BYTES, nats.server_info().max_payload);
     let presence = presence::PresenceReader::new(redis.clone(), names.clone());
     let router = routing::Router::new(nats.clone(), names.clone());

@@ -118,6 +118,10 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
 
+    // Fleet time before anything reads the clock (herald_shared::clock); retried by the task.
+    if !herald_shared::clock::anchor(&config.common.clock, &redis).await {
+        tracing::warn!("Redis did not answer TIME; the clock runs on the host's until it does");
+    }
     let metrics = Arc::new(metrics::GatewayMetrics::new()?);
     let registry = Registry::new(sessions, config.max_connections_per_user);
     // Subscribe before becoming routable, so nothing routed here falls on the floor.

@@ -94,8 +94,24 @@ fn reading(sent: Instant, answered: Instant, time: &[String]) -> Option<(Instant
     Some((sent + round_trip / 2, ms))
 }
 
-/// Anchors `clock` to Redis's `TIME` now and every [`ANCHOR_INTERVAL`] until `stop`. While
-/// Redis does not answer, the clock runs on from its last anchor.
+/// Anchors `clock` to Redis's `TIME` once; false if Redis did not answer in time. Start-up
+/// calls it before anything reads the clock, so that no decision runs on the host's clock.
+pub async fn anchor(clock: &Clock, redis: &fred::clients::Client) -> bool {
+    let sent = Instant::now();
+    let time =
+        tokio::time::timeout(MAX_ROUND_TRIP, redis.custom::<Vec<String>, String>(fred::cmd!("TIME"), vec![])).await;
+    let answered = Instant::now();
+    let Ok(Ok(time)) = time else { return false };
+    let Some((moment, ms)) = reading(sent, answered, &time) else { return false };
+    let correction = clock.anchor_to(ms, moment);
+    if correction.abs() >= NOTABLE_CORRECTION_MS {
+        tracing::warn!(correction_ms = correction, "clock anchored to Redis TIME moved by over a second");
+    }
+    true
+}
+
+/// Anchors `clock` to Redis's `TIME` every [`ANCHOR_INTERVAL`] until `stop`. While Redis does
+/// not answer, the clock runs on from its last anchor.
 pub async fn follow_redis(clock: Clock, redis: fred::clients::Client, stop: CancellationToken) {
     let mut tick = tokio::time::interval(ANCHOR_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -104,17 +120,7 @@ pub async fn follow_redis(clock: Clock, redis: fred::clients::Client, stop: Canc
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let sent = Instant::now();
-        let time =
-            tokio::time::timeout(MAX_ROUND_TRIP, redis.custom::<Vec<String>, String>(fred::cmd!("TIME"), vec![])).await;
-        let answered = Instant::now();
-        let Ok(Ok(time)) = time else { continue };
-        if let Some((moment, ms)) = reading(sent, answered, &time) {
-            let correction = clock.anchor_to(ms, moment);
-            if correction.abs() >= NOTABLE_CORRECTION_MS {
-                tracing::warn!(correction_ms = correction, "clock anchored to Redis TIME moved by over a second");
-            }
-        }
+        anchor(&clock, &redis).await;
     }
 }
 
