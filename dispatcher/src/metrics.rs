@@ -30,6 +30,8 @@ pub struct DispatcherMetrics {
     pub events: IntCounterVec,
     /// Jobs waiting in the stream for a dispatcher (the consumer's lag).
     pub pending_jobs: IntGauge,
+    /// 1 while the store is slower than the load (see `crate::pace`), set at each scrape.
+    pub store_slow: IntGauge,
     pub dependencies: DependencyMetrics,
     /// The HTTP listener's (`herald_http_*`).
     pub http: ServeMetrics,
@@ -98,6 +100,11 @@ impl DispatcherMetrics {
                 &r,
                 "herald_jetstream_pending_jobs",
                 "Jobs in the stream not yet delivered to a dispatcher",
+            )?,
+            store_slow: m::gauge(
+                &r,
+                "herald_dispatcher_store_slow",
+                "1 while store round trips average over 250 ms (until back under 50 ms)",
             )?,
             dependencies: DependencyMetrics::new(&r)?,
             http: ServeMetrics::new(&r)?,

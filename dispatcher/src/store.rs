@@ -15,6 +15,8 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use herald_proto::{ConnectionId, GatewayId, MessageId, Notification, UserId};
 use herald_shared::naming::collections;
+
+use crate::pace::StorePace;
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::error::ErrorKind;
 use mongodb::options::IndexOptions;
@@ -254,6 +256,8 @@ pub struct Store {
     dead_letters: Collection<DeadLetterDoc>,
     db: Database,
     metrics: DependencyMetrics,
+    /// Whether round trips keep up (see [`crate::pace`]).
+    pace: StorePace,
 }
 
 /// Partitions of the resend sweep. Each dispatcher sweeps the partitions whose lock it takes, so
@@ -299,7 +303,13 @@ impl Store {
             dead_letters: db.collection(collections::DEAD_LETTERS),
             db,
             metrics,
+            pace: StorePace::default(),
         }
+    }
+
+    /// Whether the store is slower than the load (see [`crate::pace`]).
+    pub fn pace(&self) -> &StorePace {
+        &self.pace
     }
 
     /// One round trip: bounded by [`OP_TIMEOUT`], timed in `herald_dependency_seconds`.
@@ -308,7 +318,13 @@ impl Store {
         F: std::future::Future<Output = Result<T, StoreError>>,
     {
         let bounded = async { tokio::time::timeout(OP_TIMEOUT, call).await.unwrap_or(Err(StoreError::Timeout { op })) };
-        self.metrics.time("mongodb", op, bounded).await
+        let started = tokio::time::Instant::now();
+        let result = self.metrics.time("mongodb", op, bounded).await;
+        // Answers only: a store that fails is the readiness ping's to report.
+        if result.is_ok() {
+            self.pace.record(started.elapsed());
+        }
+        result
     }
 
     /// Creates the indexes every query here relies on; idempotent.

@@ -1308,16 +1308,22 @@ async fn a_session_blocked_on_a_write_still_times_out_on_the_heartbeat() {
 
 /// A store that answers, slowly: every reply held back 300 ms, under steady load. Acks keep
 /// being applied meanwhile, nothing is lost, and the system catches up once the delay ends,
-/// without a restart (issue 11 item 10).
+/// without a restart (issue 11 item 10). The slowness is visible: `/readyz` fails
+/// `store_latency` and `herald_dispatcher_store_slow` is 1, until the store keeps up again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = Cluster::start().await.unwrap();
-    let _d1 = cluster.dispatcher().await.unwrap();
+    let d1 = cluster.dispatcher().await.unwrap();
     let _d2 = cluster.dispatcher().await.unwrap();
     let g1 = cluster.gateway().await.unwrap();
     let g2 = cluster.gateway().await.unwrap();
     let audience = audience(vec![g1.addr, g2.addr], "slowstore").await;
+    let store_slow = || async {
+        let metrics = reqwest::get(format!("http://{}/metrics", d1.addr)).await.unwrap().text().await.unwrap();
+        metrics.lines().find(|l| l.starts_with("herald_dispatcher_store_slow ")).map(str::to_owned)
+    };
+    wait_readyz(d1.addr, 200, &[]).await;
     let publisher = publisher(&cluster, "slowstore", fleet::users("slowstore", USERS)).await;
     publisher.wait_for(JOBS / 4, SETTLE).await.unwrap();
 
@@ -1341,6 +1347,8 @@ async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
     .await
     .unwrap();
     let applied_while_slow = slowed_at.elapsed();
+    wait_readyz(d1.addr, 503, &["store_latency"]).await;
+    assert_eq!(store_slow().await.as_deref(), Some("herald_dispatcher_store_slow 1"));
     cluster.stack.mongo_proxy.delay_replies(Duration::ZERO);
     let recovered_from = Instant::now();
     let jobs = publisher.log();
@@ -1348,6 +1356,8 @@ async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
     println!("slow store: 200 more receipts delivered {applied_while_slow:?} into the slowdown");
     let tally = settle("store replies held 300 ms", &cluster, &audience, &publisher, recovery).await;
     tally.assert_nothing_lost();
+    wait_readyz(d1.addr, 200, &[]).await;
+    assert_eq!(store_slow().await.as_deref(), Some("herald_dispatcher_store_slow 0"));
 }
 
 /// Found by the chaos run (seed 1), reduced: one of three gateways frozen (SIGSTOP) for 3.8 s,

@@ -287,6 +287,7 @@ impl IntoResponse for ApiError {
 /// Prometheus metrics, as text.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<Arc<ApiState>>) -> String {
+    state.metrics.store_slow.set(i64::from(state.store.pace().is_slow()));
     herald_shared::metrics::encode(&state.metrics.registry)
 }
 
@@ -333,6 +334,8 @@ async fn check_dependencies(state: &ApiState) -> readiness::Report {
             readiness::Report::new([("mongodb", mongodb), ("redis", redis), ("nats", nats)])
         })
         .await
+        // Local, never reused: a store that answers a ping but is slower than the load.
+        .with("store_latency", !state.store.pace().is_slow())
 }
 
 #[cfg(test)]
