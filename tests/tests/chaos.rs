@@ -243,17 +243,37 @@ impl Clocks {
     }
 }
 
+/// How long a restarted process may take to become ready: longer than JetStream may stay
+/// without leaders after overlapping NATS faults (50 s seen), during which start-up waits.
+const START_WITHIN: Duration = Duration::from_secs(180);
+
 impl System {
     async fn start_gateway(&self, i: usize) -> Process {
         let env = self.clocks.env(Service::Gateway(i));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.cluster.gateway_process_with(&env, None).await.unwrap()
+        until_started("gateway", || self.cluster.gateway_process_with(&env, None)).await
     }
 
     async fn start_dispatcher(&self, i: usize) -> Process {
         let env = self.clocks.env(Service::Dispatcher(i));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.cluster.dispatcher_process_with(&env, None).await.unwrap()
+        until_started("dispatcher", || self.cluster.dispatcher_process_with(&env, None)).await
+    }
+}
+
+/// Starts a process again and again (each try waits 20 s for `/readyz`) until one is ready.
+async fn until_started<F, Fut>(what: &str, start: F) -> Process
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Process>>,
+{
+    let deadline = Instant::now() + START_WITHIN;
+    loop {
+        match start().await {
+            Ok(process) => return process,
+            Err(e) if Instant::now() < deadline => println!("chaos: {what} not ready yet, starting again: {e:#}"),
+            Err(e) => panic!("{what} not ready within {START_WITHIN:?}: {e:#}"),
+        }
     }
 }
 
