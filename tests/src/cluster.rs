@@ -160,6 +160,11 @@ impl Process {
         let _ = self.child.wait();
     }
 
+    /// Whether the process has exited (by itself, or killed).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGTERM, then waits (up to `within`) for it to exit; returns its exit success.
     pub async fn sigterm(&mut self, within: Duration) -> anyhow::Result<bool> {
         let pid = self.child.id().to_string();
@@ -266,6 +271,19 @@ impl Cluster {
         let addr = free_addr()?;
         let child = self.start_process("herald-gateway", self.gateway_env(addr), extra, nofile, false)?;
         self.ready(child, addr).await
+    }
+
+    /// A gateway or dispatcher process (`herald-gateway`, `herald-dispatcher`) started with
+    /// `extra` variables, without waiting for it to be ready: a restart as an orchestrator does
+    /// it, which does not hold anything else up while the process waits for its dependencies.
+    pub fn spawn_process(&self, binary: &str, extra: &[(&str, &str)]) -> anyhow::Result<Process> {
+        let addr = free_addr()?;
+        let env = match binary {
+            "herald-gateway" => self.gateway_env(addr),
+            _ => self.dispatcher_env(addr),
+        };
+        let child = self.start_process(binary, env, extra, None, false)?;
+        Ok(Process { addr, child })
     }
 
     /// A dispatcher as a child process (the `herald-dispatcher` binary).

@@ -724,6 +724,42 @@ pub async fn wait_delivered(
     Ok(since.elapsed())
 }
 
+/// When each (message, user) receipt was delivered, as a moment on this process's monotonic
+/// clock (receipts stamp Herald's clock, which follows Redis's: this host's here).
+pub async fn delivered_at(db: &mongodb::Database) -> anyhow::Result<HashMap<(String, String), Instant>> {
+    let receipts: Vec<ReceiptDoc> = db
+        .collection::<ReceiptDoc>(collections::RECEIPTS)
+        .find(doc! { "delivered_at_ms": { "$exists": true } })
+        .await?
+        .try_collect()
+        .await?;
+    let (now, now_ms) = (Instant::now(), herald_shared::now_ms() as i64);
+    Ok(receipts
+        .into_iter()
+        .filter_map(|r| {
+            let ago = Duration::from_millis(now_ms.saturating_sub(r.delivered_at_ms?).max(0) as u64);
+            Some(((r.message_id.into_string(), r.user.into_string()), now.checked_sub(ago)?))
+        })
+        .collect())
+}
+
+/// A fault's time to heal: from its heal until the last message JetStream had taken by then,
+/// to a user not in `offline`, was delivered (zero if all were delivered before it).
+pub fn time_to_heal(
+    jobs: &[Published],
+    delivered_at: &HashMap<(String, String), Instant>,
+    offline: &BTreeSet<String>,
+    healed: Instant,
+) -> Duration {
+    jobs.iter()
+        .filter(|job| job.at <= healed)
+        .flat_map(|job| job.to.iter().filter(|u| !offline.contains(*u)).map(move |u| (job.id.clone(), u.clone())))
+        .filter_map(|pair| delivered_at.get(&pair))
+        .map(|at| at.saturating_duration_since(healed))
+        .max()
+        .unwrap_or_default()
+}
+
 /// The figures a fault test records (docs/RELIABILITY.md).
 #[derive(Debug, Default, Clone)]
 pub struct Tally {

@@ -261,6 +261,54 @@ impl System {
     }
 }
 
+impl System {
+    /// Starts a service's process again without waiting for it (as an orchestrator would): it
+    /// may wait a long time for its dependencies, and the heals that would bring them back must
+    /// not wait behind it.
+    fn respawn(&self, service: Service) -> Process {
+        let env = self.clocks.env(service);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let binary = match service {
+            Service::Gateway(_) => "herald-gateway",
+            Service::Dispatcher(_) => "herald-dispatcher",
+        };
+        self.cluster.spawn_process(binary, &env).unwrap()
+    }
+
+    /// Restarts every process that exited by itself (one that gave up waiting for a dependency
+    /// at start-up), as an orchestrator restarts a crashed pod. Frozen ones are left alone.
+    fn supervise(&mut self) {
+        for i in 0..GATEWAYS {
+            if self.gateways[i].as_mut().is_some_and(|p| p.exited()) {
+                self.gateways[i] = Some(self.respawn(Service::Gateway(i)));
+                self.fleet.set_gateways(self.gateway_addrs());
+            }
+        }
+        for i in 0..DISPATCHERS {
+            if self.dispatchers[i].as_mut().is_some_and(|p| p.exited()) {
+                self.dispatchers[i] = Some(self.respawn(Service::Dispatcher(i)));
+            }
+        }
+    }
+
+    /// Once every fault is healed: until every process is up and ready.
+    async fn wait_all_ready(&mut self) {
+        let deadline = Instant::now() + START_WITHIN;
+        loop {
+            self.supervise();
+            let addrs: Vec<_> = self.gateways.iter().chain(&self.dispatchers).flatten().map(|p| p.addr).collect();
+            let mut ready = true;
+            for addr in addrs {
+                ready &= self.cluster.wait_ready(addr).await.is_ok();
+            }
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "processes not ready within {START_WITHIN:?} of the last heal");
+        }
+    }
+}
+
 /// Starts a process again and again (each try waits 20 s for `/readyz`) until one is ready.
 async fn until_started<F, Fut>(what: &str, start: F) -> Process
 where
@@ -372,13 +420,13 @@ impl System {
         match fault {
             Fault::KillGateway(i) | Fault::TermGateway(i) => {
                 if self.gateways[i].is_none() {
-                    self.gateways[i] = Some(self.start_gateway(i).await);
+                    self.gateways[i] = Some(self.respawn(Service::Gateway(i)));
                     self.fleet.set_gateways(self.gateway_addrs());
                 }
             }
             Fault::KillDispatcher(i) | Fault::TermDispatcher(i) => {
                 if self.dispatchers[i].is_none() {
-                    self.dispatchers[i] = Some(self.start_dispatcher(i).await);
+                    self.dispatchers[i] = Some(self.respawn(Service::Dispatcher(i)));
                 }
             }
             Fault::FreezeGateway(i) => {
@@ -499,6 +547,8 @@ async fn a_seeded_fault_schedule_loses_nothing() {
     let start = Instant::now();
     let mut open: Vec<(Instant, Fault)> = Vec::new();
     let mut injected: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    // When each applied fault was healed, for its time to heal.
+    let mut heals: Vec<(Fault, Instant)> = Vec::new();
     for episode in &episodes {
         loop {
             open.sort_by_key(|(until, _)| *until);
@@ -508,11 +558,13 @@ async fn a_seeded_fault_schedule_loses_nothing() {
                     tokio::time::sleep_until(until).await;
                     let (_, fault) = open.remove(0);
                     system.heal(fault).await;
+                    heals.push((fault, Instant::now()));
                 }
                 _ => break,
             }
         }
         tokio::time::sleep_until(start + episode.at).await;
+        system.supervise();
         if open.iter().any(|(_, f)| *f == episode.fault) {
             continue;
         }
@@ -525,8 +577,10 @@ async fn a_seeded_fault_schedule_loses_nothing() {
     for (until, fault) in open {
         tokio::time::sleep_until(until).await;
         system.heal(fault).await;
+        heals.push((fault, Instant::now()));
     }
     let healed = Instant::now();
+    system.wait_all_ready().await;
 
     // The checker: everything published reached every recipient, once the system has healed.
     let mut jobs = Vec::new();
@@ -550,6 +604,16 @@ async fn a_seeded_fault_schedule_loses_nothing() {
         .await
         .unwrap();
     println!("chaos: faults injected by kind: {injected:?}");
+    let delivered_at = fleet::delivered_at(&db).await.unwrap();
+    for (fault, at) in &heals {
+        let heal = fleet::time_to_heal(&jobs, &delivered_at, &offline, *at);
+        println!(
+            "chaos: heal {:<28} +{:>6.1}s: {:.1} s",
+            fault.kind(),
+            (*at - start).as_secs_f64(),
+            heal.as_secs_f64()
+        );
+    }
     println!("chaos: {tally}");
     println!(
         "chaos table row: | {seed} | {seconds} | {} | {} | {} | {} | {} | {} | {:.1} s |",
