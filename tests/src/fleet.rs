@@ -681,10 +681,12 @@ pub async fn wait_delivered_or_expired(
     since: Instant,
     within: Duration,
 ) -> anyhow::Result<Duration> {
+    // Half the time to find the ids; what the store still lacks then is reported by key.
     let deadline = Instant::now() + within;
+    let resolved_by = Instant::now() + within / 2;
     loop {
         assigned_ids(db, jobs).await?;
-        if jobs.iter().all(|j| !j.id.is_empty()) || Instant::now() >= deadline {
+        if jobs.iter().all(|j| !j.id.is_empty()) || Instant::now() >= resolved_by {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -710,7 +712,10 @@ pub async fn wait_delivered(
                 match states.get(&(job.id.clone(), user.clone())).map(String::as_str) {
                     // Expired is final; whether it may be is the tally's to judge.
                     Some("delivered" | "read" | "expired") => {}
-                    other => waiting.push(format!("{}/{user}: {}", job.id, other.unwrap_or("no receipt"))),
+                    other => {
+                        let id = if job.id.is_empty() { format!("(no id, key {})", job.key) } else { job.id.clone() };
+                        waiting.push(format!("{id}/{user}: {}", other.unwrap_or("no receipt")))
+                    }
                 }
             }
         }

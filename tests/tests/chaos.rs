@@ -304,7 +304,17 @@ impl System {
             if ready {
                 return;
             }
-            assert!(Instant::now() < deadline, "processes not ready within {START_WITHIN:?} of the last heal");
+            if Instant::now() >= deadline {
+                let mut why = Vec::new();
+                for addr in self.gateways.iter().chain(&self.dispatchers).flatten().map(|p| p.addr) {
+                    let body = match reqwest::get(format!("http://{addr}/readyz")).await {
+                        Ok(r) => r.text().await.unwrap_or_default(),
+                        Err(e) => format!("{e}"),
+                    };
+                    why.push(format!("{addr}: {body}"));
+                }
+                panic!("processes not ready within {START_WITHIN:?} of the last heal: {why:#?}");
+            }
         }
     }
 }
