@@ -104,7 +104,7 @@ impl DispatcherMetrics {
             store_slow: m::gauge(
                 &r,
                 "herald_dispatcher_store_slow",
-                "1 while store round trips average over 250 ms (until back under 50 ms)",
+                "1 while store round trips average over 250 ms (until back under 125 ms)",
             )?,
             dependencies: DependencyMetrics::new(&r)?,
             http: ServeMetrics::new(&r)?,

@@ -2,10 +2,13 @@
 //! that calls it slow and, later, recovered.
 //!
 //! A store slower than the offered load must be seen: one log line when it becomes slow and one
-//! when it recovers (not one per call), the gauge `herald_dispatcher_store_slow`, and `/readyz`
-//! failing `store_latency` meanwhile, which takes the dispatcher's HTTP API (the publish path)
-//! out of a load balancer until the store catches up. The pipelines themselves need no brake:
-//! they wait on the store, and the jobs and events they have not taken wait in JetStream.
+//! when it recovers (not one per call), the gauge `herald_dispatcher_store_slow`, and
+//! `"store_slow": true` in `/readyz`, reported without failing it: every dispatcher shares the
+//! store, and taking them all out of rotation at once would only add an outage. (A first
+//! version failed readiness, with recovery under 50 ms; the chaos run, seed 2, left both
+//! dispatchers not ready for good on a busy nx-27017 that never got that fast again.) The
+//! pipelines need no brake: they wait on the store, and what they have not taken waits in
+//! JetStream.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,8 +18,9 @@ use std::time::Duration;
 const WEIGHT: f64 = 0.1;
 /// Slow from an average round trip this long (a healthy store answers in milliseconds)...
 pub const SLOW_MS: f64 = 250.0;
-/// ...until it is back under this (apart, so that it does not flap at the line).
-pub const RECOVERED_MS: f64 = 50.0;
+/// ...until it is back under half that (apart, so that it does not flap at the line, and near
+/// enough that a busy but keeping-up store gets there).
+pub const RECOVERED_MS: f64 = 125.0;
 
 /// The moving average and what it says.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -72,7 +76,7 @@ impl StorePace {
                 self.slow.store(true, Ordering::Relaxed);
                 tracing::warn!(
                     average_ms = average_ms as u64,
-                    "the store is slower than the load: round trips average over {SLOW_MS} ms; not ready until it catches up"
+                    "the store is slower than the load: round trips average over {SLOW_MS} ms"
                 );
             }
             Some(Change::Recovered { average_ms }) => {
@@ -112,7 +116,7 @@ mod tests {
         let changes: Vec<Change> = (0..40).filter_map(|_| pace.observe(ms(800))).collect();
         assert!(matches!(changes.as_slice(), [Change::BecameSlow { .. }]), "{changes:?}");
         // Between the two lines: still slow, no new verdict.
-        assert!((0..40).all(|_| pace.observe(ms(150)).is_none()));
+        assert!((0..40).all(|_| pace.observe(ms(200)).is_none()));
         let changes: Vec<Change> = (0..60).filter_map(|_| pace.observe(ms(5))).collect();
         assert!(matches!(changes.as_slice(), [Change::Recovered { .. }]), "{changes:?}");
     }

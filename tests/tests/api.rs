@@ -453,7 +453,7 @@ async fn status_and_rejections_tell_an_operator_what_is_going_on() {
     assert!(body["streams"]["jobs"]["consumer"]["pending"].is_u64(), "{body}");
     assert_eq!(body["streams"]["rejected"]["messages"], 1, "{body}");
     assert_eq!(body["gateways"], json!([gateway.id]), "{body}");
-    assert_eq!(body["dependencies"], json!({"mongodb": true, "nats": true, "redis": true, "store_latency": true}), "{body}");
+    assert_eq!(body["dependencies"], json!({"mongodb": true, "nats": true, "redis": true}), "{body}");
     assert_eq!(body["errors"], json!([]));
     let (status, _) = cluster.api(d, "/v1/status", None).await.unwrap();
     assert_eq!(status, 401);

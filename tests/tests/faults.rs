@@ -1146,6 +1146,20 @@ async fn readyz(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
+/// Waits until `/readyz` of a dispatcher says `store_slow: slow`.
+async fn wait_store_slow(addr: std::net::SocketAddr, slow: bool) {
+    eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+        let (_, body) = readyz(addr).await;
+        if body["store_slow"] == serde_json::json!(slow) {
+            Ok(())
+        } else {
+            Err(format!("{addr}/readyz: {body}"))
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// Waits until `/readyz` of `addr` is `status` with exactly `failing` named as failing.
 async fn wait_readyz(addr: std::net::SocketAddr, status: u16, failing: &[&str]) {
     eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
@@ -1309,7 +1323,8 @@ async fn a_session_blocked_on_a_write_still_times_out_on_the_heartbeat() {
 /// A store that answers, slowly: every reply held back 300 ms, under steady load. Acks keep
 /// being applied meanwhile, nothing is lost, and the system catches up once the delay ends,
 /// without a restart (issue 11 item 10). The slowness is visible: `/readyz` fails
-/// `store_latency` and `herald_dispatcher_store_slow` is 1, until the store keeps up again.
+/// `"store_slow": true` (while staying ready) and `herald_dispatcher_store_slow` is 1, until the
+/// store keeps up again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -1347,7 +1362,7 @@ async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
     .await
     .unwrap();
     let applied_while_slow = slowed_at.elapsed();
-    wait_readyz(d1.addr, 503, &["store_latency"]).await;
+    wait_store_slow(d1.addr, true).await;
     assert_eq!(store_slow().await.as_deref(), Some("herald_dispatcher_store_slow 1"));
     cluster.stack.mongo_proxy.delay_replies(Duration::ZERO);
     let recovered_from = Instant::now();
@@ -1356,6 +1371,7 @@ async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
     println!("slow store: 200 more receipts delivered {applied_while_slow:?} into the slowdown");
     let tally = settle("store replies held 300 ms", &cluster, &audience, &publisher, recovery).await;
     tally.assert_nothing_lost();
+    wait_store_slow(d1.addr, false).await;
     wait_readyz(d1.addr, 200, &[]).await;
     assert_eq!(store_slow().await.as_deref(), Some("herald_dispatcher_store_slow 0"));
 }
