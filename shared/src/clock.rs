@@ -115,6 +115,8 @@ pub async fn anchor(clock: &Clock, redis: &fred::clients::Client) -> bool {
 pub async fn follow_redis(clock: Clock, redis: fred::clients::Client, stop: CancellationToken) {
     let mut tick = tokio::time::interval(ANCHOR_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once, and start-up has just anchored.
+    tick.tick().await;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

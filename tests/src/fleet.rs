@@ -68,11 +68,6 @@ pub struct UserLog {
 }
 
 impl UserLog {
-    /// Whether a connection of this user was open at some moment within `from..=to`.
-    pub fn connected_within(&self, from: Instant, to: Instant) -> bool {
-        self.connected.iter().any(|(start, end)| *start <= to && end.is_none_or(|end| end >= from))
-    }
-
     /// Whether no connection of this user was open at some moment within `from..=to`.
     pub fn disconnected_within(&self, from: Instant, to: Instant) -> bool {
         let mut spans: Vec<(Instant, Option<Instant>)> =
@@ -957,5 +952,28 @@ impl fmt::Display for Tally {
             self.reconnects,
             self.recovery.as_secs_f64()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gap_between_connections_or_at_either_end_counts_as_disconnected() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let log = |spans: &[(u64, Option<u64>)]| UserLog {
+            connected: spans.iter().map(|(s, e)| (at(*s), e.map(at))).collect(),
+            ..UserLog::default()
+        };
+        // Covered all along, by one span or by two that overlap.
+        assert!(!log(&[(0, None)]).disconnected_within(at(5), at(10)));
+        assert!(!log(&[(0, Some(7)), (6, None)]).disconnected_within(at(5), at(10)));
+        // A gap inside, before the first span, after the last, or no span at all.
+        assert!(log(&[(0, Some(6)), (8, None)]).disconnected_within(at(5), at(10)));
+        assert!(log(&[(7, None)]).disconnected_within(at(5), at(10)));
+        assert!(log(&[(0, Some(9))]).disconnected_within(at(5), at(10)));
+        assert!(log(&[]).disconnected_within(at(5), at(10)));
     }
 }
