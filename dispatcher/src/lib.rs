@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub mod acks;
+pub mod admission;
 pub mod api;
 pub mod events;
 pub mod jobs;
@@ -207,6 +208,7 @@ pub async fn run(
         names: names.clone(),
         max_batch: config.api.max_batch,
         max_body_bytes: config.api.max_body_bytes,
+        backlog: admission::Backlog::new(js.clone(), names.clone(), config.ack_wait, config.api.max_backlog),
         checks: herald_shared::readiness::Checks::default(),
         clock: config.common.clock.clone(),
     });

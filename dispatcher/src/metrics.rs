@@ -32,6 +32,8 @@ pub struct DispatcherMetrics {
     pub pending_jobs: IntGauge,
     /// 1 while the store is slower than the load (see `crate::pace`), set at each scrape.
     pub store_slow: IntGauge,
+    /// Publish requests refused while the jobs backlog was over its limit (`crate::admission`).
+    pub publish_overloaded: IntCounter,
     pub dependencies: DependencyMetrics,
     /// The HTTP listener's (`herald_http_*`).
     pub http: ServeMetrics,
@@ -105,6 +107,11 @@ impl DispatcherMetrics {
                 &r,
                 "herald_dispatcher_store_slow",
                 "1 while store round trips average over 250 ms (until back under 125 ms)",
+            )?,
+            publish_overloaded: m::counter(
+                &r,
+                "herald_api_publish_overloaded_total",
+                "Publish requests answered 503 overloaded: the jobs backlog was over HERALD_API_MAX_BACKLOG",
             )?,
             dependencies: DependencyMetrics::new(&r)?,
             http: ServeMetrics::new(&r)?,

@@ -181,6 +181,9 @@ pub struct ApiConfig {
     pub max_batch: usize,
     /// Origins a browser may call the API from (CORS). Empty: no CORS headers at all.
     pub cors_origins: Vec<String>,
+    /// Jobs waiting in the stream for a dispatcher above which `POST /v1/publish…` answers 503
+    /// `overloaded` (with `Retry-After`); 0: no limit. Publishers on NATS are not affected.
+    pub max_backlog: u64,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -193,9 +196,14 @@ impl std::fmt::Debug for ApiConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_batch", &self.max_batch)
             .field("cors_origins", &self.cors_origins)
+            .field("max_backlog", &self.max_backlog)
             .finish()
     }
 }
+
+/// Jobs waiting for a dispatcher above which the HTTP publish API refuses more: at a thousand
+/// jobs a second, under two minutes of work.
+pub const DEFAULT_MAX_BACKLOG: u64 = 100_000;
 
 /// Defaults of the limits a job is validated against (the dispatcher's, and `heraldctl`'s when
 /// it validates before publishing).
@@ -238,6 +246,7 @@ impl ApiConfig {
                 .map(|o| o.trim().trim_end_matches('/').to_owned())
                 .filter(|o| !o.is_empty())
                 .collect(),
+            max_backlog: env.parse("HERALD_API_MAX_BACKLOG", DEFAULT_MAX_BACKLOG),
         };
         // Like the JWT secret: a short token can be guessed.
         for (name, token) in [

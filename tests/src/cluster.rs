@@ -100,6 +100,7 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
             max_body_bytes: 256 * 1024,
             max_batch: 20,
             cors_origins: vec!["http://127.0.0.1:8080".into()],
+            max_backlog: herald_shared::config::DEFAULT_MAX_BACKLOG,
         },
         max_payload_bytes: 64 * 1024,
         max_recipients: 10_000,

@@ -458,3 +458,71 @@ async fn status_and_rejections_tell_an_operator_what_is_going_on() {
     let (status, _) = cluster.api(d, "/v1/status", None).await.unwrap();
     assert_eq!(status, 401);
 }
+
+/// A store slower than the offered load slows admission instead of failing everything: while
+/// more jobs wait in the stream than `HERALD_API_MAX_BACKLOG`, a publish over HTTP is answered
+/// 503 `overloaded` with `Retry-After` (a batch as a whole), and once the
+/// dispatchers catch up it is admitted again. Nothing admitted before is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_over_http_is_refused_while_the_backlog_is_over_its_limit_and_resumes_after() {
+    let cluster = Cluster::start().await.unwrap();
+    let mut config = herald_tests::cluster::dispatcher_config(&cluster.stack, &cluster.options);
+    // One small batch in hand at a time, so that what the store cannot take stays in the stream.
+    (config.job_batch, config.job_workers, config.api.max_backlog) = (2, 1, 5);
+    let dispatcher = cluster.dispatcher_with(config).await.unwrap();
+    let d = dispatcher.addr;
+    let job = |n: u32| json!({"id": format!("backlog-{n}"), "to": ["alice"], "payload": {"n": n}});
+
+    let (status, body) = cluster.post(d, "/v1/publish", Some(PUBLISH_TOKEN), &job(0)).await.unwrap();
+    assert_eq!(status, 201, "admitted while nothing waits: {body}");
+    cluster.wait_receipt("backlog-0", "alice", "pending").await.unwrap();
+
+    // The store goes away; jobs published on NATS pile up in the stream.
+    cluster.stack.mongo_proxy.cut().await;
+    for n in 1..=20 {
+        cluster.publish(&job(n)).await.unwrap();
+    }
+    // Probes until one is refused (the backlog is read at most once a second): each has an id
+    // of its own, since one admitted before the backlog built up is published.
+    let probes = std::sync::atomic::AtomicU32::new(0);
+    let refused = eventually(WAIT, Duration::from_millis(100), || async {
+        let n = probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let body = serde_json::to_vec(&json!({"id": format!("probe-{n}"), "to": ["alice"], "payload": {}})).unwrap();
+        let (status, headers, answer) =
+            cluster.request(Method::POST, d, "/v1/publish", Some(PUBLISH_TOKEN), &[], Some(body)).await?;
+        anyhow::ensure!(status == 503, "still admitted: {status} {answer}");
+        Ok((headers, answer))
+    })
+    .await
+    .expect("refused once the backlog is over 5");
+    let (headers, answer) = refused;
+    assert_eq!(answer["error"], "overloaded", "{answer}");
+    assert!(answer["reason"].as_str().unwrap().contains("limit 5"), "{answer}");
+    assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    // The batch endpoint refuses as a whole, publishing nothing.
+    let before = cluster.jobs_last_seq().await.unwrap();
+    let batch = json!({"jobs": [job(101), job(102)]});
+    let (status, answer) = cluster.post(d, "/v1/publish/batch", Some(PUBLISH_TOKEN), &batch).await.unwrap();
+    assert_eq!((status, answer["error"].as_str()), (503, Some("overloaded")), "{answer}");
+    assert_eq!(cluster.jobs_last_seq().await.unwrap(), before, "a refused batch publishes nothing");
+    // The store is back: the backlog drains and publishing is admitted again.
+    cluster.stack.mongo_proxy.restore();
+    let (status, answer) = eventually(Duration::from_secs(30), Duration::from_millis(200), || async {
+        let (status, answer) = cluster.post(d, "/v1/publish", Some(PUBLISH_TOKEN), &job(100)).await?;
+        anyhow::ensure!(status == 201, "not admitted yet: {status} {answer}");
+        Ok((status, answer))
+    })
+    .await
+    .expect("admitted once the dispatcher caught up");
+    assert_eq!((status, answer["id"].as_str()), (201, Some("backlog-100")));
+    for n in (0..=20).chain([100]) {
+        cluster.wait_receipt(&format!("backlog-{n}"), "alice", "pending").await.unwrap();
+    }
+    let text = reqwest::get(format!("http://{d}/metrics")).await.unwrap().text().await.unwrap();
+    let refused = text
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_api_publish_overloaded_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(refused >= 2, "refusals are counted: {refused}");
+}

@@ -101,6 +101,7 @@ mod tests {
             max_body_bytes: 1 << 20,
             max_batch: 10,
             cors_origins: vec![],
+            max_backlog: 0,
         })
     }
 

@@ -45,6 +45,8 @@ pub struct ApiState {
     pub max_batch: usize,
     /// Largest request body (the router's limit), for the error that says so.
     pub max_body_bytes: usize,
+    /// Refuses new jobs while the jobs stream's backlog is over its limit.
+    pub backlog: crate::admission::Backlog,
     /// The last round of dependency checks, shared by `/readyz` and `/v1/status` requests.
     pub checks: readiness::Checks,
     /// This host's wall clock, for judging expiry in answers.
@@ -233,6 +235,9 @@ pub enum ApiError {
     /// NATS did not take a job, a stream is missing, or JetStream did not answer.
     #[error("{0}")]
     Nats(String),
+    /// More jobs wait in the stream than `HERALD_API_MAX_BACKLOG`: 503 with `Retry-After`.
+    #[error("{backlog} jobs wait for the dispatchers (limit {limit}); retry later")]
+    Overloaded { backlog: u64, limit: u64 },
 }
 
 impl ApiError {
@@ -252,6 +257,7 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Nats(_) => (StatusCode::SERVICE_UNAVAILABLE, "nats_unavailable"),
+            ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         }
     }
 
@@ -269,7 +275,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error) = self.status_and_code();
-        if status.is_server_error() {
+        // Refusals under overload are counted (herald_api_publish_overloaded_total), not logged
+        // one by one.
+        if status.is_server_error() && !matches!(self, ApiError::Overloaded { .. }) {
             tracing::warn!(error = %self, "request failed");
         }
         let body = match &self {
@@ -280,6 +288,10 @@ impl IntoResponse for ApiError {
             }),
             other => json!({ "error": error, "reason": other.reason() }),
         };
+        if matches!(self, ApiError::Overloaded { .. }) {
+            let retry_after = [(axum::http::header::RETRY_AFTER, crate::admission::RETRY_AFTER_SECS.to_string())];
+            return (status, retry_after, Json(body)).into_response();
+        }
         (status, Json(body)).into_response()
     }
 }

@@ -88,7 +88,7 @@ pub struct BatchAnswer {
         (status = 400, description = "Rejected: the code the pipeline would reject it with", body = RejectedBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 413, description = "Body over HERALD_API_MAX_BODY_BYTES", body = ErrorBody),
-        (status = 503, description = "NATS or JetStream did not take it; retry with the same id", body = ErrorBody),
+        (status = 503, description = "`nats_unavailable`: NATS or JetStream did not take it; `overloaded`: more jobs wait than HERALD_API_MAX_BACKLOG (with Retry-After). Retry with the same id", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -110,12 +110,22 @@ pub async fn publish(
             duplicate: true,
         },
         None => {
+            admit(&state).await?;
             let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
             state.publisher.send(&prepared, traceparent).await.map_err(nats_error)?
         }
     };
     let status = if published.duplicate { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(PublishAnswer::from(&published))).into_response())
+}
+
+/// Refuses new work while the dispatchers are behind (see [`crate::admission`]). Asked only for
+/// jobs that would add work: one the store already holds is answered as a duplicate.
+async fn admit(state: &ApiState) -> Result<(), ApiError> {
+    state.backlog.check().await.map_err(|backlog| {
+        state.metrics.publish_overloaded.inc();
+        ApiError::Overloaded { backlog, limit: state.backlog.max_backlog }
+    })
 }
 
 #[derive(Deserialize)]
@@ -140,7 +150,7 @@ struct BatchBody<'a> {
         (status = 200, description = "Every job was a duplicate", body = BatchAnswer),
         (status = 400, description = "`rejected` with `items` (index, code, reason); nothing was published. Or `bad_request`: not a batch, empty, or too many jobs", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
-        (status = 503, description = "Some jobs not taken by NATS; `results` says which (those with `error`)", body = Object),
+        (status = 503, description = "Some jobs not taken by NATS; `results` says which (those with `error`). Or `overloaded` (with Retry-After): nothing was published", body = Object),
     ),
     security(("bearer" = []))
 )]
@@ -180,6 +190,9 @@ pub async fn publish_batch(
     }
 
     let to_send: Vec<Prepared> = prepared.iter().filter(|p| !known.contains_key(p.id())).cloned().collect();
+    if !to_send.is_empty() {
+        admit(&state).await?;
+    }
     let mut sent = state.publisher.send_all(&to_send).await.into_iter();
     let stream = &state.publisher.destination().stream;
     let outcomes: Vec<Result<Published, PublishError>> = prepared
