@@ -6,6 +6,8 @@
 //! task, one bounded queue and the socket's small buffers. What the client acks goes to the ack
 //! publisher; what it was sent but did not ack stays pending in the store, whatever the ending.
 
+mod limiter;
+
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +29,7 @@ use crate::presence::PresenceHandle;
 use crate::registry::{Admission, Connection, Outbound, Registry, Sent};
 use crate::replay::ReplayCursor;
 use crate::sent::{Acked, Read, SentSet, SENT_REMEMBERED};
+use limiter::RateLimiter;
 
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;
@@ -558,54 +561,9 @@ fn expiry_instant(exp_secs: u64) -> tokio::time::Instant {
     tokio::time::Instant::now() + left.min(Duration::from_secs(10 * 365 * 86_400))
 }
 
-/// A token bucket per connection: `rate` frames a second, bursts of twice that.
-#[derive(Debug)]
-pub(crate) struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Option<Instant>,
-}
-
-impl RateLimiter {
-    pub(crate) fn new(rate: u32) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self { rate, burst: rate * 2.0, tokens: rate * 2.0, last: None }
-    }
-
-    pub(crate) fn allow(&mut self, now: Instant) -> bool {
-        self.allow_n(now, 1)
-    }
-
-    /// Takes `n` tokens at once, if there are that many.
-    pub(crate) fn allow_n(&mut self, now: Instant, n: usize) -> bool {
-        if let Some(last) = self.last {
-            self.tokens = (self.tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
-        }
-        self.last = Some(now);
-        let n = n as f64;
-        if self.tokens >= n {
-            self.tokens -= n;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rate_limiter_allows_a_burst_then_the_sustained_rate() {
-        let mut limiter = RateLimiter::new(10);
-        let start = Instant::now();
-        assert!((0..20).all(|_| limiter.allow(start)));
-        assert!(!limiter.allow(start));
-        assert!(limiter.allow(start + Duration::from_millis(100)));
-        assert!(!limiter.allow(start + Duration::from_millis(100)));
-    }
 
     #[test]
     fn token_expiry_in_the_past_is_now() {
@@ -617,14 +575,5 @@ mod tests {
         for exp in [18_500_000_000_000_000, u64::MAX / 1000 + 1, u64::MAX] {
             assert!(expiry_instant(exp) > tokio::time::Instant::now() + Duration::from_secs(86_400), "{exp}");
         }
-    }
-
-    #[test]
-    fn the_id_limiter_takes_a_frame_of_ids_at_once() {
-        let mut limiter = RateLimiter::new(1000);
-        let start = Instant::now();
-        assert!(limiter.allow_n(start, 1000) && limiter.allow_n(start, 1000));
-        assert!(!limiter.allow_n(start, 1), "the burst is twice the rate");
-        assert!(limiter.allow_n(start + Duration::from_millis(500), 500));
     }
 }
