@@ -76,18 +76,7 @@ pub(crate) async fn run(
     ctx.presence.register(Arc::clone(&conn)).await;
     tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
 
-    let peer = Peer { user: conn.user.clone(), connection_id: conn.id.clone(), gateway_id: ctx.gateway_id.clone() };
-    let settings = Settings {
-        heartbeat_interval: ctx.heartbeat_interval,
-        max_frame_bytes: ctx.max_frame_bytes,
-        frames_per_sec: ctx.frames_per_sec,
-        ack_ids_per_sec: ctx.ack_ids_per_sec,
-        frame_heartbeats,
-    };
-    let now = Instant::now();
-    let token = expiry_instant(identity.expires_at, now, herald_shared::now_ms());
-    let machine = Machine::new(peer, settings, Arc::clone(&ctx.metrics), ctx.clock.clone(), token, now);
-    let session = Session { ctx: &ctx, conn: &conn, machine };
+    let session = Session::new(&ctx, &conn, identity.expires_at, frame_heartbeats);
     // However the session ends, a panic included, the connection leaves the registry and
     // presence below: a session that died must not hold its user's slot or attract routing.
     let (ending, label) = match AssertUnwindSafe(session.serve(socket, &shutdown)).catch_unwind().await {
@@ -122,7 +111,23 @@ struct Session<'a> {
     machine: Machine,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
+    /// The session of `conn`, whose token runs out at `token_exp` (seconds since the epoch).
+    fn new(ctx: &'a SessionContext, conn: &'a Connection, token_exp: u64, frame_heartbeats: bool) -> Self {
+        let peer = Peer { user: conn.user.clone(), connection_id: conn.id.clone(), gateway_id: ctx.gateway_id.clone() };
+        let settings = Settings {
+            heartbeat_interval: ctx.heartbeat_interval,
+            max_frame_bytes: ctx.max_frame_bytes,
+            frames_per_sec: ctx.frames_per_sec,
+            ack_ids_per_sec: ctx.ack_ids_per_sec,
+            frame_heartbeats,
+        };
+        let now = Instant::now();
+        let token = expiry_instant(token_exp, now, herald_shared::now_ms());
+        let machine = Machine::new(peer, settings, Arc::clone(&ctx.metrics), ctx.clock.clone(), token, now);
+        Self { ctx, conn, machine }
+    }
+
     /// The session loop: wait for an event, let the machine decide, do what it says. Returns how
     /// it ended (None: the client went away).
     async fn serve<S>(mut self, mut socket: S, shutdown: &CancellationToken) -> Option<Ending>
@@ -335,5 +340,181 @@ fn read_event(message: Option<Result<Message, axum::Error>>) -> Event {
                 Ok(e) if matches!(*e, tungstenite::Error::Capacity(_))
             ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop itself, driven over an in-memory socket (as axum's testing-websockets example
+    //! does): what the machine's unit tests cannot show is that the loop waits, asks and acts.
+
+    use std::task::{Context, Poll};
+
+    use futures::channel::mpsc as pipe;
+    use herald_proto::{close, UserId};
+
+    use super::*;
+    use crate::registry::Sent;
+
+    /// The gateway's end of an in-memory WebSocket. What it writes waits in a bounded channel
+    /// until the client takes it: a client that stops reading blocks the session's writes.
+    struct Pipe {
+        to_client: pipe::Sender<Message>,
+        from_client: pipe::UnboundedReceiver<Message>,
+    }
+
+    /// The client's end.
+    struct Client {
+        rx: pipe::Receiver<Message>,
+        tx: pipe::UnboundedSender<Message>,
+    }
+
+    impl Client {
+        async fn read(&mut self) -> Message {
+            tokio::time::timeout(Duration::from_secs(5), self.rx.next()).await.expect("in time").expect("open")
+        }
+
+        /// The next text frame, skipping pings.
+        async fn text(&mut self) -> String {
+            loop {
+                match self.read().await {
+                    Message::Ping(_) => {}
+                    Message::Text(text) => return text.as_str().to_owned(),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+
+        fn send(&self, text: &str) {
+            self.tx.unbounded_send(Message::Text(text.into())).expect("session reads");
+        }
+    }
+
+    fn pipe(buffer: usize) -> (Pipe, Client) {
+        let (to_client, rx) = pipe::channel(buffer);
+        let (tx, from_client) = pipe::unbounded();
+        (Pipe { to_client, from_client }, Client { rx, tx })
+    }
+
+    impl Stream for Pipe {
+        type Item = Result<Message, axum::Error>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.from_client.poll_next_unpin(cx).map(|m| m.map(Ok))
+        }
+    }
+
+    impl Sink<Message> for Pipe {
+        type Error = axum::Error;
+
+        fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.to_client.poll_ready(cx).map_err(axum::Error::new)
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.to_client.start_send(item).map_err(axum::Error::new)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.to_client).poll_flush(cx).map_err(axum::Error::new)
+        }
+
+        fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.to_client).poll_close(cx).map_err(axum::Error::new)
+        }
+    }
+
+    fn context(heartbeat_interval: Duration) -> (SessionContext, mpsc::Receiver<Outgoing>) {
+        let (acks, acks_rx) = mpsc::channel(16);
+        let ctx = SessionContext {
+            gateway_id: GatewayId::new("g1").unwrap(),
+            registry: Registry::new(10, 10),
+            presence: PresenceHandle::detached(),
+            acks,
+            heartbeat_interval,
+            outbound_queue: 1000,
+            max_frame_bytes: 4096,
+            frames_per_sec: 100,
+            ack_ids_per_sec: 1000,
+            metrics: Arc::new(GatewayMetrics::new().unwrap()),
+            clock: herald_shared::Clock::system(),
+        };
+        (ctx, acks_rx)
+    }
+
+    fn connection() -> Connection {
+        Connection::new(new_connection_id(), UserId::new("u1").unwrap(), 1000)
+    }
+
+    fn notification(id: &str) -> Outbound {
+        let sent = Sent {
+            id: id.into(),
+            published_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            replay: false,
+            resend: false,
+            traceparent: None,
+        };
+        Outbound::Frame { frame: format!(r#"{{"id":"{id}"}}"#).into(), sent: Some(Arc::new(sent)) }
+    }
+
+    #[tokio::test]
+    async fn the_loop_writes_passes_acks_on_and_says_goodbye_at_shutdown() {
+        let (ctx, mut acks) = context(Duration::from_secs(30));
+        let conn = connection();
+        let shutdown = CancellationToken::new();
+        let (socket, mut client) = pipe(8);
+        let session = Session::new(&ctx, &conn, u64::MAX, false);
+        let client_side = async {
+            assert!(client.text().await.contains(r#""type":"hello""#));
+            conn.outbox.push(notification("m1")).unwrap();
+            conn.outbox.push(notification("m1")).unwrap();
+            conn.outbox.push(notification("m2")).unwrap();
+            assert_eq!(client.text().await, r#"{"id":"m1"}"#);
+            assert_eq!(client.text().await, r#"{"id":"m2"}"#, "the repeat was left out");
+            client.send(r#"{"type":"ack","ids":["m2","m9"]}"#);
+            let Some(Outgoing::Ack(record)) = acks.recv().await else { panic!("an ack record") };
+            assert_eq!(record.ids, vec![herald_proto::MessageId::new("m2").unwrap()]);
+            shutdown.cancel();
+            assert!(client.text().await.contains("shutting_down"), "the error frame first");
+            let Message::Close(Some(frame)) = client.read().await else { panic!("a close frame") };
+            assert_eq!(frame.code, close::SERVICE_RESTART);
+            client.tx.unbounded_send(Message::Close(None)).unwrap();
+        };
+        let (ending, ()) = tokio::join!(session.serve(socket, &shutdown), client_side);
+        assert_eq!(ending.map(|e| e.code), Some(close::SERVICE_RESTART));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_still_times_out_on_the_heartbeat() {
+        let (ctx, _acks) = context(Duration::from_millis(50));
+        let conn = connection();
+        let shutdown = CancellationToken::new();
+        // Room for the hello and one more frame: every write after them blocks until the client
+        // reads (a sender parks once the channel holds more than its buffer).
+        let (socket, mut client) = pipe(1);
+        let session = Session::new(&ctx, &conn, u64::MAX, false);
+        for i in 0..10 {
+            conn.outbox.push(notification(&format!("m{i}"))).unwrap();
+        }
+        // Two intervals and a tick, then the goodbye, bounded by CLOSE_TIMEOUT.
+        let ending = tokio::time::timeout(Duration::from_secs(3), session.serve(socket, &shutdown)).await;
+        assert_eq!(ending.expect("the deadline held").map(|e| e.code), Some(close::HEARTBEAT_TIMEOUT));
+        assert!(client.text().await.contains(r#""type":"hello""#));
+        assert_eq!(client.text().await, r#"{"id":"m0"}"#);
+        assert!(client.rx.next().await.is_none(), "no ping while the write was blocked, and no room for a goodbye");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_ends_the_session_without_a_code_of_ours() {
+        let (ctx, _acks) = context(Duration::from_secs(30));
+        let conn = connection();
+        let shutdown = CancellationToken::new();
+        let (socket, mut client) = pipe(8);
+        let session = Session::new(&ctx, &conn, u64::MAX, false);
+        client.tx.unbounded_send(Message::Close(None)).unwrap();
+        assert_eq!(session.serve(socket, &shutdown).await, None);
+        assert!(client.text().await.contains(r#""type":"hello""#));
+        assert!(client.rx.next().await.is_none(), "nothing after the hello: the socket is dropped");
     }
 }
