@@ -41,22 +41,21 @@ impl Ending {
     }
 }
 
-pub(crate) const BAD_FRAME: Ending = Ending::new(close::BAD_FRAME, Some(ErrorCode::BadFrame), "bad frame", "bad_frame");
-pub(crate) const BINARY: Ending =
+const BAD_FRAME: Ending = Ending::new(close::BAD_FRAME, Some(ErrorCode::BadFrame), "bad frame", "bad_frame");
+const BINARY: Ending =
     Ending::new(close::UNSUPPORTED_DATA, Some(ErrorCode::UnsupportedData), "text frames only", "unsupported_data");
-pub(crate) const TOO_BIG: Ending =
+const TOO_BIG: Ending =
     Ending::new(close::MESSAGE_TOO_BIG, Some(ErrorCode::FrameTooLarge), "frame too large", "frame_too_large");
-pub(crate) const RATE_LIMITED: Ending =
+const RATE_LIMITED: Ending =
     Ending::new(close::RATE_LIMITED, Some(ErrorCode::RateLimited), "too many frames", "rate_limited");
-pub(crate) const TOKEN_EXPIRED: Ending =
+const TOKEN_EXPIRED: Ending =
     Ending::new(close::TOKEN_EXPIRED, Some(ErrorCode::TokenExpired), "token expired", "token_expired");
 pub(crate) const HEARTBEAT: Ending = Ending::new(close::HEARTBEAT_TIMEOUT, None, "no pong", "heartbeat_timeout");
 pub(crate) const SHUTTING_DOWN: Ending =
     Ending::new(close::SERVICE_RESTART, Some(ErrorCode::ShuttingDown), "reconnect", "shutdown");
 pub(crate) const SLOW: Ending =
     Ending::new(close::SLOW_CONSUMER, Some(ErrorCode::SlowConsumer), "slow consumer", "slow_consumer");
-pub(crate) const KICKED: Ending =
-    Ending::new(close::KICKED, Some(ErrorCode::Kicked), "closed by an operator", "kicked");
+const KICKED: Ending = Ending::new(close::KICKED, Some(ErrorCode::Kicked), "closed by an operator", "kicked");
 
 /// How a session closed from outside ends, by the code its closer gave.
 fn kicked(code: u16) -> Ending {
