@@ -84,6 +84,14 @@ impl PresenceHandle {
     }
 }
 
+#[cfg(test)]
+impl PresenceHandle {
+    /// A handle with no presence task behind it: what it is told goes nowhere.
+    pub(crate) fn detached() -> Self {
+        Self { tx: mpsc::channel(1).0 }
+    }
+}
+
 pub(crate) struct PresenceTask {
     redis: Client,
     js: jetstream::Context,

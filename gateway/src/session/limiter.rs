@@ -1,0 +1,64 @@
+//! A token bucket: how many frames, or acked ids, a connection may send a second. Pure; the
+//! session's state machine holds one per limit and passes the time in.
+
+use std::time::Instant;
+
+/// A token bucket per connection: `rate` frames a second, bursts of twice that.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self { rate, burst: rate * 2.0, tokens: rate * 2.0, last: None }
+    }
+
+    pub(crate) fn allow(&mut self, now: Instant) -> bool {
+        self.allow_n(now, 1)
+    }
+
+    /// Takes `n` tokens at once, if there are that many.
+    pub(crate) fn allow_n(&mut self, now: Instant, n: usize) -> bool {
+        if let Some(last) = self.last {
+            self.tokens = (self.tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
+        }
+        self.last = Some(now);
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rate_limiter_allows_a_burst_then_the_sustained_rate() {
+        let mut limiter = RateLimiter::new(10);
+        let start = Instant::now();
+        assert!((0..20).all(|_| limiter.allow(start)));
+        assert!(!limiter.allow(start));
+        assert!(limiter.allow(start + Duration::from_millis(100)));
+        assert!(!limiter.allow(start + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn the_id_limiter_takes_a_frame_of_ids_at_once() {
+        let mut limiter = RateLimiter::new(1000);
+        let start = Instant::now();
+        assert!(limiter.allow_n(start, 1000) && limiter.allow_n(start, 1000));
+        assert!(!limiter.allow_n(start, 1), "the burst is twice the rate");
+        assert!(limiter.allow_n(start + Duration::from_millis(500), 500));
+    }
+}

@@ -1,0 +1,520 @@
+//! One client connection from upgrade to close, as I/O: the hello, the socket's reads and
+//! batched writes, the heartbeat timer, the token's deadline, the closing handshake, and the
+//! connection's place in the registry and presence. What each event means (an inbound frame, a
+//! tick, a kick, a queued frame) and which close code explains an ending is decided by the
+//! state machine in [`machine`], which runs without a socket; this loop waits, asks it, and does
+//! what it says.
+//!
+//! A session is one task that both reads and writes its socket, so an idle connection costs one
+//! task, one bounded queue and the socket's small buffers. What the client acks goes to the ack
+//! publisher; what it was sent but did not ack stays pending in the store, whatever the ending.
+
+mod limiter;
+mod machine;
+
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use herald_proto::{ConnectionId, GatewayId, Hello, ServerFrame};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::acks::Outgoing;
+use crate::auth::Identity;
+use crate::metrics::GatewayMetrics;
+use crate::presence::PresenceHandle;
+use crate::registry::{Admission, Connection, Outbound, Registry};
+use machine::{expiry_instant, Action, Ending, Event, Machine, Peer, Settings, HEARTBEAT, SHUTTING_DOWN, SLOW};
+
+/// Frames written to the socket before a flush, when many are queued.
+const WRITE_BATCH: usize = 64;
+/// `ServerFrame::Heartbeat` as sent: the same bytes every time.
+const HEARTBEAT_FRAME: &str = r#"{"type":"heartbeat"}"#;
+/// How long each step of a closing handshake (our frames out, the client's close in) may take
+/// before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What every session of this gateway shares.
+pub(crate) struct SessionContext {
+    pub(crate) gateway_id: GatewayId,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) presence: PresenceHandle,
+    /// Acks and replay page requests, to the publisher task (see [`crate::acks`]).
+    pub(crate) acks: mpsc::Sender<Outgoing>,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) outbound_queue: usize,
+    pub(crate) max_frame_bytes: usize,
+    pub(crate) frames_per_sec: u32,
+    /// Sustained message ids per second a connection may ack or read, with a burst of twice as
+    /// many: what one client can make the dispatchers write.
+    pub(crate) ack_ids_per_sec: u32,
+    pub(crate) metrics: Arc<GatewayMetrics>,
+    /// Fleet time (herald_shared::clock): what a notification's expiry is judged by.
+    pub(crate) clock: herald_shared::Clock,
+}
+
+/// Runs one connection to its end. `admission` holds the connection's place until then.
+pub(crate) async fn run(
+    socket: WebSocket,
+    identity: Identity,
+    admission: Admission,
+    frame_heartbeats: bool,
+    ctx: Arc<SessionContext>,
+    shutdown: CancellationToken,
+) {
+    let _admission = admission;
+    let conn = Arc::new(Connection::new(new_connection_id(), identity.user.clone(), ctx.outbound_queue));
+    // Local registration first (deliveries can find the socket), then Redis and the online
+    // announcement: the order that makes replay race-free (see presence.rs).
+    ctx.registry.insert(Arc::clone(&conn));
+    ctx.metrics.connections_opened.inc();
+    ctx.metrics.connections_open.inc();
+    ctx.presence.register(Arc::clone(&conn)).await;
+    tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
+
+    let session = Session::new(&ctx, &conn, identity.expires_at, frame_heartbeats);
+    // However the session ends, a panic included, the connection leaves the registry and
+    // presence below: a session that died must not hold its user's slot or attract routing.
+    let (ending, label) = match AssertUnwindSafe(session.serve(socket, &shutdown)).catch_unwind().await {
+        Ok(ending) => (ending, ending.map_or("client_gone", |e| e.label)),
+        Err(_) => {
+            tracing::error!(user = %conn.user, connection = %conn.id, "session panicked; closing it");
+            (None, "panic")
+        }
+    };
+    conn.outbox.close();
+
+    ctx.registry.remove(&conn);
+    ctx.metrics.connections_open.dec();
+    ctx.metrics.connections_closed.with_label_values(&[label]).inc();
+    if ending == Some(SLOW) {
+        ctx.metrics.queue_overflows.inc();
+    }
+    ctx.presence.unregister(&conn).await;
+    tracing::debug!(user = %conn.user, connection = %conn.id, ending = ?ending, "session closed");
+}
+
+/// A fresh connection id: a UUID v4 in its simple form (32 hex digits).
+fn new_connection_id() -> ConnectionId {
+    ConnectionId::new(uuid::Uuid::new_v4().simple().to_string())
+        .unwrap_or_else(|_| unreachable!("32 hex digits are a valid connection id"))
+}
+
+struct Session<'a> {
+    ctx: &'a SessionContext,
+    conn: &'a Connection,
+    /// Every decision: the loop below only reads, writes and waits.
+    machine: Machine,
+}
+
+impl<'a> Session<'a> {
+    /// The session of `conn`, whose token runs out at `token_exp` (seconds since the epoch).
+    fn new(ctx: &'a SessionContext, conn: &'a Connection, token_exp: u64, frame_heartbeats: bool) -> Self {
+        let peer = Peer { user: conn.user.clone(), connection_id: conn.id.clone(), gateway_id: ctx.gateway_id.clone() };
+        let settings = Settings {
+            heartbeat_interval: ctx.heartbeat_interval,
+            max_frame_bytes: ctx.max_frame_bytes,
+            frames_per_sec: ctx.frames_per_sec,
+            ack_ids_per_sec: ctx.ack_ids_per_sec,
+            frame_heartbeats,
+        };
+        let now = Instant::now();
+        let token = expiry_instant(token_exp, now, herald_shared::now_ms());
+        let machine = Machine::new(peer, settings, Arc::clone(&ctx.metrics), ctx.clock.clone(), token, now);
+        Self { ctx, conn, machine }
+    }
+
+    /// The session loop: wait for an event, let the machine decide, do what it says. Returns how
+    /// it ended (None: the client went away).
+    async fn serve<S>(mut self, mut socket: S, shutdown: &CancellationToken) -> Option<Ending>
+    where
+        S: Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin,
+    {
+        // Written straight to the socket, before the loop reads the queue: it precedes every
+        // notification, and an idle connection never allocates its queue's buffer.
+        let hello = ServerFrame::Hello(Hello {
+            connection_id: self.conn.id.clone(),
+            gateway_id: self.ctx.gateway_id.clone(),
+            heartbeat_interval_ms: self.ctx.heartbeat_interval.as_millis() as u64,
+            max_frame_bytes: self.ctx.max_frame_bytes,
+        });
+        let Ok(hello) = serde_json::to_string(&hello) else { return None };
+        match tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Text(hello.into()))).await {
+            Ok(Ok(())) => self.ctx.metrics.frames_out.inc(),
+            _ => return None,
+        }
+        self.machine.on_open(Instant::now());
+        let conn = self.conn;
+        let mut heartbeat = tokio::time::interval(self.ctx.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.reset();
+        let token_expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(self.machine.deadlines().token));
+        tokio::pin!(token_expiry);
+
+        let ending = 'session: loop {
+            let actions = tokio::select! {
+                biased;
+                _ = conn.kicked().cancelled() => self.machine.on(Event::Kick(conn.kick_code()), Instant::now()),
+                _ = shutdown.cancelled() => self.machine.on(Event::Shutdown, Instant::now()),
+                _ = &mut token_expiry => self.machine.on(Event::TokenExpired, Instant::now()),
+                first = conn.outbox.pop() => {
+                    self.write(first, &mut socket, &mut heartbeat, token_expiry.as_mut(), shutdown).await
+                }
+                message = socket.next() => self.machine.on(read_event(message), Instant::now()),
+                _ = heartbeat.tick() => self.machine.on(Event::Tick, Instant::now()),
+            };
+            for action in actions {
+                if let Err(ending) = self.act(action, &mut socket).await {
+                    break 'session ending;
+                }
+            }
+        };
+        goodbye(&mut socket, ending).await;
+        ending
+    }
+
+    /// Writes what is queued, up to a batch, with one flush, and returns what follows (a page
+    /// may have left the queue).
+    async fn write<S>(
+        &mut self,
+        first: Outbound,
+        socket: &mut S,
+        heartbeat: &mut tokio::time::Interval,
+        mut token_expiry: Pin<&mut tokio::time::Sleep>,
+        shutdown: &CancellationToken,
+    ) -> Vec<Action>
+    where
+        S: Sink<Message, Error = axum::Error> + Unpin,
+    {
+        let conn = self.conn;
+        // A client that stops reading blocks the write. Every deadline still holds meanwhile:
+        // a kick (its queue filled up), shutdown, the token's expiry, and the heartbeat. The
+        // write holds the machine, so the deadlines are consulted from a copy; nothing is read
+        // during the write, so the copy stays true. The goodbye (error frame, close code) then
+        // follows what is already buffered, for a client that reads again within the closing
+        // handshake.
+        let deadlines = self.machine.deadlines();
+        let machine = &mut self.machine;
+        let write = async {
+            let mut batch = machine.batch();
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                if let Some(out) = machine.on_queued(item, &mut batch) {
+                    socket.feed(Message::Text(out.frame)).await?;
+                    machine.on_written(out.sent, &mut batch);
+                }
+                if batch.frames < WRITE_BATCH {
+                    next = conn.outbox.try_pop();
+                }
+            }
+            machine.on_batch_written(&batch);
+            socket.flush().await
+        };
+        let blocked = {
+            tokio::pin!(write);
+            loop {
+                let event = tokio::select! {
+                    result = &mut write => break result.err().map(|_| None),
+                    _ = conn.kicked().cancelled() => Event::Kick(conn.kick_code()),
+                    _ = shutdown.cancelled() => Event::Shutdown,
+                    _ = &mut token_expiry => Event::TokenExpired,
+                    _ = heartbeat.tick() => Event::Tick,
+                };
+                if let Some(ending) = deadlines.while_writing(&event, Instant::now()) {
+                    break Some(Some(ending));
+                }
+            }
+        };
+        match blocked {
+            Some(ending) => vec![Action::Close(ending)],
+            None => self.machine.on_flushed(Instant::now()),
+        }
+    }
+
+    /// Does what the machine said; `Err` ends the session (None: nobody left to tell).
+    async fn act<S>(&self, action: Action, socket: &mut S) -> Result<(), Option<Ending>>
+    where
+        S: Sink<Message, Error = axum::Error> + Unpin,
+    {
+        match action {
+            Action::Ping => {
+                self.conn.outbox.shrink_if_empty();
+                self.send_within_interval(socket, Message::Ping(bytes::Bytes::new())).await
+            }
+            Action::Beat => {
+                self.send_within_interval(socket, Message::Text(HEARTBEAT_FRAME.into())).await?;
+                self.ctx.metrics.frames_out.inc();
+                Ok(())
+            }
+            Action::Publish(record) => self.tell_dispatchers(Outgoing::Ack(record)).await,
+            Action::RequestPage { more, retry } => {
+                let kind = if retry { "retry" } else { "next" };
+                self.ctx.metrics.replay_requests.with_label_values(&[kind]).inc();
+                self.tell_dispatchers(Outgoing::More(more)).await
+            }
+            Action::Close(ending) => Err(ending),
+        }
+    }
+
+    /// A ping (or heartbeat frame) into a full send buffer waits too; it may wait one interval
+    /// at most.
+    async fn send_within_interval<S>(&self, socket: &mut S, message: Message) -> Result<(), Option<Ending>>
+    where
+        S: Sink<Message, Error = axum::Error> + Unpin,
+    {
+        match tokio::time::timeout(self.ctx.heartbeat_interval, socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(None),
+            Err(_) => Err(Some(HEARTBEAT)),
+        }
+    }
+
+    /// Queues an ack or a page request for the dispatchers. The queue is large; waiting when it
+    /// is full slows this client rather than losing what it said.
+    async fn tell_dispatchers(&self, item: Outgoing) -> Result<(), Option<Ending>> {
+        match self.ctx.acks.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.ctx.acks.send(item).await.map_err(|_| Some(SHUTTING_DOWN))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Some(SHUTTING_DOWN)),
+        }
+    }
+}
+
+/// Ends the connection as `ending` says: the error frame and the close frame, then the rest of
+/// the closing handshake, each step bounded by [`CLOSE_TIMEOUT`]. The handshake matters: a
+/// socket closed while the client's frames still sit unread in its receive buffer is reset by
+/// the kernel (which also drops whatever of our last frames it had not sent yet). The client's
+/// next send then fails with a broken pipe, and a client library that gives up on that
+/// (browsers do) reports 1006 without reading the error frame or the close code. So the gateway
+/// reads on, discarding, until the client's close frame (or the end, or the bound) before it
+/// drops the socket. With no ending of its own (the client closed, or went away), it only
+/// flushes the reply to a client's close frame.
+async fn goodbye<S>(socket: &mut S, ending: Option<Ending>)
+where
+    S: Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    let Some(ending) = ending else {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+        return;
+    };
+    let send = async {
+        if let Some(code) = ending.error {
+            let frame = ServerFrame::Error { code, message: ending.reason.to_owned() };
+            if let Ok(text) = serde_json::to_string(&frame) {
+                socket.feed(Message::Text(text.into())).await?;
+            }
+        }
+        let frame = CloseFrame { code: ending.code, reason: Utf8Bytes::from_static(ending.reason) };
+        socket.send(Message::Close(Some(frame))).await
+    };
+    if !matches!(tokio::time::timeout(CLOSE_TIMEOUT, send).await, Ok(Ok(()))) {
+        return;
+    }
+    let drain = async {
+        // After our close frame, tungstenite still hands over what the client sent before its
+        // own; its close frame completes the handshake.
+        while let Some(Ok(message)) = socket.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
+}
+
+/// What the client's stream said, as an event: oversized frames get 1009, any other read error
+/// means the socket is broken and there is nobody left to tell.
+fn read_event(message: Option<Result<Message, axum::Error>>) -> Event {
+    match message {
+        Some(Ok(message)) => Event::Frame(message),
+        None => Event::Gone { too_big: false },
+        Some(Err(error)) => Event::Gone {
+            too_big: matches!(
+                error.into_inner().downcast::<tungstenite::Error>(),
+                Ok(e) if matches!(*e, tungstenite::Error::Capacity(_))
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop itself, driven over an in-memory socket (as axum's testing-websockets example
+    //! does): what the machine's unit tests cannot show is that the loop waits, asks and acts.
+
+    use std::task::{Context, Poll};
+
+    use futures::channel::mpsc as pipe;
+    use herald_proto::{close, UserId};
+
+    use super::*;
+    use crate::registry::Sent;
+
+    /// The gateway's end of an in-memory WebSocket. What it writes waits in a bounded channel
+    /// until the client takes it: a client that stops reading blocks the session's writes.
+    struct Pipe {
+        to_client: pipe::Sender<Message>,
+        from_client: pipe::UnboundedReceiver<Message>,
+    }
+
+    /// The client's end.
+    struct Client {
+        rx: pipe::Receiver<Message>,
+        tx: pipe::UnboundedSender<Message>,
+    }
+
+    impl Client {
+        async fn read(&mut self) -> Message {
+            tokio::time::timeout(Duration::from_secs(5), self.rx.next()).await.expect("in time").expect("open")
+        }
+
+        /// The next text frame, skipping pings.
+        async fn text(&mut self) -> String {
+            loop {
+                match self.read().await {
+                    Message::Ping(_) => {}
+                    Message::Text(text) => return text.as_str().to_owned(),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+
+        fn send(&self, text: &str) {
+            self.tx.unbounded_send(Message::Text(text.into())).expect("session reads");
+        }
+    }
+
+    fn pipe(buffer: usize) -> (Pipe, Client) {
+        let (to_client, rx) = pipe::channel(buffer);
+        let (tx, from_client) = pipe::unbounded();
+        (Pipe { to_client, from_client }, Client { rx, tx })
+    }
+
+    impl Stream for Pipe {
+        type Item = Result<Message, axum::Error>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.from_client.poll_next_unpin(cx).map(|m| m.map(Ok))
+        }
+    }
+
+    impl Sink<Message> for Pipe {
+        type Error = axum::Error;
+
+        fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.to_client.poll_ready(cx).map_err(axum::Error::new)
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.to_client.start_send(item).map_err(axum::Error::new)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.to_client).poll_flush(cx).map_err(axum::Error::new)
+        }
+
+        fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.to_client).poll_close(cx).map_err(axum::Error::new)
+        }
+    }
+
+    fn context(heartbeat_interval: Duration) -> (SessionContext, mpsc::Receiver<Outgoing>) {
+        let (acks, acks_rx) = mpsc::channel(16);
+        let ctx = SessionContext {
+            gateway_id: GatewayId::new("g1").unwrap(),
+            registry: Registry::new(10, 10),
+            presence: PresenceHandle::detached(),
+            acks,
+            heartbeat_interval,
+            outbound_queue: 1000,
+            max_frame_bytes: 4096,
+            frames_per_sec: 100,
+            ack_ids_per_sec: 1000,
+            metrics: Arc::new(GatewayMetrics::new().unwrap()),
+            clock: herald_shared::Clock::system(),
+        };
+        (ctx, acks_rx)
+    }
+
+    fn connection() -> Connection {
+        Connection::new(new_connection_id(), UserId::new("u1").unwrap(), 1000)
+    }
+
+    fn notification(id: &str) -> Outbound {
+        let sent = Sent {
+            id: id.into(),
+            published_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            replay: false,
+            resend: false,
+            traceparent: None,
+        };
+        Outbound::Frame { frame: format!(r#"{{"id":"{id}"}}"#).into(), sent: Some(Arc::new(sent)) }
+    }
+
+    #[tokio::test]
+    async fn the_loop_writes_passes_acks_on_and_says_goodbye_at_shutdown() {
+        let (ctx, mut acks) = context(Duration::from_secs(30));
+        let conn = connection();
+        let shutdown = CancellationToken::new();
+        let (socket, mut client) = pipe(8);
+        let session = Session::new(&ctx, &conn, u64::MAX, false);
+        let client_side = async {
+            assert!(client.text().await.contains(r#""type":"hello""#));
+            conn.outbox.push(notification("m1")).unwrap();
+            conn.outbox.push(notification("m1")).unwrap();
+            conn.outbox.push(notification("m2")).unwrap();
+            assert_eq!(client.text().await, r#"{"id":"m1"}"#);
+            assert_eq!(client.text().await, r#"{"id":"m2"}"#, "the repeat was left out");
+            client.send(r#"{"type":"ack","ids":["m2","m9"]}"#);
+            let Some(Outgoing::Ack(record)) = acks.recv().await else { panic!("an ack record") };
+            assert_eq!(record.ids, vec![herald_proto::MessageId::new("m2").unwrap()]);
+            shutdown.cancel();
+            assert!(client.text().await.contains("shutting_down"), "the error frame first");
+            let Message::Close(Some(frame)) = client.read().await else { panic!("a close frame") };
+            assert_eq!(frame.code, close::SERVICE_RESTART);
+            client.tx.unbounded_send(Message::Close(None)).unwrap();
+        };
+        let (ending, ()) = tokio::join!(session.serve(socket, &shutdown), client_side);
+        assert_eq!(ending.map(|e| e.code), Some(close::SERVICE_RESTART));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_still_times_out_on_the_heartbeat() {
+        let (ctx, _acks) = context(Duration::from_millis(50));
+        let conn = connection();
+        let shutdown = CancellationToken::new();
+        // Room for the hello and one more frame: every write after them blocks until the client
+        // reads (a sender parks once the channel holds more than its buffer).
+        let (socket, mut client) = pipe(1);
+        let session = Session::new(&ctx, &conn, u64::MAX, false);
+        for i in 0..10 {
+            conn.outbox.push(notification(&format!("m{i}"))).unwrap();
+        }
+        // Two intervals and a tick, then the goodbye, bounded by CLOSE_TIMEOUT.
+        let ending = tokio::time::timeout(Duration::from_secs(3), session.serve(socket, &shutdown)).await;
+        assert_eq!(ending.expect("the deadline held").map(|e| e.code), Some(close::HEARTBEAT_TIMEOUT));
+        assert!(client.text().await.contains(r#""type":"hello""#));
+        assert_eq!(client.text().await, r#"{"id":"m0"}"#);
+        assert!(client.rx.next().await.is_none(), "no ping while the write was blocked, and no room for a goodbye");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_ends_the_session_without_a_code_of_ours() {
+        let (ctx, _acks) = context(Duration::from_secs(30));
+        let conn = connection();
+        let shutdown = CancellationToken::new();
+        let (socket, mut client) = pipe(8);
+        let session = Session::new(&ctx, &conn, u64::MAX, false);
+        client.tx.unbounded_send(Message::Close(None)).unwrap();
+        assert_eq!(session.serve(socket, &shutdown).await, None);
+        assert!(client.text().await.contains(r#""type":"hello""#));
+        assert!(client.rx.next().await.is_none(), "nothing after the hello: the socket is dropped");
+    }
+}
