@@ -6,8 +6,12 @@
 //! redelivery, never a loss. Store and presence outages are waited out (the batch is held, its
 //! ack deadline extended); a job the store refuses for good is retried a bounded number of times
 //! and then dead-lettered so the queue keeps moving.
+//!
+//! A batch is one `Vec<Job<S>>` from stage to stage, each job carrying what its last stage made
+//! of it (`()` → [`Stored`] → [`Verdict`]); the rules (whom to route, retry or dead-letter) are
+//! the pure functions in `jobs::rules` ([`verdict`], [`route_to`]); the I/O stays here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, AckKind, Message};
@@ -22,6 +26,11 @@ use crate::pull;
 use crate::routing::{self, Router};
 use crate::store::{DeadLetterDoc, Store, Stored};
 use herald_publish::validate::{self as job, Invalid, JobMeta, Limits, ValidJob};
+
+mod rules;
+
+use rules::pair;
+pub use rules::{receipts_to_check, route_to, verdict, Attempt, Verdict};
 
 /// Everything one job worker needs.
 #[derive(Clone)]
@@ -44,14 +53,27 @@ pub struct JobPipeline {
     pub clock: Clock,
 }
 
-/// A job as pulled from the stream, with what was read of it.
+/// A job as pulled from the stream: the message and what JetStream says of its delivery.
 struct Pulled {
     message: Message,
     /// This job's span: a child of the publisher's trace when it sent `traceparent`.
     span: tracing::Span,
     delivered: u64,
-    outcome: Result<ValidJob, Invalid>,
     stream_seq: u64,
+}
+
+/// One valid job on its way through the pipeline, carrying what its last stage made of it:
+/// nothing yet (`()`), then what the store did ([`Stored`]), then what to do ([`Verdict`]).
+struct Job<S = ()> {
+    pulled: Pulled,
+    valid: ValidJob,
+    stage: S,
+}
+
+/// What reading a pulled message found.
+enum Read {
+    Valid(Job),
+    Invalid(Pulled, Invalid),
 }
 
 impl JobPipeline {
@@ -64,84 +86,57 @@ impl JobPipeline {
         .await;
     }
 
+    /// One batch through its stages: read → reject the invalid → store → decide → route →
+    /// settle with JetStream.
     async fn process(&self, messages: Vec<Message>, stop: &CancellationToken) {
         self.metrics.job_batch_size.observe(messages.len() as f64);
-        let pulled: Vec<Pulled> = messages.into_iter().map(|m| self.read(m)).collect();
-        let (valid, invalid): (Vec<Pulled>, Vec<Pulled>) = pulled.into_iter().partition(|p| p.outcome.is_ok());
+        let mut jobs = Vec::with_capacity(messages.len());
+        let mut invalid = Vec::new();
+        for message in messages {
+            match self.read(message) {
+                Read::Valid(job) => jobs.push(job),
+                Read::Invalid(pulled, why) => invalid.push((pulled, why)),
+            }
+        }
+        for (pulled, why) in invalid {
+            self.reject(&pulled, why).await;
+        }
+        if jobs.is_empty() {
+            return;
+        }
 
-        for job in invalid {
-            if let Err(invalid) = &job.outcome {
-                self.reject(&job, invalid.clone()).await;
+        let (jobs, interrupted) = match self.insert_until_stored(jobs, stop).await {
+            Ok(stored) => stored,
+            Err(jobs) => {
+                // Shutting down during a store outage: hand the jobs back for redelivery.
+                ack_each(&jobs, AckKind::Nak(None)).await;
+                return;
             }
-        }
-        if valid.is_empty() {
-            return;
-        }
-        let jobs: Vec<ValidJob> = valid.iter().filter_map(|p| p.outcome.as_ref().ok().cloned()).collect();
-        let Some((stored, interrupted)) = self.insert_until_stored(&jobs, &valid, stop).await else {
-            // Shutting down during a store outage: hand the jobs back for redelivery.
-            for job in &valid {
-                let _ = job.message.ack_with(AckKind::Nak(None)).await;
-            }
-            return;
         };
-        let verdicts: Vec<Verdict> = jobs
-            .iter()
-            .zip(&valid)
-            .zip(stored)
-            .map(|((job, pulled), stored)| {
-                verdict(job, stored, Attempt { delivered: pulled.delivered, interrupted }, self.max_attempts)
+        let pending = self.pending_receipts(&jobs, interrupted).await;
+        let jobs: Vec<Job<Verdict>> = jobs
+            .into_iter()
+            .map(|Job { pulled, valid, stage: stored }| {
+                let attempt = Attempt { delivered: pulled.delivered, interrupted };
+                let stage = verdict(&valid, stored, attempt, pending.as_ref(), self.max_attempts);
+                Job { pulled, valid, stage }
             })
             .collect();
-        let verdicts = self.only_pending(&jobs, &valid, interrupted, verdicts).await;
 
-        let routes: Vec<(usize, &[UserId])> = verdicts
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| match v {
-                Verdict::Stored { route } if !route.is_empty() => Some((i, route.as_slice())),
-                _ => None,
-            })
-            .collect();
-        if !self.route(&jobs, &valid, &routes, stop).await {
+        if !self.route(&jobs, stop).await {
             // Shutting down while presence is unreadable. The receipts are stored, so acking
             // would lose nothing, but the messages would then wait for the ack-timeout sweep.
             // Handed back, the jobs go to a dispatcher that stays (or to this one restarted),
             // which routes every recipient of a redelivered job as soon as Redis answers.
-            for job in &valid {
-                let _ = job.message.ack_with(AckKind::Nak(None)).await;
-            }
+            ack_each(&jobs, AckKind::Nak(None)).await;
             return;
         }
-
-        for ((pulled, job), verdict) in valid.iter().zip(&jobs).zip(verdicts) {
-            match verdict {
-                Verdict::Stored { .. } => {
-                    self.metrics.jobs.with_label_values(&["stored"]).inc();
-                    if let Err(e) = pulled.message.ack().await {
-                        tracing::warn!(error = %e, seq = pulled.stream_seq, "job ack failed; it will be redelivered");
-                    }
-                }
-                Verdict::Conflict => {
-                    let reason = format!(
-                        "id {:?} is taken by a message with other content (payload, recipients or ttl_secs)",
-                        job.message_id.as_str()
-                    );
-                    let invalid =
-                        Invalid { job_id: Some(job.message_id.to_string()), code: RejectCode::IdConflict, reason };
-                    self.reject(pulled, invalid).await;
-                }
-                Verdict::Retry { delay, reason } => {
-                    tracing::warn!(seq = pulled.stream_seq, attempt = pulled.delivered, %reason, "job not stored; will retry");
-                    self.metrics.jobs.with_label_values(&["retried"]).inc();
-                    let _ = pulled.message.ack_with(AckKind::Nak(Some(delay))).await;
-                }
-                Verdict::DeadLetter { reason } => self.dead_letter(pulled, job, &reason).await,
-            }
+        for job in jobs {
+            self.settle(job).await;
         }
     }
 
-    fn read(&self, message: Message) -> Pulled {
+    fn read(&self, message: Message) -> Read {
         let (stream_seq, delivered, published_at_ms, published_at_ns) = match message.info() {
             Ok(info) => (
                 info.stream_sequence,
@@ -162,137 +157,106 @@ impl JobPipeline {
         let outcome = job::validate(&message.payload, &meta, &self.limits);
         let span = tracing::info_span!("herald.job", seq = stream_seq, attempt = delivered);
         herald_shared::telemetry::continue_from_headers(&span, message.headers.as_ref());
-        Pulled { message, delivered, outcome, stream_seq, span }
+        let pulled = Pulled { message, delivered, stream_seq, span };
+        match outcome {
+            Ok(valid) => Read::Valid(Job { pulled, valid, stage: () }),
+            Err(invalid) => Read::Invalid(pulled, invalid),
+        }
     }
 
     /// Stores the batch, waiting out transient store errors with capped backoff while keeping
-    /// the jobs' ack deadlines alive. None if `stop` fires first; otherwise what became of each
-    /// job, and whether an earlier attempt was interrupted (and may have written part of it).
+    /// the jobs' ack deadlines alive. Each job comes back with what the store did with it, and
+    /// whether an earlier attempt was interrupted (and may have written part of the batch); or,
+    /// if `stop` fires first, the batch as it was.
     async fn insert_until_stored(
         &self,
-        jobs: &[ValidJob],
-        pulled: &[Pulled],
+        jobs: Vec<Job>,
         stop: &CancellationToken,
-    ) -> Option<(Vec<Stored>, bool)> {
+    ) -> Result<(Vec<Job<Stored>>, bool), Vec<Job>> {
         // One span per job, open for as long as its batch is being stored.
         let _spans: Vec<tracing::Span> =
-            pulled.iter().map(|p| tracing::info_span!(parent: &p.span, "herald.store")).collect();
+            jobs.iter().map(|j| tracing::info_span!(parent: &j.pulled.span, "herald.store")).collect();
+        // The store takes the jobs as one slice; what it answers is paired back by `pair`.
+        let valid: Vec<ValidJob> = jobs.iter().map(|j| j.valid.clone()).collect();
         let mut backoff = Duration::from_millis(100);
         let mut interrupted = false;
         loop {
-            match self.store.insert(jobs, self.clock.now_ms(), self.ack_timeout).await {
+            match self.store.insert(&valid, self.clock.now_ms(), self.ack_timeout).await {
                 Ok(stored) => {
                     let written: usize =
                         stored.iter().map(|s| if let Stored::New(users) = s { users.len() } else { 0 }).sum();
                     self.metrics.receipt_writes.with_label_values(&["insert"]).inc_by(written as u64);
-                    self.metrics.store_batch_size.with_label_values(&["insert"]).observe(jobs.len() as f64);
-                    return Some((stored, interrupted));
+                    self.metrics.store_batch_size.with_label_values(&["insert"]).observe(valid.len() as f64);
+                    let jobs = pair(jobs, stored).into_iter().map(|(job, stored)| job.then(stored)).collect();
+                    return Ok((jobs, interrupted));
                 }
                 Err(e) if e.is_transient() => {
                     interrupted = true;
-                    self.metrics.jobs.with_label_values(&["retried"]).inc_by(jobs.len() as u64);
-                    tracing::warn!(error = %e, jobs = jobs.len(), "store unavailable; holding jobs and retrying");
+                    self.metrics.jobs.with_label_values(&["retried"]).inc_by(valid.len() as u64);
+                    tracing::warn!(error = %e, jobs = valid.len(), "store unavailable; holding jobs and retrying");
                 }
                 Err(e) => {
                     // A whole-batch permanent error (not per document): nothing was stored.
                     // Treat every job as failed once; `verdict` bounds the retries.
                     tracing::error!(error = %e, "store refused the batch");
-                    return Some((jobs.iter().map(|_| Stored::Failed(e.to_string())).collect(), interrupted));
+                    let failed = jobs.into_iter().map(|j| j.then(Stored::Failed(e.to_string()))).collect();
+                    return Ok((failed, interrupted));
                 }
             }
-            for job in pulled {
-                let _ = job.message.ack_with(AckKind::Progress).await;
-            }
+            ack_each(&jobs, AckKind::Progress).await;
             if !pull::sleep_or_stop(&mut backoff, stop).await {
-                return None;
+                return Err(jobs);
             }
         }
     }
 
-    /// A job seen before (redelivered, or its batch's store attempt interrupted) is routed to
-    /// every recipient, because an earlier attempt may have stored it without routing. Only to
-    /// those whose receipt is still pending, though: one delivered, expired or cancelled since
-    /// must not be sent again. Asked in one query for the batch; if the store does not answer,
-    /// such a job is routed to nobody now, and the ack-timeout sweep sends what is pending.
-    async fn only_pending(
-        &self,
-        jobs: &[ValidJob],
-        pulled: &[Pulled],
-        interrupted: bool,
-        mut verdicts: Vec<Verdict>,
-    ) -> Vec<Verdict> {
-        let again: Vec<usize> = (0..jobs.len())
-            .filter(|i| pulled[*i].delivered > 1 || interrupted)
-            .filter(|i| matches!(&verdicts[*i], Verdict::Stored { route } if !route.is_empty()))
+    /// Which receipts of the batch's jobs seen before are still pending, as [`route_to`] needs
+    /// them: asked in one query for the batch. None if the store does not answer.
+    async fn pending_receipts(&self, jobs: &[Job<Stored>], interrupted: bool) -> Option<HashSet<String>> {
+        let keys: Vec<String> = jobs
+            .iter()
+            .flat_map(|j| {
+                let attempt = Attempt { delivered: j.pulled.delivered, interrupted };
+                receipts_to_check(&j.valid, &j.stage, attempt)
+            })
             .collect();
-        if again.is_empty() {
-            return verdicts;
+        if keys.is_empty() {
+            return Some(HashSet::new());
         }
-        let mut keys = Vec::new();
-        for i in &again {
-            if let Verdict::Stored { route } = &verdicts[*i] {
-                keys.extend(route.iter().map(|user| crate::store::receipt_key(&jobs[*i].message_id, user)));
-            }
-        }
-        let pending = match self.store.pending_keys(&keys).await {
+        match self.store.pending_keys(&keys).await {
             Ok(pending) => Some(pending),
             Err(e) => {
                 tracing::warn!(error = %e, "receipt states unknown; the sweep resends what is pending");
                 None
             }
-        };
-        for i in again {
-            if let Verdict::Stored { route } = &mut verdicts[i] {
-                let id = &jobs[i].message_id;
-                route.retain(|user| pending.as_ref().is_some_and(|p| p.contains(&crate::store::receipt_key(id, user))));
-            }
         }
-        verdicts
     }
 
     /// Routes the stored jobs to the gateways holding their recipients. Returns false if `stop`
     /// fired while presence could not be read (nothing was routed then).
-    async fn route(
-        &self,
-        jobs: &[ValidJob],
-        pulled: &[Pulled],
-        routes: &[(usize, &[UserId])],
-        stop: &CancellationToken,
-    ) -> bool {
-        if routes.is_empty() {
+    async fn route(&self, jobs: &[Job<Verdict>], stop: &CancellationToken) -> bool {
+        let routed: Vec<(&Job<Verdict>, &[UserId])> = jobs
+            .iter()
+            .filter_map(|j| match &j.stage {
+                Verdict::Stored { route } if !route.is_empty() => Some((j, route.as_slice())),
+                _ => None,
+            })
+            .collect();
+        if routed.is_empty() {
             return true;
         }
         let lookup_spans: Vec<tracing::Span> =
-            routes.iter().map(|(i, _)| tracing::info_span!(parent: &pulled[*i].span, "herald.presence")).collect();
-        let notifications: Vec<_> = routes
-            .iter()
-            .map(|(i, _)| {
-                let job = &jobs[*i];
-                herald_proto::Notification {
-                    id: job.message_id.clone(),
-                    seq: job.seq,
-                    payload: job.payload.clone(),
-                    published_at_ms: job.published_at_ms,
-                    expires_at_ms: job.expires_at_ms,
-                }
-            })
-            .collect();
-        let mut users: Vec<&UserId> = routes.iter().flat_map(|(_, u)| u.iter()).collect();
+            routed.iter().map(|(j, _)| tracing::info_span!(parent: &j.pulled.span, "herald.presence")).collect();
+        let mut users: Vec<&UserId> = routed.iter().flat_map(|(_, u)| u.iter()).collect();
         users.sort_unstable();
         users.dedup();
-        let Some(presence) = self.read_presence_until_answered(&users, pulled, stop).await else {
+        let Some(presence) = self.read_presence_until_answered(&users, jobs, stop).await else {
             return false;
         };
         drop(lookup_spans);
-        let route_spans: Vec<tracing::Span> =
-            routes.iter().map(|(i, _)| tracing::info_span!(parent: &pulled[*i].span, "herald.route")).collect();
-        let traceparents: Vec<Option<String>> = route_spans.iter().map(herald_shared::telemetry::traceparent).collect();
-        let items = notifications
-            .iter()
-            .zip(routes)
-            .zip(&traceparents)
-            .map(|((notification, (_, users)), tp)| routing::Item { notification, users, traceparent: tp.as_deref() });
-        let plan = routing::plan(items, &presence);
+        // Held to the end: each job's route span stays open until its commands are sent.
+        let outgoing: Vec<Outgoing<'_>> = routed.iter().map(|(j, users)| Outgoing::new(j, users)).collect();
+        let plan = routing::plan(outgoing.iter().map(Outgoing::item), &presence);
         tracing::debug!(online = plan.online, offline = plan.offline.len(), "routed");
         self.metrics.routing.with_label_values(&["online"]).inc_by(plan.online as u64);
         self.metrics.routing.with_label_values(&["offline"]).inc_by(plan.offline.len() as u64);
@@ -308,7 +272,7 @@ impl JobPipeline {
     async fn read_presence_until_answered(
         &self,
         users: &[&UserId],
-        pulled: &[Pulled],
+        jobs: &[Job<Verdict>],
         stop: &CancellationToken,
     ) -> Option<HashMap<UserId, Connections>> {
         let mut backoff = Duration::from_millis(100);
@@ -318,23 +282,50 @@ impl JobPipeline {
             match self.metrics.dependencies.time("redis", "presence_lookup", lookup).await {
                 Ok(presence) => {
                     if let Some(since) = held_since {
-                        tracing::info!(jobs = pulled.len(), held = ?since.elapsed(), "presence answers again; routing");
+                        tracing::info!(jobs = jobs.len(), held = ?since.elapsed(), "presence answers again; routing");
                     }
                     return Some(presence);
                 }
                 Err(e) if held_since.is_none() => {
                     held_since = Some(tokio::time::Instant::now());
                     self.metrics.routing.with_label_values(&["presence_unavailable"]).inc_by(users.len() as u64);
-                    tracing::warn!(error = %e, jobs = pulled.len(), "presence unavailable; holding the jobs and retrying");
+                    tracing::warn!(error = %e, jobs = jobs.len(), "presence unavailable; holding the jobs and retrying");
                 }
                 Err(e) => tracing::debug!(error = %e, "presence still unavailable"),
             }
-            for job in pulled {
-                let _ = job.message.ack_with(AckKind::Progress).await;
-            }
+            ack_each(jobs, AckKind::Progress).await;
             if !pull::sleep_or_stop(&mut backoff, stop).await {
                 return None;
             }
+        }
+    }
+
+    /// Tells JetStream what became of a job: acked once stored and routed, rejected, handed back
+    /// with a delay, or dead-lettered.
+    async fn settle(&self, job: Job<Verdict>) {
+        let Job { pulled, valid, stage } = job;
+        match stage {
+            Verdict::Stored { .. } => {
+                self.metrics.jobs.with_label_values(&["stored"]).inc();
+                if let Err(e) = pulled.message.ack().await {
+                    tracing::warn!(error = %e, seq = pulled.stream_seq, "job ack failed; it will be redelivered");
+                }
+            }
+            Verdict::Conflict => {
+                let reason = format!(
+                    "id {:?} is taken by a message with other content (payload, recipients or ttl_secs)",
+                    valid.message_id.as_str()
+                );
+                let invalid =
+                    Invalid { job_id: Some(valid.message_id.to_string()), code: RejectCode::IdConflict, reason };
+                self.reject(&pulled, invalid).await;
+            }
+            Verdict::Retry { delay, reason } => {
+                tracing::warn!(seq = pulled.stream_seq, attempt = pulled.delivered, %reason, "job not stored; will retry");
+                self.metrics.jobs.with_label_values(&["retried"]).inc();
+                let _ = pulled.message.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+            Verdict::DeadLetter { reason } => self.dead_letter(&pulled, &valid, &reason).await,
         }
     }
 
@@ -428,89 +419,53 @@ pub async fn report_lag(
     }
 }
 
-/// What became of one job once the store answered, and what to tell JetStream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Stored: route to these recipients, then ack.
-    Stored { route: Vec<UserId> },
-    /// Its id belongs to another message: reject as `id_conflict`.
-    Conflict,
-    /// Refused by the store: hand back, to be tried again after `delay`.
-    Retry { delay: Duration, reason: String },
-    /// Refused on every attempt: move aside.
-    DeadLetter { reason: String },
+impl<S> Job<S> {
+    /// The same job, on to its next stage.
+    fn then<T>(self, stage: T) -> Job<T> {
+        Job { pulled: self.pulled, valid: self.valid, stage }
+    }
 }
 
-/// Which attempt at a job this was.
-#[derive(Debug, Clone, Copy)]
-pub struct Attempt {
-    /// JetStream's delivery count (1 the first time).
-    pub delivered: u64,
-    /// Whether an earlier store attempt of this batch failed midway.
-    pub interrupted: bool,
+/// Acknowledges each job of a batch the same way, in order: progress while the batch is held,
+/// or a Nak to hand it back. A failed ack is left to the ack wait.
+async fn ack_each<S>(jobs: &[Job<S>], kind: AckKind) {
+    for job in jobs {
+        let _ = job.pulled.message.ack_with(kind).await;
+    }
 }
 
-/// The rule for a job after its store attempt. Whom to route: the recipients whose receipt
-/// this attempt created; every recipient if the job was delivered before (an earlier attempt
-/// may have stored without routing) or an earlier attempt of this batch was interrupted (it
-/// may have written receipts that this attempt then found). Clients deduplicate.
-pub fn verdict(job: &ValidJob, stored: Stored, attempt: Attempt, max_attempts: u64) -> Verdict {
-    match stored {
-        Stored::New(_) if attempt.delivered > 1 || attempt.interrupted => {
-            Verdict::Stored { route: job.recipients.clone() }
+/// One job's notification on its way to the gateways, under its route span.
+struct Outgoing<'a> {
+    notification: herald_proto::Notification,
+    users: &'a [UserId],
+    traceparent: Option<String>,
+    /// Open until the batch's commands are sent (the owner drops it at the end of `route`).
+    _span: tracing::Span,
+}
+
+impl<'a> Outgoing<'a> {
+    fn new(job: &Job<Verdict>, users: &'a [UserId]) -> Self {
+        let span = tracing::info_span!(parent: &job.pulled.span, "herald.route");
+        let valid = &job.valid;
+        Outgoing {
+            notification: herald_proto::Notification {
+                id: valid.message_id.clone(),
+                seq: valid.seq,
+                payload: valid.payload.clone(),
+                published_at_ms: valid.published_at_ms,
+                expires_at_ms: valid.expires_at_ms,
+            },
+            users,
+            traceparent: herald_shared::telemetry::traceparent(&span),
+            _span: span,
         }
-        Stored::New(new) => Verdict::Stored { route: new },
-        Stored::Conflict => Verdict::Conflict,
-        Stored::Failed(reason) if attempt.delivered < max_attempts => {
-            Verdict::Retry { delay: Duration::from_secs(attempt.delivered.min(30)), reason }
-        }
-        Stored::Failed(reason) => Verdict::DeadLetter { reason },
+    }
+
+    fn item(&self) -> routing::Item<'_> {
+        routing::Item { notification: &self.notification, users: self.users, traceparent: self.traceparent.as_deref() }
     }
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::value::RawValue;
-
-    fn job(recipients: &[&str]) -> ValidJob {
-        ValidJob {
-            message_id: herald_proto::MessageId::new("m1").unwrap(),
-            seq: 1,
-            recipients: recipients.iter().map(|u| UserId::new(*u).unwrap()).collect(),
-            payload: RawValue::from_string("1".into()).unwrap(),
-            published_at_ms: 0,
-            expires_at_ms: 1,
-            digest: "d".into(),
-        }
-    }
-
-    fn users(names: &[&str]) -> Vec<UserId> {
-        names.iter().map(|u| UserId::new(*u).unwrap()).collect()
-    }
-
-    #[test]
-    fn a_first_attempt_routes_what_it_created_and_a_redelivery_routes_everyone() {
-        let j = job(&["a", "b"]);
-        let first = Attempt { delivered: 1, interrupted: false };
-        assert_eq!(verdict(&j, Stored::New(users(&["b"])), first, 5), Verdict::Stored { route: users(&["b"]) });
-        let again = Attempt { delivered: 2, interrupted: false };
-        assert_eq!(verdict(&j, Stored::New(vec![]), again, 5), Verdict::Stored { route: users(&["a", "b"]) });
-        let interrupted = Attempt { delivered: 1, interrupted: true };
-        assert_eq!(verdict(&j, Stored::New(vec![]), interrupted, 5), Verdict::Stored { route: users(&["a", "b"]) });
-    }
-
-    #[test]
-    fn refusals_retry_with_a_growing_delay_then_dead_letter_and_conflicts_are_rejected() {
-        let j = job(&["a"]);
-        let attempt = |delivered| Attempt { delivered, interrupted: false };
-        let retry = verdict(&j, Stored::Failed("x".into()), attempt(3), 5);
-        assert_eq!(retry, Verdict::Retry { delay: Duration::from_secs(3), reason: "x".into() });
-        assert_eq!(verdict(&j, Stored::Failed("x".into()), attempt(5), 5), Verdict::DeadLetter { reason: "x".into() });
-        assert_eq!(verdict(&j, Stored::Conflict, attempt(1), 5), Verdict::Conflict);
-    }
 }
