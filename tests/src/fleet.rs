@@ -65,6 +65,8 @@ pub struct UserLog {
     pub changed: Vec<String>,
     /// When each connection had its `hello`, and when it ended (None: still open).
     pub connected: Vec<(Instant, Option<Instant>)>,
+    /// When each message first arrived, in order: what a replay had reached by a given moment.
+    pub arrivals: Vec<Instant>,
 }
 
 impl UserLog {
@@ -343,6 +345,7 @@ impl UserClient {
                             Some(_) => {}
                             None => {
                                 l.payloads.insert(n.id.to_string(), payload.to_owned());
+                                l.arrivals.push(Instant::now());
                             }
                         }
                     });
@@ -863,8 +866,18 @@ impl Tally {
                                         .collect()
                                 })
                                 .unwrap_or_default();
+                            // How far the user's client had got by then: arrivals in the 30 s
+                            // before the expiry, and the last one.
+                            let (recent, last) = match (log, expires) {
+                                (Some(l), Some(at)) => {
+                                    let from = at.checked_sub(Duration::from_secs(30)).unwrap_or(at);
+                                    let recent = l.arrivals.iter().filter(|t| **t >= from && **t <= at).count();
+                                    (recent, l.arrivals.iter().rfind(|t| **t <= at).map(|t| ago(*t)))
+                                }
+                                _ => (0, None),
+                            };
                             tally.example(format!(
-                                "{}/{user}: expired {:?} s ago while its user was connected (connections, s ago: {spans:?}; {} messages stored)",
+                                "{}/{user}: expired {:?} s ago while its user was connected (connections, s ago: {spans:?}; {} messages stored; {recent} arrivals in the 30 s before the expiry, the last {last:?} s ago)",
                                 job.id,
                                 expires.map(ago),
                                 stored.len()
