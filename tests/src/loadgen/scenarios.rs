@@ -44,7 +44,7 @@ pub(crate) enum Scenario {
     /// 1,000 users with 100 pending each connect at once (500 in the short run).
     BacklogStorm,
     /// Resend capacity: notifications resent per second after the ack timeout by one dispatcher
-    /// and by two, to clients that never ack.
+    /// and by two, to 1,000 online users that never ack, 60 pending each (200 x 100 short).
     Resend,
     /// A few hundred connections through the whole path, checking only that nothing is lost.
     Smoke,
@@ -830,18 +830,22 @@ const RESENT_METRIC: &str = "herald_dispatcher_resent_total";
 /// with two: the ratio says whether resending grows with dispatchers.
 pub(crate) async fn resend(config: &RunConfig) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new(Scenario::Resend, System::Herald);
+    let users = if config.short { 200 } else { 1_000 };
+    // Per user: well below the gateways' outbound queue (1,024 per connection), which a whole
+    // resend wave for one user must fit in. The demand this gives (10,000/s short, 30,000/s
+    // full) is several times what the sweep did against nx-27017 in a trial run (~3,400/s, with the store's
+    // process at 80-90 % of a core).
+    let per_user: u64 = if config.short { 100 } else { 60 };
     let load = ResendLoad {
-        users: if config.short { 200 } else { 1_000 },
-        // 40 per user: far below the gateways' outbound queue (1,024 per connection), which a
-        // whole resend wave for one user must fit in.
-        messages: if config.short { 8_000 } else { 40_000 },
+        users,
+        messages: users as u64 * per_user,
         ack_timeout: Duration::from_millis(2_000),
         sweep_interval: Duration::from_millis(500),
         window: Duration::from_secs(if config.short { 10 } else { 20 }),
     };
     out.set("users_online_not_acking", load.users as u64);
     out.set("pending_receipts", load.messages);
-    out.set("pending_per_user", load.messages / load.users as u64);
+    out.set("pending_per_user", per_user);
     out.set("ack_timeout_ms", load.ack_timeout.as_millis() as u64);
     out.set("sweep_interval_ms", load.sweep_interval.as_millis() as u64);
     out.set("window_s", load.window.as_secs());
@@ -985,6 +989,11 @@ impl ResendRun {
         out.set(&format!("{p}_client_received_per_s"), round(self.received as f64 / self.window_s, 0));
         out.set(&format!("{p}_dispatcher_cpu_s_per_1k"), per_1k(self.dispatcher_cpu_s));
         out.set(&format!("{p}_dispatcher_cpu_pct"), round(self.dispatcher_cpu_s / self.window_s * 100.0, 1));
+        // What a dispatcher could resend on a whole core if nothing else bound it.
+        out.set(
+            &format!("{p}_resent_per_dispatcher_cpu_s"),
+            (self.dispatcher_cpu_s > 0.0).then(|| round(self.resent() as f64 / self.dispatcher_cpu_s, 0)),
+        );
         out.set(&format!("{p}_store_cpu_pct"), round(self.store_cpu_s / self.window_s * 100.0, 1));
         out.set(&format!("{p}_store_round_trips_per_1k"), per_1k(self.store_round_trips as f64));
         out.set(&format!("{p}_overdue_at_end"), self.overdue_at_end);
@@ -997,6 +1006,15 @@ impl ResendRun {
                  not the capacity (raise the pending receipts)",
                 self.dispatchers,
                 round(per_s, 0)
+            ));
+        }
+        let store_pct = self.store_cpu_s / self.window_s * 100.0;
+        if store_pct >= 80.0 {
+            out.notes.push(format!(
+                "{} dispatcher(s): the store server used {}% of a core: the store, not the dispatchers, \
+                 bounds resending here, and more dispatchers cannot raise it",
+                self.dispatchers,
+                round(store_pct, 0)
             ));
         }
         // Each receipt is due once per ack timeout: more resends than that resent some twice.
