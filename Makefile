@@ -127,10 +127,10 @@ clean:
 # --- benchmarks (docs/BENCHMARKS.md) --------------------------------------------------------------
 # Release builds, Herald's own dependencies on free ports, the Socket.IO peer and the bare fan-out
 # server; every run stops by itself. `make bench` is the short version of every scenario.
-.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-storm bench-loss bench-backlog
+.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-storm bench-loss bench-backlog bench-resend
 
 bench: deps
-	scripts/bench.sh --short idle gateway direct fanout storm loss backlog backlog-storm
+	scripts/bench.sh --short idle gateway direct fanout storm loss backlog backlog-storm resend
 
 bench-idle: deps
 	scripts/bench.sh idle
@@ -152,3 +152,6 @@ bench-loss: deps
 
 bench-backlog: deps
 	scripts/bench.sh backlog backlog-storm
+
+bench-resend: deps
+	scripts/bench.sh resend

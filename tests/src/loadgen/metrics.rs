@@ -1,7 +1,11 @@
-//! What the servers cost, read from outside them: resident memory and CPU time from `/proc`,
-//! Redis commands from `INFO commandstats`. Nothing here asks the measured process for anything.
+//! What the servers cost and do, read from outside them: resident memory and CPU time from
+//! `/proc`, Redis commands from `INFO commandstats`, and counters a Herald process publishes on
+//! its `/metrics` (read as any Prometheus scraper would). Nothing here changes what is measured.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -75,6 +79,26 @@ pub(crate) async fn redis_commandstats(port: u16) -> anyhow::Result<BTreeMap<Str
     }
 }
 
+/// The value of the unlabelled counter `name` on the Prometheus text page at
+/// `http://addr/metrics`.
+pub(crate) async fn prometheus_counter(http: &reqwest::Client, addr: SocketAddr, name: &str) -> anyhow::Result<u64> {
+    let text = http.get(format!("http://{addr}/metrics")).send().await?.error_for_status()?.text().await?;
+    counter_value(&text, name).with_context(|| format!("{name} not on http://{addr}/metrics"))
+}
+
+/// The sample line `<name> <value>` of a Prometheus text page (comments and other metrics,
+/// including those whose name merely starts with `name`, skipped).
+fn counter_value(text: &str, name: &str) -> Option<u64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (metric, value) = line.split_once(' ')?;
+        if metric != name {
+            return None;
+        }
+        // Counters are integers, but the format allows `1e+06`.
+        value.trim().parse::<f64>().ok().map(|v| v as u64)
+    })
+}
+
 fn parse_commandstats(text: &str) -> BTreeMap<String, u64> {
     text.lines()
         .filter_map(|line| {
@@ -100,5 +124,17 @@ mod tests {
         assert_eq!(stats.get("info"), Some(&3));
         assert!(rss_kib(std::process::id()).unwrap_or(0) > 0);
         assert!(cpu_secs(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn a_counter_is_read_by_its_exact_name() {
+        let page = "# HELP herald_dispatcher_resent_total Notifications sent again\n\
+                    # TYPE herald_dispatcher_resent_total counter\n\
+                    herald_dispatcher_resent_total_extra 7\n\
+                    herald_dispatcher_resent_total 1234\n\
+                    herald_dispatcher_big_total 1e+06\n";
+        assert_eq!(counter_value(page, "herald_dispatcher_resent_total"), Some(1234));
+        assert_eq!(counter_value(page, "herald_dispatcher_big_total"), Some(1_000_000));
+        assert_eq!(counter_value(page, "herald_dispatcher_missing_total"), None);
     }
 }

@@ -43,6 +43,9 @@ pub(crate) enum Scenario {
     Backlog,
     /// 1,000 users with 100 pending each connect at once (500 in the short run).
     BacklogStorm,
+    /// Resend capacity: notifications resent per second after the ack timeout by one dispatcher
+    /// and by two, to 1,000 online users that never ack, 60 pending each (200 x 100 short).
+    Resend,
     /// A few hundred connections through the whole path, checking only that nothing is lost.
     Smoke,
 }
@@ -815,6 +818,234 @@ impl Watched {
     }
 }
 
+// --- 8. resend capacity ----------------------------------------------------------------------------
+
+/// What the dispatcher counts for each notification it sends again.
+const RESENT_METRIC: &str = "herald_dispatcher_resent_total";
+
+/// Resend capacity per dispatcher: users online that receive but never ack, so every receipt
+/// stays pending and is due again one ack timeout after each send. With `messages` receipts the
+/// offered demand is `messages / ack_timeout` per second; it is set above what the store lets a
+/// sweep do, so that the sweep is the bound. Measured with one dispatcher, then on a fresh system
+/// with two: the ratio says whether resending grows with dispatchers.
+pub(crate) async fn resend(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Resend, System::Herald);
+    let users = if config.short { 200 } else { 1_000 };
+    // Per user: well below the gateways' outbound queue (1,024 per connection), which a whole
+    // resend wave for one user must fit in. The demand this gives (10,000/s short, 30,000/s
+    // full) is several times what the sweep did against nx-27017 in a trial run (~3,400/s, with the store's
+    // process at 80-90 % of a core).
+    let per_user: u64 = if config.short { 100 } else { 60 };
+    let load = ResendLoad {
+        users,
+        messages: users as u64 * per_user,
+        ack_timeout: Duration::from_millis(2_000),
+        sweep_interval: Duration::from_millis(500),
+        window: Duration::from_secs(if config.short { 10 } else { 20 }),
+    };
+    out.set("users_online_not_acking", load.users as u64);
+    out.set("pending_receipts", load.messages);
+    out.set("pending_per_user", per_user);
+    out.set("ack_timeout_ms", load.ack_timeout.as_millis() as u64);
+    out.set("sweep_interval_ms", load.sweep_interval.as_millis() as u64);
+    out.set("window_s", load.window.as_secs());
+    out.set("resend_demand_per_s", round(load.demand_per_s(), 0));
+    let mut rates = Vec::new();
+    for dispatchers in [1, 2] {
+        let run = resend_run(&load, dispatchers, config).await?;
+        run.report(&mut out, &load);
+        rates.push(run.resent_per_s());
+    }
+    if let [one, two] = rates[..] {
+        out.set("resent_per_s_ratio_2_to_1", (one > 0.0).then(|| round(two / one, 2)));
+    }
+    Ok(out)
+}
+
+/// The load of one resend run.
+struct ResendLoad {
+    users: usize,
+    /// One-recipient jobs, round robin over the users: one pending receipt each.
+    messages: u64,
+    ack_timeout: Duration,
+    sweep_interval: Duration,
+    window: Duration,
+}
+
+impl ResendLoad {
+    /// Resends per second if every receipt were resent the moment its ack timeout passed.
+    fn demand_per_s(&self) -> f64 {
+        self.messages as f64 / self.ack_timeout.as_secs_f64()
+    }
+}
+
+/// What one run (a fixed number of dispatchers) measured over its window.
+struct ResendRun {
+    dispatchers: usize,
+    window_s: f64,
+    /// Increase of each dispatcher's resent counter over the window.
+    resent_each: Vec<u64>,
+    /// Load messages the clients received over the window, resends all of them.
+    received: u64,
+    dispatcher_cpu_s: f64,
+    store_cpu_s: f64,
+    store_round_trips: u64,
+    /// Receipts whose retry time had passed at the end of the window: the sweep's backlog.
+    overdue_at_end: u64,
+    connected_at_end: u64,
+    closes: BTreeMap<u16, u64>,
+}
+
+/// Counter values of every dispatcher, in order.
+async fn dispatcher_counters(http: &reqwest::Client, h: &Herald, name: &str) -> anyhow::Result<Vec<u64>> {
+    let mut values = Vec::new();
+    for d in &h.dispatchers {
+        values.push(metrics::prometheus_counter(http, d.addr, name).await?);
+    }
+    Ok(values)
+}
+
+/// Starts Herald with `dispatchers`, connects the users (never acking), publishes the jobs,
+/// waits until every receipt is stored and one ack timeout more (the resends have reached their
+/// steady state), then measures one window.
+async fn resend_run(load: &ResendLoad, dispatchers: usize, config: &RunConfig) -> anyhow::Result<ResendRun> {
+    let servers = 2;
+    let options = HeraldOptions {
+        dispatchers,
+        ack_timeout_ms: load.ack_timeout.as_millis() as u64,
+        sweep_interval_ms: Some(load.sweep_interval.as_millis() as u64),
+        ..HeraldOptions::default()
+    };
+    let sut = Sut::start(System::Herald, servers, options, config).await?;
+    let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
+    let mut workers = Workers::spawn(&sut.plan(load.users / servers, false, 256))?;
+    connect(&mut workers, 1.0, Duration::from_secs(60)).await?;
+    let users = user_names("u", 0, load.users);
+    publish_jobs(h, &users, 0, load.messages, 2_000.0).await?;
+    wait_stored(h, load.messages, Duration::from_secs(240)).await?;
+    tokio::time::sleep(load.ack_timeout + 2 * load.sweep_interval).await;
+
+    let http = reqwest::Client::new();
+    let cpu = |h: &Herald| h.dispatchers.iter().map(|d| d.cpu_secs()).sum::<f64>();
+    let resent_before = dispatcher_counters(&http, h, RESENT_METRIC).await?;
+    let received_before = workers.totals().await?.received;
+    let (cpu_before, store_cpu_before, rt_before) = (cpu(h), h.deps_cpu_secs().0, h.store_proxy.requests());
+    let start = Instant::now();
+    tokio::time::sleep(load.window).await;
+    let resent_after = dispatcher_counters(&http, h, RESENT_METRIC).await?;
+    let window_s = start.elapsed().as_secs_f64();
+    let (cpu_after, store_cpu_after, rt_after) = (cpu(h), h.deps_cpu_secs().0, h.store_proxy.requests());
+    let totals = workers.totals().await?;
+    let now_ms = protocol::now_us() / 1000;
+    let overdue_at_end =
+        count_receipts(&h.db, doc! { "state": "pending", "next_retry_at_ms": { "$lte": now_ms as i64 } }).await?;
+    workers.quit().await;
+    Ok(ResendRun {
+        dispatchers,
+        window_s,
+        resent_each: resent_after.iter().zip(&resent_before).map(|(a, b)| a.saturating_sub(*b)).collect(),
+        received: totals.received - received_before,
+        dispatcher_cpu_s: cpu_after - cpu_before,
+        store_cpu_s: store_cpu_after - store_cpu_before,
+        store_round_trips: rt_after - rt_before,
+        overdue_at_end,
+        connected_at_end: totals.connected,
+        closes: totals.closes,
+    })
+}
+
+/// What bounded a resend run: the sweep if receipts waited past their retry time by more than
+/// what one interval's wait explains at this demand, otherwise the demand itself (the figure is
+/// then a floor of the capacity, not the capacity).
+fn resend_bound(overdue_at_end: u64, demand_per_s: f64, sweep_interval: Duration) -> &'static str {
+    // At the demand, one interval's worth of receipts comes due between two sweeps; twice that
+    // leaves room for a sweep that is slow but keeping up.
+    if overdue_at_end as f64 > 2.0 * demand_per_s * sweep_interval.as_secs_f64() {
+        "sweep"
+    } else {
+        "demand"
+    }
+}
+
+impl ResendRun {
+    fn resent(&self) -> u64 {
+        self.resent_each.iter().sum()
+    }
+
+    fn resent_per_s(&self) -> f64 {
+        self.resent() as f64 / self.window_s
+    }
+
+    fn report(&self, out: &mut Outcome, load: &ResendLoad) {
+        let p = format!("dispatchers_{}", self.dispatchers);
+        let per_s = self.resent_per_s();
+        let per_1k = |x: f64| (self.resent() > 0).then(|| round(x / (self.resent() as f64 / 1000.0), 3));
+        out.set(&format!("{p}_resent_per_s"), round(per_s, 0));
+        out.set(&format!("{p}_resent_per_s_per_dispatcher"), round(per_s / self.dispatchers as f64, 0));
+        out.set(
+            &format!("{p}_resent_per_s_each"),
+            json!(self.resent_each.iter().map(|n| round(*n as f64 / self.window_s, 0)).collect::<Vec<_>>()),
+        );
+        out.set(&format!("{p}_client_received_per_s"), round(self.received as f64 / self.window_s, 0));
+        out.set(&format!("{p}_dispatcher_cpu_s_per_1k"), per_1k(self.dispatcher_cpu_s));
+        out.set(&format!("{p}_dispatcher_cpu_pct"), round(self.dispatcher_cpu_s / self.window_s * 100.0, 1));
+        // What a dispatcher could resend on a whole core if nothing else bound it.
+        out.set(
+            &format!("{p}_resent_per_dispatcher_cpu_s"),
+            (self.dispatcher_cpu_s > 0.0).then(|| round(self.resent() as f64 / self.dispatcher_cpu_s, 0)),
+        );
+        out.set(&format!("{p}_store_cpu_pct"), round(self.store_cpu_s / self.window_s * 100.0, 1));
+        out.set(&format!("{p}_store_round_trips_per_1k"), per_1k(self.store_round_trips as f64));
+        out.set(&format!("{p}_overdue_at_end"), self.overdue_at_end);
+        let bound = resend_bound(self.overdue_at_end, load.demand_per_s(), load.sweep_interval);
+        out.set(&format!("{p}_bound_by"), bound);
+        out.set(&format!("{p}_closes"), json!(self.closes));
+        if bound == "demand" {
+            out.notes.push(format!(
+                "{} dispatcher(s): the sweep kept up with the demand; {} resends/s is a floor of the capacity, \
+                 not the capacity (raise the pending receipts)",
+                self.dispatchers,
+                round(per_s, 0)
+            ));
+        }
+        let store_pct = self.store_cpu_s / self.window_s * 100.0;
+        if store_pct >= 80.0 {
+            out.notes.push(format!(
+                "{} dispatcher(s): the store server used {}% of a core: the store, not the dispatchers, \
+                 bounds resending here, and more dispatchers cannot raise it",
+                self.dispatchers,
+                round(store_pct, 0)
+            ));
+        }
+        // Each receipt is due once per ack timeout: more resends than that resent some twice.
+        if per_s > load.demand_per_s() * 1.05 {
+            out.notes.push(format!(
+                "{} dispatcher(s): {} resends/s is above the demand: some receipts were resent twice in one timeout",
+                self.dispatchers,
+                round(per_s, 0)
+            ));
+        }
+        // Frames in flight at either end of the window make the two differ a little, no more.
+        if (self.received as f64) < self.resent() as f64 * 0.9 {
+            out.notes.push(format!(
+                "{} dispatcher(s): clients received {} of {} resends in the window",
+                self.dispatchers,
+                self.received,
+                self.resent()
+            ));
+        }
+        if self.resent() == 0 {
+            out.fail(format!("{} dispatcher(s): nothing resent in the window", self.dispatchers));
+        }
+        if self.connected_at_end < load.users as u64 {
+            out.fail(format!(
+                "{} dispatcher(s): {} of {} users connected at the end (closes {:?}); resends did not all reach a client",
+                self.dispatchers, self.connected_at_end, load.users, self.closes
+            ));
+        }
+    }
+}
+
 // --- 6. gateway loss ---------------------------------------------------------------------------------
 
 pub(crate) async fn loss(config: &RunConfig) -> anyhow::Result<Outcome> {
@@ -930,6 +1161,7 @@ pub(crate) async fn run(scenario: Scenario, system: System, config: &RunConfig, 
             (Scenario::Loss, System::Herald) => loss(config).await,
             (Scenario::Backlog, System::Herald) => backlog(config).await,
             (Scenario::BacklogStorm, System::Herald) => backlog_storm(config).await,
+            (Scenario::Resend, System::Herald) => resend(config).await,
             (Scenario::Smoke, System::Herald) => smoke(config).await,
             (scenario, system) => anyhow::bail!("{scenario:?} is not measured on {system:?}"),
         }
@@ -1011,4 +1243,18 @@ pub(crate) fn table(outcomes: &[Outcome]) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resend_run_is_sweep_bound_only_when_receipts_wait_past_their_time() {
+        let interval = Duration::from_millis(500);
+        // 4,000/s due: 2,000 due per interval; up to two intervals' worth is a sweep keeping up.
+        assert_eq!(resend_bound(0, 4_000.0, interval), "demand");
+        assert_eq!(resend_bound(4_000, 4_000.0, interval), "demand");
+        assert_eq!(resend_bound(4_001, 4_000.0, interval), "sweep");
+    }
 }

@@ -119,11 +119,20 @@ pub(crate) struct HeraldOptions {
     pub(crate) max_connections: Option<usize>,
     pub(crate) presence_ttl_ms: u64,
     pub(crate) ack_timeout_ms: u64,
+    /// `HERALD_SWEEP_INTERVAL_MS` of the dispatchers; `None`: their default.
+    pub(crate) sweep_interval_ms: Option<u64>,
 }
 
 impl Default for HeraldOptions {
     fn default() -> Self {
-        Self { gateways: 2, dispatchers: 1, max_connections: None, presence_ttl_ms: 10_000, ack_timeout_ms: 30_000 }
+        Self {
+            gateways: 2,
+            dispatchers: 1,
+            max_connections: None,
+            presence_ttl_ms: 10_000,
+            ack_timeout_ms: 30_000,
+            sweep_interval_ms: None,
+        }
     }
 }
 
@@ -174,6 +183,7 @@ impl Herald {
                 ("HERALD_ADMIN_TOKEN", ADMIN_TOKEN.into()),
                 ("HERALD_ACK_TIMEOUT_MS", options.ack_timeout_ms.to_string()),
             ]);
+            env.extend(options.sweep_interval_ms.map(|ms| ("HERALD_SWEEP_INTERVAL_MS", ms.to_string())));
             let env = with_extra(&env, "HERALD_BENCH_DISPATCHER_ENV");
             let mut server = spawn(&format!("dispatcher-{i}"), &sibling_binary("herald-dispatcher")?, &[], &env, logs)?;
             wait_http(&mut server, "/readyz").await?;
