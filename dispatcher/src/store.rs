@@ -614,16 +614,17 @@ impl Store {
         Ok(receipts)
     }
 
-    /// One user's oldest pending receipts after `after_seq`, at most `limit`, oldest first: a
-    /// further page of a replay. One range of the `user, state, seq` index; expired ones that
-    /// the sweeper has not marked yet are included, as in [`Self::pending_receipts_for`].
+    /// The oldest pending receipts of `users` after `after_seq` (None: from the oldest), at most
+    /// `limit` in all, oldest first: one query for a round of replay pages (see
+    /// `crate::replay::share`). Expired ones that the sweeper has not marked yet are included, as
+    /// in [`Self::pending_receipts_for`].
     pub async fn pending_receipts_after(
         &self,
-        user: &UserId,
-        after_seq: u64,
+        users: &[&UserId],
+        after_seq: Option<u64>,
         limit: usize,
     ) -> Result<Vec<ReceiptDoc>, StoreError> {
-        self.pending_receipts(&[user], Some(after_seq), limit, None).await
+        self.pending_receipts(users, after_seq, limit, None).await
     }
 
     async fn pending_receipts(

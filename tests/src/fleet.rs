@@ -866,18 +866,28 @@ impl Tally {
                                         .collect()
                                 })
                                 .unwrap_or_default();
-                            // How far the user's client had got by then: arrivals in the 30 s
-                            // before the expiry, and the last one.
-                            let (recent, last) = match (log, expires) {
-                                (Some(l), Some(at)) => {
-                                    let from = at.checked_sub(Duration::from_secs(30)).unwrap_or(at);
-                                    let recent = l.arrivals.iter().filter(|t| **t >= from && **t <= at).count();
-                                    (recent, l.arrivals.iter().rfind(|t| **t <= at).map(|t| ago(*t)))
+                            // How far the user's client had got by then: its arrivals since its
+                            // last connection opened, as (count, seconds after the open) at the
+                            // first, every hundredth and the last.
+                            let progress: Vec<String> = match log.and_then(|l| l.connected.last().map(|c| (l, c.0))) {
+                                Some((l, opened)) => {
+                                    let since: Vec<f64> = l
+                                        .arrivals
+                                        .iter()
+                                        .filter(|t| **t >= opened)
+                                        .map(|t| t.saturating_duration_since(opened).as_secs_f64())
+                                        .collect();
+                                    since
+                                        .iter()
+                                        .enumerate()
+                                        .filter(|(i, _)| i % 100 == 0 || *i + 1 == since.len())
+                                        .map(|(i, s)| format!("#{}@{s:.2}s", i + 1))
+                                        .collect()
                                 }
-                                _ => (0, None),
+                                None => Vec::new(),
                             };
                             tally.example(format!(
-                                "{}/{user}: expired {:?} s ago while its user was connected (connections, s ago: {spans:?}; {} messages stored; {recent} arrivals in the 30 s before the expiry, the last {last:?} s ago)",
+                                "{}/{user}: expired {:?} s ago while its user was connected (connections, s ago: {spans:?}; {} messages stored; arrivals since the last connect: {progress:?})",
                                 job.id,
                                 expires.map(ago),
                                 stored.len()

@@ -523,6 +523,78 @@ async fn a_backlog_of_many_pages_arrives_whole_and_in_order_without_the_ack_time
     .unwrap();
 }
 
+/// The store round trips of a storm of replays: ten users with backlogs of two pages connect
+/// together, and their page requests are answered a round at a time, one query for the first
+/// pages of the round and one for the further pages, not one query per request (before: 1 for
+/// the first pages, one more for each user the shared query crowded out, and one per further
+/// page; at least 11 here). On a store that answers one query at a time (nx-27017), the queries
+/// of one round queued behind each other, and a backlog took seconds per page (chaos seed 1:
+/// 370 messages over 10 s, their last ones expiring under their connected users).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_replays_costs_the_store_a_query_or_two_a_round_not_one_per_page() {
+    const USERS: usize = 10;
+    const EACH: usize = 300;
+    let options = Options { ack_timeout: Duration::from_secs(120), ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let mut config = herald_tests::cluster::dispatcher_config(&cluster.stack, &cluster.options);
+    // Events gathered for half a second: the users' requests of each round come in one batch.
+    config.event_linger = Duration::from_millis(500);
+    let dispatcher = cluster.dispatcher_with(config).await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let users: Vec<String> = (0..USERS).map(|u| format!("storm-{u}")).collect();
+    // Interleaved, so that the users' backlogs share the seq range as they would in real life.
+    for i in 0..EACH {
+        for user in &users {
+            cluster.send(&format!("{user}-{i:03}"), &[user.as_str()]).await.unwrap();
+        }
+    }
+    eventually(Duration::from_secs(60), Duration::from_millis(200), || async {
+        let pending = cluster.receipts_in("pending").await.map_err(|e| e.to_string())?;
+        if pending.len() == USERS * EACH {
+            Ok(())
+        } else {
+            Err(format!("{} of {} stored", pending.len(), USERS * EACH))
+        }
+    })
+    .await
+    .unwrap();
+    let queries = || async {
+        let text = reqwest::get(format!("http://{}/metrics", dispatcher.addr)).await?.text().await?;
+        let line = r#"herald_dependency_seconds_count{dependency="mongodb",op="pending_receipts"} "#;
+        Ok::<u64, anyhow::Error>(text.lines().find_map(|l| l.strip_prefix(line)?.parse().ok()).unwrap_or(0))
+    };
+    let before = queries().await.unwrap();
+
+    let mut clients = Vec::new();
+    for user in &users {
+        clients.push(cluster.connect(gateway.addr, user).await.unwrap());
+    }
+    let reads = clients.into_iter().zip(&users).map(|(mut client, user)| async move {
+        let mut got = Vec::with_capacity(EACH);
+        let mut unacked = Vec::new();
+        while got.len() < EACH {
+            let Some(n) = client.next_notification(Duration::from_secs(60)).await else { break };
+            if got.contains(&n.id.to_string()) {
+                continue;
+            }
+            unacked.push(n.id.to_string());
+            got.push(n.id.to_string());
+            if unacked.len() == 100 || got.len() == EACH {
+                client.ack(unacked.drain(..)).await.unwrap();
+            }
+        }
+        let want: Vec<String> = (0..EACH).map(|i| format!("{user}-{i:03}")).collect();
+        assert_eq!(got, want, "{user}: all of its backlog, oldest first");
+        client
+    });
+    let _clients = futures::future::join_all(reads).await;
+    let used = queries().await.unwrap() - before;
+    println!("{USERS} users x {EACH} pending (pages of 256): {used} replay queries");
+    // Two rounds at the least (first pages, then the rest), a third for pages a full shared
+    // query cut short; one query each, and one more for any user a round's query crowded out.
+    assert!(used <= 8, "{used} replay queries for {USERS} users' two pages each");
+}
+
 /// More pending messages than one replay page, for two users, with a short ack timeout (so
 /// resends mix in): nothing is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
