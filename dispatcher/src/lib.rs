@@ -22,6 +22,7 @@ pub mod acks;
 pub mod admission;
 pub mod api;
 pub mod events;
+pub mod fetch;
 pub mod jobs;
 pub mod metrics;
 pub mod pace;

@@ -178,34 +178,28 @@ async fn fetch_into(
                 }
             },
         };
-        let mut messages =
-            match consumer.batch().max_messages(max).max_bytes(max_bytes).expires(FETCH_EXPIRES).messages().await {
-                Ok(messages) => messages,
-                Err(e) => {
-                    tracing::warn!(error = %e, stream, "cannot pull; retrying");
-                    sleep_or_stop(&mut backoff, stop).await;
-                    continue;
-                }
-            };
-        // The fetch is read to its end even when `stop` fires meanwhile (at most
-        // FETCH_EXPIRES): what was pulled gets handled, not left to the ack wait.
+        let mut pull = match crate::fetch::Pull::start(js, &consumer, max, max_bytes, FETCH_EXPIRES).await {
+            Ok(pull) => pull,
+            Err(e) => {
+                tracing::warn!(error = %e, stream, "cannot pull; retrying");
+                sleep_or_stop(&mut backoff, stop).await;
+                continue;
+            }
+        };
+        // The pull is read to its end even when `stop` fires meanwhile (at most FETCH_EXPIRES
+        // and the fetch module's graces): what was pulled gets handled, not left to the ack wait.
         let mut broken = false;
-        let mut got = 0usize;
-        while let Some(message) = messages.next().await {
+        while let Some(message) = pull.next().await {
             match (message, room.next()) {
-                (Ok(message), Some(slot)) => {
-                    got += 1;
-                    slot.send(message);
-                }
+                (Ok(message), Some(slot)) => slot.send(message),
                 // More than asked for (the server never does this): hand it straight back.
                 (Ok(message), None) => {
                     let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
                 }
-                // A fetch that filled its byte budget ends with a status (409 "Message Size
-                // Exceeds MaxBytes"): after messages, that is a full fetch, not a failure.
-                (Err(e), _) if got > 0 => tracing::debug!(error = %e, stream, "fetch ended"),
                 (Err(e), _) => {
-                    tracing::warn!(error = %e, stream, "pulling");
+                    if pull.got() == 0 {
+                        tracing::warn!(error = %e, stream, "pulling");
+                    }
                     broken = true;
                 }
             }

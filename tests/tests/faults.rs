@@ -1416,3 +1416,52 @@ async fn a_frozen_gateway_longer_than_the_presence_ttl_loses_no_users_presence()
     let jobs = publisher.finish(SETTLE).await.unwrap();
     fleet::wait_delivered(&cluster.db, &jobs, &BTreeSet::new(), Instant::now(), Duration::from_secs(60)).await.unwrap();
 }
+
+/// A pull request's closing status that overtakes its messages: on a replicated stream the
+/// server's `409 Batch Completed` (the request's count used up) can arrive before the messages it
+/// completes, which wait for the replicas. async-nats's batch ended at the status with nothing,
+/// the messages were dropped with its subscription and came back only after the ack wait; under a
+/// backlog every full pull did that, and the chaos run (seed 1, a 3-node cluster after node kills)
+/// saw a dispatcher pull nothing for minutes. Here a stand-in answers a pull with that status
+/// first and the two messages after it (the order the cluster produced), on a real nats-server:
+/// the pull must hand over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_whose_closing_status_overtakes_its_messages_still_gets_them() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let nats = herald_tests::services::Nats::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let mut requests = client.subscribe("pull.next").await.unwrap();
+    client.flush().await.unwrap();
+
+    // The stand-in for the consumer's leader: a raw connection, so that it can send a status
+    // line, as the server does.
+    let raw = tokio::net::TcpStream::connect(("127.0.0.1", nats.port())).await.unwrap();
+    let (read, mut write) = raw.into_split();
+    let mut read = BufReader::new(read);
+    let mut info = String::new();
+    read.read_line(&mut info).await.unwrap();
+    write.write_all(b"CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nPING\r\n").await.unwrap();
+    let mut pong = String::new();
+    read.read_line(&mut pong).await.unwrap();
+    assert_eq!(pong.trim(), "PONG", "{info}");
+
+    let inbox = client.new_inbox();
+    let subscriber = client.subscribe(inbox.clone()).await.unwrap();
+    client.publish_with_reply("pull.next", inbox.clone(), r#"{"batch":2}"#.into()).await.unwrap();
+    let request = requests.next().await.unwrap();
+    let reply = request.reply.unwrap();
+    let status = "NATS/1.0 409 Batch Completed\r\nNats-Pending-Messages: 0\r\nNats-Pending-Bytes: 100\r\n\r\n";
+    let mut frames = format!("HPUB {reply} {} {}\r\n{status}\r\n", status.len(), status.len());
+    for body in ["m1", "m2"] {
+        frames.push_str(&format!("PUB {reply} {}\r\n{body}\r\n", body.len()));
+    }
+    write.write_all(frames.as_bytes()).await.unwrap();
+
+    let mut pull = herald_dispatcher::fetch::Pull::over(subscriber, js, 2, Duration::from_millis(500));
+    let mut got = Vec::new();
+    while let Some(message) = pull.next().await {
+        got.push(String::from_utf8(message.unwrap().message.payload.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["m1", "m2"], "both messages, though the status came first");
+}
