@@ -27,17 +27,6 @@ use crate::store::{Store, StoreError, LEGACY, PARTITIONS};
 
 /// Receipts looked at per partition and sweep; a backlog takes several sweeps.
 const SWEEP_BATCH: usize = 1000;
-/// A sweep's share of a dispatcher's time at most (one in this many): the next sweep waits
-/// until this many times the last one's duration has passed, however short the interval. A
-/// sweep is mostly store scans, so a slow store is swept less often, never back to back.
-pub const SWEEP_DUTY: u32 = 4;
-
-/// When the next sweep may start: an interval after this one started, or later if this one
-/// took more than a [`SWEEP_DUTY`] share of the time since.
-pub fn next_sweep_after(interval: Duration, took: Duration) -> Duration {
-    interval.max(took.saturating_mul(SWEEP_DUTY))
-}
-
 /// Gateway events not yet taken by a dispatcher above which nothing is resent: acks waiting in
 /// that queue would make the sweep resend what clients have already acked, adding load to a
 /// store that is behind already. Resends resume once the events catch up.
@@ -101,23 +90,21 @@ pub enum SweepError {
 }
 
 impl Sweeper {
-    /// Sweeps every interval (or less often, see [`next_sweep_after`]) until `stop` fires. A
-    /// failed sweep is logged and tried again at the next interval: the sweeper never ends on
-    /// its own.
+    /// Sweeps every interval until `stop` fires. A failed sweep is logged and tried again at the
+    /// next interval: the sweeper never ends on its own.
     pub async fn run(self, stop: CancellationToken) {
-        let mut next = tokio::time::Instant::now() + self.interval;
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep_until(next) => {}
+                _ = tick.tick() => {}
             }
-            let started = tokio::time::Instant::now();
             match self.sweep_once().await {
                 Ok(report) if report != SweepReport::default() => tracing::debug!(?report, "sweep"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "sweep failed; retrying next interval"),
             }
-            next = started + next_sweep_after(self.interval, started.elapsed());
         }
     }
 
@@ -245,16 +232,6 @@ mod tests {
             seen.sort_unstable();
             assert_eq!(seen, (0..=LEGACY).collect::<Vec<_>>());
         }
-    }
-
-    #[test]
-    fn a_slow_sweep_waits_for_its_share_of_time_before_the_next() {
-        let interval = Duration::from_millis(200);
-        assert_eq!(next_sweep_after(interval, Duration::from_millis(20)), interval, "fast: every interval");
-        assert_eq!(next_sweep_after(interval, Duration::from_millis(50)), interval);
-        // A sweep of 400 ms on a slow store: the next starts 1.6 s after it, not at once.
-        assert_eq!(next_sweep_after(interval, Duration::from_millis(400)), Duration::from_millis(1600));
-        assert_eq!(next_sweep_after(interval, Duration::MAX), Duration::MAX, "no overflow");
     }
 
     #[test]
