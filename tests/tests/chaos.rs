@@ -602,9 +602,13 @@ async fn a_seeded_fault_schedule_loses_nothing() {
     let fail = |what: &str, e: anyhow::Error| -> ! {
         panic!("seed {seed}: {what}: {e:#}\nschedule:\n{}", Schedule(&episodes))
     };
-    let recovery = fleet::wait_delivered_or_expired(&db, &mut jobs, &offline, healed, SETTLE)
-        .await
-        .unwrap_or_else(|e| fail("not all delivered", e));
+    let recovery = match fleet::wait_delivered_or_expired(&db, &mut jobs, &offline, healed, SETTLE).await {
+        Ok(recovery) => recovery,
+        Err(e) => {
+            explain_pending(&db, &system.fleet, &offline).await;
+            fail("not all delivered", e)
+        }
+    };
     let late: Vec<String> = offline.iter().cloned().collect();
     system.fleet.connect(&late, Duration::from_secs(60)).await.unwrap();
     fleet::wait_delivered_or_expired(&db, &mut jobs, &BTreeSet::new(), Instant::now(), SETTLE)
@@ -641,4 +645,45 @@ async fn a_seeded_fault_schedule_loses_nothing() {
         tally.examples,
         Schedule(&episodes)
     );
+}
+
+/// For a run that did not heal: what the store and the clients say of a few receipts still
+/// `pending` for users who were online, so that the failure can be understood from its output.
+async fn explain_pending(db: &mongodb::Database, fleet: &Fleet, offline: &BTreeSet<String>) {
+    use futures::TryStreamExt;
+    use herald_shared::naming::collections;
+    use mongodb::bson::{doc, Document};
+    let Ok(cursor) = db.collection::<Document>(collections::RECEIPTS).find(doc! { "state": "pending" }).await else {
+        return;
+    };
+    let Ok(pending) = cursor.try_collect::<Vec<Document>>().await else { return };
+    let logs = fleet.logs();
+    let now_ms = herald_shared::now_ms() as i64;
+    let now = Instant::now();
+    let stuck: Vec<&Document> =
+        pending.iter().filter(|d| d.get_str("user").is_ok_and(|u| !offline.contains(u))).take(8).collect();
+    println!("chaos: {} receipts pending, of users online: {}", pending.len(), stuck.len());
+    for d in stuck {
+        let (id, user) = (d.get_str("message_id").unwrap_or("?"), d.get_str("user").unwrap_or("?"));
+        let retry = d.get_i64("next_retry_at_ms").ok().map(|t| (t - now_ms) as f64 / 1000.0);
+        let log = logs.get(user);
+        let spans: Vec<String> = log
+            .map(|l| {
+                l.connected
+                    .iter()
+                    .map(|(s, e)| {
+                        let ago = |t: Instant| now.saturating_duration_since(t).as_secs_f64();
+                        format!("{:.1}..{:?}", ago(*s), e.map(ago))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "chaos: pending {id}/{user}: next retry in {retry:?} s, seq {:?}; client received it {:?} times, acked it: {:?}; closes {:?}; connections (s ago) {spans:?}",
+            d.get_i64("seq").ok(),
+            log.map(|l| l.received.get(id).copied().unwrap_or(0)),
+            log.map(|l| l.acked.contains(id)),
+            log.map(|l| l.closes.clone()),
+        );
+    }
 }
