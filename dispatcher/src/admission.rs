@@ -64,12 +64,8 @@ impl Backlog {
                 return Some(backlog);
             }
         }
-        let read = async {
-            let stream = self.names.jobs_stream();
-            let mut consumer =
-                pull::consumer(&self.js, &stream, self.names.jobs_consumer(), self.ack_wait).await.ok()?;
-            consumer.info().await.ok().map(|info| info.num_pending)
-        };
+        let stream = self.names.jobs_stream();
+        let read = pull::num_pending(&self.js, &stream, self.names.jobs_consumer(), self.ack_wait);
         let backlog = tokio::time::timeout(MAX_AGE, read).await.ok().flatten()?;
         *last = Some((Instant::now(), backlog));
         Some(backlog)

@@ -411,10 +411,8 @@ pub async fn report_lag(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Ok(mut consumer) = pull::consumer(&js, &names.jobs_stream(), names.jobs_consumer(), ack_wait).await {
-            if let Ok(info) = consumer.info().await {
-                metrics.pending_jobs.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
-            }
+        if let Some(pending) = pull::num_pending(&js, &names.jobs_stream(), names.jobs_consumer(), ack_wait).await {
+            metrics.pending_jobs.set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
     }
 }

@@ -77,6 +77,13 @@ pub async fn consumer(
         .map_err(|e| err(e.to_string()))
 }
 
+/// Messages in `stream` that no dispatcher has pulled yet from the shared consumer `name` (its
+/// lag). None when JetStream does not say.
+pub async fn num_pending(js: &jetstream::Context, stream: &str, name: &str, ack_wait: Duration) -> Option<u64> {
+    let mut consumer = consumer(js, stream, name, ack_wait).await.ok()?;
+    consumer.info().await.ok().map(|info| info.num_pending)
+}
+
 /// Fetches messages until `stop` fires, handing them to `handle` in groups: what arrived within
 /// `batching.linger` of a group's first message, up to `batching.max`, with up to
 /// `batching.concurrency` groups in hand at once. Errors (NATS away, consumer gone) are logged

@@ -57,11 +57,7 @@ pub struct EventsLag {
 impl EventsLag {
     /// Events waiting for a dispatcher; None when JetStream cannot say (the sweep then goes on).
     async fn pending(&self, names: &Names) -> Option<u64> {
-        let mut consumer =
-            crate::pull::consumer(&self.js, &names.events_stream(), names.events_consumer(), self.ack_wait)
-                .await
-                .ok()?;
-        Some(consumer.info().await.ok()?.num_pending)
+        crate::pull::num_pending(&self.js, &names.events_stream(), names.events_consumer(), self.ack_wait).await
     }
 }
 
