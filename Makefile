@@ -88,6 +88,8 @@ fmt:
 SEED ?= 1
 MINUTES ?= 2
 chaos: deps
+	# The run starts the gateway and dispatcher binaries: built first, or it waits on them forever.
+	cargo build --workspace --bins
 	export HERALD_TEST_REDIS_SERVER="$${HERALD_TEST_REDIS_SERVER:-$$(command -v redis-server)}"; \
 	export HERALD_TEST_NATS_SERVER="$${HERALD_TEST_NATS_SERVER:-$(VENV)/bin/nats-server}"; \
 	export HERALD_TEST_MONGO_SERVER="$${HERALD_TEST_MONGO_SERVER:-$(VENV)/bin/nx-27017}"; \

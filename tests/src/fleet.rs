@@ -309,19 +309,31 @@ impl UserClient {
             .flap_within
             .map_or(Duration::from_secs(86_400), |within| within.mul_f64(rand::rng().random_range(0.2..1.0)));
         let hang_up_at = Instant::now() + hang_up;
+        // A stalled network: the socket is not read either, so pings go unanswered and the
+        // gateway's writes back up, as they would behind a dead link.
+        let mut paused = false;
         let ended = loop {
-            if Instant::now() >= hang_up_at {
-                let _ = self.flush(&mut client, &mut acks).await;
-                let _ = client.close().await;
-                break Ended::Closed(1000);
-            }
             let stalled = self.shared.stalls.lock().unwrap().get(&self.user).copied();
             if stalled.is_some_and(|until| until > Instant::now()) {
+                if !paused {
+                    client.pause_reading();
+                    paused = true;
+                }
                 // Looks again every 100 ms: the stall may be lifted before its time.
                 tokio::select! {
                     _ = self.stop.cancelled() => break Ended::Stopped,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
+            }
+            if paused {
+                client.resume_reading();
+                paused = false;
+            }
+            // Not while stalled: a stalled network sends nothing, a close included.
+            if Instant::now() >= hang_up_at {
+                let _ = self.flush(&mut client, &mut acks).await;
+                let _ = client.close().await;
+                break Ended::Closed(1000);
             }
             // Take what is there without waiting, then ack it in one frame; wait only when idle.
             let wait =

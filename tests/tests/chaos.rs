@@ -187,8 +187,8 @@ struct System {
     online: Vec<String>,
     /// Each process's libfaketime offset file, by service; it outlives restarts.
     clocks: Clocks,
-    /// The users the open stall froze.
-    stalled: Vec<String>,
+    /// The users each open stall froze.
+    stalls: Stalls,
     /// The NATS node the leader kill took down, to bring back.
     leader_killed: Option<usize>,
     nats_down: [bool; NATS_NODES],
@@ -399,7 +399,7 @@ impl System {
                 let users: Vec<String> =
                     (0..STALLED).map(|_| self.online[rng.random_range(0..self.online.len())].clone()).collect();
                 self.fleet.stall(&users, Duration::from_secs(3600));
-                self.stalled = users;
+                self.stalls.open(pick, users);
                 true
             }
             Fault::StepClock(service, ahead) => {
@@ -462,12 +462,49 @@ impl System {
             }
             Fault::CutStore => self.cluster.stack.mongo_proxy.restore(),
             Fault::SlowStore => self.cluster.stack.mongo_proxy.delay_replies(Duration::ZERO),
-            Fault::StallClients(_) => {
-                let users = std::mem::take(&mut self.stalled);
+            Fault::StallClients(pick) => {
+                let users = self.stalls.close(pick);
                 self.fleet.stall(&users, Duration::ZERO);
             }
             Fault::StepClock(service, _) => self.clocks.set(service, 0),
         }
+    }
+}
+
+/// The stalls in force, each with the users it froze. Stalls overlap, and may pick the same user:
+/// a heal lifts only the users no other open stall holds. (Finding 7: with one list for the latest
+/// stall, two overlapping stalls left the first one's users frozen for the rest of the run, and
+/// their messages undelivered.)
+#[derive(Debug, Default)]
+struct Stalls(Vec<(u64, Vec<String>)>);
+
+impl Stalls {
+    fn open(&mut self, pick: u64, users: Vec<String>) {
+        self.0.push((pick, users));
+    }
+
+    /// Ends the stall `pick`; returns the users to lift.
+    fn close(&mut self, pick: u64) -> Vec<String> {
+        let Some(at) = self.0.iter().position(|(p, _)| *p == pick) else { return Vec::new() };
+        let (_, users) = self.0.remove(at);
+        users.into_iter().filter(|u| !self.0.iter().any(|(_, held)| held.contains(u))).collect()
+    }
+}
+
+#[test]
+fn overlapping_stalls_each_lift_their_own_users() {
+    let names = |list: &[&str]| list.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+    for first_healed in [1, 2] {
+        let mut stalls = Stalls::default();
+        stalls.open(1, names(&["a", "b"]));
+        stalls.open(2, names(&["b", "c"]));
+        let second_healed = 3 - first_healed;
+        let mut lifted = stalls.close(first_healed);
+        assert!(!lifted.contains(&"b".to_owned()), "b is still held by the other stall");
+        lifted.extend(stalls.close(second_healed));
+        lifted.sort();
+        assert_eq!(lifted, names(&["a", "b", "c"]), "every user is lifted once both stalls end");
+        assert!(stalls.close(first_healed).is_empty(), "a stall ends once");
     }
 }
 
@@ -501,7 +538,7 @@ async fn a_seeded_fault_schedule_loses_nothing() {
         fleet: Fleet::new(Vec::new()),
         online: online.to_vec(),
         clocks: Clocks::new(),
-        stalled: Vec::new(),
+        stalls: Stalls::default(),
         leader_killed: None,
         nats_down: [false; NATS_NODES],
     };
