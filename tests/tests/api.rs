@@ -281,6 +281,40 @@ async fn every_documented_operation_is_routed() {
     assert_eq!(status, 405);
 }
 
+/// Whatever refuses a request (a handler, an extractor, the router), the answer is JSON with an
+/// `error` code and a `reason`; `limit=0` is refused, not read as "none".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_error_is_json_whoever_writes_it() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let cases: [(Method, &str, u16, &str); 7] = [
+        (Method::GET, "/v1/users/alice/pending?limit=abc", 400, "bad_request"),
+        (Method::GET, "/v1/users/alice/pending?limit=-1", 400, "bad_request"),
+        (Method::GET, "/v1/users/alice/pending?limit=0", 400, "bad_request"),
+        (Method::GET, "/v1/messages/m-1?limit=0", 400, "bad_request"),
+        (Method::GET, "/v1/rejections?since_ms=yesterday", 400, "bad_request"),
+        (Method::GET, "/v1/nothing-here", 404, "no_route"),
+        (Method::DELETE, "/v1/publish", 405, "method_not_allowed"),
+    ];
+    for (method, path, status, code) in cases {
+        let (got, headers, answer) =
+            cluster.request(method.clone(), dispatcher.addr, path, Some(ADMIN_TOKEN), &[], None).await.unwrap();
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+        assert_eq!((got, answer["error"].as_str()), (status, Some(code)), "{method} {path}: {answer}");
+        assert!(content_type.starts_with("application/json"), "{method} {path}: {content_type}");
+        assert!(answer["reason"].as_str().is_some_and(|r| !r.is_empty()), "{method} {path}: {answer}");
+    }
+    let (_, _, zero) = cluster
+        .request(Method::GET, dispatcher.addr, "/v1/users/alice/pending?limit=0", Some(ADMIN_TOKEN), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(zero["reason"], "limit must be between 1 and 10000");
+    // A limit over the cap is capped, not refused.
+    let (status, answer) =
+        cluster.api(dispatcher.addr, "/v1/users/alice/pending?limit=99999", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+}
+
 async fn kicked(client: &mut TestClient) -> (Vec<ErrorCode>, Option<u16>) {
     let mut errors = Vec::new();
     loop {

@@ -107,10 +107,60 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize, cors_origins: &[Strin
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::map_response(json_errors))
         .with_state(state);
     match cors(cors_origins) {
         Some(cors) => router.layer(cors),
         None => router,
+    }
+}
+
+/// Every error the API answers is JSON (`{"error": code, "reason": text}`), whoever produced it.
+/// The handlers' own errors are already ([`ApiError`]); this catches the rest, which axum writes as
+/// plain text: a query string or a path segment an extractor refuses (`?limit=abc`), a body of
+/// the wrong type. Their headers are kept.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // Rejection texts are one line; anything longer is cut, not buffered.
+    let text = axum::body::to_bytes(body, 4096).await.map(|b| String::from_utf8_lossy(&b).trim().to_owned());
+    let reason = text.ok().filter(|t| !t.is_empty()).unwrap_or_else(|| status.to_string());
+    let mut json = (status, Json(json!({ "error": error_code(status), "reason": reason }))).into_response();
+    for (name, value) in &parts.headers {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            json.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    json
+}
+
+/// The `error` code of a response axum wrote itself, by its status.
+fn error_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::NOT_FOUND => "no_route",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal_error",
+        _ => "bad_request",
+    }
+}
+
+/// The `limit` of a listing: `default` when not given, at most `max`; 0 is refused, since an
+/// empty page answers nothing (and a caller who sends it has a bug worth hearing about).
+pub(crate) fn limit(requested: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match requested {
+        None => Ok(default),
+        Some(0) => Err(ApiError::BadRequest(format!("limit must be between 1 and {max}"))),
+        Some(n) => Ok(n.min(max)),
     }
 }
 
@@ -384,6 +434,25 @@ mod tests {
         let unrouted: Vec<_> = documented.difference(&routed).collect();
         assert!(undocumented.is_empty(), "routes missing from the OpenAPI document: {undocumented:?}");
         assert!(unrouted.is_empty(), "documented but not routed: {unrouted:?}");
+    }
+
+    #[test]
+    fn a_limit_defaults_is_capped_and_is_never_zero() {
+        assert_eq!(limit(None, 100, 1000).unwrap(), 100);
+        assert_eq!(limit(Some(7), 100, 1000).unwrap(), 7);
+        assert_eq!(limit(Some(5000), 100, 1000).unwrap(), 1000);
+        let zero = limit(Some(0), 100, 1000).unwrap_err();
+        assert_eq!(zero.status_and_code(), (StatusCode::BAD_REQUEST, "bad_request"));
+        assert_eq!(zero.to_string(), "limit must be between 1 and 1000");
+    }
+
+    #[test]
+    fn errors_axum_writes_get_a_code_by_status() {
+        assert_eq!(error_code(StatusCode::BAD_REQUEST), "bad_request");
+        assert_eq!(error_code(StatusCode::UNPROCESSABLE_ENTITY), "bad_request");
+        assert_eq!(error_code(StatusCode::NOT_FOUND), "no_route");
+        assert_eq!(error_code(StatusCode::PAYLOAD_TOO_LARGE), "body_too_large");
+        assert_eq!(error_code(StatusCode::BAD_GATEWAY), "internal_error");
     }
 
     #[test]

@@ -143,7 +143,7 @@ pub async fn forget(
 pub struct Since {
     /// From this time on (Unix ms); default: the last hour.
     since_ms: Option<u64>,
-    /// At most this many, oldest first (default 100, at most 1000).
+    /// At most this many, oldest first: 1 to 1000 (more is capped at 1000), default 100.
     limit: Option<usize>,
 }
 
@@ -193,7 +193,7 @@ pub async fn dead_letters(
 
 async fn read_entries(state: &ApiState, subject: String, since: Since) -> Result<Json<EntriesAnswer>, ApiError> {
     let since_ms = since.since_ms.unwrap_or_else(|| state.clock.now_ms().saturating_sub(DEFAULT_SINCE_MS));
-    let limit = since.limit.unwrap_or(DEFAULT_ENTRIES).clamp(1, MAX_ENTRIES);
+    let limit = super::limit(since.limit, DEFAULT_ENTRIES, MAX_ENTRIES)?;
     let source = Source { stream: state.names.rejected_stream(), subject };
     let (entries, truncated) = rejections::read(&state.js, &source, Start::Since(since_ms), limit)
         .await

@@ -20,13 +20,13 @@ const DEFAULT_LIMIT: usize = 1_000;
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct Limit {
-    /// At most this many (default 1000, at most 10000).
+    /// At most this many: 1 to 10000 (more is capped at 10000), default 1000.
     limit: Option<usize>,
 }
 
 impl Limit {
-    fn get(&self) -> usize {
-        self.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT)
+    fn get(&self) -> Result<usize, ApiError> {
+        super::limit(self.limit, DEFAULT_LIMIT, MAX_LIMIT)
     }
 }
 
@@ -132,10 +132,10 @@ pub async fn message(
     Path(id): Path<String>,
     Query(limit): Query<Limit>,
 ) -> Result<Json<MessageAnswer>, ApiError> {
+    let limit = limit.get()?;
     // No message has an id outside the grammar: such a path is simply not found.
     let id = MessageId::new(id).map_err(|_| ApiError::NotFound("message"))?;
     let message = state.store.message(&id).await?.ok_or(ApiError::NotFound("message"))?;
-    let limit = limit.get();
     let receipts = state.store.receipts_of(&id, limit).await?;
     let mut counts = state.store.receipt_counts(&id).await?;
     let now = state.clock.now_ms();
@@ -183,7 +183,7 @@ pub async fn pending(
     Query(limit): Query<Limit>,
 ) -> Result<Json<PendingAnswer>, ApiError> {
     let user = UserId::new(user).map_err(ApiError::BadId)?;
-    let pending = state.store.pending_for(&[&user], limit.get(), state.clock.now_ms()).await?;
+    let pending = state.store.pending_for(&[&user], limit.get()?, state.clock.now_ms()).await?;
     let pending: Vec<_> = pending.into_iter().map(|s| s.notification).collect();
     Ok(Json(PendingAnswer { user, count: pending.len(), pending }))
 }
