@@ -18,6 +18,9 @@ use crate::pull::{self, sleep_or_stop};
 use crate::replay::{Replayer, Request};
 use crate::store::{Store, StoreError};
 
+/// The store refusing events, logged once per outage (the task retries every batch).
+static STORE_OUTAGE: herald_shared::outage::Outage = herald_shared::outage::Outage::new("mongodb: events");
+
 #[derive(Clone)]
 pub struct EventPipeline {
     pub js: jetstream::Context,
@@ -103,9 +106,12 @@ impl EventPipeline {
         let mut backoff = Duration::from_millis(100);
         loop {
             match apply().await {
-                Ok(()) => break,
+                Ok(()) => {
+                    STORE_OUTAGE.answered();
+                    break;
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, events = messages.len(), "events not applied; holding them and retrying");
+                    STORE_OUTAGE.failed(&format_args!("{e} (holding {} events)", messages.len()));
                     for message in messages {
                         let _ = message.ack_with(AckKind::Progress).await;
                     }

@@ -32,6 +32,9 @@ mod rules;
 use rules::pair;
 pub use rules::{receipts_to_check, route_to, verdict, Attempt, Verdict};
 
+/// The store refusing jobs, logged once per outage (every held batch retries).
+static STORE_OUTAGE: herald_shared::outage::Outage = herald_shared::outage::Outage::new("mongodb: jobs");
+
 /// Everything one job worker needs.
 #[derive(Clone)]
 pub struct JobPipeline {
@@ -183,6 +186,7 @@ impl JobPipeline {
         loop {
             match self.store.insert(&valid, self.clock.now_ms(), self.ack_timeout).await {
                 Ok(stored) => {
+                    STORE_OUTAGE.answered();
                     let written: usize =
                         stored.iter().map(|s| if let Stored::New(users) = s { users.len() } else { 0 }).sum();
                     self.metrics.receipt_writes.with_label_values(&["insert"]).inc_by(written as u64);
@@ -193,7 +197,7 @@ impl JobPipeline {
                 Err(e) if e.is_transient() => {
                     interrupted = true;
                     self.metrics.jobs.with_label_values(&["retried"]).inc_by(valid.len() as u64);
-                    tracing::warn!(error = %e, jobs = valid.len(), "store unavailable; holding jobs and retrying");
+                    STORE_OUTAGE.failed(&format_args!("{e} (holding {} jobs)", valid.len()));
                 }
                 Err(e) => {
                     // A whole-batch permanent error (not per document): nothing was stored.

@@ -1,12 +1,19 @@
-//! The dispatcher binary: configuration, telemetry, bind, run until SIGTERM.
+//! The dispatcher binary: configuration, telemetry, bind, run until SIGTERM. Whatever stops it
+//! from running is logged as one line, and the exit status is 1.
 
 use anyhow::Context;
 use herald_shared::config::DispatcherConfig;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let _telemetry = herald_shared::telemetry::init("herald-dispatcher");
+async fn main() {
+    let telemetry = herald_shared::telemetry::init("herald-dispatcher");
+    if let Err(e) = run().await {
+        herald_shared::telemetry::exit_on_error(telemetry, e.as_ref());
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let config = DispatcherConfig::load()?;
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;

@@ -168,6 +168,8 @@ async fn fetch_into(
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut cached: Option<Consumer> = None;
+    // JetStream not serving this consumer, logged once per outage.
+    let outage = herald_shared::outage::Outage::new("nats: pulling");
     while !stop.is_cancelled() {
         let room = tokio::select! {
             room = tx.reserve_many(max) => room,
@@ -179,7 +181,7 @@ async fn fetch_into(
             None => match self::consumer(js, stream, name, ack_wait).await {
                 Ok(consumer) => consumer,
                 Err(e) => {
-                    tracing::warn!(error = %e, "consumer unavailable; retrying");
+                    outage.failed(&format_args!("consumer: {e}"));
                     sleep_or_stop(&mut backoff, stop).await;
                     continue;
                 }
@@ -188,7 +190,7 @@ async fn fetch_into(
         let mut pull = match crate::fetch::Pull::start(js, &consumer, max, max_bytes, FETCH_EXPIRES).await {
             Ok(pull) => pull,
             Err(e) => {
-                tracing::warn!(error = %e, stream, "cannot pull; retrying");
+                outage.failed(&format_args!("{stream}: {e}"));
                 sleep_or_stop(&mut backoff, stop).await;
                 continue;
             }
@@ -205,7 +207,7 @@ async fn fetch_into(
                 }
                 (Err(e), _) => {
                     if pull.got() == 0 {
-                        tracing::warn!(error = %e, stream, "pulling");
+                        outage.failed(&format_args!("{stream}: {e}"));
                     }
                     broken = true;
                 }
@@ -214,6 +216,7 @@ async fn fetch_into(
         if broken {
             sleep_or_stop(&mut backoff, stop).await;
         } else {
+            outage.answered();
             backoff = Duration::from_millis(100);
             cached = Some(consumer);
         }

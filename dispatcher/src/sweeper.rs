@@ -91,15 +91,21 @@ impl Sweeper {
     pub async fn run(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A sweep fails while the store or Redis is away; that is logged once per outage.
+        let outage = herald_shared::outage::Outage::new("sweep (mongodb, redis)");
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
             match self.sweep_once().await {
-                Ok(report) if report != SweepReport::default() => tracing::debug!(?report, "sweep"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "sweep failed; retrying next interval"),
+                Ok(report) => {
+                    outage.answered();
+                    if report != SweepReport::default() {
+                        tracing::debug!(?report, "sweep");
+                    }
+                }
+                Err(e) => outage.failed(&e),
             }
         }
     }

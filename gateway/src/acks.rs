@@ -35,6 +35,8 @@ pub(crate) struct AckPublisher {
     more_subject: String,
     rx: mpsc::Receiver<Outgoing>,
     metrics: std::sync::Arc<GatewayMetrics>,
+    /// The events stream not taking what this gateway publishes, logged once per outage.
+    outage: herald_shared::outage::Outage,
 }
 
 impl AckPublisher {
@@ -47,7 +49,8 @@ impl AckPublisher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let ack_subject = names.ack_events_subject(gateway_id.as_str());
         let more_subject = names.more_events_subject(gateway_id.as_str());
-        (Self { js, ack_subject, more_subject, rx, metrics }, tx)
+        let outage = herald_shared::outage::Outage::new("nats: events stream (acks)");
+        (Self { js, ack_subject, more_subject, rx, metrics, outage }, tx)
     }
 
     /// Publishes until `stop` fires, then publishes what is still queued, giving up on a message
@@ -119,8 +122,11 @@ impl AckPublisher {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.send(subject, op, body.clone()).await {
-                Ok(()) => return true,
-                Err(e) => tracing::warn!(error = %e, subject, "not yet on the events stream; retrying"),
+                Ok(()) => {
+                    self.outage.answered();
+                    return true;
+                }
+                Err(e) => self.outage.failed(&e),
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 return false;

@@ -1,12 +1,19 @@
-//! The gateway binary: configuration, telemetry, bind, run until SIGTERM.
+//! The gateway binary: configuration, telemetry, bind, run until SIGTERM. Whatever stops it
+//! from running is logged as one line, and the exit status is 1.
 
 use anyhow::Context;
 use herald_shared::config::GatewayConfig;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let _telemetry = herald_shared::telemetry::init("herald-gateway");
+async fn main() {
+    let telemetry = herald_shared::telemetry::init("herald-gateway");
+    if let Err(e) = run().await {
+        herald_shared::telemetry::exit_on_error(telemetry, e.as_ref());
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let config = GatewayConfig::load()?;
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;

@@ -38,6 +38,7 @@ use fred::prelude::*;
 use fred::types::Expiration;
 use herald_proto::{ConnectionId, Event, GatewayId, Online, UserId};
 use herald_shared::naming::Names;
+use herald_shared::outage::Outage;
 use herald_shared::Clock;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -111,6 +112,9 @@ pub(crate) struct PresenceTask {
     /// Redis may have lost some of our writes (a failed or unconfirmed batch, a key that was
     /// gone or behind): every registered connection is written again after the next heartbeat.
     suspect: bool,
+    /// Redis and the events stream failing, each logged once per outage.
+    redis_outage: Outage,
+    nats_outage: Outage,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +182,8 @@ impl PresenceTask {
             unannounced: Vec::new(),
             written: 0,
             suspect: false,
+            redis_outage: Outage::new("redis: presence"),
+            nats_outage: Outage::new("nats: events stream (online)"),
         };
         (task, PresenceHandle { tx })
     }
@@ -257,8 +263,9 @@ impl PresenceTask {
                     self.flush().await;
                 }
                 _ = tick.tick() => {
-                    if let Err(e) = self.heartbeat().await {
-                        tracing::warn!(error = %e, "presence heartbeat failed");
+                    match self.heartbeat().await {
+                        Ok(()) => self.redis_outage.answered(),
+                        Err(e) => self.redis_outage.failed(&e),
                     }
                     self.flush().await;
                 }
@@ -276,9 +283,12 @@ impl PresenceTask {
         if !self.unapplied.is_empty() {
             let ops = std::mem::take(&mut self.unapplied);
             match self.apply(&ops).await {
-                Ok(announce) => self.unannounced.extend(announce),
+                Ok(announce) => {
+                    self.redis_outage.answered();
+                    self.unannounced.extend(announce);
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, pending = ops.len(), "presence update failed; retrying");
+                    self.redis_outage.failed(&e);
                     self.unapplied = ops;
                     return;
                 }
@@ -360,16 +370,19 @@ impl PresenceTask {
             match self.js.publish(subject.clone(), body.into()).await {
                 Ok(ack) => acks.push((conn, ack)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "online event not published; retrying");
+                    self.nats_outage.failed(&e);
                     failed.push(conn);
                 }
             }
         }
         for (conn, ack) in acks {
             if let Err(e) = ack.await {
-                tracing::warn!(error = %e, "online event not acknowledged; retrying");
+                self.nats_outage.failed(&e);
                 failed.push(conn);
             }
+        }
+        if failed.is_empty() {
+            self.nats_outage.answered();
         }
         failed
     }

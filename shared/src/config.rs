@@ -15,7 +15,7 @@ pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
 
 /// Everything wrong with the environment, one line per variable.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+#[error("invalid configuration: {}", .0.join("; "))]
 pub struct ConfigError(pub Vec<String>);
 
 /// Settings both services share.
@@ -118,6 +118,9 @@ pub struct GatewayConfig {
     pub write_buffer_bytes: usize,
     /// How long a SIGTERM'd gateway waits for its clients to go before it exits anyway.
     pub drain_grace: Duration,
+    /// Over how long a draining gateway spreads the closes (1012) of its sessions, so that its
+    /// clients do not all reconnect to the others at once. Shorter than `drain_grace`.
+    pub drain_spread: Duration,
     /// How long a SIGTERM'd gateway keeps its sessions open while reporting not ready, so load
     /// balancers stop sending it clients before they are told to reconnect.
     pub shutdown_delay: Duration,
@@ -394,11 +397,20 @@ impl CommonConfig {
         if let Err(e) = crate::connect::nats_seeds(&nats_url) {
             env.invalid(format!("HERALD_NATS_URL: {e}"));
         }
+        // Read by telemetry::init before the configuration; checked here with everything else.
+        let (log, format) = (env.optional("HERALD_LOG"), env.optional("HERALD_LOG_FORMAT"));
+        for problem in crate::telemetry::LogSettings::read(log.as_deref(), format.as_deref()).1 {
+            env.invalid(problem);
+        }
+        let jetstream_replicas = env.parse("HERALD_JETSTREAM_REPLICAS", 1);
+        if !(1..=5).contains(&jetstream_replicas) {
+            env.invalid("HERALD_JETSTREAM_REPLICAS: must be 1 to 5");
+        }
         Self {
             prefix,
             redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
             nats_url,
-            jetstream_replicas: env.parse("HERALD_JETSTREAM_REPLICAS", 1),
+            jetstream_replicas,
             http: HttpConfig::from_env(env),
             clock: crate::Clock::system(),
         }
@@ -431,7 +443,7 @@ impl GatewayConfig {
         if !is_token(&gateway_id) {
             env.invalid(format!("HERALD_GATEWAY_ID: {gateway_id:?} must be 1-64 of [A-Za-z0-9_-]"));
         }
-        let config = Self {
+        let mut config = Self {
             common,
             listen: env.parse("HERALD_GATEWAY_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080))),
             gateway_id,
@@ -451,8 +463,17 @@ impl GatewayConfig {
             read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 1024),
             write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
             drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
+            // Set below from the grace when not given.
+            drain_spread: Duration::ZERO,
             shutdown_delay: env.millis("HERALD_SHUTDOWN_DELAY_MS", 0),
         };
+        // Default: most of the grace, leaving the rest for the last closes to complete.
+        config.drain_spread = env
+            .parse_optional::<u64>("HERALD_DRAIN_SPREAD_MS")
+            .map_or(config.drain_grace * 4 / 5, Duration::from_millis);
+        if config.drain_spread >= config.drain_grace && !config.drain_grace.is_zero() {
+            env.invalid("HERALD_DRAIN_SPREAD_MS: must be shorter than HERALD_DRAIN_GRACE_MS");
+        }
         if config.jwt.secret.len() < 16 && !config.jwt.secret.is_empty() {
             env.invalid("HERALD_JWT_SECRET: must be at least 16 bytes");
         }
@@ -469,9 +490,6 @@ impl GatewayConfig {
             env.invalid(
                 "HERALD_HEARTBEAT_INTERVAL_MS, HERALD_CLIENT_FRAMES_PER_SEC and HERALD_CLIENT_ACK_IDS_PER_SEC must be positive",
             );
-        }
-        if !(1..=5).contains(&config.common.jetstream_replicas) {
-            env.invalid("HERALD_JETSTREAM_REPLICAS: must be 1 to 5");
         }
         config
     }

@@ -135,6 +135,8 @@ pub async fn nats(url: &str, name: &str) -> Result<async_nats::Client, ConnectEr
                 async move {
                     match event {
                         async_nats::Event::Connected => tracing::info!(client = %name, "nats connected"),
+                        // This process closing its own connection, at shutdown.
+                        async_nats::Event::Closed => tracing::info!(client = %name, "nats connection closed"),
                         other => tracing::warn!(client = %name, event = %other, "nats connection event"),
                     }
                 }

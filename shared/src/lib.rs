@@ -7,6 +7,7 @@ pub mod connect;
 pub mod fdlimit;
 pub mod metrics;
 pub mod naming;
+pub mod outage;
 pub mod readiness;
 pub mod serve;
 pub mod shutdown;

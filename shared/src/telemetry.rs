@@ -36,13 +36,64 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the global subscriber: logs filtered by `HERALD_LOG` (default `info`; set
-/// `HERALD_LOG_FORMAT=json` for one JSON object per line), and, when configured, the OTLP
-/// exporter for Herald's own spans (whatever the log level).
+/// How logs are written: `HERALD_LOG`, a filter such as `info` or `warn,herald_gateway=debug`
+/// (default `info`), and `HERALD_LOG_FORMAT`, `text` (the default) or `json` (one object a line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub filter: String,
+    pub json: bool,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { filter: "info".to_owned(), json: false }
+    }
+}
+
+impl LogSettings {
+    /// The settings these variables give, each invalid one replaced by its default and named in
+    /// the problems returned (which the configuration reports with the rest of its errors).
+    pub fn read(filter: Option<&str>, format: Option<&str>) -> (Self, Vec<String>) {
+        let mut settings = Self::default();
+        let mut problems = Vec::new();
+        if let Some(f) = filter.map(str::trim).filter(|f| !f.is_empty()) {
+            match EnvFilter::builder().with_regex(false).parse(f) {
+                Ok(_) => settings.filter = f.to_owned(),
+                Err(e) => {
+                    problems.push(format!("HERALD_LOG: {e} (a filter such as `info` or `warn,herald_gateway=debug`)"))
+                }
+            }
+        }
+        match format.map(str::trim).unwrap_or("") {
+            "" | "text" => {}
+            "json" => settings.json = true,
+            other => problems.push(format!("HERALD_LOG_FORMAT: `{other}` is neither `text` nor `json`")),
+        }
+        (settings, problems)
+    }
+
+    fn from_env() -> Self {
+        let var = |name| std::env::var(name).ok();
+        Self::read(var("HERALD_LOG").as_deref(), var("HERALD_LOG_FORMAT").as_deref()).0
+    }
+}
+
+/// Installs the global subscriber: logs as [`LogSettings`] says (colours only on a terminal,
+/// never with `NO_COLOR` set), and, when configured, the OTLP exporter for Herald's own spans
+/// (whatever the log level).
 pub fn init(service: &'static str) -> Telemetry {
-    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("HERALD_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let logs = if json { fmt::layer().json().boxed() } else { fmt::layer().boxed() };
+    use std::io::IsTerminal as _;
+    let settings = LogSettings::from_env();
+    // fred warns on every reconnect attempt and on the connection Herald closes at shutdown;
+    // Herald reports Redis outages itself (outage.rs). A filter that names fred wins.
+    let directives = if settings.filter.contains("fred") {
+        settings.filter.clone()
+    } else {
+        format!("{},fred=error", settings.filter)
+    };
+    let filter = EnvFilter::builder().with_regex(false).parse_lossy(&directives);
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let logs = if settings.json { fmt::layer().json().boxed() } else { fmt::layer().with_ansi(ansi).boxed() };
     let (provider, traces) = match otlp_provider(service) {
         Ok(Some(provider)) => {
             let targets = Targets::new().with_target("herald", LevelFilter::INFO);
@@ -61,6 +112,31 @@ pub fn init(service: &'static str) -> Telemetry {
         tracing::info!(service, version = env!("CARGO_PKG_VERSION"), tracing = provider.is_some(), "starting");
     }
     Telemetry { provider }
+}
+
+/// Reports why the process cannot run, as one log line (one JSON object with
+/// `HERALD_LOG_FORMAT=json`) rather than a multi-line debug dump, then exits with status 1.
+/// `telemetry` is flushed first.
+pub fn exit_on_error(telemetry: Telemetry, error: &(dyn std::error::Error + 'static)) -> ! {
+    tracing::error!(error = %one_line(error), "cannot run");
+    drop(telemetry);
+    std::process::exit(1)
+}
+
+/// An error and its causes on one line: "redis at redis://…: Connection refused (os error 111)".
+/// A cause whose text its parent already shows is left out.
+pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line.replace('\n', " ")
 }
 
 fn otlp_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
@@ -122,5 +198,31 @@ impl Extractor for NatsHeaders<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_settings_default_and_name_what_is_wrong() {
+        assert_eq!(LogSettings::read(None, None), (LogSettings::default(), vec![]));
+        let (json, problems) = LogSettings::read(Some("warn,herald_gateway=debug"), Some("json"));
+        assert_eq!((json.filter.as_str(), json.json, problems.len()), ("warn,herald_gateway=debug", true, 0));
+        let (fallback, problems) = LogSettings::read(Some("herald=[oops"), Some("yaml"));
+        assert_eq!(fallback, LogSettings::default(), "each invalid setting falls back to its default");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("HERALD_LOG: "), "{problems:?}");
+        assert_eq!(problems[1], "HERALD_LOG_FORMAT: `yaml` is neither `text` nor `json`");
+    }
+
+    #[test]
+    fn an_error_and_its_causes_fit_one_line() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("redis at redis://127.0.0.1:1")]
+        struct Outer(#[source] std::io::Error);
+        let error = Outer(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection\nrefused"));
+        assert_eq!(one_line(&error), "redis at redis://127.0.0.1:1: connection refused");
     }
 }

@@ -39,6 +39,8 @@ pub struct Options {
     pub presence_ttl: Duration,
     pub outbound_queue: usize,
     pub drain_grace: Duration,
+    /// Over how long a draining gateway spreads its 1012 closes (`HERALD_DRAIN_SPREAD_MS`).
+    pub drain_spread: Duration,
     pub shutdown_delay: Duration,
     /// JetStream ack wait of the dispatchers' consumers (how long a dead dispatcher's jobs wait).
     pub ack_wait: Duration,
@@ -57,6 +59,7 @@ impl Default for Options {
             presence_ttl: Duration::from_millis(1500),
             outbound_queue: 1024,
             drain_grace: Duration::from_secs(3),
+            drain_spread: Duration::from_secs(1),
             shutdown_delay: Duration::ZERO,
             ack_wait: Duration::from_secs(30),
             replay_page: 256,
@@ -82,6 +85,7 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         read_buffer_bytes: 4096,
         write_buffer_bytes: 4096,
         drain_grace: options.drain_grace,
+        drain_spread: options.drain_spread,
         shutdown_delay: options.shutdown_delay,
     }
 }
@@ -355,6 +359,7 @@ impl Cluster {
             ("HERALD_CLIENT_FRAMES_PER_SEC", config.client_frames_per_sec.to_string()),
             ("HERALD_CLIENT_ACK_IDS_PER_SEC", config.client_ack_ids_per_sec.to_string()),
             ("HERALD_DRAIN_GRACE_MS", config.drain_grace.as_millis().to_string()),
+            ("HERALD_DRAIN_SPREAD_MS", config.drain_spread.as_millis().to_string()),
             ("HERALD_SHUTDOWN_DELAY_MS", config.shutdown_delay.as_millis().to_string()),
             // As in `gateway_config`; set, so the gateway does not warn that it lowered its default.
             ("HERALD_MAX_CONNECTIONS", "10000".to_owned()),

@@ -189,3 +189,38 @@ async fn a_draining_gateway_is_not_ready_refuses_newcomers_then_sends_clients_el
     }
     assert!(exited.await.unwrap().unwrap(), "gateway exits cleanly after its drain");
 }
+
+/// A process that cannot run says why in one line (one JSON object with `HERALD_LOG_FORMAT=json`),
+/// naming every bad variable, its own log settings included; and its output carries no colour
+/// codes when it is not a terminal.
+#[test]
+fn a_fatal_start_up_error_is_one_line_and_names_what_is_wrong() {
+    for binary in ["herald-gateway", "herald-dispatcher"] {
+        for json in [false, true] {
+            let output = std::process::Command::new(herald_tests::bin_path(binary).unwrap())
+                .env_clear()
+                .env("HERALD_LOG", "herald=[oops")
+                .env("HERALD_LOG_FORMAT", if json { "json" } else { "text" })
+                .env("HERALD_JETSTREAM_REPLICAS", "9")
+                .output()
+                .unwrap();
+            assert_eq!(output.status.code(), Some(1), "{binary}: {output:?}");
+            let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+            assert!(!text.contains('\u{1b}'), "{binary}: colour codes in a pipe: {text:?}");
+            let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+            assert_eq!(errors.len(), 1, "{binary}: one error line, and only that: {text}");
+            let line = errors[0];
+            for named in ["cannot run", "HERALD_LOG:", "HERALD_JETSTREAM_REPLICAS", "required, not set"] {
+                assert!(line.contains(named), "{binary}: {named:?} missing from {line}");
+            }
+            if json {
+                for line in text.lines() {
+                    let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                    assert!(value["level"].is_string(), "{line}");
+                }
+            } else {
+                assert!(!line.contains("Caused by") && !line.starts_with("Error:"), "{line}");
+            }
+        }
+    }
+}
