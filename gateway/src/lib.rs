@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 mod acks;
 pub mod auth;
 mod deliveries;
+mod drain;
 mod http;
 mod metrics;
 mod outbox;
@@ -183,7 +184,7 @@ pub async fn run(
     shutdown::spawn_critical(&tasks, "clock", critical.clone(), clock);
     shutdown::spawn_critical(&tasks, "acks", critical, ack_publisher.run(stop_acks.clone(), config.drain_grace));
 
-    let (drain_grace, shutdown_delay) = (config.drain_grace, config.shutdown_delay);
+    let (drain_grace, drain_spread, shutdown_delay) = (config.drain_grace, config.drain_spread, config.shutdown_delay);
     let gateway = Arc::new(Gateway {
         auth: Authenticator::new(&config.jwt),
         config,
@@ -207,13 +208,14 @@ pub async fn run(
         stop_http.clone(),
     );
     // Drain, in order: not ready and no new sessions; after the shutdown delay (time for load
-    // balancers to notice), sessions close with 1012; their removals reach Redis and the
-    // gateway leaves the routing set; queued acks go out.
+    // balancers to notice), sessions close with 1012, spread over the drain spread (drain.rs);
+    // their removals reach Redis and the gateway leaves the routing set; queued acks go out.
     let drain = async {
         shutdown.cancelled().await;
         gateway.draining.store(true, Ordering::SeqCst);
         tokio::time::sleep(shutdown_delay).await;
         let deadline = tokio::time::Instant::now() + drain_grace;
+        drain::close_spread(&registry, drain_spread).await;
         close_sessions.cancel();
         gateway.session_tasks.close();
         if tokio::time::timeout_at(deadline, gateway.session_tasks.wait()).await.is_err() {

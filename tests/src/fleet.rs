@@ -1,6 +1,6 @@
 //! Many clients and a steady publisher, for fault tests: a [`Fleet`] of users that each hold one
 //! connection, ack everything they receive and reconnect as proto/README.md tells clients to
-//! (jittered exponential backoff, at once after 1012), counting duplicates, reconnects, close
+//! (jittered exponential backoff; within a second, at random, after 1012), counting duplicates, reconnects, close
 //! codes and anything received past its expiry; a [`Publisher`] that streams jobs at a set rate
 //! and retries each until JetStream has it; and a [`Tally`] that holds both against the receipts
 //! in the store and says what was lost.
@@ -278,8 +278,9 @@ impl UserClient {
                     backoff = BACKOFF_START;
                     match self.session(client).await {
                         Ended::Stopped => return,
-                        // Draining gateway: reconnect at once, to another one.
-                        Ended::Closed(1012) => Duration::ZERO,
+                        // Draining gateway: reconnect to another one within a second, at random
+                        // (proto/README.md, "Reconnecting").
+                        Ended::Closed(1012) => Duration::from_secs(1).mul_f64(rand::rng().random_range(0.0..1.0)),
                         Ended::Closed(_) => jitter(&mut backoff),
                     }
                 }

@@ -349,6 +349,54 @@ async fn gateway_sigterm_drains_with_1012_removes_presence_and_loses_nothing() {
     tally.assert_nothing_lost();
 }
 
+/// A draining gateway closes its sessions a few at a time over `HERALD_DRAIN_SPREAD_MS`, not all
+/// at once: a rollout must not send a whole pod's clients at the survivors in the same second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_gateway_spreads_its_closes_over_the_drain_spread() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let spread = Duration::from_secs(3);
+    let options = Options { drain_grace: Duration::from_secs(5), drain_spread: spread, ..Options::default() };
+    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let _dispatcher = cluster.dispatcher().await.unwrap();
+    let mut draining = cluster.gateway_process().await.unwrap();
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        clients
+            .push(TestClient::connect(&ws_url(draining.addr), &cluster.token(&format!("spread-{i}"))).await.unwrap());
+    }
+    let signalled_at = Instant::now();
+    let closes = clients.into_iter().map(|mut client| {
+        tokio::spawn(async move {
+            loop {
+                match client.next_frame(Duration::from_secs(15)).await {
+                    Frame::Close { code, .. } => return (code, signalled_at.elapsed()),
+                    Frame::Server(_) | Frame::Text(_) | Frame::Binary(_) => {}
+                    other => panic!("the connection ended without a close frame: {other:?}"),
+                }
+            }
+        })
+    });
+    let sigterm = draining.sigterm(Duration::from_secs(10));
+    let (closes, exited) = tokio::join!(futures::future::join_all(closes), sigterm);
+    assert!(exited.unwrap(), "the gateway drains and exits cleanly");
+    let mut at: Vec<Duration> = closes
+        .into_iter()
+        .map(|c| {
+            let (code, at) = c.unwrap();
+            assert_eq!(code, 1012);
+            at
+        })
+        .collect();
+    at.sort();
+    let (first, last) = (at[0], at[at.len() - 1]);
+    println!("40 closes from {first:?} to {last:?} after SIGTERM (spread {spread:?})");
+    // Evenly over 3 s, the last comes about 3 s after the first; a busy machine only delays
+    // closes, so half the spread is a floor that still fails when all go at once.
+    assert!(last - first >= spread / 2, "closes {first:?} to {last:?}: not spread over {spread:?}");
+    let early = at.iter().filter(|t| **t < first + spread / 2).count();
+    assert!((5..=35).contains(&early), "{early} of 40 closes in the first half of the spread: {at:?}");
+}
+
 /// SIGTERM to a dispatcher under load, with another one running: returns the figures, recovery
 /// counted from the signal.
 async fn dispatcher_sigterm(ack_wait: Duration) -> Tally {

@@ -497,10 +497,12 @@ export class HeraldClient {
       return;
     }
     this.#nextToken = decision.token;
-    let delayMs = 0;
+    let delayMs: number;
     if (decision.action === "backoff") {
       this.#backoff.atLeast(decision.minStepMs);
       delayMs = this.#backoff.next();
+    } else {
+      delayMs = Math.random() * decision.spreadMs;
     }
     this.#emit("state", { ...report, willReconnect: true, delayMs });
     this.#retryTimer = setTimeout(() => {

@@ -10,8 +10,11 @@ import { CloseCode } from "./protocol.js";
 export type TokenReason = "connect" | "expired" | "unauthorized";
 
 export type Decision =
-  /** Reconnect right away (the gateway is draining: any other one will do). */
-  | { readonly action: "now"; readonly token: TokenReason }
+  /**
+   * Reconnect soon, after a random delay of up to `spreadMs`, without backoff: the gateway is
+   * draining and any other one will do, but its clients should not all arrive at once.
+   */
+  | { readonly action: "soon"; readonly token: TokenReason; readonly spreadMs: number }
   /** Reconnect after the backoff delay, which is at least `minStepMs` for this ending. */
   | { readonly action: "backoff"; readonly token: TokenReason; readonly minStepMs: number }
   /** Do not reconnect: retrying cannot help until the application (or SDK) is fixed. */
@@ -28,6 +31,8 @@ export interface Ending {
 
 /** A pause long enough for a rate limit or a full gateway to have room again. */
 const SLOW_DOWN_MS = 2_000;
+/** The longest random delay before reconnecting from a draining gateway (proto/README.md). */
+export const DRAIN_SPREAD_MS = 1_000;
 
 export function decide(ending: Ending): Decision {
   switch (ending.httpStatus) {
@@ -41,7 +46,7 @@ export function decide(ending: Ending): Decision {
   }
   switch (ending.code) {
     case CloseCode.SERVICE_RESTART:
-      return { action: "now", token: "connect" };
+      return { action: "soon", token: "connect", spreadMs: DRAIN_SPREAD_MS };
     case CloseCode.TOKEN_EXPIRED:
       return { action: "backoff", token: "expired", minStepMs: 0 };
     case CloseCode.RATE_LIMITED:

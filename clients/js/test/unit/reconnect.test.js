@@ -2,8 +2,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { decide, CloseCode } from "../../dist/index.js";
 
-test("1012 reconnects at once", () => {
-  assert.deepEqual(decide({ code: CloseCode.SERVICE_RESTART, opened: true }), { action: "now", token: "connect" });
+test("1012 reconnects soon, after a random delay of up to a second", () => {
+  assert.deepEqual(decide({ code: CloseCode.SERVICE_RESTART, opened: true }), { action: "soon", token: "connect", spreadMs: 1000 });
 });
 
 test("4401 and HTTP 401 ask for a fresh token first", () => {
