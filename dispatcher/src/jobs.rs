@@ -400,8 +400,9 @@ impl JobPipeline {
     }
 }
 
-/// Keeps `herald_jetstream_pending_jobs` current: the jobs no dispatcher has taken yet. A
-/// failed poll leaves the last value; the loop ends only when `stop` fires.
+/// Keeps `herald_jetstream_pending_jobs` and `herald_jetstream_pending_events` current: the jobs
+/// and the gateways' events no dispatcher has taken yet. A failed poll leaves the last value; the
+/// loop ends only when `stop` fires.
 pub async fn report_lag(
     js: jetstream::Context,
     names: Names,
@@ -417,6 +418,9 @@ pub async fn report_lag(
         }
         if let Some(pending) = pull::num_pending(&js, &names.jobs_stream(), names.jobs_consumer(), ack_wait).await {
             metrics.pending_jobs.set(i64::try_from(pending).unwrap_or(i64::MAX));
+        }
+        if let Some(pending) = pull::num_pending(&js, &names.events_stream(), names.events_consumer(), ack_wait).await {
+            metrics.pending_events.set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
     }
 }

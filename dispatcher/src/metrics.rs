@@ -30,6 +30,8 @@ pub struct DispatcherMetrics {
     pub events: IntCounterVec,
     /// Jobs waiting in the stream for a dispatcher (the consumer's lag).
     pub pending_jobs: IntGauge,
+    /// Gateway events (acks, online, page requests) waiting for a dispatcher.
+    pub pending_events: IntGauge,
     /// 1 while the store is slower than the load (see `crate::pace`), set at each scrape.
     pub store_slow: IntGauge,
     /// Publish requests refused while the jobs backlog was over its limit (`crate::admission`).
@@ -41,7 +43,7 @@ pub struct DispatcherMetrics {
 
 impl DispatcherMetrics {
     pub fn new() -> Result<Self, MetricsError> {
-        let r = m::registry();
+        let r = m::registry("herald-dispatcher");
         Ok(Self {
             jobs: m::counter_vec(&r, "herald_dispatcher_jobs_total", "Jobs consumed, by outcome", &["outcome"])?,
             jobs_rejected: m::counter_vec(
@@ -102,6 +104,11 @@ impl DispatcherMetrics {
                 &r,
                 "herald_jetstream_pending_jobs",
                 "Jobs in the stream not yet delivered to a dispatcher",
+            )?,
+            pending_events: m::gauge(
+                &r,
+                "herald_jetstream_pending_events",
+                "Gateway events (acks, online, page requests) in the stream not yet delivered to a dispatcher",
             )?,
             store_slow: m::gauge(
                 &r,

@@ -41,7 +41,7 @@ pub(crate) struct GatewayMetrics {
 
 impl GatewayMetrics {
     pub(crate) fn new() -> Result<Self, MetricsError> {
-        let r = m::registry();
+        let r = m::registry("herald-gateway");
         Ok(Self {
             connections_open: m::gauge(&r, "herald_gateway_connections_open", "Open client connections")?,
             connections_opened: m::counter(&r, "herald_gateway_connections_opened_total", "Connections accepted")?,

@@ -20,11 +20,20 @@ pub const LATENCY_BUCKETS: &[f64] =
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0];
 
 /// A registry with the process collector (RSS, CPU seconds, open fds) already in it.
-pub fn registry() -> Registry {
+/// A registry with the process metrics and `herald_build_info{service, version}` (always 1),
+/// which says which build each process runs, e.g. while a rollout is under way.
+pub fn registry(service: &str) -> Registry {
     let registry = Registry::new();
     #[cfg(target_os = "linux")]
     {
         let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+    }
+    let info = Opts::new("herald_build_info", "Always 1; the labels say which build this process runs")
+        .const_label("service", service)
+        .const_label("version", env!("CARGO_PKG_VERSION"));
+    if let Ok(gauge) = IntGauge::with_opts(info) {
+        gauge.set(1);
+        let _ = registry.register(Box::new(gauge));
     }
     registry
 }

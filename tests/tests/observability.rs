@@ -78,6 +78,13 @@ async fn metrics_follow_a_message_from_publish_to_receipt() {
         assert_eq!(sample(&dsp, series), Some(value), "{series} in\n{dsp}");
     }
     assert!(dsp.contains("herald_dependency_seconds_bucket{dependency=\"mongodb\",op=\"insert_receipts\""));
+    // Which build each process runs, and the lag of both streams.
+    let version = env!("CARGO_PKG_VERSION");
+    let gw_build = format!("herald_build_info{{service=\"herald-gateway\",version=\"{version}\"}}");
+    let dsp_build = format!("herald_build_info{{service=\"herald-dispatcher\",version=\"{version}\"}}");
+    assert_eq!(sample(&gw, &gw_build), Some(1.0), "{gw_build} in\n{gw}");
+    assert_eq!(sample(&dsp, &dsp_build), Some(1.0), "{dsp_build} in\n{dsp}");
+    assert!(sample(&dsp, "herald_jetstream_pending_events").is_some(), "herald_jetstream_pending_events in\n{dsp}");
     // Labels never carry user or message ids.
     for text in [&gw, &dsp] {
         assert!(!text.contains("alice") && !text.contains("obs-1"));
