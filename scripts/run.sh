@@ -8,6 +8,11 @@
 #
 # Settings come from the environment the Makefile exports (see the top of the Makefile).
 set -euo pipefail
+# `wait -n -p` (which process exited) is bash 5.1's.
+if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
+    echo "run: bash 5.1 or later is needed (this is $BASH_VERSION)" >&2
+    exit 1
+fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
