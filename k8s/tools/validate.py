@@ -4,8 +4,9 @@
     validate.py --kubernetes-version 1.31 --root REPO NAME=RENDERED.yaml [NAME=RENDERED.yaml ...]
 
 Per document: the Kubernetes JSON schema of that version, strict (unknown fields are errors), from
-the pinned kubernetes-validate package. Kinds without a schema there are errors too, except the one
-CRD Herald uses (ServiceMonitor), which gets a structural check of the fields it uses. Then per
+the pinned kubernetes-validate package. Kinds without a schema there are errors too, except the
+CRDs Herald uses (ServiceMonitor, PrometheusRule), which get a structural check of the fields they
+use (and a PrometheusRule's expressions are parsed as PromQL). Then per
 rendering: references between objects resolve, and Herald's own deployment rules hold (non-root
 hardening, probes, the gateway's shutdown budget, the ConfigMap covering every HERALD_* setting
 the code reads). Finally the Grafana dashboard parses, and every metric it queries should be
@@ -81,7 +82,7 @@ def selects(selector, labels):
 
 # --- per document --------------------------------------------------------------------------------
 
-def check_service_monitor(doc, where, p):
+def check_service_monitor(doc, where, p, root=None):
     """Structural check for the ServiceMonitor CRD, whose schema kubernetes-validate lacks."""
     if doc.get("apiVersion") != "monitoring.coreos.com/v1":
         p.error(where, f"apiVersion {doc.get('apiVersion')!r}, expected monitoring.coreos.com/v1")
@@ -116,10 +117,78 @@ def check_service_monitor(doc, where, p):
                 p.error(where, f"{at}.{key} {ep[key]!r} is not a duration like 15s")
 
 
-CRD_CHECKS = {("monitoring.coreos.com/v1", "ServiceMonitor"): check_service_monitor}
+PROMETHEUS_RULE_KEYS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
+SEVERITIES = {"critical", "warning", "info"}
 
 
-def check_schema(doc, where, version, p):
+def registered_metrics(root):
+    """Every herald_* metric name the code registers (shared/, gateway/, dispatcher/)."""
+    names = set()
+    for crate in ("shared", "gateway", "dispatcher"):
+        for path in (root / crate / "src").rglob("*.rs"):
+            names |= set(re.findall(r'"(herald_[a-z0-9_]+)"', path.read_text(errors="replace")))
+    return names
+
+
+def check_prometheus_rule(doc, where, p, root=None):
+    """Structural check for the PrometheusRule CRD: every rule alerts, its expression parses as
+    PromQL (promql-parser, pinned), and every herald_* metric it reads is registered by the code
+    (a renamed metric would leave the alert silent forever)."""
+    import promql_parser
+
+    if doc.get("apiVersion") != "monitoring.coreos.com/v1":
+        p.error(where, f"apiVersion {doc.get('apiVersion')!r}, expected monitoring.coreos.com/v1")
+    for key in set(doc) - {"apiVersion", "kind", "metadata", "spec"}:
+        p.error(where, f"unknown top-level field {key!r}")
+    groups = spec_of(doc).get("groups")
+    if not isinstance(groups, list) or not groups:
+        p.error(where, "spec.groups must be a non-empty list")
+        return
+    registered = registered_metrics(root) if root else set()
+    alerts = set()
+    for g, group in enumerate(groups):
+        rules = group.get("rules") if isinstance(group, dict) else None
+        if not isinstance(group, dict) or not group.get("name") or not isinstance(rules, list) or not rules:
+            p.error(where, f"spec.groups[{g}] needs a name and a non-empty list of rules")
+            continue
+        for r, rule in enumerate(rules):
+            at = f"{group['name']}[{r}]"
+            if not isinstance(rule, dict):
+                p.error(where, f"{at} must be a map")
+                continue
+            for key in set(rule) - PROMETHEUS_RULE_KEYS:
+                p.error(where, f"unknown field {at}.{key}")
+            name = rule.get("alert")
+            if not name or name in alerts:
+                p.error(where, f"{at}: alert name missing or repeated ({name!r})")
+            alerts.add(name)
+            at = f"{at} {name}"
+            if "for" in rule and not DURATION.match(str(rule["for"])):
+                p.error(where, f"{at}: for {rule['for']!r} is not a duration like 10m")
+            if (rule.get("labels") or {}).get("severity") not in SEVERITIES:
+                p.error(where, f"{at}: labels.severity must be one of {sorted(SEVERITIES)}")
+            annotations = rule.get("annotations") or {}
+            if not annotations.get("summary") or not annotations.get("runbook"):
+                p.error(where, f"{at}: annotations need a summary and a runbook")
+            expr = rule.get("expr")
+            try:
+                promql_parser.parse(str(expr))
+            except Exception as e:  # the parser raises its own error types
+                p.error(where, f"{at}: expr does not parse as PromQL: {e}")
+                continue
+            for metric in set(re.findall(r"\b(herald_[a-z0-9_]+)", str(expr))):
+                base = re.sub(r"_(bucket|sum|count)$", "", metric)
+                if registered and metric not in registered and base not in registered:
+                    p.error(where, f"{at}: {metric} is not registered by the code")
+
+
+CRD_CHECKS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): check_service_monitor,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): check_prometheus_rule,
+}
+
+
+def check_schema(doc, where, version, p, root):
     try:
         kv.validate(doc, version, strict=True)
     except kv.ValidationError as e:
@@ -131,7 +200,7 @@ def check_schema(doc, where, version, p):
             p.error(where, f"no schema for apiVersion {doc.get('apiVersion')!r} kind {doc.get('kind')!r} "
                            f"in Kubernetes {version} (a typo, or a CRD this check does not know)")
         else:
-            crd(doc, where, p)
+            crd(doc, where, p, root)
     except kv.VersionNotSupportedError:
         raise SystemExit(f"kubernetes-validate has no schemas for Kubernetes {version}")
 
@@ -369,10 +438,7 @@ def check_dashboard(root, p):
             metrics |= set(re.findall(r"\b(herald_[a-z0-9_]+)", t.get("expr", "")))
     # Warnings, not errors: the metrics and their document change in other hands; this says
     # where the dashboard has fallen behind without blocking them.
-    registered = set()
-    for crate in ("shared", "gateway", "dispatcher"):
-        for path in (root / crate / "src").rglob("*.rs"):
-            registered |= set(re.findall(r'"(herald_[a-z0-9_]+)"', path.read_text(errors="replace")))
+    registered = registered_metrics(root)
     doc = root / "docs" / "METRICS.md"
     text = doc.read_text(errors="replace") if doc.exists() else None
     for metric in sorted(metrics):
@@ -406,7 +472,7 @@ def main():
                     or not (doc.get("metadata") or {}).get("name"):
                 p.error(name, f"document without apiVersion, kind or metadata.name: {str(doc)[:80]}")
                 continue
-            check_schema(doc, f"{name}: {ident(doc)}", args.kubernetes_version, p)
+            check_schema(doc, f"{name}: {ident(doc)}", args.kubernetes_version, p, args.root)
         check_rendering(name, [d for d in docs if isinstance(d, dict)], args.root, p)
     check_dashboard(args.root, p)
 
