@@ -41,16 +41,55 @@ pub struct DispatcherMetrics {
     pub http: ServeMetrics,
 }
 
+/// Every reject code, each counted from zero (`herald_dispatcher_jobs_rejected_total`).
+const REJECT_CODES: [herald_proto::RejectCode; 9] = {
+    use herald_proto::RejectCode as C;
+    [
+        C::Malformed,
+        C::PayloadTooLarge,
+        C::NoRecipients,
+        C::TooManyRecipients,
+        C::InvalidId,
+        C::InvalidRecipient,
+        C::InvalidTtl,
+        C::IdConflict,
+        C::DeadLetter,
+    ]
+};
+
+/// Does not compile when a reject code is added and not listed above.
+const _: fn(herald_proto::RejectCode) = |code| {
+    use herald_proto::RejectCode as C;
+    match code {
+        C::Malformed
+        | C::PayloadTooLarge
+        | C::NoRecipients
+        | C::TooManyRecipients
+        | C::InvalidId
+        | C::InvalidRecipient
+        | C::InvalidTtl
+        | C::IdConflict
+        | C::DeadLetter => {}
+    }
+};
+
 impl DispatcherMetrics {
     pub fn new() -> Result<Self, MetricsError> {
         let r = m::registry("herald-dispatcher");
         Ok(Self {
-            jobs: m::counter_vec(&r, "herald_dispatcher_jobs_total", "Jobs consumed, by outcome", &["outcome"])?,
-            jobs_rejected: m::counter_vec(
+            jobs: m::counter_vec_at_zero(
+                &r,
+                "herald_dispatcher_jobs_total",
+                "Jobs consumed, by outcome",
+                "outcome",
+                &["stored", "rejected", "retried", "dead_lettered"],
+            )?,
+            jobs_rejected: m::counter_vec_at_zero(
                 &r,
                 "herald_dispatcher_jobs_rejected_total",
                 "Jobs rejected, by reject code",
-                &["code"],
+                "code",
+                &REJECT_CODES.map(herald_publish::code_str),
             )?,
             job_batch_size: m::histogram(
                 &r,
@@ -58,11 +97,12 @@ impl DispatcherMetrics {
                 "Jobs processed per batch",
                 BATCH_BUCKETS,
             )?,
-            routing: m::counter_vec(
+            routing: m::counter_vec_at_zero(
                 &r,
                 "herald_dispatcher_routing_total",
                 "Recipients routed, by outcome",
-                &["outcome"],
+                "outcome",
+                &["online", "offline", "presence_unavailable"],
             )?,
             route_failures: m::counter(
                 &r,
@@ -86,11 +126,12 @@ impl DispatcherMetrics {
                 "herald_dispatcher_acks_refused_total",
                 "Ack updates the store refused for good (each dropped alone; the others applied)",
             )?,
-            receipt_writes: m::counter_vec(
+            receipt_writes: m::counter_vec_at_zero(
                 &r,
                 "herald_dispatcher_receipt_writes_total",
                 "Receipt documents written, by operation",
-                &["op"],
+                "op",
+                &["insert", "ack"],
             )?,
             store_batch_size: m::histogram_vec(
                 &r,
@@ -99,7 +140,13 @@ impl DispatcherMetrics {
                 &["op"],
                 BATCH_BUCKETS,
             )?,
-            events: m::counter_vec(&r, "herald_dispatcher_events_total", "Gateway events applied, by kind", &["kind"])?,
+            events: m::counter_vec_at_zero(
+                &r,
+                "herald_dispatcher_events_total",
+                "Gateway events applied, by kind",
+                "kind",
+                &["acks", "online", "more", "invalid"],
+            )?,
             pending_jobs: m::gauge(
                 &r,
                 "herald_jetstream_pending_jobs",

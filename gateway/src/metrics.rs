@@ -45,25 +45,34 @@ impl GatewayMetrics {
         Ok(Self {
             connections_open: m::gauge(&r, "herald_gateway_connections_open", "Open client connections")?,
             connections_opened: m::counter(&r, "herald_gateway_connections_opened_total", "Connections accepted")?,
-            connections_closed: m::counter_vec(
+            connections_closed: m::counter_vec_at_zero(
                 &r,
                 "herald_gateway_connections_closed_total",
                 "Connections ended, by reason",
-                &["reason"],
+                "reason",
+                &crate::session::close_reasons(),
             )?,
-            connect_refused: m::counter_vec(
+            connect_refused: m::counter_vec_at_zero(
                 &r,
                 "herald_gateway_connect_refused_total",
                 "Connect requests refused before the upgrade, by reason",
-                &["reason"],
+                "reason",
+                &["unauthorized", "user_limit", "gateway_full", "draining"],
             )?,
-            frames_in: m::counter_vec(&r, "herald_gateway_frames_in_total", "Frames from clients, by kind", &["kind"])?,
+            frames_in: m::counter_vec_at_zero(
+                &r,
+                "herald_gateway_frames_in_total",
+                "Frames from clients, by kind",
+                "kind",
+                &["ack", "read", "control", "invalid"],
+            )?,
             frames_out: m::counter(&r, "herald_gateway_frames_out_total", "Frames written to client sockets")?,
-            notifications_sent: m::counter_vec(
+            notifications_sent: m::counter_vec_at_zero(
                 &r,
                 "herald_gateway_notifications_sent_total",
                 "Notifications written to client sockets, by path",
-                &["path"],
+                "path",
+                &["deliver", "replay"],
             )?,
             notifications_expired: m::counter(
                 &r,
@@ -85,11 +94,12 @@ impl GatewayMetrics {
                 "herald_gateway_queue_overflows_total",
                 "Connections closed because their outbound queue was full",
             )?,
-            acks_received: m::counter_vec(
+            acks_received: m::counter_vec_at_zero(
                 &r,
                 "herald_gateway_acks_received_total",
                 "Message ids acknowledged by clients, by kind",
-                &["kind"],
+                "kind",
+                &["delivered", "read"],
             )?,
             ack_batch_size: m::histogram(
                 &r,
@@ -97,17 +107,19 @@ impl GatewayMetrics {
                 "Ack records per message on the events stream",
                 BATCH_BUCKETS,
             )?,
-            commands_received: m::counter_vec(
+            commands_received: m::counter_vec_at_zero(
                 &r,
                 "herald_gateway_commands_received_total",
                 "Commands from dispatchers, by kind (deliver, replay, kick, invalid)",
-                &["kind"],
+                "kind",
+                &["deliver", "replay", "kick", "invalid"],
             )?,
-            replay_requests: m::counter_vec(
+            replay_requests: m::counter_vec_at_zero(
                 &r,
                 "herald_gateway_replay_requests_total",
                 "Next pages of connections' replays asked for, by kind (next, retry)",
-                &["kind"],
+                "kind",
+                &["next", "retry"],
             )?,
             presence_resyncs: m::counter(
                 &r,

@@ -60,6 +60,22 @@ pub fn counter_vec(
     Ok(metric)
 }
 
+/// A counter by one label, with each of `values` present at zero from the start: a rate or an
+/// alert on a value that has not happened yet reads 0, not "no data".
+pub fn counter_vec_at_zero(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
+    let metric = counter_vec(registry, name, help, &[label])?;
+    for value in values {
+        metric.with_label_values(&[value]);
+    }
+    Ok(metric)
+}
+
 pub fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
     let metric = IntGauge::new(name, help)?;
     registry.register(Box::new(metric.clone()))?;

@@ -78,6 +78,15 @@ async fn metrics_follow_a_message_from_publish_to_receipt() {
         assert_eq!(sample(&dsp, series), Some(value), "{series} in\n{dsp}");
     }
     assert!(dsp.contains("herald_dependency_seconds_bucket{dependency=\"mongodb\",op=\"insert_receipts\""));
+    // Counters by label are there at zero before anything happens, so rates and alerts read 0.
+    for (text, series) in [
+        (&gw, "herald_gateway_connections_closed_total{reason=\"slow_consumer\"}"),
+        (&gw, "herald_gateway_connect_refused_total{reason=\"gateway_full\"}"),
+        (&dsp, "herald_dispatcher_jobs_total{outcome=\"dead_lettered\"}"),
+        (&dsp, "herald_dispatcher_jobs_rejected_total{code=\"id_conflict\"}"),
+    ] {
+        assert_eq!(sample(text, series), Some(0.0), "{series} in\n{text}");
+    }
     // Which build each process runs, and the lag of both streams.
     let version = env!("CARGO_PKG_VERSION");
     let gw_build = format!("herald_build_info{{service=\"herald-gateway\",version=\"{version}\"}}");

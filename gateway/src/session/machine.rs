@@ -56,6 +56,9 @@ pub(crate) const SHUTTING_DOWN: Ending =
 pub(crate) const SLOW: Ending =
     Ending::new(close::SLOW_CONSUMER, Some(ErrorCode::SlowConsumer), "slow consumer", "slow_consumer");
 const KICKED: Ending = Ending::new(close::KICKED, Some(ErrorCode::Kicked), "closed by an operator", "kicked");
+/// Every ending the machine decides: their labels are the close reasons the metrics count.
+pub(crate) const ENDINGS: [Ending; 9] =
+    [BAD_FRAME, BINARY, TOO_BIG, RATE_LIMITED, TOKEN_EXPIRED, HEARTBEAT, SHUTTING_DOWN, SLOW, KICKED];
 
 /// How a session closed from outside ends, by the code its closer gave.
 fn kicked(code: u16) -> Ending {

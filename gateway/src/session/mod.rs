@@ -57,6 +57,15 @@ pub(crate) struct SessionContext {
     pub(crate) clock: herald_shared::Clock,
 }
 
+/// Every `reason` a session's end is counted under: the machine's endings, the client going
+/// away, and a panic.
+pub(crate) fn close_reasons() -> Vec<&'static str> {
+    machine::ENDINGS.iter().map(|e| e.label).chain([CLIENT_GONE, PANIC]).collect()
+}
+
+const CLIENT_GONE: &str = "client_gone";
+const PANIC: &str = "panic";
+
 /// Runs one connection to its end. `admission` holds the connection's place until then.
 pub(crate) async fn run(
     socket: WebSocket,
@@ -80,10 +89,10 @@ pub(crate) async fn run(
     // However the session ends, a panic included, the connection leaves the registry and
     // presence below: a session that died must not hold its user's slot or attract routing.
     let (ending, label) = match AssertUnwindSafe(session.serve(socket, &shutdown)).catch_unwind().await {
-        Ok(ending) => (ending, ending.map_or("client_gone", |e| e.label)),
+        Ok(ending) => (ending, ending.map_or(CLIENT_GONE, |e| e.label)),
         Err(_) => {
             tracing::error!(user = %conn.user, connection = %conn.id, "session panicked; closing it");
-            (None, "panic")
+            (None, PANIC)
         }
     };
     conn.outbox.close();
