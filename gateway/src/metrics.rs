@@ -1,8 +1,24 @@
 //! The gateway's Prometheus metrics. Labels carry reasons and kinds, never user or message ids.
 
-use herald_shared::metrics::{self as m, DependencyMetrics, MetricsError, BATCH_BUCKETS, LATENCY_BUCKETS};
+use herald_shared::metrics::{
+    self as m, DependencyMetrics, MetricsError, BATCH_BUCKETS, DELIVERY_BUCKETS, LATENCY_BUCKETS,
+};
 use herald_shared::serve::ServeMetrics;
-use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
+
+/// `herald_publish_to_deliver_seconds`, one histogram per path.
+pub(crate) struct DeliveryLatency {
+    pub(crate) live: Histogram,
+    pub(crate) replay: Histogram,
+    pub(crate) resend: Histogram,
+}
+
+impl DeliveryLatency {
+    fn new(vec: HistogramVec) -> Self {
+        let path = |p: &str| vec.with_label_values(&[p]);
+        Self { live: path("live"), replay: path("replay"), resend: path("resend") }
+    }
+}
 
 pub(crate) struct GatewayMetrics {
     pub(crate) registry: Registry,
@@ -32,7 +48,10 @@ pub(crate) struct GatewayMetrics {
     pub(crate) replay_requests: IntCounterVec,
     pub(crate) presence_resyncs: IntCounter,
     pub(crate) presence_healed: IntCounter,
-    pub(crate) publish_to_deliver: Histogram,
+    /// By path: `live` (routed as published), `replay` (pending when its user connected),
+    /// `resend` (sent again after the ack timeout). Held per path, so that writing a frame
+    /// looks no label up.
+    pub(crate) publish_to_deliver: DeliveryLatency,
     pub(crate) publish_to_ack: Histogram,
     pub(crate) dependencies: DependencyMetrics,
     /// The HTTP listener's (`herald_http_*`).
@@ -131,12 +150,13 @@ impl GatewayMetrics {
                 "herald_gateway_presence_healed_total",
                 "Connections that Redis had lost, registered again and announced",
             )?,
-            publish_to_deliver: m::histogram(
+            publish_to_deliver: DeliveryLatency::new(m::histogram_vec(
                 &r,
                 "herald_publish_to_deliver_seconds",
-                "From a job's publish time to its notification written to a client socket",
-                LATENCY_BUCKETS,
-            )?,
+                "From a job's publish time to its notification written to a client socket, by path",
+                &["path"],
+                DELIVERY_BUCKETS,
+            )?),
             publish_to_ack: m::histogram(
                 &r,
                 "herald_publish_to_ack_seconds",

@@ -51,7 +51,8 @@ async fn metrics_follow_a_message_from_publish_to_receipt() {
         ("herald_gateway_acks_received_total{kind=\"delivered\"}", 1.0),
         ("herald_gateway_frames_in_total{kind=\"ack\"}", 1.0),
         ("herald_gateway_commands_received_total{kind=\"deliver\"}", 1.0),
-        ("herald_publish_to_deliver_seconds_count", 1.0),
+        ("herald_publish_to_deliver_seconds_count{path=\"live\"}", 1.0),
+        ("herald_publish_to_deliver_seconds_count{path=\"replay\"}", 0.0),
         ("herald_publish_to_ack_seconds_count", 1.0),
     ] {
         assert_eq!(sample(&gw, series), Some(value), "{series} in\n{gw}");

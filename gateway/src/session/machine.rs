@@ -350,7 +350,15 @@ impl Machine {
             batch.delivered += 1;
         }
         let age_ms = batch.at_ms.saturating_sub(sent.published_at_ms);
-        self.metrics.publish_to_deliver.observe(age_ms as f64 / 1000.0);
+        let latency = &self.metrics.publish_to_deliver;
+        let path = if sent.resend {
+            &latency.resend
+        } else if sent.replay {
+            &latency.replay
+        } else {
+            &latency.live
+        };
+        path.observe(age_ms as f64 / 1000.0);
         self.sent.record(sent);
     }
 
