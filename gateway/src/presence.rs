@@ -375,13 +375,18 @@ impl PresenceTask {
                 }
             }
         }
+        // Only an acknowledged event says the stream answers again (an empty round says nothing).
+        let mut acknowledged = false;
         for (conn, ack) in acks {
-            if let Err(e) = ack.await {
-                self.nats_outage.failed(&e);
-                failed.push(conn);
+            match ack.await {
+                Ok(_) => acknowledged = true,
+                Err(e) => {
+                    self.nats_outage.failed(&e);
+                    failed.push(conn);
+                }
             }
         }
-        if failed.is_empty() {
+        if acknowledged && failed.is_empty() {
             self.nats_outage.answered();
         }
         failed
