@@ -82,12 +82,18 @@ def selects(selector, labels):
 
 # --- per document --------------------------------------------------------------------------------
 
-def check_service_monitor(doc, where, p, root=None):
-    """Structural check for the ServiceMonitor CRD, whose schema kubernetes-validate lacks."""
+def check_operator_envelope(doc, where, p):
+    """What every Prometheus Operator object Herald ships has: its apiVersion, and no top-level
+    field besides apiVersion, kind, metadata and spec."""
     if doc.get("apiVersion") != "monitoring.coreos.com/v1":
         p.error(where, f"apiVersion {doc.get('apiVersion')!r}, expected monitoring.coreos.com/v1")
     for key in set(doc) - {"apiVersion", "kind", "metadata", "spec"}:
         p.error(where, f"unknown top-level field {key!r}")
+
+
+def check_service_monitor(doc, where, p, root=None):
+    """Structural check for the ServiceMonitor CRD, whose schema kubernetes-validate lacks."""
+    check_operator_envelope(doc, where, p)
     spec = doc.get("spec")
     if not isinstance(spec, dict):
         p.error(where, "spec missing")
@@ -136,10 +142,7 @@ def check_prometheus_rule(doc, where, p, root=None):
     (a renamed metric would leave the alert silent forever)."""
     import promql_parser
 
-    if doc.get("apiVersion") != "monitoring.coreos.com/v1":
-        p.error(where, f"apiVersion {doc.get('apiVersion')!r}, expected monitoring.coreos.com/v1")
-    for key in set(doc) - {"apiVersion", "kind", "metadata", "spec"}:
-        p.error(where, f"unknown top-level field {key!r}")
+    check_operator_envelope(doc, where, p)
     groups = spec_of(doc).get("groups")
     if not isinstance(groups, list) or not groups:
         p.error(where, "spec.groups must be a non-empty list")

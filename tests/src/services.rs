@@ -695,7 +695,7 @@ fn other(e: std::io::Error) -> SpawnError {
 
 /// A port nothing listens on right now. Someone may take it before the server binds it, which
 /// [`Process::start`] handles by trying another.
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }

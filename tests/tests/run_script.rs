@@ -5,12 +5,13 @@
 //! a taken port.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use herald_tests::bin_path;
+use herald_tests::services::free_port;
 
 /// Up to this long for everything to start (nx-27017, a dispatcher waiting for its streams).
 const STARTUP: Duration = Duration::from_secs(120);
@@ -20,10 +21,6 @@ const SHUTDOWN: Duration = Duration::from_secs(45);
 
 /// One whole system at a time: three at once would only slow each other's start on two cores.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
-}
 
 fn answers(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -57,7 +54,7 @@ struct Run {
 
 impl Run {
     fn new() -> Self {
-        let [redis, nats, mongo, dispatcher, gw1, gw2, demo] = std::array::from_fn(|_| free_port());
+        let [redis, nats, mongo, dispatcher, gw1, gw2, demo] = std::array::from_fn(|_| free_port().unwrap());
         let target = bin_path("herald-gateway").unwrap().parent().map(Path::to_path_buf).unwrap();
         let env = vec![
             ("HERALD_JWT_SECRET", "run-test-secret-0123456789".to_owned()),
