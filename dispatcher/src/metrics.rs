@@ -1,6 +1,6 @@
 //! The dispatcher's Prometheus metrics. Labels carry outcomes and codes, never user or message ids.
 
-use herald_shared::metrics::{self as m, DependencyMetrics, MetricsError, BATCH_BUCKETS};
+use herald_shared::metrics::{self as m, DependencyMetrics, MetricsError, BATCH_BUCKETS, LATENCY_BUCKETS};
 use herald_shared::serve::ServeMetrics;
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
@@ -22,6 +22,8 @@ pub struct DispatcherMetrics {
     pub acks_refused: IntCounter,
     /// Sweeps that resent nothing because acks were behind in the events stream.
     pub resends_deferred: IntCounter,
+    /// How long each sweep took; a long one delays the next (`crate::sweeper::next_sweep_after`).
+    pub sweep_seconds: Histogram,
     /// Receipt documents written, by operation (`insert`, `ack`).
     pub receipt_writes: IntCounterVec,
     /// Items per store round trip, by operation.
@@ -120,6 +122,12 @@ impl DispatcherMetrics {
                 &r,
                 "herald_dispatcher_resends_deferred_total",
                 "Sweeps that resent nothing because the events stream (acks) was behind",
+            )?,
+            sweep_seconds: m::histogram(
+                &r,
+                "herald_dispatcher_sweep_seconds",
+                "How long each sweep took (a sweep longer than a quarter of the interval delays the next)",
+                LATENCY_BUCKETS,
             )?,
             acks_refused: m::counter(
                 &r,
