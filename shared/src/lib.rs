@@ -5,6 +5,7 @@ pub mod clock;
 pub mod config;
 pub mod connect;
 pub mod fdlimit;
+pub mod log_json;
 pub mod metrics;
 pub mod naming;
 pub mod outage;

@@ -4,7 +4,8 @@
 //!
 //! Tracing export is off unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP over HTTP/protobuf;
 //! `OTEL_SERVICE_NAME` overrides the service name). Off, spans cost what `tracing` spans cost
-//! and no trace context is put on the wire.
+//! and no trace context is put on the wire. On, JSON logs name each line's trace and span
+//! (`log_json`).
 
 use std::collections::HashMap;
 
@@ -93,7 +94,11 @@ pub fn init(service: &'static str) -> Telemetry {
     };
     let filter = EnvFilter::builder().with_regex(false).parse_lossy(&directives);
     let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let logs = if settings.json { fmt::layer().json().boxed() } else { fmt::layer().with_ansi(ansi).boxed() };
+    let logs = if settings.json {
+        fmt::layer().json().event_format(crate::log_json::JsonWithTraceIds::default()).boxed()
+    } else {
+        fmt::layer().with_ansi(ansi).boxed()
+    };
     let (provider, traces) = match otlp_provider(service) {
         Ok(Some(provider)) => {
             let targets = Targets::new().with_target("herald", LevelFilter::INFO);
