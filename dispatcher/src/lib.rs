@@ -26,6 +26,7 @@ pub mod fetch;
 pub mod jobs;
 pub mod metrics;
 pub mod pace;
+pub mod pending;
 pub mod presence;
 pub mod pull;
 pub mod receipt;
@@ -185,6 +186,18 @@ pub async fn run(
     shutdown::spawn_critical(&tasks, "jobs", critical.clone(), jobs.run(stop.clone()));
     shutdown::spawn_critical(&tasks, "events", critical.clone(), events.run(stop.clone()));
     shutdown::spawn_critical(&tasks, "sweeper", critical.clone(), sweeper.run(stop.clone()));
+    shutdown::spawn_critical(
+        &tasks,
+        "pending",
+        critical.clone(),
+        pending::report(
+            store.clone(),
+            config.pending_sample,
+            config.common.clock.clone(),
+            Arc::clone(&metrics),
+            stop.clone(),
+        ),
+    );
     shutdown::spawn_critical(
         &tasks,
         "lag",

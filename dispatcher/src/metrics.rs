@@ -34,6 +34,10 @@ pub struct DispatcherMetrics {
     pub pending_jobs: IntGauge,
     /// Gateway events (acks, online, page requests) waiting for a dispatcher.
     pub pending_events: IntGauge,
+    /// Receipts pending (not yet acked, expired or cancelled), sampled (`crate::pending`).
+    pub pending_receipts: IntGauge,
+    /// How long the oldest pending receipt has waited, sampled.
+    pub oldest_pending_seconds: IntGauge,
     /// 1 while the store is slower than the load (see `crate::pace`), set at each scrape.
     pub store_slow: IntGauge,
     /// Publish requests refused while the jobs backlog was over its limit (`crate::admission`).
@@ -164,6 +168,16 @@ impl DispatcherMetrics {
                 &r,
                 "herald_jetstream_pending_events",
                 "Gateway events (acks, online, page requests) in the stream not yet delivered to a dispatcher",
+            )?,
+            pending_receipts: m::gauge(
+                &r,
+                "herald_dispatcher_pending_receipts",
+                "Receipts not yet acked, expired or cancelled (sampled every HERALD_PENDING_SAMPLE_MS)",
+            )?,
+            oldest_pending_seconds: m::gauge(
+                &r,
+                "herald_dispatcher_oldest_pending_seconds",
+                "How long the oldest pending receipt has waited, in seconds (sampled; 0 when none is)",
             )?,
             store_slow: m::gauge(
                 &r,

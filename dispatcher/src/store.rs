@@ -145,6 +145,14 @@ pub struct DeliveredBy {
     pub gateway_id: GatewayId,
 }
 
+/// Receipts waiting for delivery, as `Store::pending_sample` found them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingSample {
+    pub count: u64,
+    /// When the oldest pending receipt was created (ms since the epoch); None when none is.
+    pub oldest_created_ms: Option<i64>,
+}
+
 /// One recipient's copy of a message: its inbox entry and its receipt.
 ///
 /// Its `_id` is [`receipt_key`]: the (message, user) pair itself. That makes the insert of a
@@ -337,6 +345,8 @@ impl Store {
                 IndexModel::builder().keys(doc! { "state": 1, "next_retry_at_ms": 1 }).build(),
                 IndexModel::builder().keys(doc! { "state": 1, "part": 1, "next_retry_at_ms": 1 }).build(),
                 IndexModel::builder().keys(doc! { "state": 1, "expires_at": 1 }).build(),
+                // The oldest pending receipt, for its gauge (`pending_sample`).
+                IndexModel::builder().keys(doc! { "state": 1, "created_at": 1 }).build(),
                 IndexModel::builder().keys(doc! { "purge_at": 1 }).options(ttl()).build(),
             ])
             .await?;
@@ -765,6 +775,31 @@ impl Store {
                 .await?)
         };
         Ok(self.call("expire", update).await?.modified_count)
+    }
+
+    /// How many receipts are pending, and when the oldest of them was created: two index
+    /// reads, for the gauges (`crate::pending`). Not counted in the store's pace: a count that
+    /// takes long says how many there are, not that the store is slow.
+    pub async fn pending_sample(&self) -> Result<PendingSample, StoreError> {
+        let pending = doc! { "state": ReceiptState::Pending.as_str() };
+        let sample = async {
+            let count = self.receipts.count_documents(pending.clone()).max_time(OP_TIMEOUT).await?;
+            let oldest = self
+                .receipts
+                .clone_with_type::<Document>()
+                .find_one(pending)
+                .sort(doc! { "created_at": 1 })
+                .projection(doc! { "created_at": 1 })
+                .max_time(OP_TIMEOUT)
+                .await?;
+            let oldest_created_ms =
+                oldest.and_then(|d| d.get_datetime("created_at").ok().map(|t| t.timestamp_millis()));
+            Ok(PendingSample { count, oldest_created_ms })
+        };
+        let bounded = async {
+            tokio::time::timeout(OP_TIMEOUT, sample).await.unwrap_or(Err(StoreError::Timeout { op: "pending_sample" }))
+        };
+        self.metrics.time("mongodb", "pending_sample", bounded).await
     }
 
     /// A message by id, whether stored on its own or carried by its only receipt.

@@ -154,6 +154,8 @@ pub struct DispatcherConfig {
     /// default ack timeout: a resend is at most this late, and nothing reads the `expired` mark
     /// (replays and the API judge expiry by `expires_at`), so sweeping more often buys little.
     pub sweep_interval: Duration,
+    /// How often each dispatcher samples the pending receipts for its gauges (two index reads).
+    pub pending_sample: Duration,
     /// Most jobs pulled and stored per batch.
     pub job_batch: usize,
     /// How long a batch of jobs waits for more after its first: under a steady load, batches
@@ -521,6 +523,7 @@ impl DispatcherConfig {
             replay_page: env.parse("HERALD_REPLAY_PAGE", 256),
             ack_wait: env.millis("HERALD_JETSTREAM_ACK_WAIT_MS", 30_000),
             sweep_interval: env.millis("HERALD_SWEEP_INTERVAL_MS", 5_000),
+            pending_sample: env.millis("HERALD_PENDING_SAMPLE_MS", 15_000),
             job_batch: env.parse("HERALD_JOB_BATCH", 256),
             job_linger: env.millis("HERALD_JOB_LINGER_MS", 20),
             event_linger: env.millis("HERALD_EVENT_LINGER_MS", 50),
@@ -541,6 +544,9 @@ impl DispatcherConfig {
         }
         if config.ack_wait < Duration::from_secs(1) {
             env.invalid("HERALD_JETSTREAM_ACK_WAIT_MS: must be at least 1000");
+        }
+        if config.pending_sample < Duration::from_millis(100) {
+            env.invalid("HERALD_PENDING_SAMPLE_MS: must be at least 100");
         }
         config
     }

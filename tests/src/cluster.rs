@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -114,12 +115,23 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
         replay_page: options.replay_page,
         ack_wait: options.ack_wait,
         sweep_interval: options.sweep_interval,
+        pending_sample: Duration::from_secs(1),
         job_batch: 256,
         job_linger: Duration::from_millis(20),
         event_linger: Duration::from_millis(50),
         job_workers: 2,
         max_attempts: 5,
     }
+}
+
+/// Where a Herald process's output goes.
+enum Output<'a> {
+    /// Shown with the test's.
+    Inherit,
+    /// Piped to the caller.
+    Capture,
+    /// Written to this file.
+    File(&'a Path),
 }
 
 /// A gateway or dispatcher running in this test process.
@@ -274,7 +286,7 @@ impl Cluster {
     /// and, with `nofile`, that open-file limit (soft and hard, as `ulimit -n` sets them).
     pub async fn gateway_process_with(&self, extra: &[(&str, &str)], nofile: Option<u64>) -> anyhow::Result<Process> {
         let addr = free_addr()?;
-        let child = self.start_process("herald-gateway", self.gateway_env(addr), extra, nofile, false)?;
+        let child = self.start_process("herald-gateway", self.gateway_env(addr), extra, nofile, Output::Inherit)?;
         self.ready(child, addr).await
     }
 
@@ -287,8 +299,25 @@ impl Cluster {
             "herald-gateway" => self.gateway_env(addr),
             _ => self.dispatcher_env(addr),
         };
-        let child = self.start_process(binary, env, extra, None, false)?;
+        let child = self.start_process(binary, env, extra, None, Output::Inherit)?;
         Ok(Process { addr, child })
+    }
+
+    /// A gateway or dispatcher process, as [`Cluster::spawn_process`], that writes its output
+    /// (stdout and stderr) to the file `log`, and is ready.
+    pub async fn process_logging_to(
+        &self,
+        binary: &str,
+        log: &Path,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Process> {
+        let addr = free_addr()?;
+        let env = match binary {
+            "herald-gateway" => self.gateway_env(addr),
+            _ => self.dispatcher_env(addr),
+        };
+        let child = self.start_process(binary, env, extra, None, Output::File(log))?;
+        self.ready(child, addr).await
     }
 
     /// A dispatcher as a child process (the `herald-dispatcher` binary).
@@ -303,7 +332,8 @@ impl Cluster {
         nofile: Option<u64>,
     ) -> anyhow::Result<Process> {
         let addr = free_addr()?;
-        let child = self.start_process("herald-dispatcher", self.dispatcher_env(addr), extra, nofile, false)?;
+        let child =
+            self.start_process("herald-dispatcher", self.dispatcher_env(addr), extra, nofile, Output::Inherit)?;
         self.ready(child, addr).await
     }
 
@@ -318,7 +348,7 @@ impl Cluster {
     ) -> anyhow::Result<(Option<std::process::ExitStatus>, String)> {
         use std::io::Read as _;
         let addr = free_addr()?;
-        let mut child = self.start_process("herald-gateway", self.gateway_env(addr), extra, nofile, true)?;
+        let mut child = self.start_process("herald-gateway", self.gateway_env(addr), extra, nofile, Output::Capture)?;
         let exited = crate::eventually(within, Duration::from_millis(50), || {
             let status = child.try_wait();
             async move {
@@ -382,15 +412,15 @@ impl Cluster {
         ]
     }
 
-    /// Starts `binary` with the stack's common variables, `env`, then `extra`; with `capture`, its
-    /// output is piped to the caller rather than shown with the test's.
+    /// Starts `binary` with the stack's common variables, `env`, then `extra`, its output where
+    /// `output` says.
     fn start_process(
         &self,
         binary: &str,
         env: Vec<(&str, String)>,
         extra: &[(&str, &str)],
         nofile: Option<u64>,
-        capture: bool,
+        output: Output<'_>,
     ) -> anyhow::Result<Child> {
         let common = self.stack.common_config();
         let log = std::env::var("HERALD_TEST_LOG").unwrap_or_else(|_| "warn".into());
@@ -404,8 +434,15 @@ impl Cluster {
             }
             None => Command::new(&path),
         };
-        if capture {
-            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        match output {
+            Output::Inherit => {}
+            Output::Capture => {
+                command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            }
+            Output::File(path) => {
+                let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+                command.stdout(file.try_clone()?).stderr(file);
+            }
         }
         command
             .env_clear()

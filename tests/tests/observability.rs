@@ -101,6 +101,46 @@ async fn metrics_follow_a_message_from_publish_to_receipt() {
     }
 }
 
+/// The backlog gauges: what waits for an offline user, and how long the oldest has waited; back to
+/// zero once a client took and acked it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_receipts_and_the_oldest_age_are_sampled() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    for id in ["backlog-1", "backlog-2", "backlog-3"] {
+        cluster.send(id, &["carol"]).await.unwrap();
+    }
+    cluster.wait_receipt("backlog-3", "carol", "pending").await.unwrap();
+    let gauges = |text: &str| {
+        (sample(text, "herald_dispatcher_pending_receipts"), sample(text, "herald_dispatcher_oldest_pending_seconds"))
+    };
+    // Sampled every second here (HERALD_PENDING_SAMPLE_MS); the oldest has waited 2 s or more.
+    eventually(WAIT, Duration::from_millis(100), || async {
+        match gauges(&scrape(dispatcher.addr).await) {
+            (Some(3.0), Some(age)) if age >= 2.0 => Ok(()),
+            other => Err(format!("pending and oldest age: {other:?}")),
+        }
+    })
+    .await
+    .unwrap();
+
+    let gateway = cluster.gateway().await.unwrap();
+    let mut carol = cluster.connect(gateway.addr, "carol").await.unwrap();
+    for _ in 0..3 {
+        let n = carol.next_notification(WAIT).await.expect("replayed");
+        carol.ack([n.id.as_str()]).await.unwrap();
+    }
+    cluster.wait_receipt("backlog-3", "carol", "delivered").await.unwrap();
+    eventually(WAIT, Duration::from_millis(100), || async {
+        match gauges(&scrape(dispatcher.addr).await) {
+            (Some(0.0), Some(0.0)) => Ok(()),
+            other => Err(format!("pending and oldest age: {other:?}")),
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_and_closes_are_counted_by_reason() {
     let cluster = Cluster::start().await.unwrap();
@@ -239,5 +279,44 @@ fn a_fatal_start_up_error_is_one_line_and_names_what_is_wrong() {
                 assert!(!line.contains("Caused by") && !line.starts_with("Error:"), "{line}");
             }
         }
+    }
+}
+
+/// A clean life is quiet: a dispatcher and a gateway that start, deliver a message, and stop on
+/// SIGTERM (the gateway draining its client with 1012) log no WARN or ERROR on the way. An
+/// operator's alert on warnings must not fire at every rollout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_start_delivery_and_sigterm_log_no_warning() {
+    let cluster = Cluster::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (dsp_log, gw_log) = (dir.path().join("dispatcher.log"), dir.path().join("gateway.log"));
+    let info = [("HERALD_LOG", "info")];
+    let mut dispatcher = cluster.process_logging_to("herald-dispatcher", &dsp_log, &info).await.unwrap();
+    let mut gateway = cluster.process_logging_to("herald-gateway", &gw_log, &info).await.unwrap();
+
+    let mut dana = cluster.connect(gateway.addr, "dana").await.unwrap();
+    cluster.wait_presence(dispatcher.addr, "dana", true).await.unwrap();
+    cluster.send("quiet-1", &["dana"]).await.unwrap();
+    let n = dana.next_notification(WAIT).await.expect("notification");
+    dana.ack([n.id.as_str()]).await.unwrap();
+    cluster.wait_receipt("quiet-1", "dana", "delivered").await.unwrap();
+
+    assert!(gateway.sigterm(Duration::from_secs(10)).await.unwrap(), "the gateway exits with success");
+    let closed = loop {
+        match dana.next_frame(WAIT).await {
+            Frame::Close { code, .. } => break Some(code),
+            Frame::Server(_) | Frame::Text(_) | Frame::Binary(_) => {}
+            _ => break None,
+        }
+    };
+    assert_eq!(closed, Some(close::SERVICE_RESTART), "drained with 1012");
+    assert!(dispatcher.sigterm(Duration::from_secs(12)).await.unwrap(), "the dispatcher exits with success");
+
+    for (log, stopped) in [(&dsp_log, "dispatcher stopped"), (&gw_log, "gateway stopped")] {
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(text.contains("starting") && text.contains(stopped), "the whole life is logged:\n{text}");
+        assert!(!text.contains('\x1b'), "no colours in a file, so the level reads ` WARN `:\n{text}");
+        let loud: Vec<&str> = text.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+        assert!(loud.is_empty(), "{} logged warnings in a clean life:\n{}", log.display(), loud.join("\n"));
     }
 }
