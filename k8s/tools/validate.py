@@ -5,17 +5,20 @@
 
 Per document: the Kubernetes JSON schema of that version, strict (unknown fields are errors), from
 the pinned kubernetes-validate package. Kinds without a schema there are errors too, except the
-CRDs Herald uses (ServiceMonitor, PrometheusRule), which get a structural check of the fields they
-use (and a PrometheusRule's expressions are parsed as PromQL). Then per
-rendering: references between objects resolve, and Herald's own deployment rules hold (non-root
-hardening, probes, the gateway's shutdown budget, the ConfigMap covering every HERALD_* setting
-the code reads). Finally the Grafana dashboard parses, and every metric it queries should be
+CRDs Herald uses: ServiceMonitor and PrometheusRule get a structural check of the fields they use
+(and a PrometheusRule's expressions are parsed as PromQL); a KEDA ScaledObject is checked against
+the vendored CRD schema of a pinned KEDA release, strictly, and against what KEDA and Herald
+require of its triggers (scaledobjects.py). Then per rendering: references between objects
+resolve (a ScaledObject's target exists, and no HPA scales it too), and Herald's own deployment
+rules hold (non-root hardening, probes, the gateway's shutdown budget, the ConfigMap covering
+every HERALD_* setting the code reads). Finally the Grafana dashboard parses, and every metric it queries should be
 registered by the code and mentioned in docs/METRICS.md (warnings: both change in other hands).
 
 Prints nothing and exits 0 when everything passes; otherwise one line per problem and exit 1.
 """
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -23,6 +26,8 @@ from pathlib import Path
 
 import yaml
 from kubernetes_validate import utils as kv
+
+import scaledobjects
 
 SECRET_KEYS = {
     "HERALD_JWT_SECRET",
@@ -127,6 +132,7 @@ PROMETHEUS_RULE_KEYS = {"alert", "expr", "for", "keep_firing_for", "labels", "an
 SEVERITIES = {"critical", "warning", "info"}
 
 
+@functools.lru_cache(maxsize=None)
 def registered_metrics(root):
     """Every herald_* metric name the code registers (shared/, gateway/, dispatcher/)."""
     names = set()
@@ -185,9 +191,14 @@ def check_prometheus_rule(doc, where, p, root=None):
                     p.error(where, f"{at}: {metric} is not registered by the code")
 
 
+def check_scaled_object(doc, where, p, root=None):
+    scaledobjects.check_scaled_object(doc, where, p, registered_metrics(root) if root else frozenset())
+
+
 CRD_CHECKS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): check_service_monitor,
     ("monitoring.coreos.com/v1", "PrometheusRule"): check_prometheus_rule,
+    (scaledobjects.API_VERSION, "ScaledObject"): check_scaled_object,
 }
 
 
@@ -352,6 +363,8 @@ def check_rendering(name, docs, root, p):
                 if ep.get("port") not in {x.get("name") for x in spec_of(s).get("ports") or []}:
                     p.error(f"{name}: ServiceMonitor/{mname}", f"port {ep.get('port')!r} is not a port of Service {ident(s)}")
 
+    config = next((c for c in (herald_config_of(d, configmaps) for d in deployments.values()) if c is not None), None)
+    scaledobjects.check_rendering(name, by_kind, config, p)
     check_config(name, deployments, configmaps, root, p)
 
 
@@ -455,6 +468,20 @@ def check_dashboard(root, p):
             p.warn(where, f"{metric} is not mentioned in docs/METRICS.md: keep the dashboard in sync")
 
 
+def validate_rendering(name, docs, version, root, p):
+    """Every check of one overlay's rendered documents (test_validate.py calls this too)."""
+    if not docs:
+        p.error(name, "rendered nothing")
+        return
+    for doc in docs:
+        if not isinstance(doc, dict) or not doc.get("apiVersion") or not doc.get("kind") \
+                or not (doc.get("metadata") or {}).get("name"):
+            p.error(name, f"document without apiVersion, kind or metadata.name: {str(doc)[:80]}")
+            continue
+        check_schema(doc, f"{name}: {ident(doc)}", version, p, root)
+    check_rendering(name, [d for d in docs if isinstance(d, dict)], root, p)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kubernetes-version", required=True)
@@ -470,16 +497,7 @@ def main():
         except yaml.YAMLError as e:
             p.error(name, f"rendered YAML does not parse: {e}")
             continue
-        if not docs:
-            p.error(name, "rendered nothing")
-            continue
-        for doc in docs:
-            if not isinstance(doc, dict) or not doc.get("apiVersion") or not doc.get("kind") \
-                    or not (doc.get("metadata") or {}).get("name"):
-                p.error(name, f"document without apiVersion, kind or metadata.name: {str(doc)[:80]}")
-                continue
-            check_schema(doc, f"{name}: {ident(doc)}", args.kubernetes_version, p, args.root)
-        check_rendering(name, [d for d in docs if isinstance(d, dict)], args.root, p)
+        validate_rendering(name, docs, args.kubernetes_version, args.root, p)
     check_dashboard(args.root, p)
 
     for w in p.warnings:
