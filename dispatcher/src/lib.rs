@@ -92,7 +92,7 @@ pub async fn run(
             connect::nats(&config.common.nats_url, &name),
         )?;
         let js = jetstream::new(nats.clone());
-        streams::ensure(&js, &names, config.common.jetstream_replicas).await?;
+        streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas).await?;
         let store = store::Store::new(db, metrics.dependencies.clone());
         store.ensure_indexes().await?;
         Ok::<_, DispatcherError>((redis, nats, js, store))

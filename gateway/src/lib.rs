@@ -111,7 +111,7 @@ pub async fn run(
         let (redis, nats) =
             tokio::try_join!(connect::redis(&config.common.redis_url), connect::nats(&config.common.nats_url, &name))?;
         let js = jetstream::new(nats.clone());
-        streams::ensure(&js, &names, config.common.jetstream_replicas).await?;
+        streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas).await?;
         Ok::<_, GatewayError>((redis, nats, js))
     };
     let (redis, nats, js) = tokio::select! {

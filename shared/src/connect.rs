@@ -56,7 +56,7 @@ pub fn nats_seeds(url: &str) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
 }
 
 /// How waiting for a dependency ended, when it did not answer.
-enum Waited<E> {
+pub(crate) enum Waited<E> {
     /// Its last attempt's error, once the time was up.
     Failed(E),
     /// An attempt was still running when the time was up.
@@ -65,7 +65,7 @@ enum Waited<E> {
 
 /// Runs `attempt` until it succeeds, retrying failures with jittered backoff (100 ms doubling
 /// to 2 s) for up to [`STARTUP_TIMEOUT`] from the first try.
-async fn wait_for<T, E, F, Fut>(dependency: &'static str, mut attempt: F) -> Result<T, Waited<E>>
+pub(crate) async fn wait_for<T, E, F, Fut>(dependency: &'static str, mut attempt: F) -> Result<T, Waited<E>>
 where
     E: Display,
     F: FnMut() -> Fut,

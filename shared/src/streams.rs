@@ -21,6 +21,21 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long rejections and dead letters stay readable.
 pub const REJECTED_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
 
+/// [`ensure`] at start-up, retried with backoff for up to [`crate::connect::STARTUP_TIMEOUT`]:
+/// right after a NATS cluster restarts, a stream has no leader for seconds and requests about
+/// it time out. A process starting then waits for the leader; exiting on the first timeout
+/// (chaos finding 10) left the fleet without dispatchers until the orchestrator's next restart.
+pub async fn ensure_at_startup(js: &jetstream::Context, names: &Names, replicas: usize) -> Result<(), StreamError> {
+    use crate::connect::{wait_for, Waited};
+    wait_for("nats: jetstream streams", || ensure(js, names, replicas)).await.map_err(|waited| match waited {
+        Waited::Failed(e) => e,
+        Waited::TimedOut => StreamError {
+            stream: names.jobs_stream(),
+            source: jetstream::context::CreateStreamError::new(jetstream::context::CreateStreamErrorKind::TimedOut),
+        },
+    })
+}
+
 /// Creates the jobs, events and rejected streams when missing. File storage: jobs and acks
 /// survive a NATS restart.
 pub async fn ensure(js: &jetstream::Context, names: &Names, replicas: usize) -> Result<(), StreamError> {

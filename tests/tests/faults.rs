@@ -1513,3 +1513,28 @@ async fn a_pull_whose_closing_status_overtakes_its_messages_still_gets_them() {
     }
     assert_eq!(got, ["m1", "m2"], "both messages, though the status came first");
 }
+
+/// Chaos finding 10: a dispatcher or gateway starting while JetStream cannot answer about its
+/// streams (a cluster just restarted, no stream leader yet) waits for it, within the start-up
+/// deadline, instead of exiting at the first timed-out request. Here the server is frozen for
+/// longer than one JetStream API request's timeout (the connection's, 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_at_start_up_wait_out_a_jetstream_that_does_not_answer() {
+    let mut stack = Stack::start().await.unwrap();
+    let nats = herald_shared::connect::nats(&stack.nats.url(), "finding-10").await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let names = stack.names();
+    stack.nats.pause();
+    let ensure = tokio::spawn({
+        let (js, names) = (js.clone(), names.clone());
+        async move { herald_shared::streams::ensure_at_startup(&js, &names, 1).await }
+    });
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    stack.nats.resume();
+    let ensured = tokio::time::timeout(Duration::from_secs(30), ensure).await.expect("start-up ends").unwrap();
+    assert!(ensured.is_ok(), "waited for JetStream: {ensured:?}");
+    for stream in [names.jobs_stream(), names.events_stream()] {
+        js.get_stream(&stream).await.unwrap_or_else(|e| panic!("{stream}: {e}"));
+    }
+    stack.nats.stop().await;
+}
