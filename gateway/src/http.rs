@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -33,12 +33,18 @@ pub(crate) enum ConnectRefusal {
     Limit(#[from] AdmitError),
     #[error("this gateway is shutting down; connect to another")]
     Draining,
+    #[error("pages from this origin may not connect (HERALD_ALLOWED_ORIGINS)")]
+    Origin,
 }
 
 impl ConnectRefusal {
     /// Status, the `error` field of the body, and the metric label.
     fn classify(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
+            // The token may be good: this gateway lacks the identity provider's keys for now.
+            ConnectRefusal::Unauthorized(e) if e.is_retryable() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "keys_unavailable", "keys_unavailable")
+            }
             ConnectRefusal::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized"),
             ConnectRefusal::Limit(AdmitError::UserLimit) => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_connections", "user_limit")
@@ -47,6 +53,7 @@ impl ConnectRefusal {
                 (StatusCode::SERVICE_UNAVAILABLE, "gateway_full", "gateway_full")
             }
             ConnectRefusal::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "draining"),
+            ConnectRefusal::Origin => (StatusCode::FORBIDDEN, "origin_not_allowed", "origin"),
         }
     }
 }
@@ -65,12 +72,12 @@ async fn connect(
     Query(query): Query<HashMap<String, String>>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ConnectRefusal> {
-    admit(&gateway, &headers, &query, upgrade).inspect_err(|refusal| {
+    admit(&gateway, &headers, &query, upgrade).await.inspect_err(|refusal| {
         gateway.sessions.metrics.connect_refused.with_label_values(&[refusal.classify().2]).inc();
     })
 }
 
-fn admit(
+async fn admit(
     gateway: &Arc<Gateway>,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
@@ -79,7 +86,10 @@ fn admit(
     if gateway.is_draining() {
         return Err(ConnectRefusal::Draining);
     }
-    let identity = gateway.auth.authenticate(headers, query.get("token").map(String::as_str))?;
+    if !origin_allowed(&gateway.config.allowed_origins, headers.get(header::ORIGIN)) {
+        return Err(ConnectRefusal::Origin);
+    }
+    let identity = gateway.auth.authenticate(headers, query.get("token").map(String::as_str)).await?;
     // Browsers cannot see pings; `heartbeat=frame` asks for a text frame each interval too.
     let frame_heartbeats = query.get("heartbeat").is_some_and(|v| v == "frame");
     let admission = gateway.sessions.registry.admit(&identity.user)?;
@@ -100,6 +110,20 @@ fn admit(
         }))
 }
 
+/// Whether a connect with this `Origin` header may go on. Browsers send the origin of the page
+/// that opens the WebSocket, and a WebSocket is not subject to CORS: without this check any site
+/// a user visits could connect with a token it got hold of. An empty list allows any origin; a
+/// request without the header is not from a browser page and is let through. Case-insensitive,
+/// like the host names in it.
+fn origin_allowed(allowed: &[String], origin: Option<&HeaderValue>) -> bool {
+    let Some(origin) = origin else { return true };
+    if allowed.is_empty() {
+        return true;
+    }
+    let origin = origin.as_bytes();
+    allowed.iter().any(|a| a.as_bytes().eq_ignore_ascii_case(origin))
+}
+
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> String {
     herald_shared::metrics::encode(&gateway.sessions.metrics.registry)
 }
@@ -110,4 +134,26 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     let ready = report.ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready, "checks": report.checks, "failing": report.failing() }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_listed_origins_may_connect_when_there_is_a_list() {
+        let value = |s: &'static str| HeaderValue::from_static(s);
+        let any: Vec<String> = Vec::new();
+        assert!(origin_allowed(&any, Some(&value("https://evil.example"))), "no list: any origin");
+        let list = vec!["https://app.example.com".to_owned(), "http://127.0.0.1:8080".to_owned()];
+        assert!(origin_allowed(&list, None), "no Origin: not a browser page");
+        assert!(origin_allowed(&list, Some(&value("https://app.example.com"))));
+        assert!(origin_allowed(&list, Some(&value("HTTPS://APP.example.com"))));
+        assert!(origin_allowed(&list, Some(&value("http://127.0.0.1:8080"))));
+        for bad in
+            ["https://evil.example", "null", "https://app.example.com.evil.example", "http://app.example.com", ""]
+        {
+            assert!(!origin_allowed(&list, Some(&value(bad))), "{bad}");
+        }
+    }
 }

@@ -51,6 +51,8 @@ pub enum GatewayError {
     Config(herald_proto::InvalidId),
     #[error("metrics: {0}")]
     Metrics(#[from] herald_shared::metrics::MetricsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthSetupError),
 }
 
 /// Open files kept for everything but client connections: Redis and NATS (and their reconnects),
@@ -89,7 +91,8 @@ impl Gateway {
                 readiness::Report::new([("redis", redis), ("nats", nats)])
             })
             .await;
-        dependencies.with("accepting", !self.is_draining())
+        // Until then every token would be refused: see Authenticator::has_keys.
+        dependencies.with("accepting", !self.is_draining()).with("keys", self.auth.has_keys())
     }
 }
 
@@ -103,6 +106,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let sessions = session_budget(&config)?;
+    // A bad key file or JWKS URL stops the start before anything is connected.
+    let (auth, jwks_refresher) = Authenticator::new(&config.jwt)?;
     let names = Names::new(&config.common.prefix);
     let gateway_id = GatewayId::new(config.gateway_id.as_str()).map_err(GatewayError::Config)?;
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
@@ -154,6 +159,7 @@ pub async fn run(
         ack_ids_per_sec: config.client_ack_ids_per_sec,
         clock: config.common.clock.clone(),
         metrics: Arc::clone(&metrics),
+        auth: auth.clone(),
     });
 
     // Fires once the drain starts closing sessions; deliveries go on until then.
@@ -182,11 +188,22 @@ pub async fn run(
     // Every expiry decision reads Redis's clock, not this host's (herald_shared::clock).
     let clock = herald_shared::clock::follow_redis(config.common.clock.clone(), redis.clone(), stop_presence.clone());
     shutdown::spawn_critical(&tasks, "clock", critical.clone(), clock);
-    shutdown::spawn_critical(&tasks, "acks", critical, ack_publisher.run(stop_acks.clone(), config.drain_grace));
+    shutdown::spawn_critical(
+        &tasks,
+        "acks",
+        critical.clone(),
+        ack_publisher.run(stop_acks.clone(), config.drain_grace),
+    );
+    // Fetches the identity provider's keys; its errors are logged and retried, never fatal.
+    // Stopped with presence, after the sessions are gone.
+    if let Some(refresher) = jwks_refresher {
+        let fetches = metrics.jwks_fetches.clone();
+        shutdown::spawn_critical(&tasks, "jwks", critical, refresher.run(stop_presence.clone(), fetches));
+    }
 
     let (drain_grace, drain_spread, shutdown_delay) = (config.drain_grace, config.drain_spread, config.shutdown_delay);
     let gateway = Arc::new(Gateway {
-        auth: Authenticator::new(&config.jwt),
+        auth,
         config,
         sessions,
         session_tasks: TaskTracker::new(),

@@ -26,10 +26,13 @@ pub(crate) struct GatewayMetrics {
     pub(crate) connections_opened: IntCounter,
     /// By close reason (`client_gone`, `slow_consumer`, `bad_frame`, `shutdown`, ...).
     pub(crate) connections_closed: IntCounterVec,
-    /// By reason (`unauthorized`, `gateway_full`, `user_limit`, `draining`).
+    /// By reason (`unauthorized`, `keys_unavailable`, `origin`, `gateway_full`, `user_limit`,
+    /// `draining`).
     pub(crate) connect_refused: IntCounterVec,
-    /// Client frames by kind (`ack`, `read`, `control`, `invalid`).
+    /// Client frames by kind (`ack`, `read`, `refresh`, `control`, `invalid`).
     pub(crate) frames_in: IntCounterVec,
+    /// Fetches of the identity provider's JWKS, by result (`ok`, `error`).
+    pub(crate) jwks_fetches: IntCounterVec,
     /// Frames written to sockets.
     pub(crate) frames_out: IntCounter,
     /// Notifications written to sockets, by path (`deliver`, `replay`).
@@ -76,14 +79,21 @@ impl GatewayMetrics {
                 "herald_gateway_connect_refused_total",
                 "Connect requests refused before the upgrade, by reason",
                 "reason",
-                &["unauthorized", "user_limit", "gateway_full", "draining"],
+                &["unauthorized", "keys_unavailable", "origin", "user_limit", "gateway_full", "draining"],
             )?,
             frames_in: m::counter_vec_at_zero(
                 &r,
                 "herald_gateway_frames_in_total",
                 "Frames from clients, by kind",
                 "kind",
-                &["ack", "read", "control", "invalid"],
+                &["ack", "read", "refresh", "control", "invalid"],
+            )?,
+            jwks_fetches: m::counter_vec_at_zero(
+                &r,
+                "herald_gateway_jwks_fetches_total",
+                "Fetches of the identity provider's JWKS (HERALD_JWKS_URL), by result",
+                "result",
+                &["ok", "error"],
             )?,
             frames_out: m::counter(&r, "herald_gateway_frames_out_total", "Frames written to client sockets")?,
             notifications_sent: m::counter_vec_at_zero(

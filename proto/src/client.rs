@@ -20,6 +20,9 @@ pub enum ClientFrame {
     /// The user has seen these messages: their receipts become `read` (which implies
     /// `delivered`), if this connection was sent them or they were delivered already.
     Read { ids: Vec<MessageId> },
+    /// A new token for the same user: the connection then lasts until its `exp` instead of the
+    /// current token's. Answered with `refreshed`; a refused one closes the connection with 4401.
+    Refresh { token: String },
 }
 
 impl ClientFrame {
@@ -32,11 +35,13 @@ impl ClientFrame {
         serde_json::from_str(text)
     }
 
-    /// What this frame tells the dispatcher, and about which messages.
-    pub fn into_parts(self) -> (AckKind, Vec<MessageId>) {
+    /// What an `ack` or `read` frame tells the dispatcher, and about which messages; None for
+    /// a frame that acknowledges nothing (`refresh`).
+    pub fn into_parts(self) -> Option<(AckKind, Vec<MessageId>)> {
         match self {
-            ClientFrame::Ack { ids } => (AckKind::Delivered, ids),
-            ClientFrame::Read { ids } => (AckKind::Read, ids),
+            ClientFrame::Ack { ids } => Some((AckKind::Delivered, ids)),
+            ClientFrame::Read { ids } => Some((AckKind::Read, ids)),
+            ClientFrame::Refresh { .. } => None,
         }
     }
 }
@@ -66,6 +71,10 @@ pub enum ServerFrame {
     /// Sent every heartbeat interval to a client that connected with `heartbeat=frame`: a
     /// sign of life a browser can see (it cannot see pings).
     Heartbeat,
+    /// A `refresh` was accepted: the connection now lasts until the new token expires.
+    Refreshed {
+        token_expires_at_ms: UnixMillis,
+    },
 }
 
 impl ServerFrame {
@@ -78,6 +87,7 @@ impl ServerFrame {
             Notification,
             Error,
             Heartbeat,
+            Refreshed,
         }
         #[derive(Deserialize)]
         struct Probe {
@@ -89,6 +99,10 @@ impl ServerFrame {
             code: ErrorCode,
             message: String,
         }
+        #[derive(Deserialize)]
+        struct RefreshedBody {
+            token_expires_at_ms: UnixMillis,
+        }
         Ok(match serde_json::from_str::<Probe>(text)?.kind {
             Kind::Hello => ServerFrame::Hello(serde_json::from_str(text)?),
             Kind::Notification => ServerFrame::Notification(serde_json::from_str(text)?),
@@ -97,6 +111,10 @@ impl ServerFrame {
                 ServerFrame::Error { code: body.code, message: body.message }
             }
             Kind::Heartbeat => ServerFrame::Heartbeat,
+            Kind::Refreshed => {
+                let body: RefreshedBody = serde_json::from_str(text)?;
+                ServerFrame::Refreshed { token_expires_at_ms: body.token_expires_at_ms }
+            }
         })
     }
 }
@@ -114,6 +132,9 @@ pub struct Hello {
     pub heartbeat_interval_ms: u64,
     /// The largest frame the gateway accepts from the client.
     pub max_frame_bytes: usize,
+    /// When the token the connection was opened with expires (its `exp`). The connection is
+    /// closed with 4401 then, unless a `refresh` frame brought a newer token before.
+    pub token_expires_at_ms: UnixMillis,
 }
 
 /// One message for the user. May arrive more than once (delivery is at-least-once): deduplicate
@@ -144,6 +165,8 @@ pub enum ErrorCode {
     RateLimited,
     SlowConsumer,
     TokenExpired,
+    /// A `refresh` frame's token was refused (invalid, expired, or another user's).
+    TokenRefused,
     ShuttingDown,
     /// An operator closed the user's connections.
     Kicked,

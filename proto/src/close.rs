@@ -10,7 +10,8 @@ pub const UNSUPPORTED_DATA: u16 = 1003;
 pub const MESSAGE_TOO_BIG: u16 = 1009;
 /// A text frame that is not a valid client frame (not JSON, unknown type, missing fields).
 pub const BAD_FRAME: u16 = 4400;
-/// The token expired while the connection was open: get a fresh one and reconnect.
+/// The token expired while the connection was open, or a `refresh` frame's token was refused:
+/// get a fresh one and reconnect.
 pub const TOKEN_EXPIRED: u16 = 4401;
 /// The client did not answer pings in time.
 pub const HEARTBEAT_TIMEOUT: u16 = 4408;

@@ -66,6 +66,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         message_ids().prop_map(|ids| ClientFrame::Ack { ids }),
         message_ids().prop_map(|ids| ClientFrame::Read { ids }),
+        ".{0,200}".prop_map(|token| ClientFrame::Refresh { token }),
     ]
 }
 
@@ -94,17 +95,25 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         ErrorCode::RateLimited,
         ErrorCode::SlowConsumer,
         ErrorCode::TokenExpired,
+        ErrorCode::TokenRefused,
         ErrorCode::ShuttingDown,
     ])
 }
 
 fn server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
-        (connection_id(), gateway_id(), any::<u64>(), any::<usize>()).prop_map(
-            |(connection_id, gateway_id, heartbeat_interval_ms, max_frame_bytes)| {
-                ServerFrame::Hello(Hello { connection_id, gateway_id, heartbeat_interval_ms, max_frame_bytes })
+        (connection_id(), gateway_id(), any::<u64>(), any::<usize>(), any::<u64>()).prop_map(
+            |(connection_id, gateway_id, heartbeat_interval_ms, max_frame_bytes, token_expires_at_ms)| {
+                ServerFrame::Hello(Hello {
+                    connection_id,
+                    gateway_id,
+                    heartbeat_interval_ms,
+                    max_frame_bytes,
+                    token_expires_at_ms,
+                })
             }
         ),
+        any::<u64>().prop_map(|token_expires_at_ms| ServerFrame::Refreshed { token_expires_at_ms }),
         notification().prop_map(ServerFrame::Notification),
         (error_code(), ".{0,40}").prop_map(|(code, message)| ServerFrame::Error { code, message }),
     ]

@@ -68,6 +68,16 @@ const GOLDEN: &[(&str, RoundTrip)] = &[
         assert!(matches!(f, ClientFrame::Read { .. }), "{f:?}");
         encode(&f)
     }),
+    ("client_refresh.json", |t| {
+        let f: ClientFrame = decode(t);
+        assert!(matches!(f, ClientFrame::Refresh { .. }), "{f:?}");
+        encode(&f)
+    }),
+    ("server_refreshed.json", |t| {
+        let f = server_frame(t);
+        assert!(matches!(f, ServerFrame::Refreshed { .. }), "{f:?}");
+        encode(&f)
+    }),
     ("publish_job.json", |t| {
         let j: PublishJob = decode(t);
         assert!(j.id.is_some() && j.ttl_secs.is_some(), "the full example sets every field");
@@ -229,13 +239,22 @@ fn as_str<T: serde::Serialize>(t: T) -> String {
 
 fn all_error_codes() -> Vec<ErrorCode> {
     use ErrorCode::*;
-    let all =
-        vec![BadFrame, UnsupportedData, FrameTooLarge, RateLimited, SlowConsumer, TokenExpired, ShuttingDown, Kicked];
+    let all = vec![
+        BadFrame,
+        UnsupportedData,
+        FrameTooLarge,
+        RateLimited,
+        SlowConsumer,
+        TokenExpired,
+        TokenRefused,
+        ShuttingDown,
+        Kicked,
+    ];
     // Without a wildcard arm, a new variant does not compile until it is listed above.
     for code in &all {
         match code {
-            BadFrame | UnsupportedData | FrameTooLarge | RateLimited | SlowConsumer | TokenExpired | ShuttingDown
-            | Kicked => {}
+            BadFrame | UnsupportedData | FrameTooLarge | RateLimited | SlowConsumer | TokenExpired | TokenRefused
+            | ShuttingDown | Kicked => {}
         }
     }
     all
@@ -272,6 +291,7 @@ fn close_codes() -> Vec<(u16, Option<ErrorCode>)> {
         (close::MESSAGE_TOO_BIG, Some(ErrorCode::FrameTooLarge)),
         (close::BAD_FRAME, Some(ErrorCode::BadFrame)),
         (close::TOKEN_EXPIRED, Some(ErrorCode::TokenExpired)),
+        (close::TOKEN_EXPIRED, Some(ErrorCode::TokenRefused)),
         (close::HEARTBEAT_TIMEOUT, None),
         (close::SLOW_CONSUMER, Some(ErrorCode::SlowConsumer)),
         (close::RATE_LIMITED, Some(ErrorCode::RateLimited)),
@@ -475,8 +495,9 @@ fn routed_payload_is_kept_byte_for_byte() {
 fn client_frame_and_ack_kind_agree() {
     use herald_proto::AckKind;
     let ids = vec![herald_proto::MessageId::new("a").unwrap()];
-    assert_eq!(ClientFrame::Ack { ids: ids.clone() }.into_parts(), (AckKind::Delivered, ids.clone()));
-    assert_eq!(ClientFrame::Read { ids: ids.clone() }.into_parts(), (AckKind::Read, ids));
+    assert_eq!(ClientFrame::Ack { ids: ids.clone() }.into_parts(), Some((AckKind::Delivered, ids.clone())));
+    assert_eq!(ClientFrame::Read { ids: ids.clone() }.into_parts(), Some((AckKind::Read, ids)));
+    assert_eq!(ClientFrame::Refresh { token: "t".into() }.into_parts(), None);
 }
 
 #[test]

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -66,25 +67,136 @@ impl Default for HttpConfig {
     }
 }
 
-/// How the gateway checks client tokens.
+/// How the gateway checks client tokens. At least one source of keys: an HS256 secret, PEM public
+/// keys, or an identity provider's JWKS.
 #[derive(Clone)]
 pub struct JwtConfig {
-    /// HS256 shared secret.
+    /// HS256 shared secret, the one issuers sign with now; empty: none.
     pub secret: String,
+    /// One more HS256 secret accepted while a rotation is under way (the old one). A separate
+    /// variable rather than a list, so that any byte, a comma too, can be part of a secret.
+    pub previous_secret: Option<String>,
+    /// Files of PEM public keys (RSA, EC P-256 or P-384, Ed25519), one key per file. A key
+    /// verifies only tokens whose `alg` is its own (RS256, ES256 or ES384, EdDSA).
+    pub public_key_files: Vec<PathBuf>,
+    /// The identity provider's JWKS, fetched at start and cached.
+    pub jwks_url: Option<String>,
+    /// How often the JWKS is fetched again; sooner when its `Cache-Control: max-age` says so.
+    pub jwks_refresh: Duration,
+    /// At least this long between two JWKS fetches: tokens naming a `kid` the cache does not
+    /// know cause at most one fetch per interval, however many there are.
+    pub jwks_min_refetch: Duration,
     /// When set, a token's `iss` must equal it.
     pub issuer: Option<String>,
     /// When set, a token's `aud` must contain it.
     pub audience: Option<String>,
 }
 
+/// Shortest HS256 secret accepted: 128 bits.
+pub const MIN_JWT_SECRET_BYTES: usize = 16;
+
+impl Default for JwtConfig {
+    /// No key at all (a gateway refuses to start so); set at least one source.
+    fn default() -> Self {
+        Self {
+            secret: String::new(),
+            previous_secret: None,
+            public_key_files: Vec::new(),
+            jwks_url: None,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_min_refetch: Duration::from_secs(10),
+            issuer: None,
+            audience: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for JwtConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtConfig")
             .field("secret", &"<redacted>")
+            .field("previous_secret", &self.previous_secret.as_ref().map(|_| "<redacted>"))
+            .field("public_key_files", &self.public_key_files)
+            .field("jwks_url", &self.jwks_url)
+            .field("jwks_refresh", &self.jwks_refresh)
+            .field("jwks_min_refetch", &self.jwks_min_refetch)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .finish()
     }
+}
+
+impl JwtConfig {
+    pub fn from_env(env: &mut Env) -> Self {
+        let default = Self::default();
+        let config = Self {
+            secret: env.string("HERALD_JWT_SECRET", ""),
+            previous_secret: env.optional("HERALD_JWT_SECRET_PREVIOUS"),
+            public_key_files: env
+                .string("HERALD_JWT_PUBLIC_KEYS", "")
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect(),
+            jwks_url: env.optional("HERALD_JWKS_URL"),
+            jwks_refresh: env.secs("HERALD_JWKS_REFRESH_SECS", default.jwks_refresh.as_secs()),
+            jwks_min_refetch: env.secs("HERALD_JWKS_MIN_REFETCH_SECS", default.jwks_min_refetch.as_secs()),
+            issuer: env.optional("HERALD_JWT_ISSUER"),
+            audience: env.optional("HERALD_JWT_AUDIENCE"),
+        };
+        if config.secret.is_empty() && config.public_key_files.is_empty() && config.jwks_url.is_none() {
+            env.invalid(
+                "HERALD_JWT_SECRET: required, not set (or give HERALD_JWT_PUBLIC_KEYS or HERALD_JWKS_URL instead)",
+            );
+        }
+        for (name, secret) in [
+            ("HERALD_JWT_SECRET", Some(&config.secret)),
+            ("HERALD_JWT_SECRET_PREVIOUS", config.previous_secret.as_ref()),
+        ] {
+            if secret.is_some_and(|s| !s.is_empty() && s.len() < MIN_JWT_SECRET_BYTES) {
+                env.invalid(format!("{name}: must be at least {MIN_JWT_SECRET_BYTES} bytes"));
+            }
+        }
+        if config.previous_secret.is_some() && config.secret.is_empty() {
+            env.invalid("HERALD_JWT_SECRET_PREVIOUS: set only with HERALD_JWT_SECRET (the new secret)");
+        }
+        if let Some(url) = &config.jwks_url {
+            if let Err(problem) = check_jwks_url(url) {
+                env.invalid(format!("HERALD_JWKS_URL: {url:?} {problem}"));
+            }
+        }
+        if !(10..=86_400).contains(&config.jwks_refresh.as_secs()) {
+            env.invalid("HERALD_JWKS_REFRESH_SECS: must be 10 to 86400");
+        }
+        if config.jwks_min_refetch.is_zero() || config.jwks_min_refetch > config.jwks_refresh {
+            env.invalid("HERALD_JWKS_MIN_REFETCH_SECS: must be at least 1 and at most HERALD_JWKS_REFRESH_SECS");
+        }
+        config
+    }
+}
+
+/// A JWKS URL must be https, except to this host (loopback): keys fetched over plain HTTP could
+/// be replaced by anyone on the path, and then sign any token.
+fn check_jwks_url(url: &str) -> Result<(), &'static str> {
+    let (https, rest) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("http://").ok_or("must start with https://")?),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !https && !loopback {
+        return Err("must be https:// (plain http only to a loopback address)");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +236,10 @@ pub struct GatewayConfig {
     /// How long a SIGTERM'd gateway keeps its sessions open while reporting not ready, so load
     /// balancers stop sending it clients before they are told to reconnect.
     pub shutdown_delay: Duration,
+    /// Origins whose pages may open a WebSocket here (`https://app.example.com`). Empty: any.
+    /// A connect that names another `Origin` gets 403; one with none (not a browser) is let
+    /// through, since only browsers send it and a non-browser client can send any.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +347,11 @@ pub fn job_limits(env: &mut Env) -> (usize, usize, Duration, Duration) {
     limits
 }
 
+/// A comma-separated list of origins, each without a trailing `/`, as browsers send them.
+fn origins(list: &str) -> Vec<String> {
+    list.split(',').map(|o| o.trim().trim_end_matches('/').to_owned()).filter(|o| !o.is_empty()).collect()
+}
+
 /// An origin as a browser sends it: `http` or `https`, a host, an optional port; no path.
 fn is_origin(s: &str) -> bool {
     let Some(rest) = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")) else { return false };
@@ -245,12 +366,7 @@ impl ApiConfig {
             read_token: env.optional("HERALD_READ_TOKEN"),
             max_body_bytes: env.parse("HERALD_API_MAX_BODY_BYTES", 1024 * 1024),
             max_batch: env.parse("HERALD_API_MAX_BATCH", 100),
-            cors_origins: env
-                .string("HERALD_API_CORS_ORIGINS", "")
-                .split(',')
-                .map(|o| o.trim().trim_end_matches('/').to_owned())
-                .filter(|o| !o.is_empty())
-                .collect(),
+            cors_origins: origins(&env.string("HERALD_API_CORS_ORIGINS", "")),
             max_backlog: env.parse("HERALD_API_MAX_BACKLOG", DEFAULT_MAX_BACKLOG),
         };
         // Like the JWT secret: a short token can be guessed.
@@ -449,11 +565,7 @@ impl GatewayConfig {
             common,
             listen: env.parse("HERALD_GATEWAY_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080))),
             gateway_id,
-            jwt: JwtConfig {
-                secret: env.required("HERALD_JWT_SECRET"),
-                issuer: env.optional("HERALD_JWT_ISSUER"),
-                audience: env.optional("HERALD_JWT_AUDIENCE"),
-            },
+            jwt: JwtConfig::from_env(env),
             heartbeat_interval: env.millis("HERALD_HEARTBEAT_INTERVAL_MS", 15_000),
             presence_ttl: env.millis("HERALD_PRESENCE_TTL_MS", 10_000),
             outbound_queue: env.parse("HERALD_OUTBOUND_QUEUE", 1024),
@@ -468,16 +580,17 @@ impl GatewayConfig {
             // Set below from the grace when not given.
             drain_spread: Duration::ZERO,
             shutdown_delay: env.millis("HERALD_SHUTDOWN_DELAY_MS", 0),
+            allowed_origins: origins(&env.string("HERALD_ALLOWED_ORIGINS", "")),
         };
+        for origin in config.allowed_origins.iter().filter(|o| !is_origin(o)) {
+            env.invalid(format!("HERALD_ALLOWED_ORIGINS: {origin:?} is not an origin like https://app.example.com"));
+        }
         // Default: most of the grace, leaving the rest for the last closes to complete.
         config.drain_spread = env
             .parse_optional::<u64>("HERALD_DRAIN_SPREAD_MS")
             .map_or(config.drain_grace * 4 / 5, Duration::from_millis);
         if config.drain_spread >= config.drain_grace && !config.drain_grace.is_zero() {
             env.invalid("HERALD_DRAIN_SPREAD_MS: must be shorter than HERALD_DRAIN_GRACE_MS");
-        }
-        if config.jwt.secret.len() < 16 && !config.jwt.secret.is_empty() {
-            env.invalid("HERALD_JWT_SECRET: must be at least 16 bytes");
         }
         if config.outbound_queue == 0 || config.max_frame_bytes == 0 {
             env.invalid("HERALD_OUTBOUND_QUEUE and HERALD_MAX_FRAME_BYTES must be positive");
@@ -628,6 +741,76 @@ mod tests {
         let text = err.to_string();
         for var in ["HERALD_PREFIX", "HERALD_GATEWAY_LISTEN", "HERALD_OUTBOUND_QUEUE", "HERALD_JWT_SECRET"] {
             assert!(text.contains(var), "{var} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn jwt_key_sources_are_read_and_checked() {
+        let mut e = env(&[
+            ("HERALD_JWT_SECRET", "0123456789abcdef,with a comma"),
+            ("HERALD_JWT_SECRET_PREVIOUS", "the-old-secret-0123"),
+            ("HERALD_JWT_PUBLIC_KEYS", "/keys/a.pem, /keys/b.pem,"),
+            ("HERALD_JWKS_URL", "https://idp.example.com/.well-known/jwks.json"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let jwt = e.finish(c).unwrap().jwt;
+        assert_eq!(jwt.secret, "0123456789abcdef,with a comma", "a comma is part of the secret");
+        assert_eq!(jwt.previous_secret.as_deref(), Some("the-old-secret-0123"));
+        assert_eq!(jwt.public_key_files, [PathBuf::from("/keys/a.pem"), PathBuf::from("/keys/b.pem")]);
+        assert_eq!((jwt.jwks_refresh, jwt.jwks_min_refetch), (Duration::from_secs(300), Duration::from_secs(10)));
+        assert!(!format!("{jwt:?}").contains("old-secret"), "secrets are redacted");
+
+        // Public keys or a JWKS alone will do: the secret is no longer required then.
+        let mut e = env(&[("HERALD_JWKS_URL", "http://127.0.0.1:9000/jwks")]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert!(e.finish(c).is_ok());
+
+        let mut e = env(&[
+            ("HERALD_JWT_SECRET_PREVIOUS", "short"),
+            ("HERALD_JWKS_URL", "http://idp.example.com/jwks"),
+            ("HERALD_JWKS_REFRESH_SECS", "5"),
+            ("HERALD_JWKS_MIN_REFETCH_SECS", "0"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        for want in [
+            "HERALD_JWT_SECRET_PREVIOUS: must be at least 16",
+            "HERALD_JWT_SECRET_PREVIOUS: set only with",
+            "HERALD_JWKS_URL: \"http://idp.example.com/jwks\" must be https://",
+            "HERALD_JWKS_REFRESH_SECS",
+            "HERALD_JWKS_MIN_REFETCH_SECS",
+        ] {
+            assert!(text.contains(want), "{want} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn allowed_origins_are_read_and_checked() {
+        let mut e = env(&[("HERALD_JWT_SECRET", "0123456789abcdef")]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert!(e.finish(c).unwrap().allowed_origins.is_empty(), "unset: any origin");
+        let mut e = env(&[
+            ("HERALD_JWT_SECRET", "0123456789abcdef"),
+            ("HERALD_ALLOWED_ORIGINS", " https://App.example.com/, http://127.0.0.1:8080 ,"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().allowed_origins, ["https://App.example.com", "http://127.0.0.1:8080"]);
+        let mut e = env(&[("HERALD_JWT_SECRET", "0123456789abcdef"), ("HERALD_ALLOWED_ORIGINS", "*,app.example.com")]);
+        let c = GatewayConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        assert!(text.contains("\"*\"") && text.contains("\"app.example.com\""), "{text}");
+    }
+
+    #[test]
+    fn a_jwks_url_is_https_or_loopback() {
+        for good in ["https://idp.example.com/jwks", "http://localhost:8080/k", "http://[::1]:1/k", "http://127.0.0.2/"]
+        {
+            assert_eq!(check_jwks_url(good), Ok(()), "{good}");
+        }
+        for bad in
+            ["ftp://x/", "idp.example.com/jwks", "https:///jwks", "http://10.0.0.1/k", "http://127.0.0.1.evil.com/k"]
+        {
+            assert!(check_jwks_url(bad).is_err(), "{bad}");
         }
     }
 

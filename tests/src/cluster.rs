@@ -74,7 +74,7 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         common: stack.common_config(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         gateway_id: herald_shared::config::process_id("gw"),
-        jwt: JwtConfig { secret: JWT_SECRET.into(), issuer: None, audience: None },
+        jwt: JwtConfig { secret: JWT_SECRET.into(), ..JwtConfig::default() },
         heartbeat_interval: options.heartbeat_interval,
         presence_ttl: options.presence_ttl,
         outbound_queue: options.outbound_queue,
@@ -88,6 +88,7 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         drain_grace: options.drain_grace,
         drain_spread: options.drain_spread,
         shutdown_delay: options.shutdown_delay,
+        allowed_origins: Vec::new(),
     }
 }
 

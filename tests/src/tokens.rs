@@ -1,4 +1,5 @@
-//! Client JWTs for tests: good ones (HS256, as the gateway expects) and each kind of bad one.
+//! Client JWTs for tests: good ones (HS256 with the test secret, or any key an identity provider
+//! would sign with) and each kind of bad one.
 //!
 //! Bad tokens are bad by a wide margin (an hour), so that no validation leeway (jsonwebtoken
 //! allows 60 s by default) can make them pass.
@@ -55,10 +56,16 @@ impl Claims {
         self.sign_with(Algorithm::HS256, secret)
     }
 
+    /// Signed with any key and header (a public-key algorithm, a `kid`), as an identity provider
+    /// would.
+    pub fn sign_with_key(&self, header: &Header, key: &EncodingKey) -> String {
+        jsonwebtoken::encode(header, self, key).expect("a key that fits the header's alg")
+    }
+
     /// Signed with another HMAC algorithm (HS384, HS512), for algorithm-confusion tests.
     pub fn sign_with(&self, algorithm: Algorithm, secret: &str) -> String {
-        jsonwebtoken::encode(&Header::new(algorithm), self, &EncodingKey::from_secret(secret.as_bytes()))
-            .expect("HMAC signing cannot fail")
+        let key = EncodingKey::from_secret(secret.as_bytes()).expect("a non-empty HMAC secret");
+        jsonwebtoken::encode(&Header::new(algorithm), self, &key).expect("HMAC signing cannot fail")
     }
 }
 

@@ -223,7 +223,7 @@ fn tokens_are_good_or_bad_as_named() {
         validation.validate_nbf = true;
         validation.set_issuer(&["herald-tests"]);
         validation.set_audience(&["herald"]);
-        decode::<Claims>(token, &DecodingKey::from_secret(SECRET.as_bytes()), &validation)
+        decode::<Claims>(token, &DecodingKey::from_secret(SECRET.as_bytes()).unwrap(), &validation)
             .map(|t| t.claims.sub)
             .map_err(|e| e.into_kind())
     };
@@ -241,7 +241,7 @@ fn tokens_are_good_or_bad_as_named() {
     let mut plain = Validation::new(Algorithm::HS256);
     plain.validate_nbf = true;
     let minted = tokens::mint(SECRET, "bob", Duration::from_secs(60));
-    let decoded = decode::<Claims>(&minted, &DecodingKey::from_secret(SECRET.as_bytes()), &plain).unwrap();
+    let decoded = decode::<Claims>(&minted, &DecodingKey::from_secret(SECRET.as_bytes()).unwrap(), &plain).unwrap();
     assert_eq!(decoded.claims.sub, "bob");
 }
 
@@ -301,6 +301,7 @@ mod echo {
             gateway_id: herald_proto::GatewayId::new("gw-echo").unwrap(),
             heartbeat_interval_ms: 50,
             max_frame_bytes: 1024,
+            token_expires_at_ms: u64::MAX,
         };
         socket.send(text(&ServerFrame::Hello(hello))).await.unwrap();
         let mut ping = tokio::time::interval(Duration::from_millis(50));

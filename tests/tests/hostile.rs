@@ -81,7 +81,7 @@ async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
     let no_exp = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &no_exp,
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).unwrap(),
     )
     .unwrap();
     let mut empty_sub = claims();

@@ -143,14 +143,15 @@ async fn gateway_killed(runtime: Runtime) {
     assert_eq!(app.notification_ids().len(), 20);
 }
 
-/// A refused token (HTTP 401), then a token that expires while connected (4401): each time the
-/// SDK asks for a fresh token, says why, and reconnects.
+/// A refused token (HTTP 401), then a token that expires while connected (4401, in-band refresh
+/// turned off): each time the SDK asks for a fresh token, says why, and reconnects.
 async fn token_refresh(runtime: Runtime) {
     let cluster = Cluster::start().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     // Expired an hour ago (past any leeway), then valid for 2 s, then for an hour.
-    let app = SdkApp::start(runtime, &config(&[gateway.addr], "grace", &[-3600, 2, 3600], json!({}))).await.unwrap();
+    let extra = json!({"refreshTokens": false});
+    let app = SdkApp::start(runtime, &config(&[gateway.addr], "grace", &[-3600, 2, 3600], extra)).await.unwrap();
     let refused = app.wait_for("the refusal", WAIT, |e| is_state(e, "closed")).await.unwrap();
     match runtime {
         Runtime::Node => assert_eq!(refused["httpStatus"], 401, "{refused}"),
@@ -170,6 +171,29 @@ async fn token_refresh(runtime: Runtime) {
     wait_notified(&app, &["after-refresh".to_owned()]).await;
     let receipt = cluster.wait_receipt("after-refresh", "grace", "delivered").await.unwrap();
     assert_eq!(receipt.delivered_by.unwrap().connection_id.as_str(), second["connection_id"]);
+}
+
+/// A token that expires while connected is replaced in-band (a `refresh` frame) before it does:
+/// the connection stays open past the first token's expiry, and keeps receiving.
+async fn token_refresh_in_band(runtime: Runtime) {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    // Valid for 3 s (less than the SDK's margin: refreshed at once), then for an hour.
+    let app = SdkApp::start(runtime, &config(&[gateway.addr], "heidi", &[3, 3600], json!({}))).await.unwrap();
+    let hello = nth_open(&app, 1).await;
+    assert!(hello["token_expires_at_ms"].as_u64().is_some(), "{hello}");
+    app.wait_for("the refresh", WAIT, |e| e["ev"] == "token" && e["reason"] == "refresh").await.unwrap();
+    // Past the first token's expiry (and the gateway's 4401, had it come).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!app.events().iter().any(|e| is_state(e, "closed")), "the connection stayed open");
+    cluster.wait_presence(dispatcher.addr, "heidi", true).await.unwrap();
+    cluster.send("after-in-band-refresh", &["heidi"]).await.unwrap();
+    wait_notified(&app, &["after-in-band-refresh".to_owned()]).await;
+    let receipt = cluster.wait_receipt("after-in-band-refresh", "heidi", "delivered").await.unwrap();
+    assert_eq!(receipt.delivered_by.unwrap().connection_id.as_str(), hello["connection_id"]);
+    assert_eq!(app_tokens(&app.events()), vec!["connect", "refresh"]);
+    assert_eq!(app.of("error"), Vec::<Value>::new());
 }
 
 /// Messages published while the user was offline arrive on connect, oldest first, and are acked.
@@ -248,7 +272,14 @@ macro_rules! in_both {
     };
 }
 
-in_both!(receive_ack_read_close, gateway_killed, token_refresh, offline_backlog_in_order, drain_reconnects_elsewhere);
+in_both!(
+    receive_ack_read_close,
+    gateway_killed,
+    token_refresh,
+    token_refresh_in_band,
+    offline_backlog_in_order,
+    drain_reconnects_elsewhere
+);
 
 /// The demo page of `make run`, in headless Chromium: connect, publish, see the notification
 /// arrive and its receipt turn `delivered`, mark it read. Screenshots: target/sdk-demo*.png.

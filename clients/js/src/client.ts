@@ -13,6 +13,7 @@ import { deadline } from "./liveness.js";
 import { SeqOrder } from "./order.js";
 import type { Hello, Notification } from "./protocol.js";
 import { decide } from "./reconnect.js";
+import { refreshAt } from "./refresh.js";
 import type { TokenReason } from "./reconnect.js";
 import { SeenIds } from "./seen.js";
 import type { SeenOptions } from "./seen.js";
@@ -35,12 +36,13 @@ export interface WebSocketLike {
 export type WebSocketConstructor = new (url: string, options?: { headers?: Record<string, string> }) => WebSocketLike;
 
 export interface TokenRequest {
-  /** 1 for the first attempt, counting up until a connection gets `hello`. */
+  /** 1 for the first attempt, counting up until a connection gets `hello`; 1 for a refresh. */
   readonly attempt: number;
   /**
    * `connect`: any valid token will do. `expired`: the last one expired (4401). `unauthorized`:
    * the last attempt was refused (HTTP 401), or, in a browser, ended before `hello` for a reason
-   * the browser hides: do not hand out the same token again.
+   * the browser hides: do not hand out the same token again. `refresh`: the open connection's
+   * token expires soon: a token with a later `exp` (same user) keeps the connection open.
    */
   readonly reason: TokenReason;
 }
@@ -73,6 +75,11 @@ export interface HeraldClientOptions {
   dedupe?: SeenOptions;
   /** The gateway's limits, if a deployment changed them from the defaults. */
   limits?: PacingOptions;
+  /**
+   * Send a fresh token (`getToken` with reason `refresh`) before the connection's token expires,
+   * so the gateway keeps the connection open instead of closing it with 4401. Default true.
+   */
+  refreshTokens?: boolean;
 }
 
 export type ConnectionState =
@@ -109,6 +116,8 @@ interface Connection {
   hello: Hello | null;
   queue: AckQueue | null;
   lastActivityMs: number;
+  /** When the gateway closes the connection unless it gets a fresh token (`hello`, `refreshed`). */
+  tokenExpiresAtMs?: number;
   httpStatus?: number;
   errorCode?: string;
   ended: boolean;
@@ -116,6 +125,10 @@ interface Connection {
 
 const OPEN = 1;
 const PRUNE_EVERY_MS = 60_000;
+/** A failed refresh (no token from the provider) is tried again this much later. */
+const REFRESH_RETRY_MS = 5_000;
+/** setTimeout's longest delay; a later refresh is re-armed when it fires. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export class HeraldClient {
   readonly #options: HeraldClientOptions;
@@ -145,6 +158,7 @@ export class HeraldClient {
   #livenessTimer: ReturnType<typeof setTimeout> | undefined;
   #connectTimer: ReturnType<typeof setTimeout> | undefined;
   #orderTimer: ReturnType<typeof setTimeout> | undefined;
+  #refreshTimer: ReturnType<typeof setTimeout> | undefined;
   #pruneTimer: ReturnType<typeof setInterval> | undefined;
 
   constructor(options: HeraldClientOptions) {
@@ -332,6 +346,14 @@ export class HeraldClient {
         if (typeof code === "string") conn.errorCode = code;
         break;
       }
+      case "refreshed": {
+        const expiresAt = (frame as { token_expires_at_ms?: unknown }).token_expires_at_ms;
+        if (typeof expiresAt === "number") {
+          conn.tokenExpiresAtMs = expiresAt;
+          this.#armRefresh(conn);
+        }
+        break;
+      }
       default:
         // Frames of later versions: ignored, as the protocol asks.
         break;
@@ -352,6 +374,52 @@ export class HeraldClient {
       this.#scheduleFlush(conn);
     }
     this.#armLiveness(conn);
+    if (typeof hello.token_expires_at_ms === "number") conn.tokenExpiresAtMs = hello.token_expires_at_ms;
+    this.#armRefresh(conn);
+  }
+
+  // --- token refresh ----------------------------------------------------------------------------
+
+  /** Sets the timer of the next refresh, from the connection's token expiry (see refresh.ts). */
+  #armRefresh(conn: Connection, notBeforeMs = 0): void {
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = undefined;
+    if (this.#options.refreshTokens === false) return;
+    const at = refreshAt(conn.tokenExpiresAtMs, Date.now());
+    if (at === null) return;
+    const delay = Math.min(MAX_TIMER_MS, Math.max(0, Math.max(at, notBeforeMs) - Date.now()));
+    this.#refreshTimer = setTimeout(() => {
+      this.#refreshTimer = undefined;
+      void this.#refresh(conn);
+    }, delay);
+  }
+
+  async #refresh(conn: Connection): Promise<void> {
+    if (this.#conn !== conn || conn.ended) return;
+    const at = refreshAt(conn.tokenExpiresAtMs, Date.now());
+    if (at === null) return;
+    if (at > Date.now()) {
+      // A timer capped at setTimeout's longest delay: not due yet.
+      this.#armRefresh(conn);
+      return;
+    }
+    let token: string;
+    try {
+      token = await this.#options.getToken({ attempt: 1, reason: "refresh" });
+    } catch (e) {
+      this.#emit("error", asError(e, "the token provider failed to refresh"));
+      // Again shortly, while the token lasts; past it, the gateway closes with 4401 and the
+      // reconnect asks for a token as usual.
+      if (this.#conn === conn && !conn.ended) this.#armRefresh(conn, Date.now() + REFRESH_RETRY_MS);
+      return;
+    }
+    if (this.#conn !== conn || conn.ended || conn.socket.readyState !== OPEN) return;
+    try {
+      // Answered with `refreshed`, which arms the next one; a refused token closes with 4401.
+      conn.socket.send(JSON.stringify({ type: "refresh", token }));
+    } catch (e) {
+      this.#emit("error", asError(e, "send failed"));
+    }
   }
 
   // --- notifications and acks -------------------------------------------------------------------
@@ -512,10 +580,17 @@ export class HeraldClient {
   }
 
   #clearTimers(): void {
-    for (const timer of [this.#retryTimer, this.#flushTimer, this.#livenessTimer, this.#connectTimer, this.#orderTimer]) {
+    for (const timer of [
+      this.#retryTimer,
+      this.#flushTimer,
+      this.#livenessTimer,
+      this.#connectTimer,
+      this.#orderTimer,
+      this.#refreshTimer,
+    ]) {
       clearTimeout(timer);
     }
-    this.#retryTimer = this.#flushTimer = this.#livenessTimer = this.#connectTimer = undefined;
+    this.#retryTimer = this.#flushTimer = this.#livenessTimer = this.#connectTimer = this.#refreshTimer = undefined;
     // Held notifications stay held across a reconnect; their timer is started again.
     this.#orderTimer = undefined;
     if (!this.#stopped) this.#scheduleOrder();

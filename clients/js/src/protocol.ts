@@ -20,7 +20,7 @@ export type GatewayId = string;
 /**
  * Why a gateway reports an error to a client. Sent in an `error` frame before a close.
  */
-export type ErrorCode = "bad_frame" | "unsupported_data" | "frame_too_large" | "rate_limited" | "slow_consumer" | "token_expired" | "shutting_down" | "kicked";
+export type ErrorCode = "bad_frame" | "unsupported_data" | "frame_too_large" | "rate_limited" | "slow_consumer" | "token_expired" | "token_refused" | "shutting_down" | "kicked";
 
 /**
  * The first frame on every connection.
@@ -39,7 +39,12 @@ heartbeat_interval_ms: number,
 /**
  * The largest frame the gateway accepts from the client.
  */
-max_frame_bytes: number, };
+max_frame_bytes: number, 
+/**
+ * When the token the connection was opened with expires (its `exp`). The connection is
+ * closed with 4401 then, unless a `refresh` frame brought a newer token before.
+ */
+token_expires_at_ms: number, };
 
 /**
  * One message for the user. May arrive more than once (delivery is at-least-once): deduplicate
@@ -66,12 +71,12 @@ expires_at_ms: number, };
  * Serialized with a `type` tag. Decoding goes through [`ServerFrame::decode`], because the
  * notification payload is kept as raw JSON, which serde cannot buffer inside a tagged enum.
  */
-export type ServerFrame = { "type": "hello" } & Hello | { "type": "notification" } & Notification | { "type": "error", code: ErrorCode, message: string, } | { "type": "heartbeat" };
+export type ServerFrame = { "type": "hello" } & Hello | { "type": "notification" } & Notification | { "type": "error", code: ErrorCode, message: string, } | { "type": "heartbeat" } | { "type": "refreshed", token_expires_at_ms: number, };
 
 /**
  * A frame from a client to its gateway.
  */
-export type ClientFrame = { "type": "ack", ids: Array<MessageId>, } | { "type": "read", ids: Array<MessageId>, };
+export type ClientFrame = { "type": "ack", ids: Array<MessageId>, } | { "type": "read", ids: Array<MessageId>, } | { "type": "refresh", token: string, };
 
 /** WebSocket close codes a gateway sends (proto/src/close.rs). */
 export const CloseCode = {
@@ -83,7 +88,7 @@ export const CloseCode = {
   MESSAGE_TOO_BIG: 1009,
   /** A text frame that is not a valid client frame (not JSON, unknown type, missing fields). */
   BAD_FRAME: 4400,
-  /** The token expired while the connection was open: get a fresh one and reconnect. */
+  /** The token expired while the connection was open, or a `refresh` frame's token was refused: get a fresh one and reconnect. */
   TOKEN_EXPIRED: 4401,
   /** The client did not answer pings in time. */
   HEARTBEAT_TIMEOUT: 4408,

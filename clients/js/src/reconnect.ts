@@ -6,8 +6,11 @@
 
 import { CloseCode } from "./protocol.js";
 
-/** Why the token provider is being asked: it may use a cached token only for "connect". */
-export type TokenReason = "connect" | "expired" | "unauthorized";
+/**
+ * Why the token provider is being asked: it may use a cached token only for "connect". "refresh":
+ * the open connection's token expires soon; a token with a later `exp` keeps it open.
+ */
+export type TokenReason = "connect" | "expired" | "unauthorized" | "refresh";
 
 export type Decision =
   /**

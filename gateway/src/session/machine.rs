@@ -16,6 +16,7 @@ use herald_shared::metrics::seconds_since;
 use herald_shared::Clock;
 
 use super::limiter::RateLimiter;
+use crate::auth::{AuthError, Identity};
 use crate::metrics::GatewayMetrics;
 use crate::registry::{Outbound, Sent};
 use crate::replay::ReplayCursor;
@@ -56,9 +57,11 @@ pub(crate) const SHUTTING_DOWN: Ending =
 pub(crate) const SLOW: Ending =
     Ending::new(close::SLOW_CONSUMER, Some(ErrorCode::SlowConsumer), "slow consumer", "slow_consumer");
 const KICKED: Ending = Ending::new(close::KICKED, Some(ErrorCode::Kicked), "closed by an operator", "kicked");
+const TOKEN_REFUSED: Ending =
+    Ending::new(close::TOKEN_EXPIRED, Some(ErrorCode::TokenRefused), "refresh token refused", "token_refused");
 /// Every ending the machine decides: their labels are the close reasons the metrics count.
-pub(crate) const ENDINGS: [Ending; 9] =
-    [BAD_FRAME, BINARY, TOO_BIG, RATE_LIMITED, TOKEN_EXPIRED, HEARTBEAT, SHUTTING_DOWN, SLOW, KICKED];
+pub(crate) const ENDINGS: [Ending; 10] =
+    [BAD_FRAME, BINARY, TOO_BIG, RATE_LIMITED, TOKEN_EXPIRED, TOKEN_REFUSED, HEARTBEAT, SHUTTING_DOWN, SLOW, KICKED];
 
 /// How a session closed from outside ends, by the code its closer gave.
 fn kicked(code: u16) -> Ending {
@@ -84,6 +87,8 @@ pub(crate) enum Event {
     Shutdown,
     /// The token's deadline ([`Deadlines::token`]) passed.
     TokenExpired,
+    /// How the token of a `refresh` frame (see [`Action::Verify`]) checked out.
+    Refresh(Result<Identity, AuthError>),
 }
 
 /// What the machine asks the I/O loop to do, in order.
@@ -98,6 +103,10 @@ pub(crate) enum Action {
     /// Ask the dispatchers for the next page of this connection's replay (`retry`: again, the
     /// page asked for has not come).
     RequestPage { more: More, retry: bool },
+    /// Check the token of a `refresh` frame and tell the machine ([`Event::Refresh`]).
+    Verify(String),
+    /// Tell the client its refresh was accepted; the token deadline has moved.
+    Refreshed { token_expires_at_ms: u64 },
     /// End the session. None: the client closed or went away, so there is nobody to tell.
     Close(Option<Ending>),
 }
@@ -145,7 +154,7 @@ impl Deadlines {
             Event::TokenExpired => Some(TOKEN_EXPIRED),
             Event::Tick => self.silent(now),
             // Not read during a write.
-            Event::Frame(_) | Event::Gone { .. } => None,
+            Event::Frame(_) | Event::Gone { .. } | Event::Refresh(_) => None,
         }
     }
 
@@ -234,6 +243,27 @@ impl Machine {
             Event::Kick(_) | Event::Shutdown | Event::TokenExpired => {
                 vec![Action::Close(self.deadlines.while_writing(&event, now))]
             }
+            Event::Refresh(outcome) => self.on_refresh(outcome, now, herald_shared::now_ms()),
+        }
+    }
+
+    /// A `refresh` frame's token checked out (or not): the session now lasts until its expiry,
+    /// if it is this session's user's. Anything else ends the session: the client asked to
+    /// stay on a token it could not show.
+    fn on_refresh(&mut self, outcome: Result<Identity, AuthError>, now: Instant, now_ms: u64) -> Vec<Action> {
+        match outcome {
+            Ok(identity) if identity.user == self.peer.user => {
+                self.deadlines.token = expiry_instant(identity.expires_at, now, now_ms);
+                vec![Action::Refreshed { token_expires_at_ms: identity.expires_at.saturating_mul(1000) }]
+            }
+            Ok(identity) => {
+                tracing::debug!(user = %self.peer.user, other = %identity.user, "refresh with another user's token");
+                vec![Action::Close(Some(TOKEN_REFUSED))]
+            }
+            Err(e) => {
+                tracing::debug!(user = %self.peer.user, reason = %e, "refresh refused");
+                vec![Action::Close(Some(TOKEN_REFUSED))]
+            }
         }
     }
 
@@ -243,7 +273,7 @@ impl Machine {
             return vec![Action::Close(Some(RATE_LIMITED))];
         }
         let mut actions: Vec<Action> = match self.on_message(message, now) {
-            Ok(record) => record.map(Action::Publish).into_iter().collect(),
+            Ok(action) => action.into_iter().collect(),
             Err(ending) => return vec![Action::Close(ending)],
         };
         // An ack may have made room for the next page.
@@ -251,8 +281,9 @@ impl Machine {
         actions
     }
 
-    /// What one client message says; `Err` ends the session (None: the client closed).
-    fn on_message(&mut self, message: Message, now: Instant) -> Result<Option<AckRecord>, Option<Ending>> {
+    /// What one client message says: an ack to publish, a token to check, or nothing; `Err` ends
+    /// the session (None: the client closed).
+    fn on_message(&mut self, message: Message, now: Instant) -> Result<Option<Action>, Option<Ending>> {
         let metrics = &self.metrics;
         let text = match message {
             Message::Text(text) => text,
@@ -274,7 +305,13 @@ impl Machine {
             metrics.frames_in.with_label_values(&["invalid"]).inc();
             return Err(Some(BAD_FRAME));
         };
-        let (kind, ids) = frame.into_parts();
+        let (kind, ids) = match frame {
+            ClientFrame::Refresh { token } => {
+                metrics.frames_in.with_label_values(&["refresh"]).inc();
+                return Ok(Some(Action::Verify(token)));
+            }
+            frame => frame.into_parts().ok_or(Some(BAD_FRAME))?,
+        };
         if ids.len() > MAX_IDS_PER_FRAME {
             metrics.frames_in.with_label_values(&["invalid"]).inc();
             return Err(Some(BAD_FRAME));
@@ -288,7 +325,7 @@ impl Machine {
         };
         metrics.frames_in.with_label_values(&[if kind == AckKind::Read { "read" } else { "ack" }]).inc();
         metrics.acks_received.with_label_values(&[kind_label]).inc_by(ids.len() as u64);
-        Ok(self.record(kind, ids))
+        Ok(self.record(kind, ids).map(Action::Publish))
     }
 
     /// A heartbeat: the end of a silent client, or a ping, and a page that did not come asked
@@ -514,6 +551,32 @@ mod tests {
 
     fn notification(id: &str) -> Outbound {
         Outbound::Frame { frame: Utf8Bytes::from(format!(r#"{{"id":"{id}"}}"#)), sent: Some(sent(id, u64::MAX)) }
+    }
+
+    #[test]
+    fn a_refresh_for_the_same_user_moves_the_token_deadline() {
+        let t = Instant::now();
+        let mut m = machine(t);
+        let now_ms = 1_000_000_000;
+        let verify = m.on(text(r#"{"type":"refresh","token":"a.b.c"}"#), t);
+        assert!(matches!(verify.as_slice(), [Action::Verify(token)] if token == "a.b.c"), "{verify:?}");
+
+        let identity = |user: &str, exp: u64| Identity { user: UserId::new(user).unwrap(), expires_at: exp };
+        let actions = m.on_refresh(Ok(identity("u1", now_ms / 1000 + 7200)), t, now_ms);
+        assert!(
+            matches!(actions.as_slice(), [Action::Refreshed { token_expires_at_ms }] if *token_expires_at_ms == now_ms + 7_200_000)
+        );
+        assert_eq!(m.deadlines().token, t + Duration::from_secs(7200));
+
+        // Another user's token, or a bad one: the session ends with 4401, the deadline unmoved.
+        let mut m = machine(t);
+        let before = m.deadlines().token;
+        closes_with(&m.on_refresh(Ok(identity("u2", now_ms / 1000 + 7200)), t, now_ms), TOKEN_REFUSED);
+        assert_eq!(m.deadlines().token, before);
+        closes_with(&m.on_refresh(Err(AuthError::Expired), t, now_ms), TOKEN_REFUSED);
+        assert_eq!(TOKEN_REFUSED.code, close::TOKEN_EXPIRED);
+        // A refresh frame without its token is a bad frame.
+        closes_with(&machine(t).on(text(r#"{"type":"refresh"}"#), t), BAD_FRAME);
     }
 
     fn text(text: &str) -> Event {

@@ -12,6 +12,7 @@
 mod limiter;
 mod machine;
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::acks::Outgoing;
-use crate::auth::Identity;
+use crate::auth::{Authenticator, Identity};
 use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
 use crate::registry::{Admission, Connection, Outbound, Registry};
@@ -55,6 +56,8 @@ pub(crate) struct SessionContext {
     pub(crate) metrics: Arc<GatewayMetrics>,
     /// Fleet time (herald_shared::clock): what a notification's expiry is judged by.
     pub(crate) clock: herald_shared::Clock,
+    /// Checks the tokens of `refresh` frames, with the keys a connect's token is checked with.
+    pub(crate) auth: Authenticator,
 }
 
 /// Every `reason` a session's end is counted under: the machine's endings, the client going
@@ -116,6 +119,8 @@ fn new_connection_id() -> ConnectionId {
 struct Session<'a> {
     ctx: &'a SessionContext,
     conn: &'a Connection,
+    /// The `exp` of the token the connection opened with, in ms, for the hello.
+    token_expires_at_ms: u64,
     /// Every decision: the loop below only reads, writes and waits.
     machine: Machine,
 }
@@ -134,7 +139,7 @@ impl<'a> Session<'a> {
         let now = Instant::now();
         let token = expiry_instant(token_exp, now, herald_shared::now_ms());
         let machine = Machine::new(peer, settings, Arc::clone(&ctx.metrics), ctx.clock.clone(), token, now);
-        Self { ctx, conn, machine }
+        Self { ctx, conn, token_expires_at_ms: token_exp.saturating_mul(1000), machine }
     }
 
     /// The session loop: wait for an event, let the machine decide, do what it says. Returns how
@@ -150,6 +155,7 @@ impl<'a> Session<'a> {
             gateway_id: self.ctx.gateway_id.clone(),
             heartbeat_interval_ms: self.ctx.heartbeat_interval.as_millis() as u64,
             max_frame_bytes: self.ctx.max_frame_bytes,
+            token_expires_at_ms: self.token_expires_at_ms,
         });
         let Ok(hello) = serde_json::to_string(&hello) else { return None };
         match tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Text(hello.into()))).await {
@@ -161,7 +167,8 @@ impl<'a> Session<'a> {
         let mut heartbeat = tokio::time::interval(self.ctx.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.reset();
-        let token_expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(self.machine.deadlines().token));
+        let mut token_deadline = self.machine.deadlines().token;
+        let token_expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(token_deadline));
         tokio::pin!(token_expiry);
 
         let ending = 'session: loop {
@@ -176,10 +183,23 @@ impl<'a> Session<'a> {
                 message = socket.next() => self.machine.on(read_event(message), Instant::now()),
                 _ = heartbeat.tick() => self.machine.on(Event::Tick, Instant::now()),
             };
-            for action in actions {
+            let mut actions = VecDeque::from(actions);
+            while let Some(action) = actions.pop_front() {
+                // A refresh's token is checked here, with the keys at hand (no fetch, no wait),
+                // and the machine decides what its outcome means.
+                if let Action::Verify(token) = action {
+                    let outcome = self.ctx.auth.verify_cached(&token);
+                    actions.extend(self.machine.on(Event::Refresh(outcome), Instant::now()));
+                    continue;
+                }
                 if let Err(ending) = self.act(action, &mut socket).await {
                     break 'session ending;
                 }
+            }
+            // A refresh moves the token's deadline.
+            if self.machine.deadlines().token != token_deadline {
+                token_deadline = self.machine.deadlines().token;
+                token_expiry.as_mut().reset(tokio::time::Instant::from_std(token_deadline));
             }
         };
         goodbye(&mut socket, ending).await;
@@ -260,6 +280,16 @@ impl<'a> Session<'a> {
                 Ok(())
             }
             Action::Publish(record) => self.tell_dispatchers(Outgoing::Ack(record)).await,
+            Action::Refreshed { token_expires_at_ms } => {
+                let Ok(text) = serde_json::to_string(&ServerFrame::Refreshed { token_expires_at_ms }) else {
+                    return Ok(());
+                };
+                self.send_within_interval(socket, Message::Text(text.into())).await?;
+                self.ctx.metrics.frames_out.inc();
+                Ok(())
+            }
+            // Done by the loop before it gets here.
+            Action::Verify(_) => Ok(()),
             Action::RequestPage { more, retry } => {
                 let kind = if retry { "retry" } else { "next" };
                 self.ctx.metrics.replay_requests.with_label_values(&[kind]).inc();
@@ -433,6 +463,13 @@ mod tests {
         }
     }
 
+    const SECRET: &str = "0123456789abcdef0123";
+
+    fn test_auth() -> Authenticator {
+        let config = herald_shared::config::JwtConfig { secret: SECRET.into(), ..Default::default() };
+        Authenticator::new(&config).unwrap().0
+    }
+
     fn context(heartbeat_interval: Duration) -> (SessionContext, mpsc::Receiver<Outgoing>) {
         let (acks, acks_rx) = mpsc::channel(16);
         let ctx = SessionContext {
@@ -447,6 +484,7 @@ mod tests {
             ack_ids_per_sec: 1000,
             metrics: Arc::new(GatewayMetrics::new().unwrap()),
             clock: herald_shared::Clock::system(),
+            auth: test_auth(),
         };
         (ctx, acks_rx)
     }

@@ -24,7 +24,7 @@ async function mint(secret, user, ttlSecs) {
 }
 
 /**
- * Starts the app. `config`: { urls, secret, user, tokens, ackDelayMs?, orderWindowMs? }.
+ * Starts the app. `config`: { urls, secret, user, tokens, ackDelayMs?, orderWindowMs?, refreshTokens? }.
  * Returns the function that runs a command ({ cmd: "read", ids } or { cmd: "close" }).
  */
 export function start(config, { HeraldClient, WebSocket, report: send }) {
@@ -44,6 +44,7 @@ export function start(config, { HeraldClient, WebSocket, report: send }) {
     ...(WebSocket === undefined ? {} : { WebSocket }),
     ...(config.ackDelayMs === undefined ? {} : { ackDelayMs: config.ackDelayMs }),
     ...(config.orderWindowMs === undefined ? {} : { orderWindowMs: config.orderWindowMs }),
+    ...(config.refreshTokens === undefined ? {} : { refreshTokens: config.refreshTokens }),
   });
   client.on("state", (s) => report({ ev: "state", ...s }));
   client.on("notification", (n) => report({ ev: "notification", id: n.id, seq: n.seq, payload: n.payload }));

@@ -390,7 +390,8 @@ fn token(
     }
     let iat = SystemTime::now().duration_since(UNIX_EPOCH).context("system clock is before 1970")?.as_secs();
     let claims = Claims { sub: user, iat, exp: iat.saturating_add(ttl_secs), iss: issuer, aud: audience };
-    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    // An empty secret is refused here (jsonwebtoken 12), with the reason.
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).context("the signing secret")?;
     jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).context("signing the token")
 }
 
@@ -429,7 +430,7 @@ mod tests {
         validation.set_issuer(&["me"]);
         let data = jsonwebtoken::decode::<serde_json::Value>(
             &t,
-            &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+            &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()).unwrap(),
             &validation,
         )
         .unwrap();
