@@ -31,6 +31,7 @@ import scaledobjects
 
 SECRET_KEYS = {
     "HERALD_JWT_SECRET",
+    "HERALD_JWT_SECRET_PREVIOUS",
     "HERALD_ADMIN_TOKEN",
     "HERALD_PUBLISH_TOKEN",
     "HERALD_READ_TOKEN",
@@ -304,7 +305,7 @@ def check_rendering(name, docs, root, p):
                 pool = configmaps if kind == "ConfigMap" else secrets
                 if ref in pool:
                     data = {**(pool[ref].get("data") or {}), **(pool[ref].get("stringData") or {})}
-                    if key is not None and key not in data:
+                    if key is not None and key not in data and not optional:
                         p.error(cw, f"{kind} {ref!r} has no key {key!r}")
                 elif not optional and not (kind == "Secret" and ref in EXTERNAL_SECRETS):
                     p.error(cw, f"reads {kind} {ref!r}, which is neither in the rendering nor optional")
