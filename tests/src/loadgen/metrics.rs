@@ -79,23 +79,34 @@ pub(crate) async fn redis_commandstats(port: u16) -> anyhow::Result<BTreeMap<Str
     }
 }
 
-/// The value of the unlabelled counter `name` on the Prometheus text page at
+/// The value of the unlabelled counter (or integer gauge) `name` on the Prometheus text page at
 /// `http://addr/metrics`.
 pub(crate) async fn prometheus_counter(http: &reqwest::Client, addr: SocketAddr, name: &str) -> anyhow::Result<u64> {
-    let text = http.get(format!("http://{addr}/metrics")).send().await?.error_for_status()?.text().await?;
+    let text = prometheus_page(http, addr).await?;
     counter_value(&text, name).with_context(|| format!("{name} not on http://{addr}/metrics"))
 }
 
+/// The Prometheus text page at `http://addr/metrics`.
+pub(crate) async fn prometheus_page(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<String> {
+    Ok(http.get(format!("http://{addr}/metrics")).send().await?.error_for_status()?.text().await?)
+}
+
 /// The sample line `<name> <value>` of a Prometheus text page (comments and other metrics,
-/// including those whose name merely starts with `name`, skipped).
-fn counter_value(text: &str, name: &str) -> Option<u64> {
+/// including those whose name merely starts with `name`, skipped). A labelled series is named
+/// with its labels as the page writes them: `name{label="value",...}`.
+pub(crate) fn counter_value(text: &str, name: &str) -> Option<u64> {
+    // Counters are integers, but the format allows `1e+06`.
+    sample_value(text, name).map(|v| v as u64)
+}
+
+/// As [`counter_value`], for a sample that is not a whole number (e.g. a histogram's `_sum`).
+pub(crate) fn sample_value(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
         let (metric, value) = line.split_once(' ')?;
         if metric != name {
             return None;
         }
-        // Counters are integers, but the format allows `1e+06`.
-        value.trim().parse::<f64>().ok().map(|v| v as u64)
+        value.trim().parse::<f64>().ok()
     })
 }
 
@@ -136,5 +147,12 @@ mod tests {
         assert_eq!(counter_value(page, "herald_dispatcher_resent_total"), Some(1234));
         assert_eq!(counter_value(page, "herald_dispatcher_big_total"), Some(1_000_000));
         assert_eq!(counter_value(page, "herald_dispatcher_missing_total"), None);
+        let labelled = "herald_dependency_seconds_count{dependency=\"mongodb\",op=\"pending_receipts\"} 42\n\
+                        herald_dependency_seconds_count{dependency=\"mongodb\",op=\"pending_keys\"} 7\n";
+        assert_eq!(
+            counter_value(labelled, r#"herald_dependency_seconds_count{dependency="mongodb",op="pending_receipts"}"#),
+            Some(42)
+        );
+        assert_eq!(sample_value("herald_x_seconds_sum 0.25\n", "herald_x_seconds_sum"), Some(0.25));
     }
 }

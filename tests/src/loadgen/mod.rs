@@ -9,6 +9,8 @@ pub(crate) mod mongo_proxy;
 pub(crate) mod orchestrator;
 pub(crate) mod protocol;
 pub(crate) mod report;
+pub(crate) mod rollout;
+pub(crate) mod sampler;
 pub(crate) mod scenarios;
 pub(crate) mod systems;
 pub(crate) mod worker;

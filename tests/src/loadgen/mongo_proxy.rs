@@ -42,6 +42,23 @@ impl CountingProxy {
     pub(crate) fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
+
+    /// A reader of [`Self::requests`] that does not borrow the proxy (for a sampler running
+    /// beside code that changes the system under test).
+    pub(crate) fn counter(&self) -> RequestCounter {
+        RequestCounter(Arc::clone(&self.requests))
+    }
+}
+
+/// Reads the requests a [`CountingProxy`] has forwarded; valid after the proxy is gone (the count
+/// then stays where it was).
+#[derive(Clone)]
+pub(crate) struct RequestCounter(Arc<AtomicU64>);
+
+impl RequestCounter {
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 async fn pipe(client: TcpStream, server: TcpStream, counter: Arc<AtomicU64>) {

@@ -107,6 +107,18 @@ impl Workers {
         Ok(())
     }
 
+    /// From now on every new connection attempt (a reconnect, a retry) picks its URL at random
+    /// by `weights` (URL, weight; a URL not named gets 0), as a load balancer picks a backend;
+    /// connections open now stay where they are. All weights 0: back to going round the URLs.
+    pub(crate) async fn route(&mut self, weights: &[(String, f64)]) -> anyhow::Result<()> {
+        for w in &mut self.workers {
+            let line = route_line(&w.spec.urls, weights);
+            w.stdin.write_all(format!("{line}\n").as_bytes()).await?;
+            w.stdin.flush().await?;
+        }
+        Ok(())
+    }
+
     /// Slots that `activate(fraction)` opens, over all workers.
     pub(crate) fn slots_at(&self, fraction: f64) -> u64 {
         self.workers.iter().map(|w| (w.spec.slots as f64 * fraction).round() as u64).sum()
@@ -162,7 +174,26 @@ impl Workers {
     }
 }
 
+/// The `route` command for a worker whose URLs are `urls`, in its own order.
+fn route_line(urls: &[String], weights: &[(String, f64)]) -> String {
+    let of = |url: &String| weights.iter().find(|(u, _)| u == url).map_or(0.0, |(_, w)| *w);
+    urls.iter().fold("route".to_owned(), |line, url| format!("{line} {}", of(url)))
+}
+
 /// Users `first..first + count` of a plan, named as the workers name them.
 pub(crate) fn user_names(prefix: &str, first: usize, count: usize) -> Vec<String> {
     (first..first + count).map(|i| format!("{prefix}{i}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_names_weights_in_each_worker_s_own_url_order() {
+        let urls = |list: &[&str]| list.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+        let weights = vec![("b".to_owned(), 0.25), ("c".to_owned(), 0.75)];
+        assert_eq!(route_line(&urls(&["a", "b", "c"]), &weights), "route 0 0.25 0.75");
+        assert_eq!(route_line(&urls(&["c", "a", "b"]), &weights), "route 0.75 0 0.25");
+    }
 }

@@ -12,11 +12,13 @@ use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, Document};
 use serde::Serialize;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use super::metrics;
 use super::orchestrator::{user_names, Plan, Workers};
 use super::protocol::{self, Flavor};
 use super::report::{self, Latency, Totals};
+use super::rollout;
 use super::systems::{self, Herald, HeraldOptions, Limit, Peer, Server};
 
 /// Which system a scenario measures.
@@ -46,6 +48,9 @@ pub(crate) enum Scenario {
     /// Resend capacity: notifications resent per second after the ack timeout by one dispatcher
     /// and by two, to 1,000 online users that never ack, 60 pending each (200 x 100 short).
     Resend,
+    /// A rolling restart of 3 gateways holding 10,000 connections each (1,000 short), with the
+    /// drain's spread and then without it.
+    Rollout,
     /// A few hundred connections through the whole path, checking only that nothing is lost.
     Smoke,
 }
@@ -75,11 +80,11 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
-    fn new(scenario: Scenario, system: System) -> Self {
+    pub(super) fn new(scenario: Scenario, system: System) -> Self {
         Self { scenario, system, figures: Vec::new(), notes: Vec::new(), ok: true }
     }
 
-    fn set(&mut self, name: &str, value: impl Into<Value>) {
+    pub(super) fn set(&mut self, name: &str, value: impl Into<Value>) {
         self.figures.push((name.to_owned(), value.into()));
     }
 
@@ -90,7 +95,7 @@ impl Outcome {
         self.set(&format!("{prefix}_max_ms"), round(lat.max_ms, 2));
     }
 
-    fn fail(&mut self, note: impl Into<String>) {
+    pub(super) fn fail(&mut self, note: impl Into<String>) {
         self.ok = false;
         self.notes.push(note.into());
     }
@@ -126,14 +131,19 @@ impl Sampled<'_> {
 }
 
 /// One system under test, whichever it is.
-enum Sut {
+pub(super) enum Sut {
     Herald(Box<Herald>),
     Peer(Peer),
     Limit(Limit),
 }
 
 impl Sut {
-    async fn start(system: System, servers: usize, options: HeraldOptions, config: &RunConfig) -> anyhow::Result<Self> {
+    pub(super) async fn start(
+        system: System,
+        servers: usize,
+        options: HeraldOptions,
+        config: &RunConfig,
+    ) -> anyhow::Result<Self> {
         Ok(match system {
             System::Herald => Sut::Herald(Box::new(
                 Herald::start(&HeraldOptions { gateways: servers, ..options }, &config.logs).await?,
@@ -154,7 +164,7 @@ impl Sut {
         matches!(self, Sut::Herald(_)).then(|| systems::JWT_SECRET.to_owned())
     }
 
-    fn urls(&self) -> Vec<String> {
+    pub(super) fn urls(&self) -> Vec<String> {
         match self {
             Sut::Herald(h) => h.urls(),
             Sut::Peer(p) => p.urls(),
@@ -182,7 +192,7 @@ impl Sut {
     }
 
     /// One plan group per front server, `per_server` users each.
-    fn plan(&self, per_server: usize, ack: bool, concurrency: usize) -> Plan {
+    pub(super) fn plan(&self, per_server: usize, ack: bool, concurrency: usize) -> Plan {
         Plan {
             flavor: self.flavor(),
             groups: self.urls().into_iter().map(|u| (vec![u], per_server)).collect(),
@@ -190,6 +200,17 @@ impl Sut {
             ack,
             user_prefix: "u".into(),
             connect_concurrency: concurrency,
+        }
+    }
+
+    /// As [`Self::plan`], but group i starts on server i and goes round the others on each
+    /// reconnect (what a load balancer does when a server is gone).
+    pub(super) fn plan_round_the_servers(&self, per_server: usize, ack: bool, concurrency: usize) -> Plan {
+        let urls = self.urls();
+        let n = urls.len();
+        Plan {
+            groups: (0..n).map(|i| ((0..n).map(|j| urls[(i + j) % n].clone()).collect(), per_server)).collect(),
+            ..self.plan(per_server, ack, concurrency)
         }
     }
 }
@@ -206,7 +227,7 @@ async fn redis_rate(port: Option<u16>, window: Duration) -> anyhow::Result<Optio
 }
 
 /// Opens `fraction` of the plan's connections and waits for all of them; returns seconds taken.
-async fn connect(workers: &mut Workers, fraction: f64, timeout: Duration) -> anyhow::Result<(f64, Totals)> {
+pub(super) async fn connect(workers: &mut Workers, fraction: f64, timeout: Duration) -> anyhow::Result<(f64, Totals)> {
     let want = workers.slots_at(fraction);
     let start = Instant::now();
     workers.activate(fraction).await?;
@@ -422,9 +443,28 @@ async fn publish_http(http: &reqwest::Client, targets: &[&Server], ks: std::ops:
 /// publish path could not keep up).
 async fn publish_jobs(h: &Herald, users: &[String], first_k: u64, count: u64, rate: f64) -> anyhow::Result<f64> {
     let subject = h.stack.names().publish_subject("bench");
+    let (_, secs) = publish_paced(&h.js, &subject, users, first_k, count, rate, &CancellationToken::new()).await?;
+    Ok(secs)
+}
+
+/// [`publish_jobs`] until `count` are published or `stop` is cancelled, whichever comes first.
+/// Returns how many were published (each acked by JetStream) and the seconds it took.
+pub(super) async fn publish_paced(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    users: &[String],
+    first_k: u64,
+    count: u64,
+    rate: f64,
+    stop: &CancellationToken,
+) -> anyhow::Result<(u64, f64)> {
     let start = Instant::now();
     let mut acks = FuturesUnordered::new();
+    let mut published = 0;
     for i in 0..count {
+        if stop.is_cancelled() {
+            break;
+        }
         let due = start + Duration::from_secs_f64(i as f64 / rate);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             if wait > Duration::from_millis(2) {
@@ -437,7 +477,8 @@ async fn publish_jobs(h: &Herald, users: &[String], first_k: u64, count: u64, ra
         let body = format!(r#"{{"id":"{id}","to":["{user}"],"payload":{}}}"#, protocol::payload(k, protocol::now_us()));
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
-        acks.push(h.js.publish_with_headers(subject.clone(), headers, body.into()).await?.into_future());
+        acks.push(js.publish_with_headers(subject.to_owned(), headers, body.into()).await?.into_future());
+        published += 1;
         while acks.len() > 4096 {
             if let Some(ack) = acks.next().await {
                 ack?;
@@ -451,7 +492,7 @@ async fn publish_jobs(h: &Herald, users: &[String], first_k: u64, count: u64, ra
     while let Some(ack) = acks.next().await {
         ack?;
     }
-    Ok(start.elapsed().as_secs_f64())
+    Ok((published, start.elapsed().as_secs_f64()))
 }
 
 pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
@@ -1055,12 +1096,7 @@ pub(crate) async fn loss(config: &RunConfig) -> anyhow::Result<Outcome> {
     let rate = 200.0;
     let options = HeraldOptions { presence_ttl_ms: 3_000, ..HeraldOptions::default() };
     let mut sut = Sut::start(System::Herald, servers, options, config).await?;
-    let urls = sut.urls();
-    // Group i starts on gateway i and goes round the others on each reconnect.
-    let mut plan = sut.plan(per_server, true, 256);
-    plan.groups =
-        (0..servers).map(|i| ((0..servers).map(|j| urls[(i + j) % servers].clone()).collect(), per_server)).collect();
-    let mut workers = Workers::spawn(&plan)?;
+    let mut workers = Workers::spawn(&sut.plan_round_the_servers(per_server, true, 256))?;
     connect(&mut workers, 1.0, Duration::from_secs(120)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let Sut::Herald(h) = &mut sut else { anyhow::bail!("not herald") };
@@ -1162,6 +1198,7 @@ pub(crate) async fn run(scenario: Scenario, system: System, config: &RunConfig, 
             (Scenario::Backlog, System::Herald) => backlog(config).await,
             (Scenario::BacklogStorm, System::Herald) => backlog_storm(config).await,
             (Scenario::Resend, System::Herald) => resend(config).await,
+            (Scenario::Rollout, System::Herald) => rollout::rollout(config).await,
             (Scenario::Smoke, System::Herald) => smoke(config).await,
             (scenario, system) => anyhow::bail!("{scenario:?} is not measured on {system:?}"),
         }

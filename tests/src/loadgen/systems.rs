@@ -41,6 +41,20 @@ impl Server {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGTERM, as Kubernetes stops a pod: the process drains and exits by itself. (std sends
+    /// only SIGKILL, and `unsafe` (libc) is forbidden in this workspace.)
+    pub(crate) fn terminate(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {} ({}) failed: {status}", self.pid(), self.name);
+        Ok(())
+    }
+
+    /// Whether `GET http://addr/path` answers 2xx now.
+    pub(crate) async fn answers(&self, http: &reqwest::Client, path: &str) -> bool {
+        let url = format!("http://{}{path}", self.addr);
+        matches!(http.get(&url).send().await, Ok(response) if response.status().is_success())
+    }
+
     /// `kill -9`, as a crash.
     pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -82,17 +96,19 @@ pub(crate) fn free_addr() -> anyhow::Result<SocketAddr> {
 
 /// Waits until `GET http://addr/path` answers 2xx, failing early if the process died.
 async fn wait_http(server: &mut Server, path: &str) -> anyhow::Result<()> {
-    let url = format!("http://{}{path}", server.addr);
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         anyhow::ensure!(server.is_running(), "{} exited during start-up; see its log", server.name);
-        if let Ok(response) = http.get(&url).send().await {
-            if response.status().is_success() {
-                return Ok(());
-            }
+        if server.answers(&http, path).await {
+            return Ok(());
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{} not ready at {url} within 60 s", server.name);
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} not ready at http://{}{path} within 60 s",
+            server.name,
+            server.addr
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -121,6 +137,8 @@ pub(crate) struct HeraldOptions {
     pub(crate) ack_timeout_ms: u64,
     /// `HERALD_SWEEP_INTERVAL_MS` of the dispatchers; `None`: their default.
     pub(crate) sweep_interval_ms: Option<u64>,
+    /// More settings for every gateway (e.g. the drain's), before `HERALD_BENCH_GATEWAY_ENV`.
+    pub(crate) gateway_env: Vec<(&'static str, String)>,
 }
 
 impl Default for HeraldOptions {
@@ -132,6 +150,7 @@ impl Default for HeraldOptions {
             presence_ttl_ms: 10_000,
             ack_timeout_ms: 30_000,
             sweep_interval_ms: None,
+            gateway_env: Vec::new(),
         }
     }
 }
@@ -142,6 +161,8 @@ pub(crate) struct Herald {
     pub(crate) store_proxy: CountingProxy,
     pub(crate) gateways: Vec<Server>,
     pub(crate) gateway_ids: Vec<String>,
+    /// Starts the gateways, and their replacements in a rolling restart.
+    pub(crate) launcher: GatewayLauncher,
     pub(crate) dispatchers: Vec<Server>,
     pub(crate) nats: async_nats::Client,
     pub(crate) js: async_nats::jetstream::Context,
@@ -163,11 +184,24 @@ impl Herald {
             ("HERALD_NATS_URL", common.nats_url.clone()),
             ("HERALD_LOG", std::env::var("HERALD_BENCH_LOG").unwrap_or_else(|_| "warn".into())),
         ];
+        let mut gateway_env = base.to_vec();
+        gateway_env.extend([
+            ("HERALD_JWT_SECRET", JWT_SECRET.into()),
+            ("HERALD_PRESENCE_TTL_MS", options.presence_ttl_ms.to_string()),
+            // The generator's users connect from a handful of loopback addresses, as fast as
+            // a storm needs: a per-address rate limit would measure itself, not Herald.
+            ("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "0".into()),
+        ]);
+        gateway_env.extend(options.max_connections.map(|max| ("HERALD_MAX_CONNECTIONS", max.to_string())));
+        gateway_env.extend(options.gateway_env.iter().cloned());
+        let launcher =
+            GatewayLauncher { program: sibling_binary("herald-gateway")?, env: gateway_env, logs: logs.to_owned() };
         let mut herald = Self {
             stack,
             store_proxy,
             gateways: Vec::new(),
             gateway_ids: Vec::new(),
+            launcher,
             dispatchers: Vec::new(),
             nats,
             js,
@@ -191,19 +225,7 @@ impl Herald {
         }
         for i in 0..options.gateways {
             let id = format!("bench-gw-{i}");
-            let mut env = base.to_vec();
-            env.extend([
-                ("HERALD_GATEWAY_LISTEN", free_addr()?.to_string()),
-                ("HERALD_GATEWAY_ID", id.clone()),
-                ("HERALD_JWT_SECRET", JWT_SECRET.into()),
-                ("HERALD_PRESENCE_TTL_MS", options.presence_ttl_ms.to_string()),
-                // The generator's users connect from a handful of loopback addresses, as fast as
-                // a storm needs: a per-address rate limit would measure itself, not Herald.
-                ("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "0".into()),
-            ]);
-            env.extend(options.max_connections.map(|max| ("HERALD_MAX_CONNECTIONS", max.to_string())));
-            let env = with_extra(&env, "HERALD_BENCH_GATEWAY_ENV");
-            let mut server = spawn(&format!("gateway-{i}"), &sibling_binary("herald-gateway")?, &[], &env, logs)?;
+            let mut server = herald.launcher.launch(&format!("gateway-{i}"), &id, free_addr()?)?;
             wait_http(&mut server, "/readyz").await?;
             herald.gateways.push(server);
             herald.gateway_ids.push(id);
@@ -213,6 +235,18 @@ impl Herald {
 
     pub(crate) fn urls(&self) -> Vec<String> {
         self.gateways.iter().map(|g| format!("ws://{}/v1/connect", g.addr)).collect()
+    }
+
+    /// Starts a replacement for gateway `i`, which must have exited, on the same address (as a
+    /// pod behind the same Service) and with a new id (as a new pod); does not wait for it to be
+    /// ready. `generation` numbers the replacements of one gateway, from 1.
+    pub(crate) fn replace_gateway(&mut self, i: usize, generation: usize) -> anyhow::Result<()> {
+        let old = &mut self.gateways[i];
+        anyhow::ensure!(!old.is_running(), "{} is still running; it cannot be replaced", old.name);
+        let id = format!("bench-gw-{i}-r{generation}");
+        self.gateways[i] = self.launcher.launch(&format!("gateway-{i}-r{generation}"), &id, self.gateways[i].addr)?;
+        self.gateway_ids[i] = id;
+        Ok(())
     }
 
     pub(crate) fn redis_port(&self) -> u16 {
@@ -227,6 +261,23 @@ impl Herald {
         let store_port = store_port.rsplit(':').next().unwrap_or_default().to_owned();
         let nats_port = self.stack.nats.port().to_string();
         (cpu(&["nx", &format!(" {store_port} ")]), cpu(&["nats-server", &format!(" {nats_port} ")]))
+    }
+}
+
+/// What every gateway of one Herald is started with; each gets its own address and id.
+pub(crate) struct GatewayLauncher {
+    program: PathBuf,
+    env: Vec<(&'static str, String)>,
+    logs: PathBuf,
+}
+
+impl GatewayLauncher {
+    /// Starts a gateway process listening on `addr` (its log is `<name>.log`); does not wait.
+    fn launch(&self, name: &str, id: &str, addr: SocketAddr) -> anyhow::Result<Server> {
+        let mut env = self.env.clone();
+        env.extend([("HERALD_GATEWAY_LISTEN", addr.to_string()), ("HERALD_GATEWAY_ID", id.to_owned())]);
+        let env = with_extra(&env, "HERALD_BENCH_GATEWAY_ENV");
+        spawn(name, &self.program, &[], &env, &self.logs)
     }
 }
 

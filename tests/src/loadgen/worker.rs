@@ -1,11 +1,12 @@
 //! One generator process: a set of connection slots, each one user holding one connection that it
-//! re-opens like a real client (jittered exponential backoff; at once after 1012), answering
-//! pings, acking what it receives in batches, and remembering every message it has seen across
-//! reconnects so duplicates are counted and losses can be found.
+//! re-opens like a real client (jittered exponential backoff; after a random delay of up to 1 s
+//! after 1012), answering pings, acking what it receives in batches, and remembering every
+//! message it has seen across reconnects so duplicates are counted and losses can be found.
 //!
 //! Single-threaded on purpose: the generator shares two cores with the system it measures, and one
-//! thread per process needs no locks. Controlled by lines on stdin (`active N`, `report`, `reset`,
-//! `quit`), it answers `report` with one JSON line on stdout. The orchestrator owns the process.
+//! thread per process needs no locks. Controlled by lines on stdin (`active N`, `route W...`,
+//! `report`, `reset`, `quit`), it answers `report` with one JSON line on stdout. The orchestrator
+//! owns the process.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
@@ -40,6 +41,9 @@ const ACK_DELAY: Duration = Duration::from_millis(100);
 const IDS_PER_ACK: usize = 100;
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// After a 1012 (the gateway is draining), a client reconnects after a random delay of up to
+/// this, without backoff (proto/README.md, "Reconnecting").
+const RESTART_DELAY_MAX: Duration = Duration::from_secs(1);
 
 /// What a worker is asked to do; passed as one JSON argument.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,7 +51,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) worker: usize,
     pub(crate) flavor: Flavor,
     /// A slot connects to `urls[0]` first and to the next URL on each new attempt, as a load
-    /// balancer would send it elsewhere when its server is gone.
+    /// balancer would send it elsewhere when its server is gone; once the orchestrator has sent
+    /// `route` weights, each new attempt picks a URL at random by them instead.
     pub(crate) urls: Vec<String>,
     /// Users are `<user_prefix><first_user + slot>`.
     pub(crate) user_prefix: String,
@@ -131,10 +136,20 @@ pub(crate) fn main(spec: WorkerSpec) -> anyhow::Result<()> {
     local.block_on(&runtime, control(spec))
 }
 
+/// What every slot of a worker shares.
+struct Shared {
+    spec: WorkerSpec,
+    stats: RefCell<Stats>,
+    /// Connection set-ups at once.
+    permits: Semaphore,
+    /// Weights over `spec.urls` for new attempts, set by `route`; empty: go round the URLs.
+    route: RefCell<Vec<f64>>,
+}
+
 async fn control(spec: WorkerSpec) -> anyhow::Result<()> {
-    let spec = Rc::new(spec);
-    let stats = Rc::new(RefCell::new(Stats::new()));
-    let permits = Rc::new(Semaphore::new(spec.connect_concurrency.max(1)));
+    let permits = Semaphore::new(spec.connect_concurrency.max(1));
+    let shared = Rc::new(Shared { spec, stats: RefCell::new(Stats::new()), permits, route: RefCell::default() });
+    let (spec, stats) = (&shared.spec, &shared.stats);
     // Owns every slot task; they end when this worker exits.
     let mut slots = JoinSet::new();
     let mut active = 0usize;
@@ -145,9 +160,19 @@ async fn control(spec: WorkerSpec) -> anyhow::Result<()> {
             (Some("active"), Some(n)) => {
                 let target = n.parse::<usize>()?.min(spec.slots);
                 for index in active..target {
-                    slots.spawn_local(slot(Rc::clone(&spec), index, Rc::clone(&stats), Rc::clone(&permits)));
+                    slots.spawn_local(slot(Rc::clone(&shared), index));
                 }
                 active = active.max(target);
+            }
+            (Some("route"), first) => {
+                let weights = first.into_iter().chain(words).map(str::parse).collect::<Result<Vec<f64>, _>>()?;
+                anyhow::ensure!(
+                    weights.is_empty() || weights.len() == spec.urls.len(),
+                    "route: {} weights for {} urls",
+                    weights.len(),
+                    spec.urls.len()
+                );
+                *shared.route.borrow_mut() = weights;
             }
             (Some("report"), _) => {
                 let report = stats.borrow().report(spec.worker);
@@ -171,18 +196,20 @@ enum Failure {
 }
 
 /// One user: connects, serves the connection, reconnects, for as long as the worker runs.
-async fn slot(spec: Rc<WorkerSpec>, index: usize, stats: Rc<RefCell<Stats>>, permits: Rc<Semaphore>) {
+async fn slot(shared: Rc<Shared>, index: usize) {
+    let (spec, stats) = (&shared.spec, &shared.stats);
     let user = format!("{}{}", spec.user_prefix, spec.first_user + index);
     let source = spec.source_ips[index % spec.source_ips.len()];
     let mut seen = HashSet::new();
     let mut backoff = BACKOFF_START;
     let mut attempt = 0usize;
     loop {
-        let url = &spec.urls[attempt % spec.urls.len()];
+        let routed = weighted_pick(&shared.route.borrow(), rand::random::<f64>());
+        let url = &spec.urls[routed.unwrap_or(attempt % spec.urls.len())];
         attempt += 1;
         let opened = {
-            let Ok(_permit) = permits.acquire().await else { return };
-            open(&spec, url, &user, source).await
+            let Ok(_permit) = shared.permits.acquire().await else { return };
+            open(spec, url, &user, source).await
         };
         let ws = match opened {
             Ok(ws) => ws,
@@ -203,17 +230,39 @@ async fn slot(spec: Rc<WorkerSpec>, index: usize, stats: Rc<RefCell<Stats>>, per
             st.last_connect_us = protocol::now_us();
         }
         backoff = BACKOFF_START;
-        let code = serve(&spec, ws, &stats, &mut seen).await;
+        let code = serve(spec, ws, stats, &mut seen).await;
         {
             let mut st = stats.borrow_mut();
             st.connected -= 1;
             *st.closes.entry(code).or_default() += 1;
         }
-        if code != 1012 {
+        if code == 1012 {
+            tokio::time::sleep(RESTART_DELAY_MAX.mul_f64(rand::random::<f64>())).await;
+        } else {
             tokio::time::sleep(jitter(backoff)).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
+}
+
+/// The index `r` (uniform in 0..1) falls on when each index takes its weight's share of 0..1;
+/// None when no weight is positive (the caller then goes round the URLs).
+fn weighted_pick(weights: &[f64], r: f64) -> Option<usize> {
+    let total: f64 = weights.iter().filter(|w| **w > 0.0).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut point = r * total;
+    let mut last = None;
+    for (i, w) in weights.iter().enumerate().filter(|(_, w)| **w > 0.0) {
+        if point < *w {
+            return Some(i);
+        }
+        point -= w;
+        last = Some(i);
+    }
+    // Rounding at the top end.
+    last
 }
 
 /// Half to one and a half times `step`, as the protocol document asks of clients.
@@ -349,5 +398,30 @@ fn on_message(stats: &RefCell<Stats>, seen: &mut HashSet<u64>, m: &protocol::Mes
         }
     } else {
         st.duplicates += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_weighted_pick_gives_each_url_its_share() {
+        let weights = [0.0, 0.25, 0.75];
+        assert_eq!(weighted_pick(&weights, 0.0), Some(1));
+        assert_eq!(weighted_pick(&weights, 0.2499), Some(1));
+        assert_eq!(weighted_pick(&weights, 0.25), Some(2));
+        assert_eq!(weighted_pick(&weights, 0.9999), Some(2));
+        // Weights need not add up to 1: only their proportions count.
+        assert_eq!(weighted_pick(&[3.0, 1.0], 0.74), Some(0));
+        assert_eq!(weighted_pick(&[3.0, 1.0], 0.76), Some(1));
+    }
+
+    #[test]
+    fn without_a_positive_weight_there_is_no_pick() {
+        assert_eq!(weighted_pick(&[], 0.5), None);
+        assert_eq!(weighted_pick(&[0.0, 0.0], 0.5), None);
+        assert_eq!(weighted_pick(&[0.0, 2.0], 0.0), Some(1), "a zero weight is never picked");
+        assert_eq!(weighted_pick(&[1.0, 0.0], 1.0), Some(0), "the top end falls on the last positive weight");
     }
 }
