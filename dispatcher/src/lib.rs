@@ -89,10 +89,10 @@ pub async fn run(
         let (db, redis, nats) = tokio::try_join!(
             connect::mongo(&config.mongodb_uri, &config.mongodb_database),
             connect::redis(&config.common.redis_url),
-            connect::nats(&config.common.nats_url, &name),
+            connect::nats(&config.common.nats_url, &config.common.nats_auth, &name),
         )?;
         let js = jetstream::new(nats.clone());
-        streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas).await?;
+        streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.stream_limits).await?;
         let store = store::Store::new(db, metrics.dependencies.clone());
         store.ensure_indexes().await?;
         Ok::<_, DispatcherError>((redis, nats, js, store))

@@ -113,10 +113,12 @@ pub async fn run(
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
     let start = async {
         let name = format!("herald-gateway {gateway_id}");
-        let (redis, nats) =
-            tokio::try_join!(connect::redis(&config.common.redis_url), connect::nats(&config.common.nats_url, &name))?;
+        let (redis, nats) = tokio::try_join!(
+            connect::redis(&config.common.redis_url),
+            connect::nats(&config.common.nats_url, &config.common.nats_auth, &name)
+        )?;
         let js = jetstream::new(nats.clone());
-        streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas).await?;
+        streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.stream_limits).await?;
         Ok::<_, GatewayError>((redis, nats, js))
     };
     let (redis, nats, js) = tokio::select! {

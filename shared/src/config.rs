@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::streams::{Limits, StreamLimits};
+
 /// Shortest admin token accepted: 128 bits of a random hex or base64 string.
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
 
@@ -26,15 +28,36 @@ pub struct CommonConfig {
     /// can share one Redis and one NATS.
     pub prefix: String,
     pub redis_url: String,
+    /// One URL or a comma-separated seed list; a user and password (or a token) in it are used.
     pub nats_url: String,
+    /// How Herald authenticates to NATS, besides credentials in `nats_url` (never both).
+    pub nats_auth: NatsAuth,
     /// Replicas of Herald's JetStream streams when a process creates them (3 in production;
-    /// 1 for a single NATS server). Existing streams are left as they are.
+    /// 1 for a single NATS server). Existing streams keep their own.
     pub jetstream_replicas: usize,
+    /// Limits of the jobs and events streams, applied when a process ensures them (existing
+    /// streams too).
+    pub stream_limits: StreamLimits,
     /// Limits of the service's HTTP listener.
     pub http: HttpConfig,
     /// The wall clock. Not read from the environment: always the system clock, except in tests
     /// that play a host whose clock is off.
     pub clock: crate::Clock,
+}
+
+/// A file that authenticates Herald to NATS. Only paths: the secrets stay in their files, which
+/// are read (and checked) when the configuration is loaded and again at connect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// No file: no credentials, or those in `HERALD_NATS_URL`.
+    #[default]
+    None,
+    /// `HERALD_NATS_CREDS_FILE`: a `.creds` file (user JWT and nkey seed), as `nsc` writes for a
+    /// server in operator (decentralised JWT) mode.
+    CredsFile(PathBuf),
+    /// `HERALD_NATS_NKEY_FILE`: a file holding a user's nkey seed (`SU…`), for a server whose
+    /// users are listed by public nkey (`authorization { users = [ { nkey: "U…" } ] }`).
+    NkeyFile(PathBuf),
 }
 
 /// Limits on HTTP connections that are not (or not yet) a WebSocket session: connect requests
@@ -512,8 +535,11 @@ impl CommonConfig {
             env.invalid(format!("HERALD_PREFIX: {prefix:?} must be 1-64 of [A-Za-z0-9_-]"));
         }
         let nats_url = env.string("HERALD_NATS_URL", "nats://127.0.0.1:14222");
+        let nats_auth = nats_auth(env);
         if let Err(e) = crate::connect::nats_seeds(&nats_url) {
             env.invalid(format!("HERALD_NATS_URL: {e}"));
+        } else if let Err(e) = crate::nats_auth::check_nats_credentials(&nats_url, &nats_auth) {
+            env.invalid(e.to_string());
         }
         // Read by telemetry::init before the configuration; checked here with everything else.
         let (log, format) = (env.optional("HERALD_LOG"), env.optional("HERALD_LOG_FORMAT"));
@@ -524,15 +550,70 @@ impl CommonConfig {
         if !(1..=5).contains(&jetstream_replicas) {
             env.invalid("HERALD_JETSTREAM_REPLICAS: must be 1 to 5");
         }
+        let stream_limits = stream_limits(env);
         Self {
             prefix,
             redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
             nats_url,
+            nats_auth,
             jetstream_replicas,
+            stream_limits,
             http: HttpConfig::from_env(env),
             clock: crate::Clock::system(),
         }
     }
+}
+
+/// `HERALD_NATS_CREDS_FILE` or `HERALD_NATS_NKEY_FILE`: at most one, since a connection
+/// authenticates as one user. (Names written out in each read: scripts/check-k8s.sh finds the
+/// variables the code reads by them.)
+fn nats_auth(env: &mut Env) -> NatsAuth {
+    let creds = env.optional("HERALD_NATS_CREDS_FILE").map(PathBuf::from);
+    let nkey = env.optional("HERALD_NATS_NKEY_FILE").map(PathBuf::from);
+    match (creds, nkey) {
+        (Some(_), Some(_)) => {
+            env.invalid("HERALD_NATS_CREDS_FILE and HERALD_NATS_NKEY_FILE: set one, not both");
+            NatsAuth::None
+        }
+        (Some(path), None) => NatsAuth::CredsFile(path),
+        (None, Some(path)) => NatsAuth::NkeyFile(path),
+        (None, None) => NatsAuth::None,
+    }
+}
+
+/// `HERALD_{JOBS,EVENTS}_MAX_{AGE_SECS,BYTES}`. Unset: Herald leaves the limit alone; 0: no limit.
+fn stream_limits(env: &mut Env) -> StreamLimits {
+    // A job older than the largest TTL has expired: removing it loses nothing a user could still
+    // get. Younger, it may be one no dispatcher has stored yet. HERALD_MAX_TTL_SECS is the
+    // dispatcher's to parse and report; a gateway checks against its value (or the default) all
+    // the same, since it applies the limits too.
+    let max_ttl = env.raw("HERALD_MAX_TTL_SECS").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_TTL_SECS);
+    let min_age = crate::streams::MIN_MAX_AGE.as_secs();
+    let jobs = (env.parse_optional("HERALD_JOBS_MAX_AGE_SECS"), env.parse_optional("HERALD_JOBS_MAX_BYTES"));
+    let events = (env.parse_optional("HERALD_EVENTS_MAX_AGE_SECS"), env.parse_optional("HERALD_EVENTS_MAX_BYTES"));
+    let why = " (HERALD_MAX_TTL_SECS: a job younger than its TTL that no dispatcher took would be lost)";
+    StreamLimits {
+        jobs: checked_limits(env, "HERALD_JOBS", jobs, min_age.max(max_ttl), why),
+        events: checked_limits(env, "HERALD_EVENTS", events, min_age, ""),
+    }
+}
+
+/// One stream's `(max age, max bytes)`, each 0 or at least its floor.
+fn checked_limits(
+    env: &mut Env,
+    stream: &str,
+    (age, bytes): (Option<u64>, Option<u64>),
+    min_age: u64,
+    why: &str,
+) -> Limits {
+    use crate::streams::MIN_MAX_BYTES;
+    if age.is_some_and(|age| age != 0 && age < min_age) {
+        env.invalid(format!("{stream}_MAX_AGE_SECS: must be 0 (no limit) or at least {min_age}{why}"));
+    }
+    if bytes.is_some_and(|bytes| bytes != 0 && !(MIN_MAX_BYTES..=i64::MAX as u64).contains(&bytes)) {
+        env.invalid(format!("{stream}_MAX_BYTES: must be 0 (no limit) or at least {MIN_MAX_BYTES}"));
+    }
+    Limits { max_age: age.map(Duration::from_secs), max_bytes: bytes }
 }
 
 impl HttpConfig {
@@ -872,6 +953,104 @@ mod tests {
             ["HERALD_READ_TOKEN", "\"127.0.0.1:8080\"", "\"*\"", "HERALD_API_MAX_BATCH", "HERALD_API_MAX_BODY_BYTES"]
         {
             assert!(err.contains(name), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn nats_auth_is_one_readable_file_or_the_url() {
+        let dir = std::env::temp_dir();
+        let seed_file = dir.join(format!("herald-config-{}.nk", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&seed_file, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+        let seed_path = seed_file.to_str().unwrap();
+        let secret = ("HERALD_JWT_SECRET", "0123456789abcdef");
+
+        let mut e = env(&[secret]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().common.nats_auth, NatsAuth::None);
+        let mut e = env(&[secret, ("HERALD_NATS_NKEY_FILE", seed_path)]);
+        let c = GatewayConfig::from_env(&mut e);
+        let c = e.finish(c).unwrap();
+        assert_eq!(c.common.nats_auth, NatsAuth::NkeyFile(seed_file.clone()));
+        assert!(!format!("{c:?}").contains("SU"), "the seed is not in the config");
+
+        // Both files; a file that is not there; a file and credentials in the URL: each named.
+        let missing = dir.join("herald-config-missing.creds");
+        let mut e = env(&[secret, ("HERALD_NATS_NKEY_FILE", seed_path), ("HERALD_NATS_CREDS_FILE", seed_path)]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_NATS_CREDS_FILE and HERALD_NATS_NKEY_FILE"));
+        let mut e = env(&[
+            ("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"),
+            ("HERALD_NATS_CREDS_FILE", missing.to_str().unwrap()),
+        ]);
+        let c = DispatcherConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        assert!(
+            text.contains("HERALD_NATS_CREDS_FILE: cannot read") && text.contains("herald-config-missing.creds"),
+            "{text}"
+        );
+        let mut e = env(&[
+            secret,
+            ("HERALD_NATS_NKEY_FILE", seed_path),
+            ("HERALD_NATS_URL", "nats://herald:hunter2@nats:4222"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        assert!(text.contains("HERALD_NATS_URL") && text.contains("HERALD_NATS_NKEY_FILE"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        let _ = std::fs::remove_file(seed_file);
+    }
+
+    #[test]
+    fn stream_limits_are_unmanaged_unless_set_and_bounded() {
+        let secret = ("HERALD_JWT_SECRET", "0123456789abcdef");
+        let mut e = env(&[secret]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().common.stream_limits, StreamLimits::default());
+
+        let mut e = env(&[
+            secret,
+            ("HERALD_JOBS_MAX_AGE_SECS", "2592000"),
+            ("HERALD_JOBS_MAX_BYTES", "0"),
+            ("HERALD_EVENTS_MAX_AGE_SECS", "3600"),
+            ("HERALD_EVENTS_MAX_BYTES", "1073741824"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let limits = e.finish(c).unwrap().common.stream_limits;
+        assert_eq!(limits.jobs, Limits { max_age: Some(Duration::from_secs(2_592_000)), max_bytes: Some(0) });
+        assert_eq!(limits.events, Limits { max_age: Some(Duration::from_secs(3600)), max_bytes: Some(1 << 30) });
+
+        // A jobs max age below the largest TTL would drop jobs a user could still get; a lower
+        // HERALD_MAX_TTL_SECS lowers the floor with it.
+        let admin = ("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!");
+        let mut e = env(&[admin, ("HERALD_JOBS_MAX_AGE_SECS", "86400"), ("HERALD_DEFAULT_TTL_SECS", "3600")]);
+        let c = DispatcherConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        assert!(text.contains("HERALD_JOBS_MAX_AGE_SECS: must be 0 (no limit) or at least 2592000"), "{text}");
+        let mut e = env(&[
+            admin,
+            ("HERALD_JOBS_MAX_AGE_SECS", "86400"),
+            ("HERALD_DEFAULT_TTL_SECS", "3600"),
+            ("HERALD_MAX_TTL_SECS", "86400"),
+        ]);
+        let c = DispatcherConfig::from_env(&mut e);
+        assert!(e.finish(c).is_ok());
+
+        let mut e = env(&[
+            secret,
+            ("HERALD_EVENTS_MAX_AGE_SECS", "60"),
+            ("HERALD_EVENTS_MAX_BYTES", "1000"),
+            ("HERALD_JOBS_MAX_BYTES", "-1"),
+            ("HERALD_JOBS_MAX_AGE_SECS", "lots"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        for want in [
+            "HERALD_EVENTS_MAX_AGE_SECS: must be 0 (no limit) or at least 120",
+            "HERALD_EVENTS_MAX_BYTES: must be 0 (no limit) or at least 1048576",
+            "HERALD_JOBS_MAX_BYTES: invalid digit",
+            "HERALD_JOBS_MAX_AGE_SECS: invalid digit",
+        ] {
+            assert!(text.contains(want), "{want} missing from {text}");
         }
     }
 

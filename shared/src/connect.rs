@@ -6,9 +6,12 @@
 //! in any order, and a fleet restarted with its Redis comes back together), so every failed
 //! attempt (a refused connection, a server still loading) is retried with jittered backoff for
 //! up to [`STARTUP_TIMEOUT`]. A shutdown request ends the wait: the services drop this future.
+//! Credentials are not an outage: NATS's (`nats_auth`) are checked with the configuration, and a
+//! refusal of them is reported at once.
 
 use std::fmt::Display;
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fred::prelude::{ClientLike, Config as RedisConfig};
@@ -16,6 +19,8 @@ use fred::types::config::{ConnectionConfig, PerformanceConfig, ReconnectPolicy};
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
+use crate::config::NatsAuth;
+use crate::nats_auth::{nats_credentials, with_credentials, without_credentials};
 
 /// How long start-up waits for a dependency before giving up.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -40,8 +45,25 @@ pub enum NatsError {
     Connect(#[from] async_nats::ConnectError),
     #[error("jetstream: {0}")]
     JetStream(#[from] async_nats::jetstream::context::AccountError),
-    #[error("not a NATS server address: {0}")]
+    /// Shown with any user and password in it replaced by `***`.
+    #[error("not a NATS server address: {}", redact_url(.0))]
     Address(String),
+    /// The seeds of `HERALD_NATS_URL` carry different credentials: one connection has one user.
+    #[error("HERALD_NATS_URL: its servers carry different credentials; give the same to each, or to none")]
+    MixedCredentials,
+    /// A connection authenticates as one user.
+    #[error("HERALD_NATS_URL carries a user or token and {variable} is set too; give one of them")]
+    TwoCredentials { variable: &'static str },
+    #[error("{variable}: cannot read {}: {source}", .path.display())]
+    CredentialsFile {
+        variable: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read but does not hold what the variable needs; `problem` never quotes it.
+    #[error("{variable}: {} {problem}", .path.display())]
+    BadCredentials { variable: &'static str, path: PathBuf, problem: &'static str },
 }
 
 /// The servers of `HERALD_NATS_URL`: one URL, or a comma-separated seed list of a cluster's
@@ -53,6 +75,22 @@ pub fn nats_seeds(url: &str) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
         return Err(NatsError::Address(url.to_owned()));
     }
     seeds.into_iter().map(|s| s.parse().map_err(|_| NatsError::Address(s.to_owned()))).collect()
+}
+
+/// `url` with the user and password of each server in it replaced by `***`, for errors and logs:
+/// `nats://***@nats:4222`. Works on text that does not parse as a URL too.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|part| {
+            let Some((scheme, rest)) = part.split_once("://") else { return part.to_owned() };
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://***{}", &rest[at..]),
+                None => part.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// How waiting for a dependency ended, when it did not answer.
@@ -120,10 +158,21 @@ pub async fn redis(url: &str) -> Result<fred::clients::Client, ConnectError> {
 }
 
 /// A NATS client that reconnects forever and resubscribes on its own, once JetStream answers.
-pub async fn nats(url: &str, name: &str) -> Result<async_nats::Client, ConnectError> {
+/// It authenticates with the user and password (or token) in `url`, or with the file `auth`
+/// names; both are read again here, so a file replaced since the configuration was checked is
+/// the one used.
+pub async fn nats(url: &str, auth: &NatsAuth, name: &str) -> Result<async_nats::Client, ConnectError> {
+    // The error names the servers, never the credentials.
+    let shown = || redact_url(url);
+    let err = |source| ConnectError::Nats { url: shown(), source };
+    let seeds = without_credentials(nats_seeds(url).map_err(err)?).map_err(err)?;
+    // A wrong file is not an outage: reported at once, not retried.
+    let credentials = nats_credentials(url, auth).map_err(err)?;
+    let options = with_credentials(async_nats::ConnectOptions::new(), credentials).map_err(err)?;
     let attempt = || async {
         let name_for_log = name.to_owned();
-        let client = async_nats::ConnectOptions::new()
+        let client = options
+            .clone()
             .name(name)
             .connection_timeout(Duration::from_secs(2))
             .max_reconnects(None)
@@ -141,17 +190,31 @@ pub async fn nats(url: &str, name: &str) -> Result<async_nats::Client, ConnectEr
                     }
                 }
             })
-            .connect(nats_seeds(url)?)
-            .await
-            .map_err(NatsError::from)?;
+            .connect(seeds.clone())
+            .await;
+        let client = match client {
+            Ok(client) => client,
+            // NATS said no to the credentials: waiting does not change them, so say so now.
+            Err(e) if credentials_refused(&e) => return Ok(Err(NatsError::from(e))),
+            Err(e) => return Err(NatsError::from(e)),
+        };
         // A server that has just started serves clients before JetStream has recovered its store.
         async_nats::jetstream::new(client.clone()).query_account().await?;
-        Ok::<_, NatsError>(client)
+        Ok::<_, NatsError>(Ok(client))
     };
-    wait_for("nats", attempt).await.map_err(|waited| match waited {
-        Waited::Failed(source) => ConnectError::Nats { url: url.to_owned(), source },
-        Waited::TimedOut => ConnectError::Timeout { dependency: "nats", url: url.to_owned() },
-    })
+    wait_for("nats", attempt)
+        .await
+        .map_err(|waited| match waited {
+            Waited::Failed(source) => err(source),
+            Waited::TimedOut => ConnectError::Timeout { dependency: "nats", url: shown() },
+        })?
+        .map_err(err)
+}
+
+/// Whether NATS refused the credentials (none given where some are required, or wrong ones).
+fn credentials_refused(error: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind::{Authentication, AuthorizationViolation};
+    matches!(error.kind(), AuthorizationViolation | Authentication)
 }
 
 /// A MongoDB database handle whose operations give up on an unreachable server within seconds,
@@ -185,6 +248,30 @@ mod tests {
         assert_eq!(nats_seeds("nats://h:1").unwrap().len(), 1);
         assert!(matches!(nats_seeds(" , "), Err(NatsError::Address(_))));
         assert!(matches!(nats_seeds("nats://h:1,http://[::1"), Err(NatsError::Address(a)) if a == "http://[::1"));
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_credentials() {
+        assert_eq!(redact_url("nats://u:p%40ss@h:4222,nats://h2:4222"), "nats://***@h:4222,nats://h2:4222");
+        assert_eq!(redact_url("tls://token@h/x@y"), "tls://***@h/x@y");
+        assert_eq!(redact_url("nats://u:pw@[bad"), "nats://***@[bad");
+        assert_eq!(redact_url("h:4222"), "h:4222");
+        let e = nats_seeds("nats://u:secret@h:1,http://u:secret@[::1").unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+
+    /// A wrong file is reported at once (not retried as an outage would be), and the error shows
+    /// the URL without its password.
+    #[tokio::test]
+    async fn a_bad_credentials_file_fails_the_connect_at_once() {
+        let auth = NatsAuth::NkeyFile(std::env::temp_dir().join("herald-no-such-file"));
+        let e = tokio::time::timeout(Duration::from_secs(1), nats("nats://u:hunter2@127.0.0.1:1", &auth, "t"))
+            .await
+            .expect("not retried")
+            .unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("nats://***@127.0.0.1:1") && shown.contains("HERALD_NATS_NKEY_FILE"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     /// Start-up against a port nothing listens on: refused at once, and retried rather than

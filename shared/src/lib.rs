@@ -8,6 +8,7 @@ pub mod fdlimit;
 pub mod log_json;
 pub mod metrics;
 pub mod naming;
+pub mod nats_auth;
 pub mod outage;
 pub mod readiness;
 pub mod serve;

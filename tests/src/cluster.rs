@@ -223,7 +223,8 @@ impl Cluster {
             .connect(herald_shared::connect::nats_seeds(&stack.nats.url())?)
             .await?;
         let js = jetstream::new(nats.clone());
-        herald_shared::streams::ensure(&js, &stack.names(), stack.common_config().jetstream_replicas).await?;
+        let common = stack.common_config();
+        herald_shared::streams::ensure(&js, &stack.names(), common.jetstream_replicas, &common.stream_limits).await?;
         // Assertions read Mongo directly, not through the proxy a test may cut.
         let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
         Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })

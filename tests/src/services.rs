@@ -17,8 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use herald_shared::config::{CommonConfig, HttpConfig};
+use herald_shared::config::{CommonConfig, HttpConfig, NatsAuth};
 use herald_shared::naming::Names;
+use herald_shared::streams::StreamLimits;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -84,7 +85,9 @@ impl Stack {
             prefix: self.prefix.clone(),
             redis_url: self.redis.url(),
             nats_url: self.nats.url(),
+            nats_auth: NatsAuth::None,
             jetstream_replicas: self.nats.nodes().min(3),
+            stream_limits: StreamLimits::default(),
             // Tests connect their clients from one address, quickly: no per-address connect rate
             // unless a test sets one.
             http: HttpConfig { connects_per_sec_per_ip: 0, ..HttpConfig::default() },
@@ -186,6 +189,22 @@ impl Nats {
         let program = find_binary("HERALD_TEST_NATS_SERVER", Some("nats-server"), "nats-server")?;
         let process = Process::start("nats", program, NATS_READY_LINE, nats_args, nats_ready).await?;
         Ok(Self { nodes: vec![process] })
+    }
+
+    /// A single `nats-server -js` that also reads `config`, the text of a server configuration
+    /// file (an `authorization` block, say). Ready once it greets a client with its INFO: the
+    /// other starts' probes connect without credentials, which such a server may refuse.
+    pub async fn start_with_config(config: &str) -> anyhow::Result<Self> {
+        let program = find_binary("HERALD_TEST_NATS_SERVER", Some("nats-server"), "nats-server")?;
+        let mut node = Process::new("nats", program, NATS_READY_LINE)?;
+        let file = node.dir_path().join("nats.conf");
+        std::fs::write(&file, config).with_context(|| format!("writing {}", file.display()))?;
+        node.port = free_port()?;
+        let mut args = nats_args(node.port, node.dir_path());
+        args.extend(self::args(&["-c", &file.display().to_string()]));
+        node.args = args;
+        node.spawn_and_wait(&nats_greets).await.map_err(SpawnError::into_error)?;
+        Ok(Self { nodes: vec![node] })
     }
 
     /// A cluster of `size` nodes on free ports, routed to each other, once JetStream has a meta
@@ -456,6 +475,15 @@ async fn nats_ready(port: u16) -> anyhow::Result<()> {
         .await?;
     // JetStream answers once it has recovered its store (after a restart).
     async_nats::jetstream::new(client).query_account().await?;
+    Ok(())
+}
+
+/// The server sends its INFO to a new connection, before any credentials are asked for.
+async fn nats_greets(port: u16) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut greeting = [0u8; 5];
+    stream.read_exact(&mut greeting).await?;
+    anyhow::ensure!(&greeting == b"INFO ", "the server said {:?}", String::from_utf8_lossy(&greeting));
     Ok(())
 }
 

@@ -1521,13 +1521,13 @@ async fn a_pull_whose_closing_status_overtakes_its_messages_still_gets_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_at_start_up_wait_out_a_jetstream_that_does_not_answer() {
     let mut stack = Stack::start().await.unwrap();
-    let nats = herald_shared::connect::nats(&stack.nats.url(), "finding-10").await.unwrap();
+    let nats = herald_shared::connect::nats(&stack.nats.url(), &Default::default(), "finding-10").await.unwrap();
     let js = async_nats::jetstream::new(nats);
     let names = stack.names();
     stack.nats.pause();
     let ensure = tokio::spawn({
         let (js, names) = (js.clone(), names.clone());
-        async move { herald_shared::streams::ensure_at_startup(&js, &names, 1).await }
+        async move { herald_shared::streams::ensure_at_startup(&js, &names, 1, &Default::default()).await }
     });
     tokio::time::sleep(Duration::from_secs(12)).await;
     stack.nats.resume();

@@ -34,7 +34,7 @@ async fn stack_starts_all_three_and_names_are_unique() {
 
     // Herald's own connection code accepts every URL the stack hands out.
     herald_shared::connect::redis(&stack.redis.url()).await.unwrap();
-    herald_shared::connect::nats(&stack.nats.url(), "harness").await.unwrap();
+    herald_shared::connect::nats(&stack.nats.url(), &Default::default(), "harness").await.unwrap();
     let db = herald_shared::connect::mongo(&stack.mongo_uri(), &stack.database).await.unwrap();
     db.collection::<Document>("c").insert_one(doc! { "through": "proxy" }).await.unwrap();
     let direct = mongodb::Client::with_uri_str(stack.mongo.uri()).await.unwrap();
@@ -65,7 +65,7 @@ async fn redis_serves_and_comes_back_empty_after_restart() {
 async fn nats_keeps_jetstream_messages_across_restarts() {
     init_test_logging();
     let mut nats = Nats::start().await.unwrap();
-    let client = herald_shared::connect::nats(&nats.url(), "harness").await.unwrap();
+    let client = herald_shared::connect::nats(&nats.url(), &Default::default(), "harness").await.unwrap();
     let js = jetstream::new(client);
     js.get_or_create_stream(jetstream::stream::Config {
         name: "H_JOBS".into(),

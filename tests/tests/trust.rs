@@ -79,7 +79,7 @@ async fn a_recreated_jobs_stream_never_reuses_a_message_id() {
 
     let names = cluster.stack.names();
     cluster.js.delete_stream(names.jobs_stream()).await.unwrap();
-    herald_shared::streams::ensure(&cluster.js, &names, 1).await.unwrap();
+    herald_shared::streams::ensure(&cluster.js, &names, 1, &Default::default()).await.unwrap();
     let second = json!({"to": ["bob"], "payload": {"n": "second"}});
     assert_eq!(cluster.publish(&second).await.unwrap(), 1, "the new stream starts at 1 again");
 
