@@ -216,7 +216,13 @@ impl Nats {
         let mut nodes = Vec::with_capacity(size);
         for (i, cluster_port) in cluster_ports.iter().enumerate() {
             let mut node = Process::new("nats", program.clone(), NATS_READY_LINE)?;
-            node.port = free_port()?;
+            // A port just freed may come back: never one of the cluster's route ports.
+            node.port = loop {
+                let port = free_port()?;
+                if !cluster_ports.contains(&port) {
+                    break port;
+                }
+            };
             let mut args = nats_args(node.port, node.dir_path());
             let name = nats_node_name(i);
             let listen = format!("nats://127.0.0.1:{cluster_port}");
