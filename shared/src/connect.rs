@@ -227,6 +227,7 @@ pub async fn mongo(uri: &str, database: &str) -> Result<mongodb::Database, Conne
     // Notice a returning server within a second or so, not the driver's default ten.
     options.heartbeat_freq.get_or_insert(Duration::from_secs(1));
     options.app_name.get_or_insert_with(|| "herald".to_owned());
+    durable_defaults(&mut options);
     let client = mongodb::Client::with_options(options).map_err(err)?;
     let db = client.database(database);
     let ping = || async { db.run_command(mongodb::bson::doc! { "ping": 1 }).await };
@@ -235,6 +236,22 @@ pub async fn mongo(uri: &str, database: &str) -> Result<mongodb::Database, Conne
         Waited::TimedOut => ConnectError::Timeout { dependency: "mongodb", url: uri.to_owned() },
     })?;
     Ok(db)
+}
+
+/// Write concern `majority` and reads from the primary, unless the URI sets them (`w=`,
+/// `readPreference=`). On a replica set, a write only the primary has is rolled back if the
+/// primary fails before a secondary copies it: a stored job that was then acked in JetStream,
+/// or a `delivered` receipt, would be gone (invariants 1 and 2). Replays, sweeps and the API
+/// read what the dispatchers just wrote, which only the primary is sure to have. On a single
+/// server both are what it does anyway.
+fn durable_defaults(options: &mut mongodb::options::ClientOptions) {
+    use mongodb::options::{Acknowledgment, ReadPreference, SelectionCriteria};
+    if options.write_concern.as_ref().is_none_or(|w| w.w.is_none()) {
+        let mut concern = options.write_concern.take().unwrap_or_default();
+        concern.w = Some(Acknowledgment::Majority);
+        options.write_concern = Some(concern);
+    }
+    options.selection_criteria.get_or_insert(SelectionCriteria::ReadPreference(ReadPreference::Primary));
 }
 
 #[cfg(test)]
@@ -272,6 +289,27 @@ mod tests {
         let shown = e.to_string();
         assert!(shown.contains("nats://***@127.0.0.1:1") && shown.contains("HERALD_NATS_NKEY_FILE"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn the_store_is_written_by_majority_and_read_from_the_primary_unless_the_uri_says() {
+        use mongodb::options::{Acknowledgment, ClientOptions, ReadPreference, SelectionCriteria};
+        let mut plain = ClientOptions::parse("mongodb://127.0.0.1:1/?replicaSet=rs0").await.unwrap();
+        durable_defaults(&mut plain);
+        assert_eq!(plain.write_concern.and_then(|w| w.w), Some(Acknowledgment::Majority));
+        assert!(matches!(plain.selection_criteria, Some(SelectionCriteria::ReadPreference(ReadPreference::Primary))));
+
+        let mut chosen =
+            ClientOptions::parse("mongodb://127.0.0.1:1/?w=1&journal=true&readPreference=primaryPreferred")
+                .await
+                .unwrap();
+        durable_defaults(&mut chosen);
+        let concern = chosen.write_concern.unwrap();
+        assert_eq!((concern.w, concern.journal), (Some(Acknowledgment::Nodes(1)), Some(true)));
+        assert!(matches!(
+            chosen.selection_criteria,
+            Some(SelectionCriteria::ReadPreference(ReadPreference::PrimaryPreferred { .. }))
+        ));
     }
 
     /// Start-up against a port nothing listens on: refused at once, and retried rather than
