@@ -27,15 +27,16 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one Redis command may take, including waiting for a reconnect.
 const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Each shows its URL with any user and password replaced by `***`: these lines reach the logs.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("redis at {url}: {source}")]
+    #[error("redis at {}: {source}", redact_url(.url))]
     Redis { url: String, source: fred::error::Error },
-    #[error("nats at {url}: {source}")]
+    #[error("nats at {}: {source}", redact_url(.url))]
     Nats { url: String, source: NatsError },
-    #[error("mongodb at {uri}: {source}")]
+    #[error("mongodb at {}: {source}", redact_url(.uri))]
     Mongo { uri: String, source: mongodb::error::Error },
-    #[error("{dependency} at {url}: no answer within {STARTUP_TIMEOUT:?}")]
+    #[error("{dependency} at {}: no answer within {STARTUP_TIMEOUT:?}", redact_url(.url))]
     Timeout { dependency: &'static str, url: String },
 }
 
@@ -310,6 +311,17 @@ mod tests {
             chosen.selection_criteria,
             Some(SelectionCriteria::ReadPreference(ReadPreference::PrimaryPreferred { .. }))
         ));
+    }
+
+    /// A Redis or MongoDB password in a connection error would reach the logs.
+    #[test]
+    fn connection_errors_show_no_password() {
+        let source = fred::error::Error::new(fred::error::ErrorKind::IO, "refused");
+        let redis = ConnectError::Redis { url: "redis://:hunter2@r:6379".into(), source };
+        assert_eq!(redis.to_string(), "redis at redis://***@r:6379: IO Error: refused");
+        let mongo =
+            ConnectError::Timeout { dependency: "mongodb", url: "mongodb://herald:hunter2@m1,m2/herald".into() };
+        assert_eq!(mongo.to_string(), "mongodb at mongodb://***@m1,m2/herald: no answer within 20s");
     }
 
     /// Start-up against a port nothing listens on: refused at once, and retried rather than
