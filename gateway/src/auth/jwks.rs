@@ -204,7 +204,9 @@ impl Refresher {
     pub async fn run(mut self, stop: CancellationToken, fetches: prometheus::IntCounterVec) {
         let min = self.jwks.min_refetch;
         let mut next = Instant::now();
-        let mut backoff = min;
+        let mut backoff = herald_shared::backoff::Backoff::new(min, self.refresh);
+        // An identity provider that fails again and again is logged once, and once it is back.
+        let outage = herald_shared::outage::Outage::new("identity provider (JWKS)");
         loop {
             let number = tokio::select! {
                 biased;
@@ -229,13 +231,14 @@ impl Refresher {
                     *self.jwks.keys.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::from(keys);
                     self.jwks.loaded.store(true, Ordering::Release);
                     next = Instant::now() + next_refresh(age, self.refresh, min);
-                    backoff = min;
+                    backoff.succeeded();
+                    outage.answered();
                 }
                 Err(e) => {
-                    let kept = self.jwks.keys().len();
-                    tracing::warn!(error = %e, url = %self.url, kept, retry_in = ?backoff, "JWKS fetch failed; keeping the keys held");
-                    next = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(self.refresh);
+                    let retry_in = backoff.failed();
+                    outage.failed(&e);
+                    tracing::debug!(url = %self.url, kept = self.jwks.keys().len(), ?retry_in, "JWKS fetch failed; keeping the keys held");
+                    next = Instant::now() + retry_in;
                 }
             }
             self.jwks.gate().in_flight = false;
