@@ -14,6 +14,7 @@ pub mod otlp;
 pub mod proxy;
 pub mod sdk;
 pub mod services;
+pub mod test_ca;
 pub mod tokens;
 
 use std::path::PathBuf;
