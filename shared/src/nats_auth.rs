@@ -207,8 +207,8 @@ mod tests {
         assert!(e.to_string().contains("herald-no-such-file"), "{e}");
     }
 
-    /// A creds file end to end needs a server in operator mode (JWTs signed by an operator and
-    /// an account); here the file is read, checked and wired into the options.
+    /// The file is read, checked and wired into the options; tests/tests/nats_config.rs logs in
+    /// with one to a server in operator mode.
     #[test]
     fn a_creds_file_holds_a_jwt_and_a_seed_and_is_wired_into_the_options() {
         let seed = nkeys::KeyPair::new_user().seed().unwrap();

@@ -3,8 +3,9 @@
 //! stream refuses new jobs and keeps every one it took, and limits configured later reach a
 //! stream that exists already.
 //!
-//! A `.creds` file (JWT) needs a server in operator mode, with an operator and an account to sign
-//! the user's JWT; its reading and checking are unit-tested in `herald_shared::connect` instead.
+//! A `.creds` file (a user JWT and its seed) needs a server in operator mode: the test makes an
+//! operator, an account with JetStream and a user, signs their JWTs itself ([`jwt`]), and starts
+//! nats-server with them preloaded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -208,4 +209,109 @@ async fn ensure_applies_configured_limits_to_an_existing_stream_and_refuses_an_i
     assert!(error.to_string().contains("retention Limits, Herald needs WorkQueue"), "{error}");
     let config = js.get_stream(other.jobs_stream()).await.unwrap().info().await.unwrap().config.clone();
     assert_eq!((config.retention, config.max_bytes), (stream::RetentionPolicy::Limits, -1));
+}
+
+/// NATS decentralised auth as `nsc` would set it up, made in the test: JWTs (header, claims,
+/// ed25519 signature by the issuer's nkey, each part base64url) for an operator, an account that
+/// may use JetStream, and a user of it.
+mod jwt {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use serde_json::{json, Value};
+
+    fn encode(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: Value) -> String {
+        let header = URL_SAFE_NO_PAD.encode(json!({ "typ": "JWT", "alg": "ed25519-nkey" }).to_string());
+        let claims = json!({
+            "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+            "iat": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+            "iss": issuer.public_key(),
+            "name": name,
+            "sub": subject,
+            "nats": nats,
+        });
+        let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+        let signature = issuer.sign(format!("{header}.{claims}").as_bytes()).unwrap();
+        format!("{header}.{claims}.{}", URL_SAFE_NO_PAD.encode(signature))
+    }
+
+    pub(super) struct Operator {
+        pub(super) server_config: String,
+        pub(super) creds: String,
+    }
+
+    /// A server configuration that trusts one operator and knows one account, and a `.creds`
+    /// file's text for a user of that account.
+    pub(super) fn operator_account_user() -> Operator {
+        let operator = nkeys::KeyPair::new_operator();
+        let account = nkeys::KeyPair::new_account();
+        // JetStream in operator mode needs a system account.
+        let system = nkeys::KeyPair::new_account();
+        let user = nkeys::KeyPair::new_user();
+        let operator_jwt =
+            encode(&operator, &operator.public_key(), "herald-test", json!({ "type": "operator", "version": 2 }));
+        let unlimited = json!({
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+            "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+        });
+        let account_jwt = encode(
+            &operator,
+            &account.public_key(),
+            "herald",
+            json!({ "limits": unlimited, "type": "account", "version": 2 }),
+        );
+        let system_jwt = encode(&operator, &system.public_key(), "SYS", json!({ "type": "account", "version": 2 }));
+        let user_jwt = encode(
+            &account,
+            &user.public_key(),
+            "herald-dispatcher",
+            json!({ "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2 }),
+        );
+        let server_config = format!(
+            "operator: \"{operator_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {sys}: \"{system_jwt}\"\n  {}: \"{account_jwt}\"\n}}\n",
+            account.public_key(),
+            sys = system.public_key(),
+        );
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        );
+        Operator { server_config, creds }
+    }
+}
+
+/// A `.creds` file logs in to a server in operator mode and JetStream answers its user; without
+/// it, or with a user that another account signed, the server refuses at once.
+#[tokio::test]
+async fn herald_logs_in_with_a_creds_file_to_a_server_in_operator_mode() {
+    init_test_logging();
+    let setup = jwt::operator_account_user();
+    let nats = Nats::start_with_config(&setup.server_config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let creds_file = dir.path().join("herald.creds");
+    std::fs::write(&creds_file, &setup.creds).unwrap();
+
+    let config =
+        common(&[("HERALD_NATS_URL", &nats.url()), ("HERALD_NATS_CREDS_FILE", creds_file.to_str().unwrap())]).unwrap();
+    assert_eq!(config.nats_auth, NatsAuth::CredsFile(creds_file.clone()));
+    let client = connect::nats(&config.nats_url, &config.nats_auth, "creds-user").await.unwrap();
+    let names = Names::new(&unique_name("t"));
+    let js = jetstream::new(client);
+    streams::ensure(&js, &names, 1, &StreamLimits::default()).await.unwrap();
+    js.publish(names.publish_subject("creds"), "job".into()).await.unwrap().await.unwrap();
+
+    let started = Instant::now();
+    let error = connect::nats(&nats.url(), &NatsAuth::None, "anonymous").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "refused credentials are not retried: {:?}", started.elapsed());
+    assert!(error.to_string().contains("authorization violation"), "{error}");
+
+    // A well-formed creds file of a user whose account this server does not know.
+    let stranger = dir.path().join("stranger.creds");
+    std::fs::write(&stranger, jwt::operator_account_user().creds).unwrap();
+    let error = connect::nats(&nats.url(), &NatsAuth::CredsFile(stranger), "stranger").await.unwrap_err();
+    assert!(error.to_string().contains("authorization violation"), "{error}");
 }
