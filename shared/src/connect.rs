@@ -7,7 +7,10 @@
 //! attempt (a refused connection, a server still loading) is retried with jittered backoff for
 //! up to [`STARTUP_TIMEOUT`]. A shutdown request ends the wait: the services drop this future.
 //! Credentials are not an outage: NATS's (`nats_auth`) are checked with the configuration, and a
-//! refusal of them is reported at once.
+//! refusal of them is reported at once. Neither is a certificate refused by either side of a NATS
+//! TLS handshake (`tls::is_certificate_refusal`). Redis's client (fred) reports TLS failures as
+//! text only, and decisions are not made on text: a refused certificate there is retried like an
+//! outage, each attempt logged with its cause, and reported after [`STARTUP_TIMEOUT`].
 
 use std::fmt::Display;
 use std::future::Future;
@@ -21,6 +24,7 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::config::NatsAuth;
 use crate::nats_auth::{nats_credentials, with_credentials, without_credentials};
+use crate::tls::{ClientTls, TlsError};
 
 /// How long start-up waits for a dependency before giving up.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -38,6 +42,10 @@ pub enum ConnectError {
     Mongo { uri: String, source: mongodb::error::Error },
     #[error("{dependency} at {}: no answer within {STARTUP_TIMEOUT:?}", redact_url(.url))]
     Timeout { dependency: &'static str, url: String },
+    /// A TLS file that cannot be used (read again at connect: it may have changed since the
+    /// configuration was checked).
+    #[error("{dependency} at {}: {source}", redact_url(.url))]
+    Tls { dependency: &'static str, url: String, source: TlsError },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +73,8 @@ pub enum NatsError {
     /// The file was read but does not hold what the variable needs; `problem` never quotes it.
     #[error("{variable}: {} {problem}", .path.display())]
     BadCredentials { variable: &'static str, path: PathBuf, problem: &'static str },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The servers of `HERALD_NATS_URL`: one URL, or a comma-separated seed list of a cluster's
@@ -131,8 +141,28 @@ where
 /// A Redis client that reconnects forever with a capped backoff. Commands issued while Redis is
 /// away fail after [`REDIS_COMMAND_TIMEOUT`] rather than piling up.
 pub async fn redis(url: &str) -> Result<fred::clients::Client, ConnectError> {
+    redis_with_tls(url, &ClientTls::default()).await
+}
+
+/// Whether a Redis URL asks for TLS (`rediss://`, `valkeys://` and their cluster and sentinel
+/// forms); `None` if it does not parse.
+pub fn redis_uses_tls(url: &str) -> Option<bool> {
+    RedisConfig::from_url(url).ok().map(|config| config.tls.is_some())
+}
+
+/// [`redis`], with `tls` for a TLS URL: its CA file (else the system's roots) and client
+/// certificate, on rustls with ring.
+pub async fn redis_with_tls(url: &str, tls: &ClientTls) -> Result<fred::clients::Client, ConnectError> {
     let err = |source| ConnectError::Redis { url: url.to_owned(), source };
-    let config = RedisConfig::from_url(url).map_err(err)?;
+    let mut config = RedisConfig::from_url(url).map_err(err)?;
+    if let Some(current) = config.tls.take() {
+        let rustls = tls.rustls_config(&crate::tls::REDIS_TLS).map_err(|source| ConnectError::Tls {
+            dependency: "redis",
+            url: url.to_owned(),
+            source,
+        })?;
+        config.tls = Some(fred::types::config::TlsConfig { connector: rustls.into(), hostnames: current.hostnames });
+    }
     let attempt = || async {
         let client = fred::types::Builder::from_config(config.clone())
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
@@ -163,13 +193,48 @@ pub async fn redis(url: &str) -> Result<fred::clients::Client, ConnectError> {
 /// names; both are read again here, so a file replaced since the configuration was checked is
 /// the one used.
 pub async fn nats(url: &str, auth: &NatsAuth, name: &str) -> Result<async_nats::Client, ConnectError> {
+    nats_with_tls(url, auth, &ClientTls::default(), name).await
+}
+
+/// The servers of `url` and the options that authenticate to them (`auth`, or credentials in
+/// `url`) and do TLS as `tls` says: what [`nats`] connects with, and `heraldctl` too. Reads the
+/// files: a wrong one is reported here, not retried.
+pub fn nats_options(
+    url: &str,
+    auth: &NatsAuth,
+    tls: &ClientTls,
+) -> Result<(Vec<async_nats::ServerAddr>, async_nats::ConnectOptions), NatsError> {
+    let seeds = without_credentials(nats_seeds(url)?)?;
+    let credentials = nats_credentials(url, auth)?;
+    let mut options = with_credentials(async_nats::ConnectOptions::new(), credentials)?;
+    if tls.is_set() {
+        // Checked here so that a bad file names its variable; async-nats reads it again.
+        tls.check(&crate::tls::NATS_TLS)?;
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some(client) = &tls.client {
+            options = options.add_client_certificate(client.cert.clone(), client.key.clone());
+        }
+        // Files given mean TLS is wanted: a `nats://` server that does not offer it is refused
+        // rather than spoken to in the clear.
+        options = options.require_tls(true);
+    }
+    Ok((seeds, options))
+}
+
+/// [`nats`], with `tls`: a CA file to trust (else the system's roots) and a client certificate.
+pub async fn nats_with_tls(
+    url: &str,
+    auth: &NatsAuth,
+    tls: &ClientTls,
+    name: &str,
+) -> Result<async_nats::Client, ConnectError> {
     // The error names the servers, never the credentials.
     let shown = || redact_url(url);
     let err = |source| ConnectError::Nats { url: shown(), source };
-    let seeds = without_credentials(nats_seeds(url).map_err(err)?).map_err(err)?;
     // A wrong file is not an outage: reported at once, not retried.
-    let credentials = nats_credentials(url, auth).map_err(err)?;
-    let options = with_credentials(async_nats::ConnectOptions::new(), credentials).map_err(err)?;
+    let (seeds, options) = nats_options(url, auth, tls).map_err(err)?;
     let attempt = || async {
         let name_for_log = name.to_owned();
         let client = options
@@ -195,8 +260,11 @@ pub async fn nats(url: &str, auth: &NatsAuth, name: &str) -> Result<async_nats::
             .await;
         let client = match client {
             Ok(client) => client,
-            // NATS said no to the credentials: waiting does not change them, so say so now.
-            Err(e) if credentials_refused(&e) => return Ok(Err(NatsError::from(e))),
+            // NATS said no to the credentials, or one side of the TLS handshake to the other's
+            // certificate: waiting does not change them, so say so now.
+            Err(e) if credentials_refused(&e) || crate::tls::is_certificate_refusal(&e) => {
+                return Ok(Err(NatsError::from(e)))
+            }
             Err(e) => return Err(NatsError::from(e)),
         };
         // A server that has just started serves clients before JetStream has recovered its store.
