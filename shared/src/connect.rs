@@ -7,10 +7,11 @@
 //! attempt (a refused connection, a server still loading) is retried with jittered backoff for
 //! up to [`STARTUP_TIMEOUT`]. A shutdown request ends the wait: the services drop this future.
 //! Credentials are not an outage: NATS's (`nats_auth`) are checked with the configuration, and a
-//! refusal of them is reported at once. Neither is a certificate refused by either side of a NATS
-//! TLS handshake (`tls::is_certificate_refusal`). Redis's client (fred) reports TLS failures as
-//! text only, and decisions are not made on text: a refused certificate there is retried like an
-//! outage, each attempt logged with its cause, and reported after [`STARTUP_TIMEOUT`].
+//! refusal of them is reported at once. Neither is a certificate refused by either side of a TLS
+//! handshake (`tls::is_certificate_refusal`): NATS's client says so in its error; Redis's (fred)
+//! says so only in text, so after a failed attempt over TLS a handshake of our own asks the
+//! server again and its typed error decides. MongoDB's driver retries within its server
+//! selection timeout and says why in the error, which start-up reports when it gives up.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -46,6 +47,9 @@ pub enum ConnectError {
     /// configuration was checked).
     #[error("{dependency} at {}: {source}", redact_url(.url))]
     Tls { dependency: &'static str, url: String, source: TlsError },
+    /// One side of the TLS handshake refused the other's certificate (or its absence).
+    #[error("{dependency} at {}: TLS certificate refused: {source}", redact_url(.url))]
+    CertificateRefused { dependency: &'static str, url: String, source: std::io::Error },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,13 +159,17 @@ pub fn redis_uses_tls(url: &str) -> Option<bool> {
 pub async fn redis_with_tls(url: &str, tls: &ClientTls) -> Result<fred::clients::Client, ConnectError> {
     let err = |source| ConnectError::Redis { url: url.to_owned(), source };
     let mut config = RedisConfig::from_url(url).map_err(err)?;
+    let mut probe = None;
     if let Some(current) = config.tls.take() {
         let rustls = tls.rustls_config(&crate::tls::REDIS_TLS).map_err(|source| ConnectError::Tls {
             dependency: "redis",
             url: url.to_owned(),
             source,
         })?;
-        config.tls = Some(fred::types::config::TlsConfig { connector: rustls.into(), hostnames: current.hostnames });
+        let rustls = std::sync::Arc::new(rustls);
+        probe = Some(rustls.clone());
+        let connector = fred::types::config::TlsConnector::Rustls(rustls.into());
+        config.tls = Some(fred::types::config::TlsConfig { connector, hostnames: current.hostnames });
     }
     let attempt = || async {
         let client = fred::types::Builder::from_config(config.clone())
@@ -179,13 +187,53 @@ pub async fn redis_with_tls(url: &str, tls: &ClientTls) -> Result<fred::clients:
         // The first connection's error comes back here (fred's `fail_fast`, the default) and
         // this loop retries it; once connected, the client's reconnect policy takes over. The
         // connection task is owned by the client: it ends when the client quits or is dropped.
-        let _task = client.init().await?;
-        Ok::<_, fred::error::Error>(client)
+        match client.init().await {
+            Ok(_task) => Ok(Ok(client)),
+            Err(e) => match &probe {
+                Some(rustls) => match certificate_refusal(&config, rustls.clone()).await {
+                    Some(refusal) => Ok(Err(refusal)),
+                    None => Err(e),
+                },
+                None => Err(e),
+            },
+        }
     };
-    wait_for("redis", attempt).await.map_err(|waited| match waited {
-        Waited::Failed(source) => err(source),
-        Waited::TimedOut => ConnectError::Timeout { dependency: "redis", url: url.to_owned() },
-    })
+    wait_for("redis", attempt)
+        .await
+        .map_err(|waited| match waited {
+            Waited::Failed(source) => err(source),
+            Waited::TimedOut => ConnectError::Timeout { dependency: "redis", url: url.to_owned() },
+        })?
+        .map_err(|source| ConnectError::CertificateRefused { dependency: "redis", url: url.to_owned(), source })
+}
+
+/// After a failed connection over TLS: a handshake of our own with the first server of
+/// `config`, and its error if that is a refused certificate (fred keeps only the text of its
+/// own). Anything else (no answer, a reset) is left to the caller's retries.
+async fn certificate_refusal(
+    config: &RedisConfig,
+    rustls: std::sync::Arc<rustls::ClientConfig>,
+) -> Option<std::io::Error> {
+    let server = config.server.hosts().into_iter().next()?;
+    let name = server.tls_server_name.as_ref().unwrap_or(&server.host).to_string();
+    let name = rustls::pki_types::ServerName::try_from(name).ok()?;
+    let limit = Duration::from_secs(2);
+    let tcp =
+        tokio::time::timeout(limit, tokio::net::TcpStream::connect((&*server.host, server.port))).await.ok()?.ok()?;
+    let mut stream =
+        match tokio::time::timeout(limit, tokio_rustls::TlsConnector::from(rustls).connect(name, tcp)).await.ok()? {
+            Ok(stream) => stream,
+            Err(e) => return crate::tls::is_certificate_refusal(&e).then_some(e),
+        };
+    // TLS 1.3: a server refuses a client's certificate after the client's side of the handshake
+    // is done, so the refusal arrives with the first read.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(b"PING\r\n").await.ok()?;
+    let mut reply = [0u8; 16];
+    match tokio::time::timeout(limit, stream.read(&mut reply)).await.ok()? {
+        Err(e) if crate::tls::is_certificate_refusal(&e) => Some(e),
+        _ => None,
+    }
 }
 
 /// A NATS client that reconnects forever and resubscribes on its own, once JetStream answers.

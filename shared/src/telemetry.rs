@@ -223,7 +223,10 @@ fn otlp_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, Otl
     let exporter = match settings.protocol {
         OtlpProtocol::HttpProtobuf => {
             use opentelemetry_otlp::WithHttpConfig as _;
-            opentelemetry_otlp::SpanExporter::builder().with_http().with_http_client(http_client(&settings.tls)?).build()?
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(http_client(&settings.tls)?)
+                .build()?
         }
         OtlpProtocol::Grpc => {
             use opentelemetry_otlp::WithTonicConfig as _;

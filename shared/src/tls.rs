@@ -18,17 +18,11 @@ pub struct TlsVars {
     pub key: &'static str,
 }
 
-pub const REDIS_TLS: TlsVars = TlsVars {
-    ca: "HERALD_REDIS_TLS_CA_FILE",
-    cert: "HERALD_REDIS_TLS_CERT_FILE",
-    key: "HERALD_REDIS_TLS_KEY_FILE",
-};
+pub const REDIS_TLS: TlsVars =
+    TlsVars { ca: "HERALD_REDIS_TLS_CA_FILE", cert: "HERALD_REDIS_TLS_CERT_FILE", key: "HERALD_REDIS_TLS_KEY_FILE" };
 
-pub const NATS_TLS: TlsVars = TlsVars {
-    ca: "HERALD_NATS_TLS_CA_FILE",
-    cert: "HERALD_NATS_TLS_CERT_FILE",
-    key: "HERALD_NATS_TLS_KEY_FILE",
-};
+pub const NATS_TLS: TlsVars =
+    TlsVars { ca: "HERALD_NATS_TLS_CA_FILE", cert: "HERALD_NATS_TLS_CERT_FILE", key: "HERALD_NATS_TLS_KEY_FILE" };
 
 /// The OpenTelemetry specification's names for the exporter's files.
 pub const OTLP_TLS: TlsVars = TlsVars {
@@ -160,7 +154,10 @@ pub fn is_certificate_refusal(error: &(dyn std::error::Error + 'static)) -> bool
     let mut next = Some(error);
     while let Some(e) = next {
         // An I/O error hides its inner error from `source()`: look inside.
-        let inner = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|i| i as &(dyn std::error::Error + 'static));
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
         for candidate in [Some(e), inner].into_iter().flatten() {
             match candidate.downcast_ref::<rustls::Error>() {
                 Some(rustls::Error::InvalidCertificate(_)) => return true,
