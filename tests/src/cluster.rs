@@ -230,6 +230,17 @@ impl Cluster {
         Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
     }
 
+    /// As [`Cluster::new`], with the test's own NATS client for publishing and inspecting
+    /// streams: one that speaks TLS to a TLS-only server, say.
+    pub async fn with_nats(stack: Stack, options: Options, nats: async_nats::Client) -> anyhow::Result<Self> {
+        crate::init_test_logging();
+        let js = jetstream::new(nats.clone());
+        let common = stack.common_config();
+        herald_shared::streams::ensure(&js, &stack.names(), common.jetstream_replicas, &common.stream_limits).await?;
+        let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
+        Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
+    }
+
     /// A stack with default options.
     pub async fn start() -> anyhow::Result<Self> {
         Self::new(Stack::start().await?, Options::default()).await
