@@ -15,7 +15,7 @@ use herald_tests::proxy::TcpProxy;
 use herald_tests::services::{nats_tls_config, Mongo, Nats, Redis, Stack};
 use herald_tests::test_ca::{CertFiles, TestCa};
 use herald_tests::tls_proxy::{mongo_tls_uri, TlsProxy};
-use herald_tests::unique_name;
+use herald_tests::{bin_path, unique_name};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -33,7 +33,8 @@ fn tls_url(nats: &Nats) -> String {
 
 /// (a) A gateway and a dispatcher that reach Redis over `rediss://` and NATS over `tls://`, both
 /// requiring client certificates, and MongoDB only through a TLS proxy that requires one too,
-/// deliver a message end to end and the receipt says delivered.
+/// deliver a message end to end and the receipt says delivered. heraldctl publishes over the
+/// same TLS with the same variables (and is refused without them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_with_tls_to_every_dependency_delivers_a_message() {
     let mut ca = TestCa::new("Herald test CA");
@@ -62,7 +63,7 @@ async fn a_fleet_with_tls_to_every_dependency_delivers_a_message() {
     let mut common = cluster.stack.common_config();
     common.redis_url = cluster.stack.redis.tls_url();
     common.redis_tls = tls.clone();
-    common.nats_url = nats_url;
+    common.nats_url = nats_url.clone();
     common.nats_tls = tls.clone();
     let mut dispatcher = dispatcher_config(&cluster.stack, &cluster.options);
     dispatcher.common = common.clone();
@@ -80,6 +81,25 @@ async fn a_fleet_with_tls_to_every_dependency_delivers_a_message() {
     assert_eq!(n.id, "tls-1");
     tess.ack([n.id.as_str()]).await.unwrap();
     cluster.wait_receipt("tls-1", "tess", "delivered").await.unwrap();
+
+    // heraldctl reaches the same NATS with the same variables, and not without them.
+    let heraldctl = |tls_vars: bool| {
+        let mut command = tokio::process::Command::new(bin_path("heraldctl").unwrap());
+        command.env_clear().env("HERALD_NATS_URL", &nats_url).env("HERALD_PREFIX", cluster.stack.names().prefix());
+        if tls_vars {
+            command
+                .env("HERALD_NATS_TLS_CA_FILE", &ca.ca_file)
+                .env("HERALD_NATS_TLS_CERT_FILE", &herald.cert)
+                .env("HERALD_NATS_TLS_KEY_FILE", &herald.key);
+        }
+        command.args(["publish", "--to", "tess", "{}", "--id", "tls-2"]).kill_on_drop(true).output()
+    };
+    let refused = tokio::time::timeout(WAIT, heraldctl(false)).await.unwrap().unwrap();
+    assert!(!refused.status.success(), "no CA, no client certificate: refused");
+    let published = tokio::time::timeout(WAIT, heraldctl(true)).await.unwrap().unwrap();
+    assert!(published.status.success(), "{}", String::from_utf8_lossy(&published.stderr));
+    let n = tess.next_notification(WAIT).await.expect("the notification heraldctl published");
+    assert_eq!(n.id, "tls-2");
 }
 
 /// (b) Servers whose certificate another CA signed are refused at once, with the certificate
