@@ -385,6 +385,13 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_url_says_whether_it_wants_tls() {
+        assert_eq!(redis_uses_tls("rediss://:pw@r:6380/0"), Some(true));
+        assert_eq!(redis_uses_tls("valkeys://r:6380"), Some(true));
+        assert_eq!(redis_uses_tls("redis://r:6379"), Some(false));
+    }
+
+    #[test]
     fn urls_are_shown_without_their_credentials() {
         assert_eq!(redact_url("nats://u:p%40ss@h:4222,nats://h2:4222"), "nats://***@h:4222,nats://h2:4222");
         assert_eq!(redact_url("tls://token@h/x@y"), "tls://***@h/x@y");

@@ -1,7 +1,8 @@
 //! A tiny OpenTelemetry collector per test, so a test can assert on the spans Herald exports.
 //!
 //! Owns the `tests/otlp/receiver.py` process (OTLP over HTTP/protobuf, as `opentelemetry-otlp`
-//! sends it): its start, the spans it recorded, and its removal on drop. Configuring Herald to
+//! sends it; https with a test CA's certificate from [`OtlpReceiver::start_https`]): its start,
+//! the spans it recorded, and its removal on drop. The gRPC receiver is `otlp_grpc`'s. Configuring Herald to
 //! export there (`OTEL_EXPORTER_OTLP_ENDPOINT` = [`OtlpReceiver::endpoint`]) is left to the test.
 //!
 //! Needs `.venv` from `scripts/deps.sh` (which installs `opentelemetry-proto`).
