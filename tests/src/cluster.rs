@@ -222,12 +222,7 @@ impl Cluster {
             .max_reconnects(None)
             .connect(herald_shared::connect::nats_seeds(&stack.nats.url())?)
             .await?;
-        let js = jetstream::new(nats.clone());
-        let common = stack.common_config();
-        herald_shared::streams::ensure(&js, &stack.names(), common.jetstream_replicas, &common.stream_limits).await?;
-        // Assertions read Mongo directly, not through the proxy a test may cut.
-        let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
-        Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
+        Self::with_nats(stack, options, nats).await
     }
 
     /// As [`Cluster::new`], with the test's own NATS client for publishing and inspecting
@@ -237,6 +232,7 @@ impl Cluster {
         let js = jetstream::new(nats.clone());
         let common = stack.common_config();
         herald_shared::streams::ensure(&js, &stack.names(), common.jetstream_replicas, &common.stream_limits).await?;
+        // Assertions read Mongo directly, not through the proxy a test may cut.
         let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
         Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
     }
