@@ -171,6 +171,30 @@ async fn a_server_requiring_client_certificates_refuses_a_client_without_one() {
     connect::redis_with_tls(&redis.tls_url(), &with).await.unwrap();
 }
 
+/// TLS with the rest of the NATS options: a seed list (one seed down) and an nkey user, on a
+/// server that requires both a client certificate and the nkey.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_tls_works_with_a_seed_list_and_an_nkey() {
+    let mut ca = TestCa::new("Herald test CA");
+    let server = ca.server(&[]);
+    let herald = ca.client("herald");
+    let user = nkeys::KeyPair::new_user();
+    let config = format!(
+        "{}authorization {{ users = [ {{ nkey: {:?} }} ] }}\n",
+        nats_tls_config(&server, &ca.ca_file, true),
+        user.public_key()
+    );
+    let nats = Nats::start_with_config(&config).await.unwrap();
+    let seed_file = ca.dir().join("herald.nk");
+    std::fs::write(&seed_file, user.seed().unwrap()).unwrap();
+
+    let down = herald_tests::services::free_port().unwrap();
+    let url = format!("tls://127.0.0.1:{down},{}", tls_url(&nats));
+    let auth = NatsAuth::NkeyFile(seed_file);
+    let client = connect::nats_with_tls(&url, &auth, &client_tls(&ca, Some(&herald)), "t").await.unwrap();
+    client.flush().await.unwrap();
+}
+
 /// (d) Spans from a dispatcher and a gateway (processes, as deployed) reach a collector over
 /// https, and over gRPC with TLS, each requiring a client certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
