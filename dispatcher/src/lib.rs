@@ -88,8 +88,8 @@ pub async fn run(
         let name = format!("herald-dispatcher {}", config.dispatcher_id);
         let (db, redis, nats) = tokio::try_join!(
             connect::mongo(&config.mongodb_uri, &config.mongodb_database),
-            connect::redis(&config.common.redis_url),
-            connect::nats(&config.common.nats_url, &config.common.nats_auth, &name),
+            connect::redis_with_tls(&config.common.redis_url, &config.common.redis_tls),
+            connect::nats_with_tls(&config.common.nats_url, &config.common.nats_auth, &config.common.nats_tls, &name),
         )?;
         let js = jetstream::new(nats.clone());
         streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.stream_limits).await?;

@@ -114,8 +114,8 @@ pub async fn run(
     let start = async {
         let name = format!("herald-gateway {gateway_id}");
         let (redis, nats) = tokio::try_join!(
-            connect::redis(&config.common.redis_url),
-            connect::nats(&config.common.nats_url, &config.common.nats_auth, &name)
+            connect::redis_with_tls(&config.common.redis_url, &config.common.redis_tls),
+            connect::nats_with_tls(&config.common.nats_url, &config.common.nats_auth, &config.common.nats_tls, &name)
         )?;
         let js = jetstream::new(nats.clone());
         streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.stream_limits).await?;

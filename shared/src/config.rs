@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::streams::{Limits, StreamLimits};
+use crate::tls::{CertKey, ClientTls, TlsVars};
 
 /// Shortest admin token accepted: 128 bits of a random hex or base64 string.
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
@@ -32,6 +33,10 @@ pub struct CommonConfig {
     pub nats_url: String,
     /// How Herald authenticates to NATS, besides credentials in `nats_url` (never both).
     pub nats_auth: NatsAuth,
+    /// TLS to Redis (`rediss://`): whom to trust and the client certificate, if any.
+    pub redis_tls: ClientTls,
+    /// TLS to NATS (`tls://`, or required by the server): set, TLS is required.
+    pub nats_tls: ClientTls,
     /// Replicas of Herald's JetStream streams when a process creates them (3 in production;
     /// 1 for a single NATS server). Existing streams keep their own.
     pub jetstream_replicas: usize,
@@ -546,6 +551,13 @@ impl CommonConfig {
         for problem in crate::telemetry::LogSettings::read(log.as_deref(), format.as_deref()).1 {
             env.invalid(problem);
         }
+        let otlp = crate::telemetry::OtlpSettings::read(|name| env.optional(name));
+        for problem in otlp.1 {
+            env.invalid(problem);
+        }
+        let nats_tls = nats_tls(env);
+        let redis_url = env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379");
+        let redis_tls = redis_tls(env, &redis_url);
         let jetstream_replicas = env.parse("HERALD_JETSTREAM_REPLICAS", 1);
         if !(1..=5).contains(&jetstream_replicas) {
             env.invalid("HERALD_JETSTREAM_REPLICAS: must be 1 to 5");
@@ -553,9 +565,11 @@ impl CommonConfig {
         let stream_limits = stream_limits(env);
         Self {
             prefix,
-            redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
+            redis_url,
             nats_url,
             nats_auth,
+            redis_tls,
+            nats_tls,
             jetstream_replicas,
             stream_limits,
             http: HttpConfig::from_env(env),
@@ -567,7 +581,7 @@ impl CommonConfig {
 /// `HERALD_NATS_CREDS_FILE` or `HERALD_NATS_NKEY_FILE`: at most one, since a connection
 /// authenticates as one user. (Names written out in each read: scripts/check-k8s.sh finds the
 /// variables the code reads by them.)
-fn nats_auth(env: &mut Env) -> NatsAuth {
+pub fn nats_auth(env: &mut Env) -> NatsAuth {
     let creds = env.optional("HERALD_NATS_CREDS_FILE").map(PathBuf::from);
     let nkey = env.optional("HERALD_NATS_NKEY_FILE").map(PathBuf::from);
     match (creds, nkey) {
@@ -579,6 +593,41 @@ fn nats_auth(env: &mut Env) -> NatsAuth {
         (None, Some(path)) => NatsAuth::NkeyFile(path),
         (None, None) => NatsAuth::None,
     }
+}
+
+/// One dependency's TLS files: a CA file, and a client certificate and key (both or neither),
+/// each read and checked now so that a wrong file stops the start-up with its variable named.
+pub fn client_tls(env: &mut Env, vars: &TlsVars) -> ClientTls {
+    let ca_file = env.optional(vars.ca).map(PathBuf::from);
+    let client = match (env.optional(vars.cert), env.optional(vars.key)) {
+        (Some(cert), Some(key)) => Some(CertKey { cert: cert.into(), key: key.into() }),
+        (None, None) => None,
+        _ => {
+            env.invalid(format!("{} and {}: set both or neither", vars.cert, vars.key));
+            None
+        }
+    };
+    let tls = ClientTls { ca_file, client };
+    if let Err(e) = tls.check(vars) {
+        env.invalid(e.to_string());
+    }
+    tls
+}
+
+/// `HERALD_REDIS_TLS_{CA,CERT,KEY}_FILE`, only with a TLS URL (`rediss://`): with a plain one
+/// they would be ignored, and the operator believe the link encrypted.
+fn redis_tls(env: &mut Env, url: &str) -> ClientTls {
+    let tls = client_tls(env, &crate::tls::REDIS_TLS);
+    if tls.is_set() && crate::connect::redis_uses_tls(url) == Some(false) {
+        env.invalid("HERALD_REDIS_TLS_*: set, but HERALD_REDIS_URL is not a TLS URL (rediss://)");
+    }
+    tls
+}
+
+/// `HERALD_NATS_TLS_{CA,CERT,KEY}_FILE`. Any URL: with them set, `nats://` servers must
+/// offer TLS too.
+pub fn nats_tls(env: &mut Env) -> ClientTls {
+    client_tls(env, &crate::tls::NATS_TLS)
 }
 
 /// `HERALD_{JOBS,EVENTS}_MAX_{AGE_SECS,BYTES}`. Unset: Herald leaves the limit alone; 0: no limit.
@@ -998,6 +1047,117 @@ mod tests {
         assert!(text.contains("HERALD_NATS_URL") && text.contains("HERALD_NATS_NKEY_FILE"), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
         let _ = std::fs::remove_file(seed_file);
+    }
+
+    /// A self-signed certificate and its key, as PEM files in a fresh directory.
+    fn cert_and_key() -> (tempfile_dir::Dir, PathBuf, PathBuf) {
+        let dir = tempfile_dir::Dir::new();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (dir, cert_path, key_path)
+    }
+
+    /// A directory removed on drop (shared has no tempfile dependency).
+    mod tempfile_dir {
+        pub(super) struct Dir(pub(super) std::path::PathBuf);
+        impl Dir {
+            pub(super) fn new() -> Self {
+                let path = std::env::temp_dir().join(format!("herald-config-{}", uuid::Uuid::new_v4().simple()));
+                std::fs::create_dir(&path).unwrap();
+                Self(path)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn redis_and_nats_tls_files_are_read_and_checked() {
+        let (_dir, cert, key) = cert_and_key();
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let secret = ("HERALD_JWT_SECRET", "0123456789abcdef");
+
+        let mut e = env(&[secret]);
+        let c = GatewayConfig::from_env(&mut e);
+        let common = e.finish(c).unwrap().common;
+        assert_eq!((common.redis_tls, common.nats_tls), (ClientTls::default(), ClientTls::default()));
+
+        let mut e = env(&[
+            secret,
+            ("HERALD_REDIS_URL", "rediss://redis.internal:6380"),
+            ("HERALD_REDIS_TLS_CA_FILE", cert),
+            ("HERALD_REDIS_TLS_CERT_FILE", cert),
+            ("HERALD_REDIS_TLS_KEY_FILE", key),
+            ("HERALD_NATS_URL", "tls://n1:4222,tls://n2:4222"),
+            ("HERALD_NATS_TLS_CA_FILE", cert),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let common = e.finish(c).unwrap().common;
+        let pair = CertKey { cert: cert.into(), key: key.into() };
+        assert_eq!(common.redis_tls, ClientTls { ca_file: Some(cert.into()), client: Some(pair) });
+        assert_eq!(common.nats_tls, ClientTls { ca_file: Some(cert.into()), client: None });
+
+        // A client certificate without its key, files that are not there or not PEM, and TLS
+        // files for a plain redis:// URL: every one named at once, no key material quoted.
+        let key_text = std::fs::read_to_string(key).unwrap();
+        let mut e = env(&[
+            ("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"),
+            ("HERALD_REDIS_URL", "redis://127.0.0.1:6379"),
+            ("HERALD_REDIS_TLS_CA_FILE", "/nonexistent/herald-ca.pem"),
+            ("HERALD_NATS_TLS_CERT_FILE", cert),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", key),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ]);
+        let c = DispatcherConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        for want in [
+            "HERALD_REDIS_TLS_CA_FILE: cannot read /nonexistent/herald-ca.pem",
+            "HERALD_REDIS_TLS_*: set, but HERALD_REDIS_URL is not a TLS URL",
+            "HERALD_NATS_TLS_CERT_FILE and HERALD_NATS_TLS_KEY_FILE: set both or neither",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE: ",
+            "OTEL_EXPORTER_OTLP_PROTOCOL: `http/json`",
+        ] {
+            assert!(text.contains(want), "{want} missing from {text}");
+        }
+        let key_body = key_text.lines().nth(1).unwrap();
+        assert!(!text.contains(key_body), "{text}");
+
+        // A key that is not the certificate's: refused at start-up, naming the key's variable.
+        let (_other, _, other_key) = cert_and_key();
+        let mut e = env(&[
+            secret,
+            ("HERALD_NATS_TLS_CERT_FILE", cert),
+            ("HERALD_NATS_TLS_KEY_FILE", other_key.to_str().unwrap()),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        assert!(text.contains("HERALD_NATS_TLS_KEY_FILE: "), "{text}");
+    }
+
+    #[test]
+    fn otlp_protocol_and_files_are_read() {
+        use crate::telemetry::{OtlpProtocol, OtlpSettings};
+        let (_dir, cert, key) = cert_and_key();
+        let vars = HashMap::from([
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", cert.to_str().unwrap()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", cert.to_str().unwrap()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", key.to_str().unwrap()),
+        ]);
+        let (settings, problems) = OtlpSettings::read(|name| vars.get(name).map(|v| v.to_string()));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(settings.protocol, OtlpProtocol::Grpc);
+        assert_eq!(settings.endpoint.as_deref(), Some("https://collector:4317"));
+        assert_eq!(settings.tls.client, Some(CertKey { cert: cert.clone(), key }));
+        let (default, problems) = OtlpSettings::read(|_| None);
+        assert_eq!((default, problems.len()), (OtlpSettings::default(), 0));
     }
 
     #[test]

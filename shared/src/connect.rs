@@ -7,7 +7,11 @@
 //! attempt (a refused connection, a server still loading) is retried with jittered backoff for
 //! up to [`STARTUP_TIMEOUT`]. A shutdown request ends the wait: the services drop this future.
 //! Credentials are not an outage: NATS's (`nats_auth`) are checked with the configuration, and a
-//! refusal of them is reported at once.
+//! refusal of them is reported at once. Neither is a certificate refused by either side of a TLS
+//! handshake (`tls::is_certificate_refusal`): NATS's client says so in its error; Redis's (fred)
+//! says so only in text, so after a failed attempt over TLS a handshake of our own asks the
+//! server again and its typed error decides. MongoDB's driver retries within its server
+//! selection timeout and says why in the error, which start-up reports when it gives up.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -21,6 +25,7 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::config::NatsAuth;
 use crate::nats_auth::{nats_credentials, with_credentials, without_credentials};
+use crate::tls::{ClientTls, TlsError};
 
 /// How long start-up waits for a dependency before giving up.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -38,6 +43,13 @@ pub enum ConnectError {
     Mongo { uri: String, source: mongodb::error::Error },
     #[error("{dependency} at {}: no answer within {STARTUP_TIMEOUT:?}", redact_url(.url))]
     Timeout { dependency: &'static str, url: String },
+    /// A TLS file that cannot be used (read again at connect: it may have changed since the
+    /// configuration was checked).
+    #[error("{dependency} at {}: {source}", redact_url(.url))]
+    Tls { dependency: &'static str, url: String, source: TlsError },
+    /// One side of the TLS handshake refused the other's certificate (or its absence).
+    #[error("{dependency} at {}: TLS certificate refused: {source}", redact_url(.url))]
+    CertificateRefused { dependency: &'static str, url: String, source: std::io::Error },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +77,8 @@ pub enum NatsError {
     /// The file was read but does not hold what the variable needs; `problem` never quotes it.
     #[error("{variable}: {} {problem}", .path.display())]
     BadCredentials { variable: &'static str, path: PathBuf, problem: &'static str },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The servers of `HERALD_NATS_URL`: one URL, or a comma-separated seed list of a cluster's
@@ -131,8 +145,32 @@ where
 /// A Redis client that reconnects forever with a capped backoff. Commands issued while Redis is
 /// away fail after [`REDIS_COMMAND_TIMEOUT`] rather than piling up.
 pub async fn redis(url: &str) -> Result<fred::clients::Client, ConnectError> {
+    redis_with_tls(url, &ClientTls::default()).await
+}
+
+/// Whether a Redis URL asks for TLS (`rediss://`, `valkeys://` and their cluster and sentinel
+/// forms); `None` if it does not parse.
+pub fn redis_uses_tls(url: &str) -> Option<bool> {
+    RedisConfig::from_url(url).ok().map(|config| config.tls.is_some())
+}
+
+/// [`redis`], with `tls` for a TLS URL: its CA file (else the system's roots) and client
+/// certificate, on rustls with ring.
+pub async fn redis_with_tls(url: &str, tls: &ClientTls) -> Result<fred::clients::Client, ConnectError> {
     let err = |source| ConnectError::Redis { url: url.to_owned(), source };
-    let config = RedisConfig::from_url(url).map_err(err)?;
+    let mut config = RedisConfig::from_url(url).map_err(err)?;
+    let mut probe = None;
+    if let Some(current) = config.tls.take() {
+        let rustls = tls.rustls_config(&crate::tls::REDIS_TLS).map_err(|source| ConnectError::Tls {
+            dependency: "redis",
+            url: url.to_owned(),
+            source,
+        })?;
+        let rustls = std::sync::Arc::new(rustls);
+        probe = Some(rustls.clone());
+        let connector = fred::types::config::TlsConnector::Rustls(rustls.into());
+        config.tls = Some(fred::types::config::TlsConfig { connector, hostnames: current.hostnames });
+    }
     let attempt = || async {
         let client = fred::types::Builder::from_config(config.clone())
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
@@ -149,13 +187,53 @@ pub async fn redis(url: &str) -> Result<fred::clients::Client, ConnectError> {
         // The first connection's error comes back here (fred's `fail_fast`, the default) and
         // this loop retries it; once connected, the client's reconnect policy takes over. The
         // connection task is owned by the client: it ends when the client quits or is dropped.
-        let _task = client.init().await?;
-        Ok::<_, fred::error::Error>(client)
+        match client.init().await {
+            Ok(_task) => Ok(Ok(client)),
+            Err(e) => match &probe {
+                Some(rustls) => match certificate_refusal(&config, rustls.clone()).await {
+                    Some(refusal) => Ok(Err(refusal)),
+                    None => Err(e),
+                },
+                None => Err(e),
+            },
+        }
     };
-    wait_for("redis", attempt).await.map_err(|waited| match waited {
-        Waited::Failed(source) => err(source),
-        Waited::TimedOut => ConnectError::Timeout { dependency: "redis", url: url.to_owned() },
-    })
+    wait_for("redis", attempt)
+        .await
+        .map_err(|waited| match waited {
+            Waited::Failed(source) => err(source),
+            Waited::TimedOut => ConnectError::Timeout { dependency: "redis", url: url.to_owned() },
+        })?
+        .map_err(|source| ConnectError::CertificateRefused { dependency: "redis", url: url.to_owned(), source })
+}
+
+/// After a failed connection over TLS: a handshake of our own with the first server of
+/// `config`, and its error if that is a refused certificate (fred keeps only the text of its
+/// own). Anything else (no answer, a reset) is left to the caller's retries.
+async fn certificate_refusal(
+    config: &RedisConfig,
+    rustls: std::sync::Arc<rustls::ClientConfig>,
+) -> Option<std::io::Error> {
+    let server = config.server.hosts().into_iter().next()?;
+    let name = server.tls_server_name.as_ref().unwrap_or(&server.host).to_string();
+    let name = rustls::pki_types::ServerName::try_from(name).ok()?;
+    let limit = Duration::from_secs(2);
+    let tcp =
+        tokio::time::timeout(limit, tokio::net::TcpStream::connect((&*server.host, server.port))).await.ok()?.ok()?;
+    let mut stream =
+        match tokio::time::timeout(limit, tokio_rustls::TlsConnector::from(rustls).connect(name, tcp)).await.ok()? {
+            Ok(stream) => stream,
+            Err(e) => return crate::tls::is_certificate_refusal(&e).then_some(e),
+        };
+    // TLS 1.3: a server refuses a client's certificate after the client's side of the handshake
+    // is done, so the refusal arrives with the first read.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(b"PING\r\n").await.ok()?;
+    let mut reply = [0u8; 16];
+    match tokio::time::timeout(limit, stream.read(&mut reply)).await.ok()? {
+        Err(e) if crate::tls::is_certificate_refusal(&e) => Some(e),
+        _ => None,
+    }
 }
 
 /// A NATS client that reconnects forever and resubscribes on its own, once JetStream answers.
@@ -163,13 +241,48 @@ pub async fn redis(url: &str) -> Result<fred::clients::Client, ConnectError> {
 /// names; both are read again here, so a file replaced since the configuration was checked is
 /// the one used.
 pub async fn nats(url: &str, auth: &NatsAuth, name: &str) -> Result<async_nats::Client, ConnectError> {
+    nats_with_tls(url, auth, &ClientTls::default(), name).await
+}
+
+/// The servers of `url` and the options that authenticate to them (`auth`, or credentials in
+/// `url`) and do TLS as `tls` says: what [`nats`] connects with, and `heraldctl` too. Reads the
+/// files: a wrong one is reported here, not retried.
+pub fn nats_options(
+    url: &str,
+    auth: &NatsAuth,
+    tls: &ClientTls,
+) -> Result<(Vec<async_nats::ServerAddr>, async_nats::ConnectOptions), NatsError> {
+    let seeds = without_credentials(nats_seeds(url)?)?;
+    let credentials = nats_credentials(url, auth)?;
+    let mut options = with_credentials(async_nats::ConnectOptions::new(), credentials)?;
+    if tls.is_set() {
+        // Checked here so that a bad file names its variable; async-nats reads it again.
+        tls.check(&crate::tls::NATS_TLS)?;
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some(client) = &tls.client {
+            options = options.add_client_certificate(client.cert.clone(), client.key.clone());
+        }
+        // Files given mean TLS is wanted: a `nats://` server that does not offer it is refused
+        // rather than spoken to in the clear.
+        options = options.require_tls(true);
+    }
+    Ok((seeds, options))
+}
+
+/// [`nats`], with `tls`: a CA file to trust (else the system's roots) and a client certificate.
+pub async fn nats_with_tls(
+    url: &str,
+    auth: &NatsAuth,
+    tls: &ClientTls,
+    name: &str,
+) -> Result<async_nats::Client, ConnectError> {
     // The error names the servers, never the credentials.
     let shown = || redact_url(url);
     let err = |source| ConnectError::Nats { url: shown(), source };
-    let seeds = without_credentials(nats_seeds(url).map_err(err)?).map_err(err)?;
     // A wrong file is not an outage: reported at once, not retried.
-    let credentials = nats_credentials(url, auth).map_err(err)?;
-    let options = with_credentials(async_nats::ConnectOptions::new(), credentials).map_err(err)?;
+    let (seeds, options) = nats_options(url, auth, tls).map_err(err)?;
     let attempt = || async {
         let name_for_log = name.to_owned();
         let client = options
@@ -195,8 +308,11 @@ pub async fn nats(url: &str, auth: &NatsAuth, name: &str) -> Result<async_nats::
             .await;
         let client = match client {
             Ok(client) => client,
-            // NATS said no to the credentials: waiting does not change them, so say so now.
-            Err(e) if credentials_refused(&e) => return Ok(Err(NatsError::from(e))),
+            // NATS said no to the credentials, or one side of the TLS handshake to the other's
+            // certificate: waiting does not change them, so say so now.
+            Err(e) if credentials_refused(&e) || crate::tls::is_certificate_refusal(&e) => {
+                return Ok(Err(NatsError::from(e)))
+            }
             Err(e) => return Err(NatsError::from(e)),
         };
         // A server that has just started serves clients before JetStream has recovered its store.
@@ -266,6 +382,13 @@ mod tests {
         assert_eq!(nats_seeds("nats://h:1").unwrap().len(), 1);
         assert!(matches!(nats_seeds(" , "), Err(NatsError::Address(_))));
         assert!(matches!(nats_seeds("nats://h:1,http://[::1"), Err(NatsError::Address(a)) if a == "http://[::1"));
+    }
+
+    #[test]
+    fn a_redis_url_says_whether_it_wants_tls() {
+        assert_eq!(redis_uses_tls("rediss://:pw@r:6380/0"), Some(true));
+        assert_eq!(redis_uses_tls("valkeys://r:6380"), Some(true));
+        assert_eq!(redis_uses_tls("redis://r:6379"), Some(false));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod serve;
 pub mod shutdown;
 pub mod streams;
 pub mod telemetry;
+pub mod tls;
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp on the wire.
 pub fn now_ms() -> u64 {

@@ -2,7 +2,10 @@
 //! helpers that carry one trace per notification across NATS: publisher → dispatcher → gateway
 //! → client ack → dispatcher.
 //!
-//! Tracing export is off unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP over HTTP/protobuf;
+//! Tracing export is off unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP over HTTP/protobuf,
+//! or gRPC with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`; https with the system's roots or
+//! `OTEL_EXPORTER_OTLP_CERTIFICATE`, and a client certificate from
+//! `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and `OTEL_EXPORTER_OTLP_CLIENT_KEY`;
 //! `OTEL_SERVICE_NAME` overrides the service name). Off, spans cost what `tracing` spans cost
 //! and no trace context is put on the wire. On, JSON logs name each line's trace and span
 //! (`log_json`).
@@ -18,6 +21,8 @@ use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, Layer};
+
+use crate::tls::{ClientTls, TlsError, OTLP_TLS};
 
 /// The W3C header that carries a span's context.
 pub const TRACEPARENT: &str = "traceparent";
@@ -144,17 +149,133 @@ pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
     line.replace('\n', " ")
 }
 
-fn otlp_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
-    if std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").map_or(true, |v| v.trim().is_empty()) {
-        return Ok(None);
+/// How spans are sent to the collector: `OTEL_EXPORTER_OTLP_PROTOCOL`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// `http/protobuf`, the specification's default.
+    #[default]
+    HttpProtobuf,
+    /// `grpc`.
+    Grpc,
+}
+
+/// The OTLP exporter's transport, from the standard variables. The exporter itself reads the
+/// endpoint, headers and timeout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtlpSettings {
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; unset, nothing is exported.
+    pub endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE` (CA), `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and
+    /// `OTEL_EXPORTER_OTLP_CLIENT_KEY` (mutual TLS).
+    pub tls: ClientTls,
+}
+
+/// Why the exporter could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    #[error("{0}")]
+    Settings(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Build(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("OTLP http client: {0}")]
+    Client(String),
+}
+
+impl OtlpSettings {
+    /// The settings `var` gives, and a line for each variable that is wrong (unreadable or
+    /// non-PEM files included), which the configuration reports with the rest of its errors.
+    pub fn read(mut var: impl FnMut(&str) -> Option<String>) -> (Self, Vec<String>) {
+        let mut env = crate::config::Env::from_pairs(
+            [
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            ]
+            .into_iter()
+            .filter_map(|name| Some((name.to_owned(), var(name)?.trim().to_owned()))),
+        );
+        let endpoint = env.optional("OTEL_EXPORTER_OTLP_ENDPOINT");
+        let protocol = match env.string("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf").as_str() {
+            "http/protobuf" => OtlpProtocol::HttpProtobuf,
+            "grpc" => OtlpProtocol::Grpc,
+            other => {
+                env.invalid(format!("OTEL_EXPORTER_OTLP_PROTOCOL: `{other}` is neither `http/protobuf` nor `grpc`"));
+                OtlpProtocol::HttpProtobuf
+            }
+        };
+        let tls = crate::config::client_tls(&mut env, &OTLP_TLS);
+        let problems = env.finish(()).err().map(|e| e.0).unwrap_or_default();
+        (Self { endpoint, protocol, tls }, problems)
     }
-    // The exporter reads the endpoint, headers and timeout from the standard variables.
-    let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build()?;
+}
+
+fn otlp_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, OtlpError> {
+    let (settings, problems) = OtlpSettings::read(|name| std::env::var(name).ok());
+    if !problems.is_empty() {
+        return Err(OtlpError::Settings(problems.join("; ")));
+    }
+    let Some(endpoint) = settings.endpoint else { return Ok(None) };
+    let exporter = match settings.protocol {
+        OtlpProtocol::HttpProtobuf => {
+            use opentelemetry_otlp::WithHttpConfig as _;
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(http_client(&settings.tls)?)
+                .build()?
+        }
+        OtlpProtocol::Grpc => {
+            use opentelemetry_otlp::WithTonicConfig as _;
+            let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            // Plain http:// stays plain; files set for it are checked but have nothing to do.
+            if endpoint.starts_with("https://") {
+                builder.with_tls_config(tonic_tls(&settings.tls)?).build()?
+            } else {
+                builder.build()?
+            }
+        }
+    };
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").map_or(true, |v| v.is_empty()) {
         resource = resource.with_service_name(service);
     }
     Ok(Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build()))
+}
+
+/// Longest an export may take, as the specification's default `OTEL_EXPORTER_OTLP_TIMEOUT`.
+const OTLP_HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The blocking HTTP client of the http/protobuf exporter, with `tls` on ring (reqwest's own
+/// rustls set-up would bring aws-lc-rs). Built on a thread of its own: reqwest's blocking
+/// client starts a runtime, which cannot be done from within the services' one.
+fn http_client(tls: &ClientTls) -> Result<reqwest_otlp::blocking::Client, OtlpError> {
+    let rustls = tls.rustls_config(&OTLP_TLS)?;
+    std::thread::spawn(move || {
+        reqwest_otlp::blocking::Client::builder().timeout(OTLP_HTTP_TIMEOUT).tls_backend_preconfigured(rustls).build()
+    })
+    .join()
+    .map_err(|_| OtlpError::Client("building it panicked".to_owned()))?
+    .map_err(|e| OtlpError::Client(e.to_string()))
+}
+
+/// The gRPC exporter's TLS: the CA file, else the system's roots; the client certificate.
+fn tonic_tls(tls: &ClientTls) -> Result<tonic::transport::ClientTlsConfig, OtlpError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut config = ClientTlsConfig::new();
+    config = match &tls.ca_file {
+        Some(path) => config.ca_certificate(Certificate::from_pem(crate::tls::read(path, OTLP_TLS.ca)?)),
+        None => config.with_native_roots(),
+    };
+    if let Some(client) = &tls.client {
+        let cert = crate::tls::read(&client.cert, OTLP_TLS.cert)?;
+        let key = crate::tls::read(&client.key, OTLP_TLS.key)?;
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    Ok(config)
 }
 
 /// Makes `span` a child of the trace context in NATS message headers, if any.

@@ -14,6 +14,10 @@ Each span becomes a line in --out (flushed per request), read back by `herald_te
      "start_ns": int, "end_ns": int, "attributes": {key: value as a string},
      "links": [{"trace_id": hex, "span_id": hex}]}
 
+With --tls-cert and --tls-key it serves https (for OTEL_EXPORTER_OTLP_CERTIFICATE), and with
+--tls-client-ca too it asks for a client certificate signed by that CA (mutual TLS) and refuses
+connections without one.
+
 Prints `listening on PORT` on stdout once it accepts connections (--port 0 picks a free port, so
 the caller never races another process for it). Otherwise quiet: no access log; a rejected request
 is reported on stderr.
@@ -24,6 +28,7 @@ Needs `opentelemetry-proto` (pinned in scripts/requirements.txt, installed by sc
 import argparse
 import gzip
 import json
+import ssl
 import sys
 import threading
 import zlib
@@ -203,11 +208,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: pick a free one)")
     parser.add_argument("--out", required=True, help="file to append one JSON line per span to")
+    parser.add_argument("--tls-cert", help="serve https with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA (PEM)")
     args = parser.parse_args()
 
     Handler.out = open(args.out, "a", encoding="utf-8")
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(args.tls_client_ca)
+        # A failed handshake raises in accept(), which the server ignores: the client just sees
+        # its connection refused.
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print(f"listening on {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

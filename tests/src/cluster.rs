@@ -222,6 +222,13 @@ impl Cluster {
             .max_reconnects(None)
             .connect(herald_shared::connect::nats_seeds(&stack.nats.url())?)
             .await?;
+        Self::with_nats(stack, options, nats).await
+    }
+
+    /// As [`Cluster::new`], with the test's own NATS client for publishing and inspecting
+    /// streams: one that speaks TLS to a TLS-only server, say.
+    pub async fn with_nats(stack: Stack, options: Options, nats: async_nats::Client) -> anyhow::Result<Self> {
+        crate::init_test_logging();
         let js = jetstream::new(nats.clone());
         let common = stack.common_config();
         herald_shared::streams::ensure(&js, &stack.names(), common.jetstream_replicas, &common.stream_limits).await?;

@@ -11,10 +11,12 @@ pub mod eventually;
 pub mod fleet;
 pub mod flood;
 pub mod otlp;
+pub mod otlp_grpc;
 pub mod proxy;
 pub mod sdk;
 pub mod services;
 pub mod test_ca;
+pub mod tls_proxy;
 pub mod tokens;
 
 use std::path::PathBuf;

@@ -1,7 +1,8 @@
 //! A tiny OpenTelemetry collector per test, so a test can assert on the spans Herald exports.
 //!
 //! Owns the `tests/otlp/receiver.py` process (OTLP over HTTP/protobuf, as `opentelemetry-otlp`
-//! sends it): its start, the spans it recorded, and its removal on drop. Configuring Herald to
+//! sends it; https with a test CA's certificate from [`OtlpReceiver::start_https`]): its start,
+//! the spans it recorded, and its removal on drop. The gRPC receiver is `otlp_grpc`'s. Configuring Herald to
 //! export there (`OTEL_EXPORTER_OTLP_ENDPOINT` = [`OtlpReceiver::endpoint`]) is left to the test.
 //!
 //! Needs `.venv` from `scripts/deps.sh` (which installs `opentelemetry-proto`).
@@ -90,6 +91,26 @@ impl OtlpReceiver {
     /// Starts the receiver and waits until it listens. It picks its own port, so no other process
     /// can take the port between the choice and the bind.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// The receiver serving https with `server` (a certificate from a [`crate::test_ca::TestCa`]),
+    /// and, with `client_ca`, requiring a client certificate that CA signed. The endpoint is then
+    /// [`Self::https_endpoint`].
+    pub async fn start_https(server: &crate::test_ca::CertFiles, client_ca: Option<&Path>) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "--tls-cert".to_owned(),
+            server.cert.display().to_string(),
+            "--tls-key".to_owned(),
+            server.key.display().to_string(),
+        ];
+        if let Some(ca) = client_ca {
+            args.extend(["--tls-client-ca".to_owned(), ca.display().to_string()]);
+        }
+        Self::start_with(&args).await
+    }
+
+    async fn start_with(extra: &[String]) -> anyhow::Result<Self> {
         let python = venv_python()?;
         let script = repo_root().join("tests/otlp/receiver.py");
         let dir = tempfile::Builder::new().prefix("herald-otlp-").tempdir()?;
@@ -100,6 +121,7 @@ impl OtlpReceiver {
             .arg(&script)
             .args(["--port", "0", "--out"])
             .arg(&spans_file)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -134,6 +156,12 @@ impl OtlpReceiver {
     /// `http://127.0.0.1:<port>`: the value for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `https://localhost:<port>`, for a receiver from [`Self::start_https`] (the test CA's
+    /// server certificates name `localhost`).
+    pub fn https_endpoint(&self) -> String {
+        format!("https://localhost:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {

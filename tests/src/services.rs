@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::proxy::TcpProxy;
+use crate::test_ca::CertFiles;
 use crate::unique_name;
 
 /// How long a server may take to become ready. Generous: parallel tests share two cores.
@@ -86,6 +87,8 @@ impl Stack {
             redis_url: self.redis.url(),
             nats_url: self.nats.url(),
             nats_auth: NatsAuth::None,
+            redis_tls: Default::default(),
+            nats_tls: Default::default(),
             jetstream_replicas: self.nats.nodes().min(3),
             stream_limits: StreamLimits::default(),
             // Tests connect their clients from one address, quickly: no per-address connect rate
@@ -435,6 +438,63 @@ fn split_uri(uri: &str) -> anyhow::Result<(&str, &str)> {
         Some(at) => rest.split_at(at + 1),
         None => ("", rest),
     })
+}
+
+// --- TLS variants (tests/tests/tls.rs): servers that speak only TLS, with a test CA's files ----
+
+impl Redis {
+    /// A `redis-server` that serves only TLS (`--port 0 --tls-port`), with `server`'s
+    /// certificate; with `require_client_certs`, only to clients that present a certificate
+    /// `ca_file` signed. Reach it at [`Redis::tls_url`].
+    pub async fn start_tls(server: &CertFiles, ca_file: &Path, require_client_certs: bool) -> anyhow::Result<Self> {
+        let program = find_binary("HERALD_TEST_REDIS_SERVER", None, "redis-server")?;
+        let mut process = Process::new("redis", program, REDIS_READY_LINE)?;
+        process.port = free_port()?;
+        let mut args = redis_args(process.port, process.dir_path());
+        // A later `--port` wins: no plain port at all.
+        args.extend(self::args(&[
+            "--port",
+            "0",
+            "--tls-port",
+            &process.port.to_string(),
+            "--tls-cert-file",
+            &server.cert.display().to_string(),
+            "--tls-key-file",
+            &server.key.display().to_string(),
+            "--tls-ca-cert-file",
+            &ca_file.display().to_string(),
+            "--tls-auth-clients",
+            if require_client_certs { "yes" } else { "no" },
+        ]));
+        process.args = args;
+        // The log line proves this process bound the port; a probe would need the client's files.
+        process.spawn_and_wait(&tcp_listening).await.map_err(SpawnError::into_error)?;
+        Ok(Self { process })
+    }
+
+    /// `rediss://127.0.0.1:<port>`, for a server from [`Redis::start_tls`].
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.process.port)
+    }
+}
+
+/// A `nats-server` configuration block that makes it speak only TLS with `server`'s certificate,
+/// for [`Nats::start_with_config`]; with `verify`, only to clients presenting a certificate
+/// `ca_file` signed. The server still greets in the clear (INFO) before the handshake, so the
+/// readiness probe works; reach it at `tls://127.0.0.1:<port>`.
+pub fn nats_tls_config(server: &CertFiles, ca_file: &Path, verify: bool) -> String {
+    format!(
+        "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: {verify}\n  timeout: 5\n}}\n",
+        server.cert.display().to_string(),
+        server.key.display().to_string(),
+        ca_file.display().to_string(),
+    )
+}
+
+/// Something accepts connections on the port.
+async fn tcp_listening(port: u16) -> anyhow::Result<()> {
+    TcpStream::connect(("127.0.0.1", port)).await?;
+    Ok(())
 }
 
 // --- command lines, and how each server says it is listening ------------------------------------

@@ -238,13 +238,21 @@ fn show(json: bool, body: &serde_json::Value, human: fn(&serde_json::Value) -> S
     Ok(())
 }
 
+/// Connects as the services do: the seed list of `HERALD_NATS_URL`, its credentials or
+/// `HERALD_NATS_CREDS_FILE` / `HERALD_NATS_NKEY_FILE`, and `HERALD_NATS_TLS_*`.
 async fn nats(global: &Global) -> anyhow::Result<async_nats::jetstream::Context> {
-    let client = async_nats::ConnectOptions::new()
+    let mut env = Env::from_process();
+    let (auth, tls) = (herald_shared::config::nats_auth(&mut env), herald_shared::config::nats_tls(&mut env));
+    env.finish(())?;
+    let shown = herald_shared::connect::redact_url(&global.nats_url);
+    let (seeds, options) = herald_shared::connect::nats_options(&global.nats_url, &auth, &tls)
+        .with_context(|| format!("NATS at {shown}"))?;
+    let client = options
         .name("heraldctl")
         .connection_timeout(Duration::from_secs(3))
-        .connect(global.nats_url.as_str())
+        .connect(seeds)
         .await
-        .with_context(|| format!("connecting to NATS at {}", global.nats_url))?;
+        .with_context(|| format!("connecting to NATS at {shown}"))?;
     Ok(async_nats::jetstream::new(client))
 }
 
