@@ -298,7 +298,9 @@ mod tests {
             "redis-cluster://***@r1:7000?node=r2:7001&node=r3:7002"
         );
         assert_eq!(
-            redact_url("redis-sentinel://u:pw@s1:26379/0?sentinelServiceName=herald&sentinelPassword=pw2&node=s2:26379"),
+            redact_url(
+                "redis-sentinel://u:pw@s1:26379/0?sentinelServiceName=herald&sentinelPassword=pw2&node=s2:26379"
+            ),
             "redis-sentinel://***@s1:26379/0?sentinelServiceName=herald&sentinelPassword=***&node=s2:26379"
         );
         let e = nats_seeds("nats://u:secret@h:1,http://u:secret@[::1").unwrap_err();
@@ -358,7 +360,8 @@ mod tests {
         let cluster = RedisConfig::from_url("redis-cluster://:pw@r1:7000?node=r2:7001&node=r3:7002").unwrap();
         assert!(matches!(&cluster.server, ServerConfig::Clustered { hosts, .. } if hosts.len() == 3));
         assert_eq!(cluster.password.as_deref(), Some("pw"));
-        let sentinel = RedisConfig::from_url("redis-sentinel://s1:26379/2?sentinelServiceName=herald&node=s2:26380").unwrap();
+        let sentinel =
+            RedisConfig::from_url("redis-sentinel://s1:26379/2?sentinelServiceName=herald&node=s2:26380").unwrap();
         assert!(
             matches!(&sentinel.server, ServerConfig::Sentinel { hosts, service_name, .. } if hosts.len() == 2 && service_name == "herald")
         );

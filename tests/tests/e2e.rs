@@ -704,10 +704,12 @@ async fn heartbeat_frames_come_each_interval_only_to_clients_that_ask() {
     use herald_tests::client::Frame;
 
     let interval = Duration::from_millis(300);
-    let cluster =
-        Cluster::new(Stack::start_on_redis_cluster().await.unwrap(), Options { heartbeat_interval: interval, ..Options::default() })
-            .await
-            .unwrap();
+    let cluster = Cluster::new(
+        Stack::start_on_redis_cluster().await.unwrap(),
+        Options { heartbeat_interval: interval, ..Options::default() },
+    )
+    .await
+    .unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let token = cluster.token("beats");
     let url = format!("{}?heartbeat=frame", ws_url(gateway.addr));
