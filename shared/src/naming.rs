@@ -107,7 +107,8 @@ impl Names {
 
     /// Hash of one user's connections: field connection id, value [`presence_entry`]. One key
     /// per user and no hash tag: every command and script on presence touches one such key, so
-    /// users spread over a Redis Cluster's slots (see docs/ARCHITECTURE.md, "Presence keys").
+    /// users spread over a Redis Cluster's slots (docs/RELIABILITY.md, "Presence keys on a
+    /// Redis Cluster").
     pub fn presence_key(&self, user: &str) -> String {
         format!("{}:presence:{user}", self.prefix)
     }
