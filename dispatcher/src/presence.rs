@@ -184,6 +184,9 @@ impl PresenceReader {
 
     /// Whether each gateway's liveness key exists now: one round trip, an `MGET` per slot.
     async fn alive(&self, gateways: &[GatewayId]) -> Result<Vec<bool>, PresenceError> {
+        if gateways.is_empty() {
+            return Ok(Vec::new());
+        }
         let keys = self.liveness_keys(gateways);
         let groups = slots::groups(&keys, self.redis.is_clustered(), MAX_KNOWN_GATEWAYS);
         let pipeline = self.redis.pipeline();
