@@ -5,13 +5,23 @@
 //! A gateway is alive while its liveness key (`Names::gateway_key`) exists: the gateway sets it
 //! with a Redis expiry, so the decision runs on Redis's clock and never compares this host's
 //! clock with a gateway's.
+//!
+//! Every command here touches one key, or keys of one slot (`herald_shared::slots`), so all of
+//! it runs on a Redis Cluster as on a single server. The prune of a dead gateway's entries is
+//! therefore not one script over the gateway's key and its users' hashes (which a cluster would
+//! refuse: they live on different nodes) but three steps: read the entry (the lookup), find the
+//! gateway's key still gone after that read, then delete the entry only if it still holds the
+//! value read ([`DELETE_IF_UNCHANGED`], one key). A gateway that came back writes its entries
+//! again with a new generation in the value before its key could be seen gone after that write
+//! (see the gateway's presence module), so the compare fails on every entry it rewrote.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use fred::prelude::*;
 use herald_proto::{ConnectionId, GatewayId, UserId};
-use herald_shared::naming::Names;
+use herald_shared::naming::{self, Names};
+use herald_shared::slots;
 
 /// One user's live connections: connection id → gateway id.
 pub type Connections = BTreeMap<ConnectionId, GatewayId>;
@@ -20,15 +30,23 @@ pub type Connections = BTreeMap<ConnectionId, GatewayId>;
 /// fleet; it only bounds what garbage in Redis could make a dispatcher hold.
 const MAX_KNOWN_GATEWAYS: usize = 4096;
 
-/// Deletes a dead gateway's entries from users' hashes, atomically with the check that it is
-/// still dead: a gateway that came back meanwhile (and wrote its connections again) keeps them.
-/// KEYS[1] is the gateway's liveness key, KEYS[2..] the hashes; ARGV[i] is the field of KEYS[i+1].
-const PRUNE_DEAD_GATEWAY: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local pruned = 0
-for i = 2, #KEYS do pruned = pruned + redis.call('HDEL', KEYS[i], ARGV[i - 1]) end
-return pruned
+/// Deletes field ARGV[1] of hash KEYS[1] only if it still holds ARGV[2], the value a lookup
+/// read: an entry written again since (by a gateway that came back) is kept. One key, so it runs
+/// on whichever cluster node holds the hash.
+const DELETE_IF_UNCHANGED: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
 ";
+
+/// An entry a lookup found that should not be there: a connection on a gateway whose liveness
+/// key was gone, or a field that is not presence at all (no gateway).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    pub field: String,
+    /// The value as read, which the delete compares against.
+    pub entry: String,
+    pub gateway: Option<GatewayId>,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("presence lookup: {0}")]
@@ -54,7 +72,13 @@ impl PresenceReader {
     pub async fn live_gateways(&self) -> Result<Vec<GatewayId>, PresenceError> {
         use futures::StreamExt as _;
         let prefix = self.names.gateway_key("");
-        let mut keys = self.redis.scan_buffered(self.names.gateway_key("*"), Some(100), None);
+        let pattern = self.names.gateway_key("*");
+        // A SCAN sees one node's keys: on a cluster, every master is scanned.
+        let mut keys = if self.redis.is_clustered() {
+            self.redis.scan_cluster_buffered(pattern, Some(100), None).boxed()
+        } else {
+            self.redis.scan_buffered(pattern, Some(100), None).boxed()
+        };
         let mut out = BTreeSet::new();
         while let Some(key) = keys.next().await {
             let key = key?;
@@ -79,9 +103,11 @@ impl PresenceReader {
             return Ok(HashMap::new());
         }
         let known: Vec<GatewayId> = self.known().iter().cloned().collect();
+        let known_keys = self.liveness_keys(&known);
+        let known_groups = slots::groups(&known_keys, self.redis.is_clustered(), MAX_KNOWN_GATEWAYS);
         let pipeline = self.redis.pipeline();
-        if !known.is_empty() {
-            let () = pipeline.mget(self.liveness_keys(&known)).await?;
+        for group in &known_groups {
+            let () = pipeline.mget(group.iter().map(|&i| known_keys[i].clone()).collect::<Vec<_>>()).await?;
         }
         for user in users {
             let () = pipeline.hgetall(self.names.presence_key(user.as_str())).await?;
@@ -92,19 +118,20 @@ impl PresenceReader {
         if let Some(e) = replies.iter().find_map(|r| r.as_ref().err().filter(|e| is_transient(e))) {
             return Err(PresenceError(e.clone()));
         }
-        let expected = users.len() + usize::from(!known.is_empty());
+        let expected = users.len() + known_groups.len();
         if replies.len() != expected {
             let e = fred::error::Error::new(fred::error::ErrorKind::Protocol, "pipeline answered short");
             return Err(PresenceError(e));
         }
         let mut replies = replies.into_iter();
         let mut alive: HashMap<GatewayId, bool> = HashMap::new();
-        if !known.is_empty() {
+        for group in &known_groups {
+            // A group that failed leaves its gateways unseen: asked again below.
             let held: Vec<Option<String>> = match replies.next() {
                 Some(Ok(value)) => value.convert()?,
                 _ => Vec::new(),
             };
-            alive.extend(known.iter().cloned().zip(held.iter().map(Option::is_some)));
+            alive.extend(group.iter().map(|&i| known[i].clone()).zip(held.iter().map(Option::is_some)));
         }
         // A key that is not a presence hash (WRONGTYPE, written by something else) reads as no
         // connection: one bad key must not hold every batch that names its user.
@@ -123,24 +150,24 @@ impl PresenceReader {
         let unseen: Vec<GatewayId> = hashes
             .iter()
             .flat_map(|hash| hash.values())
-            .filter_map(|gateway| GatewayId::new(gateway.as_str()).ok())
+            .filter_map(|entry| entry_gateway(entry))
             .filter(|gateway| !alive.contains_key(gateway))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         if !unseen.is_empty() {
-            let held: Vec<Option<String>> = self.redis.mget(self.liveness_keys(&unseen)).await?;
-            alive.extend(unseen.into_iter().zip(held.iter().map(Option::is_some)));
+            let held = self.alive(&unseen).await?;
+            alive.extend(unseen.into_iter().zip(held));
         }
         let live: HashSet<String> =
             alive.iter().filter(|(_, alive)| **alive).map(|(gateway, _)| gateway.as_str().to_owned()).collect();
         self.remember(&alive);
 
         let mut found = HashMap::new();
-        let mut stale: Vec<(&UserId, String, Option<GatewayId>)> = Vec::new();
+        let mut stale: Vec<(&UserId, Stale)> = Vec::new();
         for (user, all) in users.iter().zip(hashes) {
             let (connections, dead) = split_live(all, &live);
-            stale.extend(dead.into_iter().map(|(conn, gateway)| (*user, conn, gateway)));
+            stale.extend(dead.into_iter().map(|entry| (*user, entry)));
             if !connections.is_empty() {
                 found.insert((*user).clone(), connections);
             }
@@ -155,6 +182,28 @@ impl PresenceReader {
         gateways.iter().map(|g| self.names.gateway_key(g.as_str())).collect()
     }
 
+    /// Whether each gateway's liveness key exists now: one round trip, an `MGET` per slot.
+    async fn alive(&self, gateways: &[GatewayId]) -> Result<Vec<bool>, PresenceError> {
+        if gateways.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.liveness_keys(gateways);
+        let groups = slots::groups(&keys, self.redis.is_clustered(), MAX_KNOWN_GATEWAYS);
+        let pipeline = self.redis.pipeline();
+        for group in &groups {
+            let () = pipeline.mget(group.iter().map(|&i| keys[i].clone()).collect::<Vec<_>>()).await?;
+        }
+        let replies: Vec<Value> = pipeline.all().await?;
+        let mut alive = vec![false; gateways.len()];
+        for (group, reply) in groups.iter().zip(replies) {
+            let held: Vec<Option<String>> = reply.convert()?;
+            for (&i, held) in group.iter().zip(held) {
+                alive[i] = held.is_some();
+            }
+        }
+        Ok(alive)
+    }
+
     fn known(&self) -> std::sync::MutexGuard<'_, BTreeSet<GatewayId>> {
         // Every critical section is one set operation that cannot panic halfway.
         self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -164,33 +213,43 @@ impl PresenceReader {
         remember(&mut self.known(), alive);
     }
 
-    /// Deletes entries of dead gateways (only while each is still dead, see
-    /// [`PRUNE_DEAD_GATEWAY`]) and fields that are not presence at all. The commands go out
-    /// together (the client pipelines concurrent commands on its connection).
-    async fn prune(&self, stale: &[(&UserId, String, Option<GatewayId>)]) {
-        let mut by_gateway: BTreeMap<&GatewayId, (Vec<String>, Vec<&str>)> = BTreeMap::new();
-        let mut garbage: Vec<(String, &str)> = Vec::new();
-        for (user, conn, gateway) in stale {
-            let key = self.names.presence_key(user.as_str());
-            match gateway {
-                Some(gateway) => {
-                    let (keys, fields) = by_gateway.entry(gateway).or_default();
-                    keys.push(key);
-                    fields.push(conn.as_str());
-                }
-                None => garbage.push((key, conn.as_str())),
+    /// Deletes entries of gateways still dead now, after the lookup read them, and fields that
+    /// are not presence at all; each only if it still holds the value read (see the module
+    /// docs). The commands go out together (the client pipelines concurrent commands).
+    pub async fn prune(&self, stale: &[(&UserId, Stale)]) {
+        let gateways: Vec<GatewayId> =
+            stale.iter().filter_map(|(_, s)| s.gateway.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let alive_now: HashSet<GatewayId> = match self.alive(&gateways).await {
+            Ok(alive) => gateways.into_iter().zip(alive).filter(|(_, alive)| *alive).map(|(g, _)| g).collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "pruning stale presence failed; the next lookup retries");
+                return;
             }
-        }
-        let scripts = by_gateway.into_iter().map(|(gateway, (hashes, fields))| {
-            let keys: Vec<String> = std::iter::once(self.names.gateway_key(gateway.as_str())).chain(hashes).collect();
-            self.redis.eval::<i64, _, _, _>(PRUNE_DEAD_GATEWAY, keys, fields)
+        };
+        let deletes = to_prune(stale, &alive_now).into_iter().map(|(user, entry)| {
+            let key = self.names.presence_key(user.as_str());
+            self.redis.eval::<i64, _, _, _>(DELETE_IF_UNCHANGED, key, vec![entry.field.as_str(), entry.entry.as_str()])
         });
-        let deletes = garbage.into_iter().map(|(key, field)| self.redis.hdel::<i64, _, _>(key, field));
-        let (scripts, deletes) = futures::join!(futures::future::join_all(scripts), futures::future::join_all(deletes));
-        if let Some(e) = scripts.into_iter().chain(deletes).find_map(Result::err) {
+        if let Some(e) = futures::future::join_all(deletes).await.into_iter().find_map(Result::err) {
             tracing::debug!(error = %e, "pruning stale presence failed; the next lookup retries");
         }
     }
+}
+
+/// The stale entries to delete: fields that are not presence, and entries of gateways not alive
+/// on the check made after the entries were read. A gateway back by then keeps its entries (its
+/// next lookup reads them live).
+pub fn to_prune<'a, U>(stale: &'a [(U, Stale)], alive_now: &HashSet<GatewayId>) -> Vec<(&'a U, &'a Stale)> {
+    stale
+        .iter()
+        .filter(|(_, entry)| entry.gateway.as_ref().is_none_or(|gateway| !alive_now.contains(gateway)))
+        .map(|(user, entry)| (user, entry))
+        .collect()
+}
+
+/// The gateway a presence entry names, if it is one.
+fn entry_gateway(entry: &str) -> Option<GatewayId> {
+    naming::presence_entry_gateway(entry).and_then(|gateway| GatewayId::new(gateway).ok())
 }
 
 /// Whether asking again can help: Redis away, slow, loading or failing over. Not a key holding
@@ -212,22 +271,19 @@ fn remember(known: &mut BTreeSet<GatewayId>, alive: &HashMap<GatewayId, bool>) {
     }
 }
 
-/// Splits a user's presence hash into live connections and entries to delete: connections on
-/// dead gateways (with the gateway), and fields that are not a connection and a gateway id at
-/// all (without one).
-pub fn split_live(
-    all: HashMap<String, String>,
-    live_gateways: &HashSet<String>,
-) -> (Connections, Vec<(String, Option<GatewayId>)>) {
+/// Splits a user's presence hash (connection id → entry) into live connections and entries to
+/// delete: connections on dead gateways (with the gateway), and fields that are not a
+/// connection and a gateway at all (without one).
+pub fn split_live(all: HashMap<String, String>, live_gateways: &HashSet<String>) -> (Connections, Vec<Stale>) {
     let mut alive = Connections::new();
     let mut dead = Vec::new();
-    for (conn, gateway) in all {
-        match (ConnectionId::new(conn.as_str()), GatewayId::new(gateway.as_str())) {
-            (Ok(id), Ok(gateway)) if live_gateways.contains(gateway.as_str()) => {
+    for (field, entry) in all {
+        match (ConnectionId::new(field.as_str()), entry_gateway(&entry)) {
+            (Ok(id), Some(gateway)) if live_gateways.contains(gateway.as_str()) => {
                 alive.insert(id, gateway);
             }
-            (Ok(_), Ok(gateway)) => dead.push((conn, Some(gateway))),
-            _ => dead.push((conn, None)),
+            (Ok(_), Some(gateway)) => dead.push(Stale { field, entry, gateway: Some(gateway) }),
+            _ => dead.push(Stale { field, entry, gateway: None }),
         }
     }
     (alive, dead)
@@ -237,17 +293,69 @@ pub fn split_live(
 mod tests {
     use super::*;
 
+    fn stale(field: &str, entry: &str, gateway: Option<&str>) -> Stale {
+        Stale { field: field.into(), entry: entry.into(), gateway: gateway.map(|g| GatewayId::new(g).unwrap()) }
+    }
+
     #[test]
     fn connections_on_dead_gateways_are_stale() {
         let live: HashSet<String> = ["g1".to_string()].into();
-        let all = HashMap::from([("c1".to_string(), "g1".to_string()), ("c2".to_string(), "g-dead".to_string())]);
+        let all = HashMap::from([
+            ("c1".to_string(), "g1/4".to_string()),
+            ("c2".to_string(), "g-dead/1".to_string()),
+            ("c3".to_string(), "g1".to_string()),
+        ]);
         let (alive, dead) = split_live(all, &live);
-        assert_eq!(alive.len(), 1);
+        assert_eq!(alive.len(), 2);
         assert_eq!(alive[&ConnectionId::new("c1").unwrap()], "g1");
-        assert_eq!(dead, vec![("c2".to_string(), Some(GatewayId::new("g-dead").unwrap()))]);
-        let (alive, dead) = split_live(HashMap::from([("not a connection".to_string(), "g1".to_string())]), &live);
+        assert_eq!(alive[&ConnectionId::new("c3").unwrap()], "g1", "an entry of an older gateway, without generation");
+        assert_eq!(dead, vec![stale("c2", "g-dead/1", Some("g-dead"))]);
+        let garbage = HashMap::from([
+            ("not a connection".to_string(), "g1/1".to_string()),
+            ("c4".to_string(), "g1/not-a-generation".to_string()),
+        ]);
+        let (alive, mut dead) = split_live(garbage, &live);
         assert!(alive.is_empty());
-        assert_eq!(dead, vec![("not a connection".to_string(), None)], "garbage is deleted without a condition");
+        dead.sort_by(|a, b| a.field.cmp(&b.field));
+        assert_eq!(dead, vec![stale("c4", "g1/not-a-generation", None), stale("not a connection", "g1/1", None)]);
+    }
+
+    /// Entries are pruned only for gateways still dead on the check after the read; garbage
+    /// always (still compared with the value read).
+    #[test]
+    fn a_gateway_back_by_the_second_check_keeps_its_entries() {
+        let entries = vec![
+            ("u1", stale("c1", "g-back/1", Some("g-back"))),
+            ("u2", stale("c2", "g-dead/7", Some("g-dead"))),
+            ("u3", stale("junk", "x", None)),
+        ];
+        let alive_now = HashSet::from([GatewayId::new("g-back").unwrap()]);
+        let pruned: Vec<&str> = to_prune(&entries, &alive_now).into_iter().map(|(_, s)| s.field.as_str()).collect();
+        assert_eq!(pruned, vec!["c2", "junk"]);
+    }
+
+    /// The race a prune must lose, step by step on a model of one hash: the dispatcher reads
+    /// the entry and then finds the key gone; the gateway comes back, finds its key gone and
+    /// writes everything again with a new generation; the dispatcher's delete lands last.
+    #[test]
+    fn a_prune_decided_before_a_gateway_came_back_does_not_delete_its_rewrite() {
+        let mut hash: HashMap<String, String> = HashMap::from([("c1".into(), naming::presence_entry("g", 1))]);
+        // Dispatcher: the lookup reads the entry, the check after it finds g's key gone.
+        let (_, dead) = split_live(hash.clone(), &HashSet::new());
+        let decided = to_prune(&[("u", dead[0].clone())], &HashSet::new()).into_iter().next().unwrap().1.clone();
+        // Gateway: its SET ... GET answered nothing, so it bumps its generation and rewrites.
+        hash.insert("c1".into(), naming::presence_entry("g", 2));
+        // Dispatcher: DELETE_IF_UNCHANGED, modelled.
+        if hash.get(&decided.field) == Some(&decided.entry) {
+            hash.remove(&decided.field);
+        }
+        assert_eq!(hash.get("c1").map(String::as_str), Some("g/2"), "the reviving gateway's entry survives");
+        // Without the rewrite the same delete goes through: the entry was a dead gateway's.
+        let mut untouched = HashMap::from([("c1".to_string(), naming::presence_entry("g", 1))]);
+        if untouched.get(&decided.field) == Some(&decided.entry) {
+            untouched.remove(&decided.field);
+        }
+        assert!(untouched.is_empty());
     }
 
     #[test]

@@ -16,8 +16,17 @@
 //! its one round trip:
 //! - the liveness key's value, the number of presence batches this gateway wrote: gone or
 //!   different, Redis lost some of our writes, and every connection is written again;
-//! - `EXISTS` over the hashes of all our users, [`CHECK_CHUNK`] keys per command: a count short
-//!   of the number asked means a hash is gone, and that chunk's connections are written again.
+//! - `EXISTS` over the hashes of all our users, [`CHECK_CHUNK`] keys per command (on a Redis
+//!   Cluster, keys of one slot per command: `herald_shared::slots`): a count short of the number
+//!   asked means a hash is gone, and that group's connections are written again.
+//!
+//! Each entry's value is our id and a generation (`naming::presence_entry`), bumped whenever we
+//! write every connection again. A dispatcher prunes a dead gateway's entry only if it still
+//! holds the value read before the dispatcher found our key gone, so an entry we wrote again
+//! after coming back is never deleted by a prune decided before: a prune that lands first is
+//! undone by our rewrite (and the connection announced, `HSET` adding the field), one that lands
+//! later finds another value. Every write of our key reads what it held (`SET ... GET`), so a
+//! lapse is always seen, and the rewrite after it always follows a write that made the key exist.
 //!
 //! A connection written again is announced (so its pending and parked messages are replayed)
 //! only if Redis did not have it, which `HSET` says by adding the field.
@@ -37,8 +46,9 @@ use async_nats::jetstream;
 use fred::prelude::*;
 use fred::types::Expiration;
 use herald_proto::{ConnectionId, Event, GatewayId, Online, UserId};
-use herald_shared::naming::Names;
+use herald_shared::naming::{self, Names};
 use herald_shared::outage::Outage;
+use herald_shared::slots;
 use herald_shared::Clock;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -109,6 +119,9 @@ pub(crate) struct PresenceTask {
     unannounced: Vec<Arc<Connection>>,
     /// Presence batches sent to Redis: what our liveness key should hold.
     written: u64,
+    /// Written into every entry with our id; bumped before each rewrite of every connection, so
+    /// a rewrite never holds a value a dispatcher read before (see the module docs).
+    generation: u64,
     /// Redis may have lost some of our writes (a failed or unconfirmed batch, a key that was
     /// gone or behind): every registered connection is written again after the next heartbeat.
     suspect: bool,
@@ -181,6 +194,7 @@ impl PresenceTask {
             unapplied: Vec::new(),
             unannounced: Vec::new(),
             written: 0,
+            generation: 0,
             suspect: false,
             redis_outage: Outage::new("redis: presence"),
             nats_outage: Outage::new("nats: events stream (online)"),
@@ -202,14 +216,14 @@ impl PresenceTask {
             }
         }
         let users: Vec<UserConnections> = users.into_iter().collect();
-        let chunks: Vec<&[UserConnections]> = users.chunks(CHECK_CHUNK).collect();
+        let keys: Vec<String> = users.iter().map(|(user, _)| self.names.presence_key(user.as_str())).collect();
+        let groups = slots::groups(&keys, self.redis.is_clustered(), CHECK_CHUNK);
 
         let pipeline = self.redis.pipeline();
         let key = self.names.gateway_key(self.gateway_id.as_str());
         let () = pipeline.set(key, self.written.to_string(), Some(self.liveness()), None, true).await?;
-        for chunk in &chunks {
-            let keys: Vec<String> = chunk.iter().map(|(user, _)| self.names.presence_key(user.as_str())).collect();
-            let () = pipeline.exists(keys).await?;
+        for group in &groups {
+            let () = pipeline.exists(group.iter().map(|&i| keys[i].clone()).collect::<Vec<_>>()).await?;
         }
         let replies = self.metrics.dependencies.time("redis", "heartbeat", pipeline.all::<Vec<Value>>()).await;
         let replies = replies.inspect_err(|_| self.suspect = true)?;
@@ -220,12 +234,14 @@ impl PresenceTask {
         let writes = check_writes(held.as_deref(), self.written);
         self.suspect |= writes != Writes::Intact;
         let again: Vec<Arc<Connection>> = if self.suspect {
+            // After this heartbeat's SET made our key exist: see the module docs.
+            self.generation += 1;
             users.iter().flat_map(|(_, conns)| conns.iter().cloned()).collect()
         } else {
-            let asked: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+            let asked: Vec<usize> = groups.iter().map(Vec::len).collect();
             short_chunks(&asked, &found)
                 .into_iter()
-                .flat_map(|i| chunks[i].iter().flat_map(|(_, conns)| conns.iter().cloned()))
+                .flat_map(|g| groups[g].iter().flat_map(|&i| users[i].1.iter().cloned()))
                 .collect()
         };
         if !again.is_empty() {
@@ -304,11 +320,12 @@ impl PresenceTask {
     /// Returns the connections to announce: new ones, and re-written ones Redis did not have.
     async fn apply(&mut self, ops: &[PresenceOp]) -> Result<Vec<Arc<Connection>>, PresenceError> {
         let pipeline = self.redis.pipeline();
+        let entry = naming::presence_entry(self.gateway_id.as_str(), self.generation);
         for op in ops {
             match op {
                 PresenceOp::Register(conn) | PresenceOp::Reassert(conn) => {
                     let () = pipeline
-                        .hset(self.names.presence_key(conn.user.as_str()), (conn.id.as_str(), self.gateway_id.as_str()))
+                        .hset(self.names.presence_key(conn.user.as_str()), (conn.id.as_str(), entry.as_str()))
                         .await?;
                 }
                 PresenceOp::Unregister { user, connection_id } => {

@@ -98,8 +98,10 @@ fn reading(sent: Instant, answered: Instant, time: &[String]) -> Option<(Instant
 /// calls it before anything reads the clock, so that no decision runs on the host's clock.
 pub async fn anchor(clock: &Clock, redis: &fred::clients::Client) -> bool {
     let sent = Instant::now();
-    let time =
-        tokio::time::timeout(MAX_ROUND_TRIP, redis.custom::<Vec<String>, String>(fred::cmd!("TIME"), vec![])).await;
+    // On a Redis Cluster a command without keys goes to any node: pinned to the owner of slot 0,
+    // every Herald process reads the same node's clock, never one node's against another's.
+    let command = fred::cmd!("TIME", hash: fred::types::ClusterHash::Custom(0));
+    let time = tokio::time::timeout(MAX_ROUND_TRIP, redis.custom::<Vec<String>, String>(command, vec![])).await;
     let answered = Instant::now();
     let Ok(Ok(time)) = time else { return false };
     let Some((moment, ms)) = reading(sent, answered, &time) else { return false };

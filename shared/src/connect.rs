@@ -93,19 +93,38 @@ pub fn nats_seeds(url: &str) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
 }
 
 /// `url` with the user and password of each server in it replaced by `***`, for errors and logs:
-/// `nats://***@nats:4222`. Works on text that does not parse as a URL too.
+/// `nats://***@nats:4222`; a Sentinel URL's `sentinelPassword` too. Works on text that does not
+/// parse as a URL too.
 pub fn redact_url(url: &str) -> String {
     url.split(',')
         .map(|part| {
             let Some((scheme, rest)) = part.split_once("://") else { return part.to_owned() };
             let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            match rest[..authority_end].rfind('@') {
+            let shown = match rest[..authority_end].rfind('@') {
                 Some(at) => format!("{scheme}://***{}", &rest[at..]),
                 None => part.to_owned(),
-            }
+            };
+            redact_query_secrets(&shown)
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Query parameters that carry a secret: fred reads the Sentinel nodes' password from this one.
+const SECRET_PARAMETERS: [&str; 1] = ["sentinelPassword"];
+
+fn redact_query_secrets(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else { return url.to_owned() };
+    let (query, fragment) = query.split_once('#').map_or((query, None), |(q, f)| (q, Some(f)));
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if SECRET_PARAMETERS.iter().any(|s| s.eq_ignore_ascii_case(name)) => format!("{name}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
+    format!("{base}?{}{fragment}", query.join("&"))
 }
 
 /// How waiting for a dependency ended, when it did not answer.
@@ -397,6 +416,16 @@ mod tests {
         assert_eq!(redact_url("tls://token@h/x@y"), "tls://***@h/x@y");
         assert_eq!(redact_url("nats://u:pw@[bad"), "nats://***@[bad");
         assert_eq!(redact_url("h:4222"), "h:4222");
+        assert_eq!(
+            redact_url("redis-cluster://:pw@r1:7000?node=r2:7001&node=r3:7002"),
+            "redis-cluster://***@r1:7000?node=r2:7001&node=r3:7002"
+        );
+        assert_eq!(
+            redact_url(
+                "redis-sentinel://u:pw@s1:26379/0?sentinelServiceName=herald&sentinelPassword=pw2&node=s2:26379"
+            ),
+            "redis-sentinel://***@s1:26379/0?sentinelServiceName=herald&sentinelPassword=***&node=s2:26379"
+        );
         let e = nats_seeds("nats://u:secret@h:1,http://u:secret@[::1").unwrap_err();
         assert!(!e.to_string().contains("secret"), "{e}");
     }
@@ -445,6 +474,22 @@ mod tests {
         let mongo =
             ConnectError::Timeout { dependency: "mongodb", url: "mongodb://herald:hunter2@m1,m2/herald".into() };
         assert_eq!(mongo.to_string(), "mongodb at mongodb://***@m1,m2/herald: no answer within 20s");
+    }
+
+    /// The forms docs/CONFIGURATION.md gives for `HERALD_REDIS_URL`.
+    #[test]
+    fn cluster_and_sentinel_urls_name_their_deployment() {
+        use fred::types::config::ServerConfig;
+        let cluster = RedisConfig::from_url("redis-cluster://:pw@r1:7000?node=r2:7001&node=r3:7002").unwrap();
+        assert!(matches!(&cluster.server, ServerConfig::Clustered { hosts, .. } if hosts.len() == 3));
+        assert_eq!(cluster.password.as_deref(), Some("pw"));
+        let sentinel =
+            RedisConfig::from_url("redis-sentinel://s1:26379/2?sentinelServiceName=herald&node=s2:26380").unwrap();
+        assert!(
+            matches!(&sentinel.server, ServerConfig::Sentinel { hosts, service_name, .. } if hosts.len() == 2 && service_name == "herald")
+        );
+        assert_eq!(sentinel.database, Some(2));
+        assert!(RedisConfig::from_url("redis-sentinel://s1:26379").is_err(), "the service name is required");
     }
 
     /// Start-up against a port nothing listens on: refused at once, and retried rather than

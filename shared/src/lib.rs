@@ -13,6 +13,7 @@ pub mod outage;
 pub mod readiness;
 pub mod serve;
 pub mod shutdown;
+pub mod slots;
 pub mod streams;
 pub mod telemetry;
 pub mod tls;

@@ -105,12 +105,16 @@ impl Names {
 
     // --- Redis --------------------------------------------------------------------------------
 
-    /// Hash of one user's connections: field connection id, value gateway id.
+    /// Hash of one user's connections: field connection id, value [`presence_entry`]. One key
+    /// per user and no hash tag: every command and script on presence touches one such key, so
+    /// users spread over a Redis Cluster's slots (docs/RELIABILITY.md, "Presence keys on a
+    /// Redis Cluster").
     pub fn presence_key(&self, user: &str) -> String {
         format!("{}:presence:{user}", self.prefix)
     }
 
-    /// One gateway's liveness: it exists while the gateway is alive, because the gateway keeps
+    /// One gateway's liveness (no hash tag either; read with single-key commands or per-slot
+    /// groups, `crate::slots`): it exists while the gateway is alive, because the gateway keeps
     /// setting it with a Redis expiry of its presence TTL. Its value is the gateway's count of
     /// presence writes, which tells the gateway whether Redis lost any of them.
     pub fn gateway_key(&self, gateway_id: &str) -> String {
@@ -128,6 +132,28 @@ impl Names {
     }
 }
 
+/// Separates a presence entry's gateway from its generation; gateway ids cannot hold it.
+const ENTRY_SEPARATOR: char = '/';
+
+/// The value of a connection's field in its user's presence hash: `<gateway>/<generation>`.
+/// The generation changes each time the gateway writes all its connections again after Redis
+/// lost some of them (its liveness key gone), so a dispatcher pruning the entry of a gateway it
+/// saw dead deletes it only if it still holds the value read before that check: a gateway that
+/// came back meanwhile has written another value, and keeps its entry.
+pub fn presence_entry(gateway_id: &str, generation: u64) -> String {
+    format!("{gateway_id}{ENTRY_SEPARATOR}{generation}")
+}
+
+/// The gateway id in a presence entry. A bare gateway id (what gateways wrote before entries
+/// carried a generation) reads as that gateway, so entries of older gateways stay routable
+/// during a rolling upgrade. `None` when the generation is not a number.
+pub fn presence_entry_gateway(entry: &str) -> Option<&str> {
+    match entry.split_once(ENTRY_SEPARATOR) {
+        None => Some(entry),
+        Some((gateway, generation)) => generation.parse::<u64>().is_ok().then_some(gateway),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +168,15 @@ mod tests {
         assert_eq!(n.gateway_key("gw-a"), "t-1:gateway:gw-a");
         assert!(n.ack_events_subject("g").starts_with("t-1.events."));
         assert!(n.more_events_subject("g").starts_with("t-1.events."));
+    }
+
+    #[test]
+    fn a_presence_entry_names_its_gateway_with_or_without_a_generation() {
+        assert_eq!(presence_entry("gw-a", 3), "gw-a/3");
+        assert_eq!(presence_entry_gateway(&presence_entry("gw-a", 3)), Some("gw-a"));
+        assert_ne!(presence_entry("gw-a", 3), presence_entry("gw-a", 4), "a new generation, a new value");
+        assert_eq!(presence_entry_gateway("gw-a"), Some("gw-a"), "written by an older gateway");
+        assert_eq!(presence_entry_gateway("gw-a/x"), None);
+        assert_eq!(presence_entry_gateway("gw-a/"), None);
     }
 }

@@ -242,6 +242,11 @@ impl Cluster {
         Self::new(Stack::start().await?, Options::default()).await
     }
 
+    /// A stack with default options, Herald on a Redis Cluster of three masters.
+    pub async fn start_on_redis_cluster() -> anyhow::Result<Self> {
+        Self::new(Stack::start_on_redis_cluster().await?, Options::default()).await
+    }
+
     pub async fn gateway(&self) -> anyhow::Result<InProcess> {
         self.gateway_with(gateway_config(&self.stack, &self.options)).await
     }
@@ -663,10 +668,11 @@ impl Process {
 }
 
 impl Cluster {
-    /// A Redis client on the stack's Redis, for tests that inspect presence.
+    /// A Redis client on the Redis Herald uses (a cluster's, or the master behind a Sentinel),
+    /// for tests that inspect presence.
     pub async fn redis(&self) -> anyhow::Result<fred::clients::Client> {
         use fred::prelude::ClientLike as _;
-        let config = fred::prelude::Config::from_url(&self.stack.redis.url())?;
+        let config = fred::prelude::Config::from_url(&self.stack.redis_url())?;
         let client = fred::types::Builder::from_config(config).build()?;
         client.init().await?;
         Ok(client)

@@ -51,6 +51,10 @@ pub struct Stack {
     pub prefix: String,
     /// Mongo database for this test.
     pub database: String,
+    /// Set by [`Stack::start_on_redis_cluster`]: Herald uses this cluster, and `redis` is idle.
+    pub redis_cluster: Option<RedisCluster>,
+    /// Set by [`Stack::start_behind_sentinel`]: Herald finds `redis` through this Sentinel.
+    pub redis_sentinel: Option<RedisSentinel>,
 }
 
 impl Stack {
@@ -72,7 +76,40 @@ impl Stack {
         let (redis, nats, mongo) = tokio::try_join!(Redis::start(), nats, Mongo::start())?;
         let mongo_proxy = TcpProxy::start(mongo.host_port()?).await?;
         let name = unique_name("t");
-        Ok(Self { redis, nats, mongo, mongo_proxy, prefix: name.clone(), database: name })
+        Ok(Self {
+            redis,
+            nats,
+            mongo,
+            mongo_proxy,
+            prefix: name.clone(),
+            database: name,
+            redis_cluster: None,
+            redis_sentinel: None,
+        })
+    }
+
+    /// As [`Stack::start`], with Herald on a Redis Cluster of three masters.
+    pub async fn start_on_redis_cluster() -> anyhow::Result<Self> {
+        let (mut stack, cluster) = tokio::try_join!(Self::start(), RedisCluster::start(3))?;
+        stack.redis_cluster = Some(cluster);
+        Ok(stack)
+    }
+
+    /// As [`Stack::start`], with Herald given a `redis-sentinel://` URL: a Sentinel monitoring
+    /// `redis` tells it where the master is.
+    pub async fn start_behind_sentinel() -> anyhow::Result<Self> {
+        let mut stack = Self::start().await?;
+        stack.redis_sentinel = Some(RedisSentinel::start(stack.redis.port()).await?);
+        Ok(stack)
+    }
+
+    /// The `HERALD_REDIS_URL` of this stack: the cluster's or the Sentinel's, else `redis`'s.
+    pub fn redis_url(&self) -> String {
+        match (&self.redis_cluster, &self.redis_sentinel) {
+            (Some(cluster), _) => cluster.url(),
+            (None, Some(sentinel)) => sentinel.url(),
+            (None, None) => self.redis.url(),
+        }
     }
 
     /// The Mongo URI Herald processes should use: through `mongo_proxy`.
@@ -84,7 +121,7 @@ impl Stack {
     pub fn common_config(&self) -> CommonConfig {
         CommonConfig {
             prefix: self.prefix.clone(),
-            redis_url: self.redis.url(),
+            redis_url: self.redis_url(),
             nats_url: self.nats.url(),
             nats_auth: NatsAuth::None,
             redis_tls: Default::default(),
@@ -825,6 +862,161 @@ fn find_binary(env_var: &str, venv_name: Option<&str>, path_name: &str) -> anyho
     std::env::var_os("PATH")
         .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(path_name)).find(|p| p.is_file()))
         .with_context(|| format!("{path_name} not found: set {env_var}, or run scripts/deps.sh"))
+}
+
+// --- Redis Cluster and Sentinel ------------------------------------------------------------------
+
+/// A Redis Cluster of `redis-server --cluster-enabled yes` masters without replicas, the slots
+/// split evenly, ready when every node says `cluster_state:ok`.
+pub struct RedisCluster {
+    nodes: Vec<Process>,
+}
+
+impl RedisCluster {
+    pub async fn start(masters: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(masters > 0, "a cluster needs a master");
+        let program = find_binary("HERALD_TEST_REDIS_SERVER", None, "redis-server")?;
+        let starts = (0..masters).map(|_| {
+            Process::start("redis-cluster", program.clone(), REDIS_READY_LINE, redis_cluster_args, redis_ready)
+        });
+        let cluster = Self { nodes: futures::future::try_join_all(starts).await? };
+        cluster.form().await?;
+        Ok(cluster)
+    }
+
+    /// `redis-cluster://127.0.0.1:<port>?node=127.0.0.1:<port>...`, every node named.
+    pub fn url(&self) -> String {
+        let others: Vec<String> = self.nodes[1..].iter().map(|n| format!("node=127.0.0.1:{}", n.port)).collect();
+        let query = if others.is_empty() { String::new() } else { format!("?{}", others.join("&")) };
+        format!("redis-cluster://127.0.0.1:{}{query}", self.nodes[0].port)
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// What `redis-cli --cluster create --cluster-replicas 0` does, without its one-second
+    /// pauses: each node takes its share of the slots, the first meets the others, and gossip
+    /// does the rest.
+    async fn form(&self) -> anyhow::Result<()> {
+        use fred::prelude::ClientLike as _;
+        let mut clients = Vec::new();
+        for node in &self.nodes {
+            clients.push(centralized_client(node.port).await?);
+        }
+        let share = 16384 / self.nodes.len();
+        for (i, client) in clients.iter().enumerate() {
+            let first = i * share;
+            let last = if i + 1 == self.nodes.len() { 16383 } else { first + share - 1 };
+            let args = vec!["ADDSLOTSRANGE".to_owned(), first.to_string(), last.to_string()];
+            let _: String = client.custom(fred::cmd!("CLUSTER"), args).await.context("CLUSTER ADDSLOTSRANGE")?;
+        }
+        for node in &self.nodes[1..] {
+            let bus = cluster_bus_port(&node.args).context("no --cluster-port")?;
+            let args = vec!["MEET".to_owned(), "127.0.0.1".to_owned(), node.port.to_string(), bus];
+            let _: String = clients[0].custom(fred::cmd!("CLUSTER"), args).await.context("CLUSTER MEET")?;
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let known = format!("cluster_known_nodes:{}", self.nodes.len());
+        for (client, node) in clients.iter().zip(&self.nodes) {
+            loop {
+                let info: String = client.custom(fred::cmd!("CLUSTER"), vec!["INFO"]).await?;
+                if info.contains("cluster_state:ok") && info.contains(&known) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!("redis cluster node {} not ok within {READY_TIMEOUT:?}:\n{info}", node.port);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        for client in clients {
+            let _ = client.quit().await;
+        }
+        Ok(())
+    }
+}
+
+/// A Redis Sentinel (`redis-server <config> --sentinel`) monitoring one master as
+/// [`SENTINEL_SERVICE`], with a quorum of one.
+pub struct RedisSentinel {
+    process: Process,
+}
+
+/// The service name the Sentinel knows the master by.
+pub const SENTINEL_SERVICE: &str = "herald";
+
+impl RedisSentinel {
+    pub async fn start(master_port: u16) -> anyhow::Result<Self> {
+        let program = find_binary("HERALD_TEST_REDIS_SERVER", None, "redis-server")?;
+        let mut process = Process::new("redis-sentinel", program, SENTINEL_READY_LINE)?;
+        let mut last_error = None;
+        for _ in 0..START_ATTEMPTS {
+            process.port = free_port()?;
+            // Sentinel rewrites its configuration file: one per attempt, in its directory.
+            let config = process.dir_path().join("sentinel.conf");
+            let text = format!(
+                "port {}\nbind 127.0.0.1\ndir {}\nsentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {SENTINEL_SERVICE} 5000\n",
+                process.port,
+                process.dir_path().display()
+            );
+            std::fs::write(&config, text)?;
+            process.args = vec![config.into_os_string(), OsString::from("--sentinel")];
+            match process.spawn_and_wait(&redis_ready).await {
+                Ok(()) => return Ok(Self { process }),
+                Err(SpawnError::Exited(e)) => last_error = Some(e),
+                Err(SpawnError::Other(e)) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("redis-sentinel: no attempt made")))
+            .context(format!("redis-sentinel: exited early on {START_ATTEMPTS} ports"))
+    }
+
+    /// `redis-sentinel://127.0.0.1:<port>/0?sentinelServiceName=herald`
+    pub fn url(&self) -> String {
+        format!("redis-sentinel://127.0.0.1:{}/0?sentinelServiceName={SENTINEL_SERVICE}", self.process.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+}
+
+/// Sentinel logs this once it watches the master from its configuration.
+const SENTINEL_READY_LINE: &str = "+monitor master";
+
+fn redis_cluster_args(port: u16, dir: &Path) -> Vec<OsString> {
+    let mut all = redis_args(port, dir);
+    // The bus port defaults to port + 10,000, which may be taken or past 65,535: pick a free one.
+    // Lost to someone else, the node exits and `Process::start` tries other ports.
+    let bus = free_port().map(|p| p.to_string()).unwrap_or_else(|_| "0".to_owned());
+    let config = dir.join("nodes.conf").display().to_string();
+    all.extend(args(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        &config,
+        "--cluster-port",
+        &bus,
+        "--cluster-node-timeout",
+        "5000",
+    ]));
+    all
+}
+
+fn cluster_bus_port(args: &[OsString]) -> Option<String> {
+    let at = args.iter().position(|a| a == "--cluster-port")?;
+    args.get(at + 1).and_then(|p| p.to_str()).map(str::to_owned)
+}
+
+/// A plain client on one node, for the harness's own commands.
+async fn centralized_client(port: u16) -> anyhow::Result<fred::clients::Client> {
+    use fred::prelude::ClientLike as _;
+    let config = fred::prelude::Config::from_url(&format!("redis://127.0.0.1:{port}"))?;
+    let client = fred::types::Builder::from_config(config).build()?;
+    client.init().await?;
+    Ok(client)
 }
 
 #[cfg(test)]

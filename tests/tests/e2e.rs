@@ -1,5 +1,6 @@
-//! End-to-end: publish → dispatcher → store → gateway → client → ack → receipt, on real Redis,
-//! NATS JetStream and a Mongo-compatible server. One stack per test.
+//! End-to-end: publish → dispatcher → store → gateway → client → ack → receipt, on a real Redis
+//! Cluster (three masters: every presence command must be cluster-safe), NATS JetStream and a
+//! Mongo-compatible server. One stack per test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashSet};
@@ -17,7 +18,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_message_is_delivered_only_once_acked() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
@@ -61,7 +62,7 @@ async fn online_message_is_delivered_only_once_acked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_messages_arrive_in_order_on_connect_and_wait_for_acks() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let ids: Vec<String> = (0..5).map(|i| format!("off-{i}")).collect();
@@ -90,7 +91,7 @@ async fn offline_messages_arrive_in_order_on_connect_and_wait_for_acks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_device_on_every_gateway_gets_the_message() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let d1 = cluster.dispatcher().await.unwrap();
     let _d2 = cluster.dispatcher().await.unwrap();
     let g1 = cluster.gateway().await.unwrap();
@@ -121,7 +122,7 @@ async fn every_device_on_every_gateway_gets_the_message() {
 async fn a_fan_out_larger_than_one_insert_reaches_recipients_in_every_part() {
     const RECIPIENTS: usize = 10_000;
     const { assert!(RECIPIENTS > herald_dispatcher::store::RECEIPTS_PER_INSERT, "the job must need more than one insert") };
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     // One recipient in the first insert, one in the last; the rest are offline.
@@ -155,7 +156,7 @@ async fn a_fan_out_larger_than_one_insert_reaches_recipients_in_every_part() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacked_message_stays_pending_and_comes_back_on_reconnect() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let mut dave = cluster.connect(gateway.addr, "dave").await.unwrap();
@@ -175,7 +176,7 @@ async fn an_unacked_message_stays_pending_and_comes_back_on_reconnect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacked_message_is_sent_again_after_the_ack_timeout() {
     let options = Options { ack_timeout: Duration::from_millis(800), ..Options::default() };
-    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let cluster = Cluster::new(Stack::start_on_redis_cluster().await.unwrap(), options).await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let mut erin = cluster.connect(gateway.addr, "erin").await.unwrap();
@@ -189,7 +190,7 @@ async fn an_unacked_message_is_sent_again_after_the_ack_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_the_same_id_twice_yields_one_message_and_one_receipt_each() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let _dispatcher = cluster.dispatcher().await.unwrap();
     let job = json!({"id": "dup-1", "to": ["u1", "u2"], "payload": {"v": 1}});
     cluster.publish(&job).await.unwrap();
@@ -209,7 +210,7 @@ async fn publishing_the_same_id_twice_yields_one_message_and_one_receipt_each() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_are_refused_before_the_upgrade_and_leave_no_presence() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let url = ws_url(gateway.addr);
     let secret = herald_tests::cluster::JWT_SECRET;
@@ -231,7 +232,7 @@ async fn bad_tokens_are_refused_before_the_upgrade_and_leave_no_presence() {
     assert_eq!(err.status(), Some(401));
     assert!(err.to_string().contains("unauthorized"), "{err}");
 
-    let redis = Builder::from_config(Config::from_url(&cluster.stack.redis.url()).unwrap()).build().unwrap();
+    let redis = Builder::from_config(Config::from_url(&cluster.stack.redis_url()).unwrap()).build().unwrap();
     redis.init().await.unwrap();
     let key = cluster.stack.names().presence_key("mallory");
     let exists: i64 = redis.exists(key).await.unwrap();
@@ -249,7 +250,7 @@ fn tungstenite_request(url: &str) -> tokio_tungstenite::tungstenite::handshake::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_gateway_loses_nothing_its_users_reconnect_elsewhere() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let _d2 = cluster.dispatcher().await.unwrap();
     let mut doomed = cluster.gateway_process().await.unwrap();
@@ -287,7 +288,7 @@ async fn a_killed_gateway_loses_nothing_its_users_reconnect_elsewhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_message_is_never_delivered_and_reads_expired() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     cluster.publish(&json!({"id": "ttl-1", "to": ["gina"], "payload": 1, "ttl_secs": 1})).await.unwrap();
@@ -308,7 +309,7 @@ async fn an_expired_message_is_never_delivered_and_reads_expired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_jobs_are_rejected_with_a_reason_and_the_queue_moves_on() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let mut rejections = cluster.nats.subscribe(cluster.stack.names().rejected_subject()).await.unwrap();
@@ -344,7 +345,7 @@ async fn malformed_and_oversized_jobs_are_rejected_with_a_reason_and_the_queue_m
 /// register-then-replay ordering can make this pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publish_and_connect_never_strands_a_message() {
-    let cluster = Arc::new(Cluster::start().await.unwrap());
+    let cluster = Arc::new(Cluster::start_on_redis_cluster().await.unwrap());
     let _d1 = cluster.dispatcher().await.unwrap();
     let _d2 = cluster.dispatcher().await.unwrap();
     let g1 = cluster.gateway().await.unwrap();
@@ -414,7 +415,7 @@ async fn concurrent_publish_and_connect_never_strands_a_message() {
 /// `an_unacked_message_is_sent_again_after_the_ack_timeout`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_published_as_its_recipient_connects_arrives_once() {
-    let cluster = Cluster::start().await.unwrap();
+    let cluster = Cluster::start_on_redis_cluster().await.unwrap();
     let _dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     const ROUNDS: u64 = 12;
@@ -472,7 +473,7 @@ async fn repeated(addr: std::net::SocketAddr) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_of_many_pages_arrives_whole_and_in_order_without_the_ack_timeout() {
     let options = Options { ack_timeout: Duration::from_secs(120), replay_page: 100, ..Options::default() };
-    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let cluster = Cluster::new(Stack::start_on_redis_cluster().await.unwrap(), options).await.unwrap();
     let _dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     const N: usize = 1000;
@@ -535,7 +536,7 @@ async fn a_storm_of_replays_costs_the_store_a_query_or_two_a_round_not_one_per_p
     const USERS: usize = 10;
     const EACH: usize = 300;
     let options = Options { ack_timeout: Duration::from_secs(120), ..Options::default() };
-    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let cluster = Cluster::new(Stack::start_on_redis_cluster().await.unwrap(), options).await.unwrap();
     let mut config = herald_tests::cluster::dispatcher_config(&cluster.stack, &cluster.options);
     // Events gathered for half a second: the users' requests of each round come in one batch.
     config.event_linger = Duration::from_millis(500);
@@ -600,7 +601,7 @@ async fn a_storm_of_replays_costs_the_store_a_query_or_two_a_round_not_one_per_p
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_larger_than_a_replay_page_is_delivered_in_full() {
     let options = Options { ack_timeout: Duration::from_millis(500), ..Options::default() };
-    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let cluster = Cluster::new(Stack::start_on_redis_cluster().await.unwrap(), options).await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
     const N: usize = 300;
@@ -655,7 +656,7 @@ async fn resends_are_divided_among_dispatchers_by_partition() {
     use herald_dispatcher::store::partition_of;
     use herald_proto::UserId;
     let options = Options { ack_timeout: Duration::from_millis(500), ..Options::default() };
-    let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
+    let cluster = Cluster::new(Stack::start_on_redis_cluster().await.unwrap(), options).await.unwrap();
     let held_user = "held-user";
     let held = partition_of(&UserId::new(held_user).unwrap());
     let free_user = (0..)
@@ -703,10 +704,12 @@ async fn heartbeat_frames_come_each_interval_only_to_clients_that_ask() {
     use herald_tests::client::Frame;
 
     let interval = Duration::from_millis(300);
-    let cluster =
-        Cluster::new(Stack::start().await.unwrap(), Options { heartbeat_interval: interval, ..Options::default() })
-            .await
-            .unwrap();
+    let cluster = Cluster::new(
+        Stack::start_on_redis_cluster().await.unwrap(),
+        Options { heartbeat_interval: interval, ..Options::default() },
+    )
+    .await
+    .unwrap();
     let gateway = cluster.gateway().await.unwrap();
     let token = cluster.token("beats");
     let url = format!("{}?heartbeat=frame", ws_url(gateway.addr));

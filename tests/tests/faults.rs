@@ -112,7 +112,8 @@ async fn presence_gateways(cluster: &Cluster, users: &[String]) -> BTreeSet<Stri
     let mut gateways = BTreeSet::new();
     for user in users {
         let conns: HashMap<String, String> = redis.hgetall(names.presence_key(user)).await.unwrap();
-        gateways.extend(conns.into_values());
+        let named = conns.values().filter_map(|entry| herald_shared::naming::presence_entry_gateway(entry));
+        gateways.extend(named.map(str::to_owned));
     }
     gateways
 }

@@ -52,7 +52,16 @@ async fn a_fleet_with_tls_to_every_dependency_delivers_a_message() {
     let mongo_tls = TlsProxy::start(mongo.host_port().unwrap(), &server, Some(&ca.ca_file)).await.unwrap();
     let mongo_proxy = TcpProxy::start(mongo.host_port().unwrap()).await.unwrap();
     let name = unique_name("t");
-    let stack = Stack { redis, nats, mongo, mongo_proxy, prefix: name.clone(), database: name };
+    let stack = Stack {
+        redis,
+        nats,
+        mongo,
+        mongo_proxy,
+        prefix: name.clone(),
+        database: name,
+        redis_cluster: None,
+        redis_sentinel: None,
+    };
 
     // The test's own NATS client goes through the same options as Herald's.
     let nats_url = tls_url(&stack.nats);
