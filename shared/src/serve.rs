@@ -112,7 +112,9 @@ pub struct BindError {
 
 impl Listeners {
     pub async fn bind(public: SocketAddr, internal: SocketAddr) -> Result<Self, BindError> {
-        let bind = |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| BindError { addr, source }) };
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+        };
         Ok(Self { public: bind(public).await?, internal: bind(internal).await? })
     }
 }

@@ -117,12 +117,14 @@ async fn publish_validates_first_never_creates_streams_and_follows_receipts() {
     let file = dir.path().join("payload.json");
     std::fs::write(&file, "{\"title\": \"from a file\"}\n").unwrap();
     let path = file.to_str().unwrap();
-    let out = run(ctl(&cluster, &dispatcher), &["--json", "publish", "--to", "alice", "--file", path, "--id", "ctl-2"]).await;
+    let out =
+        run(ctl(&cluster, &dispatcher), &["--json", "publish", "--to", "alice", "--file", path, "--id", "ctl-2"]).await;
     assert!(out.ok, "{}", out.stderr);
     let first = json_line(&out.stdout);
     assert_eq!((first["id"].as_str(), first["duplicate"].as_bool()), (Some("ctl-2"), Some(false)), "{first}");
     assert_eq!(next_new(&mut alice, &mut seen).await.payload.get(), r#"{"title": "from a file"}"#);
-    let out = run(ctl(&cluster, &dispatcher), &["--json", "publish", "--to", "alice", "--file", path, "--id", "ctl-2"]).await;
+    let out =
+        run(ctl(&cluster, &dispatcher), &["--json", "publish", "--to", "alice", "--file", path, "--id", "ctl-2"]).await;
     assert_eq!(json_line(&out.stdout)["duplicate"], true, "{}", out.stdout);
     assert_eq!(json_line(&out.stdout)["seq"], first["seq"]);
 
@@ -133,7 +135,9 @@ async fn publish_validates_first_never_creates_streams_and_follows_receipts() {
     assert_eq!((n.id.as_str(), n.seq), (answer["id"].as_str().unwrap(), answer["seq"].as_u64().unwrap()));
 
     // --wait that times out says who is still pending.
-    let out = run(ctl(&cluster, &dispatcher), &["publish", "--to", "nobody-online", "1", "--id", "ctl-3", "--wait", "1"]).await;
+    let out =
+        run(ctl(&cluster, &dispatcher), &["publish", "--to", "nobody-online", "1", "--id", "ctl-3", "--wait", "1"])
+            .await;
     assert!(!out.ok && out.stderr.contains("still pending") && out.stderr.contains("nobody-online"), "{}", out.stderr);
 }
 

@@ -671,8 +671,12 @@ async fn idle_and_drip_fed_connections_cannot_exhaust_the_gateway() {
     // The public port answers (a 404: probes live on the internal one, which the flood does not
     // reach), and so does the internal one.
     let (public, internal) = (gateway.addr, gateway.internal);
-    let probes =
-        [(public, "/healthz", 404), (internal, "/healthz", 200), (internal, "/readyz", 200), (internal, "/metrics", 200)];
+    let probes = [
+        (public, "/healthz", 404),
+        (internal, "/healthz", 200),
+        (internal, "/readyz", 200),
+        (internal, "/metrics", 200),
+    ];
     flood_and_probe(gateway.addr, &probes, None, during).await;
 
     // Still whole afterwards, and it says what it shed.

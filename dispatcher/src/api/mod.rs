@@ -98,8 +98,8 @@ fn route(
 /// Every route of the API. The router is built from this list and nothing else, and a test
 /// checks it against the OpenAPI document ([`ApiDoc`]) both ways.
 pub fn routes() -> Vec<Route> {
-    use Method as M;
     use Listener::{Both, Internal as In, Public as Pub};
+    use Method as M;
     let (p, r, a) = (Some(Scope::Publish), Some(Scope::Read), Some(Scope::Admin));
     vec![
         route(M::POST, "/v1/publish", p, Pub, post(publish::publish)),

@@ -69,6 +69,9 @@ pub struct Certs {
     /// The contents last tried (loaded or refused), so that each change is tried, logged and
     /// counted once however long it stays.
     seen: (Vec<u8>, Vec<u8>),
+    /// New contents seen once: tried only if the next look finds them unchanged, so that a pair
+    /// caught half-written (the new key beside the old certificate) is not taken for a bad one.
+    settling: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Certs {
@@ -78,7 +81,8 @@ impl Certs {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let seen = read(files)?;
         let key = certified_key(files, &seen, &provider)?;
-        Ok(Self { files: files.clone(), provider, current: Arc::new(Current(RwLock::new(key))), seen })
+        let current = Arc::new(Current(RwLock::new(key)));
+        Ok(Self { files: files.clone(), provider, current, seen, settling: None })
     }
 
     /// The acceptor for the listener: TLS 1.2 and 1.3, HTTP/1.1 (all Herald serves), and the
@@ -94,7 +98,7 @@ impl Certs {
     }
 
     /// Reads the files every [`RELOAD_EVERY`] (and on SIGHUP) until `stop`, and swaps in each
-    /// pair that changed and loads. Never fails: a bad change is logged, counted in `reloads`
+    /// pair that changed, stayed so for one more look, and loads. Never fails: a bad change is logged, counted in `reloads`
     /// (`failed`) and ignored until the files change again.
     pub async fn watch(mut self, reloads: IntCounterVec, stop: CancellationToken) {
         let mut tick = tokio::time::interval(RELOAD_EVERY);
@@ -120,8 +124,8 @@ impl Certs {
         }
     }
 
-    /// One look at the files: None when they have not changed since the last look, else whether
-    /// the new pair was loaded.
+    /// One look at the files: None when nothing was tried (no change, or one still settling),
+    /// else whether the new pair was loaded.
     fn check(&mut self) -> Option<&'static str> {
         let contents = match read(&self.files) {
             Ok(contents) => contents,
@@ -132,8 +136,14 @@ impl Certs {
             }
         };
         if contents == self.seen {
+            self.settling = None;
             return None;
         }
+        if self.settling.as_ref() != Some(&contents) {
+            self.settling = Some(contents);
+            return None;
+        }
+        self.settling = None;
         let loaded = certified_key(&self.files, &contents, &self.provider);
         self.seen = contents;
         match loaded {
@@ -170,11 +180,68 @@ fn certified_key(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::NoCertificate { path: cert_path.clone(), reason: e.to_string() })?;
     if chain.is_empty() {
-        return Err(CertError::NoCertificate { path: cert_path, reason: "empty".into() });
+        return Err(CertError::NoCertificate { path: cert_path, reason: "no BEGIN CERTIFICATE block".into() });
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| CertError::NoKey { path: key_path.clone(), reason: e.to_string() })?;
-    let certified = CertifiedKey::from_der(chain, key, provider)
-        .map_err(|source| CertError::Mismatch { cert: cert_path, key: key_path, source })?;
+    let certified = CertifiedKey::from_der(chain, key, provider).map_err(|source| CertError::Mismatch {
+        cert: cert_path,
+        key: key_path,
+        source,
+    })?;
     Ok(Arc::new(certified))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pair for `localhost`, PEM: (certificate, key).
+    fn pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn write(files: &ServerTls, (cert, key): &(String, String)) {
+        std::fs::write(&files.cert_file, cert).unwrap();
+        std::fs::write(&files.key_file, key).unwrap();
+    }
+
+    #[test]
+    fn a_change_is_tried_once_it_settles_and_a_bad_one_keeps_the_old_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ServerTls { cert_file: dir.path().join("tls.crt"), key_file: dir.path().join("tls.key") };
+        let (first, second, third) = (pair(), pair(), pair());
+        write(&files, &first);
+        let mut certs = Certs::load(&files).unwrap();
+        let served = |certs: &Certs| certs.current.get().cert[0].clone();
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(served(&certs), der(&first.0));
+        assert_eq!(certs.check(), None, "nothing changed");
+
+        // Half-written (second's key beside first's certificate), then whole: one reload.
+        std::fs::write(&files.key_file, &second.1).unwrap();
+        assert_eq!(certs.check(), None, "seen once: settling");
+        write(&files, &second);
+        assert_eq!(certs.check(), None, "changed again: settling");
+        assert_eq!(certs.check(), Some(RELOADED));
+        assert_eq!(served(&certs), der(&second.0));
+        assert_eq!(certs.check(), None);
+
+        // A key that does not fit: refused once, the second pair stays.
+        write(&files, &(second.0.clone(), third.1.clone()));
+        assert_eq!((certs.check(), certs.check(), certs.check()), (None, Some(RELOAD_FAILED), None));
+        assert_eq!(served(&certs), der(&second.0));
+        // Missing files (mid-replacement) change nothing.
+        std::fs::remove_file(&files.key_file).unwrap();
+        assert_eq!((certs.check(), certs.check()), (None, None));
+        assert_eq!(served(&certs), der(&second.0));
+
+        // At start, the same problems are errors.
+        write(&files, &(first.0.clone(), third.1.clone()));
+        assert!(matches!(Certs::load(&files), Err(CertError::Mismatch { .. })));
+        std::fs::write(&files.cert_file, "garbage").unwrap();
+        assert!(matches!(Certs::load(&files), Err(CertError::NoCertificate { .. })));
+    }
 }
