@@ -185,6 +185,11 @@ class Ports(unittest.TestCase):
             find(docs, "ServiceMonitor", "herald-gateway")["spec"]["endpoints"][0]["port"] = "http"
         self.assertFails(mutate, "scrapes port 'http': /metrics is on 'internal' only")
 
+    def test_a_job_label_the_service_lacks(self):
+        def mutate(docs):
+            del find(docs, "Service", "herald-gateway-internal")["metadata"]["labels"]["herald/job"]
+        self.assertFails(mutate, "jobLabel 'herald/job' is not a label of Service")
+
     def test_a_pod_without_a_network_policy(self):
         def mutate(docs):
             docs.remove(find(docs, "NetworkPolicy", "herald-dispatcher"))

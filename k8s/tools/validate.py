@@ -416,6 +416,10 @@ def check_rendering(name, docs, root, p):
         matched = [s for s in services.values() if selects(selector, (s.get("metadata") or {}).get("labels") or {})]
         if not matched:
             p.error(f"{name}: ServiceMonitor/{mname}", "selector matches no Service's labels")
+        job_label = spec.get("jobLabel")
+        for s in matched:
+            if job_label and job_label not in ((s.get("metadata") or {}).get("labels") or {}):
+                p.error(f"{name}: ServiceMonitor/{mname}", f"jobLabel {job_label!r} is not a label of Service {ident(s)}")
         for ep in spec.get("endpoints") or []:
             if ep.get("port") != INTERNAL_PORT:
                 p.error(f"{name}: ServiceMonitor/{mname}", f"scrapes port {ep.get('port')!r}: /metrics is on {INTERNAL_PORT!r} only")
