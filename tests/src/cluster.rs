@@ -155,6 +155,11 @@ impl InProcess {
         self.task.as_ref().is_some_and(|task| !task.is_finished())
     }
 
+    /// Asks it to shut down as on SIGTERM, without waiting: to watch the shutdown under way.
+    pub fn begin_stop(&self) {
+        self.token.cancel();
+    }
+
     /// Asks it to shut down as on SIGTERM and waits for `run` to return.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.token.cancel();

@@ -268,6 +268,40 @@ async fn probes_metrics_and_the_operators_api_are_on_the_internal_port_only() {
     }
 }
 
+/// A stopping dispatcher closes its public port first and keeps its internal one, reporting not
+/// ready (`accepting: false`), while it finishes the batch in flight; then that one closes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_dispatcher_closes_its_public_port_first_and_reports_not_ready_on_the_internal_one() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let (public, internal) = (dispatcher.addr, dispatcher.internal);
+    // A store that answers 3 s late: the job below is in flight for that long.
+    cluster.stack.mongo_proxy.delay_replies(Duration::from_secs(3));
+    cluster.send("in-flight", &["nobody"]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dispatcher.begin_stop();
+
+    let body = eventually(WAIT, Duration::from_millis(20), || async {
+        if reqwest::get(format!("http://{public}/v1/openapi.json")).await.is_ok() {
+            return Err("the public port still answers".to_owned());
+        }
+        let r = reqwest::get(format!("http://{internal}/readyz")).await.map_err(|e| e.to_string())?;
+        let (status, body) = (r.status().as_u16(), r.text().await.unwrap_or_default());
+        if status == 503 {
+            Ok(body)
+        } else {
+            Err(format!("internal /readyz {status}"))
+        }
+    })
+    .await
+    .expect("public port closed while the internal one reports not ready");
+    assert!(body.contains("\"accepting\":false"), "{body}");
+
+    cluster.stack.mongo_proxy.delay_replies(Duration::ZERO);
+    dispatcher.stop().await.unwrap();
+    assert!(reqwest::get(format!("http://{internal}/readyz")).await.is_err(), "the internal port closes last");
+}
+
 /// SIGTERM: the gateway reports not ready and refuses new clients at once, keeps its sessions
 /// through the shutdown delay, then closes them with 1012 and exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
