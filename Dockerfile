@@ -25,7 +25,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /out/herald-gateway /out/herald-dispatcher /usr/local/bin/
 USER 65532:65532
-# Gateway: WebSocket, health and metrics on 8080. Dispatcher: query API, health and metrics on 8090.
-EXPOSE 8080 8090
+# Public ports: the gateway's WebSockets on 8080, the dispatcher's publish and query API on 8090.
+# Internal ports (probes, metrics, the dispatcher's operator API): 8180 and 8190.
+EXPOSE 8080 8090 8180 8190
 ENV HERALD_LOG_FORMAT=json
 ENTRYPOINT ["/usr/local/bin/herald-gateway"]

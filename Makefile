@@ -9,6 +9,9 @@ export HERALD_PUBLISH_TOKEN ?= herald-dev-publish-token
 export HERALD_READ_TOKEN ?= herald-dev-read-token
 # Browsers on this origin (the demo page) may call the dispatcher's API.
 export HERALD_API_CORS_ORIGINS ?= http://127.0.0.1:8080
+# heraldctl's operator commands (status, kick, cancel, forget) go to the dispatcher's internal
+# listener (HERALD_DISPATCHER_INTERNAL_LISTEN), which make run puts here.
+export HERALD_ADMIN_URL ?= http://127.0.0.1:8190
 export HERALD_REDIS_URL ?= redis://127.0.0.1:16379
 export HERALD_NATS_URL ?= nats://127.0.0.1:14222
 # A user-supplied MongoDB wins: `make run` then uses it instead of starting nx-27017, and the e2e

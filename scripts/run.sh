@@ -39,6 +39,11 @@ target="${HERALD_RUN_TARGET:-${CARGO_TARGET_DIR:-$root/target}/debug}"
 dispatcher_addr="${HERALD_RUN_DISPATCHER:-127.0.0.1:8090}"
 IFS=, read -r -a gateway_addrs <<<"${HERALD_RUN_GATEWAYS:-127.0.0.1:8081,127.0.0.1:8082}"
 demo_addr="${HERALD_RUN_DEMO:-127.0.0.1:8080}"
+# Their internal listeners (probes, /metrics, the dispatcher's operator API), one per gateway.
+dispatcher_internal="${HERALD_RUN_DISPATCHER_INTERNAL:-127.0.0.1:8190}"
+IFS=, read -r -a gateway_internals <<<"${HERALD_RUN_GATEWAYS_INTERNAL:-127.0.0.1:8181,127.0.0.1:8182}"
+[ "${#gateway_internals[@]}" -eq "${#gateway_addrs[@]}" ] ||
+    { echo "run: HERALD_RUN_GATEWAYS_INTERNAL needs one address per gateway in HERALD_RUN_GATEWAYS" >&2; exit 1; }
 
 # Never fails: with the terminal gone (SIGHUP) or the pipe closed, a message must not stop the
 # clean-up.
@@ -68,8 +73,8 @@ else
 fi
 
 # --- refuse to start over something else ------------------------------------------------------
-ports=("$redis_port" "$nats_port" "${dispatcher_addr##*:}" "${demo_addr##*:}")
-for addr in "${gateway_addrs[@]}"; do ports+=("${addr##*:}"); done
+ports=("$redis_port" "$nats_port" "${dispatcher_addr##*:}" "${dispatcher_internal##*:}" "${demo_addr##*:}")
+for addr in "${gateway_addrs[@]}" "${gateway_internals[@]}"; do ports+=("${addr##*:}"); done
 if $own_mongo; then ports+=("$mongo_port"); fi
 for port in "${ports[@]}"; do
     if answers "$port"; then
@@ -256,10 +261,15 @@ launch() {
             start mongo "$venv/bin/nx-27017" --db "$data/mongo/herald.db" --host 127.0.0.1 -p "$mongo_port" \
                 --log-file /dev/null --pid-file "$data/mongo/nx-27017.pid"
             ;;
-        dispatcher) HERALD_DISPATCHER_LISTEN="$dispatcher_addr" start_herald dispatcher "$target/herald-dispatcher" ;;
+        dispatcher)
+            HERALD_DISPATCHER_LISTEN="$dispatcher_addr" HERALD_DISPATCHER_INTERNAL_LISTEN="$dispatcher_internal" \
+                start_herald dispatcher "$target/herald-dispatcher"
+            ;;
         gateway-*)
             local i="${1#gateway-}"
-            HERALD_GATEWAY_LISTEN="${gateway_addrs[$((i - 1))]}" start_herald "$1" "$target/herald-gateway"
+            HERALD_GATEWAY_LISTEN="${gateway_addrs[$((i - 1))]}" \
+                HERALD_GATEWAY_INTERNAL_LISTEN="${gateway_internals[$((i - 1))]}" \
+                start_herald "$1" "$target/herald-gateway"
             ;;
         # The demo page and its dev-only helpers (tokens for any user, the API with the admin
         # token): clients/js/demo/server.js. It listens on 127.0.0.1 only.
@@ -302,7 +312,8 @@ cat >&2 <<EOF || true
 Herald is running (logs in $logs_shown/; Ctrl-C stops everything).
   demo page:  http://$demo_addr/   (connect as a user, publish, watch receipts)
   gateways:   $(for a in "${gateway_addrs[@]}"; do printf 'ws://%s/v1/connect   ' "$a"; done)
-  dispatcher: http://$dispatcher_addr
+  dispatcher: http://$dispatcher_addr   (operator API, probes, metrics: http://$dispatcher_internal)
+  probes and metrics of the gateways: $(for a in "${gateway_internals[@]}"; do printf 'http://%s/metrics   ' "$a"; done)
 
 Or by hand, in another terminal:
   TOKEN=\$(make -s token USER=alice)
@@ -315,6 +326,7 @@ Or by hand, in another terminal:
   make publish TO=alice MSG='{"title":"hi"}'
   curl -H "Authorization: Bearer $HERALD_PUBLISH_TOKEN" -d '{"to":["alice"],"payload":{"title":"hi"}}' http://$dispatcher_addr/v1/publish
   curl -H "Authorization: Bearer $HERALD_ADMIN_TOKEN" http://$dispatcher_addr/v1/users/alice/pending
+  HERALD_ADMIN_URL=http://$dispatcher_internal target/debug/heraldctl status
 
 Try a fault: kill -9 a gateway (the pids are in ${pidfile#"$root/"}) and watch its clients move to the
 other one. Whatever exits is reported here and started again.

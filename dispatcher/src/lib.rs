@@ -14,7 +14,6 @@ use fred::prelude::ClientLike;
 use herald_shared::config::DispatcherConfig;
 use herald_shared::naming::Names;
 use herald_shared::{connect, fdlimit, serve, shutdown, streams};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,12 +66,14 @@ const FD_RESERVE: usize = 128;
 /// How long shutdown waits for in-flight batches to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Runs a dispatcher, with its query API on `listener`, until `shutdown` is cancelled. Then it
-/// stops pulling, finishes the batches in flight (or hands them back to JetStream), and returns.
+/// Runs a dispatcher, with its publish and query API on the public listener and its operator's
+/// API, probes and metrics on the internal one, until `shutdown` is cancelled. Then the public
+/// listener stops (and `/readyz` says not ready), it stops pulling, finishes the batches in
+/// flight (or hands them back to JetStream), stops the internal listener, and returns.
 /// Fails at once when its HTTP connections do not fit the process's open-file limit.
 pub async fn run(
     config: DispatcherConfig,
-    listener: TcpListener,
+    listeners: serve::Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), DispatcherError> {
     // The HTTP connections and the reserve must fit in the open-file limit, or the API, the probes
@@ -205,7 +206,7 @@ pub async fn run(
         jobs::report_lag(js.clone(), names.clone(), config.ack_wait, Arc::clone(&metrics), stop.clone()),
     );
 
-    let http_metrics = metrics.http.clone();
+    let (http_metrics, internal_metrics) = (metrics.http.clone(), metrics.internal_http.clone());
     // The streams exist (ensured above): this only looks the jobs stream up.
     let destination =
         herald_publish::Destination { stream: names.jobs_stream(), subject: names.publish_subject("http") };
@@ -225,16 +226,33 @@ pub async fn run(
         backlog: admission::Backlog::new(js.clone(), names.clone(), config.ack_wait, config.api.max_backlog),
         checks: herald_shared::readiness::Checks::default(),
         clock: config.common.clock.clone(),
+        stopping: shutdown.clone(),
     });
-    tracing::info!(dispatcher = %config.dispatcher_id, addr = ?listener.local_addr().ok(), "dispatcher running");
-    let app = api::router(state, config.api.max_body_bytes, &config.api.cors_origins);
-    serve::serve(listener, app, &config.common.http, http_metrics, shutdown.clone()).await;
-
-    stop.cancel();
-    tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
-        tracing::warn!("batches still in flight at the end of the grace period; JetStream will redeliver them");
-    }
+    let serve::Listeners { public, internal } = listeners;
+    tracing::info!(
+        dispatcher = %config.dispatcher_id,
+        addr = ?public.local_addr().ok(),
+        internal = ?internal.local_addr().ok(),
+        "dispatcher running"
+    );
+    let (max_body, cors) = (config.api.max_body_bytes, &config.api.cors_origins);
+    let public_app = api::router(Arc::clone(&state), api::Listener::Public, max_body, cors);
+    let internal_app = api::router(state, api::Listener::Internal, max_body, &[]);
+    // The internal listener outlives the public one and the batches in flight, so that probes
+    // see "not ready" and metrics can be scraped until the end.
+    let stop_internal = CancellationToken::new();
+    let internal_http = serve::internal_config(&config.common.http);
+    let serve_internal = serve::serve(internal, internal_app, &internal_http, internal_metrics, stop_internal.clone());
+    let wind_down = async {
+        serve::serve(public, public_app, &config.common.http, http_metrics, shutdown.clone()).await;
+        stop.cancel();
+        tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+            tracing::warn!("batches still in flight at the end of the grace period; JetStream will redeliver them");
+        }
+        stop_internal.cancel();
+    };
+    tokio::join!(wind_down, serve_internal);
     let _ = nats.flush().await;
     let _ = redis.quit().await;
     tracing::info!(dispatcher = %config.dispatcher_id, "dispatcher stopped");

@@ -43,8 +43,10 @@ pub struct DispatcherMetrics {
     /// Publish requests refused while the jobs backlog was over its limit (`crate::admission`).
     pub publish_overloaded: IntCounter,
     pub dependencies: DependencyMetrics,
-    /// The HTTP listener's (`herald_http_*`).
+    /// The public HTTP listener's (`herald_http_*{listener="public"}`).
     pub http: ServeMetrics,
+    /// The internal listener's (`herald_http_*{listener="internal"}`).
+    pub internal_http: ServeMetrics,
 }
 
 /// Every reject code, each counted from zero (`herald_dispatcher_jobs_rejected_total`).
@@ -190,7 +192,8 @@ impl DispatcherMetrics {
                 "Publish requests answered 503 overloaded: the jobs backlog was over HERALD_API_MAX_BACKLOG",
             )?,
             dependencies: DependencyMetrics::new(&r)?,
-            http: ServeMetrics::new(&r)?,
+            http: ServeMetrics::new(&r, "public")?,
+            internal_http: ServeMetrics::new(&r, "internal")?,
             registry: r,
         })
     }

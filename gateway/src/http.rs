@@ -1,5 +1,6 @@
-//! The gateway's HTTP surface: the WebSocket endpoint with its checks before the upgrade, and
-//! the health probes. Every refusal is a JSON body with a status that says what to do.
+//! The gateway's HTTP surface: the WebSocket endpoint with its checks before the upgrade (the
+//! public listener), and the health probes and metrics (the internal listener). Every refusal is
+//! a JSON body with a status that says what to do.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,9 +16,14 @@ use crate::auth::AuthError;
 use crate::registry::AdmitError;
 use crate::Gateway;
 
-pub(crate) fn router(gateway: Arc<Gateway>) -> Router {
+/// What clients reach: the WebSocket endpoint and nothing else (404 for any other path).
+pub(crate) fn public_router(gateway: Arc<Gateway>) -> Router {
+    Router::new().route("/v1/connect", get(connect)).with_state(gateway)
+}
+
+/// What only the cluster reaches: probes and metrics.
+pub(crate) fn internal_router(gateway: Arc<Gateway>) -> Router {
     Router::new()
-        .route("/v1/connect", get(connect))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))

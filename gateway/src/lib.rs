@@ -13,7 +13,6 @@ use herald_proto::GatewayId;
 use herald_shared::config::GatewayConfig;
 use herald_shared::naming::Names;
 use herald_shared::{connect, fdlimit, readiness, serve, shutdown, streams};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,6 +52,8 @@ pub enum GatewayError {
     Metrics(#[from] herald_shared::metrics::MetricsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthSetupError),
+    #[error("TLS (HERALD_TLS_CERT_FILE, HERALD_TLS_KEY_FILE): {0}")]
+    Tls(#[from] serve::certs::CertError),
 }
 
 /// Open files kept for everything but client connections: Redis and NATS (and their reconnects),
@@ -96,18 +97,22 @@ impl Gateway {
     }
 }
 
-/// Runs a gateway on `listener` until `shutdown` is cancelled, then drains: stops accepting,
+/// Runs a gateway on `listeners` (clients on the public one, probes and metrics on the internal
+/// one) until `shutdown` is cancelled, then drains: stops accepting,
 /// closes every session with 1012 (reconnect elsewhere), removes its presence, flushes acks,
 /// and returns within the configured grace period. Fails at once, before connecting to anything,
 /// when its connection limits do not fit the process's open-file limit.
 pub async fn run(
     config: GatewayConfig,
-    listener: TcpListener,
+    listeners: serve::Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let sessions = session_budget(&config)?;
     // A bad key file or JWKS URL stops the start before anything is connected.
     let (auth, jwks_refresher) = Authenticator::new(&config.jwt)?;
+    // Likewise unreadable or mismatched TLS files.
+    let certs = config.tls.as_ref().map(serve::certs::Certs::load).transpose()?;
+    let tls = certs.as_ref().map(serve::certs::Certs::acceptor).transpose()?;
     let names = Names::new(&config.common.prefix);
     let gateway_id = GatewayId::new(config.gateway_id.as_str()).map_err(GatewayError::Config)?;
     // Start-up waits for the dependencies, but a shutdown request must not wait for start-up.
@@ -200,7 +205,13 @@ pub async fn run(
     // Stopped with presence, after the sessions are gone.
     if let Some(refresher) = jwks_refresher {
         let fetches = metrics.jwks_fetches.clone();
-        shutdown::spawn_critical(&tasks, "jwks", critical, refresher.run(stop_presence.clone(), fetches));
+        shutdown::spawn_critical(&tasks, "jwks", critical.clone(), refresher.run(stop_presence.clone(), fetches));
+    }
+    // Reloads the TLS certificate when its files change; a bad change is logged and counted,
+    // never fatal. Stopped with presence, after the public listener.
+    if let Some(certs) = certs {
+        let reloads = metrics.tls_reloads.clone();
+        shutdown::spawn_critical(&tasks, "tls", critical, certs.watch(reloads, stop_presence.clone()));
     }
 
     let (drain_grace, drain_spread, shutdown_delay) = (config.drain_grace, config.drain_spread, config.shutdown_delay);
@@ -215,16 +226,38 @@ pub async fn run(
         js: js.clone(),
         checks: readiness::Checks::default(),
     });
-    tracing::info!(gateway = %gateway_id, addr = ?listener.local_addr().ok(), "gateway listening");
-    // HTTP keeps serving through the drain, so probes see "not ready" and late connects get a
-    // clear 503 instead of a refused connection; it stops once the sessions are gone.
+    let serve::Listeners { public, internal } = listeners;
+    tracing::info!(
+        gateway = %gateway_id,
+        addr = ?public.local_addr().ok(),
+        internal = ?internal.local_addr().ok(),
+        "gateway listening"
+    );
+    // The public listener keeps serving through the drain, so late connects get a clear 503
+    // instead of a refused connection; it stops once the sessions are gone. The internal one
+    // outlives it, so that probes see "not ready" for the whole drain, and stops last.
     let stop_http = CancellationToken::new();
-    let serve = serve::serve(
-        listener,
-        http::router(Arc::clone(&gateway)),
-        &gateway.config.common.http,
+    let stop_internal = CancellationToken::new();
+    let public_http = &gateway.config.common.http;
+    let serve_public = serve::serve_tls(
+        public,
+        http::public_router(Arc::clone(&gateway)),
+        public_http,
         metrics.http.clone(),
         stop_http.clone(),
+        tls,
+    );
+    let serve = async {
+        serve_public.await;
+        stop_internal.cancel();
+    };
+    let internal_http = serve::internal_config(public_http);
+    let serve_internal = serve::serve(
+        internal,
+        http::internal_router(Arc::clone(&gateway)),
+        &internal_http,
+        metrics.internal_http.clone(),
+        stop_internal.clone(),
     );
     // Drain, in order: not ready and no new sessions; after the shutdown delay (time for load
     // balancers to notice), sessions close with 1012, spread over the drain spread (drain.rs);
@@ -243,7 +276,7 @@ pub async fn run(
         stop_http.cancel();
         deadline
     };
-    let ((), deadline) = tokio::join!(serve, drain);
+    let ((), (), deadline) = tokio::join!(serve, serve_internal, drain);
     stop_presence.cancel();
     stop_acks.cancel();
     tasks.close();

@@ -1,7 +1,6 @@
 //! The gateway binary: configuration, telemetry, bind, run until SIGTERM. Whatever stops it
 //! from running is logged as one line, and the exit status is 1.
 
-use anyhow::Context;
 use herald_shared::config::GatewayConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -15,9 +14,8 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     let config = GatewayConfig::load()?;
-    let listener =
-        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let listeners = herald_shared::serve::Listeners::bind(config.listen, config.internal_listen).await?;
     let token = CancellationToken::new();
-    herald_shared::shutdown::run_until_signal(token.clone(), herald_gateway::run(config, listener, token)).await?;
+    herald_shared::shutdown::run_until_signal(token.clone(), herald_gateway::run(config, listeners, token)).await?;
     Ok(())
 }

@@ -33,6 +33,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) frames_in: IntCounterVec,
     /// Fetches of the identity provider's JWKS, by result (`ok`, `error`).
     pub(crate) jwks_fetches: IntCounterVec,
+    /// Changes of the TLS certificate files, by result (`loaded`, `failed`: the old pair serves on).
+    pub(crate) tls_reloads: IntCounterVec,
     /// Frames written to sockets.
     pub(crate) frames_out: IntCounter,
     /// Notifications written to sockets, by path (`deliver`, `replay`).
@@ -57,8 +59,10 @@ pub(crate) struct GatewayMetrics {
     pub(crate) publish_to_deliver: DeliveryLatency,
     pub(crate) publish_to_ack: Histogram,
     pub(crate) dependencies: DependencyMetrics,
-    /// The HTTP listener's (`herald_http_*`).
+    /// The public HTTP listener's (`herald_http_*{listener="public"}`).
     pub(crate) http: ServeMetrics,
+    /// The internal listener's (`herald_http_*{listener="internal"}`).
+    pub(crate) internal_http: ServeMetrics,
 }
 
 impl GatewayMetrics {
@@ -94,6 +98,13 @@ impl GatewayMetrics {
                 "Fetches of the identity provider's JWKS (HERALD_JWKS_URL), by result",
                 "result",
                 &["ok", "error"],
+            )?,
+            tls_reloads: m::counter_vec_at_zero(
+                &r,
+                "herald_gateway_tls_reloads_total",
+                "Changes of HERALD_TLS_CERT_FILE / HERALD_TLS_KEY_FILE, by result (failed: still serving the previous pair)",
+                "result",
+                &[herald_shared::serve::certs::RELOADED, herald_shared::serve::certs::RELOAD_FAILED],
             )?,
             frames_out: m::counter(&r, "herald_gateway_frames_out_total", "Frames written to client sockets")?,
             notifications_sent: m::counter_vec_at_zero(
@@ -174,7 +185,8 @@ impl GatewayMetrics {
                 LATENCY_BUCKETS,
             )?,
             dependencies: DependencyMetrics::new(&r)?,
-            http: ServeMetrics::new(&r)?,
+            http: ServeMetrics::new(&r, "public")?,
+            internal_http: ServeMetrics::new(&r, "internal")?,
             registry: r,
         })
     }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tests of validate.py's ScaledObject checks, on a real rendering of the keda overlay: it must
+"""Tests of validate.py's ScaledObject and port checks, on a real rendering of the keda overlay: it must
 pass as rendered, and each mistake below, made in a copy of it, must fail with its message.
 Run by scripts/check-k8s.sh with the .venv interpreter:
 
@@ -161,6 +161,52 @@ class ScaledObjects(unittest.TestCase):
         def mutate(docs):
             find(docs, "ScaledObject", "herald-dispatcher")["spec"]["minReplicaCount"] = 0
         self.assertFails(mutate, "minReplicaCount must be at least 1")
+
+
+class Ports(unittest.TestCase):
+    """The public and internal ports stay apart (issue 15): probes, Services, scraping, policies."""
+
+    assertFails = ScaledObjects.assertFails
+
+    def test_probe_on_the_public_port(self):
+        def mutate(docs):
+            container = find(docs, "Deployment", "herald-gateway")["spec"]["template"]["spec"]["containers"][0]
+            container["readinessProbe"]["httpGet"]["port"] = "http"
+        self.assertFails(mutate, "readinessProbe must use port 'internal'")
+
+    def test_internal_port_on_the_public_service(self):
+        def mutate(docs):
+            ports = find(docs, "Service", "herald-dispatcher")["spec"]["ports"]
+            ports.append({"name": "internal", "port": 8190, "targetPort": "internal", "protocol": "TCP"})
+        self.assertFails(mutate, "Service/herald-dispatcher", "targetPort 'internal' in a Service not labelled")
+
+    def test_scraping_the_public_port(self):
+        def mutate(docs):
+            find(docs, "ServiceMonitor", "herald-gateway")["spec"]["endpoints"][0]["port"] = "http"
+        self.assertFails(mutate, "scrapes port 'http': /metrics is on 'internal' only")
+
+    def test_a_job_label_the_service_lacks(self):
+        def mutate(docs):
+            del find(docs, "Service", "herald-gateway-internal")["metadata"]["labels"]["herald/job"]
+        self.assertFails(mutate, "jobLabel 'herald/job' is not a label of Service")
+
+    def test_a_pod_without_a_network_policy(self):
+        def mutate(docs):
+            docs.remove(find(docs, "NetworkPolicy", "herald-dispatcher"))
+        self.assertFails(mutate, "Deployment/herald-dispatcher: no NetworkPolicy selects its pods")
+
+    def test_a_policy_open_to_everyone(self):
+        def mutate(docs):
+            rules = find(docs, "NetworkPolicy", "herald-gateway")["spec"]["ingress"]
+            rules[0]["from"] = [{"namespaceSelector": {}}]
+            rules[1]["ports"] = []
+        self.assertFails(mutate, "a peer that admits every namespace or address", "names no ports")
+
+    def test_the_public_port_open_to_pods_of_this_namespace(self):
+        def mutate(docs):
+            rules = find(docs, "NetworkPolicy", "herald-dispatcher")["spec"]["ingress"]
+            rules[0]["from"].append({"podSelector": {}})
+        self.assertFails(mutate, "the public port is for the ingress controller's namespace only")
 
 
 def main():

@@ -10,7 +10,8 @@ CRDs Herald uses: ServiceMonitor and PrometheusRule get a structural check of th
 the vendored CRD schema of a pinned KEDA release, strictly, and against what KEDA and Herald
 require of its triggers (scaledobjects.py). Then per rendering: references between objects
 resolve (a ScaledObject's target exists, and no HPA scales it too), and Herald's own deployment
-rules hold (non-root hardening, probes, the gateway's shutdown budget, the ConfigMap covering
+rules hold (non-root hardening, probes on the internal port, public Services and ServiceMonitors
+that keep the internal port apart, a NetworkPolicy on every pod, the gateway's shutdown budget, the ConfigMap covering
 every HERALD_* setting the code reads). Finally the Grafana dashboard parses, and every metric it queries should be
 registered by the code and mentioned in docs/METRICS.md (warnings: both change in other hands).
 
@@ -42,6 +43,10 @@ UNSET_ON_PURPOSE = {"HERALD_GATEWAY_ID", "HERALD_DISPATCHER_ID"}
 # Secrets that the cluster provides rather than the rendering (prod creates it by hand).
 EXTERNAL_SECRETS = {"herald-secrets"}
 UID = 65532
+# The container port of the internal listener (probes, /metrics, the dispatcher's operator API),
+# and the label that marks the Services exposing it.
+INTERNAL_PORT = "internal"
+LISTENER_LABEL = "herald/listener"
 # Time a gateway needs after its drain grace: presence clean-up and exit, before SIGKILL.
 SHUTDOWN_MARGIN_MS = 1000
 DEFAULT_DRAIN_GRACE_MS = 10_000
@@ -291,6 +296,13 @@ def check_rendering(name, docs, root, p):
                 got = ((c.get(probe) or {}).get("httpGet") or {}).get("path")
                 if got != path:
                     p.error(cw, f"{probe} must be httpGet {path}, found {got!r}")
+            # Probes are served on the internal listener only; the public port answers them 404.
+            if INTERNAL_PORT not in {port.get("name") for port in c.get("ports") or []}:
+                p.error(cw, f"needs a container port named {INTERNAL_PORT!r} (HERALD_*_INTERNAL_LISTEN)")
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                got = ((c.get(probe) or {}).get("httpGet") or {}).get("port")
+                if c.get(probe) and got != INTERNAL_PORT:
+                    p.error(cw, f"{probe} must use port {INTERNAL_PORT!r} (probes are not on the public port), found {got!r}")
             # The runtime image has no shell: exec hooks and probes cannot work.
             for hook in ("preStop", "postStart"):
                 if "exec" in ((c.get("lifecycle") or {}).get(hook) or {}):
@@ -330,10 +342,55 @@ def check_rendering(name, docs, root, p):
         if not any(selects(selector, pod_labels(d)) for d in deployments.values()):
             p.error(where, "selector matches no Deployment's pods")
         ports = deployment_port_names(selector)
+        internal = ((s.get("metadata") or {}).get("labels") or {}).get(LISTENER_LABEL) == "internal"
         for port in spec_of(s).get("ports") or []:
             target = port.get("targetPort")
             if isinstance(target, str) and target not in ports:
                 p.error(where, f"targetPort {target!r} is not a container port name")
+            # A public Service (the Ingress's backend) must not expose metrics or the admin API.
+            if (target == INTERNAL_PORT) != internal:
+                p.error(where, f"targetPort {target!r} in a Service "
+                        f"{'labelled' if internal else 'not labelled'} {LISTENER_LABEL}: internal")
+
+    # Every Herald pod is behind a NetworkPolicy: its public port open to the ingress controller's
+    # namespace only, its internal port to chosen namespaces (or this one) only, never to all.
+    policies = by_kind.get("NetworkPolicy", {})
+    for dname, d in deployments.items():
+        covering = [(n, np) for n, np in policies.items()
+                    if selects((spec_of(np).get("podSelector") or {}).get("matchLabels"), pod_labels(d))]
+        if not covering:
+            p.error(f"{name}: Deployment/{dname}", "no NetworkPolicy selects its pods")
+    for nname, np in policies.items():
+        where = f"{name}: NetworkPolicy/{nname}"
+        spec = spec_of(np)
+        selected = [d for d in deployments.values()
+                    if selects((spec.get("podSelector") or {}).get("matchLabels"), pod_labels(d))]
+        if not selected:
+            p.error(where, "podSelector matches no Deployment's pods")
+        if "Ingress" not in (spec.get("policyTypes") or []):
+            p.error(where, "policyTypes must include Ingress")
+        names = set()
+        for d in selected:
+            for c in containers_of(d)[1]:
+                names |= {port.get("name") for port in c.get("ports") or []}
+        for i, rule in enumerate(spec.get("ingress") or []):
+            at = f"ingress[{i}]"
+            peers = rule.get("from")
+            ports = [port.get("port") for port in rule.get("ports") or []]
+            if not ports:
+                p.error(where, f"{at} names no ports: it would open every port, the internal one too")
+            for port in ports:
+                if port not in names:
+                    p.error(where, f"{at}: port {port!r} is not a container port name of the pods it selects")
+            if not peers:
+                p.error(where, f"{at} has no `from`: it admits every source")
+                continue
+            for peer in peers:
+                ns, pods = peer.get("namespaceSelector"), peer.get("podSelector")
+                if "ipBlock" in peer or (ns is not None and not (ns.get("matchLabels") or ns.get("matchExpressions"))):
+                    p.error(where, f"{at}: a peer that admits every namespace or address: {peer}")
+                if "http" in ports and (ns is None or pods is not None):
+                    p.error(where, f"{at}: the public port is for the ingress controller's namespace only (a namespaceSelector alone)")
 
     for hname, h in hpas.items():
         ref = spec_of(h).get("scaleTargetRef") or {}
@@ -359,7 +416,13 @@ def check_rendering(name, docs, root, p):
         matched = [s for s in services.values() if selects(selector, (s.get("metadata") or {}).get("labels") or {})]
         if not matched:
             p.error(f"{name}: ServiceMonitor/{mname}", "selector matches no Service's labels")
+        job_label = spec.get("jobLabel")
+        for s in matched:
+            if job_label and job_label not in ((s.get("metadata") or {}).get("labels") or {}):
+                p.error(f"{name}: ServiceMonitor/{mname}", f"jobLabel {job_label!r} is not a label of Service {ident(s)}")
         for ep in spec.get("endpoints") or []:
+            if ep.get("port") != INTERNAL_PORT:
+                p.error(f"{name}: ServiceMonitor/{mname}", f"scrapes port {ep.get('port')!r}: /metrics is on {INTERNAL_PORT!r} only")
             for s in matched:
                 if ep.get("port") not in {x.get("name") for x in spec_of(s).get("ports") or []}:
                     p.error(f"{name}: ServiceMonitor/{mname}", f"port {ep.get('port')!r} is not a port of Service {ident(s)}")

@@ -231,6 +231,12 @@ fn check_jwks_url(url: &str) -> Result<(), &'static str> {
 pub struct GatewayConfig {
     pub common: CommonConfig,
     pub listen: SocketAddr,
+    /// Probes and metrics (`HERALD_GATEWAY_INTERNAL_LISTEN`): a port apart from `listen`, which only
+    /// the cluster reaches.
+    pub internal_listen: SocketAddr,
+    /// A certificate and key for the public listener to speak TLS itself (wss://), for
+    /// deployments without an ingress in front. None: plain HTTP (TLS ends at the ingress).
+    pub tls: Option<ServerTls>,
     /// Unique per process; a restarted gateway takes a new one so stale presence never matches.
     pub gateway_id: String,
     pub jwt: JwtConfig,
@@ -273,8 +279,11 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone)]
 pub struct DispatcherConfig {
     pub common: CommonConfig,
-    /// Query API, health and metrics.
+    /// The publish and query API.
     pub listen: SocketAddr,
+    /// Probes, metrics and the operator's API (`HERALD_DISPATCHER_INTERNAL_LISTEN`), which only the
+    /// cluster reaches.
+    pub internal_listen: SocketAddr,
     pub dispatcher_id: String,
     pub mongodb_uri: String,
     pub mongodb_database: String,
@@ -694,6 +703,8 @@ impl GatewayConfig {
         let mut config = Self {
             common,
             listen: env.parse("HERALD_GATEWAY_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8080))),
+            internal_listen: env.parse("HERALD_GATEWAY_INTERNAL_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8180))),
+            tls: server_tls(env),
             gateway_id,
             jwt: JwtConfig::from_env(env),
             heartbeat_interval: env.millis("HERALD_HEARTBEAT_INTERVAL_MS", 15_000),
@@ -715,6 +726,7 @@ impl GatewayConfig {
         for origin in config.allowed_origins.iter().filter(|o| !is_origin(o)) {
             env.invalid(format!("HERALD_ALLOWED_ORIGINS: {origin:?} is not an origin like https://app.example.com"));
         }
+        check_internal_listen(env, "HERALD_GATEWAY", config.listen, config.internal_listen);
         // Default: most of the grace, leaving the rest for the last closes to complete.
         config.drain_spread = env
             .parse_optional::<u64>("HERALD_DRAIN_SPREAD_MS")
@@ -754,6 +766,7 @@ impl DispatcherConfig {
         let config = Self {
             common,
             listen: env.parse("HERALD_DISPATCHER_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8090))),
+            internal_listen: env.parse("HERALD_DISPATCHER_INTERNAL_LISTEN", SocketAddr::from(([0, 0, 0, 0], 8190))),
             dispatcher_id: env.optional("HERALD_DISPATCHER_ID").unwrap_or_else(|| process_id("dsp")),
             mongodb_uri: env.string("HERALD_MONGODB_URI", "mongodb://127.0.0.1:27117"),
             mongodb_database: env.string("HERALD_MONGODB_DATABASE", "herald"),
@@ -791,6 +804,7 @@ impl DispatcherConfig {
         if config.pending_sample < Duration::from_millis(100) {
             env.invalid("HERALD_PENDING_SAMPLE_MS: must be at least 100");
         }
+        check_internal_listen(env, "HERALD_DISPATCHER", config.listen, config.internal_listen);
         config
     }
 
@@ -799,6 +813,39 @@ impl DispatcherConfig {
         let mut env = Env::from_process();
         let config = Self::from_env(&mut env);
         env.finish(config)
+    }
+}
+
+/// The gateway's own TLS: a PEM certificate chain and its private key, read at start (a bad
+/// file stops it) and again whenever they change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// `HERALD_TLS_CERT_FILE` and `HERALD_TLS_KEY_FILE`: both or neither.
+fn server_tls(env: &mut Env) -> Option<ServerTls> {
+    let cert = env.optional("HERALD_TLS_CERT_FILE").map(PathBuf::from);
+    let key = env.optional("HERALD_TLS_KEY_FILE").map(PathBuf::from);
+    match (cert, key) {
+        (Some(cert_file), Some(key_file)) => Some(ServerTls { cert_file, key_file }),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            env.invalid("HERALD_TLS_CERT_FILE and HERALD_TLS_KEY_FILE: set both (TLS on the public port) or neither");
+            None
+        }
+    }
+}
+
+/// The internal listener must be a port of its own: sharing the public one would serve metrics
+/// and the operator's API to whoever reaches it.
+/// `service`: `HERALD_GATEWAY` or `HERALD_DISPATCHER`, the prefix of both variables.
+fn check_internal_listen(env: &mut Env, service: &str, public: SocketAddr, internal: SocketAddr) {
+    if internal.port() != 0 && internal.port() == public.port() {
+        env.invalid(format!(
+            "{service}_INTERNAL_LISTEN: {internal} must be another port than {service}_LISTEN ({public})"
+        ));
     }
 }
 
@@ -1223,5 +1270,38 @@ mod tests {
         ]);
         let c = DispatcherConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_DEFAULT_TTL_SECS"));
+    }
+
+    #[test]
+    fn the_internal_listener_has_a_port_of_its_own_and_tls_needs_both_files() {
+        let secret = ("HERALD_JWT_SECRET", "0123456789abcdef");
+        let mut e = env(&[secret]);
+        let c = GatewayConfig::from_env(&mut e);
+        let c = e.finish(c).unwrap();
+        assert_eq!((c.listen.port(), c.internal_listen.port(), c.tls), (8080, 8180, None));
+        let admin = ("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!");
+        let mut e = env(&[admin]);
+        let c = DispatcherConfig::from_env(&mut e);
+        let c = e.finish(c).unwrap();
+        assert_eq!((c.listen.port(), c.internal_listen.port()), (8090, 8190));
+
+        let mut e = env(&[
+            secret,
+            ("HERALD_GATEWAY_LISTEN", "0.0.0.0:9000"),
+            ("HERALD_GATEWAY_INTERNAL_LISTEN", "127.0.0.1:9000"),
+            ("HERALD_TLS_CERT_FILE", "/tls/tls.crt"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        assert!(text.contains("HERALD_GATEWAY_INTERNAL_LISTEN: 127.0.0.1:9000 must be another port"), "{text}");
+        assert!(text.contains("HERALD_TLS_CERT_FILE and HERALD_TLS_KEY_FILE: set both"), "{text}");
+        let mut e = env(&[admin, ("HERALD_DISPATCHER_INTERNAL_LISTEN", "0.0.0.0:8090")]);
+        let c = DispatcherConfig::from_env(&mut e);
+        assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_DISPATCHER_INTERNAL_LISTEN"));
+
+        let mut e = env(&[secret, ("HERALD_TLS_CERT_FILE", "/tls/tls.crt"), ("HERALD_TLS_KEY_FILE", "/tls/tls.key")]);
+        let c = GatewayConfig::from_env(&mut e);
+        let tls = e.finish(c).unwrap().tls.unwrap();
+        assert_eq!((tls.cert_file.to_str(), tls.key_file.to_str()), (Some("/tls/tls.crt"), Some("/tls/tls.key")));
     }
 }

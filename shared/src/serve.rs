@@ -11,6 +11,11 @@
 //! previous response, and is closed after `idle_timeout` without moving a byte. Accept errors
 //! (out of file descriptors, mostly) back off from 10 ms to 1 s instead of spinning. HTTP/1.1
 //! only: nothing Herald serves needs HTTP/2, which brings its own ways of holding a server.
+//!
+//! With TLS ([`serve_tls`], the gateway's `wss://`), the handshake comes first, within
+//! `header_timeout` of the connect and holding its place in the budget like a request head: a
+//! client that opens a socket and sends no ClientHello (or drips one) is closed at the timeout,
+//! or sooner when it must give way. The certificates themselves are [`certs`]'.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,18 +34,21 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use crate::backoff::Backoff;
 use crate::config::HttpConfig;
-use crate::metrics::{self as m, MetricsError};
+use crate::metrics::MetricsError;
 
+pub mod certs;
 mod pending;
 mod rate;
 
@@ -66,12 +74,49 @@ mod shed {
     pub(super) const EVICTED: &str = "evicted";
     pub(super) const HEADER_TIMEOUT: &str = "header_timeout";
     pub(super) const IDLE_TIMEOUT: &str = "idle_timeout";
+    pub(super) const TLS_HANDSHAKE_TIMEOUT: &str = "tls_handshake_timeout";
+    pub(super) const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
 }
 
-/// The descriptors the listener may hold for connections: its budget, and those still closing
-/// after giving way. A service adds them up with its own needs against the open-file limit.
+/// Most connections at once on the internal listener: probes, scrapes and an operator's
+/// commands, from inside the cluster. A small fixed budget, so it cannot eat the public one's.
+pub const INTERNAL_MAX_CONNECTIONS: usize = 32;
+
+/// The descriptors both listeners may hold for connections: their budgets, and those still
+/// closing after giving way. A service adds them up with its own needs against the open-file limit.
 pub fn open_files(config: &HttpConfig) -> usize {
-    config.max_connections + EVICTION_SLACK
+    config.max_connections + EVICTION_SLACK + INTERNAL_MAX_CONNECTIONS + EVICTION_SLACK
+}
+
+/// The limits of the internal listener: the public one's timeouts, its own small budget, and no
+/// per-address connect rate (the kubelet and Prometheus connect from a few addresses, often).
+pub fn internal_config(public: &HttpConfig) -> HttpConfig {
+    HttpConfig { max_connections: INTERNAL_MAX_CONNECTIONS, connects_per_sec_per_ip: 0, ..public.clone() }
+}
+
+/// A service's two listeners: the public one (clients' WebSockets, the publish and query API),
+/// which the ingress reaches, and the internal one (probes, metrics, the operator's API), which
+/// only the cluster reaches. Always both: the public port never serves metrics or admin.
+#[derive(Debug)]
+pub struct Listeners {
+    pub public: TcpListener,
+    pub internal: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding {addr}: {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    source: io::Error,
+}
+
+impl Listeners {
+    pub async fn bind(public: SocketAddr, internal: SocketAddr) -> Result<Self, BindError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+        };
+        Ok(Self { public: bind(public).await?, internal: bind(internal).await? })
+    }
 }
 
 /// The listener's metrics, registered in the service's registry.
@@ -83,25 +128,25 @@ pub struct ServeMetrics {
 }
 
 impl ServeMetrics {
-    pub fn new(registry: &Registry) -> Result<Self, MetricsError> {
-        Ok(Self {
-            open: m::gauge(
-                registry,
-                "herald_http_connections_open",
-                "HTTP connections open and not upgraded to a WebSocket",
-            )?,
-            shed: m::counter_vec(
-                registry,
-                "herald_http_connections_shed_total",
-                "HTTP connections the listener closed itself, by reason",
-                &["reason"],
-            )?,
-            accept_errors: m::counter(
-                registry,
-                "herald_http_accept_errors_total",
-                "Failed accepts (e.g. out of file descriptors), each followed by a backoff",
-            )?,
-        })
+    /// One listener's metrics, told apart by the label `listener` (`public`, `internal`).
+    pub fn new(registry: &Registry, listener: &str) -> Result<Self, MetricsError> {
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("listener", listener);
+        let open = IntGauge::with_opts(opts(
+            "herald_http_connections_open",
+            "HTTP connections open and not upgraded to a WebSocket",
+        ))?;
+        let shed = IntCounterVec::new(
+            opts("herald_http_connections_shed_total", "HTTP connections the listener closed itself, by reason"),
+            &["reason"],
+        )?;
+        let accept_errors = IntCounter::with_opts(opts(
+            "herald_http_accept_errors_total",
+            "Failed accepts (e.g. out of file descriptors), each followed by a backoff",
+        ))?;
+        registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        registry.register(Box::new(accept_errors.clone()))?;
+        Ok(Self { open, shed, accept_errors })
     }
 
     fn shed(&self, reason: &str) {
@@ -113,6 +158,9 @@ impl ServeMetrics {
 struct Shared {
     http: http1::Builder,
     router: Router,
+    /// Set: every connection starts with a TLS handshake, bounded by `header_timeout`.
+    tls: Option<TlsAcceptor>,
+    header_timeout: Duration,
     idle_timeout: Duration,
     metrics: ServeMetrics,
     /// The caller's: connections finish their current request and close when it fires.
@@ -133,11 +181,25 @@ pub async fn serve(
     metrics: ServeMetrics,
     stop: CancellationToken,
 ) {
+    serve_tls(listener, router, config, metrics, stop, None).await;
+}
+
+/// [`serve`], with each connection a TLS one when `tls` is set.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    config: &HttpConfig,
+    metrics: ServeMetrics,
+    stop: CancellationToken,
+    tls: Option<TlsAcceptor>,
+) {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(config.header_timeout).max_buf_size(MAX_HEAD_BYTES);
     let shared = Arc::new(Shared {
         http,
         router,
+        tls,
+        header_timeout: config.header_timeout,
         idle_timeout: config.idle_timeout,
         metrics,
         stop: stop.clone(),
@@ -233,14 +295,61 @@ fn is_about_one_connection(e: &io::Error) -> bool {
 async fn connection(stream: TcpStream, place: Place, shared: Arc<Shared>) {
     let _open = Open::count(&shared.metrics.open);
     let activity = Arc::clone(place.activity());
-    let io = TokioIo::new(Watched { stream, activity: Arc::clone(&activity) });
-    let service = TowerToHyperService::new(Tracked { router: shared.router.clone(), activity: Arc::clone(&activity) });
+    let watched = Watched { stream, activity: Arc::clone(&activity) };
+    let shed = match &shared.tls {
+        None => http(watched, &activity, &shared).await,
+        Some(tls) => match handshake(tls, watched, &activity, &shared).await {
+            Ok(stream) => http(stream, &activity, &shared).await,
+            Err(shed) => shed,
+        },
+    };
+    if let Some(reason) = shed {
+        shared.metrics.shed(reason);
+    }
+    // The socket (unless upgraded) goes before `place`: the place is given back only once the
+    // descriptor is closed.
+}
+
+/// The TLS handshake of a new connection, within `header_timeout` of its connect. It is waiting
+/// on its client throughout (the socket reports that), so under pressure it gives way like an
+/// idle socket. Err: the connection is done, with the reason it was shed, if any.
+async fn handshake(
+    tls: &TlsAcceptor,
+    watched: Watched,
+    activity: &Activity,
+    shared: &Shared,
+) -> Result<TlsStream<Watched>, Option<&'static str>> {
+    let deadline = Instant::now() + shared.header_timeout;
+    tokio::select! {
+        accepted = tokio::time::timeout_at(deadline, tls.accept(watched)) => match accepted {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                Err(Some(shed::TLS_HANDSHAKE_FAILED))
+            }
+            Err(_) => Err(Some(shed::TLS_HANDSHAKE_TIMEOUT)),
+        },
+        // Counted when it was chosen.
+        () = activity.evicted() => Err(None),
+        () = shared.force.cancelled() => Err(None),
+        () = shared.stop.cancelled() => Err(None),
+    }
+}
+
+/// HTTP/1.1 on `io` until the connection closes, upgrades, times out, gives way or is stopped;
+/// the reason it was shed, if it was.
+async fn http<I>(io: I, activity: &Arc<Activity>, shared: &Shared) -> Option<&'static str>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let service = TowerToHyperService::new(Tracked { router: shared.router.clone(), activity: Arc::clone(activity) });
     let conn = shared.http.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     let idle = tokio::time::sleep_until(activity.idle_deadline(shared.idle_timeout));
     tokio::pin!(idle);
     let mut stopping = false;
-    let shed = loop {
+    loop {
         tokio::select! {
             served = conn.as_mut() => break match served {
                 Ok(()) => None,
@@ -270,12 +379,7 @@ async fn connection(stream: TcpStream, place: Place, shared: Arc<Shared>) {
                 }
             }
         }
-    };
-    if let Some(reason) = shed {
-        shared.metrics.shed(reason);
     }
-    // `conn` (and the socket, unless upgraded) goes before `place`: the place is given back only
-    // once the descriptor is closed.
 }
 
 /// One open connection in `herald_http_connections_open`, for as long as this lives.
@@ -402,7 +506,7 @@ mod tests {
 
     fn metrics() -> (Registry, ServeMetrics) {
         let registry = Registry::new();
-        let metrics = ServeMetrics::new(&registry).unwrap();
+        let metrics = ServeMetrics::new(&registry, "public").unwrap();
         (registry, metrics)
     }
 

@@ -73,6 +73,8 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
     GatewayConfig {
         common: stack.common_config(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        internal_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        tls: None,
         gateway_id: herald_shared::config::process_id("gw"),
         jwt: JwtConfig { secret: JWT_SECRET.into(), ..JwtConfig::default() },
         heartbeat_interval: options.heartbeat_interval,
@@ -96,6 +98,7 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
     DispatcherConfig {
         common: stack.common_config(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        internal_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         dispatcher_id: herald_shared::config::process_id("dsp"),
         mongodb_uri: stack.mongo_uri(),
         mongodb_database: stack.database.clone(),
@@ -137,7 +140,10 @@ enum Output<'a> {
 
 /// A gateway or dispatcher running in this test process.
 pub struct InProcess {
+    /// The public listener: clients' WebSockets, the publish and query API.
     pub addr: SocketAddr,
+    /// The internal listener: probes, metrics and the operator's API.
+    pub internal: SocketAddr,
     pub id: String,
     token: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -147,6 +153,11 @@ impl InProcess {
     /// Whether `run` is still going (it has not returned, with an error or otherwise).
     pub fn is_running(&self) -> bool {
         self.task.as_ref().is_some_and(|task| !task.is_finished())
+    }
+
+    /// Asks it to shut down as on SIGTERM, without waiting: to watch the shutdown under way.
+    pub fn begin_stop(&self) {
+        self.token.cancel();
     }
 
     /// Asks it to shut down as on SIGTERM and waits for `run` to return.
@@ -167,7 +178,10 @@ impl Drop for InProcess {
 
 /// A gateway or dispatcher running as a child process, so it can be killed for real.
 pub struct Process {
+    /// The public listener, as [`InProcess::addr`].
     pub addr: SocketAddr,
+    /// The internal listener, as [`InProcess::internal`].
+    pub internal: SocketAddr,
     child: Child,
 }
 
@@ -253,20 +267,19 @@ impl Cluster {
 
     pub async fn gateway_with(&self, config: GatewayConfig) -> anyhow::Result<InProcess> {
         let node = self.start_gateway_with(config).await?;
-        self.wait_ready(node.addr).await?;
+        self.wait_ready(node.internal).await?;
         Ok(node)
     }
 
     /// Starts a gateway without waiting for it to be ready (it may be waiting for Redis or NATS).
     pub async fn start_gateway_with(&self, mut config: GatewayConfig) -> anyhow::Result<InProcess> {
-        let listener = TcpListener::bind(config.listen).await?;
-        config.listen = listener.local_addr()?;
-        let addr = config.listen;
+        let listeners = bind(&mut config.listen, &mut config.internal_listen).await?;
+        let (addr, internal) = (config.listen, config.internal_listen);
         let id = config.gateway_id.clone();
         let token = CancellationToken::new();
-        let run = herald_gateway::run(config, listener, token.clone());
+        let run = herald_gateway::run(config, listeners, token.clone());
         let task = tokio::spawn(async move { run.await.map_err(anyhow::Error::from) });
-        Ok(InProcess { addr, id, token, task: Some(task) })
+        Ok(InProcess { addr, internal, id, token, task: Some(task) })
     }
 
     pub async fn dispatcher(&self) -> anyhow::Result<InProcess> {
@@ -275,20 +288,19 @@ impl Cluster {
 
     pub async fn dispatcher_with(&self, config: DispatcherConfig) -> anyhow::Result<InProcess> {
         let node = self.start_dispatcher_with(config).await?;
-        self.wait_ready(node.addr).await?;
+        self.wait_ready(node.internal).await?;
         Ok(node)
     }
 
     /// Starts a dispatcher without waiting for it to be ready.
     pub async fn start_dispatcher_with(&self, mut config: DispatcherConfig) -> anyhow::Result<InProcess> {
-        let listener = TcpListener::bind(config.listen).await?;
-        config.listen = listener.local_addr()?;
-        let addr = config.listen;
+        let listeners = bind(&mut config.listen, &mut config.internal_listen).await?;
+        let (addr, internal) = (config.listen, config.internal_listen);
         let id = config.dispatcher_id.clone();
         let token = CancellationToken::new();
-        let run = herald_dispatcher::run(config, listener, token.clone());
+        let run = herald_dispatcher::run(config, listeners, token.clone());
         let task = tokio::spawn(async move { run.await.map_err(anyhow::Error::from) });
-        Ok(InProcess { addr, id, token, task: Some(task) })
+        Ok(InProcess { addr, internal, id, token, task: Some(task) })
     }
 
     /// A gateway as a child process (the `herald-gateway` binary).
@@ -299,22 +311,23 @@ impl Cluster {
     /// A gateway process with `extra` variables over the usual ones (an empty value unsets one)
     /// and, with `nofile`, that open-file limit (soft and hard, as `ulimit -n` sets them).
     pub async fn gateway_process_with(&self, extra: &[(&str, &str)], nofile: Option<u64>) -> anyhow::Result<Process> {
-        let addr = free_addr()?;
-        let child = self.start_process("herald-gateway", self.gateway_env(addr), extra, nofile, Output::Inherit)?;
-        self.ready(child, addr).await
+        let (addr, internal) = (free_addr()?, free_addr()?);
+        let env = self.gateway_env(addr, internal);
+        let child = self.start_process("herald-gateway", env, extra, nofile, Output::Inherit)?;
+        self.ready(child, addr, internal).await
     }
 
     /// A gateway or dispatcher process (`herald-gateway`, `herald-dispatcher`) started with
     /// `extra` variables, without waiting for it to be ready: a restart as an orchestrator does
     /// it, which does not hold anything else up while the process waits for its dependencies.
     pub fn spawn_process(&self, binary: &str, extra: &[(&str, &str)]) -> anyhow::Result<Process> {
-        let addr = free_addr()?;
+        let (addr, internal) = (free_addr()?, free_addr()?);
         let env = match binary {
-            "herald-gateway" => self.gateway_env(addr),
-            _ => self.dispatcher_env(addr),
+            "herald-gateway" => self.gateway_env(addr, internal),
+            _ => self.dispatcher_env(addr, internal),
         };
         let child = self.start_process(binary, env, extra, None, Output::Inherit)?;
-        Ok(Process { addr, child })
+        Ok(Process { addr, internal, child })
     }
 
     /// A gateway or dispatcher process, as [`Cluster::spawn_process`], that writes its output
@@ -325,13 +338,13 @@ impl Cluster {
         log: &Path,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Process> {
-        let addr = free_addr()?;
+        let (addr, internal) = (free_addr()?, free_addr()?);
         let env = match binary {
-            "herald-gateway" => self.gateway_env(addr),
-            _ => self.dispatcher_env(addr),
+            "herald-gateway" => self.gateway_env(addr, internal),
+            _ => self.dispatcher_env(addr, internal),
         };
         let child = self.start_process(binary, env, extra, None, Output::File(log))?;
-        self.ready(child, addr).await
+        self.ready(child, addr, internal).await
     }
 
     /// A dispatcher as a child process (the `herald-dispatcher` binary).
@@ -345,10 +358,10 @@ impl Cluster {
         extra: &[(&str, &str)],
         nofile: Option<u64>,
     ) -> anyhow::Result<Process> {
-        let addr = free_addr()?;
-        let child =
-            self.start_process("herald-dispatcher", self.dispatcher_env(addr), extra, nofile, Output::Inherit)?;
-        self.ready(child, addr).await
+        let (addr, internal) = (free_addr()?, free_addr()?);
+        let env = self.dispatcher_env(addr, internal);
+        let child = self.start_process("herald-dispatcher", env, extra, nofile, Output::Inherit)?;
+        self.ready(child, addr, internal).await
     }
 
     /// Starts a gateway process that is expected not to start, and waits up to `within` for it
@@ -361,8 +374,8 @@ impl Cluster {
         within: Duration,
     ) -> anyhow::Result<(Option<std::process::ExitStatus>, String)> {
         use std::io::Read as _;
-        let addr = free_addr()?;
-        let mut child = self.start_process("herald-gateway", self.gateway_env(addr), extra, nofile, Output::Capture)?;
+        let env = self.gateway_env(free_addr()?, free_addr()?);
+        let mut child = self.start_process("herald-gateway", env, extra, nofile, Output::Capture)?;
         let exited = crate::eventually(within, Duration::from_millis(50), || {
             let status = child.try_wait();
             async move {
@@ -392,10 +405,11 @@ impl Cluster {
         Ok((status, output))
     }
 
-    fn gateway_env(&self, addr: SocketAddr) -> Vec<(&'static str, String)> {
+    fn gateway_env(&self, addr: SocketAddr, internal: SocketAddr) -> Vec<(&'static str, String)> {
         let config = gateway_config(&self.stack, &self.options);
         vec![
             ("HERALD_GATEWAY_LISTEN", addr.to_string()),
+            ("HERALD_GATEWAY_INTERNAL_LISTEN", internal.to_string()),
             ("HERALD_JWT_SECRET", config.jwt.secret.clone()),
             ("HERALD_HEARTBEAT_INTERVAL_MS", config.heartbeat_interval.as_millis().to_string()),
             ("HERALD_PRESENCE_TTL_MS", config.presence_ttl.as_millis().to_string()),
@@ -410,10 +424,11 @@ impl Cluster {
         ]
     }
 
-    fn dispatcher_env(&self, addr: SocketAddr) -> Vec<(&'static str, String)> {
+    fn dispatcher_env(&self, addr: SocketAddr, internal: SocketAddr) -> Vec<(&'static str, String)> {
         let config = dispatcher_config(&self.stack, &self.options);
         vec![
             ("HERALD_DISPATCHER_LISTEN", addr.to_string()),
+            ("HERALD_DISPATCHER_INTERNAL_LISTEN", internal.to_string()),
             ("HERALD_MONGODB_URI", config.mongodb_uri.clone()),
             ("HERALD_MONGODB_DATABASE", config.mongodb_database.clone()),
             ("HERALD_ADMIN_TOKEN", config.api.admin_token.clone()),
@@ -478,14 +493,15 @@ impl Cluster {
         command.spawn().with_context(|| format!("spawning {binary}"))
     }
 
-    async fn ready(&self, child: Child, addr: SocketAddr) -> anyhow::Result<Process> {
-        let process = Process { addr, child };
-        self.wait_ready(addr).await?;
+    async fn ready(&self, child: Child, addr: SocketAddr, internal: SocketAddr) -> anyhow::Result<Process> {
+        let process = Process { addr, internal, child };
+        self.wait_ready(internal).await?;
         Ok(process)
     }
 
-    /// Waits until `/readyz` answers 200.
-    pub async fn wait_ready(&self, addr: SocketAddr) -> anyhow::Result<()> {
+    /// Waits until `/readyz` on the internal listener at `internal` answers 200.
+    pub async fn wait_ready(&self, internal: SocketAddr) -> anyhow::Result<()> {
+        let addr = internal;
         let url = format!("http://{addr}/readyz");
         crate::eventually(Duration::from_secs(20), Duration::from_millis(50), || async {
             let response = self.http.get(&url).send().await.map_err(|e| e.to_string())?;
@@ -643,6 +659,18 @@ impl Cluster {
 
 pub fn ws_url(addr: SocketAddr) -> String {
     format!("ws://{addr}/v1/connect")
+}
+
+/// Binds both listeners of a service at `public` and `internal` (port 0: any free one) and
+/// writes the addresses they got back, for the test to use.
+async fn bind(public: &mut SocketAddr, internal: &mut SocketAddr) -> anyhow::Result<herald_shared::serve::Listeners> {
+    let listeners = herald_shared::serve::Listeners {
+        public: TcpListener::bind(*public).await?,
+        internal: TcpListener::bind(*internal).await?,
+    };
+    *public = listeners.public.local_addr()?;
+    *internal = listeners.internal.local_addr()?;
+    Ok(listeners)
 }
 
 fn free_addr() -> anyhow::Result<SocketAddr> {

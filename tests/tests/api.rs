@@ -4,6 +4,7 @@
 //! cancel, forget, rejections, status). Real Redis, NATS and nx-27017; one stack per test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use herald_proto::{ErrorCode, ServerFrame};
@@ -266,10 +267,16 @@ async fn every_documented_operation_is_routed() {
             operations += 1;
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let body = (method == "post").then(|| b"{}".to_vec());
-            let (status, _, answer) =
-                cluster.request(m, dispatcher.addr, &concrete, Some(ADMIN_TOKEN), &[], body).await.unwrap();
-            assert_ne!(answer["error"], "no_route", "{method} {path}: {answer}");
-            assert_ne!(status, 405, "{method} {path}");
+            // Each operation is served on the public listener or the internal one (the document
+            // itself on both).
+            let mut routed = 0;
+            for addr in [dispatcher.addr, dispatcher.internal] {
+                let (status, _, answer) =
+                    cluster.request(m.clone(), addr, &concrete, Some(ADMIN_TOKEN), &[], body.clone()).await.unwrap();
+                assert_ne!(status, 405, "{method} {addr}{path}");
+                routed += usize::from(answer["error"] != "no_route");
+            }
+            assert!(routed >= 1, "{method} {path} is served on neither listener");
         }
     }
     assert!(operations >= 15, "{operations} operations documented");
@@ -287,18 +294,21 @@ async fn every_documented_operation_is_routed() {
 async fn every_api_error_is_json_whoever_writes_it() {
     let cluster = Cluster::start().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
-    let cases: [(Method, &str, u16, &str); 7] = [
-        (Method::GET, "/v1/users/alice/pending?limit=abc", 400, "bad_request"),
-        (Method::GET, "/v1/users/alice/pending?limit=-1", 400, "bad_request"),
-        (Method::GET, "/v1/users/alice/pending?limit=0", 400, "bad_request"),
-        (Method::GET, "/v1/messages/m-1?limit=0", 400, "bad_request"),
-        (Method::GET, "/v1/rejections?since_ms=yesterday", 400, "bad_request"),
-        (Method::GET, "/v1/nothing-here", 404, "no_route"),
-        (Method::DELETE, "/v1/publish", 405, "method_not_allowed"),
+    let (public, internal) = (dispatcher.addr, dispatcher.internal);
+    let cases: [(Method, SocketAddr, &str, u16, &str); 9] = [
+        (Method::GET, public, "/v1/users/alice/pending?limit=abc", 400, "bad_request"),
+        (Method::GET, public, "/v1/users/alice/pending?limit=-1", 400, "bad_request"),
+        (Method::GET, public, "/v1/users/alice/pending?limit=0", 400, "bad_request"),
+        (Method::GET, public, "/v1/messages/m-1?limit=0", 400, "bad_request"),
+        (Method::GET, internal, "/v1/rejections?since_ms=yesterday", 400, "bad_request"),
+        (Method::GET, public, "/v1/nothing-here", 404, "no_route"),
+        (Method::GET, public, "/metrics", 404, "no_route"),
+        (Method::GET, internal, "/v1/nothing-here", 404, "no_route"),
+        (Method::DELETE, public, "/v1/publish", 405, "method_not_allowed"),
     ];
-    for (method, path, status, code) in cases {
+    for (method, addr, path, status, code) in cases {
         let (got, headers, answer) =
-            cluster.request(method.clone(), dispatcher.addr, path, Some(ADMIN_TOKEN), &[], None).await.unwrap();
+            cluster.request(method.clone(), addr, path, Some(ADMIN_TOKEN), &[], None).await.unwrap();
         let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
         assert_eq!((got, answer["error"].as_str()), (status, Some(code)), "{method} {path}: {answer}");
         assert!(content_type.starts_with("application/json"), "{method} {path}: {content_type}");
@@ -335,7 +345,8 @@ async fn kick_closes_every_connection_of_the_user_only() {
     let mut a1 = cluster.connect(g1.addr, "alice").await.unwrap();
     let mut a2 = cluster.connect(g2.addr, "alice").await.unwrap();
     let mut bob = cluster.connect(g1.addr, "bob").await.unwrap();
-    let d = dispatcher.addr;
+    // The operator's actions are on the internal listener; queries on the public one.
+    let (d, ops) = (dispatcher.addr, dispatcher.internal);
     eventually(WAIT, Duration::from_millis(50), || async {
         let (_, body) =
             cluster.api(d, "/v1/users/alice/presence", Some(READ_TOKEN)).await.map_err(|e| e.to_string())?;
@@ -349,9 +360,9 @@ async fn kick_closes_every_connection_of_the_user_only() {
     .unwrap();
     cluster.wait_presence(d, "bob", true).await.unwrap();
 
-    let (status, body) = cluster.post(d, "/v1/users/alice/kick", Some(READ_TOKEN), &json!({})).await.unwrap();
+    let (status, body) = cluster.post(ops, "/v1/users/alice/kick", Some(READ_TOKEN), &json!({})).await.unwrap();
     assert_eq!(status, 403, "kicking needs the admin token: {body}");
-    let (status, body) = cluster.post(d, "/v1/users/alice/kick", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
+    let (status, body) = cluster.post(ops, "/v1/users/alice/kick", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
     assert_eq!((status, body["connections"].as_u64()), (202, Some(2)), "{body}");
     assert_eq!(body["gateways"].as_array().map(Vec::len), Some(2), "{body}");
     for client in [&mut a1, &mut a2] {
@@ -362,9 +373,9 @@ async fn kick_closes_every_connection_of_the_user_only() {
     cluster.send("for-bob", &["bob"]).await.unwrap();
     assert_eq!(bob.next_notification(WAIT).await.expect("bob's message").id, "for-bob");
 
-    let (status, body) = cluster.post(d, "/v1/users/alice/kick", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
+    let (status, body) = cluster.post(ops, "/v1/users/alice/kick", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")), "not connected any more: {body}");
-    let (status, body) = cluster.post(d, "/v1/users/a%0Ab/kick", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
+    let (status, body) = cluster.post(ops, "/v1/users/a%0Ab/kick", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
     assert_eq!((status, body["error"].as_str()), (400, Some("bad_id")), "{body}");
 }
 
@@ -375,14 +386,15 @@ async fn a_cancelled_message_is_never_sent_again_by_replay_sweep_or_ack() {
     let cluster = Cluster::new(herald_tests::services::Stack::start().await.unwrap(), options).await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
-    let d = dispatcher.addr;
+    // The operator's actions are on the internal listener; queries on the public one.
+    let (d, ops) = (dispatcher.addr, dispatcher.internal);
 
     // Offline: cancelled before the user connects, so the replay must skip it.
     cluster.send("c-1", &["bob", "carol"]).await.unwrap();
     cluster.send("c-2", &["bob"]).await.unwrap();
     cluster.wait_receipt("c-1", "bob", "pending").await.unwrap();
     cluster.wait_receipt("c-2", "bob", "pending").await.unwrap();
-    let (status, body) = cluster.post(d, "/v1/messages/c-1/cancel", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
+    let (status, body) = cluster.post(ops, "/v1/messages/c-1/cancel", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
     assert_eq!((status, body["cancelled"].as_u64()), (200, Some(2)), "{body}");
     assert_eq!(body["counts"], json!({"cancelled": 2}), "{body}");
     let (_, message) = cluster.api(d, "/v1/messages/c-1", Some(READ_TOKEN)).await.unwrap();
@@ -404,7 +416,7 @@ async fn a_cancelled_message_is_never_sent_again_by_replay_sweep_or_ack() {
         }
         assert_eq!(n.id, "c-2", "only c-2 may be resent meanwhile");
     }
-    let (status, body) = cluster.post(d, "/v1/messages/c-3/cancel", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
+    let (status, body) = cluster.post(ops, "/v1/messages/c-3/cancel", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
     assert_eq!((status, body["cancelled"].as_u64()), (200, Some(1)), "{body}");
     // c-2 is resent after the ack timeout (it was not acked); c-1 and c-3 never are.
     let again = bob.notifications_until(3, Duration::from_secs(3)).await;
@@ -416,11 +428,11 @@ async fn a_cancelled_message_is_never_sent_again_by_replay_sweep_or_ack() {
     assert_eq!(cluster.receipts("c-3").await.unwrap()["bob"].state.as_str(), "cancelled");
 
     // Cancelling again cancels nothing; an unknown message is 404; read tokens may not cancel.
-    let (status, body) = cluster.post(d, "/v1/messages/c-3/cancel", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
+    let (status, body) = cluster.post(ops, "/v1/messages/c-3/cancel", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
     assert_eq!((status, body["cancelled"].as_u64()), (200, Some(0)), "{body}");
-    let (status, body) = cluster.post(d, "/v1/messages/nope/cancel", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
+    let (status, body) = cluster.post(ops, "/v1/messages/nope/cancel", Some(ADMIN_TOKEN), &json!({})).await.unwrap();
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")), "{body}");
-    let (status, _) = cluster.post(d, "/v1/messages/c-2/cancel", Some(READ_TOKEN), &json!({})).await.unwrap();
+    let (status, _) = cluster.post(ops, "/v1/messages/c-2/cancel", Some(READ_TOKEN), &json!({})).await.unwrap();
     assert_eq!(status, 403);
 }
 
@@ -428,17 +440,18 @@ async fn a_cancelled_message_is_never_sent_again_by_replay_sweep_or_ack() {
 async fn forget_deletes_a_users_receipts_and_messages_to_them_alone() {
     let cluster = Cluster::start().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
-    let d = dispatcher.addr;
+    // The operator's actions are on the internal listener; queries on the public one.
+    let (d, ops) = (dispatcher.addr, dispatcher.internal);
     cluster.send("f-1", &["erin"]).await.unwrap();
     cluster.send("f-2", &["erin", "frank"]).await.unwrap();
     cluster.wait_receipt("f-1", "erin", "pending").await.unwrap();
     cluster.wait_receipt("f-2", "frank", "pending").await.unwrap();
 
     let (status, _, body) =
-        cluster.request(Method::DELETE, d, "/v1/users/erin", Some(READ_TOKEN), &[], None).await.unwrap();
+        cluster.request(Method::DELETE, ops, "/v1/users/erin", Some(READ_TOKEN), &[], None).await.unwrap();
     assert_eq!(status, 403, "{body}");
     let (status, _, body) =
-        cluster.request(Method::DELETE, d, "/v1/users/erin", Some(ADMIN_TOKEN), &[], None).await.unwrap();
+        cluster.request(Method::DELETE, ops, "/v1/users/erin", Some(ADMIN_TOKEN), &[], None).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({"user": "erin", "receipts_deleted": 2, "messages_deleted": 1}));
     let (status, _) = cluster.api(d, "/v1/messages/f-1", Some(READ_TOKEN)).await.unwrap();
@@ -449,7 +462,7 @@ async fn forget_deletes_a_users_receipts_and_messages_to_them_alone() {
     assert_eq!(pending["count"], 0);
     // Forgetting again (or a user never seen) deletes nothing, and says so.
     let (status, _, body) =
-        cluster.request(Method::DELETE, d, "/v1/users/erin", Some(ADMIN_TOKEN), &[], None).await.unwrap();
+        cluster.request(Method::DELETE, ops, "/v1/users/erin", Some(ADMIN_TOKEN), &[], None).await.unwrap();
     assert_eq!((status, body["receipts_deleted"].as_u64()), (200, Some(0)), "{body}");
 }
 
@@ -458,12 +471,13 @@ async fn status_and_rejections_tell_an_operator_what_is_going_on() {
     let cluster = Cluster::start().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
-    let d = dispatcher.addr;
+    // The operator's actions are on the internal listener.
+    let ops = dispatcher.internal;
 
     // A job only NATS could take: rejected asynchronously, then readable through the API.
     cluster.publish(&json!({"id": "late-bad", "to": ["x"], "payload": 1, "ttl_secs": 0})).await.unwrap();
     let entries = eventually(WAIT, Duration::from_millis(100), || async {
-        let (status, body) = cluster.api(d, "/v1/rejections", Some(READ_TOKEN)).await.map_err(|e| e.to_string())?;
+        let (status, body) = cluster.api(ops, "/v1/rejections", Some(READ_TOKEN)).await.map_err(|e| e.to_string())?;
         match body["entries"].as_array() {
             Some(entries) if status == 200 && !entries.is_empty() => Ok(entries.clone()),
             _ => Err(format!("{status} {body}")),
@@ -472,14 +486,14 @@ async fn status_and_rejections_tell_an_operator_what_is_going_on() {
     .await
     .unwrap();
     assert_eq!((entries[0]["job_id"].as_str(), entries[0]["code"].as_str()), (Some("late-bad"), Some("invalid_ttl")));
-    let (status, body) = cluster.api(d, "/v1/dead-letters", Some(READ_TOKEN)).await.unwrap();
+    let (status, body) = cluster.api(ops, "/v1/dead-letters", Some(READ_TOKEN)).await.unwrap();
     assert_eq!((status, body["entries"].clone(), body["truncated"].clone()), (200, json!([]), json!(false)), "{body}");
     // Since a time after it: none.
     let later = entries[0]["rejected_at_ms"].as_u64().unwrap() + 60_000;
-    let (_, body) = cluster.api(d, &format!("/v1/rejections?since_ms={later}"), Some(READ_TOKEN)).await.unwrap();
+    let (_, body) = cluster.api(ops, &format!("/v1/rejections?since_ms={later}"), Some(READ_TOKEN)).await.unwrap();
     assert_eq!(body["entries"], json!([]), "{body}");
 
-    let (status, body) = cluster.api(d, "/v1/status", Some(READ_TOKEN)).await.unwrap();
+    let (status, body) = cluster.api(ops, "/v1/status", Some(READ_TOKEN)).await.unwrap();
     assert_eq!(status, 200, "{body}");
     let names = cluster.stack.names();
     assert_eq!(body["streams"]["jobs"]["name"], names.jobs_stream(), "{body}");
@@ -489,7 +503,7 @@ async fn status_and_rejections_tell_an_operator_what_is_going_on() {
     assert_eq!(body["gateways"], json!([gateway.id]), "{body}");
     assert_eq!(body["dependencies"], json!({"mongodb": true, "nats": true, "redis": true}), "{body}");
     assert_eq!(body["errors"], json!([]));
-    let (status, _) = cluster.api(d, "/v1/status", None).await.unwrap();
+    let (status, _) = cluster.api(ops, "/v1/status", None).await.unwrap();
     assert_eq!(status, 401);
 }
 
@@ -552,7 +566,7 @@ async fn publishing_over_http_is_refused_while_the_backlog_is_over_its_limit_and
     for n in (0..=20).chain([100]) {
         cluster.wait_receipt(&format!("backlog-{n}"), "alice", "pending").await.unwrap();
     }
-    let text = reqwest::get(format!("http://{d}/metrics")).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(format!("http://{}/metrics", dispatcher.internal)).await.unwrap().text().await.unwrap();
     let refused = text
         .lines()
         .find_map(|l| l.strip_prefix("herald_api_publish_overloaded_total "))

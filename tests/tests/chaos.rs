@@ -296,7 +296,7 @@ impl System {
         let deadline = Instant::now() + START_WITHIN;
         loop {
             self.supervise();
-            let addrs: Vec<_> = self.gateways.iter().chain(&self.dispatchers).flatten().map(|p| p.addr).collect();
+            let addrs: Vec<_> = self.gateways.iter().chain(&self.dispatchers).flatten().map(|p| p.internal).collect();
             let mut ready = true;
             for addr in addrs {
                 ready &= self.cluster.wait_ready(addr).await.is_ok();
@@ -306,7 +306,7 @@ impl System {
             }
             if Instant::now() >= deadline {
                 let mut why = Vec::new();
-                for addr in self.gateways.iter().chain(&self.dispatchers).flatten().map(|p| p.addr) {
+                for addr in self.gateways.iter().chain(&self.dispatchers).flatten().map(|p| p.internal) {
                     let body = match reqwest::get(format!("http://{addr}/readyz")).await {
                         Ok(r) => r.text().await.unwrap_or_default(),
                         Err(e) => format!("{e}"),

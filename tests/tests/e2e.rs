@@ -134,7 +134,7 @@ async fn a_fan_out_larger_than_one_insert_reaches_recipients_in_every_part() {
 
     // Store calls that wrote receipts, from the dispatcher's own metrics.
     let inserts = || async {
-        let text = reqwest::get(format!("http://{}/metrics", dispatcher.addr)).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(format!("http://{}/metrics", dispatcher.internal)).await.unwrap().text().await.unwrap();
         let series = r#"herald_dependency_seconds_count{dependency="mongodb",op="insert_receipts"} "#;
         text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
     };
@@ -425,7 +425,7 @@ async fn a_message_published_as_its_recipient_connects_arrives_once() {
         let (pre, race, sentinel) = (format!("pre-{round}"), format!("race-{round}"), format!("sentinel-{round}"));
         cluster.send(&pre, &[user.as_str()]).await.unwrap();
         cluster.wait_jobs_handled().await.unwrap();
-        let repeated_before = repeated(gateway.addr).await;
+        let repeated_before = repeated(gateway.internal).await;
         // From 10 ms before the connect starts to 20 ms after: hello, presence and the online
         // event all fall in that span.
         let offset = Duration::from_millis(round * 30 / ROUNDS);
@@ -453,13 +453,13 @@ async fn a_message_published_as_its_recipient_connects_arrives_once() {
         let copies = got.iter().filter(|id| **id == race).count();
         assert_eq!(copies, 1, "round {round}: {race} arrived {copies} times; received {got:?}");
         assert_eq!(got.iter().filter(|id| **id == pre).count(), 1, "round {round}: {got:?}");
-        both_paths += (repeated(gateway.addr).await - repeated_before) as u64;
+        both_paths += (repeated(gateway.internal).await - repeated_before) as u64;
     }
     println!("{both_paths} of {ROUNDS} rounds sent the message both ways; the gateway wrote it once");
     assert!(both_paths > 0, "no round raced: the test did not exercise the two paths");
 }
 
-/// `herald_gateway_notifications_repeated_total` of the gateway at `addr`.
+/// `herald_gateway_notifications_repeated_total` of the gateway whose internal listener is `addr`.
 async fn repeated(addr: std::net::SocketAddr) -> f64 {
     let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
     let series = "herald_gateway_notifications_repeated_total ";
@@ -560,7 +560,7 @@ async fn a_storm_of_replays_costs_the_store_a_query_or_two_a_round_not_one_per_p
     .await
     .unwrap();
     let queries = || async {
-        let text = reqwest::get(format!("http://{}/metrics", dispatcher.addr)).await?.text().await?;
+        let text = reqwest::get(format!("http://{}/metrics", dispatcher.internal)).await?.text().await?;
         let line = r#"herald_dependency_seconds_count{dependency="mongodb",op="pending_receipts"} "#;
         Ok::<u64, anyhow::Error>(text.lines().find_map(|l| l.strip_prefix(line)?.parse().ok()).unwrap_or(0))
     };

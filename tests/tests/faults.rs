@@ -1189,7 +1189,7 @@ async fn a_presence_key_of_the_wrong_type_does_not_hold_other_users_messages() {
     assert_eq!(receipts["mallory"].state.as_str(), "pending", "mallory's waits in the store");
 }
 
-/// `GET /readyz` of a gateway or dispatcher, as status and body.
+/// `GET /readyz` of a gateway or dispatcher (its internal listener), as status and body.
 async fn readyz(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
     let response = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
@@ -1233,27 +1233,27 @@ async fn readiness_fails_and_names_a_dependency_that_does_not_answer() {
     let cluster = Cluster::start().await.unwrap();
     let dispatcher = cluster.dispatcher().await.unwrap();
     let gateway = cluster.gateway().await.unwrap();
-    for addr in [gateway.addr, dispatcher.addr] {
+    for addr in [gateway.internal, dispatcher.internal] {
         wait_readyz(addr, 200, &[]).await;
     }
 
     cluster.stack.redis.pause();
-    for addr in [gateway.addr, dispatcher.addr] {
+    for addr in [gateway.internal, dispatcher.internal] {
         wait_readyz(addr, 503, &["redis"]).await;
         let healthz = reqwest::get(format!("http://{addr}/healthz")).await.unwrap();
         assert_eq!(healthz.status().as_u16(), 200, "liveness does not depend on Redis");
     }
     cluster.stack.redis.resume();
-    for addr in [gateway.addr, dispatcher.addr] {
+    for addr in [gateway.internal, dispatcher.internal] {
         wait_readyz(addr, 200, &[]).await;
     }
 
     cluster.stack.nats.pause();
-    for addr in [gateway.addr, dispatcher.addr] {
+    for addr in [gateway.internal, dispatcher.internal] {
         wait_readyz(addr, 503, &["nats"]).await;
     }
     cluster.stack.nats.resume();
-    for addr in [gateway.addr, dispatcher.addr] {
+    for addr in [gateway.internal, dispatcher.internal] {
         wait_readyz(addr, 200, &[]).await;
     }
 }
@@ -1279,8 +1279,8 @@ async fn services_started_before_redis_and_nats_wait_for_them_and_then_serve() {
 
     cluster.stack.redis.restart().await.unwrap();
     cluster.stack.nats.restart().await.unwrap();
-    cluster.wait_ready(gateway.addr).await.unwrap();
-    cluster.wait_ready(dispatcher.addr).await.unwrap();
+    cluster.wait_ready(gateway.internal).await.unwrap();
+    cluster.wait_ready(dispatcher.internal).await.unwrap();
     let mut dave = cluster.connect(gateway.addr, "dave").await.unwrap();
     cluster.wait_presence(dispatcher.addr, "dave", true).await.unwrap();
     cluster.send("after-start", &["dave"]).await.unwrap();
@@ -1361,7 +1361,7 @@ async fn a_session_blocked_on_a_write_still_times_out_on_the_heartbeat() {
     }
     // Nothing more is published: only the heartbeat can end the session now.
     cluster.wait_presence(dispatcher.addr, "frozen", false).await.unwrap();
-    let metrics = reqwest::get(format!("http://{}/metrics", gateway.addr)).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(format!("http://{}/metrics", gateway.internal)).await.unwrap().text().await.unwrap();
     let closed = metrics
         .lines()
         .find(|l| l.starts_with("herald_gateway_connections_closed_total") && l.contains("heartbeat_timeout"))
@@ -1384,10 +1384,10 @@ async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
     let g2 = cluster.gateway().await.unwrap();
     let audience = audience(vec![g1.addr, g2.addr], "slowstore").await;
     let store_slow = || async {
-        let metrics = reqwest::get(format!("http://{}/metrics", d1.addr)).await.unwrap().text().await.unwrap();
+        let metrics = reqwest::get(format!("http://{}/metrics", d1.internal)).await.unwrap().text().await.unwrap();
         metrics.lines().find(|l| l.starts_with("herald_dispatcher_store_slow ")).map(str::to_owned)
     };
-    wait_readyz(d1.addr, 200, &[]).await;
+    wait_readyz(d1.internal, 200, &[]).await;
     let publisher = publisher(&cluster, "slowstore", fleet::users("slowstore", USERS)).await;
     publisher.wait_for(JOBS / 4, SETTLE).await.unwrap();
 
@@ -1411,7 +1411,7 @@ async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
     .await
     .unwrap();
     let applied_while_slow = slowed_at.elapsed();
-    wait_store_slow(d1.addr, true).await;
+    wait_store_slow(d1.internal, true).await;
     assert_eq!(store_slow().await.as_deref(), Some("herald_dispatcher_store_slow 1"));
     cluster.stack.mongo_proxy.delay_replies(Duration::ZERO);
     let recovered_from = Instant::now();
@@ -1420,8 +1420,8 @@ async fn a_slow_store_under_load_keeps_applying_acks_and_catches_up() {
     println!("slow store: 200 more receipts delivered {applied_while_slow:?} into the slowdown");
     let tally = settle("store replies held 300 ms", &cluster, &audience, &publisher, recovery).await;
     tally.assert_nothing_lost();
-    wait_store_slow(d1.addr, false).await;
-    wait_readyz(d1.addr, 200, &[]).await;
+    wait_store_slow(d1.internal, false).await;
+    wait_readyz(d1.internal, 200, &[]).await;
     assert_eq!(store_slow().await.as_deref(), Some("herald_dispatcher_store_slow 0"));
 }
 

@@ -295,7 +295,7 @@ async fn bad_frames_end_the_connection_with_the_documented_code_and_hurt_no_one_
 
     // The gateway is healthy, and the bystander still receives.
     receives(&cluster, &mut bystander, "bystander", "after-the-abuse").await;
-    let ready = reqwest::get(format!("http://{}/readyz", gateway.addr)).await.unwrap();
+    let ready = reqwest::get(format!("http://{}/readyz", gateway.internal)).await.unwrap();
     assert_eq!(ready.status(), 200);
 }
 
@@ -543,7 +543,7 @@ async fn invalid_jobs_are_rejected_with_reasons_and_the_worker_carries_on() {
     assert!(by_id.contains_key("valid-after-the-junk"), "the valid job after the junk: {:?}", by_id.keys());
     alice.ack(["deep-1", "valid-after-the-junk"]).await.unwrap();
     cluster.wait_receipt("valid-after-the-junk", "alice", "delivered").await.unwrap();
-    let ready = reqwest::get(format!("http://{}/readyz", dispatcher.addr)).await.unwrap();
+    let ready = reqwest::get(format!("http://{}/readyz", dispatcher.internal)).await.unwrap();
     assert_eq!(ready.status(), 200, "the dispatcher is still up");
 }
 
@@ -571,14 +571,14 @@ const FLOOD_LIMITS: &[(&str, &str)] = &[
 ];
 
 /// Floods `addr` with idle connections and drip-fed heads, and while it lasts probes each of
-/// `paths` (with `token`) on fresh connections every 100 ms for 2 s: every probe must be
-/// answered 200 in time. `during` runs while the flood is on. Then checks that the server closed
+/// `probes` (address, path, expected status; with `token`) on fresh connections every 100 ms for
+/// 2 s: every probe must be answered in time, with its status. `during` runs while the flood is on. Then checks that the server closed
 /// every flooding connection within [`HELD_LIMIT`] (under this pressure they give way to
 /// newcomers long before their timeout), and that, with the pressure gone, idle connections and
 /// drip-fed heads are closed by the header timeout.
 async fn flood_and_probe<F: std::future::Future<Output = ()>>(
     addr: SocketAddr,
-    paths: &[&str],
+    probes: &[(SocketAddr, &str, u16)],
     token: Option<&str>,
     during: F,
 ) {
@@ -603,11 +603,11 @@ async fn flood_and_probe<F: std::future::Future<Output = ()>>(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     for round in 0..20 {
         tick.tick().await;
-        for path in paths {
-            match flood::probe(addr, path, None, token, PROBE_TIMEOUT).await {
-                Ok((200, latency)) => latencies.push(latency),
-                Ok((status, _)) => panic!("{path} during the flood (probe {round}): HTTP {status}"),
-                Err(e) => panic!("{path} during the flood (probe {round}): {e:#}"),
+        for &(at, path, expected) in probes {
+            match flood::probe(at, path, None, token, PROBE_TIMEOUT).await {
+                Ok((status, latency)) if status == expected => latencies.push(latency),
+                Ok((status, _)) => panic!("{at}{path} during the flood (probe {round}): HTTP {status}"),
+                Err(e) => panic!("{at}{path} during the flood (probe {round}): {e:#}"),
             }
         }
     }
@@ -668,14 +668,26 @@ async fn idle_and_drip_fed_connections_cannot_exhaust_the_gateway() {
         receives(&cluster, &mut late, "late", "during-the-flood").await;
         receives(&cluster, &mut before, "before", "through-the-flood").await;
     };
-    flood_and_probe(gateway.addr, &["/healthz", "/readyz", "/metrics"], None, during).await;
+    // The public port answers (a 404: probes live on the internal one, which the flood does not
+    // reach), and so does the internal one.
+    let (public, internal) = (gateway.addr, gateway.internal);
+    let probes = [
+        (public, "/healthz", 404),
+        (internal, "/healthz", 200),
+        (internal, "/readyz", 200),
+        (internal, "/metrics", 200),
+    ];
+    flood_and_probe(gateway.addr, &probes, None, during).await;
 
     // Still whole afterwards, and it says what it shed.
-    let (status, _) = flood::probe(gateway.addr, "/readyz", None, None, PROBE_TIMEOUT).await.unwrap();
+    let (status, _) = flood::probe(gateway.internal, "/readyz", None, None, PROBE_TIMEOUT).await.unwrap();
     assert_eq!(status, 200);
     receives(&cluster, &mut before, "before", "after-the-flood").await;
-    let metrics = reqwest::get(format!("http://{}/metrics", gateway.addr)).await.unwrap().text().await.unwrap();
-    let shed: Vec<&str> = metrics.lines().filter(|l| l.starts_with("herald_http_connections_shed_total")).collect();
+    let metrics = reqwest::get(format!("http://{}/metrics", gateway.internal)).await.unwrap().text().await.unwrap();
+    let shed: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("herald_http_connections_shed_total") && l.contains(r#"listener="public""#))
+        .collect();
     println!("{shed:#?}");
     for reason in ["evicted", "header_timeout"] {
         assert!(shed.iter().any(|l| l.contains(reason)), "nothing shed as {reason}: {shed:?}");
@@ -692,9 +704,15 @@ async fn idle_and_drip_fed_connections_cannot_exhaust_the_dispatcher() {
     let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
     cluster.wait_presence(dispatcher.addr, "alice", true).await.unwrap();
 
-    let paths = ["/healthz", "/readyz", "/v1/users/alice/presence"];
+    let (public, internal) = (dispatcher.addr, dispatcher.internal);
+    let probes = [
+        (public, "/v1/users/alice/presence", 200),
+        (public, "/v1/openapi.json", 200),
+        (internal, "/healthz", 200),
+        (internal, "/readyz", 200),
+    ];
     let during = receives(&cluster, &mut alice, "alice", "routed-during-the-flood");
-    flood_and_probe(dispatcher.addr, &paths, Some(ADMIN_TOKEN), during).await;
+    flood_and_probe(dispatcher.addr, &probes, Some(ADMIN_TOKEN), during).await;
 
     let (status, body) = cluster.api(dispatcher.addr, "/v1/users/alice/presence", Some(ADMIN_TOKEN)).await.unwrap();
     assert_eq!((status, &body["online"]), (200, &json!(true)), "{body}");
@@ -714,9 +732,10 @@ async fn connects_over_the_per_address_rate_are_closed_and_other_addresses_get_i
     let started = tokio::time::Instant::now();
     let mut answered = 0;
     let mut closed = Vec::new();
+    // Probes of the public port: answered 404 (probes live on the internal port), or closed.
     for _ in 0..40 {
         match flood::probe(gateway.addr, "/healthz", Some(flooder), None, PROBE_TIMEOUT).await {
-            Ok((200, _)) => answered += 1,
+            Ok((404, _)) => answered += 1,
             Ok((status, _)) => panic!("HTTP {status}"),
             Err(e) => closed.push(e.to_string()),
         }
@@ -732,7 +751,7 @@ async fn connects_over_the_per_address_rate_are_closed_and_other_addresses_get_i
 
     // Another address is not held back by the first: probes, and a client that gets its message.
     let (status, _) = flood::probe(gateway.addr, "/healthz", Some(other), None, PROBE_TIMEOUT).await.unwrap();
-    assert_eq!(status, 200);
+    assert_eq!(status, 404);
     let mut bob = TestClient::connect_from(&ws_url(gateway.addr), &cluster.token("bob"), other).await.unwrap();
     cluster.wait_presence(dispatcher.addr, "bob", true).await.unwrap();
     receives(&cluster, &mut bob, "bob", "from-another-address").await;
@@ -755,7 +774,8 @@ async fn a_gateway_refuses_to_start_when_its_connections_cannot_fit_the_open_fil
     let (status, output) =
         cluster.gateway_process_exit(&[("HERALD_MAX_CONNECTIONS", "5000")], Some(4096), within).await.unwrap();
     assert!(status.is_some_and(|s| !s.success()), "started with 5000 connections and 4096 files: {output}");
-    for part in ["HERALD_MAX_CONNECTIONS=5000", "open-file limit", "4096", "ulimit -n", "at most 2944"] {
+    // 4096 - 64 (reserve) - 1024 - 64 (public listener) - 32 - 64 (internal listener).
+    for part in ["HERALD_MAX_CONNECTIONS=5000", "open-file limit", "4096", "ulimit -n", "at most 2848"] {
         assert!(output.contains(part), "{part:?} missing from:\n{output}");
     }
     println!("{}", output.lines().find(|l| l.contains("HERALD_MAX_CONNECTIONS")).unwrap_or_default());

@@ -181,6 +181,7 @@ async fn connect_status(addr: SocketAddr, token: &str) -> u16 {
     }
 }
 
+/// `/readyz` of the internal listener at `addr`.
 async fn readyz(addr: SocketAddr) -> u16 {
     reqwest::get(format!("http://{addr}/readyz")).await.unwrap().status().as_u16()
 }
@@ -361,7 +362,7 @@ async fn the_keys_outlive_the_provider() {
     .await
     .unwrap();
     assert_eq!(connect_status(gateway.addr, &key.token("alice")).await, 101, "the cached key still verifies");
-    assert_eq!(readyz(gateway.addr).await, 200, "and the gateway stays ready");
+    assert_eq!(readyz(gateway.internal).await, 200, "and the gateway stays ready");
     let unknown = IdpKey::rsa("k2");
     assert_eq!(connect_status(gateway.addr, &unknown.token("alice")).await, 401);
 }
@@ -383,12 +384,12 @@ async fn a_gateway_with_only_a_jwks_is_ready_once_it_has_fetched_it() {
     })
     .await
     .unwrap();
-    assert_eq!(readyz(gateway.addr).await, 503, "no keys yet");
+    assert_eq!(readyz(gateway.internal).await, 503, "no keys yet");
     // Not 401: the token may be good; this gateway cannot tell yet.
     assert_eq!(connect_status(gateway.addr, &key.token("alice")).await, 503);
 
     idp.down.store(false, Ordering::SeqCst);
-    cluster.wait_ready(gateway.addr).await.unwrap();
+    cluster.wait_ready(gateway.internal).await.unwrap();
     assert_eq!(connect_status(gateway.addr, &key.token("alice")).await, 101);
 }
 

@@ -13,6 +13,7 @@ use herald_tests::services::Stack;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// `/metrics` of the internal listener at `addr`.
 async fn scrape(addr: SocketAddr) -> String {
     reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap()
 }
@@ -36,7 +37,7 @@ async fn metrics_follow_a_message_from_publish_to_receipt() {
     cluster.wait_receipt("obs-1", "alice", "delivered").await.unwrap();
 
     let gw = eventually(WAIT, Duration::from_millis(50), || async {
-        let text = scrape(gateway.addr).await;
+        let text = scrape(gateway.internal).await;
         match sample(&text, "herald_publish_to_ack_seconds_count") {
             Some(count) if count >= 1.0 => Ok(text),
             _ => Err("no publish->ack sample yet"),
@@ -60,7 +61,7 @@ async fn metrics_follow_a_message_from_publish_to_receipt() {
     assert!(sample(&gw, "process_resident_memory_bytes").is_some_and(|rss| rss > 0.0));
 
     let dsp = eventually(WAIT, Duration::from_millis(50), || async {
-        let text = scrape(dispatcher.addr).await;
+        let text = scrape(dispatcher.internal).await;
         match sample(&text, "herald_dispatcher_receipt_writes_total{op=\"ack\"}") {
             Some(count) if count >= 1.0 => Ok(text),
             _ => Err("no ack write counted yet"),
@@ -116,7 +117,7 @@ async fn pending_receipts_and_the_oldest_age_are_sampled() {
     };
     // Sampled every second here (HERALD_PENDING_SAMPLE_MS); the oldest has waited 2 s or more.
     eventually(WAIT, Duration::from_millis(100), || async {
-        match gauges(&scrape(dispatcher.addr).await) {
+        match gauges(&scrape(dispatcher.internal).await) {
             (Some(3.0), Some(age)) if age >= 2.0 => Ok(()),
             other => Err(format!("pending and oldest age: {other:?}")),
         }
@@ -132,7 +133,7 @@ async fn pending_receipts_and_the_oldest_age_are_sampled() {
     }
     cluster.wait_receipt("backlog-3", "carol", "delivered").await.unwrap();
     eventually(WAIT, Duration::from_millis(100), || async {
-        match gauges(&scrape(dispatcher.addr).await) {
+        match gauges(&scrape(dispatcher.internal).await) {
             (Some(0.0), Some(0.0)) => Ok(()),
             other => Err(format!("pending and oldest age: {other:?}")),
         }
@@ -154,7 +155,7 @@ async fn refusals_and_closes_are_counted_by_reason() {
     let mut bad = cluster.connect(gateway.addr, "bob").await.unwrap();
     bad.send_text("{not json").await.unwrap();
     let text = eventually(WAIT, Duration::from_millis(50), || async {
-        let text = scrape(gateway.addr).await;
+        let text = scrape(gateway.internal).await;
         match sample(&text, "herald_gateway_connections_closed_total{reason=\"bad_frame\"}") {
             Some(1.0) => Ok(text),
             _ => Err("close not counted yet"),
@@ -175,11 +176,11 @@ async fn readiness_follows_redis_and_comes_back() {
         let response = reqwest::get(format!("http://{addr}/readyz")).await.map_err(|e| e.to_string())?;
         Ok::<_, String>((response.status().as_u16(), response.text().await.unwrap_or_default()))
     };
-    assert_eq!(ready(gateway.addr).await.unwrap().0, 200);
-    assert_eq!(ready(dispatcher.addr).await.unwrap().0, 200);
+    assert_eq!(ready(gateway.internal).await.unwrap().0, 200);
+    assert_eq!(ready(dispatcher.internal).await.unwrap().0, 200);
 
     cluster.stack.redis.stop().await;
-    for addr in [gateway.addr, dispatcher.addr] {
+    for addr in [gateway.internal, dispatcher.internal] {
         let (status, body) = eventually(WAIT, Duration::from_millis(100), || async {
             match ready(addr).await? {
                 (503, body) => Ok((503, body)),
@@ -196,7 +197,7 @@ async fn readiness_follows_redis_and_comes_back() {
     }
 
     cluster.stack.redis.restart().await.unwrap();
-    for addr in [gateway.addr, dispatcher.addr] {
+    for addr in [gateway.internal, dispatcher.internal] {
         eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
             match ready(addr).await? {
                 (200, _) => Ok(()),
@@ -210,6 +211,97 @@ async fn readiness_follows_redis_and_comes_back() {
     assert_eq!(status, 200);
 }
 
+/// Issue 15: the public ports serve clients and the publish and query API, and nothing else;
+/// probes, metrics and the operator's API are on the internal ports only, of both services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_metrics_and_the_operators_api_are_on_the_internal_port_only() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let gateway = cluster.gateway().await.unwrap();
+    let http = reqwest::Client::new();
+    let status = |method: reqwest::Method, addr: SocketAddr, path: &str| {
+        let request = http.request(method, format!("http://{addr}{path}")).bearer_auth(ADMIN_TOKEN);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    use reqwest::Method as M;
+    for (addr, internal) in [(gateway.addr, gateway.internal), (dispatcher.addr, dispatcher.internal)] {
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            assert_eq!(status(M::GET, addr, path).await, 404, "public {addr}{path}");
+            assert_eq!(status(M::GET, internal, path).await, 200, "internal {internal}{path}");
+        }
+    }
+    assert_eq!(status(M::GET, gateway.internal, "/v1/connect").await, 404, "no clients on the internal port");
+
+    // The operator's actions: no route on the public port; served (with the token) on the
+    // internal one, where an unknown user or message is their own 404.
+    let (public, internal) = (dispatcher.addr, dispatcher.internal);
+    let operate = [
+        (M::GET, "/v1/status", (200, "")),
+        (M::GET, "/v1/rejections", (200, "")),
+        (M::GET, "/v1/dead-letters", (200, "")),
+        (M::POST, "/v1/users/nobody/kick", (404, "not_found")),
+        (M::POST, "/v1/messages/nothing/cancel", (404, "not_found")),
+        (M::DELETE, "/v1/users/nobody", (200, "")),
+    ];
+    for (method, path, served) in operate {
+        for (addr, expected) in [(public, (404, "no_route")), (internal, served)] {
+            let body = (method == M::POST).then(|| b"{}".to_vec());
+            let (code, _, answer) =
+                cluster.request(method.clone(), addr, path, Some(ADMIN_TOKEN), &[], body).await.unwrap();
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert_eq!((code, error), expected, "{method} {addr}{path}: {answer}");
+        }
+    }
+    // And the other way: publishing and the query API are public only; the document is on both.
+    let (code, body) = cluster.api(internal, "/v1/users/nobody/pending", Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!((code, body["error"].as_str()), (404, Some("no_route")), "{body}");
+    assert_eq!(status(M::GET, public, "/v1/users/nobody/pending").await, 200);
+    assert_eq!(status(M::POST, internal, "/v1/publish").await, 404);
+    for addr in [public, internal] {
+        assert_eq!(status(M::GET, addr, "/v1/openapi.json").await, 200, "{addr}");
+    }
+    // The listeners' own metrics are told apart.
+    let text = scrape(gateway.internal).await;
+    for listener in ["public", "internal"] {
+        let series = format!("herald_http_connections_open{{listener=\"{listener}\"}}");
+        assert!(sample(&text, &series).is_some(), "{series} missing");
+    }
+}
+
+/// A stopping dispatcher closes its public port first and keeps its internal one, reporting not
+/// ready (`accepting: false`), while it finishes the batch in flight; then that one closes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_dispatcher_closes_its_public_port_first_and_reports_not_ready_on_the_internal_one() {
+    let cluster = Cluster::start().await.unwrap();
+    let dispatcher = cluster.dispatcher().await.unwrap();
+    let (public, internal) = (dispatcher.addr, dispatcher.internal);
+    // A store that answers 3 s late: the job below is in flight for that long.
+    cluster.stack.mongo_proxy.delay_replies(Duration::from_secs(3));
+    cluster.send("in-flight", &["nobody"]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dispatcher.begin_stop();
+
+    let body = eventually(WAIT, Duration::from_millis(20), || async {
+        if reqwest::get(format!("http://{public}/v1/openapi.json")).await.is_ok() {
+            return Err("the public port still answers".to_owned());
+        }
+        let r = reqwest::get(format!("http://{internal}/readyz")).await.map_err(|e| e.to_string())?;
+        let (status, body) = (r.status().as_u16(), r.text().await.unwrap_or_default());
+        if status == 503 {
+            Ok(body)
+        } else {
+            Err(format!("internal /readyz {status}"))
+        }
+    })
+    .await
+    .expect("public port closed while the internal one reports not ready");
+    assert!(body.contains("\"accepting\":false"), "{body}");
+
+    cluster.stack.mongo_proxy.delay_replies(Duration::ZERO);
+    dispatcher.stop().await.unwrap();
+    assert!(reqwest::get(format!("http://{internal}/readyz")).await.is_err(), "the internal port closes last");
+}
+
 /// SIGTERM: the gateway reports not ready and refuses new clients at once, keeps its sessions
 /// through the shutdown delay, then closes them with 1012 and exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,11 +310,12 @@ async fn a_draining_gateway_is_not_ready_refuses_newcomers_then_sends_clients_el
     let cluster = Cluster::new(Stack::start().await.unwrap(), options).await.unwrap();
     let mut gateway = cluster.gateway_process().await.unwrap();
     let mut client = cluster.connect(gateway.addr, "carol").await.unwrap();
-    let addr = gateway.addr;
+    let (addr, internal) = (gateway.addr, gateway.internal);
     let exited = tokio::spawn(async move { gateway.sigterm(Duration::from_secs(10)).await });
 
+    // Not ready on the internal port while the public one still answers, with a clear refusal.
     let (status, body) = eventually(WAIT, Duration::from_millis(20), || async {
-        let r = reqwest::get(format!("http://{addr}/readyz")).await.map_err(|e| e.to_string())?;
+        let r = reqwest::get(format!("http://{internal}/readyz")).await.map_err(|e| e.to_string())?;
         match r.status().as_u16() {
             503 => Ok((503, r.text().await.unwrap_or_default())),
             other => Err(format!("still {other}")),

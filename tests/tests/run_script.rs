@@ -47,14 +47,16 @@ fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
 /// One `make run` on free ports, with its data in a directory of its own.
 struct Run {
     dir: tempfile::TempDir,
-    /// Every port it serves: redis, nats, mongo, the dispatcher, two gateways, the demo page.
+    /// Every port it serves: redis, nats, mongo, the dispatcher, two gateways, the demo page, then
+    /// the internal listeners of the dispatcher and the two gateways.
     ports: Vec<u16>,
     env: Vec<(&'static str, String)>,
 }
 
 impl Run {
     fn new() -> Self {
-        let [redis, nats, mongo, dispatcher, gw1, gw2, demo] = std::array::from_fn(|_| free_port().unwrap());
+        let [redis, nats, mongo, dispatcher, gw1, gw2, demo, dispatcher_internal, gw1_internal, gw2_internal] =
+            std::array::from_fn(|_| free_port().unwrap());
         let target = bin_path("herald-gateway").unwrap().parent().map(Path::to_path_buf).unwrap();
         let env = vec![
             ("HERALD_JWT_SECRET", "run-test-secret-0123456789".to_owned()),
@@ -65,10 +67,14 @@ impl Run {
             ("HERALD_RUN_DISPATCHER", format!("127.0.0.1:{dispatcher}")),
             ("HERALD_RUN_GATEWAYS", format!("127.0.0.1:{gw1},127.0.0.1:{gw2}")),
             ("HERALD_RUN_DEMO", format!("127.0.0.1:{demo}")),
+            ("HERALD_RUN_DISPATCHER_INTERNAL", format!("127.0.0.1:{dispatcher_internal}")),
+            ("HERALD_RUN_GATEWAYS_INTERNAL", format!("127.0.0.1:{gw1_internal},127.0.0.1:{gw2_internal}")),
             ("HERALD_RUN_SKIP_BUILD", "1".to_owned()),
             ("HERALD_RUN_TARGET", target.display().to_string()),
         ];
-        Self { dir: tempfile::tempdir().unwrap(), ports: vec![redis, nats, mongo, dispatcher, gw1, gw2, demo], env }
+        let internal = [dispatcher_internal, gw1_internal, gw2_internal];
+        let ports = [vec![redis, nats, mongo, dispatcher, gw1, gw2, demo], internal.to_vec()].concat();
+        Self { dir: tempfile::tempdir().unwrap(), ports, env }
     }
 
     fn data(&self) -> PathBuf {

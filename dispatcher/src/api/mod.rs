@@ -1,8 +1,10 @@
 //! The dispatcher's HTTP API: publishing (`/v1/publish…`), the query API ("did Alice get
 //! message X?", a user's pending messages and presence), the operator's actions (kick, cancel,
-//! forget, rejections, status), health probes and metrics. Routes, their scopes and their
-//! OpenAPI description are listed once, in [`routes`]; the document is served at
-//! `/v1/openapi.json`. What each route does is in [`publish`], [`query`] and [`operate`]; who
+//! forget, rejections, status), health probes and metrics. Routes, their scopes, their listener
+//! and their OpenAPI description are listed once, in [`routes`]; the document is served at
+//! `/v1/openapi.json` on both listeners. The public listener serves publishing and the query
+//! API (what backends call with scoped tokens); the internal one, which only the cluster
+//! reaches, serves the operator's actions, probes and metrics. What each route does is in [`publish`], [`query`] and [`operate`]; who
 //! may call it, in [`auth`].
 
 use std::sync::Arc;
@@ -49,51 +51,81 @@ pub struct ApiState {
     pub backlog: crate::admission::Backlog,
     /// The last round of dependency checks, shared by `/readyz` and `/v1/status` requests.
     pub checks: readiness::Checks,
+    /// The process's shutdown token (owned by `run`'s caller): once cancelled, `/readyz` says
+    /// not ready while the public listener drains.
+    pub stopping: tokio_util::sync::CancellationToken,
     /// This host's wall clock, for judging expiry in answers.
     pub clock: herald_shared::Clock,
 }
 
-/// One route: method, path, the scope a token needs (None: no token), and its handler.
+/// Which listener serves a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// What the ingress exposes: publishing and the query API.
+    Public,
+    /// What only the cluster reaches: the operator's actions, probes and metrics.
+    Internal,
+    /// Both (the OpenAPI document).
+    Both,
+}
+
+impl Listener {
+    fn serves(self, on: Listener) -> bool {
+        self == Listener::Both || self == on
+    }
+}
+
+/// One route: method, path, the scope a token needs (None: no token), the listener that serves
+/// it, and its handler.
 pub struct Route {
     pub method: Method,
     pub path: &'static str,
     pub scope: Option<Scope>,
+    pub listener: Listener,
     handler: MethodRouter<Arc<ApiState>>,
 }
 
-fn route(method: Method, path: &'static str, scope: Option<Scope>, handler: MethodRouter<Arc<ApiState>>) -> Route {
-    Route { method, path, scope, handler }
+fn route(
+    method: Method,
+    path: &'static str,
+    scope: Option<Scope>,
+    listener: Listener,
+    handler: MethodRouter<Arc<ApiState>>,
+) -> Route {
+    Route { method, path, scope, listener, handler }
 }
 
 /// Every route of the API. The router is built from this list and nothing else, and a test
 /// checks it against the OpenAPI document ([`ApiDoc`]) both ways.
 pub fn routes() -> Vec<Route> {
+    use Listener::{Both, Internal as In, Public as Pub};
     use Method as M;
     let (p, r, a) = (Some(Scope::Publish), Some(Scope::Read), Some(Scope::Admin));
     vec![
-        route(M::POST, "/v1/publish", p, post(publish::publish)),
-        route(M::POST, "/v1/publish/batch", p, post(publish::publish_batch)),
-        route(M::GET, "/v1/messages/{id}", r, get(query::message)),
-        route(M::POST, "/v1/messages/{id}/cancel", a, post(operate::cancel)),
-        route(M::GET, "/v1/users/{user}/pending", r, get(query::pending)),
-        route(M::GET, "/v1/users/{user}/presence", r, get(query::presence)),
-        route(M::POST, "/v1/users/{user}/kick", a, post(operate::kick)),
-        route(M::DELETE, "/v1/users/{user}", a, delete(operate::forget)),
-        route(M::GET, "/v1/rejections", r, get(operate::rejections)),
-        route(M::GET, "/v1/dead-letters", r, get(operate::dead_letters)),
-        route(M::GET, "/v1/status", r, get(operate::status)),
-        route(M::GET, "/v1/openapi.json", None, get(openapi)),
-        route(M::GET, "/healthz", None, get(healthz)),
-        route(M::GET, "/readyz", None, get(ready)),
-        route(M::GET, "/metrics", None, get(metrics)),
+        route(M::POST, "/v1/publish", p, Pub, post(publish::publish)),
+        route(M::POST, "/v1/publish/batch", p, Pub, post(publish::publish_batch)),
+        route(M::GET, "/v1/messages/{id}", r, Pub, get(query::message)),
+        route(M::POST, "/v1/messages/{id}/cancel", a, In, post(operate::cancel)),
+        route(M::GET, "/v1/users/{user}/pending", r, Pub, get(query::pending)),
+        route(M::GET, "/v1/users/{user}/presence", r, Pub, get(query::presence)),
+        route(M::POST, "/v1/users/{user}/kick", a, In, post(operate::kick)),
+        route(M::DELETE, "/v1/users/{user}", a, In, delete(operate::forget)),
+        route(M::GET, "/v1/rejections", r, In, get(operate::rejections)),
+        route(M::GET, "/v1/dead-letters", r, In, get(operate::dead_letters)),
+        route(M::GET, "/v1/status", r, In, get(operate::status)),
+        route(M::GET, "/v1/openapi.json", None, Both, get(openapi)),
+        route(M::GET, "/healthz", None, In, get(healthz)),
+        route(M::GET, "/readyz", None, In, get(ready)),
+        route(M::GET, "/metrics", None, In, get(metrics)),
     ]
 }
 
-/// The API's router: [`routes`], each behind its scope's check, a JSON 404 for any other path,
-/// a body limit of `max_body_bytes`, and CORS for `cors_origins` when there are any.
-pub fn router(state: Arc<ApiState>, max_body_bytes: usize, cors_origins: &[String]) -> Router {
+/// The router of one listener: the [`routes`] it serves, each behind its scope's check, a JSON
+/// 404 for any other path (the other listener's routes too), a body limit of `max_body_bytes`,
+/// and CORS for `cors_origins` when there are any.
+pub fn router(state: Arc<ApiState>, on: Listener, max_body_bytes: usize, cors_origins: &[String]) -> Router {
     let mut router = Router::new();
-    for Route { path, scope, handler, .. } in routes() {
+    for Route { path, scope, handler, .. } in routes().into_iter().filter(|r| r.listener.serves(on)) {
         let handler = match scope {
             Some(scope) => {
                 handler.route_layer(middleware::from_fn_with_state((Arc::clone(&state), scope), auth::authorize))
@@ -192,7 +224,9 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
         title = "Herald dispatcher API",
         description = "Publish jobs over HTTP, ask what happened to them, and operate Herald. \
             Bearer tokens: admin (every scope), publish, read. The job and its rejection codes are \
-            described in proto/README.md."
+            described in proto/README.md. The publish and query routes are served on the public \
+            port (HERALD_DISPATCHER_LISTEN); the operate and health routes only on the internal \
+            port (HERALD_DISPATCHER_INTERNAL_LISTEN), which only the cluster reaches."
     ),
     paths(
         publish::publish,
@@ -377,7 +411,7 @@ async fn openapi() -> Response {
     responses((status = 200, description = "Ready", body = Object), (status = 503, description = "A dependency is failing", body = Object))
 )]
 async fn ready(State(state): State<Arc<ApiState>>) -> Response {
-    let report = check_dependencies(&state).await;
+    let report = check_dependencies(&state).await.with("accepting", !state.stopping.is_cancelled());
     let ready = report.ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     // A slow store is reported, not failed: every dispatcher shares the store, and taking them
@@ -434,6 +468,25 @@ mod tests {
         let unrouted: Vec<_> = documented.difference(&routed).collect();
         assert!(undocumented.is_empty(), "routes missing from the OpenAPI document: {undocumented:?}");
         assert!(unrouted.is_empty(), "documented but not routed: {unrouted:?}");
+    }
+
+    #[test]
+    fn operators_actions_and_probes_are_internal_and_publish_and_query_public() {
+        for route in routes() {
+            let tag = documented_tag(route.path, route.method.as_str());
+            let expected = match (route.path, tag.as_str()) {
+                ("/v1/openapi.json", _) => Listener::Both,
+                (_, "publish" | "query") => Listener::Public,
+                (_, "operate" | "health") => Listener::Internal,
+                (path, tag) => panic!("{path}: tag {tag} has no listener"),
+            };
+            assert_eq!(route.listener, expected, "{} {}", route.method, route.path);
+        }
+    }
+
+    fn documented_tag(path: &str, method: &str) -> String {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        doc["paths"][path][method.to_lowercase()]["tags"][0].as_str().unwrap_or_default().to_owned()
     }
 
     #[test]

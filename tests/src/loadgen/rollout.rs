@@ -120,11 +120,11 @@ async fn roll_once(per_gateway: usize, spread: Duration, label: &str, config: &R
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-    let dispatcher = h.dispatchers[0].addr;
+    let dispatcher = h.dispatchers[0].internal;
     let replayed_before = metrics::prometheus_counter(&http, dispatcher, REPLAYED).await?;
     let sampler = Sampler {
         http: http.clone(),
-        gateways: h.gateways.iter().map(|g| g.addr).collect(),
+        gateways: h.gateways.iter().map(|g| g.internal).collect(),
         dispatcher,
         store: h.store_proxy.counter(),
     };
@@ -161,7 +161,7 @@ async fn roll(h: &mut Herald, workers: &mut Workers, total: u64, http: &reqwest:
     for i in 0..h.gateways.len() {
         let mut open = Vec::new();
         for g in &h.gateways {
-            open.push(metrics::prometheus_counter(http, g.addr, OPEN).await?);
+            open.push(metrics::prometheus_counter(http, g.internal, OPEN).await?);
         }
         let takers: Vec<Option<u64>> = open.iter().enumerate().map(|(g, n)| (g != i).then_some(*n)).collect();
         let shares = least_connections(&takers, open[i]);

@@ -25,7 +25,7 @@ const REPLAY_QUERY_SECONDS: &str = r#"herald_dependency_seconds_sum{dependency="
 /// Reads the counters every [`SAMPLE_EVERY`] until stopped.
 pub(crate) struct Sampler {
     pub(crate) http: reqwest::Client,
-    /// The gateways' addresses, which their replacements take over.
+    /// The gateways' internal addresses, which their replacements take over.
     pub(crate) gateways: Vec<SocketAddr>,
     pub(crate) dispatcher: SocketAddr,
     pub(crate) store: RequestCounter,

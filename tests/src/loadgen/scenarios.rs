@@ -941,7 +941,7 @@ struct ResendRun {
 async fn dispatcher_counters(http: &reqwest::Client, h: &Herald, name: &str) -> anyhow::Result<Vec<u64>> {
     let mut values = Vec::new();
     for d in &h.dispatchers {
-        values.push(metrics::prometheus_counter(http, d.addr, name).await?);
+        values.push(metrics::prometheus_counter(http, d.internal, name).await?);
     }
     Ok(values)
 }

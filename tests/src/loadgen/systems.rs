@@ -21,6 +21,9 @@ const ADMIN_TOKEN: &str = "herald-bench-admin-token";
 pub(crate) struct Server {
     pub(crate) name: String,
     pub(crate) addr: SocketAddr,
+    /// Where its probes and metrics are: Herald's internal listener, or `addr` for a process
+    /// with one port.
+    pub(crate) internal: SocketAddr,
     child: Child,
 }
 
@@ -49,9 +52,9 @@ impl Server {
         Ok(())
     }
 
-    /// Whether `GET http://addr/path` answers 2xx now.
+    /// Whether `GET http://internal/path` answers 2xx now.
     pub(crate) async fn answers(&self, http: &reqwest::Client, path: &str) -> bool {
-        let url = format!("http://{}{path}", self.addr);
+        let url = format!("http://{}{path}", self.internal);
         matches!(http.get(&url).send().await, Ok(response) if response.status().is_success())
     }
 
@@ -71,10 +74,12 @@ impl Drop for Server {
 fn spawn(name: &str, program: &Path, args: &[&str], env: &[(String, String)], logs: &Path) -> anyhow::Result<Server> {
     let addr: SocketAddr = env
         .iter()
-        .find(|(k, _)| k.ends_with("LISTEN") || k == "PORT_ADDR")
+        .find(|(k, _)| (k.ends_with("LISTEN") && !k.ends_with("INTERNAL_LISTEN")) || k == "PORT_ADDR")
         .map(|(_, v)| v.parse())
         .transpose()?
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let internal: SocketAddr =
+        env.iter().find(|(k, _)| k.ends_with("INTERNAL_LISTEN")).map(|(_, v)| v.parse()).transpose()?.unwrap_or(addr);
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let child = Command::new(program)
         .args(args)
@@ -86,7 +91,7 @@ fn spawn(name: &str, program: &Path, args: &[&str], env: &[(String, String)], lo
         .stderr(log)
         .spawn()
         .with_context(|| format!("spawning {name} ({})", program.display()))?;
-    Ok(Server { name: name.to_owned(), addr, child })
+    Ok(Server { name: name.to_owned(), addr, internal, child })
 }
 
 /// A port nothing listens on now.
@@ -107,7 +112,7 @@ async fn wait_http(server: &mut Server, path: &str) -> anyhow::Result<()> {
             tokio::time::Instant::now() < deadline,
             "{} not ready at http://{}{path} within 60 s",
             server.name,
-            server.addr
+            server.internal
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -212,6 +217,7 @@ impl Herald {
             let mut env = base.to_vec();
             env.extend([
                 ("HERALD_DISPATCHER_LISTEN", free_addr()?.to_string()),
+                ("HERALD_DISPATCHER_INTERNAL_LISTEN", free_addr()?.to_string()),
                 ("HERALD_MONGODB_URI", store_uri.clone()),
                 ("HERALD_MONGODB_DATABASE", herald.stack.database.clone()),
                 ("HERALD_ADMIN_TOKEN", ADMIN_TOKEN.into()),
@@ -225,7 +231,7 @@ impl Herald {
         }
         for i in 0..options.gateways {
             let id = format!("bench-gw-{i}");
-            let mut server = herald.launcher.launch(&format!("gateway-{i}"), &id, free_addr()?)?;
+            let mut server = herald.launcher.launch(&format!("gateway-{i}"), &id, free_addr()?, free_addr()?)?;
             wait_http(&mut server, "/readyz").await?;
             herald.gateways.push(server);
             herald.gateway_ids.push(id);
@@ -244,7 +250,8 @@ impl Herald {
         let old = &mut self.gateways[i];
         anyhow::ensure!(!old.is_running(), "{} is still running; it cannot be replaced", old.name);
         let id = format!("bench-gw-{i}-r{generation}");
-        self.gateways[i] = self.launcher.launch(&format!("gateway-{i}-r{generation}"), &id, self.gateways[i].addr)?;
+        let (addr, internal) = (self.gateways[i].addr, self.gateways[i].internal);
+        self.gateways[i] = self.launcher.launch(&format!("gateway-{i}-r{generation}"), &id, addr, internal)?;
         self.gateway_ids[i] = id;
         Ok(())
     }
@@ -272,10 +279,15 @@ pub(crate) struct GatewayLauncher {
 }
 
 impl GatewayLauncher {
-    /// Starts a gateway process listening on `addr` (its log is `<name>.log`); does not wait.
-    fn launch(&self, name: &str, id: &str, addr: SocketAddr) -> anyhow::Result<Server> {
+    /// Starts a gateway process listening on `addr` and `internal` (its log is `<name>.log`);
+    /// does not wait.
+    fn launch(&self, name: &str, id: &str, addr: SocketAddr, internal: SocketAddr) -> anyhow::Result<Server> {
         let mut env = self.env.clone();
-        env.extend([("HERALD_GATEWAY_LISTEN", addr.to_string()), ("HERALD_GATEWAY_ID", id.to_owned())]);
+        env.extend([
+            ("HERALD_GATEWAY_LISTEN", addr.to_string()),
+            ("HERALD_GATEWAY_INTERNAL_LISTEN", internal.to_string()),
+            ("HERALD_GATEWAY_ID", id.to_owned()),
+        ]);
         let env = with_extra(&env, "HERALD_BENCH_GATEWAY_ENV");
         spawn(name, &self.program, &[], &env, &self.logs)
     }

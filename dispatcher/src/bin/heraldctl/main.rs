@@ -39,9 +39,13 @@ struct Global {
     /// The deployment's naming prefix.
     #[arg(long, global = true, env = "HERALD_PREFIX", default_value = "herald")]
     prefix: String,
-    /// The dispatcher's HTTP API.
+    /// The dispatcher's public HTTP API (publish, message, pending, presence).
     #[arg(long, global = true, env = "HERALD_API_URL", default_value = "http://127.0.0.1:8090")]
     api_url: String,
+    /// The dispatcher's internal listener, for the operator's commands (status, kick, cancel,
+    /// forget): a port only the cluster reaches (`HERALD_DISPATCHER_INTERNAL_LISTEN`).
+    #[arg(long, global = true, env = "HERALD_ADMIN_URL", default_value = "http://127.0.0.1:8190")]
+    admin_url: String,
     /// Bearer token for the API (admin, or read for the questions); HERALD_ADMIN_TOKEN when unset.
     #[arg(long, global = true, env = "HERALD_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -196,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 async fn operate(global: Global, command: Command) -> anyhow::Result<()> {
     let json = global.json;
     let api = || Api::new(&global.api_url, global.token.clone());
+    let admin = || Api::new(&global.admin_url, global.token.clone());
     match command {
         Command::Token { .. } => Ok(()),
         Command::Publish(args) => publish(&global, args).await,
@@ -210,15 +215,15 @@ async fn operate(global: Global, command: Command) -> anyhow::Result<()> {
         Command::Presence { user } => {
             show(json, &api()?.get(&format!("/v1/users/{}/presence", client::segment(&user))).await?, render::presence)
         }
-        Command::Status => show(json, &api()?.get("/v1/status").await?, render::status),
+        Command::Status => show(json, &admin()?.get("/v1/status").await?, render::status),
         Command::Kick { user } => {
-            show(json, &api()?.post(&format!("/v1/users/{}/kick", client::segment(&user))).await?, render::kick)
+            show(json, &admin()?.post(&format!("/v1/users/{}/kick", client::segment(&user))).await?, render::kick)
         }
         Command::Cancel { id } => {
-            show(json, &api()?.post(&format!("/v1/messages/{}/cancel", client::segment(&id))).await?, render::cancel)
+            show(json, &admin()?.post(&format!("/v1/messages/{}/cancel", client::segment(&id))).await?, render::cancel)
         }
         Command::Forget { user } => {
-            show(json, &api()?.delete(&format!("/v1/users/{}", client::segment(&user))).await?, render::forget)
+            show(json, &admin()?.delete(&format!("/v1/users/{}", client::segment(&user))).await?, render::forget)
         }
         Command::Rejections(args) => read_back(&global, args, |n| n.rejected_subject()).await,
         Command::DeadLetters(args) => read_back(&global, args, |n| n.dead_letter_subject()).await,
