@@ -441,11 +441,12 @@ def herald_config_of(deployment, configmaps):
 
 
 def variables_read_by_code(root):
-    """HERALD_* names passed to env readers in the services' code (tests and the CLI excluded)."""
+    """HERALD_* names passed to env readers in the services' code (tests and the CLI excluded),
+    and those a TLS setting names (`TlsVars { ca: "HERALD_…", … }` in shared/src/tls.rs)."""
     names = set()
     call = re.compile(
         r"""(?:\b(?:string|optional|required|parse|parse_optional|millis|secs|var|var_os|try_from_env)"""
-        r"""(?:::<[^>]*>)?\s*\(\s*|env\s*=\s*)"(HERALD_[A-Z0-9_]+)\""""
+        r"""(?:::<[^>]*>)?\s*\(\s*|env\s*=\s*|\b(?:ca|cert|key):\s*)"(HERALD_[A-Z0-9_]+)\""""
     )
     for crate in ("shared", "gateway", "dispatcher"):
         for path in sorted((root / crate / "src").rglob("*.rs")):
