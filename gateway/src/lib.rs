@@ -29,6 +29,7 @@ mod registry;
 mod replay;
 mod sent;
 mod session;
+mod topics;
 
 use auth::Authenticator;
 use presence::PresenceTask;
@@ -119,6 +120,7 @@ pub async fn run(
         )?;
         let js = jetstream::new(nats.clone());
         streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.stream_limits).await?;
+        streams::ensure_topics_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.topics).await?;
         Ok::<_, GatewayError>((redis, nats, js))
     };
     let (redis, nats, js) = tokio::select! {
@@ -147,6 +149,7 @@ pub async fn run(
     if let Err(e) = presence_task.heartbeat().await {
         tracing::warn!(error = %e, "first presence heartbeat failed; retrying in the background");
     }
+    let topic_index = Arc::new(topics::TopicIndex::default());
     let (ack_publisher, acks) = acks::AckPublisher::new(js.clone(), &names, &gateway_id, Arc::clone(&metrics));
 
     let sessions = Arc::new(SessionContext {
@@ -162,6 +165,16 @@ pub async fn run(
         clock: config.common.clock.clone(),
         metrics: Arc::clone(&metrics),
         auth: auth.clone(),
+        topics: Arc::clone(&topic_index),
+        max_topics: config.topics.max_per_connection,
+        recovery: Some(session::TopicRecovery {
+            js: js.clone(),
+            names: names.clone(),
+            limits: topics::RecoveryLimits {
+                max_msgs: config.topics.recovery_max_msgs,
+                max_bytes: config.topics.recovery_max_bytes,
+            },
+        }),
     });
 
     // Fires once the drain starts closing sessions; deliveries go on until then.
@@ -181,6 +194,21 @@ pub async fn run(
         deliveries::run(
             deliveries,
             Arc::clone(&registry),
+            Arc::clone(&metrics),
+            config.common.clock.clone(),
+            close_sessions.clone(),
+        ),
+    );
+    // Topic messages reach this gateway's subscribers through this one reader (topics.rs); it
+    // retries a broken consumer itself and ends only with the drain's close of sessions.
+    shutdown::spawn_critical(
+        &tasks,
+        "topics",
+        critical.clone(),
+        topics::run(
+            js.clone(),
+            names.clone(),
+            Arc::clone(&topic_index),
             Arc::clone(&metrics),
             config.common.clock.clone(),
             close_sessions.clone(),

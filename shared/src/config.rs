@@ -38,11 +38,47 @@ pub struct CommonConfig {
     /// Limits of the jobs and events streams, applied when a process ensures them (existing
     /// streams too).
     pub stream_limits: StreamLimits,
+    /// Retention of the topics stream, which is what a subscriber can recover.
+    pub topics: TopicRetention,
     /// Limits of the service's HTTP listener.
     pub http: HttpConfig,
     /// The wall clock. Not read from the environment: always the system clock, except in tests
     /// that play a host whose clock is off.
     pub clock: crate::Clock,
+}
+
+/// How much of each topic's past the topics stream keeps (`HERALD_TOPICS_MAX_AGE_SECS`,
+/// `HERALD_TOPICS_MAX_MSGS`): a client that subscribes again with `since` recovers what it missed
+/// within these, and is told `recovered: false` beyond them. Applied to an existing stream too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicRetention {
+    pub max_age: Duration,
+    /// Messages of all topics together.
+    pub max_msgs: i64,
+}
+
+impl Default for TopicRetention {
+    fn default() -> Self {
+        Self { max_age: Duration::from_secs(3600), max_msgs: 100_000 }
+    }
+}
+
+/// A gateway's limits on topic subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayTopics {
+    /// Subscriptions one connection may hold (`HERALD_MAX_TOPICS_PER_CONNECTION`).
+    pub max_per_connection: usize,
+    /// Most messages one `subscribe` with `since` recovers (`HERALD_TOPIC_RECOVERY_MAX_MSGS`);
+    /// past it the answer says `recovered: false`.
+    pub recovery_max_msgs: usize,
+    /// Most payload bytes one recovery brings (`HERALD_TOPIC_RECOVERY_MAX_BYTES`).
+    pub recovery_max_bytes: usize,
+}
+
+impl Default for GatewayTopics {
+    fn default() -> Self {
+        Self { max_per_connection: 64, recovery_max_msgs: 256, recovery_max_bytes: 1024 * 1024 }
+    }
 }
 
 /// A file that authenticates Herald to NATS. Only paths: the secrets stay in their files, which
@@ -263,6 +299,7 @@ pub struct GatewayConfig {
     /// A connect that names another `Origin` gets 403; one with none (not a browser) is let
     /// through, since only browsers send it and a non-browser client can send any.
     pub allowed_origins: Vec<String>,
+    pub topics: GatewayTopics,
 }
 
 #[derive(Debug, Clone)]
@@ -551,6 +588,7 @@ impl CommonConfig {
             env.invalid("HERALD_JETSTREAM_REPLICAS: must be 1 to 5");
         }
         let stream_limits = stream_limits(env);
+        let topics = topic_retention(env);
         Self {
             prefix,
             redis_url: env.string("HERALD_REDIS_URL", "redis://127.0.0.1:16379"),
@@ -558,6 +596,7 @@ impl CommonConfig {
             nats_auth,
             jetstream_replicas,
             stream_limits,
+            topics,
             http: HttpConfig::from_env(env),
             clock: crate::Clock::system(),
         }
@@ -596,6 +635,34 @@ fn stream_limits(env: &mut Env) -> StreamLimits {
         jobs: checked_limits(env, "HERALD_JOBS", jobs, min_age.max(max_ttl), why),
         events: checked_limits(env, "HERALD_EVENTS", events, min_age, ""),
     }
+}
+
+/// `HERALD_TOPICS_MAX_AGE_SECS` and `HERALD_TOPICS_MAX_MSGS`, both positive: a topics stream
+/// without limits would grow without end.
+fn topic_retention(env: &mut Env) -> TopicRetention {
+    let default = TopicRetention::default();
+    let age: u64 = env.parse("HERALD_TOPICS_MAX_AGE_SECS", default.max_age.as_secs());
+    let msgs: i64 = env.parse("HERALD_TOPICS_MAX_MSGS", default.max_msgs);
+    if age == 0 {
+        env.invalid("HERALD_TOPICS_MAX_AGE_SECS: must be positive");
+    }
+    if msgs <= 0 {
+        env.invalid("HERALD_TOPICS_MAX_MSGS: must be positive");
+    }
+    TopicRetention { max_age: Duration::from_secs(age), max_msgs: msgs }
+}
+
+fn gateway_topics(env: &mut Env) -> GatewayTopics {
+    let default = GatewayTopics::default();
+    let topics = GatewayTopics {
+        max_per_connection: env.parse("HERALD_MAX_TOPICS_PER_CONNECTION", default.max_per_connection),
+        recovery_max_msgs: env.parse("HERALD_TOPIC_RECOVERY_MAX_MSGS", default.recovery_max_msgs),
+        recovery_max_bytes: env.parse("HERALD_TOPIC_RECOVERY_MAX_BYTES", default.recovery_max_bytes),
+    };
+    if topics.recovery_max_msgs == 0 || topics.recovery_max_bytes == 0 {
+        env.invalid("HERALD_TOPIC_RECOVERY_MAX_MSGS and HERALD_TOPIC_RECOVERY_MAX_BYTES: must be positive");
+    }
+    topics
 }
 
 /// One stream's `(max age, max bytes)`, each 0 or at least its floor.
@@ -662,6 +729,7 @@ impl GatewayConfig {
             drain_spread: Duration::ZERO,
             shutdown_delay: env.millis("HERALD_SHUTDOWN_DELAY_MS", 0),
             allowed_origins: origins(&env.string("HERALD_ALLOWED_ORIGINS", "")),
+            topics: gateway_topics(env),
         };
         for origin in config.allowed_origins.iter().filter(|o| !is_origin(o)) {
             env.invalid(format!("HERALD_ALLOWED_ORIGINS: {origin:?} is not an origin like https://app.example.com"));

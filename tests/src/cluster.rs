@@ -49,6 +49,8 @@ pub struct Options {
     pub replay_page: usize,
     /// Where process-mode gateways and dispatchers export traces (`OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub otlp_endpoint: Option<String>,
+    /// Gateways' topic limits (`HERALD_MAX_TOPICS_PER_CONNECTION`, recovery caps).
+    pub topics: herald_shared::config::GatewayTopics,
 }
 
 impl Default for Options {
@@ -65,6 +67,7 @@ impl Default for Options {
             ack_wait: Duration::from_secs(30),
             replay_page: 256,
             otlp_endpoint: None,
+            topics: Default::default(),
         }
     }
 }
@@ -89,6 +92,7 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         drain_spread: options.drain_spread,
         shutdown_delay: options.shutdown_delay,
         allowed_origins: Vec::new(),
+        topics: options.topics,
     }
 }
 
@@ -395,6 +399,9 @@ impl Cluster {
             ("HERALD_SHUTDOWN_DELAY_MS", config.shutdown_delay.as_millis().to_string()),
             // As in `gateway_config`; set, so the gateway does not warn that it lowered its default.
             ("HERALD_MAX_CONNECTIONS", "10000".to_owned()),
+            ("HERALD_MAX_TOPICS_PER_CONNECTION", config.topics.max_per_connection.to_string()),
+            ("HERALD_TOPIC_RECOVERY_MAX_MSGS", config.topics.recovery_max_msgs.to_string()),
+            ("HERALD_TOPIC_RECOVERY_MAX_BYTES", config.topics.recovery_max_bytes.to_string()),
         ]
     }
 
