@@ -110,7 +110,7 @@ impl JobPipeline {
             self.reject(&pulled, why).await;
         }
         // Neither stored per recipient nor routed: each goes once to the topics stream.
-        futures::future::join_all(topic_jobs.into_iter().map(|(job, topic)| self.topic_job(job, topic))).await;
+        self.topic_jobs(topic_jobs).await;
         if jobs.is_empty() {
             return;
         }

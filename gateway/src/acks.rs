@@ -177,7 +177,11 @@ const TOPIC_COUNTS_PER_EVENT: usize = 1024;
 
 /// One count per topic message acked in a batch: how many acks (one per connection: a session
 /// passes on only a connection's first ack of a message), and how many distinct users.
-fn count_topic_acks(acks: Vec<(UserId, (MessageId, TopicName))>, gateway_id: &GatewayId, at_ms: u64) -> Vec<TopicAckCount> {
+fn count_topic_acks(
+    acks: Vec<(UserId, (MessageId, TopicName))>,
+    gateway_id: &GatewayId,
+    at_ms: u64,
+) -> Vec<TopicAckCount> {
     let mut by_message: HashMap<MessageId, (TopicName, u64, HashSet<UserId>)> = HashMap::new();
     for (user, (id, topic)) in acks {
         let entry = by_message.entry(id).or_insert_with(|| (topic, 0, HashSet::new()));
@@ -229,12 +233,11 @@ mod tests {
     #[test]
     fn topic_acks_are_counted_by_connection_and_distinct_user() {
         let user = |u: &str| herald_proto::UserId::new(u).unwrap();
-        let ack = |u: &str, id: &str| {
-            (user(u), (MessageId::new(id).unwrap(), TopicName::new("news").unwrap()))
-        };
+        let ack = |u: &str, id: &str| (user(u), (MessageId::new(id).unwrap(), TopicName::new("news").unwrap()));
         let gw = GatewayId::new("g").unwrap();
         // alice on two connections, bob on one, for m1; bob for m2.
-        let counts = count_topic_acks(vec![ack("alice", "m1"), ack("alice", "m1"), ack("bob", "m1"), ack("bob", "m2")], &gw, 5);
+        let counts =
+            count_topic_acks(vec![ack("alice", "m1"), ack("alice", "m1"), ack("bob", "m1"), ack("bob", "m2")], &gw, 5);
         let got: Vec<(&str, u64, u64)> = counts.iter().map(|c| (c.id.as_str(), c.connections, c.users)).collect();
         assert_eq!(got, [("m1", 3, 2), ("m2", 1, 1)]);
         assert!(count_topic_acks(Vec::new(), &gw, 5).is_empty());

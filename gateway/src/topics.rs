@@ -374,7 +374,11 @@ mod tests {
         let sub = index.subscribe(&a, &topic("news"), true);
         // Live messages during the recovery: 7 is also in what the recovery found.
         for offset in [7, 9] {
-            index.fan_out(&topic("news"), offset, &frame(publication(&format!("m{offset}"), "news"), offset, 0).unwrap());
+            index.fan_out(
+                &topic("news"),
+                offset,
+                &frame(publication(&format!("m{offset}"), "news"), offset, 0).unwrap(),
+            );
         }
         assert!(texts(&a).is_empty(), "held while recovering");
         let recovered: Vec<_> =
@@ -383,7 +387,18 @@ mod tests {
         sub.finish_recovery(answer(&subscribed).unwrap(), recovered);
         let got = texts(&a);
         assert!(got[0].contains(r#""type":"subscribed""#), "{got:?}");
-        let offsets: Vec<&str> = got[1..].iter().map(|t| if t.contains("\"m4\"") { "4" } else if t.contains("\"m7\"") { "7" } else { "9" }).collect();
+        let offsets: Vec<&str> = got[1..]
+            .iter()
+            .map(|t| {
+                if t.contains("\"m4\"") {
+                    "4"
+                } else if t.contains("\"m7\"") {
+                    "7"
+                } else {
+                    "9"
+                }
+            })
+            .collect();
         assert_eq!(offsets, ["4", "7", "9"]);
         index.fan_out(&topic("news"), 9, &frame(publication("m9", "news"), 9, 0).unwrap());
         assert!(texts(&a).is_empty(), "9 was queued already");

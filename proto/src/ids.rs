@@ -133,7 +133,8 @@ pub const MAX_TOPIC_BYTES: usize = 128;
 fn is_topic_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_TOPIC_BYTES
-        && s.split('.').all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')))
+        && s.split('.')
+            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')))
 }
 
 /// One token of a NATS subject and of a Redis key: what connection and gateway ids are.

@@ -23,8 +23,8 @@ mod typescript;
 pub use client::{AckKind, ClientFrame, ErrorCode, Hello, Notification, ServerFrame};
 pub use ids::{ConnectionId, GatewayId, InvalidId, MessageId, TopicName, UserId};
 pub use internal::{AckRecord, Event, GatewayCommand, Kick, More, Online, Replay, Routed, TopicAckCount};
-pub use topic::{TopicNotification, TopicPattern, TopicPublication, TopicRefusal, TopicRequest};
 pub use job::{PublishJob, RejectCode, Rejection};
+pub use topic::{TopicNotification, TopicPattern, TopicPublication, TopicRefusal, TopicRequest};
 
 /// Milliseconds since the Unix epoch: every timestamp on the wire uses this unit.
 pub type UnixMillis = u64;

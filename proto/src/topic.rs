@@ -33,10 +33,9 @@ impl TopicPattern {
     pub fn matches(&self, topic: &TopicName) -> bool {
         match self {
             Self::Exact(name) => name == topic,
-            Self::Prefix(prefix) => topic
-                .as_str()
-                .strip_prefix(prefix.as_str())
-                .is_some_and(|rest| rest.starts_with('.')),
+            Self::Prefix(prefix) => {
+                topic.as_str().strip_prefix(prefix.as_str()).is_some_and(|rest| rest.starts_with('.'))
+            }
         }
     }
 }

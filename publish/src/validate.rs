@@ -179,7 +179,9 @@ pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<Vali
     let (recipients, topic) = match (&job.to, &job.topic) {
         (_, Some(topic)) => match TopicName::new(topic.as_str()) {
             Ok(topic) => (Vec::new(), Some(topic)),
-            Err(_) => return Err(reject(RejectCode::InvalidTopic, format!("topic {topic:?} must be {}", TopicName::RULE))),
+            Err(_) => {
+                return Err(reject(RejectCode::InvalidTopic, format!("topic {topic:?} must be {}", TopicName::RULE)))
+            }
         },
         (Some(to), None) => (recipients(to, limits).map_err(|(code, reason)| reject(code, reason))?, None),
         // The decoder refuses a job without either.

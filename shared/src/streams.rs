@@ -134,8 +134,10 @@ pub async fn ensure_topics(
 ) -> Result<(), StreamError> {
     let wanted = topics_config(names, replicas, retention);
     let name = wanted.name.clone();
-    let stream =
-        js.get_or_create_stream(wanted.clone()).await.map_err(|source| StreamError::Create { stream: name.clone(), source })?;
+    let stream = js
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|source| StreamError::Create { stream: name.clone(), source })?;
     let existing = &stream.cached_info().config;
     if existing.subjects != wanted.subjects || existing.retention != wanted.retention {
         return Err(StreamError::Incompatible {

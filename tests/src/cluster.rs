@@ -229,6 +229,7 @@ impl Cluster {
         let js = jetstream::new(nats.clone());
         let common = stack.common_config();
         herald_shared::streams::ensure(&js, &stack.names(), common.jetstream_replicas, &common.stream_limits).await?;
+        herald_shared::streams::ensure_topics(&js, &stack.names(), common.jetstream_replicas, &common.topics).await?;
         // Assertions read Mongo directly, not through the proxy a test may cut.
         let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
         Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
@@ -500,6 +501,17 @@ impl Cluster {
     /// Connects `user` to the gateway at `addr`.
     pub async fn connect(&self, addr: SocketAddr, user: &str) -> Result<TestClient, ConnectError> {
         TestClient::connect(&ws_url(addr), &self.token(user)).await
+    }
+
+    /// Connects `user` with a token whose `topics` claim is `topics`.
+    pub async fn connect_topics(
+        &self,
+        addr: SocketAddr,
+        user: &str,
+        topics: &[&str],
+    ) -> Result<TestClient, ConnectError> {
+        let token = tokens::Claims::new(user, Duration::from_secs(3600)).topics(topics).sign(JWT_SECRET);
+        TestClient::connect(&ws_url(addr), &token).await
     }
 
     /// Publishes a job (any JSON) and waits for JetStream's acknowledgement. With `id`, sets

@@ -201,7 +201,10 @@ fn topic_message(doc: crate::store::TopicMessageDoc) -> Result<Json<MessageAnswe
         counts: BTreeMap::new(),
         receipts: Vec::new(),
         truncated: false,
-        topic_receipt: Some(TopicReceiptView { acked_connections: doc.acked_connections, acked_users: doc.acked_users }),
+        topic_receipt: Some(TopicReceiptView {
+            acked_connections: doc.acked_connections,
+            acked_users: doc.acked_users,
+        }),
     }))
 }
 

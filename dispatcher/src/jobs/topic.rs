@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::AckKind;
 use herald_proto::{TopicName, TopicPublication};
 use herald_publish::validate::ValidJob;
@@ -45,12 +46,38 @@ fn store_failed(e: StoreError) -> Step {
 }
 
 impl JobPipeline {
-    /// One topic job, start to end: claim, publish, record the offset, settle.
-    pub(super) async fn topic_job(&self, job: Job, topic: TopicName) {
-        let step = self.publish_topic(&job.valid, &topic).await;
-        if let Step::Published(offset) = &step {
-            tracing::debug!(topic = %topic, offset, id = %job.valid.message_id, "topic message published");
+    /// The topic jobs of one batch: claimed together, published in the batch's order (one
+    /// connection's publishes reach the stream in the order sent, so offsets follow the jobs'
+    /// order within a batch), then settled one by one.
+    pub(super) async fn topic_jobs(&self, jobs: Vec<(Job, TopicName)>) {
+        let claims = futures::future::join_all(
+            jobs.iter().map(|(job, topic)| self.store.claim_topic_message(&job.valid, topic)),
+        )
+        .await;
+        let mut sent = Vec::with_capacity(jobs.len());
+        for ((job, topic), claim) in jobs.into_iter().zip(claims) {
+            let step = match claim {
+                Ok(TopicClaim::Conflict) => Err(Step::Conflict),
+                // Published by an earlier delivery: only the ack was lost.
+                Ok(TopicClaim::Ours { offset: Some(offset) }) => Err(Step::Published(offset)),
+                Ok(TopicClaim::Ours { offset: None }) => self.send_topic(&job.valid, &topic).await,
+                Err(e) => Err(store_failed(e)),
+            };
+            sent.push((job, topic, step));
         }
+        for (job, topic, step) in sent {
+            let step = match step {
+                Ok(ack) => self.published(&job.valid, ack).await,
+                Err(step) => step,
+            };
+            if let Step::Published(offset) = &step {
+                tracing::debug!(topic = %topic, offset, id = %job.valid.message_id, "topic message published");
+            }
+            self.settle_topic(job, step).await;
+        }
+    }
+
+    async fn settle_topic(&self, job: Job, step: Step) {
         let attempt = Attempt { delivered: job.pulled.delivered, interrupted: false };
         let verdict = topic_verdict(step, attempt, self.max_attempts);
         if let Verdict::Retry { delay, reason } = &verdict {
@@ -63,14 +90,8 @@ impl JobPipeline {
         self.settle(job.then(verdict)).await;
     }
 
-    async fn publish_topic(&self, job: &ValidJob, topic: &TopicName) -> Step {
-        match self.store.claim_topic_message(job, topic).await {
-            Ok(TopicClaim::Conflict) => return Step::Conflict,
-            // Published by an earlier delivery: only the ack was lost.
-            Ok(TopicClaim::Ours { offset: Some(offset) }) => return Step::Published(offset),
-            Ok(TopicClaim::Ours { offset: None }) => {}
-            Err(e) => return store_failed(e),
-        }
+    /// Sends the topic message to the topics stream, without waiting for JetStream's ack.
+    async fn send_topic(&self, job: &ValidJob, topic: &TopicName) -> Result<PublishAckFuture, Step> {
         let publication = TopicPublication {
             id: job.message_id.clone(),
             topic: topic.clone(),
@@ -79,20 +100,25 @@ impl JobPipeline {
             expires_at_ms: job.expires_at_ms,
         };
         let Ok(body) = serde_json::to_vec(&publication) else {
-            return Step::Failed { transient: false, reason: "topic message not serializable".into() };
+            return Err(Step::Failed { transient: false, reason: "topic message not serializable".into() });
         };
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", job.message_id.as_str());
         let subject = self.names.topic_subject(topic);
-        let offset = match self.js.publish_with_headers(subject, headers, body.into()).await {
-            Ok(ack) => match ack.await {
-                Ok(ack) => ack.sequence,
-                Err(e) => return Step::Failed { transient: true, reason: format!("topics stream: {e}") },
-            },
+        self.js
+            .publish_with_headers(subject, headers, body.into())
+            .await
+            .map_err(|e| Step::Failed { transient: true, reason: format!("topics stream: {e}") })
+    }
+
+    /// JetStream's answer to a send, and the offset recorded.
+    async fn published(&self, job: &ValidJob, ack: PublishAckFuture) -> Step {
+        let offset = match ack.await {
+            Ok(ack) => ack.sequence,
             Err(e) => return Step::Failed { transient: true, reason: format!("topics stream: {e}") },
         };
         // Without the offset recorded, a redelivery publishes again, which the stream drops
-        // within its duplicate window: worth a retry, not a failure of the job.
+        // within its duplicate window: worth a warning, not a failure of the job.
         if let Err(e) = self.store.set_topic_offset(&job.message_id, offset).await {
             tracing::warn!(error = %e, id = %job.message_id, "topic offset not recorded");
         }

@@ -75,7 +75,9 @@ impl Store {
         let insert = async {
             match coll.insert_one(&doc).await {
                 Ok(_) => Ok(None),
-                Err(e) if duplicate_key(&e) => Ok(coll.find_one(doc! { "_id": doc.id.as_str() }).max_time(OP_TIMEOUT).await?),
+                Err(e) if duplicate_key(&e) => {
+                    Ok(coll.find_one(doc! { "_id": doc.id.as_str() }).max_time(OP_TIMEOUT).await?)
+                }
                 Err(e) => Err(StoreError::from(e)),
             }
         };

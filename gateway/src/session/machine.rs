@@ -609,7 +609,11 @@ mod tests {
         let verify = m.on(text(r#"{"type":"refresh","token":"a.b.c"}"#), t);
         assert!(matches!(verify.as_slice(), [Action::Verify(token)] if token == "a.b.c"), "{verify:?}");
 
-        let identity = |user: &str, exp: u64| Identity { user: UserId::new(user).unwrap(), expires_at: exp, topics: Arc::from([]) };
+        let identity = |user: &str, exp: u64| Identity {
+            user: UserId::new(user).unwrap(),
+            expires_at: exp,
+            topics: Arc::from([]),
+        };
         let actions = m.on_refresh(Ok(identity("u1", now_ms / 1000 + 7200)), t, now_ms);
         assert!(
             matches!(actions.as_slice(), [Action::Refreshed { token_expires_at_ms }] if *token_expires_at_ms == now_ms + 7_200_000)

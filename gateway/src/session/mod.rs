@@ -31,8 +31,8 @@ use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
 use crate::registry::{Admission, Connection, Outbound, Registry};
 use crate::topics::{RecoveryLimits, TopicIndex};
-use topics::TopicAction;
 use machine::{expiry_instant, Action, Ending, Event, Machine, Peer, Settings, HEARTBEAT, SHUTTING_DOWN, SLOW};
+use topics::TopicAction;
 
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;

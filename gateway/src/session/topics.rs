@@ -140,7 +140,9 @@ mod tests {
     fn subscribe_within_the_claim_and_the_cap_only() {
         let mut t = topics(&["news", "sports.*"], 2);
         let news = TopicName::new("news").unwrap();
-        assert!(matches!(t.on_subscribe("news".into(), Some(3)), TopicAction::Subscribe { topic, since: Some(3) } if topic == news));
+        assert!(
+            matches!(t.on_subscribe("news".into(), Some(3)), TopicAction::Subscribe { topic, since: Some(3) } if topic == news)
+        );
         assert_eq!(refusal(t.on_subscribe("news".into(), None)), TopicRefusal::AlreadySubscribed);
         assert_eq!(refusal(t.on_subscribe("weather".into(), None)), TopicRefusal::NotAllowed);
         assert_eq!(refusal(t.on_subscribe("sports".into(), None)), TopicRefusal::NotAllowed);

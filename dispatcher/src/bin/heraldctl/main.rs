@@ -415,7 +415,8 @@ mod tests {
         assert!(job_body(vec!["a".into()], None, "{not json", None, None).is_err());
         assert!(job_body(vec![" ".into()], None, "{}", None, None).is_err());
         let body =
-            job_body(vec![" alice".into(), "".into(), "bob".into()], None, "{\"title\":\"hi\"}\n", None, Some(5)).unwrap();
+            job_body(vec![" alice".into(), "".into(), "bob".into()], None, "{\"title\":\"hi\"}\n", None, Some(5))
+                .unwrap();
         let job: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(job["to"], serde_json::json!(["alice", "bob"]));
         assert_eq!(job["ttl_secs"], 5);
