@@ -847,6 +847,25 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_message_is_acked_for_its_count_and_never_holds_up_the_replay() {
+        let t = Instant::now();
+        let mut m = machine_with(settings(), t);
+        let topic = TopicName::new("news").unwrap();
+        let sent = Sent { topic: Some(topic.clone()), ..(*sent("t1", u64::MAX)).clone() };
+        let item = Outbound::Frame { frame: r#"{"id":"t1"}"#.into(), sent: Some(Arc::new(sent)) };
+        write(&mut m, vec![item.clone(), item]);
+        assert_eq!(m.sent.awaiting_ack(), 0, "not among the notifications a replay waits for");
+        let actions = m.on(ack(&["t1", "t1"]), t);
+        let [Action::TopicAcks(acks)] = &actions[..] else { panic!("{actions:?}") };
+        assert_eq!(acks, &vec![(MessageId::new("t1").unwrap(), topic)], "counted once, no ack record");
+        assert!(m.on(text(r#"{"type":"read","ids":["t1"]}"#), t).iter().all(|a| !matches!(a, Action::TopicAcks(_))));
+        // A subscribe outside the (empty) claim is refused, the session going on.
+        let actions = m.on(text(r#"{"type":"subscribe","topic":"news","since":3}"#), t);
+        assert!(matches!(&actions[..], [Action::Topic(super::super::topics::TopicAction::Answer(_))]), "{actions:?}");
+        closes_with(&m.on(text(r#"{"type":"subscribe","since":3}"#), t), BAD_FRAME);
+    }
+
+    #[test]
     fn a_read_of_a_notification_sent_elsewhere_is_passed_on_as_read_unsent() {
         let t = Instant::now();
         let mut m = machine(t);
