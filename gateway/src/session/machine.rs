@@ -205,6 +205,10 @@ pub(crate) struct Machine {
     frames: RateLimiter,
     /// Ids acked or read per second (see [`super::SessionContext::ack_ids_per_sec`]).
     ack_ids: RateLimiter,
+    /// Recoveries (`subscribe` with `since`): each costs a fetch from the topics stream, so a
+    /// client gets as many a minute as it may hold subscriptions (all at once on a reconnect);
+    /// past that, a `subscribe` goes live unrecovered.
+    recoveries: RateLimiter,
     /// What this connection was sent: only acks of these count (see [`crate::sent`]).
     sent: SentSet,
     /// How far this connection's replay has got, and when to ask for its next page.
@@ -229,6 +233,7 @@ impl Machine {
             peer,
             frames: RateLimiter::new(settings.frames_per_sec),
             ack_ids: RateLimiter::new(settings.ack_ids_per_sec),
+            recoveries: RateLimiter::per_minute(settings.max_topics),
             sent: SentSet::default(),
             replay: ReplayCursor::new(now),
             deadlines: Deadlines { last_heard: now, silence_limit: settings.heartbeat_interval * 2, token },
@@ -331,7 +336,8 @@ impl Machine {
             // Refused or done, the connection stays: a bad topic name is a refusal, not 4400.
             ClientFrame::Subscribe { topic, since } => {
                 metrics.frames_in.with_label_values(&["subscribe"]).inc();
-                return Ok(vec![Action::Topic(self.topics.on_subscribe(topic, since))]);
+                let may_recover = since.is_none() || self.recoveries.allow(now);
+                return Ok(vec![Action::Topic(self.topics.on_subscribe(topic, since, may_recover))]);
             }
             ClientFrame::Unsubscribe { topic } => {
                 metrics.frames_in.with_label_values(&["unsubscribe"]).inc();

@@ -32,7 +32,7 @@ use crate::presence::PresenceHandle;
 use crate::registry::{Admission, Connection, Outbound, Registry};
 use crate::topics::{RecoveryLimits, TopicIndex};
 use machine::{expiry_instant, Action, Ending, Event, Machine, Peer, Settings, HEARTBEAT, SHUTTING_DOWN, SLOW};
-use topics::TopicAction;
+use topics::{Since, TopicAction};
 
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;
@@ -355,12 +355,14 @@ impl<'a> Session<'a> {
                 ctx.topics.unsubscribe(&self.conn.id, &topic);
                 queue(ServerFrame::Unsubscribed { topic });
             }
-            TopicAction::Subscribe { topic, since: None } => {
-                ctx.metrics.topic_subscribes.with_label_values(&["subscribed"]).inc();
-                queue(ServerFrame::Subscribed { topic: topic.clone(), recovered: None });
+            TopicAction::Subscribe { topic, since: since @ (Since::Now | Since::Throttled) } => {
+                let (outcome, recovered) =
+                    if since == Since::Now { ("subscribed", None) } else { ("not_recovered", Some(false)) };
+                ctx.metrics.topic_subscribes.with_label_values(&[outcome]).inc();
+                queue(ServerFrame::Subscribed { topic: topic.clone(), recovered });
                 ctx.topics.subscribe(self.conn, &topic, false);
             }
-            TopicAction::Subscribe { topic, since: Some(since) } => {
+            TopicAction::Subscribe { topic, since: Since::Offset(since) } => {
                 let sub = ctx.topics.subscribe(self.conn, &topic, true);
                 let (complete, frames) = self.recover(&topic, since).await;
                 let outcome = if complete { "recovered" } else { "not_recovered" };

@@ -18,11 +18,22 @@ pub(crate) const TOPIC_SENT_REMEMBERED: usize = 1024;
 #[derive(Debug)]
 pub(crate) enum TopicAction {
     /// Add the subscription (and recover after `since`, then answer `subscribed`).
-    Subscribe { topic: TopicName, since: Option<u64> },
+    Subscribe { topic: TopicName, since: Since },
     /// Remove it, then answer `unsubscribed`.
     Unsubscribe(TopicName),
     /// Queue this answer (a refusal).
     Answer(ServerFrame),
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Since {
+    /// Live only: no `since` was given.
+    Now,
+    /// Recover what came after this offset first.
+    Offset(u64),
+    /// A `since` past the connection's recovery budget: live only, answered `recovered: false`.
+    Throttled,
 }
 
 /// One connection's topics.
@@ -49,7 +60,8 @@ impl Topics {
 
     /// A `subscribe`: done if the name is a topic name the claim allows, not held already, and
     /// within the cap; refused with the first reason that applies otherwise.
-    pub(crate) fn on_subscribe(&mut self, topic: String, since: Option<u64>) -> TopicAction {
+    /// `may_recover`: whether a `since` is within the connection's recovery budget.
+    pub(crate) fn on_subscribe(&mut self, topic: String, since: Option<u64>, may_recover: bool) -> TopicAction {
         let refuse = |topic: String, reason, message: &str| {
             TopicAction::Answer(ServerFrame::TopicRefused {
                 request: TopicRequest::Subscribe,
@@ -71,6 +83,11 @@ impl Topics {
             return refuse(topic, TopicRefusal::TooManySubscriptions, "this connection holds its most subscriptions");
         }
         self.subscribed.insert(name.clone());
+        let since = match since {
+            None => Since::Now,
+            Some(offset) if may_recover => Since::Offset(offset),
+            Some(_) => Since::Throttled,
+        };
         TopicAction::Subscribe { topic: name, since }
     }
 
@@ -141,21 +158,31 @@ mod tests {
         let mut t = topics(&["news", "sports.*"], 2);
         let news = TopicName::new("news").unwrap();
         assert!(
-            matches!(t.on_subscribe("news".into(), Some(3)), TopicAction::Subscribe { topic, since: Some(3) } if topic == news)
+            matches!(t.on_subscribe("news".into(), Some(3), true), TopicAction::Subscribe { topic, since: Since::Offset(3) } if topic == news)
         );
-        assert_eq!(refusal(t.on_subscribe("news".into(), None)), TopicRefusal::AlreadySubscribed);
-        assert_eq!(refusal(t.on_subscribe("weather".into(), None)), TopicRefusal::NotAllowed);
-        assert_eq!(refusal(t.on_subscribe("sports".into(), None)), TopicRefusal::NotAllowed);
-        assert_eq!(refusal(t.on_subscribe("news.*".into(), None)), TopicRefusal::InvalidTopic);
-        assert_eq!(refusal(t.on_subscribe("".into(), None)), TopicRefusal::InvalidTopic);
-        assert!(matches!(t.on_subscribe("sports.f1".into(), None), TopicAction::Subscribe { .. }));
-        assert_eq!(refusal(t.on_subscribe("sports.golf".into(), None)), TopicRefusal::TooManySubscriptions);
+        assert_eq!(refusal(t.on_subscribe("news".into(), None, true)), TopicRefusal::AlreadySubscribed);
+        assert_eq!(refusal(t.on_subscribe("weather".into(), None, true)), TopicRefusal::NotAllowed);
+        assert_eq!(refusal(t.on_subscribe("sports".into(), None, true)), TopicRefusal::NotAllowed);
+        assert_eq!(refusal(t.on_subscribe("news.*".into(), None, true)), TopicRefusal::InvalidTopic);
+        assert_eq!(refusal(t.on_subscribe("".into(), None, true)), TopicRefusal::InvalidTopic);
+        assert!(matches!(t.on_subscribe("sports.f1".into(), None, true), TopicAction::Subscribe { .. }));
+        assert_eq!(refusal(t.on_subscribe("sports.golf".into(), None, true)), TopicRefusal::TooManySubscriptions);
         assert!(matches!(t.on_unsubscribe("news".into()), TopicAction::Unsubscribe(topic) if topic == news));
         assert_eq!(refusal(t.on_unsubscribe("news".into())), TopicRefusal::NotSubscribed);
         assert_eq!(refusal(t.on_unsubscribe("a..b".into())), TopicRefusal::InvalidTopic);
-        assert!(matches!(t.on_subscribe("sports.golf".into(), None), TopicAction::Subscribe { .. }), "room again");
+        assert!(
+            matches!(t.on_subscribe("sports.golf".into(), None, true), TopicAction::Subscribe { .. }),
+            "room again"
+        );
+        assert!(
+            matches!(
+                topics(&["news"], 2).on_subscribe("news".into(), Some(9), false),
+                TopicAction::Subscribe { since: Since::Throttled, .. }
+            ),
+            "past the recovery budget: live, not recovered"
+        );
         let no_claim = &mut topics(&[], 10);
-        assert_eq!(refusal(no_claim.on_subscribe("news".into(), None)), TopicRefusal::NotAllowed);
+        assert_eq!(refusal(no_claim.on_subscribe("news".into(), None, true)), TopicRefusal::NotAllowed);
     }
 
     #[test]
