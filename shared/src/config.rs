@@ -744,6 +744,11 @@ impl GatewayConfig {
         if config.outbound_queue == 0 || config.max_frame_bytes == 0 {
             env.invalid("HERALD_OUTBOUND_QUEUE and HERALD_MAX_FRAME_BYTES must be positive");
         }
+        // A recovery is queued at once, behind the `subscribed` answer: one that cannot fit
+        // would close every client that recovers as a slow consumer.
+        if config.topics.recovery_max_msgs >= config.outbound_queue {
+            env.invalid("HERALD_TOPIC_RECOVERY_MAX_MSGS: must be less than HERALD_OUTBOUND_QUEUE");
+        }
         if config.presence_ttl < Duration::from_millis(300) {
             env.invalid("HERALD_PRESENCE_TTL_MS: must be at least 300");
         }
@@ -879,6 +884,27 @@ mod tests {
         let mut e = env(&[("HERALD_JWT_SECRET", "0123456789abcdef"), ("HERALD_MAX_CONNECTIONS", "lots")]);
         let c = GatewayConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_MAX_CONNECTIONS"));
+    }
+
+    #[test]
+    fn topic_settings_default_and_are_checked() {
+        let secret = ("HERALD_JWT_SECRET", "0123456789abcdef");
+        let mut e = env(&[secret]);
+        let c = GatewayConfig::from_env(&mut e);
+        let c = e.finish(c).unwrap();
+        assert_eq!((c.topics, c.common.topics), (GatewayTopics::default(), TopicRetention::default()));
+        let mut e = env(&[
+            secret,
+            ("HERALD_TOPICS_MAX_AGE_SECS", "0"),
+            ("HERALD_TOPICS_MAX_MSGS", "-5"),
+            ("HERALD_OUTBOUND_QUEUE", "100"),
+            ("HERALD_TOPIC_RECOVERY_MAX_MSGS", "100"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        for var in ["HERALD_TOPICS_MAX_AGE_SECS", "HERALD_TOPICS_MAX_MSGS", "HERALD_TOPIC_RECOVERY_MAX_MSGS"] {
+            assert!(text.contains(var), "{var} missing from {text}");
+        }
     }
 
     #[test]
