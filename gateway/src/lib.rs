@@ -205,14 +205,14 @@ pub async fn run(
         &tasks,
         "topics",
         critical.clone(),
-        topics::run(
-            js.clone(),
-            names.clone(),
-            Arc::clone(&topic_index),
-            Arc::clone(&metrics),
-            config.common.clock.clone(),
-            close_sessions.clone(),
-        ),
+        topics::Reader {
+            js: js.clone(),
+            names: names.clone(),
+            index: Arc::clone(&topic_index),
+            metrics: Arc::clone(&metrics),
+            clock: config.common.clock.clone(),
+        }
+        .run(close_sessions.clone()),
     );
     shutdown::spawn_critical(&tasks, "presence", critical.clone(), presence_task.run(stop_presence.clone()));
     // Every expiry decision reads Redis's clock, not this host's (herald_shared::clock).

@@ -161,91 +161,92 @@ pub(crate) fn answer(frame: &ServerFrame) -> Option<Outbound> {
     serde_json::to_string(frame).ok().map(|text| Outbound::Frame { frame: Utf8Bytes::from(text), sent: None })
 }
 
-/// Reads the topics stream from "new" and fans every message out, until `stop`. A broken
-/// consumer is made again from the offset after the last one read, with backoff, so a NATS
-/// outage delays topic messages rather than dropping them (within the stream's retention).
-/// Ends only with `stop`: critical, since a gateway that stopped reading would silently stop
-/// delivering topics.
-pub(crate) async fn run(
-    js: jetstream::Context,
-    names: Names,
-    index: Arc<TopicIndex>,
-    metrics: Arc<GatewayMetrics>,
-    clock: herald_shared::Clock,
-    stop: CancellationToken,
-) {
-    let mut next: Option<u64> = None;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let deliver_policy = match next {
-            None => consumer::DeliverPolicy::New,
-            Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
-        };
-        let read = read_from(&js, &names, deliver_policy, &index, &metrics, &clock, &mut next, &mut backoff);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            e = read => tracing::warn!(error = %e, "topics stream consumer broke; making it again"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
+/// The one reader of the topics stream on this gateway, and what it hands messages to.
+pub(crate) struct Reader {
+    pub(crate) js: jetstream::Context,
+    pub(crate) names: Names,
+    pub(crate) index: Arc<TopicIndex>,
+    pub(crate) metrics: Arc<GatewayMetrics>,
+    /// Fleet time: what a topic message's expiry is judged by.
+    pub(crate) clock: herald_shared::Clock,
 }
 
-/// One ordered consumer's life: returns why it ended.
-#[allow(clippy::too_many_arguments)]
-async fn read_from(
-    js: &jetstream::Context,
-    names: &Names,
-    deliver_policy: consumer::DeliverPolicy,
-    index: &TopicIndex,
-    metrics: &GatewayMetrics,
-    clock: &herald_shared::Clock,
-    next: &mut Option<u64>,
-    backoff: &mut Duration,
-) -> String {
-    let stream = match js.get_stream(names.topics_stream()).await {
-        Ok(stream) => stream,
-        Err(e) => return e.to_string(),
-    };
-    let config = consumer::pull::OrderedConfig { deliver_policy, ..Default::default() };
-    let consumer = match stream.create_consumer(config).await {
-        Ok(consumer) => consumer,
-        Err(e) => return e.to_string(),
-    };
-    let mut messages = match consumer.messages().await {
-        Ok(messages) => messages,
-        Err(e) => return e.to_string(),
-    };
-    while let Some(message) = messages.next().await {
-        let message = match message {
-            Ok(message) => message,
+impl Reader {
+    /// Reads the topics stream from "new" and fans every message out, until `stop`. A broken
+    /// consumer is made again from the offset after the last one read, with backoff, so a NATS
+    /// outage delays topic messages rather than dropping them (within the stream's retention).
+    /// Ends only with `stop`: critical, since a gateway that stopped reading would silently
+    /// stop delivering topics.
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let mut next: Option<u64> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let deliver_policy = match next {
+                None => consumer::DeliverPolicy::New,
+                Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                e = self.read_from(deliver_policy, &mut next, &mut backoff) => {
+                    tracing::warn!(error = %e, "topics stream consumer broke; making it again");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One ordered consumer's life: returns why it ended. `next` follows the offsets read.
+    async fn read_from(
+        &self,
+        deliver_policy: consumer::DeliverPolicy,
+        next: &mut Option<u64>,
+        backoff: &mut Duration,
+    ) -> String {
+        let stream = match self.js.get_stream(self.names.topics_stream()).await {
+            Ok(stream) => stream,
             Err(e) => return e.to_string(),
         };
-        *backoff = Duration::from_millis(100);
-        let Ok(info) = message.info() else { continue };
-        let offset = info.stream_sequence;
-        *next = Some(offset + 1);
-        let publication = match serde_json::from_slice::<TopicPublication>(&message.payload) {
-            Ok(p) => p,
-            Err(e) => {
-                // Only dispatchers write here: a bug, not a client's doing.
-                tracing::warn!(error = %e, offset, "undecodable topic message skipped");
+        let config = consumer::pull::OrderedConfig { deliver_policy, ..Default::default() };
+        let consumer = match stream.create_consumer(config).await {
+            Ok(consumer) => consumer,
+            Err(e) => return e.to_string(),
+        };
+        let mut messages = match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(e) => return e.to_string(),
+        };
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(e) => return e.to_string(),
+            };
+            *backoff = Duration::from_millis(100);
+            let Ok(info) = message.info() else { continue };
+            let offset = info.stream_sequence;
+            *next = Some(offset + 1);
+            let publication = match serde_json::from_slice::<TopicPublication>(&message.payload) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Only dispatchers write here: a bug, not a client's doing.
+                    tracing::warn!(error = %e, offset, "undecodable topic message skipped");
+                    continue;
+                }
+            };
+            let topic = publication.topic.clone();
+            let Some(frame) = frame(publication, offset, self.clock.now_ms()) else {
+                self.metrics.notifications_expired.inc();
                 continue;
-            }
-        };
-        let topic = publication.topic.clone();
-        let Some(frame) = frame(publication, offset, clock.now_ms()) else {
-            metrics.notifications_expired.inc();
-            continue;
-        };
-        let queued = index.fan_out(&topic, offset, &frame);
-        metrics.topic_messages.inc();
-        metrics.topic_fan_out.inc_by(queued as u64);
+            };
+            let queued = self.index.fan_out(&topic, offset, &frame);
+            self.metrics.topic_messages.inc();
+            self.metrics.topic_fan_out.inc_by(queued as u64);
+        }
+        "the consumer's messages ended".into()
     }
-    "the consumer's messages ended".into()
 }
 
 /// What a recovery found: the topic's messages after `since`, oldest first, and whether they

@@ -61,7 +61,7 @@ pub(crate) struct SessionContext {
     pub(crate) clock: herald_shared::Clock,
     /// Checks the tokens of `refresh` frames, with the keys a connect's token is checked with.
     pub(crate) auth: Authenticator,
-    /// Which local connections subscribe to which topic; fed by [`crate::topics::run`].
+    /// Which local connections subscribe to which topic; fed by [`crate::topics::Reader`].
     pub(crate) topics: Arc<TopicIndex>,
     /// Topic subscriptions one connection may hold.
     pub(crate) max_topics: usize,
