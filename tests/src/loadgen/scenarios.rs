@@ -733,8 +733,8 @@ pub(crate) async fn topic(config: &RunConfig) -> anyhow::Result<Outcome> {
     // Each way in turn on the same connections: a topic job (k = 0), then a job to every user (k = 1).
     let users = user_names("u", 0, recipients);
     let jobs = [
-        ("topic", json!({ "id": "topic-0", "topic": "lg", "payload": { "lg_k": 0, "lg_t": protocol::now_us() } })),
-        ("to", json!({ "id": "to-1", "to": users, "payload": { "lg_k": 1, "lg_t": protocol::now_us() } })),
+        ("topic", json!({ "id": "topic-0", "topic": "lg", "payload": { "lg_k": 0, "lg_t": 0 } })),
+        ("to", json!({ "id": "to-1", "to": users, "payload": { "lg_k": 1, "lg_t": 0 } })),
     ];
     for (i, (way, mut job)) in jobs.into_iter().enumerate() {
         workers.reset().await?;
