@@ -652,15 +652,24 @@ fn topic_retention(env: &mut Env) -> TopicRetention {
     TopicRetention { max_age: Duration::from_secs(age), max_msgs: msgs }
 }
 
-fn gateway_topics(env: &mut Env) -> GatewayTopics {
+/// The gateway's topic limits. A recovery is queued at once, behind the `subscribe` answer, so
+/// it must fit in the outbound queue (`queue`): one that could not would close every client that
+/// recovers a full batch as a slow consumer. Set explicitly that large, it is an error; left to
+/// its default, it is lowered to half the queue, so a small queue set before topics existed
+/// still starts.
+fn gateway_topics(env: &mut Env, queue: usize) -> GatewayTopics {
     let default = GatewayTopics::default();
+    let recovery_max_msgs = env.parse_optional("HERALD_TOPIC_RECOVERY_MAX_MSGS");
     let topics = GatewayTopics {
         max_per_connection: env.parse("HERALD_MAX_TOPICS_PER_CONNECTION", default.max_per_connection),
-        recovery_max_msgs: env.parse("HERALD_TOPIC_RECOVERY_MAX_MSGS", default.recovery_max_msgs),
+        recovery_max_msgs: recovery_max_msgs.unwrap_or(default.recovery_max_msgs.min(queue / 2).max(1)),
         recovery_max_bytes: env.parse("HERALD_TOPIC_RECOVERY_MAX_BYTES", default.recovery_max_bytes),
     };
     if topics.recovery_max_msgs == 0 || topics.recovery_max_bytes == 0 {
         env.invalid("HERALD_TOPIC_RECOVERY_MAX_MSGS and HERALD_TOPIC_RECOVERY_MAX_BYTES: must be positive");
+    }
+    if recovery_max_msgs.is_some_and(|n| n >= queue) {
+        env.invalid("HERALD_TOPIC_RECOVERY_MAX_MSGS: must be less than HERALD_OUTBOUND_QUEUE");
     }
     topics
 }
@@ -729,7 +738,8 @@ impl GatewayConfig {
             drain_spread: Duration::ZERO,
             shutdown_delay: env.millis("HERALD_SHUTDOWN_DELAY_MS", 0),
             allowed_origins: origins(&env.string("HERALD_ALLOWED_ORIGINS", "")),
-            topics: gateway_topics(env),
+            // Set below, once the outbound queue is known.
+            topics: GatewayTopics::default(),
         };
         for origin in config.allowed_origins.iter().filter(|o| !is_origin(o)) {
             env.invalid(format!("HERALD_ALLOWED_ORIGINS: {origin:?} is not an origin like https://app.example.com"));
@@ -744,11 +754,7 @@ impl GatewayConfig {
         if config.outbound_queue == 0 || config.max_frame_bytes == 0 {
             env.invalid("HERALD_OUTBOUND_QUEUE and HERALD_MAX_FRAME_BYTES must be positive");
         }
-        // A recovery is queued at once, behind the `subscribed` answer: one that cannot fit
-        // would close every client that recovers as a slow consumer.
-        if config.topics.recovery_max_msgs >= config.outbound_queue {
-            env.invalid("HERALD_TOPIC_RECOVERY_MAX_MSGS: must be less than HERALD_OUTBOUND_QUEUE");
-        }
+        config.topics = gateway_topics(env, config.outbound_queue);
         if config.presence_ttl < Duration::from_millis(300) {
             env.invalid("HERALD_PRESENCE_TTL_MS: must be at least 300");
         }
@@ -893,6 +899,10 @@ mod tests {
         let c = GatewayConfig::from_env(&mut e);
         let c = e.finish(c).unwrap();
         assert_eq!((c.topics, c.common.topics), (GatewayTopics::default(), TopicRetention::default()));
+        // A queue set small before topics existed lowers the default recovery, not the start.
+        let mut e = env(&[secret, ("HERALD_OUTBOUND_QUEUE", "16")]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().topics.recovery_max_msgs, 8);
         let mut e = env(&[
             secret,
             ("HERALD_TOPICS_MAX_AGE_SECS", "0"),

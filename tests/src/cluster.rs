@@ -92,7 +92,12 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         drain_spread: options.drain_spread,
         shutdown_delay: options.shutdown_delay,
         allowed_origins: Vec::new(),
-        topics: options.topics,
+        // As the gateway's own configuration does when it is left to its default: a recovery
+        // fits in the outbound queue of a test that makes it small.
+        topics: herald_shared::config::GatewayTopics {
+            recovery_max_msgs: options.topics.recovery_max_msgs.min(options.outbound_queue / 2).max(1),
+            ..options.topics
+        },
     }
 }
 
