@@ -47,10 +47,10 @@ help:
 	@echo 'make test      fmt check, clippy, extra checks, build, all tests (what CI runs)'
 	@echo 'make run       start redis, nats, mongo, one dispatcher and two gateways (Ctrl-C stops all)'
 	@echo "make token USER=alice                       print a dev client token"
-	@echo "make publish TO=alice,bob MSG='{\"title\":\"hi\"}' [ID=x TTL=secs TOPIC=t WAIT=secs]   publish a job"
+	@echo "make publish TO=alice,bob MSG='{\"title\":\"hi\"}' [ID=x TTL=secs SUBJECT=s WAIT=secs] (or TOPIC=t in place of TO)   publish a job"
 	@echo 'make chaos SEED=1 MINUTES=2   a seeded randomized fault run, checked against every invariant'
 	@echo 'make bench     every benchmark scenario, short (release build; docs/BENCHMARKS.md)'
-	@echo 'make bench-idle | bench-gateway | bench-direct | bench-fanout | bench-storm | bench-loss | bench-backlog | bench-resend | bench-rollout'
+	@echo 'make bench-idle | bench-gateway | bench-direct | bench-fanout | bench-topic | bench-storm | bench-loss | bench-backlog | bench-resend | bench-rollout'
 	@echo '               one scenario at its full size'
 	@echo 'make fmt | clippy | clean'
 
@@ -118,15 +118,17 @@ endif
 
 # TO and MSG go through the environment so that any quoting in the JSON survives.
 publish:
-	@if [ -z "$${TO:-}" ] || [ -z "$${MSG:-}" ]; then \
-		echo "usage: make publish TO=alice[,bob] MSG='{\"title\":\"hi\"}' [ID=job-1] [TTL=secs] [TOPIC=default]" >&2; \
+	@if [ -z "$${TO:-}$${TOPIC:-}" ] || [ -z "$${MSG:-}" ]; then \
+		echo "usage: make publish TO=alice[,bob]|TOPIC=news MSG='{\"title\":\"hi\"}' [ID=job-1] [TTL=secs] [SUBJECT=default]" >&2; \
 		exit 2; \
 	fi; \
-	args=(--to "$$TO" --payload "$$MSG"); \
+	args=(--payload "$$MSG"); \
+	if [ -n "$${TO:-}" ]; then args+=(--to "$$TO"); fi; \
 	if [ -n "$${ID:-}" ]; then args+=(--id "$$ID"); fi; \
 	if [ -n "$${TTL:-}" ]; then args+=(--ttl "$$TTL"); fi; \
 	if [ -n "$${WAIT:-}" ]; then args+=(--wait "$$WAIT"); fi; \
 	if [ -n "$${TOPIC:-}" ]; then args+=(--topic "$$TOPIC"); fi; \
+	if [ -n "$${SUBJECT:-}" ]; then args+=(--subject "$$SUBJECT"); fi; \
 	$(HERALDCTL) publish "$${args[@]}"
 
 clean:
@@ -136,10 +138,10 @@ clean:
 # --- benchmarks (docs/BENCHMARKS.md) --------------------------------------------------------------
 # Release builds, Herald's own dependencies on free ports, the Socket.IO peer and the bare fan-out
 # server; every run stops by itself. `make bench` is the short version of every scenario.
-.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-storm bench-loss bench-backlog bench-resend bench-rollout
+.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-topic bench-storm bench-loss bench-backlog bench-resend bench-rollout
 
 bench: deps
-	scripts/bench.sh --short idle gateway direct fanout storm loss backlog backlog-storm resend rollout
+	scripts/bench.sh --short idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout
 
 bench-idle: deps
 	scripts/bench.sh idle
@@ -152,6 +154,9 @@ bench-direct: deps
 
 bench-fanout: deps
 	scripts/bench.sh fanout
+
+bench-topic: deps
+	scripts/bench.sh topic
 
 bench-storm: deps
 	scripts/bench.sh storm

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
-use herald_proto::{AckRecord, Event};
+use herald_proto::{AckRecord, Event, TopicAckCount};
 use herald_shared::naming::Names;
 use tokio_util::sync::CancellationToken;
 
@@ -55,7 +55,8 @@ impl EventPipeline {
     async fn process(&self, messages: Vec<Message>, stop: &CancellationToken) {
         let mut acks: Vec<AckRecord> = Vec::new();
         let mut pages: Vec<Request> = Vec::new();
-        let (mut ack_messages, mut page_messages) = (Vec::new(), Vec::new());
+        let mut topic_acks: Vec<TopicAckCount> = Vec::new();
+        let (mut ack_messages, mut page_messages, mut topic_messages) = (Vec::new(), Vec::new(), Vec::new());
         for message in messages {
             match serde_json::from_slice::<Event>(&message.payload) {
                 Ok(Event::Acks(records)) => {
@@ -72,6 +73,11 @@ impl EventPipeline {
                     self.metrics.events.with_label_values(&["more"]).inc();
                     pages.push(more.into());
                     page_messages.push(message);
+                }
+                Ok(Event::TopicAcks(counts)) => {
+                    self.metrics.events.with_label_values(&["topic_acks"]).inc();
+                    topic_acks.extend(counts);
+                    topic_messages.push(message);
                 }
                 Err(e) => {
                     // Only a gateway writes here; this is a bug, and retrying cannot fix it.
@@ -92,7 +98,12 @@ impl EventPipeline {
                 self.until_applied(&page_messages, stop, || self.replayer.answer(&pages)).await;
             }
         };
-        tokio::join!(apply_acks, answer_pages);
+        let count_topic_acks = async {
+            if !topic_messages.is_empty() {
+                self.until_applied(&topic_messages, stop, || self.apply_topic_acks(&topic_acks)).await;
+            }
+        };
+        tokio::join!(apply_acks, answer_pages, count_topic_acks);
     }
 
     /// Runs `apply` until it succeeds, then acknowledges `messages`. Store errors keep the
@@ -130,6 +141,13 @@ impl EventPipeline {
                 tracing::warn!(error = %e, "event ack failed; it will be applied again (idempotent)");
             }
         }
+    }
+
+    /// Adds the gateways' counts of topic acks to the messages' aggregate receipts.
+    async fn apply_topic_acks(&self, counts: &[TopicAckCount]) -> Result<(), StoreError> {
+        let modified = self.store.apply_topic_acks(counts).await?;
+        self.metrics.receipt_writes.with_label_values(&["topic_ack"]).inc_by(modified);
+        Ok(())
     }
 
     async fn apply_acks(&self, records: &[AckRecord], updates: &[AckUpdate]) -> Result<(), StoreError> {

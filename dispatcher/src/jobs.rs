@@ -28,6 +28,7 @@ use crate::store::{DeadLetterDoc, Store, Stored};
 use herald_publish::validate::{self as job, Invalid, JobMeta, Limits, ValidJob};
 
 mod rules;
+mod topic;
 
 use rules::pair;
 pub use rules::{receipts_to_check, route_to, verdict, Attempt, Verdict};
@@ -95,15 +96,21 @@ impl JobPipeline {
         self.metrics.job_batch_size.observe(messages.len() as f64);
         let mut jobs = Vec::with_capacity(messages.len());
         let mut invalid = Vec::new();
+        let mut topic_jobs = Vec::new();
         for message in messages {
             match self.read(message) {
-                Read::Valid(job) => jobs.push(job),
+                Read::Valid(job) => match job.valid.topic.clone() {
+                    Some(topic) => topic_jobs.push((job, topic)),
+                    None => jobs.push(job),
+                },
                 Read::Invalid(pulled, why) => invalid.push((pulled, why)),
             }
         }
         for (pulled, why) in invalid {
             self.reject(&pulled, why).await;
         }
+        // Neither stored per recipient nor routed: each goes once to the topics stream.
+        self.topic_jobs(topic_jobs).await;
         if jobs.is_empty() {
             return;
         }

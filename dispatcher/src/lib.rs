@@ -94,6 +94,7 @@ pub async fn run(
         )?;
         let js = jetstream::new(nats.clone());
         streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.stream_limits).await?;
+        streams::ensure_topics_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.topics).await?;
         let store = store::Store::new(db, metrics.dependencies.clone());
         store.ensure_indexes().await?;
         Ok::<_, DispatcherError>((redis, nats, js, store))

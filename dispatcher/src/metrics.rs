@@ -50,7 +50,7 @@ pub struct DispatcherMetrics {
 }
 
 /// Every reject code, each counted from zero (`herald_dispatcher_jobs_rejected_total`).
-const REJECT_CODES: [herald_proto::RejectCode; 9] = {
+const REJECT_CODES: [herald_proto::RejectCode; 10] = {
     use herald_proto::RejectCode as C;
     [
         C::Malformed,
@@ -60,6 +60,7 @@ const REJECT_CODES: [herald_proto::RejectCode; 9] = {
         C::InvalidId,
         C::InvalidRecipient,
         C::InvalidTtl,
+        C::InvalidTopic,
         C::IdConflict,
         C::DeadLetter,
     ]
@@ -76,6 +77,7 @@ const _: fn(herald_proto::RejectCode) = |code| {
         | C::InvalidId
         | C::InvalidRecipient
         | C::InvalidTtl
+        | C::InvalidTopic
         | C::IdConflict
         | C::DeadLetter => {}
     }
@@ -145,7 +147,7 @@ impl DispatcherMetrics {
                 "herald_dispatcher_receipt_writes_total",
                 "Receipt documents written, by operation",
                 "op",
-                &["insert", "ack"],
+                &["insert", "ack", "topic_ack"],
             )?,
             store_batch_size: m::histogram_vec(
                 &r,
@@ -159,7 +161,7 @@ impl DispatcherMetrics {
                 "herald_dispatcher_events_total",
                 "Gateway events applied, by kind",
                 "kind",
-                &["acks", "online", "more", "invalid"],
+                &["acks", "online", "more", "topic_acks", "invalid"],
             )?,
             pending_jobs: m::gauge(
                 &r,

@@ -30,6 +30,9 @@ use crate::acks::AckUpdate;
 use crate::receipt::ReceiptState;
 use herald_publish::validate::ValidJob;
 
+mod topics;
+pub use topics::{TopicClaim, TopicMessageDoc};
+
 /// How long messages and receipts are kept after they expire, for the query API and audits.
 pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// Duplicate key: the message or receipt exists already, which is what idempotency wants.
@@ -351,6 +354,10 @@ impl Store {
             ])
             .await?;
         self.messages.create_index(IndexModel::builder().keys(doc! { "purge_at": 1 }).options(ttl()).build()).await?;
+        self.db
+            .collection::<Document>(collections::TOPIC_MESSAGES)
+            .create_index(IndexModel::builder().keys(doc! { "purge_at": 1 }).options(ttl()).build())
+            .await?;
         Ok(())
     }
 

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use herald_proto::{AckRecord, Event, GatewayId, More};
+use std::collections::{HashMap, HashSet};
+
+use herald_proto::{AckRecord, Event, GatewayId, MessageId, More, TopicAckCount, TopicName, UserId};
 use herald_shared::naming::Names;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -27,12 +29,16 @@ pub(crate) enum Outgoing {
     Ack(AckRecord),
     /// A connection wants the next page of its replay.
     More(More),
+    /// First acks of topic messages by one connection of `user`: counted, not recorded.
+    TopicAcks { user: UserId, acks: Vec<(MessageId, TopicName)> },
 }
 
 pub(crate) struct AckPublisher {
     js: jetstream::Context,
     ack_subject: String,
     more_subject: String,
+    topic_ack_subject: String,
+    gateway_id: GatewayId,
     rx: mpsc::Receiver<Outgoing>,
     metrics: std::sync::Arc<GatewayMetrics>,
     /// The events stream not taking what this gateway publishes, logged once per outage.
@@ -49,8 +55,10 @@ impl AckPublisher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let ack_subject = names.ack_events_subject(gateway_id.as_str());
         let more_subject = names.more_events_subject(gateway_id.as_str());
+        let topic_ack_subject = names.topic_ack_events_subject(gateway_id.as_str());
         let outage = herald_shared::outage::Outage::new("nats: events stream (acks)");
-        (Self { js, ack_subject, more_subject, rx, metrics, outage }, tx)
+        let gateway_id = gateway_id.clone();
+        (Self { js, ack_subject, more_subject, topic_ack_subject, gateway_id, rx, metrics, outage }, tx)
     }
 
     /// Publishes until `stop` fires, then publishes what is still queued, giving up on a message
@@ -87,10 +95,21 @@ impl AckPublisher {
     ) {
         let mut records = Vec::new();
         let mut mores = Vec::new();
+        let mut topic_acks = Vec::new();
         for item in queued.drain(..) {
             match item {
                 Outgoing::Ack(record) => records.push(record),
                 Outgoing::More(more) => mores.push(more),
+                Outgoing::TopicAcks { user, acks } => topic_acks.extend(acks.into_iter().map(|a| (user.clone(), a))),
+            }
+        }
+        // Counted per message over what this batch holds: one report, however many acks.
+        let counts = count_topic_acks(topic_acks, &self.gateway_id, herald_shared::now_ms());
+        for chunk in counts.chunks(TOPIC_COUNTS_PER_EVENT) {
+            let Ok(body) = serde_json::to_vec(&Event::TopicAcks(chunk.to_vec())) else { continue };
+            if !self.deliver(&self.topic_ack_subject, "publish_topic_acks", body, stop, deadline).await {
+                tracing::warn!("drain deadline passed with topic ack counts unpublished; the counts are short");
+                return;
             }
         }
         for chunk in chunks(records) {
@@ -152,6 +171,38 @@ impl AckPublisher {
     }
 }
 
+/// Topic ack counts per stream message: each is under 400 bytes, so this stays far below
+/// [`MAX_BATCH_BYTES`].
+const TOPIC_COUNTS_PER_EVENT: usize = 1024;
+
+/// One count per topic message acked in a batch: how many acks (one per connection: a session
+/// passes on only a connection's first ack of a message), and how many distinct users.
+fn count_topic_acks(
+    acks: Vec<(UserId, (MessageId, TopicName))>,
+    gateway_id: &GatewayId,
+    at_ms: u64,
+) -> Vec<TopicAckCount> {
+    let mut by_message: HashMap<MessageId, (TopicName, u64, HashSet<UserId>)> = HashMap::new();
+    for (user, (id, topic)) in acks {
+        let entry = by_message.entry(id).or_insert_with(|| (topic, 0, HashSet::new()));
+        entry.1 += 1;
+        entry.2.insert(user);
+    }
+    let mut counts: Vec<TopicAckCount> = by_message
+        .into_iter()
+        .map(|(id, (topic, connections, users))| TopicAckCount {
+            id,
+            topic,
+            gateway_id: gateway_id.clone(),
+            connections,
+            users: users.len() as u64,
+            at_ms,
+        })
+        .collect();
+    counts.sort_by(|a, b| a.id.cmp(&b.id));
+    counts
+}
+
 /// Splits records into stream messages under [`MAX_BATCH_BYTES`].
 fn chunks(records: Vec<AckRecord>) -> Vec<Vec<AckRecord>> {
     let mut out = Vec::new();
@@ -178,6 +229,19 @@ fn chunks(records: Vec<AckRecord>) -> Vec<Vec<AckRecord>> {
 mod tests {
     use super::*;
     use herald_proto::AckKind;
+
+    #[test]
+    fn topic_acks_are_counted_by_connection_and_distinct_user() {
+        let user = |u: &str| herald_proto::UserId::new(u).unwrap();
+        let ack = |u: &str, id: &str| (user(u), (MessageId::new(id).unwrap(), TopicName::new("news").unwrap()));
+        let gw = GatewayId::new("g").unwrap();
+        // alice on two connections, bob on one, for m1; bob for m2.
+        let counts =
+            count_topic_acks(vec![ack("alice", "m1"), ack("alice", "m1"), ack("bob", "m1"), ack("bob", "m2")], &gw, 5);
+        let got: Vec<(&str, u64, u64)> = counts.iter().map(|c| (c.id.as_str(), c.connections, c.users)).collect();
+        assert_eq!(got, [("m1", 3, 2), ("m2", 1, 1)]);
+        assert!(count_topic_acks(Vec::new(), &gw, 5).is_empty());
+    }
 
     #[test]
     fn big_batches_are_split_under_the_payload_limit() {

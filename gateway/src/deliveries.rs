@@ -127,6 +127,7 @@ fn frame(
         replay: path == Path::Replay,
         resend: path == Path::Resend,
         traceparent: traceparent.map(Into::into),
+        topic: None,
     };
     match serde_json::to_string(&ServerFrame::Notification(notification)) {
         Ok(text) => Some(Outbound::Frame { frame: Utf8Bytes::from(text), sent: Some(Arc::new(sent)) }),

@@ -28,6 +28,7 @@ mod registry;
 mod replay;
 mod sent;
 mod session;
+mod topics;
 
 use auth::Authenticator;
 use presence::PresenceTask;
@@ -124,6 +125,7 @@ pub async fn run(
         )?;
         let js = jetstream::new(nats.clone());
         streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.stream_limits).await?;
+        streams::ensure_topics_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.topics).await?;
         Ok::<_, GatewayError>((redis, nats, js))
     };
     let (redis, nats, js) = tokio::select! {
@@ -152,6 +154,7 @@ pub async fn run(
     if let Err(e) = presence_task.heartbeat().await {
         tracing::warn!(error = %e, "first presence heartbeat failed; retrying in the background");
     }
+    let topic_index = Arc::new(topics::TopicIndex::default());
     let (ack_publisher, acks) = acks::AckPublisher::new(js.clone(), &names, &gateway_id, Arc::clone(&metrics));
 
     let sessions = Arc::new(SessionContext {
@@ -167,6 +170,16 @@ pub async fn run(
         clock: config.common.clock.clone(),
         metrics: Arc::clone(&metrics),
         auth: auth.clone(),
+        topics: Arc::clone(&topic_index),
+        max_topics: config.topics.max_per_connection,
+        recovery: Some(session::TopicRecovery {
+            js: js.clone(),
+            names: names.clone(),
+            limits: topics::RecoveryLimits {
+                max_msgs: config.topics.recovery_max_msgs,
+                max_bytes: config.topics.recovery_max_bytes,
+            },
+        }),
     });
 
     // Fires once the drain starts closing sessions; deliveries go on until then.
@@ -190,6 +203,21 @@ pub async fn run(
             config.common.clock.clone(),
             close_sessions.clone(),
         ),
+    );
+    // Topic messages reach this gateway's subscribers through this one reader (topics.rs); it
+    // retries a broken consumer itself and ends only with the drain's close of sessions.
+    shutdown::spawn_critical(
+        &tasks,
+        "topics",
+        critical.clone(),
+        topics::Reader {
+            js: js.clone(),
+            names: names.clone(),
+            index: Arc::clone(&topic_index),
+            metrics: Arc::clone(&metrics),
+            clock: config.common.clock.clone(),
+        }
+        .run(close_sessions.clone()),
     );
     shutdown::spawn_critical(&tasks, "presence", critical.clone(), presence_task.run(stop_presence.clone()));
     // Every expiry decision reads Redis's clock, not this host's (herald_shared::clock).

@@ -40,6 +40,12 @@ pub(crate) struct GatewayMetrics {
     /// Notifications written to sockets, by path (`deliver`, `replay`).
     pub(crate) notifications_sent: IntCounterVec,
     pub(crate) notifications_expired: IntCounter,
+    /// Topic messages read from the topics stream.
+    pub(crate) topic_messages: IntCounter,
+    /// Topic messages queued for a subscriber (one per subscriber and message).
+    pub(crate) topic_fan_out: IntCounter,
+    /// Subscribe requests, by outcome (`subscribed`, `recovered`, `not_recovered`, `refused`).
+    pub(crate) topic_subscribes: IntCounterVec,
     /// Second copies not written: the connection was sent the notification already.
     pub(crate) notifications_repeated: IntCounter,
     pub(crate) queue_overflows: IntCounter,
@@ -90,7 +96,7 @@ impl GatewayMetrics {
                 "herald_gateway_frames_in_total",
                 "Frames from clients, by kind",
                 "kind",
-                &["ack", "read", "refresh", "control", "invalid"],
+                &["ack", "read", "refresh", "subscribe", "unsubscribe", "control", "invalid"],
             )?,
             jwks_fetches: m::counter_vec_at_zero(
                 &r,
@@ -113,6 +119,23 @@ impl GatewayMetrics {
                 "Notifications written to client sockets, by path",
                 "path",
                 &["deliver", "replay"],
+            )?,
+            topic_messages: m::counter(
+                &r,
+                "herald_gateway_topic_messages_total",
+                "Topic messages read from the topics stream",
+            )?,
+            topic_fan_out: m::counter(
+                &r,
+                "herald_gateway_topic_fan_out_total",
+                "Topic messages queued for a subscriber, one per subscriber and message",
+            )?,
+            topic_subscribes: m::counter_vec_at_zero(
+                &r,
+                "herald_gateway_topic_subscribes_total",
+                "Subscribe requests, by outcome",
+                "outcome",
+                &["subscribed", "recovered", "not_recovered", "refused"],
             )?,
             notifications_expired: m::counter(
                 &r,

@@ -35,6 +35,11 @@ impl<T> Outbox<T> {
         Self { queue: Mutex::new(VecDeque::new()), ready: Notify::new(), capacity, closed: AtomicBool::new(false) }
     }
 
+    /// Items the queue holds at most (before [`Self::push_past_capacity`]).
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub(crate) fn push(&self, item: T) -> Result<(), PushError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(PushError::Closed);

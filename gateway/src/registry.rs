@@ -46,6 +46,9 @@ pub(crate) struct Sent {
     pub(crate) resend: bool,
     /// The delivery span's trace context, when traces are exported.
     pub(crate) traceparent: Option<Arc<str>>,
+    /// A topic message's topic: its ack is counted for the topic message's aggregate receipt,
+    /// and it never counts among the direct notifications awaiting an ack.
+    pub(crate) topic: Option<herald_proto::TopicName>,
 }
 
 #[cfg(test)]

@@ -143,6 +143,7 @@ mod tests {
             replay: false,
             resend: false,
             traceparent: None,
+            topic: None,
         })
     }
 

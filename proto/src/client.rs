@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::ids::{ConnectionId, GatewayId, MessageId};
+use crate::ids::{ConnectionId, GatewayId, MessageId, TopicName};
+use crate::topic::{TopicNotification, TopicRefusal, TopicRequest};
 use crate::UnixMillis;
 
 /// Most ids one `ack` or `read` frame may carry; a frame with more closes with 4400.
@@ -23,6 +24,17 @@ pub enum ClientFrame {
     /// A new token for the same user: the connection then lasts until its `exp` instead of the
     /// current token's. Answered with `refreshed`; a refused one closes the connection with 4401.
     Refresh { token: String },
+    /// Receive the messages published to `topic` from now on; with `since` (the last `offset`
+    /// the client got of it), first those it missed, as far as the topics stream still holds
+    /// them. Answered with `subscribed` or `topic_refused`. The topic is a string here, not a
+    /// [`TopicName`]: a bad name is refused with a reason, and the connection stays.
+    Subscribe {
+        topic: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+    },
+    /// Stop receiving `topic`. Answered with `unsubscribed` or `topic_refused`.
+    Unsubscribe { topic: String },
 }
 
 impl ClientFrame {
@@ -41,7 +53,7 @@ impl ClientFrame {
         match self {
             ClientFrame::Ack { ids } => Some((AckKind::Delivered, ids)),
             ClientFrame::Read { ids } => Some((AckKind::Read, ids)),
-            ClientFrame::Refresh { .. } => None,
+            ClientFrame::Refresh { .. } | ClientFrame::Subscribe { .. } | ClientFrame::Unsubscribe { .. } => None,
         }
     }
 }
@@ -75,6 +87,30 @@ pub enum ServerFrame {
     Refreshed {
         token_expires_at_ms: UnixMillis,
     },
+    /// A `subscribe` was accepted. `recovered` answers a `subscribe` with `since`: true when
+    /// every message of the topic after `since` follows (before any newer one), false when
+    /// some of them are gone (older than the topics stream keeps, or more than a recovery
+    /// brings). Absent for a `subscribe` without `since`.
+    Subscribed {
+        topic: TopicName,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
+    /// An `unsubscribe` was done: no message of the topic is queued for the connection after
+    /// this frame.
+    Unsubscribed {
+        topic: TopicName,
+    },
+    /// A `subscribe` or `unsubscribe` was refused; the connection stays open.
+    TopicRefused {
+        request: TopicRequest,
+        /// The `topic` of the refused frame, as sent.
+        topic: String,
+        reason: TopicRefusal,
+        message: String,
+    },
+    /// One message published to a topic this connection is subscribed to.
+    TopicMessage(TopicNotification),
 }
 
 impl ServerFrame {
@@ -88,6 +124,10 @@ impl ServerFrame {
             Error,
             Heartbeat,
             Refreshed,
+            Subscribed,
+            Unsubscribed,
+            TopicRefused,
+            TopicMessage,
         }
         #[derive(Deserialize)]
         struct Probe {
@@ -103,6 +143,23 @@ impl ServerFrame {
         struct RefreshedBody {
             token_expires_at_ms: UnixMillis,
         }
+        #[derive(Deserialize)]
+        struct SubscribedBody {
+            topic: TopicName,
+            #[serde(default)]
+            recovered: Option<bool>,
+        }
+        #[derive(Deserialize)]
+        struct UnsubscribedBody {
+            topic: TopicName,
+        }
+        #[derive(Deserialize)]
+        struct RefusedBody {
+            request: TopicRequest,
+            topic: String,
+            reason: TopicRefusal,
+            message: String,
+        }
         Ok(match serde_json::from_str::<Probe>(text)?.kind {
             Kind::Hello => ServerFrame::Hello(serde_json::from_str(text)?),
             Kind::Notification => ServerFrame::Notification(serde_json::from_str(text)?),
@@ -115,6 +172,19 @@ impl ServerFrame {
                 let body: RefreshedBody = serde_json::from_str(text)?;
                 ServerFrame::Refreshed { token_expires_at_ms: body.token_expires_at_ms }
             }
+            Kind::Subscribed => {
+                let body: SubscribedBody = serde_json::from_str(text)?;
+                ServerFrame::Subscribed { topic: body.topic, recovered: body.recovered }
+            }
+            Kind::Unsubscribed => {
+                let body: UnsubscribedBody = serde_json::from_str(text)?;
+                ServerFrame::Unsubscribed { topic: body.topic }
+            }
+            Kind::TopicRefused => {
+                let b: RefusedBody = serde_json::from_str(text)?;
+                ServerFrame::TopicRefused { request: b.request, topic: b.topic, reason: b.reason, message: b.message }
+            }
+            Kind::TopicMessage => ServerFrame::TopicMessage(serde_json::from_str(text)?),
         })
     }
 }

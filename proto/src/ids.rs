@@ -125,6 +125,18 @@ fn is_user_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_USER_ID_BYTES && !s.chars().any(char::is_control)
 }
 
+/// Longest topic name, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 128;
+
+/// Dot-separated tokens of `[A-Za-z0-9_-]`, none empty: each token is one NATS subject token,
+/// so a topic's subject (`herald.topic.<name>`) can never hold a wildcard or an empty token.
+fn is_topic_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_TOPIC_BYTES
+        && s.split('.')
+            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')))
+}
+
 /// One token of a NATS subject and of a Redis key: what connection and gateway ids are.
 fn is_token_id(s: &str) -> bool {
     !s.is_empty()
@@ -167,6 +179,15 @@ id_type!(
     is_token_id
 );
 
+id_type!(
+    /// A topic: what a topic job is addressed to and what a client subscribes to. It is also
+    /// the last part of the topic's NATS subject, hence the subject-token grammar.
+    TopicName,
+    "a topic name",
+    "1-128 bytes of dot-separated tokens of [A-Za-z0-9_-], none empty",
+    is_topic_name
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +209,16 @@ mod tests {
         }
         for bad in ["", "a\nb", "a\u{7f}", &"x".repeat(257)] {
             assert!(UserId::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn topic_names_are_subject_tokens() {
+        for good in ["news", "sports.football", "a-b_c.D9", &"x".repeat(128)] {
+            assert!(TopicName::new(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".news", "news.", "a..b", "news.*", "news.>", "a b", "é", &"x".repeat(129)] {
+            assert!(TopicName::new(bad).is_err(), "{bad:?}");
         }
     }
 

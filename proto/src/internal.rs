@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::client::{AckKind, Notification};
-use crate::ids::{ConnectionId, GatewayId, MessageId, UserId};
+use crate::ids::{ConnectionId, GatewayId, MessageId, TopicName, UserId};
 use crate::UnixMillis;
 
 /// Dispatcher → one gateway, on that gateway's own core NATS subject. Best effort by design: a
@@ -65,6 +65,22 @@ pub enum Event {
     Online(Online),
     /// A connection took a replay page that said more follows, and wants the next one.
     More(More),
+    /// Acks of topic messages, counted per message by one gateway over one flush interval.
+    TopicAcks(Vec<TopicAckCount>),
+}
+
+/// How many of one gateway's connections acked one topic message for the first time, and how
+/// many distinct users they were, since the gateway's last report. A user whose connections
+/// acked on two gateways, or in two reports, is counted in each: `users` adds up to an upper
+/// bound of the distinct users who acked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicAckCount {
+    pub id: MessageId,
+    pub topic: TopicName,
+    pub gateway_id: GatewayId,
+    pub connections: u64,
+    pub users: u64,
+    pub at_ms: UnixMillis,
 }
 
 /// What one client frame acknowledged. The user comes from the connection's token, never from

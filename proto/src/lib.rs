@@ -3,6 +3,7 @@
 //! * [`client`]: frames between a client and a gateway (the public protocol).
 //! * [`job`]: what a backend publishes to JetStream, and the rejections it may get back.
 //! * [`internal`]: what gateways and dispatchers tell each other over NATS.
+//! * [`topic`]: topic subscriptions, their claim patterns, and topic messages.
 //! * [`close`]: the WebSocket close codes a client must understand.
 //! * [`ids`]: message, user, connection and gateway ids, validated where they are built.
 //!
@@ -15,13 +16,15 @@ pub mod close;
 pub mod ids;
 pub mod internal;
 pub mod job;
+pub mod topic;
 #[cfg(test)]
 mod typescript;
 
 pub use client::{AckKind, ClientFrame, ErrorCode, Hello, Notification, ServerFrame};
-pub use ids::{ConnectionId, GatewayId, InvalidId, MessageId, UserId};
-pub use internal::{AckRecord, Event, GatewayCommand, Kick, More, Online, Replay, Routed};
+pub use ids::{ConnectionId, GatewayId, InvalidId, MessageId, TopicName, UserId};
+pub use internal::{AckRecord, Event, GatewayCommand, Kick, More, Online, Replay, Routed, TopicAckCount};
 pub use job::{PublishJob, RejectCode, Rejection};
+pub use topic::{TopicNotification, TopicPattern, TopicPublication, TopicRefusal, TopicRequest};
 
 /// Milliseconds since the Unix epoch: every timestamp on the wire uses this unit.
 pub type UnixMillis = u64;

@@ -10,7 +10,8 @@ use ts_rs::{Config, TS};
 
 use crate::client::{ClientFrame, ErrorCode, Hello, Notification, ServerFrame, MAX_IDS_PER_FRAME};
 use crate::close;
-use crate::ids::{ConnectionId, GatewayId, MessageId, MAX_MESSAGE_ID_BYTES};
+use crate::ids::{ConnectionId, GatewayId, MessageId, TopicName, MAX_MESSAGE_ID_BYTES};
+use crate::topic::{TopicNotification, TopicRefusal, TopicRequest};
 
 /// The committed file, relative to this crate.
 const TARGET: &str = "../clients/js/src/protocol.ts";
@@ -60,9 +61,13 @@ fn render() -> String {
         declaration::<MessageId>(&cfg),
         declaration::<ConnectionId>(&cfg),
         declaration::<GatewayId>(&cfg),
+        declaration::<TopicName>(&cfg),
         declaration::<ErrorCode>(&cfg),
+        declaration::<TopicRequest>(&cfg),
+        declaration::<TopicRefusal>(&cfg),
         declaration::<Hello>(&cfg),
         declaration::<Notification>(&cfg),
+        declaration::<TopicNotification>(&cfg),
         declaration::<ServerFrame>(&cfg),
         declaration::<ClientFrame>(&cfg),
     ] {

@@ -72,7 +72,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
 
 fn publish_job() -> impl Strategy<Value = PublishJob> {
     (prop::option::of(".{0,20}"), ids(), payload(), prop::option::of(any::<u64>()))
-        .prop_map(|(id, to, payload, ttl_secs)| PublishJob { id, to, payload, ttl_secs })
+        .prop_map(|(id, to, payload, ttl_secs)| PublishJob { id, to: Some(to), topic: None, payload, ttl_secs })
 }
 
 fn notification() -> impl Strategy<Value = Notification> {

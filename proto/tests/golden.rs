@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use herald_proto::{
     close, ClientFrame, ErrorCode, Event, GatewayCommand, PublishJob, RejectCode, Rejection, ServerFrame,
+    TopicPublication, TopicRefusal,
 };
 use serde_json::Value;
 
@@ -77,6 +78,50 @@ const GOLDEN: &[(&str, RoundTrip)] = &[
         let f = server_frame(t);
         assert!(matches!(f, ServerFrame::Refreshed { .. }), "{f:?}");
         encode(&f)
+    }),
+    ("client_subscribe.json", |t| {
+        let f: ClientFrame = decode(t);
+        assert!(matches!(f, ClientFrame::Subscribe { since: Some(_), .. }), "{f:?}");
+        encode(&f)
+    }),
+    ("client_unsubscribe.json", |t| {
+        let f: ClientFrame = decode(t);
+        assert!(matches!(f, ClientFrame::Unsubscribe { .. }), "{f:?}");
+        encode(&f)
+    }),
+    ("server_subscribed.json", |t| {
+        let f = server_frame(t);
+        assert!(matches!(f, ServerFrame::Subscribed { recovered: Some(_), .. }), "{f:?}");
+        encode(&f)
+    }),
+    ("server_unsubscribed.json", |t| {
+        let f = server_frame(t);
+        assert!(matches!(f, ServerFrame::Unsubscribed { .. }), "{f:?}");
+        encode(&f)
+    }),
+    ("server_topic_refused.json", |t| {
+        let f = server_frame(t);
+        assert!(matches!(f, ServerFrame::TopicRefused { .. }), "{f:?}");
+        encode(&f)
+    }),
+    ("server_topic_message.json", |t| {
+        let f = server_frame(t);
+        assert!(matches!(f, ServerFrame::TopicMessage(_)), "{f:?}");
+        encode(&f)
+    }),
+    ("publish_job_topic.json", |t| {
+        let j: PublishJob = decode(t);
+        assert!(j.topic.is_some() && j.to.is_none(), "a topic job names a topic in place of `to`");
+        encode(&j)
+    }),
+    ("topic_publication.json", |t| {
+        let p: TopicPublication = decode(t);
+        encode(&p)
+    }),
+    ("event_topic_acks.json", |t| {
+        let e: Event = decode(t);
+        assert!(matches!(e, Event::TopicAcks(_)), "{e:?}");
+        encode(&e)
     }),
     ("publish_job.json", |t| {
         let j: PublishJob = decode(t);
@@ -270,13 +315,14 @@ fn all_reject_codes() -> Vec<RejectCode> {
         InvalidId,
         InvalidRecipient,
         InvalidTtl,
+        InvalidTopic,
         IdConflict,
         DeadLetter,
     ];
     for code in &all {
         match code {
             Malformed | PayloadTooLarge | NoRecipients | TooManyRecipients | InvalidId | InvalidRecipient
-            | InvalidTtl | IdConflict | DeadLetter => {}
+            | InvalidTtl | InvalidTopic | IdConflict | DeadLetter => {}
         }
     }
     all
@@ -333,6 +379,20 @@ fn readme_names_every_reject_code() {
     }
 }
 
+#[test]
+fn readme_names_every_topic_refusal() {
+    use TopicRefusal::*;
+    let readme = readme();
+    for reason in [InvalidTopic, NotAllowed, TooManySubscriptions, AlreadySubscribed, NotSubscribed] {
+        // Without a wildcard arm, a new variant does not compile until it is listed above.
+        match reason {
+            InvalidTopic | NotAllowed | TooManySubscriptions | AlreadySubscribed | NotSubscribed => {}
+        }
+        let name = format!("`{}`", as_str(reason));
+        assert!(readme.contains(&name), "README.md does not describe topic refusal {name}");
+    }
+}
+
 // --- What must not decode --------------------------------------------------------------------------
 
 #[test]
@@ -354,6 +414,12 @@ fn bad_client_frames_do_not_decode() {
         // missing fields
         r#"{"type":"ack"}"#,
         r#"{"type":"read"}"#,
+        r#"{"type":"subscribe"}"#,
+        r#"{"type":"unsubscribe","since":3}"#,
+        // wrong types
+        r#"{"type":"subscribe","topic":7}"#,
+        r#"{"type":"subscribe","topic":"news","since":-1}"#,
+        r#"{"type":"subscribe","topic":"news","since":"3"}"#,
         // wrong types
         r#"{"type":"ack","ids":"a"}"#,
         r#"{"type":"ack","ids":[1]}"#,
@@ -380,6 +446,11 @@ fn bad_publish_jobs_do_not_decode() {
         r#"{"payload":{}}"#,
         r#"{"to":["alice"]}"#,
         r#"{}"#,
+        r#"{"topic":"news"}"#,
+        // both addresses, or a topic of the wrong type
+        r#"{"to":["alice"],"topic":"news","payload":{}}"#,
+        r#"{"topic":["news"],"payload":{}}"#,
+        r#"{"topic":null,"payload":{}}"#,
         // wrong types
         r#"{"to":"alice","payload":{}}"#,
         r#"{"to":[7],"payload":{}}"#,

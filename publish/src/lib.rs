@@ -79,6 +79,7 @@ pub fn code_str(code: RejectCode) -> &'static str {
         RejectCode::InvalidId => "invalid_id",
         RejectCode::InvalidRecipient => "invalid_recipient",
         RejectCode::InvalidTtl => "invalid_ttl",
+        RejectCode::InvalidTopic => "invalid_topic",
         RejectCode::IdConflict => "id_conflict",
         RejectCode::DeadLetter => "dead_letter",
     }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use herald_proto::ids::MAX_MESSAGE_ID_BYTES;
-use herald_proto::{MessageId, PublishJob, RejectCode, UserId};
+use herald_proto::{MessageId, PublishJob, RejectCode, TopicName, UserId};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
@@ -36,8 +36,11 @@ pub struct JobMeta<'a> {
 pub struct ValidJob {
     pub message_id: MessageId,
     pub seq: u64,
-    /// Distinct recipients, in the order first named.
+    /// Distinct recipients, in the order first named; empty for a topic job.
     pub recipients: Vec<UserId>,
+    /// The topic of a topic job (`topic` in place of `to`); None for a job to users. A topic
+    /// job is published once to the topics stream and never stored per recipient.
+    pub topic: Option<TopicName>,
     pub payload: Box<RawValue>,
     pub published_at_ms: u64,
     pub expires_at_ms: u64,
@@ -80,6 +83,12 @@ pub fn derived_id(stream_seq: u64, published_at_ns: u128) -> MessageId {
 /// payload's exact bytes, the TTL as asked for, and the set of recipients. A redelivered or
 /// re-published job has the same digest; a different job reusing the id does not.
 pub fn digest(payload: &str, ttl_secs: Option<u64>, recipients: &[UserId]) -> String {
+    digest_of(payload, ttl_secs, recipients, None)
+}
+
+/// [`digest`] of a job to users, or of a topic job (whose topic is its only "recipient", and
+/// distinct from any user list by a separator no user id holds).
+fn digest_of(payload: &str, ttl_secs: Option<u64>, recipients: &[UserId], topic: Option<&TopicName>) -> String {
     let mut sorted: Vec<&str> = recipients.iter().map(UserId::as_str).collect();
     sorted.sort_unstable();
     sorted.dedup();
@@ -91,6 +100,10 @@ pub fn digest(payload: &str, ttl_secs: Option<u64>, recipients: &[UserId]) -> St
     for user in sorted {
         hash.update(user.as_bytes());
         hash.update(b"\0");
+    }
+    if let Some(topic) = topic {
+        hash.update(b"\x01topic\0");
+        hash.update(topic.as_str().as_bytes());
     }
     hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -163,25 +176,17 @@ pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<Vali
             format!("payload nests {depth} levels deep; the limit is {MAX_PAYLOAD_DEPTH}"),
         ));
     }
-    if job.to.is_empty() {
-        return Err(reject(RejectCode::NoRecipients, "`to` names no recipient".into()));
-    }
-    if job.to.len() > limits.max_recipients {
-        return Err(reject(
-            RejectCode::TooManyRecipients,
-            format!("{} recipients; the limit is {}", job.to.len(), limits.max_recipients),
-        ));
-    }
-    let mut recipients = Vec::with_capacity(job.to.len());
-    let mut seen = HashSet::with_capacity(job.to.len());
-    for user in &job.to {
-        let Ok(user) = UserId::new(user.as_str()) else {
-            return Err(reject(RejectCode::InvalidRecipient, format!("recipient {user:?} must be {}", UserId::RULE)));
-        };
-        if seen.insert(user.clone()) {
-            recipients.push(user);
-        }
-    }
+    let (recipients, topic) = match (&job.to, &job.topic) {
+        (_, Some(topic)) => match TopicName::new(topic.as_str()) {
+            Ok(topic) => (Vec::new(), Some(topic)),
+            Err(_) => {
+                return Err(reject(RejectCode::InvalidTopic, format!("topic {topic:?} must be {}", TopicName::RULE)))
+            }
+        },
+        (Some(to), None) => (recipients(to, limits).map_err(|(code, reason)| reject(code, reason))?, None),
+        // The decoder refuses a job without either.
+        (None, None) => return Err(reject(RejectCode::Malformed, "a job has `to` or `topic`".into())),
+    };
     let ttl = match job.ttl_secs {
         None => limits.default_ttl,
         Some(0) => return Err(reject(RejectCode::InvalidTtl, "ttl_secs must be at least 1".into())),
@@ -193,16 +198,41 @@ pub fn validate(body: &[u8], meta: &JobMeta<'_>, limits: &Limits) -> Result<Vali
         }
         Some(secs) => Duration::from_secs(secs),
     };
-    let digest = digest(job.payload.get(), job.ttl_secs, &recipients);
+    let digest = digest_of(job.payload.get(), job.ttl_secs, &recipients, topic.as_ref());
     Ok(ValidJob {
         message_id,
         seq: meta.stream_seq,
         recipients,
+        topic,
         payload: job.payload,
         published_at_ms: meta.published_at_ms,
         expires_at_ms: meta.published_at_ms.saturating_add(ttl.as_millis() as u64),
         digest,
     })
+}
+
+/// The distinct recipients of a job to users, or why they are not acceptable.
+fn recipients(to: &[String], limits: &Limits) -> Result<Vec<UserId>, (RejectCode, String)> {
+    if to.is_empty() {
+        return Err((RejectCode::NoRecipients, "`to` names no recipient".into()));
+    }
+    if to.len() > limits.max_recipients {
+        return Err((
+            RejectCode::TooManyRecipients,
+            format!("{} recipients; the limit is {}", to.len(), limits.max_recipients),
+        ));
+    }
+    let mut recipients = Vec::with_capacity(to.len());
+    let mut seen = HashSet::with_capacity(to.len());
+    for user in to {
+        let Ok(user) = UserId::new(user.as_str()) else {
+            return Err((RejectCode::InvalidRecipient, format!("recipient {user:?} must be {}", UserId::RULE)));
+        };
+        if seen.insert(user.clone()) {
+            recipients.push(user);
+        }
+    }
+    Ok(recipients)
 }
 
 /// The `id` of a job that failed to decode as a whole, when it can still be read: it lets the

@@ -43,11 +43,47 @@ pub struct CommonConfig {
     /// Limits of the jobs and events streams, applied when a process ensures them (existing
     /// streams too).
     pub stream_limits: StreamLimits,
+    /// Retention of the topics stream, which is what a subscriber can recover.
+    pub topics: TopicRetention,
     /// Limits of the service's HTTP listener.
     pub http: HttpConfig,
     /// The wall clock. Not read from the environment: always the system clock, except in tests
     /// that play a host whose clock is off.
     pub clock: crate::Clock,
+}
+
+/// How much of each topic's past the topics stream keeps (`HERALD_TOPICS_MAX_AGE_SECS`,
+/// `HERALD_TOPICS_MAX_MSGS`): a client that subscribes again with `since` recovers what it missed
+/// within these, and is told `recovered: false` beyond them. Applied to an existing stream too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicRetention {
+    pub max_age: Duration,
+    /// Messages of all topics together.
+    pub max_msgs: i64,
+}
+
+impl Default for TopicRetention {
+    fn default() -> Self {
+        Self { max_age: Duration::from_secs(3600), max_msgs: 100_000 }
+    }
+}
+
+/// A gateway's limits on topic subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayTopics {
+    /// Subscriptions one connection may hold (`HERALD_MAX_TOPICS_PER_CONNECTION`).
+    pub max_per_connection: usize,
+    /// Most messages one `subscribe` with `since` recovers (`HERALD_TOPIC_RECOVERY_MAX_MSGS`);
+    /// past it the answer says `recovered: false`.
+    pub recovery_max_msgs: usize,
+    /// Most payload bytes one recovery brings (`HERALD_TOPIC_RECOVERY_MAX_BYTES`).
+    pub recovery_max_bytes: usize,
+}
+
+impl Default for GatewayTopics {
+    fn default() -> Self {
+        Self { max_per_connection: 64, recovery_max_msgs: 256, recovery_max_bytes: 1024 * 1024 }
+    }
 }
 
 /// A file that authenticates Herald to NATS. Only paths: the secrets stay in their files, which
@@ -274,6 +310,7 @@ pub struct GatewayConfig {
     /// A connect that names another `Origin` gets 403; one with none (not a browser) is let
     /// through, since only browsers send it and a non-browser client can send any.
     pub allowed_origins: Vec<String>,
+    pub topics: GatewayTopics,
 }
 
 #[derive(Debug, Clone)]
@@ -572,6 +609,7 @@ impl CommonConfig {
             env.invalid("HERALD_JETSTREAM_REPLICAS: must be 1 to 5");
         }
         let stream_limits = stream_limits(env);
+        let topics = topic_retention(env);
         Self {
             prefix,
             redis_url,
@@ -581,6 +619,7 @@ impl CommonConfig {
             nats_tls,
             jetstream_replicas,
             stream_limits,
+            topics,
             http: HttpConfig::from_env(env),
             clock: crate::Clock::system(),
         }
@@ -656,6 +695,43 @@ fn stream_limits(env: &mut Env) -> StreamLimits {
     }
 }
 
+/// `HERALD_TOPICS_MAX_AGE_SECS` and `HERALD_TOPICS_MAX_MSGS`, both positive: a topics stream
+/// without limits would grow without end.
+fn topic_retention(env: &mut Env) -> TopicRetention {
+    let default = TopicRetention::default();
+    let age: u64 = env.parse("HERALD_TOPICS_MAX_AGE_SECS", default.max_age.as_secs());
+    let msgs: i64 = env.parse("HERALD_TOPICS_MAX_MSGS", default.max_msgs);
+    if age == 0 {
+        env.invalid("HERALD_TOPICS_MAX_AGE_SECS: must be positive");
+    }
+    if msgs <= 0 {
+        env.invalid("HERALD_TOPICS_MAX_MSGS: must be positive");
+    }
+    TopicRetention { max_age: Duration::from_secs(age), max_msgs: msgs }
+}
+
+/// The gateway's topic limits. A recovery is queued at once, behind the `subscribe` answer, so
+/// it must fit in the outbound queue (`queue`): one that could not would close every client that
+/// recovers a full batch as a slow consumer. Set explicitly that large, it is an error; left to
+/// its default, it is lowered to half the queue, so a small queue set before topics existed
+/// still starts.
+fn gateway_topics(env: &mut Env, queue: usize) -> GatewayTopics {
+    let default = GatewayTopics::default();
+    let recovery_max_msgs = env.parse_optional("HERALD_TOPIC_RECOVERY_MAX_MSGS");
+    let topics = GatewayTopics {
+        max_per_connection: env.parse("HERALD_MAX_TOPICS_PER_CONNECTION", default.max_per_connection),
+        recovery_max_msgs: recovery_max_msgs.unwrap_or(default.recovery_max_msgs.min(queue / 2).max(1)),
+        recovery_max_bytes: env.parse("HERALD_TOPIC_RECOVERY_MAX_BYTES", default.recovery_max_bytes),
+    };
+    if topics.recovery_max_msgs == 0 || topics.recovery_max_bytes == 0 {
+        env.invalid("HERALD_TOPIC_RECOVERY_MAX_MSGS and HERALD_TOPIC_RECOVERY_MAX_BYTES: must be positive");
+    }
+    if recovery_max_msgs.is_some_and(|n| n >= queue) {
+        env.invalid("HERALD_TOPIC_RECOVERY_MAX_MSGS: must be less than HERALD_OUTBOUND_QUEUE");
+    }
+    topics
+}
+
 /// One stream's `(max age, max bytes)`, each 0 or at least its floor.
 fn checked_limits(
     env: &mut Env,
@@ -722,6 +798,8 @@ impl GatewayConfig {
             drain_spread: Duration::ZERO,
             shutdown_delay: env.millis("HERALD_SHUTDOWN_DELAY_MS", 0),
             allowed_origins: origins(&env.string("HERALD_ALLOWED_ORIGINS", "")),
+            // Set below, once the outbound queue is known.
+            topics: GatewayTopics::default(),
         };
         for origin in config.allowed_origins.iter().filter(|o| !is_origin(o)) {
             env.invalid(format!("HERALD_ALLOWED_ORIGINS: {origin:?} is not an origin like https://app.example.com"));
@@ -737,6 +815,7 @@ impl GatewayConfig {
         if config.outbound_queue == 0 || config.max_frame_bytes == 0 {
             env.invalid("HERALD_OUTBOUND_QUEUE and HERALD_MAX_FRAME_BYTES must be positive");
         }
+        config.topics = gateway_topics(env, config.outbound_queue);
         if config.presence_ttl < Duration::from_millis(300) {
             env.invalid("HERALD_PRESENCE_TTL_MS: must be at least 300");
         }
@@ -907,6 +986,31 @@ mod tests {
         let mut e = env(&[("HERALD_JWT_SECRET", "0123456789abcdef"), ("HERALD_MAX_CONNECTIONS", "lots")]);
         let c = GatewayConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_MAX_CONNECTIONS"));
+    }
+
+    #[test]
+    fn topic_settings_default_and_are_checked() {
+        let secret = ("HERALD_JWT_SECRET", "0123456789abcdef");
+        let mut e = env(&[secret]);
+        let c = GatewayConfig::from_env(&mut e);
+        let c = e.finish(c).unwrap();
+        assert_eq!((c.topics, c.common.topics), (GatewayTopics::default(), TopicRetention::default()));
+        // A queue set small before topics existed lowers the default recovery, not the start.
+        let mut e = env(&[secret, ("HERALD_OUTBOUND_QUEUE", "16")]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().topics.recovery_max_msgs, 8);
+        let mut e = env(&[
+            secret,
+            ("HERALD_TOPICS_MAX_AGE_SECS", "0"),
+            ("HERALD_TOPICS_MAX_MSGS", "-5"),
+            ("HERALD_OUTBOUND_QUEUE", "100"),
+            ("HERALD_TOPIC_RECOVERY_MAX_MSGS", "100"),
+        ]);
+        let c = GatewayConfig::from_env(&mut e);
+        let text = e.finish(c).unwrap_err().to_string();
+        for var in ["HERALD_TOPICS_MAX_AGE_SECS", "HERALD_TOPICS_MAX_MSGS", "HERALD_TOPIC_RECOVERY_MAX_MSGS"] {
+            assert!(text.contains(var), "{var} missing from {text}");
+        }
     }
 
     #[test]

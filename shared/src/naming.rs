@@ -16,6 +16,8 @@ pub mod collections {
     pub const RECEIPTS: &str = "receipts";
     /// Jobs that kept failing, with their reason.
     pub const DEAD_LETTERS: &str = "dead_letters";
+    /// One document per topic message: its topic, offset and aggregate receipt (acks counted).
+    pub const TOPIC_MESSAGES: &str = "topic_messages";
 }
 
 impl Names {
@@ -40,9 +42,10 @@ impl Names {
         format!("{}.publish.>", self.prefix)
     }
 
-    /// A subject to publish jobs on.
-    pub fn publish_subject(&self, topic: &str) -> String {
-        format!("{}.publish.{topic}", self.prefix)
+    /// A subject to publish jobs on: `suffix` is the publisher's own label (for monitoring), not
+    /// a topic. A topic job names its topic in its body (`topic`), on any such subject.
+    pub fn publish_subject(&self, suffix: &str) -> String {
+        format!("{}.publish.{suffix}", self.prefix)
     }
 
     /// Durable pull consumer shared by all dispatchers.
@@ -77,6 +80,29 @@ impl Names {
 
     pub fn events_consumer(&self) -> &'static str {
         "dispatchers"
+    }
+
+    /// Where a gateway reports the acks of topic messages, counted ([`herald_proto::Event::TopicAcks`]).
+    pub fn topic_ack_events_subject(&self, gateway_id: &str) -> String {
+        format!("{}.events.topic_ack.{gateway_id}", self.prefix)
+    }
+
+    // --- JetStream: topics --------------------------------------------------------------------
+
+    /// Stream of topic messages, kept within the configured retention for recovery; its
+    /// sequence is a topic message's offset.
+    pub fn topics_stream(&self) -> String {
+        format!("{}_TOPICS", self.stream_prefix)
+    }
+
+    pub fn topics_subjects(&self) -> String {
+        format!("{}.topic.>", self.prefix)
+    }
+
+    /// The subject of one topic's messages. A topic name is dot-separated subject tokens, so
+    /// this is a literal subject (no wildcard, no empty token).
+    pub fn topic_subject(&self, topic: &herald_proto::TopicName) -> String {
+        format!("{}.topic.{topic}", self.prefix)
     }
 
     // --- JetStream: what publishers read back -------------------------------------------------
@@ -168,6 +194,10 @@ mod tests {
         assert_eq!(n.gateway_key("gw-a"), "t-1:gateway:gw-a");
         assert!(n.ack_events_subject("g").starts_with("t-1.events."));
         assert!(n.more_events_subject("g").starts_with("t-1.events."));
+        assert!(n.topic_ack_events_subject("g").starts_with("t-1.events."));
+        assert_eq!(n.topics_stream(), "T_1_TOPICS");
+        let topic = herald_proto::TopicName::new("sports.football").unwrap();
+        assert_eq!(n.topic_subject(&topic), "t-1.topic.sports.football");
     }
 
     #[test]

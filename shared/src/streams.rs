@@ -121,6 +121,78 @@ pub async fn ensure(
     Ok(())
 }
 
+/// Creates the topics stream when missing, and brings an existing one's retention to
+/// `retention`. Unlike the work streams, it drops its oldest messages when full (a topic message
+/// is at most once, recoverable within the retention: what falls out of it is what a client
+/// is told it did not recover) and it deduplicates by `Nats-Msg-Id`, the message id, so that a
+/// dispatcher that publishes a topic job again (after a crash, before its ack) adds nothing.
+pub async fn ensure_topics(
+    js: &jetstream::Context,
+    names: &Names,
+    replicas: usize,
+    retention: &crate::config::TopicRetention,
+) -> Result<(), StreamError> {
+    let wanted = topics_config(names, replicas, retention);
+    let name = wanted.name.clone();
+    let stream = js
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|source| StreamError::Create { stream: name.clone(), source })?;
+    let existing = &stream.cached_info().config;
+    if existing.subjects != wanted.subjects || existing.retention != wanted.retention {
+        return Err(StreamError::Incompatible {
+            stream: name,
+            problem: format!("subjects {:?} and retention {:?}", existing.subjects, existing.retention),
+        });
+    }
+    if existing.max_age != wanted.max_age || existing.max_messages != wanted.max_messages {
+        let mut config = existing.clone();
+        (config.max_age, config.max_messages) = (wanted.max_age, wanted.max_messages);
+        js.update_stream(&config).await.map_err(|source| StreamError::Update { stream: name.clone(), source })?;
+        tracing::info!(stream = %name, max_age = ?wanted.max_age, max_msgs = wanted.max_messages, "topics retention applied");
+    }
+    Ok(())
+}
+
+/// [`ensure_topics`] at start-up, retried as [`ensure_at_startup`] retries.
+pub async fn ensure_topics_at_startup(
+    js: &jetstream::Context,
+    names: &Names,
+    replicas: usize,
+    retention: &crate::config::TopicRetention,
+) -> Result<(), StreamError> {
+    use crate::connect::{wait_for, Waited};
+    let attempt = || async {
+        match ensure_topics(js, names, replicas, retention).await {
+            Err(e @ StreamError::Incompatible { .. }) => Ok(Err(e)),
+            other => other.map(Ok),
+        }
+    };
+    wait_for("nats: topics stream", attempt).await.map_err(|waited| match waited {
+        Waited::Failed(e) => e,
+        Waited::TimedOut => StreamError::Create {
+            stream: names.topics_stream(),
+            source: jetstream::context::CreateStreamError::new(jetstream::context::CreateStreamErrorKind::TimedOut),
+        },
+    })?
+}
+
+/// The topics stream as Herald creates it.
+pub fn topics_config(names: &Names, replicas: usize, retention: &crate::config::TopicRetention) -> stream::Config {
+    stream::Config {
+        name: names.topics_stream(),
+        subjects: vec![names.topics_subjects()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        max_age: retention.max_age,
+        max_messages: retention.max_msgs,
+        duplicate_window: DUPLICATE_WINDOW.min(retention.max_age),
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
 /// The three streams as Herald creates them, each with the limits it manages on them (none on
 /// the rejected stream, whose retention is fixed).
 pub fn configs(names: &Names, replicas: usize, limits: &StreamLimits) -> [(stream::Config, Limits); 3] {

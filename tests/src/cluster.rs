@@ -49,6 +49,8 @@ pub struct Options {
     pub replay_page: usize,
     /// Where process-mode gateways and dispatchers export traces (`OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub otlp_endpoint: Option<String>,
+    /// Gateways' topic limits (`HERALD_MAX_TOPICS_PER_CONNECTION`, recovery caps).
+    pub topics: herald_shared::config::GatewayTopics,
 }
 
 impl Default for Options {
@@ -65,6 +67,7 @@ impl Default for Options {
             ack_wait: Duration::from_secs(30),
             replay_page: 256,
             otlp_endpoint: None,
+            topics: Default::default(),
         }
     }
 }
@@ -91,6 +94,12 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         drain_spread: options.drain_spread,
         shutdown_delay: options.shutdown_delay,
         allowed_origins: Vec::new(),
+        // As the gateway's own configuration does when it is left to its default: a recovery
+        // fits in the outbound queue of a test that makes it small.
+        topics: herald_shared::config::GatewayTopics {
+            recovery_max_msgs: options.topics.recovery_max_msgs.min(options.outbound_queue / 2).max(1),
+            ..options.topics
+        },
     }
 }
 
@@ -246,6 +255,7 @@ impl Cluster {
         let js = jetstream::new(nats.clone());
         let common = stack.common_config();
         herald_shared::streams::ensure(&js, &stack.names(), common.jetstream_replicas, &common.stream_limits).await?;
+        herald_shared::streams::ensure_topics(&js, &stack.names(), common.jetstream_replicas, &common.topics).await?;
         // Assertions read Mongo directly, not through the proxy a test may cut.
         let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await?.database(&stack.database);
         Ok(Self { stack, options, nats, js, db, http: reqwest::Client::new() })
@@ -421,6 +431,9 @@ impl Cluster {
             ("HERALD_SHUTDOWN_DELAY_MS", config.shutdown_delay.as_millis().to_string()),
             // As in `gateway_config`; set, so the gateway does not warn that it lowered its default.
             ("HERALD_MAX_CONNECTIONS", "10000".to_owned()),
+            ("HERALD_MAX_TOPICS_PER_CONNECTION", config.topics.max_per_connection.to_string()),
+            ("HERALD_TOPIC_RECOVERY_MAX_MSGS", config.topics.recovery_max_msgs.to_string()),
+            ("HERALD_TOPIC_RECOVERY_MAX_BYTES", config.topics.recovery_max_bytes.to_string()),
         ]
     }
 
@@ -521,6 +534,17 @@ impl Cluster {
     /// Connects `user` to the gateway at `addr`.
     pub async fn connect(&self, addr: SocketAddr, user: &str) -> Result<TestClient, ConnectError> {
         TestClient::connect(&ws_url(addr), &self.token(user)).await
+    }
+
+    /// Connects `user` with a token whose `topics` claim is `topics`.
+    pub async fn connect_topics(
+        &self,
+        addr: SocketAddr,
+        user: &str,
+        topics: &[&str],
+    ) -> Result<TestClient, ConnectError> {
+        let token = tokens::Claims::new(user, Duration::from_secs(3600)).topics(topics).sign(JWT_SECRET);
+        TestClient::connect(&ws_url(addr), &token).await
     }
 
     /// Publishes a job (any JSON) and waits for JetStream's acknowledgement. With `id`, sets

@@ -128,6 +128,7 @@ impl Stack {
             nats_tls: Default::default(),
             jetstream_replicas: self.nats.nodes().min(3),
             stream_limits: StreamLimits::default(),
+            topics: Default::default(),
             // Tests connect their clients from one address, quickly: no per-address connect rate
             // unless a test sets one.
             http: HttpConfig { connects_per_sec_per_ip: 0, ..HttpConfig::default() },

@@ -25,6 +25,9 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// The topics the token allows (names and `prefix.*` patterns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topics: Option<Vec<String>>,
 }
 
 impl Claims {
@@ -32,7 +35,7 @@ impl Claims {
     pub fn new(user: &str, ttl: Duration) -> Self {
         let now = now();
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
-        Self { sub: user.to_owned(), iat: now, exp: now + ttl, nbf: None, iss: None, aud: None }
+        Self { sub: user.to_owned(), iat: now, exp: now + ttl, nbf: None, iss: None, aud: None, topics: None }
     }
 
     pub fn issuer(mut self, iss: &str) -> Self {
@@ -42,6 +45,12 @@ impl Claims {
 
     pub fn audience(mut self, aud: &str) -> Self {
         self.aud = Some(aud.to_owned());
+        self
+    }
+
+    /// Allows subscribing to these topics (`topics` claim).
+    pub fn topics(mut self, topics: &[&str]) -> Self {
+        self.topics = Some(topics.iter().map(|t| (*t).to_owned()).collect());
         self
     }
 

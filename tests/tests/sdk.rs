@@ -251,6 +251,43 @@ async fn drain_reconnects_elsewhere(runtime: Runtime) {
     assert_eq!(app.of("error"), Vec::<Value>::new());
 }
 
+/// Topics: the SDK subscribes after each hello, from the last offset it handed out, so a message
+/// published while its gateway was dead comes after the reconnect, once, in offset order.
+async fn topic_recovered_after_a_gateway_dies(runtime: Runtime) {
+    let cluster = Cluster::start().await.unwrap();
+    let _dispatcher = cluster.dispatcher().await.unwrap();
+    let mut doomed = cluster.gateway_process().await.unwrap();
+    let survivor = cluster.gateway().await.unwrap();
+    let extra = json!({ "subscribe": ["news"] });
+    let app = SdkApp::start(runtime, &config(&[doomed.addr, survivor.addr], "tina", &[3600], extra)).await.unwrap();
+    nth_open(&app, 1).await;
+    app.wait_until("subscribed", WAIT, |events| events.iter().any(|e| e["ev"] == "subscribed").then_some(()))
+        .await
+        .unwrap();
+    let publish = |id: &str| json!({ "id": id, "topic": "news", "payload": { "n": id } });
+    cluster.publish(&publish("n-1")).await.unwrap();
+    app.wait_until("n-1", WAIT, |events| events.iter().any(|e| e["ev"] == "topic" && e["id"] == "n-1").then_some(()))
+        .await
+        .unwrap();
+    doomed.kill9();
+    cluster.publish(&publish("n-2")).await.unwrap();
+    cluster.publish(&publish("n-3")).await.unwrap();
+    nth_open(&app, 2).await;
+    let topics = app
+        .wait_until("n-2 and n-3", WAIT, |events| {
+            let got: Vec<Value> = events.iter().filter(|e| e["ev"] == "topic").cloned().collect();
+            (got.len() >= 3).then_some(got)
+        })
+        .await
+        .unwrap();
+    let got: Vec<&str> = topics.iter().filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!(got, ["n-1", "n-2", "n-3"], "each once, in order");
+    let answers = app.of("subscribed");
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[1]["recovered"], true, "the second subscribe named the last offset: {answers:?}");
+    assert_eq!(app.of("error"), Vec::<Value>::new());
+}
+
 macro_rules! in_both {
     ($($case:ident),* $(,)?) => {
         mod node {
@@ -278,7 +315,8 @@ in_both!(
     token_refresh,
     token_refresh_in_band,
     offline_backlog_in_order,
-    drain_reconnects_elsewhere
+    drain_reconnects_elsewhere,
+    topic_recovered_after_a_gateway_dies
 );
 
 /// The demo page of `make run`, in headless Chromium: connect, publish, see the notification

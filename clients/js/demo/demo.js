@@ -125,6 +125,14 @@ async function connect() {
   client.on("notification", arrived);
   client.on("duplicate", (n) => log(`duplicate ${n.id} (not shown again)`));
   client.on("error", (e) => log(`error ${e.message}`));
+  client.on("subscribed", (a) => {
+    log(`subscribed ${JSON.stringify(a)}`);
+    showSubscriptions();
+  });
+  client.on("topicRefused", (r) => {
+    log(`topic refused ${JSON.stringify(r)}`);
+    showSubscriptions();
+  });
   client.connect();
   $("connect").disabled = true;
   $("disconnect").disabled = false;
@@ -135,6 +143,8 @@ async function connect() {
 async function disconnect() {
   const c = client;
   client = null;
+  topicHandlers.clear();
+  showSubscriptions();
   await c?.close();
   $("connect").disabled = false;
   $("disconnect").disabled = true;
@@ -166,6 +176,88 @@ async function publish() {
     log(`publish refused ${answer.status} ${JSON.stringify(body)}`);
   }
 }
+
+// --- topics -----------------------------------------------------------------------------------------
+
+const topicHandlers = new Map(); // topic -> the function that unsubscribes
+
+function showSubscriptions() {
+  const parts = [...topicHandlers.keys()].map((t) => {
+    const status = client?.topicStatus(t);
+    if (status === undefined || status.state === "pending") return `${t} (pending)`;
+    if (status.state === "refused") return `${t} (refused: ${status.reason})`;
+    return status.recovered === false ? `${t} (subscribed, some missed messages are gone)` : `${t} (subscribed)`;
+  });
+  $("subscriptions").textContent = parts.length === 0 ? "No subscriptions." : `Subscribed: ${parts.join(" · ")}`;
+}
+
+function topicArrived(m) {
+  const tr = document.createElement("tr");
+  const title = m.payload && typeof m.payload === "object" && "title" in m.payload ? m.payload.title : null;
+  const receipt = document.createElement("td");
+  receipt.textContent = "…";
+  for (const [text, cls] of [[String(m.offset), "mono"], [m.topic, "mono"], [m.id, "id"], [title ?? JSON.stringify(m.payload), ""], [new Date().toISOString().slice(11, 23), "mono"]]) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    td.className = cls;
+    tr.append(td);
+  }
+  tr.append(receipt);
+  $("topic-messages").prepend(tr);
+  log(`topic ${m.topic} offset ${m.offset} ${m.id}`);
+  void pollTopicReceipt(m.id, receipt);
+}
+
+/** The aggregate receipt of a topic message: connections and users that acked, for 30 s. */
+async function pollTopicReceipt(id, cell) {
+  const until = Date.now() + 30_000;
+  while (Date.now() < until) {
+    try {
+      const answer = await fetch(`/api/v1/messages/${encodeURIComponent(id)}`);
+      if (answer.ok) {
+        const r = (await answer.json()).topic_receipt;
+        if (r !== undefined) cell.textContent = `${r.acked_connections} connections · ${r.acked_users} users`;
+      }
+    } catch {
+      cell.textContent = "API unreachable";
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+function subscribeTopic() {
+  const topic = $("topic").value.trim();
+  if (client === null || topic === "" || topicHandlers.has(topic)) return;
+  topicHandlers.set(topic, client.subscribe(topic, topicArrived));
+  showSubscriptions();
+}
+
+function unsubscribeTopic() {
+  const topic = $("topic").value.trim();
+  topicHandlers.get(topic)?.();
+  topicHandlers.delete(topic);
+  showSubscriptions();
+}
+
+async function publishTopic() {
+  const topic = $("topic").value.trim();
+  if (topic === "") return;
+  const id = `demo-topic-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+  const job = { id, topic, payload: { title: $("topic-title").value, sent_at_ms: Date.now() }, ttl_secs: 600 };
+  const answer = await fetch("/api/v1/publish", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(job),
+  });
+  const body = await answer.json().catch(() => ({}));
+  $("topic-published").textContent =
+    answer.status === 201 || answer.status === 200 ? `${body.id} to ${topic}` : `refused (${answer.status}): ${body.code ?? body.error ?? ""} ${body.reason ?? ""}`;
+  log(`publish to topic ${topic}: ${answer.status} ${JSON.stringify(body)}`);
+}
+
+$("subscribe").addEventListener("click", subscribeTopic);
+$("unsubscribe").addEventListener("click", unsubscribeTopic);
+$("publish-topic").addEventListener("click", () => void publishTopic());
 
 $("connect").addEventListener("click", () => void connect());
 $("disconnect").addEventListener("click", () => void disconnect());

@@ -45,7 +45,8 @@ function b64url(data) {
 function mint(user, ttlSecs) {
   const now = Math.floor(Date.now() / 1000);
   const head = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
-  const body = b64url(JSON.stringify({ sub: user, iat: now, exp: now + ttlSecs }));
+  // Dev tokens allow the demo's topics: `news` and everything under `demo.`.
+  const body = b64url(JSON.stringify({ sub: user, iat: now, exp: now + ttlSecs, topics: ["news", "demo.*"] }));
   const signature = createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
   return `${head}.${body}.${signature}`;
 }

@@ -11,12 +11,14 @@ import { Backoff } from "./backoff.js";
 import type { BackoffOptions } from "./backoff.js";
 import { deadline } from "./liveness.js";
 import { SeqOrder } from "./order.js";
-import type { Hello, Notification } from "./protocol.js";
+import type { Hello, Notification, TopicNotification, TopicRefusal } from "./protocol.js";
 import { decide } from "./reconnect.js";
 import { refreshAt } from "./refresh.js";
 import type { TokenReason } from "./reconnect.js";
 import { SeenIds } from "./seen.js";
 import type { SeenOptions } from "./seen.js";
+import { TopicSubscriptions } from "./topics.js";
+import type { TopicHandler, TopicStatus } from "./topics.js";
 
 /** The part of a WebSocket this client uses: the browser's, Node's global one, or `ws`. */
 export interface WebSocketLike {
@@ -105,6 +107,10 @@ interface Events {
   notification: Notification;
   /** A copy of a message already handed out: not shown again (for the application's metrics). */
   duplicate: Notification;
+  /** The gateway took a `subscribe` (`recovered`: see TopicStatus). */
+  subscribed: { readonly topic: string; readonly recovered?: boolean };
+  /** The gateway refused a `subscribe`: the handlers get nothing until the next connection tries again. */
+  topicRefused: { readonly topic: string; readonly reason: TopicRefusal; readonly message: string };
   error: Error;
 }
 
@@ -144,8 +150,11 @@ export class HeraldClient {
     state: new Set(),
     notification: new Set(),
     duplicate: new Set(),
+    subscribed: new Set(),
+    topicRefused: new Set(),
     error: new Set(),
   };
+  readonly #topics = new TopicSubscriptions();
 
   #conn: Connection | null = null;
   /** Reads asked for while no connection was open, sent after the next `hello`. */
@@ -199,6 +208,26 @@ export class HeraldClient {
     this.#stopped = false;
     this.#pruneTimer = setInterval(() => this.#seen.prune(Date.now()), PRUNE_EVERY_MS);
     void this.#open();
+  }
+
+  /**
+   * Calls `handler` with every message published to `topic` from now on, on this connection and
+   * every later one: each new connection subscribes again from the last offset seen, so what
+   * was published while disconnected comes first, as far as Herald still keeps it (the
+   * `subscribed` event says `recovered: false` when some of it is gone). Returns the function
+   * that removes the handler (and unsubscribes with the topic's last one). The token must allow
+   * the topic (its `topics` claim), or the `topicRefused` event says why not.
+   */
+  subscribe(topic: string, handler: TopicHandler): () => void {
+    if (this.#topics.add(topic, handler)) this.#sendTopicFrame(this.#topics.frame(topic));
+    return () => {
+      if (this.#topics.remove(topic, handler)) this.#sendTopicFrame({ type: "unsubscribe", topic });
+    };
+  }
+
+  /** What the gateway last said of a topic subscription; undefined for a topic not subscribed. */
+  topicStatus(topic: string): TopicStatus | undefined {
+    return this.#topics.status(topic);
   }
 
   /** Acks these messages (needed only with `autoAck: false`). */
@@ -341,6 +370,25 @@ export class HeraldClient {
       case "notification":
         this.#notification(conn, frame as Notification);
         break;
+      case "topic_message":
+        this.#topicMessage(conn, frame as TopicNotification);
+        break;
+      case "subscribed": {
+        const { topic, recovered } = frame as { topic?: unknown; recovered?: unknown };
+        if (typeof topic !== "string") break;
+        const answer = typeof recovered === "boolean" ? { topic, recovered } : { topic };
+        this.#topics.answered(topic, { state: "subscribed", ...answer });
+        this.#emit("subscribed", answer);
+        break;
+      }
+      case "topic_refused": {
+        const r = frame as { request?: unknown; topic?: unknown; reason?: unknown; message?: unknown };
+        if (r.request !== "subscribe" || typeof r.topic !== "string") break;
+        const refusal = { topic: r.topic, reason: r.reason as TopicRefusal, message: String(r.message ?? "") };
+        this.#topics.answered(r.topic, { state: "refused", reason: refusal.reason, message: refusal.message });
+        this.#emit("topicRefused", refusal);
+        break;
+      }
       case "error": {
         const code = (frame as { code?: unknown }).code;
         if (typeof code === "string") conn.errorCode = code;
@@ -373,6 +421,8 @@ export class HeraldClient {
       this.#unsentReads.clear();
       this.#scheduleFlush(conn);
     }
+    // Every topic again, from the last offset seen: the recovery of what this client missed.
+    for (const frame of this.#topics.resubscribe()) this.#sendTopicFrame(frame);
     this.#armLiveness(conn);
     if (typeof hello.token_expires_at_ms === "number") conn.tokenExpiresAtMs = hello.token_expires_at_ms;
     this.#armRefresh(conn);
@@ -446,6 +496,34 @@ export class HeraldClient {
     }
     this.#order.push(n.seq, n, now);
     this.#scheduleOrder();
+  }
+
+  #topicMessage(conn: Connection, m: TopicNotification): void {
+    if (typeof m.topic !== "string" || typeof m.offset !== "number" || typeof m.id !== "string") {
+      this.#emit("error", new Error("the gateway sent a topic message without topic, offset or id"));
+      return;
+    }
+    const handlers = this.#topics.accept(m);
+    for (const handler of handlers) {
+      try {
+        handler(m);
+      } catch (e) {
+        this.#emit("error", asError(e, "a topic handler threw"));
+      }
+    }
+    // Optional for a topic message: only counted, in its aggregate receipt.
+    if (handlers.length > 0 && this.#autoAck) this.#enqueueOn(conn, "ack", [m.id]);
+  }
+
+  /** A `subscribe` or `unsubscribe`, on the open connection if there is one (else the next `hello` subscribes). */
+  #sendTopicFrame(frame: { type: "subscribe" | "unsubscribe"; topic: string; since?: number }): void {
+    const conn = this.#conn;
+    if (conn === null || conn.ended || conn.hello === null || conn.socket.readyState !== OPEN) return;
+    try {
+      conn.socket.send(JSON.stringify(frame));
+    } catch (e) {
+      this.#emit("error", asError(e, "send failed"));
+    }
   }
 
   #deliver(n: Notification): void {

@@ -20,7 +20,21 @@ export type { SeenOptions, SeenState } from "./seen.js";
 export { AckQueue, TokenBucket, chunkIds } from "./acks.js";
 export type { AckKind, Batch, PacingOptions } from "./acks.js";
 export { SeqOrder } from "./order.js";
+export { TopicSubscriptions } from "./topics.js";
+export type { SubscribeFrame, TopicHandler, TopicStatus } from "./topics.js";
 export { deadline } from "./liveness.js";
 export { refreshAt, MIN_REFRESH_MARGIN_MS, MAX_REFRESH_MARGIN_MS } from "./refresh.js";
 export { CloseCode, MAX_IDS_PER_FRAME, MAX_MESSAGE_ID_BYTES } from "./protocol.js";
-export type { ClientFrame, ConnectionId, ErrorCode, GatewayId, Hello, MessageId, Notification, ServerFrame } from "./protocol.js";
+export type {
+  ClientFrame,
+  ConnectionId,
+  ErrorCode,
+  GatewayId,
+  Hello,
+  MessageId,
+  Notification,
+  ServerFrame,
+  TopicName,
+  TopicNotification,
+  TopicRefusal,
+} from "./protocol.js";

@@ -18,9 +18,25 @@ export type ConnectionId = string;
 export type GatewayId = string;
 
 /**
+ * A topic: what a topic job is addressed to and what a client subscribes to. It is also
+ * the last part of the topic's NATS subject, hence the subject-token grammar.
+ */
+export type TopicName = string;
+
+/**
  * Why a gateway reports an error to a client. Sent in an `error` frame before a close.
  */
 export type ErrorCode = "bad_frame" | "unsupported_data" | "frame_too_large" | "rate_limited" | "slow_consumer" | "token_expired" | "token_refused" | "shutting_down" | "kicked";
+
+/**
+ * Which client frame a `topic_refused` answers.
+ */
+export type TopicRequest = "subscribe" | "unsubscribe";
+
+/**
+ * Why a `subscribe` or `unsubscribe` was refused. The connection stays open either way.
+ */
+export type TopicRefusal = "invalid_topic" | "not_allowed" | "too_many_subscriptions" | "already_subscribed" | "not_subscribed";
 
 /**
  * The first frame on every connection.
@@ -66,17 +82,31 @@ payload: unknown, published_at_ms: number,
 expires_at_ms: number, };
 
 /**
+ * One topic message on a client's socket.
+ */
+export type TopicNotification = { topic: TopicName, 
+/**
+ * The message's position in Herald's topics stream: it grows with publish order, with gaps
+ * (other topics' messages). Pass the last one you got as `since` when you subscribe again.
+ */
+offset: number, id: MessageId, payload: unknown, published_at_ms: number, expires_at_ms: number, };
+
+/**
  * A frame from a gateway to a client.
  *
  * Serialized with a `type` tag. Decoding goes through [`ServerFrame::decode`], because the
  * notification payload is kept as raw JSON, which serde cannot buffer inside a tagged enum.
  */
-export type ServerFrame = { "type": "hello" } & Hello | { "type": "notification" } & Notification | { "type": "error", code: ErrorCode, message: string, } | { "type": "heartbeat" } | { "type": "refreshed", token_expires_at_ms: number, };
+export type ServerFrame = { "type": "hello" } & Hello | { "type": "notification" } & Notification | { "type": "error", code: ErrorCode, message: string, } | { "type": "heartbeat" } | { "type": "refreshed", token_expires_at_ms: number, } | { "type": "subscribed", topic: TopicName, recovered?: boolean | null, } | { "type": "unsubscribed", topic: TopicName, } | { "type": "topic_refused", request: TopicRequest, 
+/**
+ * The `topic` of the refused frame, as sent.
+ */
+topic: string, reason: TopicRefusal, message: string, } | { "type": "topic_message" } & TopicNotification;
 
 /**
  * A frame from a client to its gateway.
  */
-export type ClientFrame = { "type": "ack", ids: Array<MessageId>, } | { "type": "read", ids: Array<MessageId>, } | { "type": "refresh", token: string, };
+export type ClientFrame = { "type": "ack", ids: Array<MessageId>, } | { "type": "read", ids: Array<MessageId>, } | { "type": "refresh", token: string, } | { "type": "subscribe", topic: string, since?: number | null, } | { "type": "unsubscribe", topic: string, };
 
 /** WebSocket close codes a gateway sends (proto/src/close.rs). */
 export const CloseCode = {

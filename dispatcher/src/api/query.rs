@@ -77,6 +77,19 @@ pub struct MessageAnswer {
     counts: BTreeMap<String, u64>,
     receipts: Vec<ReceiptView>,
     truncated: bool,
+    /// A topic message's aggregate receipt, in place of `receipts` (which is then empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic_receipt: Option<TopicReceiptView>,
+}
+
+/// What is known of who got a topic message: counts, never a list of users.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TopicReceiptView {
+    /// Connections that acked it (each connection once, on the gateway it was on).
+    acked_connections: i64,
+    /// Users that acked it, counted by each gateway per report (about a second): a user acking
+    /// on two gateways, or on two connections a report apart, counts twice. An upper bound.
+    acked_users: i64,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -90,6 +103,9 @@ pub struct MessageView {
     published_at_ms: i64,
     expires_at_ms: i64,
     recipients: i64,
+    /// A topic message's topic; `seq` is then its offset (0 until it is on the topics stream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -135,7 +151,10 @@ pub async fn message(
     let limit = limit.get()?;
     // No message has an id outside the grammar: such a path is simply not found.
     let id = MessageId::new(id).map_err(|_| ApiError::NotFound("message"))?;
-    let message = state.store.message(&id).await?.ok_or(ApiError::NotFound("message"))?;
+    let Some(message) = state.store.message(&id).await? else {
+        let topic = state.store.topic_message(&id).await?.ok_or(ApiError::NotFound("message"))?;
+        return topic_message(topic);
+    };
     let receipts = state.store.receipts_of(&id, limit).await?;
     let mut counts = state.store.receipt_counts(&id).await?;
     let now = state.clock.now_ms();
@@ -157,10 +176,35 @@ pub async fn message(
             published_at_ms: message.published_at.timestamp_millis(),
             expires_at_ms: message.expires_at.timestamp_millis(),
             recipients: message.recipients,
+            topic: None,
         },
         counts: counts.into_iter().collect(),
         receipts: receipts.into_iter().map(|r| ReceiptView::new(r, now)).collect(),
         truncated,
+        topic_receipt: None,
+    }))
+}
+
+/// A topic message and its aggregate receipt, in the shape of a message's answer.
+fn topic_message(doc: crate::store::TopicMessageDoc) -> Result<Json<MessageAnswer>, ApiError> {
+    let payload = RawValue::from_string(doc.payload).map_err(|_| ApiError::Corrupt("message payload"))?;
+    Ok(Json(MessageAnswer {
+        message: MessageView {
+            id: doc.id,
+            seq: doc.offset.unwrap_or(0),
+            payload,
+            published_at_ms: doc.published_at.timestamp_millis(),
+            expires_at_ms: doc.expires_at.timestamp_millis(),
+            recipients: 0,
+            topic: Some(doc.topic.into_string()),
+        },
+        counts: BTreeMap::new(),
+        receipts: Vec::new(),
+        truncated: false,
+        topic_receipt: Some(TopicReceiptView {
+            acked_connections: doc.acked_connections,
+            acked_users: doc.acked_users,
+        }),
     }))
 }
 

@@ -112,6 +112,7 @@ mod tests {
             message_id: herald_proto::MessageId::new("m1").unwrap(),
             seq: 1,
             recipients: recipients.iter().map(|u| UserId::new(*u).unwrap()).collect(),
+            topic: None,
             payload: RawValue::from_string("1".into()).unwrap(),
             published_at_ms: 0,
             expires_at_ms: 1,

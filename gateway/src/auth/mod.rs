@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::http::{header, HeaderMap};
-use herald_proto::UserId;
+use herald_proto::{TopicPattern, UserId};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{decode, decode_header, Algorithm, Validation};
 use serde::Deserialize;
@@ -84,12 +84,27 @@ pub struct Identity {
     pub user: UserId,
     /// Seconds since the epoch; the session is closed with 4401 then.
     pub expires_at: u64,
+    /// The topics the token allows the connection to subscribe to (its `topics` claim).
+    pub topics: Arc<[TopicPattern]>,
 }
+
+/// Entries of a `topics` claim read at most; the rest allow nothing. Bounds what matching a
+/// subscribe costs, whatever the backend signed.
+pub const MAX_TOPIC_PATTERNS: usize = 256;
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
     exp: u64,
+    /// Topic names and prefix patterns (`"news"`, `"sports.*"`). An entry outside the syntax
+    /// allows nothing (it is not an error: the rest of the token still holds).
+    #[serde(default)]
+    topics: Vec<String>,
+}
+
+/// The patterns of a `topics` claim: those that parse, of the first [`MAX_TOPIC_PATTERNS`].
+pub fn topic_patterns(entries: &[String]) -> Arc<[TopicPattern]> {
+    entries.iter().take(MAX_TOPIC_PATTERNS).filter_map(|e| TopicPattern::parse(e)).collect()
 }
 
 /// How verifying with the keys held went: done, or waiting on a JWKS key not fetched yet.
@@ -237,8 +252,9 @@ impl Authenticator {
             validation.algorithms = vec![key.alg];
             match decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) => {
+                    let topics = topic_patterns(&data.claims.topics);
                     let identity = UserId::new(data.claims.sub)
-                        .map(|user| Identity { user, expires_at: data.claims.exp })
+                        .map(|user| Identity { user, expires_at: data.claims.exp, topics })
                         .map_err(|_| AuthError::InvalidSubject);
                     return Attempt::Done(identity);
                 }

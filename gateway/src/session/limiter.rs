@@ -18,6 +18,13 @@ impl RateLimiter {
         Self { rate, burst: rate * 2.0, tokens: rate * 2.0, last: None }
     }
 
+    /// `n` a minute, all of them at once if need be: for what a client does once per
+    /// (re)connection for each of up to `n` things.
+    pub(crate) fn per_minute(n: usize) -> Self {
+        let burst = n.max(1) as f64;
+        Self { rate: burst / 60.0, burst, tokens: burst, last: None }
+    }
+
     pub(crate) fn allow(&mut self, now: Instant) -> bool {
         self.allow_n(now, 1)
     }

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, Utf8Bytes};
 use herald_proto::client::MAX_IDS_PER_FRAME;
 use herald_proto::{
-    close, AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, GatewayId, MessageId, More, UserId,
+    close, AckKind, AckRecord, ClientFrame, ConnectionId, ErrorCode, GatewayId, MessageId, More, TopicName,
+    TopicPattern, UserId,
 };
 use herald_shared::metrics::seconds_since;
 use herald_shared::Clock;
 
 use super::limiter::RateLimiter;
+use super::topics::{TopicAction, Topics};
 use crate::auth::{AuthError, Identity};
 use crate::metrics::GatewayMetrics;
 use crate::registry::{Outbound, Sent};
@@ -107,6 +109,10 @@ pub(crate) enum Action {
     Verify(String),
     /// Tell the client its refresh was accepted; the token deadline has moved.
     Refreshed { token_expires_at_ms: u64 },
+    /// Do what a `subscribe` or `unsubscribe` asked, or answer it (see [`super::topics`]).
+    Topic(TopicAction),
+    /// Count these first acks of topic messages for their aggregate receipts.
+    TopicAcks(Vec<(MessageId, TopicName)>),
     /// End the session. None: the client closed or went away, so there is nobody to tell.
     Close(Option<Ending>),
 }
@@ -117,6 +123,8 @@ pub(crate) struct Peer {
     pub(crate) user: UserId,
     pub(crate) connection_id: ConnectionId,
     pub(crate) gateway_id: GatewayId,
+    /// The topics its token allows (the `topics` claim).
+    pub(crate) topics: Arc<[TopicPattern]>,
 }
 
 /// The limits a session runs by (see [`super::SessionContext`]).
@@ -128,6 +136,8 @@ pub(crate) struct Settings {
     pub(crate) ack_ids_per_sec: u32,
     /// Send a `heartbeat` text frame with each ping (the client asked: `heartbeat=frame`).
     pub(crate) frame_heartbeats: bool,
+    /// Topic subscriptions the connection may hold.
+    pub(crate) max_topics: usize,
 }
 
 /// When the session ends unless the client is heard from: plain data, so that the I/O loop can
@@ -195,10 +205,16 @@ pub(crate) struct Machine {
     frames: RateLimiter,
     /// Ids acked or read per second (see [`super::SessionContext::ack_ids_per_sec`]).
     ack_ids: RateLimiter,
+    /// Recoveries (`subscribe` with `since`): each costs a fetch from the topics stream, so a
+    /// client gets as many a minute as it may hold subscriptions (all at once on a reconnect);
+    /// past that, a `subscribe` goes live unrecovered.
+    recoveries: RateLimiter,
     /// What this connection was sent: only acks of these count (see [`crate::sent`]).
     sent: SentSet,
     /// How far this connection's replay has got, and when to ask for its next page.
     replay: ReplayCursor,
+    /// Its subscriptions, and the topic messages it was sent.
+    topics: Topics,
     deadlines: Deadlines,
 }
 
@@ -213,9 +229,11 @@ impl Machine {
         now: Instant,
     ) -> Self {
         Self {
+            topics: Topics::new(Arc::clone(&peer.topics), settings.max_topics),
             peer,
             frames: RateLimiter::new(settings.frames_per_sec),
             ack_ids: RateLimiter::new(settings.ack_ids_per_sec),
+            recoveries: RateLimiter::per_minute(settings.max_topics),
             sent: SentSet::default(),
             replay: ReplayCursor::new(now),
             deadlines: Deadlines { last_heard: now, silence_limit: settings.heartbeat_interval * 2, token },
@@ -232,6 +250,11 @@ impl Machine {
 
     pub(crate) fn deadlines(&self) -> Deadlines {
         self.deadlines
+    }
+
+    /// The topics the connection is subscribed to (or asked for): what to leave at its end.
+    pub(crate) fn subscribed(&self) -> impl Iterator<Item = &TopicName> {
+        self.topics.subscribed()
     }
 
     /// What to do about `event`, at `now`.
@@ -273,7 +296,7 @@ impl Machine {
             return vec![Action::Close(Some(RATE_LIMITED))];
         }
         let mut actions: Vec<Action> = match self.on_message(message, now) {
-            Ok(action) => action.into_iter().collect(),
+            Ok(actions) => actions,
             Err(ending) => return vec![Action::Close(ending)],
         };
         // An ack may have made room for the next page.
@@ -281,9 +304,9 @@ impl Machine {
         actions
     }
 
-    /// What one client message says: an ack to publish, a token to check, or nothing; `Err` ends
-    /// the session (None: the client closed).
-    fn on_message(&mut self, message: Message, now: Instant) -> Result<Option<Action>, Option<Ending>> {
+    /// What one client message says: an ack to publish, a token to check, a subscription, or
+    /// nothing; `Err` ends the session (None: the client closed).
+    fn on_message(&mut self, message: Message, now: Instant) -> Result<Vec<Action>, Option<Ending>> {
         let metrics = &self.metrics;
         let text = match message {
             Message::Text(text) => text,
@@ -293,7 +316,7 @@ impl Machine {
             }
             Message::Ping(_) | Message::Pong(_) => {
                 metrics.frames_in.with_label_values(&["control"]).inc();
-                return Ok(None);
+                return Ok(Vec::new());
             }
             Message::Close(_) => return Err(None),
         };
@@ -308,7 +331,17 @@ impl Machine {
         let (kind, ids) = match frame {
             ClientFrame::Refresh { token } => {
                 metrics.frames_in.with_label_values(&["refresh"]).inc();
-                return Ok(Some(Action::Verify(token)));
+                return Ok(vec![Action::Verify(token)]);
+            }
+            // Refused or done, the connection stays: a bad topic name is a refusal, not 4400.
+            ClientFrame::Subscribe { topic, since } => {
+                metrics.frames_in.with_label_values(&["subscribe"]).inc();
+                let may_recover = since.is_none() || self.recoveries.allow(now);
+                return Ok(vec![Action::Topic(self.topics.on_subscribe(topic, since, may_recover))]);
+            }
+            ClientFrame::Unsubscribe { topic } => {
+                metrics.frames_in.with_label_values(&["unsubscribe"]).inc();
+                return Ok(vec![Action::Topic(self.topics.on_unsubscribe(topic))]);
             }
             frame => frame.into_parts().ok_or(Some(BAD_FRAME))?,
         };
@@ -325,7 +358,12 @@ impl Machine {
         };
         metrics.frames_in.with_label_values(&[if kind == AckKind::Read { "read" } else { "ack" }]).inc();
         metrics.acks_received.with_label_values(&[kind_label]).inc_by(ids.len() as u64);
-        Ok(self.record(kind, ids).map(Action::Publish))
+        let (record, topic_acks) = self.record(kind, ids);
+        let mut actions: Vec<Action> = record.map(Action::Publish).into_iter().collect();
+        if !topic_acks.is_empty() {
+            actions.push(Action::TopicAcks(topic_acks));
+        }
+        Ok(actions)
     }
 
     /// A heartbeat: the end of a silent client, or a ping, and a page that did not come asked
@@ -366,8 +404,9 @@ impl Machine {
                 batch.expired += 1;
                 None
             }
-            // Sent here already (live and in the replay): once is enough.
-            Some(s) if self.sent.repeats(s) => {
+            // Sent here already (live and in the replay): once is enough. (A topic message's
+            // repeats are left out by offset, in the index.)
+            Some(s) if s.topic.is_none() && self.sent.repeats(s) => {
                 batch.repeats += 1;
                 None
             }
@@ -396,7 +435,12 @@ impl Machine {
             &latency.live
         };
         path.observe(age_ms as f64 / 1000.0);
-        self.sent.record(sent);
+        // A topic message never awaits an ack for the replay's sake: it is not in `sent`.
+        if sent.topic.is_some() {
+            self.topics.on_written(&sent);
+        } else {
+            self.sent.record(sent);
+        }
     }
 
     /// The whole batch was handed to the socket (its flush follows).
@@ -437,13 +481,19 @@ impl Machine {
     /// What an ack or read frame tells the dispatchers, by the rule of [`crate::sent`]: ids
     /// this connection was sent count once each; a read of anything else can only mark read
     /// what another connection of the user delivered; the rest is ignored (and counted).
-    /// None when nothing is left to say.
-    fn record(&mut self, kind: AckKind, ids: Vec<MessageId>) -> Option<AckRecord> {
+    /// None when nothing is left to say. An ack or read of a topic message this connection was
+    /// sent is counted for its aggregate receipt instead, the first time (the second value).
+    fn record(&mut self, kind: AckKind, ids: Vec<MessageId>) -> (Option<AckRecord>, Vec<(MessageId, TopicName)>) {
         let mut sent_ids = Vec::new();
         let mut read_unsent = Vec::new();
         let mut first_acks = Vec::new();
+        let mut topic_acks = Vec::new();
         let mut ignored = 0u64;
         for id in ids {
+            if let Some(topic) = self.topics.ack(&id) {
+                topic_acks.push((id, topic));
+                continue;
+            }
             match kind {
                 AckKind::Delivered => match self.sent.ack(id.as_str()) {
                     Acked::First(sent) => {
@@ -464,10 +514,10 @@ impl Machine {
         }
         self.metrics.acks_ignored.inc_by(ignored);
         if sent_ids.is_empty() && read_unsent.is_empty() {
-            return None;
+            return (None, topic_acks);
         }
         let traceparent = self.observe_acked(&first_acks);
-        Some(AckRecord {
+        let record = AckRecord {
             user: self.peer.user.clone(),
             connection_id: self.peer.connection_id.clone(),
             gateway_id: self.peer.gateway_id.clone(),
@@ -476,7 +526,8 @@ impl Machine {
             read_unsent,
             at_ms: self.clock.now_ms(),
             traceparent,
-        })
+        };
+        (Some(record), topic_acks)
     }
 
     /// Publish→ack latency for notifications acked for the first time. Returns the context of
@@ -518,6 +569,7 @@ mod tests {
             frames_per_sec: 100,
             ack_ids_per_sec: 10_000,
             frame_heartbeats: false,
+            max_topics: 4,
         }
     }
 
@@ -527,6 +579,7 @@ mod tests {
             user: UserId::new("u1").unwrap(),
             connection_id: ConnectionId::new("c1").unwrap(),
             gateway_id: GatewayId::new("g1").unwrap(),
+            topics: Arc::from([]),
         };
         let metrics = Arc::new(GatewayMetrics::new().unwrap());
         let mut machine = Machine::new(peer, settings, metrics, Clock::system(), t + Duration::from_secs(3600), t);
@@ -546,6 +599,7 @@ mod tests {
             replay: false,
             resend: false,
             traceparent: None,
+            topic: None,
         })
     }
 
@@ -561,7 +615,11 @@ mod tests {
         let verify = m.on(text(r#"{"type":"refresh","token":"a.b.c"}"#), t);
         assert!(matches!(verify.as_slice(), [Action::Verify(token)] if token == "a.b.c"), "{verify:?}");
 
-        let identity = |user: &str, exp: u64| Identity { user: UserId::new(user).unwrap(), expires_at: exp };
+        let identity = |user: &str, exp: u64| Identity {
+            user: UserId::new(user).unwrap(),
+            expires_at: exp,
+            topics: Arc::from([]),
+        };
         let actions = m.on_refresh(Ok(identity("u1", now_ms / 1000 + 7200)), t, now_ms);
         assert!(
             matches!(actions.as_slice(), [Action::Refreshed { token_expires_at_ms }] if *token_expires_at_ms == now_ms + 7_200_000)
@@ -792,6 +850,25 @@ mod tests {
         assert_eq!(record.ids, vec![MessageId::new("m1").unwrap()]);
         assert_eq!((record.user.as_str(), record.connection_id.as_str()), ("u1", "c1"));
         assert!(m.on(ack(&["m1"]), t).is_empty(), "acked before");
+    }
+
+    #[test]
+    fn a_topic_message_is_acked_for_its_count_and_never_holds_up_the_replay() {
+        let t = Instant::now();
+        let mut m = machine_with(settings(), t);
+        let topic = TopicName::new("news").unwrap();
+        let sent = Sent { topic: Some(topic.clone()), ..(*sent("t1", u64::MAX)).clone() };
+        let item = Outbound::Frame { frame: r#"{"id":"t1"}"#.into(), sent: Some(Arc::new(sent)) };
+        write(&mut m, vec![item.clone(), item]);
+        assert_eq!(m.sent.awaiting_ack(), 0, "not among the notifications a replay waits for");
+        let actions = m.on(ack(&["t1", "t1"]), t);
+        let [Action::TopicAcks(acks)] = &actions[..] else { panic!("{actions:?}") };
+        assert_eq!(acks, &vec![(MessageId::new("t1").unwrap(), topic)], "counted once, no ack record");
+        assert!(m.on(text(r#"{"type":"read","ids":["t1"]}"#), t).iter().all(|a| !matches!(a, Action::TopicAcks(_))));
+        // A subscribe outside the (empty) claim is refused, the session going on.
+        let actions = m.on(text(r#"{"type":"subscribe","topic":"news","since":3}"#), t);
+        assert!(matches!(&actions[..], [Action::Topic(super::super::topics::TopicAction::Answer(_))]), "{actions:?}");
+        closes_with(&m.on(text(r#"{"type":"subscribe","since":3}"#), t), BAD_FRAME);
     }
 
     #[test]

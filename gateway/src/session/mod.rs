@@ -11,6 +11,7 @@
 
 mod limiter;
 mod machine;
+mod topics;
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
-use herald_proto::{ConnectionId, GatewayId, Hello, ServerFrame};
+use herald_proto::{ConnectionId, GatewayId, Hello, ServerFrame, TopicName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +30,9 @@ use crate::auth::{Authenticator, Identity};
 use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
 use crate::registry::{Admission, Connection, Outbound, Registry};
+use crate::topics::{RecoveryLimits, TopicIndex};
 use machine::{expiry_instant, Action, Ending, Event, Machine, Peer, Settings, HEARTBEAT, SHUTTING_DOWN, SLOW};
+use topics::{Since, TopicAction};
 
 /// Frames written to the socket before a flush, when many are queued.
 const WRITE_BATCH: usize = 64;
@@ -58,6 +61,20 @@ pub(crate) struct SessionContext {
     pub(crate) clock: herald_shared::Clock,
     /// Checks the tokens of `refresh` frames, with the keys a connect's token is checked with.
     pub(crate) auth: Authenticator,
+    /// Which local connections subscribe to which topic; fed by [`crate::topics::Reader`].
+    pub(crate) topics: Arc<TopicIndex>,
+    /// Topic subscriptions one connection may hold.
+    pub(crate) max_topics: usize,
+    /// Where a `subscribe` with `since` recovers from; None (tests without NATS): nothing is
+    /// recovered, and the answer says `recovered: false`.
+    pub(crate) recovery: Option<TopicRecovery>,
+}
+
+/// The topics stream, for recoveries.
+pub(crate) struct TopicRecovery {
+    pub(crate) js: async_nats::jetstream::Context,
+    pub(crate) names: herald_shared::naming::Names,
+    pub(crate) limits: RecoveryLimits,
 }
 
 /// Every `reason` a session's end is counted under: the machine's endings, the client going
@@ -88,7 +105,7 @@ pub(crate) async fn run(
     ctx.presence.register(Arc::clone(&conn)).await;
     tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
 
-    let session = Session::new(&ctx, &conn, identity.expires_at, frame_heartbeats);
+    let mut session = Session::new(&ctx, &conn, &identity, frame_heartbeats);
     // However the session ends, a panic included, the connection leaves the registry and
     // presence below: a session that died must not hold its user's slot or attract routing.
     let (ending, label) = match AssertUnwindSafe(session.serve(socket, &shutdown)).catch_unwind().await {
@@ -99,6 +116,9 @@ pub(crate) async fn run(
         }
     };
     conn.outbox.close();
+    for topic in session.machine.subscribed() {
+        ctx.topics.unsubscribe(&conn.id, topic);
+    }
 
     ctx.registry.remove(&conn);
     ctx.metrics.connections_open.dec();
@@ -118,7 +138,7 @@ fn new_connection_id() -> ConnectionId {
 
 struct Session<'a> {
     ctx: &'a SessionContext,
-    conn: &'a Connection,
+    conn: &'a Arc<Connection>,
     /// The `exp` of the token the connection opened with, in ms, for the hello.
     token_expires_at_ms: u64,
     /// Every decision: the loop below only reads, writes and waits.
@@ -126,15 +146,22 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    /// The session of `conn`, whose token runs out at `token_exp` (seconds since the epoch).
-    fn new(ctx: &'a SessionContext, conn: &'a Connection, token_exp: u64, frame_heartbeats: bool) -> Self {
-        let peer = Peer { user: conn.user.clone(), connection_id: conn.id.clone(), gateway_id: ctx.gateway_id.clone() };
+    /// The session of `conn`, opened with `identity`'s token.
+    fn new(ctx: &'a SessionContext, conn: &'a Arc<Connection>, identity: &Identity, frame_heartbeats: bool) -> Self {
+        let token_exp = identity.expires_at;
+        let peer = Peer {
+            user: conn.user.clone(),
+            connection_id: conn.id.clone(),
+            gateway_id: ctx.gateway_id.clone(),
+            topics: Arc::clone(&identity.topics),
+        };
         let settings = Settings {
             heartbeat_interval: ctx.heartbeat_interval,
             max_frame_bytes: ctx.max_frame_bytes,
             frames_per_sec: ctx.frames_per_sec,
             ack_ids_per_sec: ctx.ack_ids_per_sec,
             frame_heartbeats,
+            max_topics: ctx.max_topics,
         };
         let now = Instant::now();
         let token = expiry_instant(token_exp, now, herald_shared::now_ms());
@@ -144,7 +171,7 @@ impl<'a> Session<'a> {
 
     /// The session loop: wait for an event, let the machine decide, do what it says. Returns how
     /// it ended (None: the client went away).
-    async fn serve<S>(mut self, mut socket: S, shutdown: &CancellationToken) -> Option<Ending>
+    async fn serve<S>(&mut self, mut socket: S, shutdown: &CancellationToken) -> Option<Ending>
     where
         S: Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin,
     {
@@ -295,7 +322,76 @@ impl<'a> Session<'a> {
                 self.ctx.metrics.replay_requests.with_label_values(&[kind]).inc();
                 self.tell_dispatchers(Outgoing::More(more)).await
             }
+            Action::Topic(action) => {
+                self.topic(action).await;
+                Ok(())
+            }
+            Action::TopicAcks(acks) => {
+                let user = self.conn.user.clone();
+                self.tell_dispatchers(Outgoing::TopicAcks { user, acks }).await
+            }
             Action::Close(ending) => Err(ending),
+        }
+    }
+
+    /// Does what a topic frame asked, answering through the connection's queue, so that the
+    /// answer keeps its place among the topic's messages: `subscribed` before the first,
+    /// `unsubscribed` after the last. A subscription with `since` recovers first (one bounded
+    /// fetch from the topics stream, at most a few seconds, during which this loop waits and
+    /// the topic's live messages are held for it).
+    async fn topic(&self, action: TopicAction) {
+        let ctx = self.ctx;
+        let queue = |frame: ServerFrame| {
+            if let Some(out) = crate::topics::answer(&frame) {
+                self.conn.offer(out);
+            }
+        };
+        match action {
+            TopicAction::Answer(frame) => {
+                ctx.metrics.topic_subscribes.with_label_values(&["refused"]).inc();
+                queue(frame);
+            }
+            TopicAction::Unsubscribe(topic) => {
+                ctx.topics.unsubscribe(&self.conn.id, &topic);
+                queue(ServerFrame::Unsubscribed { topic });
+            }
+            TopicAction::Subscribe { topic, since: since @ (Since::Now | Since::Throttled) } => {
+                let (outcome, recovered) =
+                    if since == Since::Now { ("subscribed", None) } else { ("not_recovered", Some(false)) };
+                ctx.metrics.topic_subscribes.with_label_values(&[outcome]).inc();
+                queue(ServerFrame::Subscribed { topic: topic.clone(), recovered });
+                ctx.topics.subscribe(self.conn, &topic, false);
+            }
+            TopicAction::Subscribe { topic, since: Since::Offset(since) } => {
+                let sub = ctx.topics.subscribe(self.conn, &topic, true);
+                let (complete, frames) = self.recover(&topic, since).await;
+                let outcome = if complete { "recovered" } else { "not_recovered" };
+                ctx.metrics.topic_subscribes.with_label_values(&[outcome]).inc();
+                let answer = ServerFrame::Subscribed { topic, recovered: Some(complete) };
+                if let Some(answer) = crate::topics::answer(&answer) {
+                    sub.finish_recovery(answer, frames);
+                }
+            }
+        }
+    }
+
+    /// The topic's messages after `since` as frames, and whether they are all of them.
+    async fn recover(&self, topic: &TopicName, since: u64) -> (bool, Vec<(u64, Outbound)>) {
+        let Some(source) = &self.ctx.recovery else { return (false, Vec::new()) };
+        match crate::topics::recover(&source.js, &source.names, topic, since, source.limits).await {
+            Ok(found) => {
+                let now_ms = self.ctx.clock.now_ms();
+                let frames = found
+                    .messages
+                    .into_iter()
+                    .filter_map(|(offset, p)| crate::topics::frame(p, offset, now_ms).map(|f| (offset, f)))
+                    .collect();
+                (found.complete, frames)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, topic = %topic, "topic recovery failed; subscribed without it");
+                (false, Vec::new())
+            }
         }
     }
 
@@ -485,12 +581,19 @@ mod tests {
             metrics: Arc::new(GatewayMetrics::new().unwrap()),
             clock: herald_shared::Clock::system(),
             auth: test_auth(),
+            topics: Arc::default(),
+            max_topics: 4,
+            recovery: None,
         };
         (ctx, acks_rx)
     }
 
-    fn connection() -> Connection {
-        Connection::new(new_connection_id(), UserId::new("u1").unwrap(), 1000)
+    fn connection() -> Arc<Connection> {
+        Arc::new(Connection::new(new_connection_id(), UserId::new("u1").unwrap(), 1000))
+    }
+
+    fn identity() -> Identity {
+        Identity { user: UserId::new("u1").unwrap(), expires_at: u64::MAX, topics: Arc::from([]) }
     }
 
     fn notification(id: &str) -> Outbound {
@@ -501,6 +604,7 @@ mod tests {
             replay: false,
             resend: false,
             traceparent: None,
+            topic: None,
         };
         Outbound::Frame { frame: format!(r#"{{"id":"{id}"}}"#).into(), sent: Some(Arc::new(sent)) }
     }
@@ -511,7 +615,7 @@ mod tests {
         let conn = connection();
         let shutdown = CancellationToken::new();
         let (socket, mut client) = pipe(8);
-        let session = Session::new(&ctx, &conn, u64::MAX, false);
+        let mut session = Session::new(&ctx, &conn, &identity(), false);
         let client_side = async {
             assert!(client.text().await.contains(r#""type":"hello""#));
             conn.outbox.push(notification("m1")).unwrap();
@@ -540,7 +644,7 @@ mod tests {
         // Room for the hello and one more frame: every write after them blocks until the client
         // reads (a sender parks once the channel holds more than its buffer).
         let (socket, mut client) = pipe(1);
-        let session = Session::new(&ctx, &conn, u64::MAX, false);
+        let mut session = Session::new(&ctx, &conn, &identity(), false);
         for i in 0..10 {
             conn.outbox.push(notification(&format!("m{i}"))).unwrap();
         }
@@ -558,7 +662,7 @@ mod tests {
         let conn = connection();
         let shutdown = CancellationToken::new();
         let (socket, mut client) = pipe(8);
-        let session = Session::new(&ctx, &conn, u64::MAX, false);
+        let mut session = Session::new(&ctx, &conn, &identity(), false);
         client.tx.unbounded_send(Message::Close(None)).unwrap();
         assert_eq!(session.serve(socket, &shutdown).await, None);
         assert!(client.text().await.contains(r#""type":"hello""#));

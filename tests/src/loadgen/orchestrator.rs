@@ -28,6 +28,8 @@ pub(crate) struct Plan {
     pub(crate) ack: bool,
     pub(crate) user_prefix: String,
     pub(crate) connect_concurrency: usize,
+    /// Subscribe every connection to this topic (Herald only).
+    pub(crate) topic: Option<String>,
 }
 
 /// One worker process.
@@ -69,6 +71,7 @@ impl Workers {
                     jwt_secret: plan.jwt_secret.clone(),
                     ack: plan.ack,
                     connect_concurrency: plan.connect_concurrency,
+                    topic: plan.topic.clone(),
                 };
                 let mut child = Command::new(&exe)
                     .arg("worker")

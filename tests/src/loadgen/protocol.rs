@@ -54,7 +54,7 @@ pub(crate) fn classify(flavor: Flavor, text: &str) -> Inbound<'_> {
 
 fn classify_herald(text: &str) -> Inbound<'_> {
     // `type` comes first in every frame Herald (and the bare server) sends.
-    if text.starts_with(r#"{"type":"notification""#) {
+    if text.starts_with(r#"{"type":"notification""#) || text.starts_with(r#"{"type":"topic_message""#) {
         Inbound::Message(message(text, true))
     } else if text.starts_with(r#"{"type":"hello""#) {
         Inbound::Ready
@@ -138,6 +138,18 @@ mod tests {
             })
         );
         assert_eq!(classify(Flavor::Herald, r#"{"type":"error","code":"x"}"#), Inbound::Other);
+        let t = r#"{"type":"topic_message","topic":"lg","offset":3,"id":"t-0","payload":{"lg_k":0,"lg_t":5},"published_at_ms":4,"expires_at_ms":9}"#;
+        assert_eq!(
+            classify(Flavor::Herald, t),
+            Inbound::Message(Message {
+                id: Some("t-0"),
+                k: Some(0),
+                sent_us: Some(5),
+                published_ms: Some(4),
+                seq: None
+            })
+        );
+        assert_eq!(classify(Flavor::Herald, r#"{"type":"subscribed","topic":"lg"}"#), Inbound::Other);
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub(crate) enum Scenario {
     Rollout,
     /// A few hundred connections through the whole path, checking only that nothing is lost.
     Smoke,
+    /// One topic message to 10,000 subscribers on 2 gateways (2,000 short), then one job to the
+    /// same audience through `to`: time until all received, each way.
+    Topic,
 }
 
 /// Settings of one run.
@@ -200,6 +203,7 @@ impl Sut {
             ack,
             user_prefix: "u".into(),
             connect_concurrency: concurrency,
+            topic: None,
         }
     }
 
@@ -712,6 +716,50 @@ pub(crate) async fn fanout(config: &RunConfig) -> anyhow::Result<Outcome> {
     Ok(out)
 }
 
+// --- 4b. the same audience through a topic, then through `to` ------------------------------------
+
+pub(crate) async fn topic(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Topic, System::Herald);
+    let servers = 2;
+    let recipients = if config.short { 2_000 } else { 10_000 };
+    let sut = Sut::start(System::Herald, servers, HeraldOptions::default(), config).await?;
+    let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
+    let plan = Plan { topic: Some("lg".into()), ..sut.plan(recipients / servers, true, 256) };
+    let mut workers = Workers::spawn(&plan)?;
+    connect(&mut workers, 1.0, Duration::from_secs(120)).await?;
+    // Time for every `subscribe` to be taken (the workers do not wait for the answers).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let subject = h.stack.names().publish_subject("bench");
+    // Each way in turn on the same connections: a topic job (k = 0), then a job to every user (k = 1).
+    let users = user_names("u", 0, recipients);
+    let jobs = [
+        ("topic", json!({ "id": "topic-0", "topic": "lg", "payload": { "lg_k": 0, "lg_t": 0 } })),
+        ("to", json!({ "id": "to-1", "to": users, "payload": { "lg_k": 1, "lg_t": 0 } })),
+    ];
+    for (i, (way, mut job)) in jobs.into_iter().enumerate() {
+        workers.reset().await?;
+        let start_us = protocol::now_us();
+        job["payload"]["lg_t"] = json!(start_us);
+        h.js.publish(subject.clone(), serde_json::to_vec(&job)?.into()).await?.await?;
+        let want = (i as u64 + 1) * recipients as u64;
+        let (totals, all_in) =
+            workers.wait_for(Duration::from_secs(120), Duration::from_millis(50), |t| t.unique >= want).await?;
+        let received = totals.unique.saturating_sub(i as u64 * recipients as u64);
+        out.set(&format!("{way}_all_received_s"), round(totals.last_rx_us.saturating_sub(start_us) as f64 / 1e6, 3));
+        out.latency(&format!("{way}_publish_to_rx"), Latency::of(totals.publish_to_rx.as_ref()));
+        out.set(&format!("{way}_received"), received);
+        if !all_in {
+            out.fail(format!("{way}: received {received} of {recipients}"));
+        }
+        // Let the acks settle before the next way, so one does not slow the other.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    out.set("recipients", recipients as u64);
+    out.set("gateways", servers as u64);
+    workers.quit().await;
+    Ok(out)
+}
+
 // --- 5. reconnect storm with replay ----------------------------------------------------------------
 
 pub(crate) async fn storm(config: &RunConfig) -> anyhow::Result<Outcome> {
@@ -1200,6 +1248,7 @@ pub(crate) async fn run(scenario: Scenario, system: System, config: &RunConfig, 
             (Scenario::Resend, System::Herald) => resend(config).await,
             (Scenario::Rollout, System::Herald) => rollout::rollout(config).await,
             (Scenario::Smoke, System::Herald) => smoke(config).await,
+            (Scenario::Topic, System::Herald) => topic(config).await,
             (scenario, system) => anyhow::bail!("{scenario:?} is not measured on {system:?}"),
         }
     };

@@ -65,6 +65,9 @@ pub(crate) struct WorkerSpec {
     pub(crate) ack: bool,
     /// Connections being set up at once.
     pub(crate) connect_concurrency: usize,
+    /// Herald only: subscribe every connection to this topic (the token allows it) once it is up.
+    #[serde(default)]
+    pub(crate) topic: Option<String>,
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -274,7 +277,11 @@ fn jitter(step: Duration) -> Duration {
 async fn open(spec: &WorkerSpec, url: &str, user: &str, source: Ipv4Addr) -> Result<Ws, Failure> {
     let mut request = url.into_client_request().map_err(|_| Failure::Other)?;
     if let Some(secret) = &spec.jwt_secret {
-        let token = herald_tests::tokens::mint(secret, user, Duration::from_secs(6 * 3600));
+        let mut claims = herald_tests::tokens::Claims::new(user, Duration::from_secs(6 * 3600));
+        if let Some(topic) = &spec.topic {
+            claims = claims.topics(&[topic.as_str()]);
+        }
+        let token = claims.sign(secret);
         let value = format!("Bearer {token}").parse().map_err(|_| Failure::Other)?;
         request.headers_mut().insert(AUTHORIZATION, value);
     }
@@ -307,7 +314,14 @@ async fn open(spec: &WorkerSpec, url: &str, user: &str, source: Ipv4Addr) -> Res
         };
         let Message::Text(text) = message else { continue };
         match protocol::classify(spec.flavor, text.as_str()) {
-            Inbound::Ready => return Ok(ws),
+            Inbound::Ready => {
+                // Its `subscribed` answer comes as an `Other` frame, counted and let be.
+                if let Some(topic) = &spec.topic {
+                    let subscribe = serde_json::json!({ "type": "subscribe", "topic": topic }).to_string();
+                    ws.send(Message::text(subscribe)).await.map_err(|_| Failure::Other)?;
+                }
+                return Ok(ws);
+            }
             Inbound::EioOpen => ws.send(Message::text(protocol::SIO_CONNECT)).await.map_err(|_| Failure::Other)?,
             Inbound::EioPing => ws.send(Message::text(protocol::EIO_PONG)).await.map_err(|_| Failure::Other)?,
             _ => {}

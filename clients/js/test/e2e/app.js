@@ -14,17 +14,19 @@ function base64url(bytes) {
   return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
-async function mint(secret, user, ttlSecs) {
+async function mint(secret, user, ttlSecs, topics) {
   const now = Math.floor(Date.now() / 1000);
   const header = base64url(encoder.encode(JSON.stringify({ alg: "HS256", typ: "JWT" })));
-  const claims = base64url(encoder.encode(JSON.stringify({ sub: user, iat: now, exp: now + ttlSecs })));
+  const body = { sub: user, iat: now, exp: now + ttlSecs, ...(topics === undefined ? {} : { topics }) };
+  const claims = base64url(encoder.encode(JSON.stringify(body)));
   const key = await crypto.subtle.importKey("raw", encoder.encode(secret), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
   const signature = await crypto.subtle.sign("HMAC", key, encoder.encode(`${header}.${claims}`));
   return `${header}.${claims}.${base64url(new Uint8Array(signature))}`;
 }
 
 /**
- * Starts the app. `config`: { urls, secret, user, tokens, ackDelayMs?, orderWindowMs?, refreshTokens? }.
+ * Starts the app. `config`: { urls, secret, user, tokens, ackDelayMs?, orderWindowMs?, refreshTokens?,
+ * subscribe? } (`subscribe`: topics the token allows and the app subscribes to at start).
  * Returns the function that runs a command ({ cmd: "read", ids } or { cmd: "close" }).
  */
 export function start(config, { HeraldClient, WebSocket, report: send }) {
@@ -39,7 +41,7 @@ export function start(config, { HeraldClient, WebSocket, report: send }) {
       const ttl = lifetimes[Math.min(minted, lifetimes.length - 1)];
       minted += 1;
       report({ ev: "token", attempt, reason, ttl });
-      return mint(config.secret, config.user, ttl);
+      return mint(config.secret, config.user, ttl, config.subscribe);
     },
     ...(WebSocket === undefined ? {} : { WebSocket }),
     ...(config.ackDelayMs === undefined ? {} : { ackDelayMs: config.ackDelayMs }),
@@ -50,6 +52,11 @@ export function start(config, { HeraldClient, WebSocket, report: send }) {
   client.on("notification", (n) => report({ ev: "notification", id: n.id, seq: n.seq, payload: n.payload }));
   client.on("duplicate", (n) => report({ ev: "duplicate", id: n.id, seq: n.seq }));
   client.on("error", (e) => report({ ev: "error", message: String(e && e.message) }));
+  client.on("subscribed", (a) => report({ ev: "subscribed", ...a }));
+  client.on("topicRefused", (r) => report({ ev: "topic_refused", ...r }));
+  for (const topic of config.subscribe ?? []) {
+    client.subscribe(topic, (m) => report({ ev: "topic", topic: m.topic, offset: m.offset, id: m.id }));
+  }
   client.connect();
   report({ ev: "started" });
   return async (command) => {

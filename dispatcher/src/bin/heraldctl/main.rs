@@ -108,8 +108,11 @@ enum Command {
 #[derive(Debug, Args)]
 struct PublishArgs {
     /// Recipient user ids, comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "topic", conflicts_with = "topic")]
     to: Vec<String>,
+    /// Publish to the subscribers of this topic instead of to users (the job's `topic`).
+    #[arg(long)]
+    topic: Option<String>,
     /// The payload (any JSON value); `-` reads it from stdin. Or use --file, or --payload.
     #[arg(conflicts_with_all = ["payload", "file"])]
     payload_arg: Option<String>,
@@ -125,9 +128,10 @@ struct PublishArgs {
     /// Seconds the message may wait for an offline user (the dispatcher's default if unset).
     #[arg(long, visible_alias = "ttl-secs")]
     ttl: Option<u64>,
-    /// Last token of the publish subject (`<prefix>.publish.<topic>`).
+    /// The subject suffix: last token of the publish subject (`<prefix>.publish.<suffix>`), a
+    /// label for your monitoring. (Before topics existed this flag was `--topic`.)
     #[arg(long, default_value = "default")]
-    topic: String,
+    subject: String,
     /// Then follow the receipts through the API until none is pending, for at most this many
     /// seconds (30 when given without a value).
     #[arg(long, num_args = 0..=1, default_missing_value = "30", value_name = "SECS")]
@@ -262,18 +266,18 @@ async fn nats(global: &Global) -> anyhow::Result<async_nats::jetstream::Context>
 }
 
 async fn publish(global: &Global, args: PublishArgs) -> anyhow::Result<()> {
-    if !is_token(&args.topic) {
-        bail!("--topic {:?} must be 1-64 of [A-Za-z0-9_-]", args.topic);
+    if !is_token(&args.subject) {
+        bail!("--subject {:?} must be 1-64 of [A-Za-z0-9_-]", args.subject);
     }
     let payload = read_payload(&args)?;
-    let body = job_body(args.to, &payload, args.id, args.ttl)?;
+    let body = job_body(args.to, args.topic, &payload, args.id, args.ttl)?;
     // The dispatcher's limits, from the same variables it reads (defaults otherwise).
     let mut env = Env::from_process();
     let (max_payload_bytes, max_recipients, default_ttl, max_ttl) = job_limits(&mut env);
     env.finish(())?;
     let limits = herald_publish::validate::Limits { max_payload_bytes, max_recipients, default_ttl, max_ttl };
     let names = Names::new(&global.prefix);
-    let subject = names.publish_subject(&args.topic);
+    let subject = names.publish_subject(&args.subject);
     // Validation first: a bad job fails here, before NATS is even asked.
     let prepared = herald_publish::prepare(&body, None, &subject, &limits).map_err(|invalid| {
         anyhow::anyhow!(
@@ -322,14 +326,21 @@ fn read_payload(args: &PublishArgs) -> anyhow::Result<String> {
 }
 
 /// The job as JSON, with the payload's text kept byte for byte (trailing whitespace aside).
-fn job_body(to: Vec<String>, payload: &str, id: Option<String>, ttl_secs: Option<u64>) -> anyhow::Result<Vec<u8>> {
+fn job_body(
+    to: Vec<String>,
+    topic: Option<String>,
+    payload: &str,
+    id: Option<String>,
+    ttl_secs: Option<u64>,
+) -> anyhow::Result<Vec<u8>> {
     let to: Vec<String> = to.into_iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect();
-    if to.is_empty() {
+    if to.is_empty() && topic.is_none() {
         bail!("--to needs at least one user id");
     }
     let payload: Box<serde_json::value::RawValue> =
         serde_json::from_str(payload.trim()).context("the payload is not valid JSON")?;
-    let job = herald_proto::PublishJob { id, to, payload, ttl_secs };
+    let to = topic.is_none().then_some(to);
+    let job = herald_proto::PublishJob { id, to, topic, payload, ttl_secs };
     serde_json::to_vec(&job).context("encoding the job")
 }
 
@@ -414,10 +425,11 @@ mod tests {
 
     #[test]
     fn payload_must_be_json_and_recipients_are_trimmed() {
-        assert!(job_body(vec!["a".into()], "{not json", None, None).is_err());
-        assert!(job_body(vec![" ".into()], "{}", None, None).is_err());
+        assert!(job_body(vec!["a".into()], None, "{not json", None, None).is_err());
+        assert!(job_body(vec![" ".into()], None, "{}", None, None).is_err());
         let body =
-            job_body(vec![" alice".into(), "".into(), "bob".into()], "{\"title\":\"hi\"}\n", None, Some(5)).unwrap();
+            job_body(vec![" alice".into(), "".into(), "bob".into()], None, "{\"title\":\"hi\"}\n", None, Some(5))
+                .unwrap();
         let job: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(job["to"], serde_json::json!(["alice", "bob"]));
         assert_eq!(job["ttl_secs"], 5);
