@@ -133,8 +133,9 @@ struct PublishArgs {
     #[arg(long, default_value = "default")]
     subject: String,
     /// Then follow the receipts through the API until none is pending, for at most this many
-    /// seconds (30 when given without a value).
-    #[arg(long, num_args = 0..=1, default_missing_value = "30", value_name = "SECS")]
+    /// seconds (30 when given without a value). Users' receipts only: a topic message has one
+    /// aggregate receipt, shown by `heraldctl message <id>`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "30", value_name = "SECS", conflicts_with = "topic")]
     wait: Option<u64>,
 }
 
@@ -466,6 +467,8 @@ mod tests {
     fn the_command_line_parses() {
         use clap::CommandFactory as _;
         Cli::command().debug_assert();
+        let waiting_on_a_topic = Cli::try_parse_from(["heraldctl", "publish", "--topic", "news", "{}", "--wait"]);
+        assert!(waiting_on_a_topic.is_err(), "a topic message has no users' receipts to follow");
         let cli = Cli::try_parse_from(["heraldctl", "--json", "publish", "--to", "a,b", "{}", "--ttl", "5", "--wait"])
             .unwrap();
         let Command::Publish(args) = cli.command else { panic!("not publish") };
