@@ -76,17 +76,27 @@ pub async fn ensure_at_startup(
     replicas: usize,
     limits: &StreamLimits,
 ) -> Result<(), StreamError> {
+    retried_at_startup("nats: jetstream streams", names.jobs_stream(), || ensure(js, names, replicas, limits)).await
+}
+
+/// Runs `ensure` until it succeeds, retrying for up to [`crate::connect::STARTUP_TIMEOUT`]
+/// everything but an incompatible stream; a timeout is reported against `stream`.
+async fn retried_at_startup<F, Fut>(dependency: &'static str, stream: String, ensure: F) -> Result<(), StreamError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StreamError>>,
+{
     use crate::connect::{wait_for, Waited};
     let attempt = || async {
-        match ensure(js, names, replicas, limits).await {
+        match ensure().await {
             Err(e @ StreamError::Incompatible { .. }) => Ok(Err(e)),
             other => other.map(Ok),
         }
     };
-    wait_for("nats: jetstream streams", attempt).await.map_err(|waited| match waited {
+    wait_for(dependency, attempt).await.map_err(|waited| match waited {
         Waited::Failed(e) => e,
         Waited::TimedOut => StreamError::Create {
-            stream: names.jobs_stream(),
+            stream,
             source: jetstream::context::CreateStreamError::new(jetstream::context::CreateStreamErrorKind::TimedOut),
         },
     })?
@@ -161,20 +171,8 @@ pub async fn ensure_topics_at_startup(
     replicas: usize,
     retention: &crate::config::TopicRetention,
 ) -> Result<(), StreamError> {
-    use crate::connect::{wait_for, Waited};
-    let attempt = || async {
-        match ensure_topics(js, names, replicas, retention).await {
-            Err(e @ StreamError::Incompatible { .. }) => Ok(Err(e)),
-            other => other.map(Ok),
-        }
-    };
-    wait_for("nats: topics stream", attempt).await.map_err(|waited| match waited {
-        Waited::Failed(e) => e,
-        Waited::TimedOut => StreamError::Create {
-            stream: names.topics_stream(),
-            source: jetstream::context::CreateStreamError::new(jetstream::context::CreateStreamErrorKind::TimedOut),
-        },
-    })?
+    retried_at_startup("nats: topics stream", names.topics_stream(), || ensure_topics(js, names, replicas, retention))
+        .await
 }
 
 /// The topics stream as Herald creates it.

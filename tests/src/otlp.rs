@@ -197,19 +197,7 @@ impl OtlpReceiver {
     where
         F: Fn(&[Span]) -> bool,
     {
-        eventually(timeout, Duration::from_millis(50), || async {
-            let spans = self.spans();
-            if done(&spans) {
-                Ok(spans)
-            } else {
-                Err(format!(
-                    "condition not met by {} spans (last: {:?})",
-                    spans.len(),
-                    spans.last().map(|s| format!("{}/{}", s.service, s.name))
-                ))
-            }
-        })
-        .await
+        wait_for_spans(timeout, || self.spans(), done).await
     }
 }
 
@@ -247,4 +235,27 @@ pub fn venv_python() -> anyhow::Result<PathBuf> {
 /// The workspace root: the parent of this crate, as `services` finds `.venv`.
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf()
+}
+
+/// Polls `spans` until `done` holds for them, and returns them; fails after `timeout` with the
+/// number of spans seen and the last one's name. For either receiver (HTTP here, gRPC in
+/// [`crate::otlp_grpc`]).
+pub(crate) async fn wait_for_spans<S, F>(timeout: Duration, spans: S, done: F) -> anyhow::Result<Vec<Span>>
+where
+    S: Fn() -> Vec<Span>,
+    F: Fn(&[Span]) -> bool,
+{
+    eventually(timeout, Duration::from_millis(50), || async {
+        let spans = spans();
+        if done(&spans) {
+            Ok(spans)
+        } else {
+            Err(format!(
+                "condition not met by {} spans (last: {:?})",
+                spans.len(),
+                spans.last().map(|s| format!("{}/{}", s.service, s.name))
+            ))
+        }
+    })
+    .await
 }

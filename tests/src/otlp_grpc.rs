@@ -14,7 +14,6 @@ use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::eventually;
 use crate::otlp::{Link, Span};
 use crate::test_ca::CertFiles;
 
@@ -81,15 +80,7 @@ impl GrpcReceiver {
     where
         F: Fn(&[Span]) -> bool,
     {
-        eventually(timeout, Duration::from_millis(50), || async {
-            let spans = self.spans();
-            if done(&spans) {
-                Ok(spans)
-            } else {
-                Err(format!("condition not met by {} spans", spans.len()))
-            }
-        })
-        .await
+        crate::otlp::wait_for_spans(timeout, || self.spans(), done).await
     }
 }
 
