@@ -19,7 +19,9 @@ use async_nats::jetstream::{self, consumer};
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
 use herald_proto::{close, ConnectionId, ServerFrame, TopicName, TopicNotification, TopicPublication};
+use herald_shared::backoff::Backoff;
 use herald_shared::naming::Names;
+use herald_shared::outage::Outage;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::GatewayMetrics;
@@ -179,7 +181,8 @@ impl Reader {
     /// stop delivering topics.
     pub(crate) async fn run(self, stop: CancellationToken) {
         let mut next: Option<u64> = None;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let outage = Outage::new("nats: topics stream");
         loop {
             let deliver_policy = match next {
                 None => consumer::DeliverPolicy::New,
@@ -187,15 +190,12 @@ impl Reader {
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                e = self.read_from(deliver_policy, &mut next, &mut backoff) => {
-                    tracing::warn!(error = %e, "topics stream consumer broke; making it again");
-                }
+                e = self.read_from(deliver_policy, &mut next, &mut backoff, &outage) => outage.failed(&e),
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_pause()) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -204,7 +204,8 @@ impl Reader {
         &self,
         deliver_policy: consumer::DeliverPolicy,
         next: &mut Option<u64>,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
+        outage: &Outage,
     ) -> String {
         let stream = match self.js.get_stream(self.names.topics_stream()).await {
             Ok(stream) => stream,
@@ -224,7 +225,8 @@ impl Reader {
                 Ok(message) => message,
                 Err(e) => return e.to_string(),
             };
-            *backoff = Duration::from_millis(100);
+            backoff.succeeded();
+            outage.answered();
             let Ok(info) = message.info() else { continue };
             let offset = info.stream_sequence;
             *next = Some(offset + 1);
