@@ -14,7 +14,11 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     let config = GatewayConfig::load()?;
-    let listeners = herald_shared::serve::Listeners::bind(config.listen, config.internal_listen).await?;
+    let listeners = herald_shared::serve::Listeners::bind(
+        config.listen,
+        config.internal_listen,
+        config.common.http.listen_backlog,
+    )?;
     let token = CancellationToken::new();
     herald_shared::shutdown::run_until_signal(token.clone(), herald_gateway::run(config, listeners, token)).await?;
     Ok(())

@@ -118,6 +118,11 @@ pub struct HttpConfig {
     /// New connections per second from one source address (an IPv6 /64), with a burst of twice
     /// as many; over it, connections are closed at once. 0: no limit.
     pub connects_per_sec_per_ip: u32,
+    /// Connections the kernel completes for a listener before it accepts them. A reconnect
+    /// storm (a rollout, a network blip) arrives faster than one accept loop takes it; past the
+    /// queue the kernel drops SYNs and clients wait a second for their retry. The kernel caps it
+    /// at `net.core.somaxconn` (4096 on current kernels).
+    pub listen_backlog: u32,
 }
 
 impl Default for HttpConfig {
@@ -127,6 +132,7 @@ impl Default for HttpConfig {
             idle_timeout: Duration::from_secs(30),
             max_connections: 1024,
             connects_per_sec_per_ip: 20,
+            listen_backlog: 4096,
         }
     }
 }
@@ -758,12 +764,16 @@ impl HttpConfig {
             idle_timeout: env.millis("HERALD_HTTP_IDLE_TIMEOUT_MS", default.idle_timeout.as_millis() as u64),
             max_connections: env.parse("HERALD_HTTP_MAX_CONNECTIONS", default.max_connections),
             connects_per_sec_per_ip: env.parse("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", default.connects_per_sec_per_ip),
+            listen_backlog: env.parse("HERALD_LISTEN_BACKLOG", default.listen_backlog),
         };
         if config.header_timeout < MIN_HTTP_TIMEOUT || config.idle_timeout < MIN_HTTP_TIMEOUT {
             env.invalid("HERALD_HTTP_HEADER_TIMEOUT_MS and HERALD_HTTP_IDLE_TIMEOUT_MS: must be at least 100");
         }
         if config.max_connections == 0 {
             env.invalid("HERALD_HTTP_MAX_CONNECTIONS: must be positive");
+        }
+        if !(1..=65535).contains(&config.listen_backlog) {
+            env.invalid("HERALD_LISTEN_BACKLOG: must be 1 to 65535");
         }
         config
     }
@@ -957,6 +967,7 @@ mod tests {
             ("HERALD_HTTP_IDLE_TIMEOUT_MS", "7000"),
             ("HERALD_HTTP_MAX_CONNECTIONS", "64"),
             ("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "0"),
+            ("HERALD_LISTEN_BACKLOG", "8192"),
         ]);
         let c = GatewayConfig::from_env(&mut e);
         let c = e.finish(c).unwrap();
@@ -966,6 +977,7 @@ mod tests {
             idle_timeout: Duration::from_secs(7),
             max_connections: 64,
             connects_per_sec_per_ip: 0,
+            listen_backlog: 8192,
         };
         assert_eq!(c.common.http, want);
 
@@ -975,12 +987,16 @@ mod tests {
             ("HERALD_HTTP_HEADER_TIMEOUT_MS", "0"),
             ("HERALD_HTTP_MAX_CONNECTIONS", "0"),
             ("HERALD_HTTP_CONNECTS_PER_SEC_PER_IP", "-1"),
+            ("HERALD_LISTEN_BACKLOG", "0"),
         ]);
         let c = DispatcherConfig::from_env(&mut e);
         let text = e.finish(c).unwrap_err().to_string();
-        for var in
-            ["HERALD_HTTP_HEADER_TIMEOUT_MS", "HERALD_HTTP_MAX_CONNECTIONS", "HERALD_HTTP_CONNECTS_PER_SEC_PER_IP"]
-        {
+        for var in [
+            "HERALD_HTTP_HEADER_TIMEOUT_MS",
+            "HERALD_HTTP_MAX_CONNECTIONS",
+            "HERALD_HTTP_CONNECTS_PER_SEC_PER_IP",
+            "HERALD_LISTEN_BACKLOG",
+        ] {
             assert!(text.contains(var), "{var} missing from {text}");
         }
         let mut e = env(&[("HERALD_JWT_SECRET", "0123456789abcdef"), ("HERALD_MAX_CONNECTIONS", "lots")]);

@@ -111,12 +111,22 @@ pub struct BindError {
 }
 
 impl Listeners {
-    pub async fn bind(public: SocketAddr, internal: SocketAddr) -> Result<Self, BindError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
-        };
-        Ok(Self { public: bind(public).await?, internal: bind(internal).await? })
+    /// Both listeners, each with a queue of `backlog` connections the kernel completes before
+    /// they are accepted (`HERALD_LISTEN_BACKLOG`; tokio's own bind asks for 1024).
+    pub fn bind(public: SocketAddr, internal: SocketAddr, backlog: u32) -> Result<Self, BindError> {
+        Ok(Self { public: listen(public, backlog)?, internal: listen(internal, backlog)? })
     }
+}
+
+/// A listener on `addr` with an accept queue of `backlog`, as `TcpListener::bind` sets it up
+/// otherwise (`SO_REUSEADDR`, so a restarted process can bind while old connections linger).
+pub fn listen(addr: SocketAddr, backlog: u32) -> Result<TcpListener, BindError> {
+    let err = |source| BindError { addr, source };
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(backlog).map_err(err)
 }
 
 /// The listener's metrics, registered in the service's registry.
@@ -563,6 +573,25 @@ mod tests {
         let mut response = String::new();
         stream.read_to_string(&mut response).await.ok()?;
         response.lines().next().map(str::to_owned)
+    }
+
+    /// Connections the kernel completes for a listener that has not accepted them yet: at most
+    /// about `backlog`; the rest have their SYNs dropped and wait for a retry a second later.
+    async fn completed_without_accept(backlog: u32, clients: usize) -> usize {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), backlog).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..clients).map(|_| tokio::time::timeout(Duration::from_millis(700), TcpStream::connect(addr)));
+        let streams = futures::future::join_all(connects).await;
+        streams.iter().filter(|s| matches!(s, Ok(Ok(_)))).count()
+    }
+
+    /// A reconnect storm larger than tokio's default queue of 1024 must not be made to wait for
+    /// SYN retries: the queue is what HERALD_LISTEN_BACKLOG says. Small numbers show the same.
+    #[tokio::test]
+    async fn the_listen_backlog_bounds_connections_waiting_for_accept() {
+        let small = completed_without_accept(4, 24).await;
+        assert!((1..=5).contains(&small), "a backlog of 4 completed {small} of 24");
+        assert_eq!(completed_without_accept(64, 24).await, 24, "a backlog of 64 completes all 24");
     }
 
     #[tokio::test]

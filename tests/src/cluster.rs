@@ -16,7 +16,6 @@ use herald_shared::config::{DispatcherConfig, GatewayConfig, JwtConfig};
 use herald_shared::naming::collections;
 use mongodb::bson::doc;
 use serde_json::Value;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -688,10 +687,8 @@ pub fn ws_url(addr: SocketAddr) -> String {
 /// Binds both listeners of a service at `public` and `internal` (port 0: any free one) and
 /// writes the addresses they got back, for the test to use.
 async fn bind(public: &mut SocketAddr, internal: &mut SocketAddr) -> anyhow::Result<herald_shared::serve::Listeners> {
-    let listeners = herald_shared::serve::Listeners {
-        public: TcpListener::bind(*public).await?,
-        internal: TcpListener::bind(*internal).await?,
-    };
+    let backlog = herald_shared::config::HttpConfig::default().listen_backlog;
+    let listeners = herald_shared::serve::Listeners::bind(*public, *internal, backlog)?;
     *public = listeners.public.local_addr()?;
     *internal = listeners.internal.local_addr()?;
     Ok(listeners)
