@@ -52,6 +52,22 @@ pub(crate) struct Sent {
 }
 
 #[cfg(test)]
+impl Sent {
+    /// A direct notification's record as tests need it: not a replay, resend or topic message.
+    pub(crate) fn direct(id: &str, expires_at_ms: u64) -> Self {
+        Self {
+            id: id.into(),
+            published_at_ms: 0,
+            expires_at_ms,
+            replay: false,
+            resend: false,
+            traceparent: None,
+            topic: None,
+        }
+    }
+}
+
+#[cfg(test)]
 impl Outbound {
     pub(crate) fn control(frame: Utf8Bytes) -> Self {
         Self::Frame { frame, sent: None }

@@ -136,15 +136,7 @@ mod tests {
     use super::*;
 
     fn sent(id: &str) -> Arc<Sent> {
-        Arc::new(Sent {
-            id: id.into(),
-            published_at_ms: 0,
-            expires_at_ms: u64::MAX,
-            replay: false,
-            resend: false,
-            traceparent: None,
-            topic: None,
-        })
+        Arc::new(Sent::direct(id, u64::MAX))
     }
 
     fn resent(id: &str) -> Arc<Sent> {

@@ -74,6 +74,12 @@ impl Stack {
             }
         };
         let (redis, nats, mongo) = tokio::try_join!(Redis::start(), nats, Mongo::start())?;
+        Self::of(redis, nats, mongo).await
+    }
+
+    /// A stack of servers started already (TLS ones, say): Mongo gets its proxy, and the test
+    /// its own prefix and database.
+    pub async fn of(redis: Redis, nats: Nats, mongo: Mongo) -> anyhow::Result<Self> {
         let mongo_proxy = TcpProxy::start(mongo.host_port()?).await?;
         let name = unique_name("t");
         Ok(Self {

@@ -8,14 +8,13 @@ use std::time::Duration;
 use herald_shared::config::NatsAuth;
 use herald_shared::connect::{self, ConnectError, NatsError, STARTUP_TIMEOUT};
 use herald_shared::tls::{CertKey, ClientTls};
+use herald_tests::bin_path;
 use herald_tests::cluster::{dispatcher_config, gateway_config, Cluster, Options};
 use herald_tests::otlp::{OtlpReceiver, Span};
 use herald_tests::otlp_grpc::GrpcReceiver;
-use herald_tests::proxy::TcpProxy;
 use herald_tests::services::{nats_tls_config, Mongo, Nats, Redis, Stack};
 use herald_tests::test_ca::{CertFiles, TestCa};
 use herald_tests::tls_proxy::{mongo_tls_uri, TlsProxy};
-use herald_tests::{bin_path, unique_name};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -50,18 +49,7 @@ async fn a_fleet_with_tls_to_every_dependency_delivers_a_message() {
     )
     .unwrap();
     let mongo_tls = TlsProxy::start(mongo.host_port().unwrap(), &server, Some(&ca.ca_file)).await.unwrap();
-    let mongo_proxy = TcpProxy::start(mongo.host_port().unwrap()).await.unwrap();
-    let name = unique_name("t");
-    let stack = Stack {
-        redis,
-        nats,
-        mongo,
-        mongo_proxy,
-        prefix: name.clone(),
-        database: name,
-        redis_cluster: None,
-        redis_sentinel: None,
-    };
+    let stack = Stack::of(redis, nats, mongo).await.unwrap();
 
     // The test's own NATS client goes through the same options as Herald's.
     let nats_url = tls_url(&stack.nats);

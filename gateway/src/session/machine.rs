@@ -592,15 +592,7 @@ mod tests {
     }
 
     fn sent(id: &str, expires_at_ms: u64) -> Arc<Sent> {
-        Arc::new(Sent {
-            id: id.into(),
-            published_at_ms: 0,
-            expires_at_ms,
-            replay: false,
-            resend: false,
-            traceparent: None,
-            topic: None,
-        })
+        Arc::new(Sent::direct(id, expires_at_ms))
     }
 
     fn notification(id: &str) -> Outbound {

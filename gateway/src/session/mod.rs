@@ -597,15 +597,7 @@ mod tests {
     }
 
     fn notification(id: &str) -> Outbound {
-        let sent = Sent {
-            id: id.into(),
-            published_at_ms: 0,
-            expires_at_ms: u64::MAX,
-            replay: false,
-            resend: false,
-            traceparent: None,
-            topic: None,
-        };
+        let sent = Sent::direct(id, u64::MAX);
         Outbound::Frame { frame: format!(r#"{{"id":"{id}"}}"#).into(), sent: Some(Arc::new(sent)) }
     }
 

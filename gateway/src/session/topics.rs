@@ -62,14 +62,7 @@ impl Topics {
     /// within the cap; refused with the first reason that applies otherwise.
     /// `may_recover`: whether a `since` is within the connection's recovery budget.
     pub(crate) fn on_subscribe(&mut self, topic: String, since: Option<u64>, may_recover: bool) -> TopicAction {
-        let refuse = |topic: String, reason, message: &str| {
-            TopicAction::Answer(ServerFrame::TopicRefused {
-                request: TopicRequest::Subscribe,
-                topic,
-                reason,
-                message: message.to_owned(),
-            })
-        };
+        let refuse = |topic, reason, message| refused(TopicRequest::Subscribe, topic, reason, message);
         let Ok(name) = TopicName::new(topic.as_str()) else {
             return refuse(topic, TopicRefusal::InvalidTopic, TopicName::RULE);
         };
@@ -93,14 +86,7 @@ impl Topics {
 
     /// An `unsubscribe`: done for a topic held, refused otherwise.
     pub(crate) fn on_unsubscribe(&mut self, topic: String) -> TopicAction {
-        let refuse = |topic: String, reason, message: &str| {
-            TopicAction::Answer(ServerFrame::TopicRefused {
-                request: TopicRequest::Unsubscribe,
-                topic,
-                reason,
-                message: message.to_owned(),
-            })
-        };
+        let refuse = |topic, reason, message| refused(TopicRequest::Unsubscribe, topic, reason, message);
         let Ok(name) = TopicName::new(topic.as_str()) else {
             return refuse(topic, TopicRefusal::InvalidTopic, TopicName::RULE);
         };
@@ -136,6 +122,11 @@ impl Topics {
             _ => None,
         }
     }
+}
+
+/// The answer refusing a `subscribe` or `unsubscribe` of `topic`, with its reason.
+fn refused(request: TopicRequest, topic: String, reason: TopicRefusal, message: &str) -> TopicAction {
+    TopicAction::Answer(ServerFrame::TopicRefused { request, topic, reason, message: message.to_owned() })
 }
 
 #[cfg(test)]
@@ -189,13 +180,8 @@ mod tests {
     fn only_the_first_ack_of_a_topic_message_sent_here_counts() {
         let mut t = topics(&["news"], 2);
         let sent = |id: &str, topic: Option<&str>| Sent {
-            id: id.into(),
-            published_at_ms: 0,
-            expires_at_ms: u64::MAX,
-            replay: false,
-            resend: false,
-            traceparent: None,
             topic: topic.map(|t| TopicName::new(t).unwrap()),
+            ..Sent::direct(id, u64::MAX)
         };
         t.on_written(&sent("t1", Some("news")));
         t.on_written(&sent("d1", None));
