@@ -41,14 +41,19 @@ export HERALD_TEST_MONGO_SERVER="${HERALD_TEST_MONGO_SERVER:-$root/.venv/bin/nx-
 say "building release binaries"
 cargo build --release --bins -p herald-gateway -p herald-dispatcher -p herald-tests
 
-# The peer runs only in the scenarios it can do (idle and gateway); it needs Node.
+# The peers run only in the scenarios they can do (idle and gateway); they need Node. The plain
+# `ws` peer is the idle yardstick, added only when idle is measured (it then runs the delivery
+# stage too, if that is in the same run).
 systems=(--system herald --system limit)
 if [[ " ${scenarios[*]} " =~ \ (idle|gateway)\  ]]; then
     if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
         (cd tests/peer && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
         systems+=(--system peer)
+        if [[ " ${scenarios[*]} " =~ \ idle\  ]]; then
+            systems+=(--system ws)
+        fi
     else
-        say "node/npm not found: the Socket.IO peer is skipped (apt-get install nodejs npm)"
+        say "node/npm not found: the Socket.IO and ws peers are skipped (apt-get install nodejs npm)"
     fi
 fi
 

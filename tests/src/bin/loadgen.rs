@@ -99,6 +99,7 @@ async fn run(
             outcomes.push(outcome);
         }
     }
+    loadgen::ratios::add_idle_ratios(&mut outcomes);
     let table = scenarios::table(&outcomes);
     println!("{table}");
     let summary = json!({

@@ -8,6 +8,7 @@ pub(crate) mod metrics;
 pub(crate) mod mongo_proxy;
 pub(crate) mod orchestrator;
 pub(crate) mod protocol;
+pub(crate) mod ratios;
 pub(crate) mod report;
 pub(crate) mod rollout;
 pub(crate) mod sampler;

@@ -19,7 +19,7 @@ use super::orchestrator::{user_names, Plan, Workers};
 use super::protocol::{self, Flavor};
 use super::report::{self, Latency, Totals};
 use super::rollout;
-use super::systems::{self, Herald, HeraldOptions, Limit, Peer, Server};
+use super::systems::{self, Herald, HeraldOptions, Limit, Peer, Server, WsPeer};
 
 /// Which system a scenario measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -28,6 +28,8 @@ pub(crate) enum System {
     Herald,
     /// Socket.IO 4 with the Redis adapter.
     Peer,
+    /// A plain Node `ws` server (`tests/peer/ws-server.js`).
+    Ws,
     /// The bare fan-out server.
     Limit,
 }
@@ -137,6 +139,7 @@ impl Sampled<'_> {
 pub(super) enum Sut {
     Herald(Box<Herald>),
     Peer(Peer),
+    Ws(WsPeer),
     Limit(Limit),
 }
 
@@ -152,6 +155,7 @@ impl Sut {
                 Herald::start(&HeraldOptions { gateways: servers, ..options }, &config.logs).await?,
             )),
             System::Peer => Sut::Peer(Peer::start(servers, &config.logs).await?),
+            System::Ws => Sut::Ws(WsPeer::start(servers, &config.logs).await?),
             System::Limit => Sut::Limit(Limit::start(servers, &config.logs).await?),
         })
     }
@@ -159,7 +163,8 @@ impl Sut {
     fn flavor(&self) -> Flavor {
         match self {
             Sut::Peer(_) => Flavor::EngineIo,
-            _ => Flavor::Herald,
+            Sut::Ws(_) => Flavor::Plain,
+            Sut::Herald(_) | Sut::Limit(_) => Flavor::Herald,
         }
     }
 
@@ -171,6 +176,7 @@ impl Sut {
         match self {
             Sut::Herald(h) => h.urls(),
             Sut::Peer(p) => p.urls(),
+            Sut::Ws(w) => w.urls(),
             Sut::Limit(l) => l.urls(),
         }
     }
@@ -181,6 +187,7 @@ impl Sut {
             servers: match self {
                 Sut::Herald(h) => h.gateways.iter().collect(),
                 Sut::Peer(p) => p.nodes.iter().collect(),
+                Sut::Ws(w) => w.nodes.iter().collect(),
                 Sut::Limit(l) => l.servers.iter().collect(),
             },
         }
@@ -190,7 +197,7 @@ impl Sut {
         match self {
             Sut::Herald(h) => Some(h.redis_port()),
             Sut::Peer(p) => Some(p.redis.port()),
-            Sut::Limit(_) => None,
+            Sut::Ws(_) | Sut::Limit(_) => None,
         }
     }
 
@@ -333,6 +340,7 @@ pub(crate) async fn gateway_stage(system: System, config: &RunConfig) -> anyhow:
         match &sut {
             Sut::Herald(h) => publish_deliveries(h, per_server, ks).await?,
             Sut::Peer(p) => publish_http(&http, &[&p.nodes[0]], ks).await?,
+            Sut::Ws(w) => publish_http(&http, &w.nodes.iter().collect::<Vec<_>>(), ks).await?,
             Sut::Limit(l) => publish_http(&http, &l.servers.iter().collect::<Vec<_>>(), ks).await?,
         }
         let (totals, done) = workers

@@ -307,6 +307,9 @@ async fn open(spec: &WorkerSpec, url: &str, user: &str, source: Ipv4Addr) -> Res
         Ok(Err(tungstenite::Error::Http(response))) => return Err(Failure::Refused(response.status().as_u16())),
         _ => return Err(Failure::Other),
     };
+    if spec.flavor.ready_on_upgrade() {
+        return Ok(ws);
+    }
     loop {
         let message = match tokio::time::timeout_at(deadline, ws.next()).await {
             Ok(Some(Ok(message))) => message,
