@@ -19,6 +19,7 @@ use super::orchestrator::{user_names, Plan, Workers};
 use super::protocol::{self, Flavor};
 use super::report::{self, Latency, Totals};
 use super::rollout;
+use super::storm::{self as storm_probe, SynCounters};
 use super::systems::{self, Herald, HeraldOptions, Limit, Peer, Server, WsPeer};
 
 /// Which system a scenario measures.
@@ -770,8 +771,9 @@ pub(crate) async fn topic(config: &RunConfig) -> anyhow::Result<Outcome> {
 
 // --- 5. reconnect storm with replay ----------------------------------------------------------------
 
+/// 5,000 users with 10 pending each connect at once (the issue's storm; 1,000 short).
 pub(crate) async fn storm(config: &RunConfig) -> anyhow::Result<Outcome> {
-    let users_n = if config.short { 1_000 } else { 10_000 };
+    let users_n = if config.short { 1_000 } else { 5_000 };
     storm_with(Scenario::Storm, users_n, 10, config).await
 }
 
@@ -847,11 +849,18 @@ struct Watched {
     delivered: u64,
     peak_gw_kib: u64,
     peak_dsp_kib: u64,
+    /// The kernel's SYN counters' increase from the first connect to the last (host-wide).
+    syn_in_connect: Option<SynCounters>,
+    /// CPU seconds each process used from the first connect until all was received.
+    cpu_in_storm: Option<BTreeMap<String, f64>>,
 }
 
 /// Opens every connection of `workers` at once, then watches until `want` messages are
 /// received (at most 180 s) and `want` receipts read `delivered` (at most 300 s).
 async fn watch_replay(sut: &Sut, h: &Herald, mut workers: Workers, users: u64, want: u64) -> anyhow::Result<Watched> {
+    let (syn_before, cpu_before) =
+        (SynCounters::read()?, storm_probe::cpu_by_process(h, workers.totals().await?.generator_cpu_secs));
+    let (mut syn_in_connect, mut cpu_in_storm) = (None, None);
     let start = Instant::now();
     let (mut peak_gw_kib, mut peak_dsp_kib) = (0u64, 0u64);
     workers.activate(1.0).await?;
@@ -863,9 +872,12 @@ async fn watch_replay(sut: &Sut, h: &Herald, mut workers: Workers, users: u64, w
         peak_dsp_kib = peak_dsp_kib.max(h.dispatchers[0].rss_kib());
         if connected_s.is_none() && totals.connected >= users {
             connected_s = Some(start.elapsed().as_secs_f64());
+            syn_in_connect = Some(SynCounters::read()?.since(&syn_before));
         }
         if received_s.is_none() && totals.unique >= want {
             received_s = Some(start.elapsed().as_secs_f64());
+            let cpu_after = storm_probe::cpu_by_process(h, totals.generator_cpu_secs);
+            cpu_in_storm = Some(storm_probe::cpu_used(&cpu_before, &cpu_after));
         }
         if received_s.is_some() || start.elapsed() > Duration::from_secs(180) {
             break;
@@ -894,6 +906,8 @@ async fn watch_replay(sut: &Sut, h: &Herald, mut workers: Workers, users: u64, w
         delivered,
         peak_gw_kib,
         peak_dsp_kib,
+        syn_in_connect,
+        cpu_in_storm,
     })
 }
 
@@ -909,6 +923,17 @@ impl Watched {
         out.set("receipts_delivered", self.delivered);
         out.set("gateways_peak_rss_mib_sum", round(self.peak_gw_kib as f64 / 1024.0, 1));
         out.set("dispatcher_peak_rss_mib", round(self.peak_dsp_kib as f64 / 1024.0, 1));
+        if let Some(syn) = &self.syn_in_connect {
+            syn.report(out, "connect");
+            out.notes.push(
+                "host_* figures are the whole machine's TcpExt counters (/proc/net/netstat) over the connect \
+                 phase: anything else connecting on this host then is counted too"
+                    .into(),
+            );
+        }
+        if let (Some(cpu), Some(secs)) = (&self.cpu_in_storm, self.received_s) {
+            storm_probe::report_cpu(out, cpu, secs);
+        }
         if self.totals.unique < want || self.delivered < want {
             out.fail(format!("received {} of {want}; receipts delivered {}", self.totals.unique, self.delivered));
         }
