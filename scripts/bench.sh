@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench*`: builds Herald, the load generator and the bare fan-out server in release mode,
 # installs the Socket.IO peer's pinned packages, then runs the scenarios named in the arguments
-# (idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout) on the systems
+# (idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout soak) on the systems
 # each applies to, and writes target/bench/<name>/summary.{json,txt}. Every scenario stops by
 # itself (--scenario-limit-secs).
 #
@@ -21,7 +21,7 @@ scenarios=()
 for arg in "$@"; do
     case "$arg" in
         --short) short=(--short) ;;
-        idle | gateway | direct | fanout | topic | storm | loss | backlog | backlog-storm | resend | rollout) scenarios+=("$arg") ;;
+        idle | gateway | direct | fanout | topic | storm | loss | backlog | backlog-storm | resend | rollout | soak) scenarios+=("$arg") ;;
         *)
             say "unknown argument $arg"
             exit 2
@@ -29,7 +29,7 @@ for arg in "$@"; do
     esac
 done
 [ "${#scenarios[@]}" -gt 0 ] || {
-    say "usage: scripts/bench.sh [--short] idle|gateway|direct|fanout|topic|storm|loss|backlog|backlog-storm|resend|rollout..."
+    say "usage: scripts/bench.sh [--short] idle|gateway|direct|fanout|topic|storm|loss|backlog|backlog-storm|resend|rollout|soak..."
     exit 2
 }
 

@@ -13,6 +13,7 @@ pub(crate) mod report;
 pub(crate) mod rollout;
 pub(crate) mod sampler;
 pub(crate) mod scenarios;
+pub(crate) mod soak;
 pub(crate) mod storm;
 pub(crate) mod systems;
 pub(crate) mod worker;

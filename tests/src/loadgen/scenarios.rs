@@ -19,6 +19,7 @@ use super::orchestrator::{user_names, Plan, Workers};
 use super::protocol::{self, Flavor};
 use super::report::{self, Latency, Totals};
 use super::rollout;
+use super::soak;
 use super::storm::{self as storm_probe, SynCounters};
 use super::systems::{self, Herald, HeraldOptions, Limit, Peer, Server, WsPeer};
 
@@ -59,6 +60,9 @@ pub(crate) enum Scenario {
     /// One topic message to 10,000 subscribers on 2 gateways (2,000 short), then one job to the
     /// same audience through `to`: time until all received, each way.
     Topic,
+    /// Steady one-recipient jobs to 1,200 users for `--soak-minutes` (2 short) while some flap
+    /// and a group goes away and comes back: memory and latency over time, nothing lost.
+    Soak,
 }
 
 /// Settings of one run.
@@ -70,6 +74,10 @@ pub(crate) struct RunConfig {
     /// Idle connections per server process.
     pub(crate) idle_per_server: usize,
     pub(crate) repeats: usize,
+    /// Length of the full soak, minutes.
+    pub(crate) soak_minutes: u64,
+    /// One-recipient jobs per second in the soak.
+    pub(crate) soak_rate: f64,
 }
 
 /// What one scenario measured on one system.
@@ -614,7 +622,7 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
 /// Receipts matching `filter`, with the plain `count` command. `count_documents` is an
 /// aggregation, which nx-27017 runs in Python over every document: polled, it would load the
 /// store it is meant to observe.
-async fn count_receipts(db: &mongodb::Database, filter: Document) -> anyhow::Result<u64> {
+pub(super) async fn count_receipts(db: &mongodb::Database, filter: Document) -> anyhow::Result<u64> {
     let reply = db.run_command(doc! { "count": herald_shared::naming::collections::RECEIPTS, "query": filter }).await?;
     let n = match reply.get("n") {
         Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
@@ -1282,6 +1290,7 @@ pub(crate) async fn run(scenario: Scenario, system: System, config: &RunConfig, 
             (Scenario::Rollout, System::Herald) => rollout::rollout(config).await,
             (Scenario::Smoke, System::Herald) => smoke(config).await,
             (Scenario::Topic, System::Herald) => topic(config).await,
+            (Scenario::Soak, System::Herald) => soak::soak(config).await,
             (scenario, system) => anyhow::bail!("{scenario:?} is not measured on {system:?}"),
         }
     };
@@ -1313,6 +1322,10 @@ pub(crate) fn as_json(outcomes: &[Outcome]) -> Value {
     )
 }
 
+/// Figures that are lists of rows (a ladder's steps, a soak's windows): printed one row a line
+/// under the table, not in a column.
+const ROW_FIGURES: [&str; 2] = ["steps", "windows"];
+
 /// A plain-text table per scenario, systems side by side.
 pub(crate) fn table(outcomes: &[Outcome]) -> String {
     let mut by_scenario: BTreeMap<String, Vec<&Outcome>> = BTreeMap::new();
@@ -1324,7 +1337,7 @@ pub(crate) fn table(outcomes: &[Outcome]) -> String {
         let mut names: Vec<String> = Vec::new();
         for o in &list {
             for (name, _) in &o.figures {
-                if !names.contains(name) && name != "steps" {
+                if !names.contains(name) && !ROW_FIGURES.contains(&name.as_str()) {
                     names.push(name.clone());
                 }
             }
@@ -1354,9 +1367,10 @@ pub(crate) fn table(outcomes: &[Outcome]) -> String {
             for note in &o.notes {
                 text.push_str(&format!("note ({:?}): {note}\n", o.system));
             }
-            if let Some((_, Value::Array(steps))) = o.figures.iter().find(|(n, _)| n == "steps") {
-                for s in steps {
-                    text.push_str(&format!("step: {s}\n"));
+            for (name, rows) in o.figures.iter().filter(|(n, _)| ROW_FIGURES.contains(&n.as_str())) {
+                let label = name.trim_end_matches('s');
+                for row in rows.as_array().into_iter().flatten() {
+                    text.push_str(&format!("{label}: {row}\n"));
                 }
             }
         }
