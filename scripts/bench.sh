@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench*`: builds Herald, the load generator and the bare fan-out server in release mode,
 # installs the Socket.IO peer's pinned packages, then runs the scenarios named in the arguments
-# (idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout) on the systems
+# (idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout soak) on the systems
 # each applies to, and writes target/bench/<name>/summary.{json,txt}. Every scenario stops by
 # itself (--scenario-limit-secs).
 #
@@ -21,7 +21,7 @@ scenarios=()
 for arg in "$@"; do
     case "$arg" in
         --short) short=(--short) ;;
-        idle | gateway | direct | fanout | topic | storm | loss | backlog | backlog-storm | resend | rollout) scenarios+=("$arg") ;;
+        idle | gateway | direct | fanout | topic | storm | loss | backlog | backlog-storm | resend | rollout | soak) scenarios+=("$arg") ;;
         *)
             say "unknown argument $arg"
             exit 2
@@ -29,7 +29,7 @@ for arg in "$@"; do
     esac
 done
 [ "${#scenarios[@]}" -gt 0 ] || {
-    say "usage: scripts/bench.sh [--short] idle|gateway|direct|fanout|topic|storm|loss|backlog|backlog-storm|resend|rollout..."
+    say "usage: scripts/bench.sh [--short] idle|gateway|direct|fanout|topic|storm|loss|backlog|backlog-storm|resend|rollout|soak..."
     exit 2
 }
 
@@ -41,14 +41,19 @@ export HERALD_TEST_MONGO_SERVER="${HERALD_TEST_MONGO_SERVER:-$root/.venv/bin/nx-
 say "building release binaries"
 cargo build --release --bins -p herald-gateway -p herald-dispatcher -p herald-tests
 
-# The peer runs only in the scenarios it can do (idle and gateway); it needs Node.
+# The peers run only in the scenarios they can do (idle and gateway); they need Node. The plain
+# `ws` peer is the idle yardstick, added only when idle is measured (it then runs the delivery
+# stage too, if that is in the same run).
 systems=(--system herald --system limit)
 if [[ " ${scenarios[*]} " =~ \ (idle|gateway)\  ]]; then
     if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
         (cd tests/peer && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
         systems+=(--system peer)
+        if [[ " ${scenarios[*]} " =~ \ idle\  ]]; then
+            systems+=(--system ws)
+        fi
     else
-        say "node/npm not found: the Socket.IO peer is skipped (apt-get install nodejs npm)"
+        say "node/npm not found: the Socket.IO and ws peers are skipped (apt-get install nodejs npm)"
     fi
 fi
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use loadgen::scenarios::{self, RunConfig, Scenario, System};
+use loadgen::soak;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -41,9 +42,16 @@ enum Command {
         /// Where to write the JSON summary.
         #[arg(long, default_value = "target/bench/summary.json")]
         out: PathBuf,
-        /// Longest any one scenario may run before it is stopped, seconds.
+        /// Longest any one scenario may run before it is stopped, seconds (the soak gets at
+        /// least its length plus 10 minutes).
         #[arg(long, default_value_t = 900)]
         scenario_limit_secs: u64,
+        /// Length of the soak, minutes (`--short`: 2).
+        #[arg(long, default_value_t = 20)]
+        soak_minutes: u64,
+        /// One-recipient jobs per second in the soak.
+        #[arg(long, default_value_t = 100.0)]
+        soak_rate: f64,
     },
     /// One generator process (started by `run`).
     Worker { spec: String },
@@ -52,10 +60,22 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Worker { spec } => loadgen::worker::main(serde_json::from_str(&spec)?),
-        Command::Run { scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs } => {
+        Command::Run {
+            scenarios,
+            systems,
+            short,
+            idle_per_server,
+            repeats,
+            out,
+            scenario_limit_secs,
+            soak_minutes,
+            soak_rate,
+        } => {
+            let logs = out.parent().map(PathBuf::from).unwrap_or_default().join("logs");
+            let config = RunConfig { short, logs, idle_per_server, repeats: repeats.max(1), soak_minutes, soak_rate };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let ok = runtime.block_on(async {
-                let run = run(scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs);
+                let run = run(scenarios, systems, config, out, Duration::from_secs(scenario_limit_secs));
                 // On a signal the run is dropped, and with it every process it started.
                 tokio::select! {
                     ok = run => ok,
@@ -76,16 +96,11 @@ fn main() -> anyhow::Result<()> {
 async fn run(
     scenario_list: Vec<Scenario>,
     systems: Vec<System>,
-    short: bool,
-    idle_per_server: usize,
-    repeats: usize,
+    config: RunConfig,
     out: PathBuf,
-    limit_secs: u64,
+    limit: Duration,
 ) -> anyhow::Result<bool> {
-    let dir = out.parent().map(PathBuf::from).unwrap_or_default();
-    let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let config = RunConfig { short, logs, idle_per_server, repeats: repeats.max(1) };
+    std::fs::create_dir_all(&config.logs)?;
     let mut outcomes = Vec::new();
     for scenario in scenario_list {
         for &system in &systems {
@@ -94,16 +109,18 @@ async fn run(
                 continue;
             }
             eprintln!("loadgen: {scenario:?} on {system:?}");
-            let outcome = scenarios::run(scenario, system, &config, Duration::from_secs(limit_secs)).await;
+            let limit = if scenario == Scenario::Soak { limit.max(soak::run_limit(&config)) } else { limit };
+            let outcome = scenarios::run(scenario, system, &config, limit).await;
             eprintln!("{}", scenarios::table(std::slice::from_ref(&outcome)));
             outcomes.push(outcome);
         }
     }
+    loadgen::ratios::add_idle_ratios(&mut outcomes);
     let table = scenarios::table(&outcomes);
     println!("{table}");
     let summary = json!({
         "machine": machine(),
-        "short": short,
+        "short": config.short,
         "results": scenarios::as_json(&outcomes),
     });
     std::fs::write(&out, serde_json::to_string_pretty(&summary)?)?;

@@ -122,6 +122,18 @@ impl Workers {
         Ok(())
     }
 
+    /// Users `first..first + count` (numbered as in [`Self::spawn`]) close their connections and
+    /// stay offline for `away`, then connect again, as clients that go offline and come back.
+    pub(crate) async fn away(&mut self, first: usize, count: usize, away: Duration) -> anyhow::Result<()> {
+        let spans: Vec<(usize, usize)> = self.workers.iter().map(|w| (w.spec.first_user, w.spec.slots)).collect();
+        for (index, local_first, n) in local_ranges(&spans, first, count) {
+            let w = &mut self.workers[index];
+            w.stdin.write_all(format!("away {local_first} {n} {}\n", away.as_millis()).as_bytes()).await?;
+            w.stdin.flush().await?;
+        }
+        Ok(())
+    }
+
     /// Slots that `activate(fraction)` opens, over all workers.
     pub(crate) fn slots_at(&self, fraction: f64) -> u64 {
         self.workers.iter().map(|w| (w.spec.slots as f64 * fraction).round() as u64).sum()
@@ -183,6 +195,20 @@ fn route_line(urls: &[String], weights: &[(String, f64)]) -> String {
     urls.iter().fold("route".to_owned(), |line, url| format!("{line} {}", of(url)))
 }
 
+/// Where users `first..first + count` are: (worker, its first slot of them, how many), for
+/// workers holding `spans` (their first user, their slots).
+fn local_ranges(spans: &[(usize, usize)], first: usize, count: usize) -> Vec<(usize, usize, usize)> {
+    let end = first + count;
+    spans
+        .iter()
+        .enumerate()
+        .filter_map(|(index, &(start, slots))| {
+            let (from, to) = (first.max(start), end.min(start + slots));
+            (from < to).then(|| (index, from - start, to - from))
+        })
+        .collect()
+}
+
 /// Users `first..first + count` of a plan, named as the workers name them.
 pub(crate) fn user_names(prefix: &str, first: usize, count: usize) -> Vec<String> {
     (first..first + count).map(|i| format!("{prefix}{i}")).collect()
@@ -191,6 +217,15 @@ pub(crate) fn user_names(prefix: &str, first: usize, count: usize) -> Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_of_users_is_split_over_the_workers_that_hold_them() {
+        let spans = [(0, 600), (600, 600), (1_200, 100)];
+        assert_eq!(local_ranges(&spans, 10, 5), vec![(0, 10, 5)]);
+        assert_eq!(local_ranges(&spans, 550, 100), vec![(0, 550, 50), (1, 0, 50)]);
+        assert_eq!(local_ranges(&spans, 1_150, 200), vec![(1, 550, 50), (2, 0, 100)], "clipped at the end");
+        assert!(local_ranges(&spans, 2_000, 10).is_empty());
+    }
 
     #[test]
     fn a_route_names_weights_in_each_worker_s_own_url_order() {

@@ -1,5 +1,6 @@
 //! What the generator reads on a connection, for each wire flavour it speaks: Herald's JSON
-//! frames (also spoken by the bare fan-out server) and Socket.IO's Engine.IO framing. Pure
+//! frames (also spoken by the bare fan-out server), Socket.IO's Engine.IO framing, and plain
+//! WebSocket (the `ws` peer). Pure
 //! functions over text, so each is unit tested; the sockets are the worker's.
 //!
 //! Every load message carries `"lg_k"` (its index, unique in a run) and `"lg_t"` (the generator's
@@ -17,6 +18,16 @@ pub(crate) enum Flavor {
     Herald,
     /// Engine.IO 4 over WebSocket, with Socket.IO packets inside (the peer).
     EngineIo,
+    /// A plain WebSocket (the `ws` peer): ready once upgraded, pinged with WebSocket ping frames
+    /// (answered by the WebSocket library), sent Herald-shaped notifications by its `/publish`.
+    Plain,
+}
+
+impl Flavor {
+    /// Whether the connection is ready once the upgrade is done, with no frame to wait for.
+    pub(crate) fn ready_on_upgrade(self) -> bool {
+        self == Flavor::Plain
+    }
 }
 
 /// What one text frame means to the generator.
@@ -47,7 +58,8 @@ pub(crate) struct Message<'a> {
 
 pub(crate) fn classify(flavor: Flavor, text: &str) -> Inbound<'_> {
     match flavor {
-        Flavor::Herald => classify_herald(text),
+        // The `ws` peer relays the generator's notification-shaped bodies as they are.
+        Flavor::Herald | Flavor::Plain => classify_herald(text),
         Flavor::EngineIo => classify_engine_io(text),
     }
 }
@@ -162,6 +174,14 @@ mod tests {
             classify(Flavor::EngineIo, n),
             Inbound::Message(Message { id: None, k: Some(3), sent_us: Some(55), published_ms: None, seq: None })
         );
+    }
+
+    #[test]
+    fn plain_frames_are_the_relayed_notifications() {
+        assert!(Flavor::Plain.ready_on_upgrade() && !Flavor::Herald.ready_on_upgrade());
+        let n = r#"{"type":"notification","id":"g-3","seq":4,"payload":{"lg_k":3,"lg_t":55},"published_at_ms":1,"expires_at_ms":2}"#;
+        assert!(matches!(classify(Flavor::Plain, n), Inbound::Message(Message { k: Some(3), .. })));
+        assert_eq!(classify(Flavor::Plain, "2"), Inbound::Other, "no Engine.IO pings on a plain socket");
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub(crate) struct WorkerReport {
     pub(crate) acked_ids: u64,
     /// Frames that were neither hello nor a load message (e.g. error frames).
     pub(crate) other_frames: u64,
+    /// Connections the worker closed itself, told to by `away`.
+    #[serde(default)]
+    pub(crate) aways: u64,
     /// Receive time of the first and last load message since the last reset (µs since epoch).
     pub(crate) first_rx_us: u64,
     pub(crate) last_rx_us: u64,
@@ -83,6 +86,7 @@ pub(crate) struct Totals {
     pub(crate) out_of_order: u64,
     pub(crate) acked_ids: u64,
     pub(crate) other_frames: u64,
+    pub(crate) aways: u64,
     pub(crate) first_rx_us: u64,
     pub(crate) last_rx_us: u64,
     pub(crate) last_connect_us: u64,
@@ -111,6 +115,7 @@ impl Totals {
             t.out_of_order += r.out_of_order;
             t.acked_ids += r.acked_ids;
             t.other_frames += r.other_frames;
+            t.aways += r.aways;
             if r.first_rx_us > 0 && (t.first_rx_us == 0 || r.first_rx_us < t.first_rx_us) {
                 t.first_rx_us = r.first_rx_us;
             }

@@ -19,7 +19,9 @@ use super::orchestrator::{user_names, Plan, Workers};
 use super::protocol::{self, Flavor};
 use super::report::{self, Latency, Totals};
 use super::rollout;
-use super::systems::{self, Herald, HeraldOptions, Limit, Peer, Server};
+use super::soak;
+use super::storm::{self as storm_probe, SynCounters};
+use super::systems::{self, Herald, HeraldOptions, Limit, Peer, Server, WsPeer};
 
 /// Which system a scenario measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -28,6 +30,8 @@ pub(crate) enum System {
     Herald,
     /// Socket.IO 4 with the Redis adapter.
     Peer,
+    /// A plain Node `ws` server (`tests/peer/ws-server.js`).
+    Ws,
     /// The bare fan-out server.
     Limit,
 }
@@ -56,6 +60,9 @@ pub(crate) enum Scenario {
     /// One topic message to 10,000 subscribers on 2 gateways (2,000 short), then one job to the
     /// same audience through `to`: time until all received, each way.
     Topic,
+    /// Steady one-recipient jobs to 1,200 users for `--soak-minutes` (2 short) while some flap
+    /// and a group goes away and comes back: memory and latency over time, nothing lost.
+    Soak,
 }
 
 /// Settings of one run.
@@ -67,6 +74,10 @@ pub(crate) struct RunConfig {
     /// Idle connections per server process.
     pub(crate) idle_per_server: usize,
     pub(crate) repeats: usize,
+    /// Length of the full soak, minutes.
+    pub(crate) soak_minutes: u64,
+    /// One-recipient jobs per second in the soak.
+    pub(crate) soak_rate: f64,
 }
 
 /// What one scenario measured on one system.
@@ -137,6 +148,7 @@ impl Sampled<'_> {
 pub(super) enum Sut {
     Herald(Box<Herald>),
     Peer(Peer),
+    Ws(WsPeer),
     Limit(Limit),
 }
 
@@ -152,6 +164,7 @@ impl Sut {
                 Herald::start(&HeraldOptions { gateways: servers, ..options }, &config.logs).await?,
             )),
             System::Peer => Sut::Peer(Peer::start(servers, &config.logs).await?),
+            System::Ws => Sut::Ws(WsPeer::start(servers, &config.logs).await?),
             System::Limit => Sut::Limit(Limit::start(servers, &config.logs).await?),
         })
     }
@@ -159,7 +172,8 @@ impl Sut {
     fn flavor(&self) -> Flavor {
         match self {
             Sut::Peer(_) => Flavor::EngineIo,
-            _ => Flavor::Herald,
+            Sut::Ws(_) => Flavor::Plain,
+            Sut::Herald(_) | Sut::Limit(_) => Flavor::Herald,
         }
     }
 
@@ -171,6 +185,7 @@ impl Sut {
         match self {
             Sut::Herald(h) => h.urls(),
             Sut::Peer(p) => p.urls(),
+            Sut::Ws(w) => w.urls(),
             Sut::Limit(l) => l.urls(),
         }
     }
@@ -181,6 +196,7 @@ impl Sut {
             servers: match self {
                 Sut::Herald(h) => h.gateways.iter().collect(),
                 Sut::Peer(p) => p.nodes.iter().collect(),
+                Sut::Ws(w) => w.nodes.iter().collect(),
                 Sut::Limit(l) => l.servers.iter().collect(),
             },
         }
@@ -190,7 +206,7 @@ impl Sut {
         match self {
             Sut::Herald(h) => Some(h.redis_port()),
             Sut::Peer(p) => Some(p.redis.port()),
-            Sut::Limit(_) => None,
+            Sut::Ws(_) | Sut::Limit(_) => None,
         }
     }
 
@@ -333,6 +349,7 @@ pub(crate) async fn gateway_stage(system: System, config: &RunConfig) -> anyhow:
         match &sut {
             Sut::Herald(h) => publish_deliveries(h, per_server, ks).await?,
             Sut::Peer(p) => publish_http(&http, &[&p.nodes[0]], ks).await?,
+            Sut::Ws(w) => publish_http(&http, &w.nodes.iter().collect::<Vec<_>>(), ks).await?,
             Sut::Limit(l) => publish_http(&http, &l.servers.iter().collect::<Vec<_>>(), ks).await?,
         }
         let (totals, done) = workers
@@ -605,7 +622,7 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
 /// Receipts matching `filter`, with the plain `count` command. `count_documents` is an
 /// aggregation, which nx-27017 runs in Python over every document: polled, it would load the
 /// store it is meant to observe.
-async fn count_receipts(db: &mongodb::Database, filter: Document) -> anyhow::Result<u64> {
+pub(super) async fn count_receipts(db: &mongodb::Database, filter: Document) -> anyhow::Result<u64> {
     let reply = db.run_command(doc! { "count": herald_shared::naming::collections::RECEIPTS, "query": filter }).await?;
     let n = match reply.get("n") {
         Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
@@ -762,8 +779,9 @@ pub(crate) async fn topic(config: &RunConfig) -> anyhow::Result<Outcome> {
 
 // --- 5. reconnect storm with replay ----------------------------------------------------------------
 
+/// 5,000 users with 10 pending each connect at once (the issue's storm; 1,000 short).
 pub(crate) async fn storm(config: &RunConfig) -> anyhow::Result<Outcome> {
-    let users_n = if config.short { 1_000 } else { 10_000 };
+    let users_n = if config.short { 1_000 } else { 5_000 };
     storm_with(Scenario::Storm, users_n, 10, config).await
 }
 
@@ -839,11 +857,18 @@ struct Watched {
     delivered: u64,
     peak_gw_kib: u64,
     peak_dsp_kib: u64,
+    /// The kernel's SYN counters' increase from the first connect to the last (host-wide).
+    syn_in_connect: Option<SynCounters>,
+    /// CPU seconds each process used from the first connect until all was received.
+    cpu_in_storm: Option<BTreeMap<String, f64>>,
 }
 
 /// Opens every connection of `workers` at once, then watches until `want` messages are
 /// received (at most 180 s) and `want` receipts read `delivered` (at most 300 s).
 async fn watch_replay(sut: &Sut, h: &Herald, mut workers: Workers, users: u64, want: u64) -> anyhow::Result<Watched> {
+    let (syn_before, cpu_before) =
+        (SynCounters::read()?, storm_probe::cpu_by_process(h, workers.totals().await?.generator_cpu_secs));
+    let (mut syn_in_connect, mut cpu_in_storm) = (None, None);
     let start = Instant::now();
     let (mut peak_gw_kib, mut peak_dsp_kib) = (0u64, 0u64);
     workers.activate(1.0).await?;
@@ -855,9 +880,12 @@ async fn watch_replay(sut: &Sut, h: &Herald, mut workers: Workers, users: u64, w
         peak_dsp_kib = peak_dsp_kib.max(h.dispatchers[0].rss_kib());
         if connected_s.is_none() && totals.connected >= users {
             connected_s = Some(start.elapsed().as_secs_f64());
+            syn_in_connect = Some(SynCounters::read()?.since(&syn_before));
         }
         if received_s.is_none() && totals.unique >= want {
             received_s = Some(start.elapsed().as_secs_f64());
+            let cpu_after = storm_probe::cpu_by_process(h, totals.generator_cpu_secs);
+            cpu_in_storm = Some(storm_probe::cpu_used(&cpu_before, &cpu_after));
         }
         if received_s.is_some() || start.elapsed() > Duration::from_secs(180) {
             break;
@@ -886,6 +914,8 @@ async fn watch_replay(sut: &Sut, h: &Herald, mut workers: Workers, users: u64, w
         delivered,
         peak_gw_kib,
         peak_dsp_kib,
+        syn_in_connect,
+        cpu_in_storm,
     })
 }
 
@@ -901,6 +931,17 @@ impl Watched {
         out.set("receipts_delivered", self.delivered);
         out.set("gateways_peak_rss_mib_sum", round(self.peak_gw_kib as f64 / 1024.0, 1));
         out.set("dispatcher_peak_rss_mib", round(self.peak_dsp_kib as f64 / 1024.0, 1));
+        if let Some(syn) = &self.syn_in_connect {
+            syn.report(out, "connect");
+            out.notes.push(
+                "host_* figures are the whole machine's TcpExt counters (/proc/net/netstat) over the connect \
+                 phase: anything else connecting on this host then is counted too"
+                    .into(),
+            );
+        }
+        if let (Some(cpu), Some(secs)) = (&self.cpu_in_storm, self.received_s) {
+            storm_probe::report_cpu(out, cpu, secs);
+        }
         if self.totals.unique < want || self.delivered < want {
             out.fail(format!("received {} of {want}; receipts delivered {}", self.totals.unique, self.delivered));
         }
@@ -1249,6 +1290,7 @@ pub(crate) async fn run(scenario: Scenario, system: System, config: &RunConfig, 
             (Scenario::Rollout, System::Herald) => rollout::rollout(config).await,
             (Scenario::Smoke, System::Herald) => smoke(config).await,
             (Scenario::Topic, System::Herald) => topic(config).await,
+            (Scenario::Soak, System::Herald) => soak::soak(config).await,
             (scenario, system) => anyhow::bail!("{scenario:?} is not measured on {system:?}"),
         }
     };
@@ -1280,6 +1322,10 @@ pub(crate) fn as_json(outcomes: &[Outcome]) -> Value {
     )
 }
 
+/// Figures that are lists of rows (a ladder's steps, a soak's windows): printed one row a line
+/// under the table, not in a column.
+const ROW_FIGURES: [&str; 2] = ["steps", "windows"];
+
 /// A plain-text table per scenario, systems side by side.
 pub(crate) fn table(outcomes: &[Outcome]) -> String {
     let mut by_scenario: BTreeMap<String, Vec<&Outcome>> = BTreeMap::new();
@@ -1291,7 +1337,7 @@ pub(crate) fn table(outcomes: &[Outcome]) -> String {
         let mut names: Vec<String> = Vec::new();
         for o in &list {
             for (name, _) in &o.figures {
-                if !names.contains(name) && name != "steps" {
+                if !names.contains(name) && !ROW_FIGURES.contains(&name.as_str()) {
                     names.push(name.clone());
                 }
             }
@@ -1321,9 +1367,10 @@ pub(crate) fn table(outcomes: &[Outcome]) -> String {
             for note in &o.notes {
                 text.push_str(&format!("note ({:?}): {note}\n", o.system));
             }
-            if let Some((_, Value::Array(steps))) = o.figures.iter().find(|(n, _)| n == "steps") {
-                for s in steps {
-                    text.push_str(&format!("step: {s}\n"));
+            for (name, rows) in o.figures.iter().filter(|(n, _)| ROW_FIGURES.contains(&n.as_str())) {
+                let label = name.trim_end_matches('s');
+                for row in rows.as_array().into_iter().flatten() {
+                    text.push_str(&format!("{label}: {row}\n"));
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! The systems under test, started for one run and stopped when dropped: Herald (its
 //! dependencies through the test harness, then gateway and dispatcher processes built in the same
-//! profile as the generator), the Socket.IO peer (Node processes sharing a Redis) and the bare
-//! fan-out server (the limit).
+//! profile as the generator), the Socket.IO peer (Node processes sharing a Redis), the plain `ws`
+//! peer (Node processes sharing nothing) and the bare fan-out server (the limit).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -301,29 +301,11 @@ pub(crate) struct Peer {
 
 impl Peer {
     pub(crate) async fn start(processes: usize, logs: &Path) -> anyhow::Result<Self> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("peer");
-        anyhow::ensure!(
-            dir.join("node_modules").is_dir(),
-            "{}/node_modules missing: run `npm ci` there (scripts/bench.sh does)",
-            dir.display()
-        );
-        let node = which("node").context("node not on PATH (the peer is a Node program)")?;
         let redis = Redis::start().await?;
         let mut nodes = Vec::new();
         for i in 0..processes {
-            let addr = free_addr()?;
-            let env = [
-                ("PORT_ADDR", addr.to_string()),
-                ("PORT", addr.port().to_string()),
-                ("REDIS_URL", redis.url()),
-                ("NODE_ENV", "production".to_owned()),
-            ];
-            let script = dir.join("server.js");
-            let script = script.to_string_lossy();
-            let env = with_extra(&env, "");
-            let mut server = spawn(&format!("peer-{i}"), &node, &["--max-old-space-size=4096", &script], &env, logs)?;
-            wait_http(&mut server, "/healthz").await?;
-            nodes.push(server);
+            let env = [("REDIS_URL", redis.url())];
+            nodes.push(start_node(&format!("peer-{i}"), "server.js", &env, logs).await?);
         }
         Ok(Self { redis, nodes })
     }
@@ -331,6 +313,50 @@ impl Peer {
     pub(crate) fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(|n| format!("ws://{}/socket.io/?EIO=4&transport=websocket", n.addr)).collect()
     }
+}
+
+/// The plain `ws` peer: Node processes with a bare `WebSocketServer` each, sharing nothing.
+pub(crate) struct WsPeer {
+    pub(crate) nodes: Vec<Server>,
+}
+
+impl WsPeer {
+    pub(crate) async fn start(processes: usize, logs: &Path) -> anyhow::Result<Self> {
+        let mut nodes = Vec::new();
+        for i in 0..processes {
+            nodes.push(start_node(&format!("ws-{i}"), "ws-server.js", &[], logs).await?);
+        }
+        Ok(Self { nodes })
+    }
+
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("ws://{}/", n.addr)).collect()
+    }
+}
+
+/// Starts `tests/peer/<script>` under Node on a free port, with `env` besides the port, and waits
+/// for its `/healthz`.
+async fn start_node(name: &str, script: &str, env: &[(&str, String)], logs: &Path) -> anyhow::Result<Server> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("peer");
+    anyhow::ensure!(
+        dir.join("node_modules").is_dir(),
+        "{}/node_modules missing: run `npm ci` there (scripts/bench.sh does)",
+        dir.display()
+    );
+    let node = which("node").context("node not on PATH (the peers are Node programs)")?;
+    let addr = free_addr()?;
+    let mut env = env.to_vec();
+    env.extend([
+        ("PORT_ADDR", addr.to_string()),
+        ("PORT", addr.port().to_string()),
+        ("NODE_ENV", "production".to_owned()),
+    ]);
+    let script = dir.join(script);
+    let script = script.to_string_lossy();
+    let env = with_extra(&env, "");
+    let mut server = spawn(name, &node, &["--max-old-space-size=4096", &script], &env, logs)?;
+    wait_http(&mut server, "/healthz").await?;
+    Ok(server)
 }
 
 /// The bare fan-out server: the limit of what one process can push over WebSockets here.

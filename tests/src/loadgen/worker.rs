@@ -5,10 +5,10 @@
 //!
 //! Single-threaded on purpose: the generator shares two cores with the system it measures, and one
 //! thread per process needs no locks. Controlled by lines on stdin (`active N`, `route W...`,
-//! `report`, `reset`, `quit`), it answers `report` with one JSON line on stdout. The orchestrator
-//! owns the process.
+//! `away FIRST COUNT MS`, `report`, `reset`, `quit`), it answers `report` with one JSON line on
+//! stdout. The orchestrator owns the process.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -85,6 +85,8 @@ struct Stats {
     out_of_order: u64,
     acked_ids: u64,
     other_frames: u64,
+    /// Connections the worker closed itself, told to by `away`.
+    aways: u64,
     first_rx_us: u64,
     last_rx_us: u64,
     last_connect_us: u64,
@@ -120,6 +122,7 @@ impl Stats {
             out_of_order: self.out_of_order,
             acked_ids: self.acked_ids,
             other_frames: self.other_frames,
+            aways: self.aways,
             first_rx_us: self.first_rx_us,
             last_rx_us: self.last_rx_us,
             last_connect_us: self.last_connect_us,
@@ -147,11 +150,30 @@ struct Shared {
     permits: Semaphore,
     /// Weights over `spec.urls` for new attempts, set by `route`; empty: go round the URLs.
     route: RefCell<Vec<f64>>,
+    /// Per slot: stay disconnected until then (set by `away`, cleared by the slot when it has
+    /// waited it out).
+    away_until: Vec<Cell<Option<Instant>>>,
+    /// Wakes every serving slot after an `away`, so that those it names close at once.
+    away_kick: Notify,
+}
+
+impl Shared {
+    fn away_until(&self, index: usize) -> Option<Instant> {
+        self.away_until.get(index).and_then(Cell::get)
+    }
 }
 
 async fn control(spec: WorkerSpec) -> anyhow::Result<()> {
     let permits = Semaphore::new(spec.connect_concurrency.max(1));
-    let shared = Rc::new(Shared { spec, stats: RefCell::new(Stats::new()), permits, route: RefCell::default() });
+    let away_until = (0..spec.slots).map(|_| Cell::new(None)).collect();
+    let shared = Rc::new(Shared {
+        spec,
+        stats: RefCell::new(Stats::new()),
+        permits,
+        route: RefCell::default(),
+        away_until,
+        away_kick: Notify::new(),
+    });
     let (spec, stats) = (&shared.spec, &shared.stats);
     // Owns every slot task; they end when this worker exits.
     let mut slots = JoinSet::new();
@@ -177,6 +199,14 @@ async fn control(spec: WorkerSpec) -> anyhow::Result<()> {
                 );
                 *shared.route.borrow_mut() = weights;
             }
+            (Some("away"), Some(first)) => {
+                let (first, count, ms) = away_args(first, words.next(), words.next())?;
+                let until = Instant::now() + Duration::from_millis(ms);
+                for cell in shared.away_until.iter().skip(first).take(count) {
+                    cell.set(Some(until));
+                }
+                shared.away_kick.notify_waiters();
+            }
             (Some("report"), _) => {
                 let report = stats.borrow().report(spec.worker);
                 let mut out = std::io::stdout().lock();
@@ -190,6 +220,13 @@ async fn control(spec: WorkerSpec) -> anyhow::Result<()> {
     }
     slots.abort_all();
     Ok(())
+}
+
+/// `away FIRST COUNT MS`: slots `FIRST..FIRST + COUNT` close their connections and stay away
+/// for `MS` milliseconds, then connect again (a client going offline and coming back).
+fn away_args(first: &str, count: Option<&str>, ms: Option<&str>) -> anyhow::Result<(usize, usize, u64)> {
+    let (Some(count), Some(ms)) = (count, ms) else { anyhow::bail!("away needs FIRST COUNT MS") };
+    Ok((first.parse()?, count.parse()?, ms.parse()?))
 }
 
 /// Why a connection attempt did not reach its ready frame.
@@ -207,6 +244,11 @@ async fn slot(shared: Rc<Shared>, index: usize) {
     let mut backoff = BACKOFF_START;
     let mut attempt = 0usize;
     loop {
+        if let Some(until) = shared.away_until(index) {
+            tokio::time::sleep_until(until).await;
+            shared.away_until[index].set(None);
+            backoff = BACKOFF_START;
+        }
         let routed = weighted_pick(&shared.route.borrow(), rand::random::<f64>());
         let url = &spec.urls[routed.unwrap_or(attempt % spec.urls.len())];
         attempt += 1;
@@ -233,12 +275,23 @@ async fn slot(shared: Rc<Shared>, index: usize) {
             st.last_connect_us = protocol::now_us();
         }
         backoff = BACKOFF_START;
-        let code = serve(spec, ws, stats, &mut seen).await;
-        {
+        let ended = serve(&shared, index, ws, &mut seen).await;
+        let closed = {
             let mut st = stats.borrow_mut();
             st.connected -= 1;
-            *st.closes.entry(code).or_default() += 1;
-        }
+            match ended {
+                Ended::Away => {
+                    st.aways += 1;
+                    None
+                }
+                Ended::Closed(code) => {
+                    *st.closes.entry(code).or_default() += 1;
+                    Some(code)
+                }
+            }
+        };
+        // Told to go away: the loop's top waits it out.
+        let Some(code) = closed else { continue };
         if code == 1012 {
             tokio::time::sleep(RESTART_DELAY_MAX.mul_f64(rand::random::<f64>())).await;
         } else {
@@ -307,6 +360,9 @@ async fn open(spec: &WorkerSpec, url: &str, user: &str, source: Ipv4Addr) -> Res
         Ok(Err(tungstenite::Error::Http(response))) => return Err(Failure::Refused(response.status().as_u16())),
         _ => return Err(Failure::Other),
     };
+    if spec.flavor.ready_on_upgrade() {
+        return Ok(ws);
+    }
     loop {
         let message = match tokio::time::timeout_at(deadline, ws.next()).await {
             Ok(Some(Ok(message))) => message,
@@ -329,22 +385,47 @@ async fn open(spec: &WorkerSpec, url: &str, user: &str, source: Ipv4Addr) -> Res
     }
 }
 
-/// Reads the connection until it ends; returns the close code (1006 when there was none).
-async fn serve(spec: &WorkerSpec, ws: Ws, stats: &RefCell<Stats>, seen: &mut HashSet<u64>) -> u16 {
+/// How a connection ended.
+enum Ended {
+    /// The server closed it with this code (1006 when there was no close frame).
+    Closed(u16),
+    /// The worker closed it, told to by `away`.
+    Away,
+}
+
+/// Reads the connection until it ends, or until the slot is told to go away.
+async fn serve(shared: &Shared, index: usize, ws: Ws, seen: &mut HashSet<u64>) -> Ended {
+    let (spec, stats) = (&shared.spec, &shared.stats);
     let (mut sink, mut stream) = ws.split();
     let mut acks: Vec<String> = Vec::new();
     // The highest `seq` of a new message on this connection: a replay must come in order.
     let mut highest_seq = 0;
     let ack_at = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(ack_at);
+    // Enabled at once, so that an `away` sent while this slot awaits a write is not missed.
+    let kicked = shared.away_kick.notified();
+    tokio::pin!(kicked);
+    kicked.as_mut().enable();
     loop {
+        if shared.away_until(index).is_some() {
+            // A client that goes offline on purpose sends what it owes first.
+            let _ = send_acks(&mut sink, &mut acks, stats).await;
+            let _ = sink.send(Message::Close(None)).await;
+            return Ended::Away;
+        }
         tokio::select! {
+            () = kicked.as_mut() => {
+                kicked.set(shared.away_kick.notified());
+                kicked.as_mut().enable();
+            }
             message = stream.next() => {
                 let text = match message {
                     Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)).unwrap_or(1005),
+                    Some(Ok(Message::Close(frame))) => {
+                        return Ended::Closed(frame.map(|f| u16::from(f.code)).unwrap_or(1005))
+                    }
                     Some(Ok(_)) => continue,
-                    Some(Err(_)) | None => return 1006,
+                    Some(Err(_)) | None => return Ended::Closed(1006),
                 };
                 let reply = match protocol::classify(spec.flavor, text.as_str()) {
                     Inbound::Message(m) => {
@@ -367,24 +448,32 @@ async fn serve(spec: &WorkerSpec, ws: Ws, stats: &RefCell<Stats>, seen: &mut Has
                 };
                 if let Some(reply) = reply {
                     if sink.send(Message::text(reply)).await.is_err() {
-                        return 1006;
+                        return Ended::Closed(1006);
                     }
                 }
             }
             _ = &mut ack_at, if !acks.is_empty() => {
-                for chunk in acks.chunks(IDS_PER_ACK) {
-                    if sink.feed(Message::text(protocol::ack_frame(chunk))).await.is_err() {
-                        return 1006;
-                    }
+                if send_acks(&mut sink, &mut acks, stats).await.is_err() {
+                    return Ended::Closed(1006);
                 }
-                if sink.flush().await.is_err() {
-                    return 1006;
-                }
-                stats.borrow_mut().acked_ids += acks.len() as u64;
-                acks.clear();
             }
         }
     }
+}
+
+/// Sends the batched acks, in frames of [`IDS_PER_ACK`] ids, and clears them.
+async fn send_acks(
+    sink: &mut futures::stream::SplitSink<Ws, Message>,
+    acks: &mut Vec<String>,
+    stats: &RefCell<Stats>,
+) -> Result<(), tungstenite::Error> {
+    for chunk in acks.chunks(IDS_PER_ACK) {
+        sink.feed(Message::text(protocol::ack_frame(chunk))).await?;
+    }
+    sink.flush().await?;
+    stats.borrow_mut().acked_ids += acks.len() as u64;
+    acks.clear();
+    Ok(())
 }
 
 fn on_message(stats: &RefCell<Stats>, seen: &mut HashSet<u64>, m: &protocol::Message<'_>, highest_seq: &mut u64) {
