@@ -4,6 +4,10 @@
 use herald_shared::config::GatewayConfig;
 use tokio_util::sync::CancellationToken;
 
+// Benchmark builds only: counts allocations for /metrics (herald_allocations_total).
+#[cfg(feature = "alloc-count")]
+herald_shared::count_allocations!();
+
 #[tokio::main]
 async fn main() {
     let telemetry = herald_shared::telemetry::init("herald-gateway");
