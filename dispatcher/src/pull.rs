@@ -4,7 +4,7 @@
 //! event pipelines.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, Message};
 use futures::stream::FuturesUnordered;
@@ -86,9 +86,9 @@ pub async fn num_pending(js: &jetstream::Context, stream: &str, name: &str, ack_
 
 /// Fetches messages until `stop` fires, handing them to `handle` in groups: what arrived within
 /// `batching.linger` of a group's first message, up to `batching.max`, with up to
-/// `batching.concurrency` groups in hand at once. Errors (NATS away, consumer gone) are logged
-/// and retried with backoff; the loop ends only when `stop` fires, after everything fetched has
-/// been handled.
+/// `batching.concurrency` groups in hand at once, each with how long its messages waited
+/// ([`Waits`]). Errors (NATS away, consumer gone) are logged and retried with backoff; the loop
+/// ends only when `stop` fires, after everything fetched has been handled.
 ///
 /// Fetching and handling run side by side, joined by a queue with room for one whole fetch: a
 /// fetch is read to its end however long `handle` takes. (async-nats ends a fetch that is not
@@ -104,17 +104,19 @@ pub async fn run<F, Fut>(
     stop: &CancellationToken,
     mut handle: F,
 ) where
-    F: FnMut(Vec<Message>) -> Fut,
+    F: FnMut(Vec<Message>, Waits) -> Fut,
     Fut: Future<Output = ()>,
 {
     let (tx, rx) = mpsc::channel(batching.max);
+    let inbox = Inbox { rx, gathering: Vec::new() };
     let fetching = fetch_into(tx, js, stream, name, ack_wait, (batching.max, batching.max_bytes), stop);
     let handling = async {
         // A stream, so that a group half gathered survives the select below polling something
         // else (an unfold keeps its pending future).
-        let groups = futures::stream::unfold(rx, |mut rx| async move {
-            let group = next_group(&mut rx, &batching).await?;
-            Some((group, rx))
+        let groups = futures::stream::unfold(inbox, |mut inbox| async move {
+            let group = next_group(&mut inbox, &batching).await?;
+            let waits = inbox.close_group();
+            Some(((group, waits), inbox))
         });
         let mut groups = std::pin::pin!(groups);
         let mut in_hand = FuturesUnordered::new();
@@ -122,7 +124,7 @@ pub async fn run<F, Fut>(
             tokio::select! {
                 Some(()) = in_hand.next(), if !in_hand.is_empty() => {}
                 group = groups.next(), if in_hand.len() < batching.concurrency.max(1) => match group {
-                    Some(group) => in_hand.push(handle(group)),
+                    Some((group, waits)) => in_hand.push(handle(group, waits)),
                     None => break,
                 },
             }
@@ -134,7 +136,7 @@ pub async fn run<F, Fut>(
 
 /// The next group of messages: what arrives within `linger` of the first, up to `max` messages
 /// or `max_bytes` of payload (the message that crosses it included). None once the fetcher is gone.
-async fn next_group(rx: &mut mpsc::Receiver<Message>, batching: &Batching) -> Option<Vec<Message>> {
+async fn next_group(rx: &mut Inbox, batching: &Batching) -> Option<Vec<Message>> {
     let first = rx.recv().await?;
     let mut bytes = first.payload.len();
     let mut group = vec![first];
@@ -155,10 +157,68 @@ async fn next_group(rx: &mut mpsc::Receiver<Message>, batching: &Batching) -> Op
     Some(group)
 }
 
+/// A fetched message in the queue to the handler, with when it was queued.
+type Queued = (Message, Instant);
+
+/// The handler's end of the queue. It notes when each message of the group being gathered was
+/// queued and taken, so that a group's [`Waits`] come from one monotonic clock in this process.
+struct Inbox {
+    rx: mpsc::Receiver<Queued>,
+    /// (queued, taken) of each message taken since the last group was handed over.
+    gathering: Vec<(Instant, Instant)>,
+}
+
+impl Inbox {
+    async fn recv(&mut self) -> Option<Message> {
+        let (message, queued) = self.rx.recv().await?;
+        self.gathering.push((queued, Instant::now()));
+        Some(message)
+    }
+
+    /// The waits of the group gathered since the last call; it is handed over now (a group is
+    /// only gathered while a handler slot is free).
+    fn close_group(&mut self) -> Waits {
+        let waits = Waits::of(&self.gathering, Instant::now());
+        self.gathering.clear();
+        waits
+    }
+}
+
+/// How long the messages of one group waited before their handler: observations, one per
+/// message, for the stage metrics (not paired with the messages).
+#[derive(Debug, Default)]
+pub struct Waits {
+    each: Vec<Waited>,
+}
+
+/// How long one message waited before its handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Waited {
+    /// In the queue, while every handler slot was busy (`Batching::concurrency`).
+    pub for_handler: Duration,
+    /// In its group, from being taken until the group was handed over (`Batching::linger`).
+    pub in_linger: Duration,
+}
+
+impl Waits {
+    /// The waits of messages (queued, taken) in a group handed over at `closed`.
+    fn of(gathered: &[(Instant, Instant)], closed: Instant) -> Self {
+        let waited = |&(queued, taken): &(Instant, Instant)| Waited {
+            for_handler: taken.saturating_duration_since(queued),
+            in_linger: closed.saturating_duration_since(taken),
+        };
+        Self { each: gathered.iter().map(waited).collect() }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Waited> {
+        self.each.iter()
+    }
+}
+
 /// Fetches up to `max` messages at a time into `tx` until `stop` fires; each fetch waits for
 /// room for all of it first. Dropping `tx` at the end lets the handler finish.
 async fn fetch_into(
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Queued>,
     js: &jetstream::Context,
     stream: &str,
     name: &str,
@@ -200,7 +260,7 @@ async fn fetch_into(
         let mut broken = false;
         while let Some(message) = pull.next().await {
             match (message, room.next()) {
-                (Ok(message), Some(slot)) => slot.send(message),
+                (Ok(message), Some(slot)) => slot.send((message, Instant::now())),
                 // More than asked for (the server never does this): hand it straight back.
                 (Ok(message), None) => {
                     let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
@@ -242,5 +302,16 @@ mod tests {
     fn a_fetch_always_has_room_for_the_largest_message() {
         assert_eq!(fetch_bytes(8 << 20, 1 << 20), 8 << 20);
         assert_eq!(fetch_bytes(8 << 20, 8 << 20), 16 << 20);
+    }
+
+    #[test]
+    fn a_message_waits_for_a_handler_until_taken_then_in_the_linger_until_handed_over() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Queued at 0, taken at 5 (first of its group); queued at 8 and taken at once; handed over at 25.
+        let waits = Waits::of(&[(ms(0), ms(5)), (ms(8), ms(8))], ms(25));
+        let each: Vec<(u128, u128)> =
+            waits.iter().map(|w| (w.for_handler.as_millis(), w.in_linger.as_millis())).collect();
+        assert_eq!(each, [(5, 20), (0, 17)]);
     }
 }
