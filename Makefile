@@ -50,7 +50,7 @@ help:
 	@echo "make publish TO=alice,bob MSG='{\"title\":\"hi\"}' [ID=x TTL=secs SUBJECT=s WAIT=secs] (or TOPIC=t in place of TO)   publish a job"
 	@echo 'make chaos SEED=1 MINUTES=2   a seeded randomized fault run, checked against every invariant'
 	@echo 'make bench     every benchmark scenario, short (release build; docs/BENCHMARKS.md)'
-	@echo 'make bench-idle | bench-gateway | bench-direct | bench-fanout | bench-topic | bench-storm | bench-loss | bench-backlog | bench-resend | bench-rollout'
+	@echo 'make bench-idle | bench-gateway | bench-direct | bench-fanout | bench-topic | bench-storm | bench-loss | bench-backlog | bench-resend | bench-rollout | bench-cost'
 	@echo '               one scenario at its full size'
 	@echo 'make fmt | clippy | clean'
 
@@ -138,10 +138,10 @@ clean:
 # --- benchmarks (docs/BENCHMARKS.md) --------------------------------------------------------------
 # Release builds, Herald's own dependencies on free ports, the Socket.IO peer and the bare fan-out
 # server; every run stops by itself. `make bench` is the short version of every scenario.
-.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-topic bench-storm bench-loss bench-backlog bench-resend bench-rollout
+.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-topic bench-storm bench-loss bench-backlog bench-resend bench-rollout bench-cost
 
 bench: deps
-	scripts/bench.sh --short idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout
+	scripts/bench.sh --short idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout cost
 
 bench-idle: deps
 	scripts/bench.sh idle
@@ -172,3 +172,6 @@ bench-resend: deps
 
 bench-rollout: deps
 	scripts/bench.sh rollout
+
+bench-cost: deps
+	scripts/bench.sh cost

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench*`: builds Herald, the load generator and the bare fan-out server in release mode,
 # installs the Socket.IO peer's pinned packages, then runs the scenarios named in the arguments
-# (idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout) on the systems
+# (idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout cost) on the systems
 # each applies to, and writes target/bench/<name>/summary.{json,txt}. Every scenario stops by
 # itself (--scenario-limit-secs).
 #
@@ -21,7 +21,7 @@ scenarios=()
 for arg in "$@"; do
     case "$arg" in
         --short) short=(--short) ;;
-        idle | gateway | direct | fanout | topic | storm | loss | backlog | backlog-storm | resend | rollout) scenarios+=("$arg") ;;
+        idle | gateway | direct | fanout | topic | storm | loss | backlog | backlog-storm | resend | rollout | cost) scenarios+=("$arg") ;;
         *)
             say "unknown argument $arg"
             exit 2
@@ -29,7 +29,7 @@ for arg in "$@"; do
     esac
 done
 [ "${#scenarios[@]}" -gt 0 ] || {
-    say "usage: scripts/bench.sh [--short] idle|gateway|direct|fanout|topic|storm|loss|backlog|backlog-storm|resend|rollout..."
+    say "usage: scripts/bench.sh [--short] idle|gateway|direct|fanout|topic|storm|loss|backlog|backlog-storm|resend|rollout|cost..."
     exit 2
 }
 
@@ -38,8 +38,11 @@ export HERALD_TEST_REDIS_SERVER="${HERALD_TEST_REDIS_SERVER:-$(command -v redis-
 export HERALD_TEST_NATS_SERVER="${HERALD_TEST_NATS_SERVER:-$root/.venv/bin/nats-server}"
 export HERALD_TEST_MONGO_SERVER="${HERALD_TEST_MONGO_SERVER:-$root/.venv/bin/nx-27017}"
 
-say "building release binaries"
-cargo build --release --bins -p herald-gateway -p herald-dispatcher -p herald-tests
+# With a counting allocator in Herald's binaries (`herald_allocations_total`, read by the cost
+# scenario): an atomic add or two per allocation, in every scenario alike.
+say "building release binaries (with allocation counters)"
+cargo build --release --bins -p herald-gateway -p herald-dispatcher -p herald-tests \
+    --features herald-gateway/alloc-count,herald-dispatcher/alloc-count
 
 # The peer runs only in the scenarios it can do (idle and gateway); it needs Node.
 systems=(--system herald --system limit)

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use loadgen::cost::{CostOptions, Load};
 use loadgen::scenarios::{self, RunConfig, Scenario, System};
 use serde_json::json;
 
@@ -44,18 +45,50 @@ enum Command {
         /// Longest any one scenario may run before it is stopped, seconds.
         #[arg(long, default_value_t = 900)]
         scenario_limit_secs: u64,
+        #[command(flatten)]
+        cost: CostArgs,
     },
     /// One generator process (started by `run`).
     Worker { spec: String },
 }
 
+/// The cost scenario's rates: each low enough that the store (nx-27017 here) keeps up, so that
+/// what is measured is the work per message and not a backlog.
+#[derive(clap::Args)]
+struct CostArgs {
+    /// Jobs per second with one recipient each.
+    #[arg(long, default_value_t = 600.0)]
+    cost_rate_1: f64,
+    /// Jobs per second with 10 recipients each.
+    #[arg(long, default_value_t = 100.0)]
+    cost_rate_10: f64,
+    /// Jobs per second with 1,000 recipients each.
+    #[arg(long, default_value_t = 1.0)]
+    cost_rate_1000: f64,
+    /// Seconds of publishing at each rate (default 20; 6 with --short).
+    #[arg(long)]
+    cost_window_secs: Option<f64>,
+}
+
+impl CostArgs {
+    fn options(&self) -> CostOptions {
+        let load = |recipients, jobs_per_s| Load { recipients, jobs_per_s };
+        CostOptions {
+            loads: vec![load(1, self.cost_rate_1), load(10, self.cost_rate_10), load(1_000, self.cost_rate_1000)],
+            window: self.cost_window_secs.map(Duration::from_secs_f64),
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Worker { spec } => loadgen::worker::main(serde_json::from_str(&spec)?),
-        Command::Run { scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs } => {
+        Command::Run { scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs, cost } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let ok = runtime.block_on(async {
-                let run = run(scenarios, systems, short, idle_per_server, repeats, out, scenario_limit_secs);
+                let config =
+                    |logs| RunConfig { short, logs, idle_per_server, repeats: repeats.max(1), cost: cost.options() };
+                let run = run(scenarios, systems, config, out, scenario_limit_secs);
                 // On a signal the run is dropped, and with it every process it started.
                 tokio::select! {
                     ok = run => ok,
@@ -73,19 +106,19 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Runs every scenario on the systems it applies to, with `config(<logs directory>)`.
 async fn run(
     scenario_list: Vec<Scenario>,
     systems: Vec<System>,
-    short: bool,
-    idle_per_server: usize,
-    repeats: usize,
+    config: impl FnOnce(PathBuf) -> RunConfig,
     out: PathBuf,
     limit_secs: u64,
 ) -> anyhow::Result<bool> {
     let dir = out.parent().map(PathBuf::from).unwrap_or_default();
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let config = RunConfig { short, logs, idle_per_server, repeats: repeats.max(1) };
+    let config = config(logs);
+    let short = config.short;
     let mut outcomes = Vec::new();
     for scenario in scenario_list {
         for &system in &systems {
