@@ -60,7 +60,10 @@ pub fn register(registry: &Registry) -> Result<(), MetricsError> {
             "herald_allocations_total",
             "Heap allocations (alloc and realloc calls) since start; benchmark builds only",
         )?,
-        bytes: IntCounter::new("herald_allocated_bytes_total", "Bytes of heap allocated since start; benchmark builds only")?,
+        bytes: IntCounter::new(
+            "herald_allocated_bytes_total",
+            "Bytes of heap allocated since start; benchmark builds only",
+        )?,
         catching_up: Mutex::new(()),
     };
     registry.register(Box::new(counters))
