@@ -84,10 +84,18 @@ impl JobPipeline {
     /// Pulls and processes batches until `stop` fires; the batch in hand is finished first.
     pub async fn run(self, stop: CancellationToken) {
         let stream = self.names.jobs_stream();
-        pull::run(&self.js, &stream, self.names.jobs_consumer(), self.ack_wait, self.batching, &stop, |batch, waits| {
-            self.metrics.job_stages.waited(&waits);
-            self.process(batch, &stop)
-        })
+        pull::run(
+            &self.js,
+            &stream,
+            self.names.jobs_consumer(),
+            self.ack_wait,
+            self.batching,
+            &stop,
+            |batch, waits| {
+                self.metrics.job_stages.waited(&waits);
+                self.process(batch, &stop)
+            },
+        )
         .await;
     }
 
