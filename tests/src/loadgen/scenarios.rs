@@ -537,6 +537,10 @@ pub(super) async fn publish_paced(
     Ok((published, start.elapsed().as_secs_f64()))
 }
 
+/// The rate the direct ladder always reaches, for the latency split (issue: p50 and p99 at 100/s
+/// and at 1,000/s).
+const SPLIT_RATE: f64 = 1_000.0;
+
 pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new(Scenario::Direct, System::Herald);
     let servers = 2;
@@ -559,7 +563,13 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
     let mut k = 0u64;
     let mut steps = Vec::new();
     let mut best: Option<Value> = None;
+    // The ladder ends at its first step over 100 ms; if that is below 1,000/s, one more step runs
+    // at 1,000/s, so that every report has the latency split at 100/s and at 1,000/s.
+    let mut ladder_ended = false;
     for &rate in rates {
+        if ladder_ended && rate < SPLIT_RATE {
+            continue;
+        }
         workers.reset().await?;
         let before = workers.totals().await?.unique;
         let (rt_before, cpu_before) = (h.store_proxy.requests(), dispatcher.cpu_secs());
@@ -605,11 +615,18 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
             fields.extend(stages::split(&stages_before, &stages_after));
         }
         eprintln!("loadgen: direct step {row}");
+        if ladder_ended {
+            row["after_the_ladder"] = json!(true);
+            steps.push(row);
+            break;
+        }
         steps.push(row.clone());
         if lat.p99_ms < 100.0 && sustained {
             best = Some(row);
-        } else {
+        } else if rate >= SPLIT_RATE {
             break;
+        } else {
+            ladder_ended = true;
         }
     }
 
