@@ -50,7 +50,7 @@ help:
 	@echo "make publish TO=alice,bob MSG='{\"title\":\"hi\"}' [ID=x TTL=secs SUBJECT=s WAIT=secs] (or TOPIC=t in place of TO)   publish a job"
 	@echo 'make chaos SEED=1 MINUTES=2   a seeded randomized fault run, checked against every invariant'
 	@echo 'make bench     every benchmark scenario, short (release build; docs/BENCHMARKS.md)'
-	@echo 'make bench-idle | bench-gateway | bench-direct | bench-fanout | bench-topic | bench-storm | bench-loss | bench-backlog | bench-resend | bench-rollout | bench-soak'
+	@echo 'make bench-idle | bench-gateway | bench-direct | bench-fanout | bench-topic | bench-storm | bench-loss | bench-backlog | bench-resend | bench-rollout | bench-soak | bench-cost'
 	@echo '               one scenario at its full size'
 	@echo 'make fmt | clippy | clean'
 
@@ -138,7 +138,7 @@ clean:
 # --- benchmarks (docs/BENCHMARKS.md) --------------------------------------------------------------
 # Release builds, Herald's own dependencies on free ports, the Socket.IO peer and the bare fan-out
 # server; every run stops by itself. `make bench` is the short version of every scenario.
-.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-topic bench-storm bench-loss bench-backlog bench-resend bench-rollout bench-soak
+.PHONY: bench bench-idle bench-gateway bench-direct bench-fanout bench-topic bench-storm bench-loss bench-backlog bench-resend bench-rollout bench-soak bench-cost
 
 bench: deps
 	scripts/bench.sh --short idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout soak
@@ -175,3 +175,7 @@ bench-rollout: deps
 
 bench-soak: deps
 	scripts/bench.sh soak
+
+# Counts allocations (a build of its own: see scripts/bench.sh).
+bench-cost: deps
+	scripts/bench.sh cost

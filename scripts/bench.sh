@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench*`: builds Herald, the load generator and the bare fan-out server in release mode,
 # installs the Socket.IO peer's pinned packages, then runs the scenarios named in the arguments
-# (idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout soak) on the systems
+# (idle gateway direct fanout topic storm loss backlog backlog-storm resend rollout soak cost) on the systems
 # each applies to, and writes target/bench/<name>/summary.{json,txt}. Every scenario stops by
 # itself (--scenario-limit-secs).
 #
@@ -21,7 +21,7 @@ scenarios=()
 for arg in "$@"; do
     case "$arg" in
         --short) short=(--short) ;;
-        idle | gateway | direct | fanout | topic | storm | loss | backlog | backlog-storm | resend | rollout | soak) scenarios+=("$arg") ;;
+        idle | gateway | direct | fanout | topic | storm | loss | backlog | backlog-storm | resend | rollout | soak | cost) scenarios+=("$arg") ;;
         *)
             say "unknown argument $arg"
             exit 2
@@ -29,7 +29,7 @@ for arg in "$@"; do
     esac
 done
 [ "${#scenarios[@]}" -gt 0 ] || {
-    say "usage: scripts/bench.sh [--short] idle|gateway|direct|fanout|topic|storm|loss|backlog|backlog-storm|resend|rollout|soak..."
+    say "usage: scripts/bench.sh [--short] idle|gateway|direct|fanout|topic|storm|loss|backlog|backlog-storm|resend|rollout|soak|cost..."
     exit 2
 }
 
@@ -38,8 +38,18 @@ export HERALD_TEST_REDIS_SERVER="${HERALD_TEST_REDIS_SERVER:-$(command -v redis-
 export HERALD_TEST_NATS_SERVER="${HERALD_TEST_NATS_SERVER:-$root/.venv/bin/nats-server}"
 export HERALD_TEST_MONGO_SERVER="${HERALD_TEST_MONGO_SERVER:-$root/.venv/bin/nx-27017}"
 
-say "building release binaries"
-cargo build --release --bins -p herald-gateway -p herald-dispatcher -p herald-tests
+# The cost scenario counts allocations (`herald_allocations_total`): its Herald binaries carry a
+# counting allocator over the system's, in place of jemalloc. Every other scenario measures the
+# binaries as shipped, so a run with `cost` in it is built the counting way for all its scenarios
+# (and says so); keep memory figures to runs without it.
+features=()
+if [[ " ${scenarios[*]} " =~ \ cost\  ]]; then
+    features=(--features herald-gateway/alloc-count,herald-dispatcher/alloc-count)
+    say "building release binaries with allocation counters (system allocator, not jemalloc)"
+else
+    say "building release binaries"
+fi
+cargo build --release --bins -p herald-gateway -p herald-dispatcher -p herald-tests "${features[@]}"
 
 # The peers run only in the scenarios they can do (idle and gateway); they need Node. The plain
 # `ws` peer is the idle yardstick, added only when idle is measured (it then runs the delivery

@@ -39,9 +39,15 @@ impl EventPipeline {
     /// Pulls and applies events until `stop` fires; the batch in hand is finished first.
     pub async fn run(self, stop: CancellationToken) {
         let stream = self.names.events_stream();
-        pull::run(&self.js, &stream, self.names.events_consumer(), self.ack_wait, self.batching, &stop, |batch| {
-            self.process(batch, &stop)
-        })
+        pull::run(
+            &self.js,
+            &stream,
+            self.names.events_consumer(),
+            self.ack_wait,
+            self.batching,
+            &stop,
+            |batch, _waits| self.process(batch, &stop),
+        )
         .await;
     }
 

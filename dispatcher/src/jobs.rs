@@ -12,7 +12,7 @@
 //! the pure functions in `jobs::rules` ([`verdict`], [`route_to`]); the I/O stays here.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, AckKind, Message};
 use herald_proto::{RejectCode, Rejection, UserId};
@@ -20,7 +20,7 @@ use herald_shared::naming::Names;
 use herald_shared::Clock;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::DispatcherMetrics;
+use crate::metrics::{observe_each, DispatcherMetrics};
 use crate::presence::{Connections, PresenceReader};
 use crate::pull;
 use crate::routing::{self, Router};
@@ -84,9 +84,18 @@ impl JobPipeline {
     /// Pulls and processes batches until `stop` fires; the batch in hand is finished first.
     pub async fn run(self, stop: CancellationToken) {
         let stream = self.names.jobs_stream();
-        pull::run(&self.js, &stream, self.names.jobs_consumer(), self.ack_wait, self.batching, &stop, |batch| {
-            self.process(batch, &stop)
-        })
+        pull::run(
+            &self.js,
+            &stream,
+            self.names.jobs_consumer(),
+            self.ack_wait,
+            self.batching,
+            &stop,
+            |batch, waits| {
+                self.metrics.job_stages.waited(&waits);
+                self.process(batch, &stop)
+            },
+        )
         .await;
     }
 
@@ -115,8 +124,12 @@ impl JobPipeline {
             return;
         }
 
+        let storing = Instant::now();
         let (jobs, interrupted) = match self.insert_until_stored(jobs, stop).await {
-            Ok(stored) => stored,
+            Ok(stored) => {
+                observe_each(&self.metrics.job_stages.store, storing.elapsed(), stored.0.len());
+                stored
+            }
             Err(jobs) => {
                 // Shutting down during a store outage: hand the jobs back for redelivery.
                 ack_each(&jobs, AckKind::Nak(None)).await;
@@ -133,6 +146,7 @@ impl JobPipeline {
             })
             .collect();
 
+        let routing = Instant::now();
         if !self.route(&jobs, stop).await {
             // Shutting down while presence is unreadable. The receipts are stored, so acking
             // would lose nothing, but the messages would then wait for the ack-timeout sweep.
@@ -141,6 +155,7 @@ impl JobPipeline {
             ack_each(&jobs, AckKind::Nak(None)).await;
             return;
         }
+        observe_each(&self.metrics.job_stages.route, routing.elapsed(), jobs.len());
         for job in jobs {
             self.settle(job).await;
         }

@@ -6,8 +6,13 @@ use tokio_util::sync::CancellationToken;
 
 // jemalloc, as the gateway (see there): fewer bytes held per byte used, and allocation is the
 // dispatcher's most frequent call.
+#[cfg(not(feature = "alloc-count"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+// Benchmark builds only: counts allocations for /metrics (herald_allocations_total), on the
+// system allocator (stats_alloc can wrap only that one on stable Rust).
+#[cfg(feature = "alloc-count")]
+herald_shared::count_allocations!();
 
 #[tokio::main]
 async fn main() {

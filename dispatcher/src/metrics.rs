@@ -11,6 +11,8 @@ pub struct DispatcherMetrics {
     /// Rejected jobs by reject code.
     pub jobs_rejected: IntCounterVec,
     pub job_batch_size: Histogram,
+    /// Where each job's time in this dispatcher goes (`herald_dispatcher_job_stage_seconds`).
+    pub job_stages: JobStages,
     /// Recipients routed, by outcome (`online`, `offline`, `presence_unavailable`).
     pub routing: IntCounterVec,
     /// Gateway commands that NATS did not take.
@@ -47,6 +49,57 @@ pub struct DispatcherMetrics {
     pub http: ServeMetrics,
     /// The internal listener's (`herald_http_*{listener="internal"}`).
     pub internal_http: ServeMetrics,
+}
+
+/// How long each job spent in each stage of the job path in this dispatcher, measured on its
+/// monotonic clock: what part of publish → receive is Herald's own (queue, linger, route) and
+/// what part the store's.
+pub struct JobStages {
+    /// Fetched, waiting for a free worker (`HERALD_JOB_WORKERS`).
+    pub queue: Histogram,
+    /// In its batch's linger (`HERALD_JOB_LINGER_MS`), until the batch went to a worker.
+    pub linger: Histogram,
+    /// Its batch's store write, retries included.
+    pub store: Histogram,
+    /// Its batch's presence lookup and commands to the gateways.
+    pub route: Histogram,
+}
+
+/// Seconds, finer than [`LATENCY_BUCKETS`] around the milliseconds of a linger and a store
+/// write, so that the benchmarks can read a p50 and a p99 of each stage from them.
+const STAGE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.0225, 0.025,
+    0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl JobStages {
+    fn new(r: &Registry) -> Result<Self, MetricsError> {
+        let stages = m::histogram_vec(
+            r,
+            "herald_dispatcher_job_stage_seconds",
+            "Time each job spent in each stage of the job path in this dispatcher",
+            &["stage"],
+            STAGE_BUCKETS,
+        )?;
+        let stage = |name: &str| stages.with_label_values(&[name]);
+        Ok(Self { queue: stage("queue"), linger: stage("linger"), store: stage("store"), route: stage("route") })
+    }
+
+    /// Records the waits of a batch's jobs before their worker.
+    pub fn waited(&self, waits: &crate::pull::Waits) {
+        for waited in waits.iter() {
+            self.queue.observe(waited.for_handler.as_secs_f64());
+            self.linger.observe(waited.in_linger.as_secs_f64());
+        }
+    }
+}
+
+/// Records `took` once for each of a batch's `jobs`: a batch's stage is each of its jobs' stage.
+pub fn observe_each(stage: &Histogram, took: std::time::Duration, jobs: usize) {
+    let secs = took.as_secs_f64();
+    for _ in 0..jobs {
+        stage.observe(secs);
+    }
 }
 
 /// Every reject code, each counted from zero (`herald_dispatcher_jobs_rejected_total`).
@@ -107,6 +160,7 @@ impl DispatcherMetrics {
                 "Jobs processed per batch",
                 BATCH_BUCKETS,
             )?,
+            job_stages: JobStages::new(&r)?,
             routing: m::counter_vec_at_zero(
                 &r,
                 "herald_dispatcher_routing_total",

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, Message};
 use futures::stream::FuturesUnordered;
@@ -88,9 +88,9 @@ pub async fn num_pending(js: &jetstream::Context, stream: &str, name: &str, ack_
 
 /// Fetches messages until `stop` fires, handing them to `handle` in groups: what arrived within
 /// `batching.linger` of a group's first message, up to `batching.max`, with up to
-/// `batching.concurrency` groups in hand at once. Errors (NATS away, consumer gone) are logged
-/// and retried with backoff; the loop ends only when `stop` fires, after everything fetched has
-/// been handled.
+/// `batching.concurrency` groups in hand at once, each with how long its messages waited
+/// ([`Waits`]). Errors (NATS away, consumer gone) are logged and retried with backoff; the loop
+/// ends only when `stop` fires, after everything fetched has been handled.
 ///
 /// Fetching and handling run side by side, joined by a queue with room for one whole fetch: a
 /// fetch is read to its end however long `handle` takes. (async-nats ends a fetch that is not
@@ -106,10 +106,11 @@ pub async fn run<F, Fut>(
     stop: &CancellationToken,
     mut handle: F,
 ) where
-    F: FnMut(Vec<Message>) -> Fut,
+    F: FnMut(Vec<Message>, Waits) -> Fut,
     Fut: Future<Output = ()>,
 {
     let (tx, rx) = mpsc::channel(batching.max);
+    let inbox = Inbox { rx, gathering: Vec::new() };
     let fetching = fetch_into(tx, js, stream, name, ack_wait, (batching.max, batching.max_bytes), stop);
     // Groups being handled, read by the gatherer to decide whether to linger.
     let busy = AtomicUsize::new(0);
@@ -117,9 +118,10 @@ pub async fn run<F, Fut>(
         // A stream, so that a group half gathered survives the select below polling something
         // else (an unfold keeps its pending future).
         let busy = &busy;
-        let groups = futures::stream::unfold(rx, |mut rx| async move {
-            let group = next_group(&mut rx, &batching, busy, |m: &Message| m.payload.len()).await?;
-            Some((group, rx))
+        let groups = futures::stream::unfold(inbox, |mut inbox| async move {
+            let group = next_group(&mut inbox, &batching, busy, |m: &Message| m.payload.len()).await?;
+            let waits = inbox.close_group();
+            Some(((group, waits), inbox))
         });
         let mut groups = std::pin::pin!(groups);
         let mut in_hand = FuturesUnordered::new();
@@ -127,7 +129,7 @@ pub async fn run<F, Fut>(
             tokio::select! {
                 Some(()) = in_hand.next(), if !in_hand.is_empty() => {}
                 group = groups.next(), if in_hand.len() < batching.concurrency.max(1) => match group {
-                    Some(group) => in_hand.push(handle(group)),
+                    Some((group, waits)) => in_hand.push(handle(group, waits)),
                     None => break,
                 },
             }
@@ -155,7 +157,7 @@ pub fn linger(configured: Duration, groups_in_hand: usize) -> Duration {
 /// within its [`linger`], up to `max` messages or `max_bytes` (by `len`; the message that
 /// crosses it included). None once the fetcher is gone.
 async fn next_group<T>(
-    rx: &mut mpsc::Receiver<T>,
+    rx: &mut Inbox<T>,
     batching: &Batching,
     busy: &AtomicUsize,
     len: impl Fn(&T) -> usize,
@@ -165,7 +167,7 @@ async fn next_group<T>(
     let mut group = vec![first];
     let full = |group: &Vec<T>, bytes: usize| group.len() >= batching.max || bytes >= batching.max_bytes;
     while !full(&group, bytes) {
-        let Ok(message) = rx.try_recv() else { break };
+        let Some(message) = rx.try_recv() else { break };
         bytes += len(&message);
         group.push(message);
     }
@@ -186,10 +188,75 @@ async fn next_group<T>(
     Some(group)
 }
 
+/// A fetched message in the queue to the handler, with when it was queued.
+type Queued<T = Message> = (T, Instant);
+
+/// The handler's end of the queue. It notes when each message of the group being gathered was
+/// queued and taken, so that a group's [`Waits`] come from one monotonic clock in this process.
+struct Inbox<T = Message> {
+    rx: mpsc::Receiver<Queued<T>>,
+    /// (queued, taken) of each message taken since the last group was handed over.
+    gathering: Vec<(Instant, Instant)>,
+}
+
+impl<T> Inbox<T> {
+    async fn recv(&mut self) -> Option<T> {
+        let (message, queued) = self.rx.recv().await?;
+        self.gathering.push((queued, Instant::now()));
+        Some(message)
+    }
+
+    /// The next message if one is queued now.
+    fn try_recv(&mut self) -> Option<T> {
+        let (message, queued) = self.rx.try_recv().ok()?;
+        self.gathering.push((queued, Instant::now()));
+        Some(message)
+    }
+
+    /// The waits of the group gathered since the last call; it is handed over now (a group is
+    /// only gathered while a handler slot is free).
+    fn close_group(&mut self) -> Waits {
+        let waits = Waits::of(&self.gathering, Instant::now());
+        self.gathering.clear();
+        waits
+    }
+}
+
+/// How long the messages of one group waited before their handler: observations, one per
+/// message, for the stage metrics (not paired with the messages).
+#[derive(Debug, Default)]
+pub struct Waits {
+    each: Vec<Waited>,
+}
+
+/// How long one message waited before its handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Waited {
+    /// In the queue, while every handler slot was busy (`Batching::concurrency`).
+    pub for_handler: Duration,
+    /// In its group, from being taken until the group was handed over (`Batching::linger`).
+    pub in_linger: Duration,
+}
+
+impl Waits {
+    /// The waits of messages (queued, taken) in a group handed over at `closed`.
+    fn of(gathered: &[(Instant, Instant)], closed: Instant) -> Self {
+        let waited = |&(queued, taken): &(Instant, Instant)| Waited {
+            for_handler: taken.saturating_duration_since(queued),
+            in_linger: closed.saturating_duration_since(taken),
+        };
+        Self { each: gathered.iter().map(waited).collect() }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Waited> {
+        self.each.iter()
+    }
+}
+
 /// Fetches up to `max` messages at a time into `tx` until `stop` fires; each fetch waits for
 /// room for all of it first. Dropping `tx` at the end lets the handler finish.
 async fn fetch_into(
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Queued>,
     js: &jetstream::Context,
     stream: &str,
     name: &str,
@@ -231,7 +298,7 @@ async fn fetch_into(
         let mut broken = false;
         while let Some(message) = pull.next().await {
             match (message, room.next()) {
-                (Ok(message), Some(slot)) => slot.send(message),
+                (Ok(message), Some(slot)) => slot.send((message, Instant::now())),
                 // More than asked for (the server never does this): hand it straight back.
                 (Ok(message), None) => {
                     let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
@@ -277,20 +344,25 @@ mod tests {
         assert_eq!(linger(configured, 2), configured);
     }
 
+    fn inbox() -> (mpsc::Sender<Queued<Vec<u8>>>, Inbox<Vec<u8>>) {
+        let (tx, rx) = mpsc::channel(8);
+        (tx, Inbox { rx, gathering: Vec::new() })
+    }
+
     fn batching(max: usize, max_bytes: usize) -> Batching {
         Batching { max, linger: Duration::from_millis(20), concurrency: 2, max_bytes }
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_store_takes_what_is_queued_without_waiting() {
-        let (tx, mut rx) = mpsc::channel(8);
+        let (tx, mut rx) = inbox();
         for n in [1u8, 2, 3] {
-            tx.send(vec![n]).await.unwrap();
+            tx.send((vec![n], Instant::now())).await.unwrap();
         }
         let late = tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            late.send(vec![4]).await.unwrap();
+            late.send((vec![4], Instant::now())).await.unwrap();
         });
         let started = tokio::time::Instant::now();
         let group = next_group(&mut rx, &batching(10, 1 << 20), &AtomicUsize::new(0), Vec::len).await.unwrap();
@@ -300,14 +372,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_busy_store_lets_the_next_group_gather_for_the_linger() {
-        let (tx, mut rx) = mpsc::channel(8);
-        tx.send(vec![1]).await.unwrap();
+        let (tx, mut rx) = inbox();
+        tx.send((vec![1], Instant::now())).await.unwrap();
         let late = tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            late.send(vec![2]).await.unwrap();
+            late.send((vec![2], Instant::now())).await.unwrap();
             tokio::time::sleep(Duration::from_millis(30)).await;
-            late.send(vec![3]).await.unwrap();
+            late.send((vec![3], Instant::now())).await.unwrap();
         });
         let started = tokio::time::Instant::now();
         let group = next_group(&mut rx, &batching(10, 1 << 20), &AtomicUsize::new(1), Vec::len).await.unwrap();
@@ -317,9 +389,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_group_stops_at_its_count_or_bytes() {
-        let (tx, mut rx) = mpsc::channel(8);
+        let (tx, mut rx) = inbox();
         for n in 0..5u8 {
-            tx.send(vec![n; 4]).await.unwrap();
+            tx.send((vec![n; 4], Instant::now())).await.unwrap();
         }
         let busy = AtomicUsize::new(1);
         assert_eq!(next_group(&mut rx, &batching(2, 1 << 20), &busy, Vec::len).await.unwrap().len(), 2);
@@ -334,5 +406,16 @@ mod tests {
     fn a_fetch_always_has_room_for_the_largest_message() {
         assert_eq!(fetch_bytes(8 << 20, 1 << 20), 8 << 20);
         assert_eq!(fetch_bytes(8 << 20, 8 << 20), 16 << 20);
+    }
+
+    #[test]
+    fn a_message_waits_for_a_handler_until_taken_then_in_the_linger_until_handed_over() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Queued at 0, taken at 5 (first of its group); queued at 8 and taken at once; handed over at 25.
+        let waits = Waits::of(&[(ms(0), ms(5)), (ms(8), ms(8))], ms(25));
+        let each: Vec<(u128, u128)> =
+            waits.iter().map(|w| (w.for_handler.as_millis(), w.in_linger.as_millis())).collect();
+        assert_eq!(each, [(5, 20), (0, 17)]);
     }
 }

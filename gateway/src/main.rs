@@ -6,8 +6,13 @@ use tokio_util::sync::CancellationToken;
 
 // jemalloc, not glibc's malloc: with an arena per thread, glibc's fragmentation held 10.9 KiB
 // of RSS per idle connection where jemalloc holds 6.2 (docs/BENCHMARKS.md, scenario 1).
+#[cfg(not(feature = "alloc-count"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+// Benchmark builds only: counts allocations for /metrics (herald_allocations_total), on the
+// system allocator (stats_alloc can wrap only that one on stable Rust).
+#[cfg(feature = "alloc-count")]
+herald_shared::count_allocations!();
 
 #[tokio::main]
 async fn main() {

@@ -1,5 +1,7 @@
 //! Plumbing shared by the gateway and the dispatcher; no business logic lives here.
 
+#[cfg(feature = "alloc-count")]
+pub mod alloc_count;
 pub mod backoff;
 pub mod clock;
 pub mod config;

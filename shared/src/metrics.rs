@@ -25,7 +25,6 @@ pub const DELIVERY_BUCKETS: &[f64] = &[
 /// Items per batch, for the batch-size histograms.
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0];
 
-/// A registry with the process collector (RSS, CPU seconds, open fds) already in it.
 /// A registry with the process metrics and `herald_build_info{service, version}` (always 1),
 /// which says which build each process runs, e.g. while a rollout is under way.
 pub fn registry(service: &str) -> Registry {
@@ -40,6 +39,11 @@ pub fn registry(service: &str) -> Registry {
     if let Ok(gauge) = IntGauge::with_opts(info) {
         gauge.set(1);
         let _ = registry.register(Box::new(gauge));
+    }
+    // Benchmark builds count allocations (`alloc_count`); production builds have no such series.
+    #[cfg(feature = "alloc-count")]
+    {
+        let _ = crate::alloc_count::register(&registry);
     }
     registry
 }

@@ -192,6 +192,11 @@ impl Redis {
         self.process.port
     }
 
+    /// The server's process id while it runs (the benchmarks read its CPU time from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.child.as_ref().map(Child::id)
+    }
+
     /// Shuts the server down (SIGTERM) and waits for it to exit.
     pub async fn stop(&mut self) {
         self.process.stop().await;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use loadgen::cost::{CostOptions, Load};
 use loadgen::scenarios::{self, RunConfig, Scenario, System};
 use loadgen::soak;
 use serde_json::json;
@@ -52,9 +53,39 @@ enum Command {
         /// One-recipient jobs per second in the soak.
         #[arg(long, default_value_t = 100.0)]
         soak_rate: f64,
+        #[command(flatten)]
+        cost: CostArgs,
     },
     /// One generator process (started by `run`).
     Worker { spec: String },
+}
+
+/// The cost scenario's rates: each low enough that the store (nx-27017 here) keeps up, so that
+/// what is measured is the work per message and not a backlog.
+#[derive(clap::Args)]
+struct CostArgs {
+    /// Jobs per second with one recipient each.
+    #[arg(long, default_value_t = 600.0)]
+    cost_rate_1: f64,
+    /// Jobs per second with 10 recipients each.
+    #[arg(long, default_value_t = 100.0)]
+    cost_rate_10: f64,
+    /// Jobs per second with 1,000 recipients each.
+    #[arg(long, default_value_t = 1.0)]
+    cost_rate_1000: f64,
+    /// Seconds of publishing at each rate (default 20; 6 with --short).
+    #[arg(long)]
+    cost_window_secs: Option<f64>,
+}
+
+impl CostArgs {
+    fn options(&self) -> CostOptions {
+        let load = |recipients, jobs_per_s| Load { recipients, jobs_per_s };
+        CostOptions {
+            loads: vec![load(1, self.cost_rate_1), load(10, self.cost_rate_10), load(1_000, self.cost_rate_1000)],
+            window: self.cost_window_secs.map(Duration::from_secs_f64),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,9 +101,18 @@ fn main() -> anyhow::Result<()> {
             scenario_limit_secs,
             soak_minutes,
             soak_rate,
+            cost,
         } => {
             let logs = out.parent().map(PathBuf::from).unwrap_or_default().join("logs");
-            let config = RunConfig { short, logs, idle_per_server, repeats: repeats.max(1), soak_minutes, soak_rate };
+            let config = RunConfig {
+                short,
+                logs,
+                idle_per_server,
+                repeats: repeats.max(1),
+                soak_minutes,
+                soak_rate,
+                cost: cost.options(),
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let ok = runtime.block_on(async {
                 let run = run(scenarios, systems, config, out, Duration::from_secs(scenario_limit_secs));

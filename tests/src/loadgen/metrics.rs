@@ -110,6 +110,58 @@ pub(crate) fn sample_value(text: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// The cumulative buckets (upper bound `le`, count) of the histogram series `name{labels}` on a
+/// Prometheus text page, in the page's order (rising `le`, `+Inf` last). `labels` is how the
+/// page writes the series' other labels, e.g. `stage="linger"`, or empty.
+pub(crate) fn histogram_buckets(text: &str, name: &str, labels: &str) -> Vec<(f64, u64)> {
+    let prefix = match labels {
+        "" => format!("{name}_bucket{{le=\""),
+        labels => format!("{name}_bucket{{{labels},le=\""),
+    };
+    text.lines()
+        .filter_map(|line| {
+            let (le, count) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// The `q` quantile (0..=1) of what a Prometheus histogram observed between two scrapes of it,
+/// `before` and `after` (as [`histogram_buckets`] reads them), interpolated linearly within the
+/// bucket it falls in, as PromQL's `histogram_quantile` does; in the `+Inf` bucket, the highest
+/// finite bound. None if nothing was observed in between, or the scrapes do not match (the
+/// process restarted or the buckets differ).
+pub(crate) fn quantile_between(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let same_buckets =
+        before.is_empty() || (before.len() == after.len() && before.iter().zip(after).all(|(b, a)| b.0 == a.0));
+    if !same_buckets {
+        return None;
+    }
+    let observed: Vec<(f64, u64)> = after
+        .iter()
+        .enumerate()
+        .map(|(i, &(le, count))| (le, count.checked_sub(before.get(i).map_or(0, |b| b.1))))
+        .map(|(le, delta)| delta.map(|d| (le, d)))
+        .collect::<Option<_>>()?;
+    let total = observed.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let (mut lower, mut below) = (0.0, 0u64);
+    for &(le, count) in &observed {
+        if count as f64 >= rank && count > below {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            return Some(lower + (le - lower) * (rank - below as f64) / (count - below) as f64);
+        }
+        (lower, below) = (le, count);
+    }
+    Some(lower)
+}
+
 fn parse_commandstats(text: &str) -> BTreeMap<String, u64> {
     text.lines()
         .filter_map(|line| {
@@ -154,5 +206,34 @@ mod tests {
             Some(42)
         );
         assert_eq!(sample_value("herald_x_seconds_sum 0.25\n", "herald_x_seconds_sum"), Some(0.25));
+    }
+
+    #[test]
+    fn a_quantile_is_read_from_the_difference_of_two_scrapes() {
+        let page = |counts: [u64; 4]| {
+            format!(
+                "# TYPE s histogram\n\
+                 s_bucket{{stage=\"linger\",le=\"0.01\"}} {}\n\
+                 s_bucket{{stage=\"linger\",le=\"0.02\"}} {}\n\
+                 s_bucket{{stage=\"linger\",le=\"0.05\"}} {}\n\
+                 s_bucket{{stage=\"linger\",le=\"+Inf\"}} {}\n\
+                 s_bucket{{stage=\"store\",le=\"0.01\"}} 999\n",
+                counts[0], counts[1], counts[2], counts[3]
+            )
+        };
+        let before = histogram_buckets(&page([10, 10, 10, 10]), "s", r#"stage="linger""#);
+        assert_eq!(before, [(0.01, 10), (0.02, 10), (0.05, 10), (f64::INFINITY, 10)]);
+        // In between: 50 observations up to 10 ms, 40 in (10, 20] ms, 9 in (20, 50] ms, 1 above.
+        let after = histogram_buckets(&page([60, 100, 109, 110]), "s", r#"stage="linger""#);
+        let q = |q| quantile_between(&before, &after, q).map(|s| (s * 1e6).round() / 1e3);
+        assert_eq!(q(0.5), Some(10.0));
+        assert_eq!(q(0.7), Some(15.0));
+        assert_eq!(q(0.99), Some(50.0));
+        assert_eq!(q(1.0), Some(50.0));
+        assert_eq!(quantile_between(&before, &before, 0.5), None);
+        assert_eq!(quantile_between(&after, &before, 0.5), None);
+        // A process's first scrape: everything it observed since start.
+        let since_start = quantile_between(&[], &after, 0.6).map(|s| (s * 1e6).round() / 1e3);
+        assert_eq!(since_start, Some(11.5));
     }
 }

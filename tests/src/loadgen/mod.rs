@@ -4,6 +4,7 @@
 //!
 //! Included by `src/bin/loadgen.rs`; the harness library (`herald_tests`) does not depend on it.
 
+pub(crate) mod cost;
 pub(crate) mod metrics;
 pub(crate) mod mongo_proxy;
 pub(crate) mod orchestrator;
@@ -14,6 +15,7 @@ pub(crate) mod rollout;
 pub(crate) mod sampler;
 pub(crate) mod scenarios;
 pub(crate) mod soak;
+pub(crate) mod stages;
 pub(crate) mod storm;
 pub(crate) mod systems;
 pub(crate) mod worker;

@@ -19,7 +19,7 @@ use super::metrics;
 use super::orchestrator::{user_names, Workers};
 use super::report::Totals;
 use super::sampler::{Sampler, Samples, SAMPLE_EVERY};
-use super::scenarios::{connect, publish_paced, round, Outcome, RunConfig, Scenario, Sut, System};
+use super::scenarios::{connect, publish_paced, round, Outcome, Recipients, RunConfig, Scenario, Sut, System};
 use super::systems::{Herald, HeraldOptions};
 
 const GATEWAYS: usize = 3;
@@ -140,8 +140,11 @@ async fn roll_once(per_gateway: usize, spread: Duration, label: &str, config: &R
         stop.cancel();
         steps
     };
-    let (steps, published, samples) =
-        tokio::join!(rolling, publish_paced(&js, &subject, &users, 0, u64::MAX, RATE, &stop), sampler.run(&stop));
+    let (steps, published, samples) = tokio::join!(
+        rolling,
+        publish_paced(&js, &subject, Recipients::one_each(&users), 0, u64::MAX, RATE, &stop),
+        sampler.run(&stop)
+    );
     let steps = steps?;
     let (published, _) = published?;
     let last_publish = Instant::now();

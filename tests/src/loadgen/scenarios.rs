@@ -14,12 +14,14 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::cost::{self, CostOptions};
 use super::metrics;
 use super::orchestrator::{user_names, Plan, Workers};
 use super::protocol::{self, Flavor};
 use super::report::{self, Latency, Totals};
 use super::rollout;
 use super::soak;
+use super::stages;
 use super::storm::{self as storm_probe, SynCounters};
 use super::systems::{self, Herald, HeraldOptions, Limit, Peer, Server, WsPeer};
 
@@ -57,6 +59,9 @@ pub(crate) enum Scenario {
     Rollout,
     /// A few hundred connections through the whole path, checking only that nothing is lost.
     Smoke,
+    /// What a durable message costs (CPU, allocations, store round trips) at 1, 10 and 1,000
+    /// recipients per message, each at a steady rate (`--cost-*`).
+    Cost,
     /// One topic message to 10,000 subscribers on 2 gateways (2,000 short), then one job to the
     /// same audience through `to`: time until all received, each way.
     Topic,
@@ -78,6 +83,7 @@ pub(crate) struct RunConfig {
     pub(crate) soak_minutes: u64,
     /// One-recipient jobs per second in the soak.
     pub(crate) soak_rate: f64,
+    pub(crate) cost: CostOptions,
 }
 
 /// What one scenario measured on one system.
@@ -118,6 +124,11 @@ impl Outcome {
 pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
+}
+
+/// The mean of a latency histogram (µs), in milliseconds; 0 when empty.
+pub(super) fn mean_ms(h: Option<&hdrhistogram::Histogram<u64>>) -> f64 {
+    h.filter(|h| !h.is_empty()).map_or(0.0, |h| h.mean() / 1000.0)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -464,16 +475,40 @@ async fn publish_http(http: &reqwest::Client, targets: &[&Server], ks: std::ops:
 /// publish path could not keep up).
 async fn publish_jobs(h: &Herald, users: &[String], first_k: u64, count: u64, rate: f64) -> anyhow::Result<f64> {
     let subject = h.stack.names().publish_subject("bench");
-    let (_, secs) = publish_paced(&h.js, &subject, users, first_k, count, rate, &CancellationToken::new()).await?;
+    let to = Recipients::one_each(users);
+    let (_, secs) = publish_paced(&h.js, &subject, to, first_k, count, rate, &CancellationToken::new()).await?;
     Ok(secs)
 }
 
-/// [`publish_jobs`] until `count` are published or `stop` is cancelled, whichever comes first.
-/// Returns how many were published (each acked by JetStream) and the seconds it took.
+/// Whom a run's jobs go to: `per_job` users each, in turn from `users` (job k's list starts at
+/// user k × `per_job`, round robin).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Recipients<'a> {
+    pub(super) users: &'a [String],
+    pub(super) per_job: usize,
+}
+
+impl<'a> Recipients<'a> {
+    pub(super) fn one_each(users: &'a [String]) -> Self {
+        Self { users, per_job: 1 }
+    }
+
+    /// The `to` list of job `k`, as JSON array items (`"u1","u2"`).
+    fn json_list(&self, k: u64) -> String {
+        let n = self.users.len().max(1);
+        let first = (k % n as u64) as usize * self.per_job;
+        let names = (first..first + self.per_job.min(n)).filter_map(|i| self.users.get(i % n));
+        names.map(|name| format!("\"{name}\"")).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Jobs to `to` at `rate` per second from index `first_k`, until `count` are published or `stop`
+/// is cancelled, whichever comes first. Returns how many were published (each acked by
+/// JetStream) and the seconds it took.
 pub(super) async fn publish_paced(
     js: &async_nats::jetstream::Context,
     subject: &str,
-    users: &[String],
+    to: Recipients<'_>,
     first_k: u64,
     count: u64,
     rate: f64,
@@ -494,8 +529,11 @@ pub(super) async fn publish_paced(
         }
         let k = first_k + i;
         let id = format!("d-{k}");
-        let user = &users[(k as usize) % users.len()];
-        let body = format!(r#"{{"id":"{id}","to":["{user}"],"payload":{}}}"#, protocol::payload(k, protocol::now_us()));
+        let body = format!(
+            r#"{{"id":"{id}","to":[{}],"payload":{}}}"#,
+            to.json_list(k),
+            protocol::payload(k, protocol::now_us())
+        );
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
         acks.push(js.publish_with_headers(subject.to_owned(), headers, body.into()).await?.into_future());
@@ -516,6 +554,10 @@ pub(super) async fn publish_paced(
     Ok((published, start.elapsed().as_secs_f64()))
 }
 
+/// The rate the direct ladder always reaches, for the latency split (issue: p50 and p99 at 100/s
+/// and at 1,000/s).
+const SPLIT_RATE: f64 = 1_000.0;
+
 pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new(Scenario::Direct, System::Herald);
     let servers = 2;
@@ -531,18 +573,26 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
     connect(&mut workers, 1.0, Duration::from_secs(120)).await?;
     let users = user_names("u", 0, per_server * servers);
     let dispatcher = &h.dispatchers[0];
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
     // Let the online announcements and replays of the connect settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut k = 0u64;
     let mut steps = Vec::new();
     let mut best: Option<Value> = None;
+    // The ladder ends at its first step over 100 ms; if that is below 1,000/s, one more step runs
+    // at 1,000/s, so that every report has the latency split at 100/s and at 1,000/s.
+    let mut ladder_ended = false;
     for &rate in rates {
+        if ladder_ended && rate < SPLIT_RATE {
+            continue;
+        }
         workers.reset().await?;
         let before = workers.totals().await?.unique;
         let (rt_before, cpu_before) = (h.store_proxy.requests(), dispatcher.cpu_secs());
         let (store_cpu_before, nats_cpu_before) = h.deps_cpu_secs();
         let gateways_cpu_before: f64 = sut.front().cpu_secs().iter().sum();
+        let stages_before = metrics::prometheus_page(&http, dispatcher.internal).await?;
         let count = (rate * step.as_secs_f64()) as u64;
         let took = publish_jobs(h, &users, k, count, rate).await?;
         k += count;
@@ -553,11 +603,12 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
         let (rt_after, cpu_after) = (h.store_proxy.requests(), dispatcher.cpu_secs());
         let (store_cpu_after, nats_cpu_after) = h.deps_cpu_secs();
         let gateways_cpu_after: f64 = sut.front().cpu_secs().iter().sum();
+        let stages_after = metrics::prometheus_page(&http, dispatcher.internal).await?;
         let per_1k = |cpu: f64| round(cpu / (count as f64 / 1000.0), 3);
         let delivered = totals.unique - before;
         let lat = Latency::of(totals.publish_to_rx.as_ref());
         let sustained = delivered as f64 >= count as f64 * 0.99 && took <= step.as_secs_f64() * 1.1;
-        let row = json!({
+        let mut row = json!({
             "rate_per_s": rate,
             "published": count,
             "publish_took_s": round(took, 2),
@@ -566,6 +617,7 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
             "p99_ms": round(lat.p99_ms, 1),
             "p999_ms": round(lat.p999_ms, 1),
             "max_ms": round(lat.max_ms, 1),
+            "mean_ms": round(mean_ms(totals.publish_to_rx.as_ref()), 1),
             "store_round_trips_per_msg": round((rt_after - rt_before) as f64 / count as f64, 3),
             "dispatcher_cpu_s_per_1k": per_1k(cpu_after - cpu_before),
             "gateways_cpu_s_per_1k": per_1k(gateways_cpu_after - gateways_cpu_before),
@@ -575,12 +627,23 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
             "dispatcher_rss_mib": round(dispatcher.rss_kib() as f64 / 1024.0, 1),
             "sustained": sustained,
         });
+        // Beside publish → receive: what of it the dispatcher's stages took (store or Herald's own).
+        if let Value::Object(fields) = &mut row {
+            fields.extend(stages::split(&stages_before, &stages_after));
+        }
         eprintln!("loadgen: direct step {row}");
+        if ladder_ended {
+            row["after_the_ladder"] = json!(true);
+            steps.push(row);
+            break;
+        }
         steps.push(row.clone());
         if lat.p99_ms < 100.0 && sustained {
             best = Some(row);
-        } else {
+        } else if rate >= SPLIT_RATE {
             break;
+        } else {
+            ladder_ended = true;
         }
     }
 
@@ -593,8 +656,18 @@ pub(crate) async fn direct(config: &RunConfig) -> anyhow::Result<Outcome> {
     match &best {
         Some(b) => {
             out.set("highest_rate_with_p99_under_100ms", b["rate_per_s"].clone());
-            for key in ["p50_ms", "p99_ms", "p999_ms", "max_ms", "store_round_trips_per_msg", "dispatcher_cpu_s_per_1k"]
-            {
+            let keys = [
+                "p50_ms",
+                "p99_ms",
+                "p999_ms",
+                "max_ms",
+                "mean_ms",
+                "herald_own_mean_ms",
+                "store_mean_ms",
+                "store_round_trips_per_msg",
+                "dispatcher_cpu_s_per_1k",
+            ];
+            for key in keys {
                 out.set(&format!("at_best_{key}"), b[key].clone());
             }
         }
@@ -633,15 +706,15 @@ pub(super) async fn count_receipts(db: &mongodb::Database, filter: Document) -> 
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
-struct ReceiptFigures {
-    delivered: u64,
-    latency: Latency,
+pub(super) struct ReceiptFigures {
+    pub(super) delivered: u64,
+    pub(super) latency: Latency,
 }
 
 /// Waits until `expected` receipts read `delivered` (or the timeout), then reads the publish →
 /// delivered latency from the store: the receipt's `delivered_at_ms` against the message's
 /// `published_at` (its JetStream time).
-async fn receipt_latency(h: &Herald, expected: u64, timeout: Duration) -> anyhow::Result<ReceiptFigures> {
+pub(super) async fn receipt_latency(h: &Herald, expected: u64, timeout: Duration) -> anyhow::Result<ReceiptFigures> {
     let receipts = h.db.collection::<Document>(herald_shared::naming::collections::RECEIPTS);
     let deadline = Instant::now() + timeout;
     let mut delivered;
@@ -1289,6 +1362,7 @@ pub(crate) async fn run(scenario: Scenario, system: System, config: &RunConfig, 
             (Scenario::Resend, System::Herald) => resend(config).await,
             (Scenario::Rollout, System::Herald) => rollout::rollout(config).await,
             (Scenario::Smoke, System::Herald) => smoke(config).await,
+            (Scenario::Cost, System::Herald) => cost::cost(config).await,
             (Scenario::Topic, System::Herald) => topic(config).await,
             (Scenario::Soak, System::Herald) => soak::soak(config).await,
             (scenario, system) => anyhow::bail!("{scenario:?} is not measured on {system:?}"),
@@ -1389,5 +1463,16 @@ mod tests {
         assert_eq!(resend_bound(0, 4_000.0, interval), "demand");
         assert_eq!(resend_bound(4_000, 4_000.0, interval), "demand");
         assert_eq!(resend_bound(4_001, 4_000.0, interval), "sweep");
+    }
+
+    #[test]
+    fn jobs_go_to_their_users_in_turn() {
+        let users = user_names("u", 0, 5);
+        assert_eq!(Recipients::one_each(&users).json_list(7), r#""u2""#);
+        let three = Recipients { users: &users, per_job: 3 };
+        assert_eq!(three.json_list(0), r#""u0","u1","u2""#);
+        assert_eq!(three.json_list(1), r#""u3","u4","u0""#);
+        let all = Recipients { users: &users, per_job: 9 };
+        assert_eq!(all.json_list(0).matches('u').count(), 5);
     }
 }

@@ -1,0 +1,330 @@
+//! What one durable message costs (`--scenario cost`): 2 gateways, 1 dispatcher and online users
+//! that ack. For 1, 10 and 1,000 recipients per message in turn, jobs go out at a steady rate for
+//! a fixed window; then the run waits until every delivery has arrived and every receipt reads
+//! `delivered`. Reported per message and per delivery, as differences across that whole span:
+//! Herald's own CPU (gateways + dispatcher, from `/proc`), the store's, NATS's and Redis's; heap
+//! allocations and bytes in the gateways and in the dispatcher (the benchmark build's counters,
+//! `herald_allocations_total`); store round trips; and publish → receive p50 / p99 with the
+//! dispatcher's job stages beside it (`stages`).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::metrics;
+use super::orchestrator::{user_names, Workers};
+use super::report::Latency;
+use super::scenarios::{
+    connect, mean_ms, publish_paced, receipt_latency, round, Outcome, Recipients, RunConfig, Scenario, Sut, System,
+};
+use super::stages;
+use super::systems::{Herald, HeraldOptions};
+
+/// Receipts moved to `delivered` by acks, counted by the dispatcher.
+const ACKED: &str = r#"herald_dispatcher_receipt_writes_total{op="ack"}"#;
+const ALLOCATIONS: &str = "herald_allocations_total";
+const ALLOCATED_BYTES: &str = "herald_allocated_bytes_total";
+/// How long a window's deliveries and acks may take to land after its last job.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// One window's load: jobs per second, each to `recipients` users.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Load {
+    pub(crate) recipients: usize,
+    pub(crate) jobs_per_s: f64,
+}
+
+/// The cost scenario's settings (`loadgen run --cost-*`).
+#[derive(Debug, Clone)]
+pub(crate) struct CostOptions {
+    /// Run in this order, each for `window`.
+    pub(crate) loads: Vec<Load>,
+    /// How long jobs are published at each load; `None`: 20 s (6 s in the short run).
+    pub(crate) window: Option<Duration>,
+}
+
+/// What is read before and after a window: cumulative counters of every process involved.
+struct Snapshot {
+    at: Instant,
+    gateways_cpu: f64,
+    dispatcher_cpu: f64,
+    store_cpu: f64,
+    nats_cpu: f64,
+    redis_cpu: f64,
+    store_requests: u64,
+    /// Summed over the gateways; `None` in a build without the allocation counters.
+    gateway_allocs: Option<Allocations>,
+    dispatcher_allocs: Option<Allocations>,
+    acked: u64,
+    /// The dispatcher's metrics page, for the job stages.
+    dispatcher_page: String,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Allocations {
+    count: u64,
+    bytes: u64,
+}
+
+impl Allocations {
+    fn of(page: &str) -> Option<Self> {
+        Some(Self {
+            count: metrics::counter_value(page, ALLOCATIONS)?,
+            bytes: metrics::counter_value(page, ALLOCATED_BYTES)?,
+        })
+    }
+
+    fn plus(self, other: Self) -> Self {
+        Self { count: self.count + other.count, bytes: self.bytes + other.bytes }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self { count: self.count.saturating_sub(before.count), bytes: self.bytes.saturating_sub(before.bytes) }
+    }
+}
+
+impl Snapshot {
+    async fn take(h: &Herald, http: &reqwest::Client) -> anyhow::Result<Self> {
+        let (store_cpu, nats_cpu) = h.deps_cpu_secs();
+        let at = Instant::now();
+        let gateways_cpu = h.gateways.iter().map(|g| g.cpu_secs()).sum();
+        let dispatcher = &h.dispatchers[0];
+        let dispatcher_cpu = dispatcher.cpu_secs();
+        let redis_cpu = h.stack.redis.pid().and_then(metrics::cpu_secs).unwrap_or(0.0);
+        let store_requests = h.store_proxy.requests();
+        let dispatcher_page = metrics::prometheus_page(http, dispatcher.internal).await?;
+        let mut gateway_allocs = Some(Allocations::default());
+        for gateway in &h.gateways {
+            let page = metrics::prometheus_page(http, gateway.internal).await?;
+            gateway_allocs = gateway_allocs.zip(Allocations::of(&page)).map(|(sum, one)| sum.plus(one));
+        }
+        Ok(Self {
+            at,
+            gateways_cpu,
+            dispatcher_cpu,
+            store_cpu,
+            nats_cpu,
+            redis_cpu,
+            store_requests,
+            gateway_allocs,
+            dispatcher_allocs: Allocations::of(&dispatcher_page),
+            acked: metrics::counter_value(&dispatcher_page, ACKED).unwrap_or(0),
+            dispatcher_page,
+        })
+    }
+
+    fn herald_cpu(&self) -> f64 {
+        self.gateways_cpu + self.dispatcher_cpu
+    }
+}
+
+pub(crate) async fn cost(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Cost, System::Herald);
+    let servers = 2;
+    let per_server = if config.short { 1_000 } else { 2_500 };
+    let window = config.cost.window.unwrap_or(Duration::from_secs(if config.short { 6 } else { 20 }));
+    let sut = Sut::start(System::Herald, servers, HeraldOptions::default(), config).await?;
+    let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
+    let mut workers = Workers::spawn(&sut.plan(per_server, true, 256))?;
+    connect(&mut workers, 1.0, Duration::from_secs(120)).await?;
+    let users = user_names("u", 0, per_server * servers);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    // Let the online announcements and replays of the connect settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let idle = idle_cpu_per_s(h, &http, Duration::from_secs(if config.short { 3 } else { 10 })).await?;
+    out.set("users_online", users.len() as u64);
+    out.set("window_s", window.as_secs_f64());
+    out.set("idle_herald_cpu_ms_per_s", round(idle * 1000.0, 2));
+    let mut k = 0u64;
+    let mut deliveries = 0u64;
+    let mut rows = Vec::new();
+    for &load in &config.cost.loads {
+        let to = Recipients { users: &users, per_job: load.recipients.min(users.len()) };
+        let window = Window { to, load, window, first_k: k, idle_cpu_per_s: idle };
+        let row = window.measure(h, &mut workers, &http, &mut out).await?;
+        if !row.contains_key("gateway_allocs_per_msg") && rows.is_empty() {
+            out.notes.push(
+                "no allocation figures: this build has no allocation counters (scripts/bench.sh builds with them)"
+                    .into(),
+            );
+        }
+        eprintln!("loadgen: cost window {}", Value::Object(row.clone()));
+        summarise(&mut out, load.recipients, &row);
+        k += window.jobs();
+        deliveries += window.jobs() * to.per_job as u64;
+        rows.push(Value::Object(row));
+    }
+
+    // Every delivery arrived (checked per window); every receipt must read `delivered`.
+    let totals = workers.totals().await?;
+    out.set("published_jobs", k);
+    out.set("deliveries", deliveries);
+    out.set("received_unique", totals.unique);
+    out.set("lost", deliveries.saturating_sub(totals.unique));
+    out.set("duplicates", totals.duplicates);
+    let receipts = receipt_latency(h, deliveries, Duration::from_secs(90)).await?;
+    out.set("receipts_delivered", receipts.delivered);
+    if receipts.delivered < deliveries {
+        out.fail(format!("{} receipts not delivered within 90 s", deliveries - receipts.delivered));
+    }
+    out.set("steps", Value::Array(rows));
+    workers.quit().await;
+    Ok(out)
+}
+
+/// Herald's CPU seconds per second with every user connected and nothing sent (pings,
+/// heartbeats, sweeps), to tell what a message costs from what the connections cost anyway.
+async fn idle_cpu_per_s(h: &Herald, http: &reqwest::Client, span: Duration) -> anyhow::Result<f64> {
+    let before = Snapshot::take(h, http).await?;
+    tokio::time::sleep(span).await;
+    let after = Snapshot::take(h, http).await?;
+    Ok((after.herald_cpu() - before.herald_cpu()) / after.at.duration_since(before.at).as_secs_f64())
+}
+
+/// One load's window.
+struct Window<'a> {
+    to: Recipients<'a>,
+    load: Load,
+    window: Duration,
+    first_k: u64,
+    idle_cpu_per_s: f64,
+}
+
+impl Window<'_> {
+    fn jobs(&self) -> u64 {
+        (self.load.jobs_per_s * self.window.as_secs_f64()).round().max(1.0) as u64
+    }
+
+    fn deliveries(&self) -> u64 {
+        self.jobs() * self.to.per_job as u64
+    }
+
+    /// Publishes the window's jobs, waits until they have all arrived and been acked, and
+    /// returns the window's figures (a failure to settle is noted in `out`).
+    async fn measure(
+        &self,
+        h: &Herald,
+        workers: &mut Workers,
+        http: &reqwest::Client,
+        out: &mut Outcome,
+    ) -> anyhow::Result<Map<String, Value>> {
+        workers.reset().await?;
+        let start_totals = workers.totals().await?;
+        let before = Snapshot::take(h, http).await?;
+        let subject = h.stack.names().publish_subject("bench");
+        let stop = CancellationToken::new();
+        let (_, took) =
+            publish_paced(&h.js, &subject, self.to, self.first_k, self.jobs(), self.load.jobs_per_s, &stop).await?;
+        let done = self.settle(h, workers, http, start_totals.unique, before.acked).await?;
+        let settled = before.at.elapsed().as_secs_f64();
+        let after = Snapshot::take(h, http).await?;
+        let totals = workers.totals().await?;
+        if !done {
+            out.fail(format!(
+                "{} recipients per job: {} of {} delivered and {} of them acked {SETTLE_LIMIT:?} after the window",
+                self.to.per_job,
+                totals.unique - start_totals.unique,
+                self.deliveries(),
+                after.acked - before.acked
+            ));
+        }
+        let mut row = self.figures(&before, &after);
+        let lat = Latency::of(totals.publish_to_rx.as_ref());
+        row.insert("publish_took_s".into(), json!(round(took, 2)));
+        row.insert("settled_s".into(), json!(round(settled, 2)));
+        row.insert("received".into(), json!(totals.unique - start_totals.unique));
+        row.insert("duplicates".into(), json!(totals.duplicates - start_totals.duplicates));
+        row.insert("p50_ms".into(), json!(round(lat.p50_ms, 1)));
+        row.insert("p99_ms".into(), json!(round(lat.p99_ms, 1)));
+        row.insert("mean_ms".into(), json!(round(mean_ms(totals.publish_to_rx.as_ref()), 1)));
+        row.extend(stages::split(&before.dispatcher_page, &after.dispatcher_page));
+        Ok(row)
+    }
+
+    /// Waits until every delivery of the window has arrived and every receipt has been acked
+    /// (the dispatcher's count, read from its page: polling the store would load what is
+    /// measured). Returns whether both happened within [`SETTLE_LIMIT`].
+    async fn settle(
+        &self,
+        h: &Herald,
+        workers: &mut Workers,
+        http: &reqwest::Client,
+        unique_before: u64,
+        acked_before: u64,
+    ) -> anyhow::Result<bool> {
+        let want = self.deliveries();
+        let deadline = Instant::now() + SETTLE_LIMIT;
+        let (_, received) =
+            workers.wait_for(SETTLE_LIMIT, Duration::from_millis(100), |t| t.unique >= unique_before + want).await?;
+        let dispatcher = h.dispatchers[0].internal;
+        loop {
+            let acked = metrics::prometheus_counter(http, dispatcher, ACKED).await?;
+            if acked >= acked_before + want {
+                return Ok(received);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Costs per message and per delivery, from two snapshots.
+    fn figures(&self, before: &Snapshot, after: &Snapshot) -> Map<String, Value> {
+        let (jobs, deliveries) = (self.jobs() as f64, self.deliveries() as f64);
+        let span = after.at.duration_since(before.at).as_secs_f64();
+        let mut row = Map::new();
+        row.insert("recipients".into(), json!(self.to.per_job));
+        row.insert("jobs_per_s".into(), json!(self.load.jobs_per_s));
+        row.insert("jobs".into(), json!(self.jobs()));
+        row.insert("deliveries".into(), json!(self.deliveries()));
+        row.insert("span_s".into(), json!(round(span, 2)));
+        let mut per = |name: &str, total: f64| {
+            row.insert(format!("{name}_per_msg"), json!(round(total / jobs, 2)));
+            row.insert(format!("{name}_per_delivery"), json!(round(total / deliveries, 3)));
+        };
+        let us = |secs: f64| secs * 1e6;
+        let herald = after.herald_cpu() - before.herald_cpu();
+        per("herald_cpu_us", us(herald));
+        per("herald_cpu_us_above_idle", us(herald - self.idle_cpu_per_s * span).max(0.0));
+        per("gateways_cpu_us", us(after.gateways_cpu - before.gateways_cpu));
+        per("dispatcher_cpu_us", us(after.dispatcher_cpu - before.dispatcher_cpu));
+        per("store_cpu_us", us(after.store_cpu - before.store_cpu));
+        per("nats_cpu_us", us(after.nats_cpu - before.nats_cpu));
+        per("redis_cpu_us", us(after.redis_cpu - before.redis_cpu));
+        per("store_round_trips", after.store_requests.saturating_sub(before.store_requests) as f64);
+        for (name, b, a) in [
+            ("gateway", before.gateway_allocs, after.gateway_allocs),
+            ("dispatcher", before.dispatcher_allocs, after.dispatcher_allocs),
+        ] {
+            if let Some(d) = b.zip(a).map(|(b, a)| a.since(b)) {
+                per(&format!("{name}_allocs"), d.count as f64);
+                per(&format!("{name}_alloc_bytes"), d.bytes as f64);
+            }
+        }
+        row
+    }
+}
+
+/// The headline figures of one window, flat for the table: `r<recipients>_<figure>`.
+fn summarise(out: &mut Outcome, recipients: usize, row: &Map<String, Value>) {
+    let keys = [
+        "jobs_per_s",
+        "herald_cpu_us_per_msg",
+        "herald_cpu_us_per_delivery",
+        "herald_cpu_us_above_idle_per_msg",
+        "store_cpu_us_per_msg",
+        "gateway_allocs_per_msg",
+        "dispatcher_allocs_per_msg",
+        "store_round_trips_per_msg",
+        "p50_ms",
+        "p99_ms",
+    ];
+    for key in keys {
+        if let Some(value) = row.get(key) {
+            out.set(&format!("r{recipients}_{key}"), value.clone());
+        }
+    }
+}
