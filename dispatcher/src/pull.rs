@@ -118,10 +118,11 @@ pub async fn run<F, Fut>(
         // A stream, so that a group half gathered survives the select below polling something
         // else (an unfold keeps its pending future).
         let busy = &busy;
-        let groups = futures::stream::unfold(inbox, |mut inbox| async move {
-            let group = next_group(&mut inbox, &batching, busy, |m: &Message| m.payload.len()).await?;
+        let prompt = Prompt::new(batching.linger, tokio::time::Instant::now());
+        let groups = futures::stream::unfold((inbox, prompt), |(mut inbox, mut prompt)| async move {
+            let group = next_group(&mut inbox, &batching, busy, &mut prompt, |m: &Message| m.payload.len()).await?;
             let waits = inbox.close_group();
-            Some(((group, waits), inbox))
+            Some(((group, waits), (inbox, prompt)))
         });
         let mut groups = std::pin::pin!(groups);
         let mut in_hand = FuturesUnordered::new();
@@ -144,12 +145,44 @@ pub async fn run<F, Fut>(
 /// the store is busy anyway: waiting gathers a bigger batch (fewer round trips per message).
 /// With nothing in hand, the store is idle and a linger would only add its whole length to
 /// the latency of a low, steady rate (at 100/s, 20 ms for about two messages per batch); the
-/// group then takes only what is already queued.
-pub fn linger(configured: Duration, groups_in_hand: usize) -> Duration {
-    if groups_in_hand == 0 {
+/// group then takes only what is already queued, if [`Prompt`] allows one more such group.
+pub fn linger(configured: Duration, groups_in_hand: usize, prompt: bool) -> Duration {
+    if groups_in_hand == 0 && prompt {
         Duration::ZERO
     } else {
         configured
+    }
+}
+
+/// The groups that may go without a linger: a token bucket refilled at two per linger (100 a
+/// second for a 20 ms linger), holding two. Prompt groups cost a store round trip each; this
+/// bounds what they add to the store's load whatever the rate, and past that rate every group
+/// lingers, as all did before.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    /// One token's worth of time: half a linger.
+    interval: Duration,
+    /// When the bucket would next be empty had every token been taken at its earliest (the
+    /// generic cell rate algorithm: whole durations, no rounding).
+    full_at: tokio::time::Instant,
+}
+
+impl Prompt {
+    const BURST: u32 = 2;
+
+    pub fn new(linger: Duration, now: tokio::time::Instant) -> Self {
+        Self { interval: linger / 2, full_at: now }
+    }
+
+    /// Whether a group may go now without lingering; takes a token if so.
+    pub fn take(&mut self, now: tokio::time::Instant) -> bool {
+        let from = self.full_at.max(now);
+        if from - now + self.interval <= self.interval * Self::BURST {
+            self.full_at = from + self.interval;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -160,6 +193,7 @@ async fn next_group<T>(
     rx: &mut Inbox<T>,
     batching: &Batching,
     busy: &AtomicUsize,
+    prompt: &mut Prompt,
     len: impl Fn(&T) -> usize,
 ) -> Option<Vec<T>> {
     let first = rx.recv().await?;
@@ -171,7 +205,10 @@ async fn next_group<T>(
         bytes += len(&message);
         group.push(message);
     }
-    let linger = tokio::time::sleep(linger(batching.linger, busy.load(Ordering::Relaxed)));
+    let in_hand = busy.load(Ordering::Relaxed);
+    // A token is taken only when it decides something: with a group in hand this one lingers.
+    let prompt = in_hand == 0 && prompt.take(tokio::time::Instant::now());
+    let linger = tokio::time::sleep(linger(batching.linger, in_hand, prompt));
     tokio::pin!(linger);
     while !full(&group, bytes) {
         tokio::select! {
@@ -339,14 +376,36 @@ mod tests {
     #[test]
     fn a_group_lingers_only_while_another_is_in_hand() {
         let configured = Duration::from_millis(20);
-        assert_eq!(linger(configured, 0), Duration::ZERO);
-        assert_eq!(linger(configured, 1), configured);
-        assert_eq!(linger(configured, 2), configured);
+        assert_eq!(linger(configured, 0, true), Duration::ZERO);
+        assert_eq!(linger(configured, 0, false), configured);
+        assert_eq!(linger(configured, 1, true), configured);
+        assert_eq!(linger(configured, 2, true), configured);
+    }
+
+    #[test]
+    fn prompt_groups_are_two_per_linger_with_a_burst_of_two() {
+        let start = tokio::time::Instant::now();
+        let mut prompt = Prompt::new(Duration::from_millis(20), start);
+        assert!(prompt.take(start));
+        assert!(prompt.take(start));
+        assert!(!prompt.take(start), "the burst is spent");
+        assert!(!prompt.take(start + Duration::from_millis(9)));
+        assert!(prompt.take(start + Duration::from_millis(10)), "one more every 10 ms");
+        assert!(!prompt.take(start + Duration::from_millis(11)));
+        // A long pause refills the burst, not more.
+        let later = start + Duration::from_secs(60);
+        assert!(prompt.take(later) && prompt.take(later) && !prompt.take(later));
+        let mut unlimited = Prompt::new(Duration::ZERO, start);
+        assert!((0..1_000).all(|_| unlimited.take(start)));
     }
 
     fn inbox() -> (mpsc::Sender<Queued<Vec<u8>>>, Inbox<Vec<u8>>) {
         let (tx, rx) = mpsc::channel(8);
         (tx, Inbox { rx, gathering: Vec::new() })
+    }
+
+    fn prompt() -> Prompt {
+        Prompt::new(Duration::from_millis(20), tokio::time::Instant::now())
     }
 
     fn batching(max: usize, max_bytes: usize) -> Batching {
@@ -365,9 +424,24 @@ mod tests {
             late.send((vec![4], Instant::now())).await.unwrap();
         });
         let started = tokio::time::Instant::now();
-        let group = next_group(&mut rx, &batching(10, 1 << 20), &AtomicUsize::new(0), Vec::len).await.unwrap();
+        let group =
+            next_group(&mut rx, &batching(10, 1 << 20), &AtomicUsize::new(0), &mut prompt(), Vec::len).await.unwrap();
         assert_eq!(group, vec![vec![1], vec![2], vec![3]]);
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_store_past_the_prompt_budget_gets_lingering_groups() {
+        let (tx, mut rx) = inbox();
+        let idle = AtomicUsize::new(0);
+        let mut spent = prompt();
+        let now = tokio::time::Instant::now();
+        assert!(spent.take(now) && spent.take(now));
+        tx.send((vec![1], Instant::now())).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let group = next_group(&mut rx, &batching(10, 1 << 20), &idle, &mut spent, Vec::len).await.unwrap();
+        assert_eq!(group, vec![vec![1]]);
+        assert_eq!(started.elapsed(), Duration::from_millis(20));
     }
 
     #[tokio::test(start_paused = true)]
@@ -382,7 +456,8 @@ mod tests {
             late.send((vec![3], Instant::now())).await.unwrap();
         });
         let started = tokio::time::Instant::now();
-        let group = next_group(&mut rx, &batching(10, 1 << 20), &AtomicUsize::new(1), Vec::len).await.unwrap();
+        let group =
+            next_group(&mut rx, &batching(10, 1 << 20), &AtomicUsize::new(1), &mut prompt(), Vec::len).await.unwrap();
         assert_eq!(group, vec![vec![1], vec![2]]);
         assert_eq!(started.elapsed(), Duration::from_millis(20));
     }
@@ -394,12 +469,12 @@ mod tests {
             tx.send((vec![n; 4], Instant::now())).await.unwrap();
         }
         let busy = AtomicUsize::new(1);
-        assert_eq!(next_group(&mut rx, &batching(2, 1 << 20), &busy, Vec::len).await.unwrap().len(), 2);
+        assert_eq!(next_group(&mut rx, &batching(2, 1 << 20), &busy, &mut prompt(), Vec::len).await.unwrap().len(), 2);
         // 4 + 4 bytes crosses 6: the message that crosses it is included.
-        assert_eq!(next_group(&mut rx, &batching(10, 6), &busy, Vec::len).await.unwrap().len(), 2);
+        assert_eq!(next_group(&mut rx, &batching(10, 6), &busy, &mut prompt(), Vec::len).await.unwrap().len(), 2);
         drop(tx);
-        assert_eq!(next_group(&mut rx, &batching(10, 1 << 20), &busy, Vec::len).await.unwrap().len(), 1);
-        assert!(next_group(&mut rx, &batching(10, 1 << 20), &busy, Vec::len).await.is_none());
+        assert_eq!(next_group(&mut rx, &batching(10, 1 << 20), &busy, &mut prompt(), Vec::len).await.unwrap().len(), 1);
+        assert!(next_group(&mut rx, &batching(10, 1 << 20), &busy, &mut prompt(), Vec::len).await.is_none());
     }
 
     #[test]
