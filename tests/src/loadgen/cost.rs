@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::TryStreamExt as _;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -169,9 +170,39 @@ pub(crate) async fn cost(config: &RunConfig) -> anyhow::Result<Outcome> {
     if receipts.delivered < deliveries {
         out.fail(format!("{} receipts not delivered within 90 s", deliveries - receipts.delivered));
     }
+    let sizes = stored_sizes(&h.db).await?;
+    for (key, value) in sizes {
+        out.set(key, value);
+    }
     out.set("steps", Value::Array(rows));
     workers.quit().await;
     Ok(out)
+}
+
+/// What the store holds per delivery, for the capacity model: BSON bytes of a sample of
+/// receipts (a one-recipient message travels inside its receipt, so those are the larger) and
+/// of messages (those of several recipients), with the generator's ~40-byte payloads. Index
+/// entries are not included: nx-27017 keeps none but `_id`.
+async fn stored_sizes(db: &mongodb::Database) -> anyhow::Result<Vec<(&'static str, Value)>> {
+    async fn sizes(db: &mongodb::Database, collection: &str) -> anyhow::Result<Vec<usize>> {
+        let docs: Vec<mongodb::bson::Document> =
+            db.collection(collection).find(mongodb::bson::doc! {}).limit(2_000).await?.try_collect().await?;
+        let mut sizes = Vec::with_capacity(docs.len());
+        for doc in docs {
+            sizes.push(mongodb::bson::to_vec(&doc)?.len());
+        }
+        sizes.sort_unstable();
+        Ok(sizes)
+    }
+    let receipts = sizes(db, herald_shared::naming::collections::RECEIPTS).await?;
+    let messages = sizes(db, herald_shared::naming::collections::MESSAGES).await?;
+    let mean = |v: &[usize]| if v.is_empty() { 0.0 } else { v.iter().sum::<usize>() as f64 / v.len() as f64 };
+    Ok(vec![
+        ("receipt_doc_bytes_min", Value::from(receipts.first().copied().unwrap_or(0))),
+        ("receipt_doc_bytes_max", Value::from(receipts.last().copied().unwrap_or(0))),
+        ("receipt_doc_bytes_mean", Value::from(round(mean(&receipts), 0))),
+        ("message_doc_bytes_mean", Value::from(round(mean(&messages), 0))),
+    ])
 }
 
 /// Herald's CPU seconds per second with every user connected and nothing sent (pings,
