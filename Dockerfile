@@ -9,6 +9,11 @@
 # Bookworm on purpose: the binaries link glibc dynamically, so the builder's glibc must not be
 # newer than the runtime's (distroless cc-debian12 is bookworm).
 FROM rust:1.95-slim-bookworm AS builder
+# jemalloc (the services' allocator, built from source by tikv-jemalloc-sys) needs make, which
+# the slim image lacks. Pinned to bookworm's version.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # The cache mounts keep the crates.io index, downloaded crates and compiled dependencies between
