@@ -8,10 +8,10 @@
 // event "n" to every connected client of every process, through the adapter. `GET /healthz`.
 "use strict";
 
-const http = require("node:http");
 const { Server } = require("socket.io");
 const { createAdapter } = require("@socket.io/redis-adapter");
 const { createClient } = require("redis");
+const { controlServer } = require("./control");
 
 const port = Number(process.env.PORT || 3000);
 const redisUrl = process.env.REDIS_URL || "redis://127.0.0.1:6379";
@@ -21,28 +21,7 @@ async function main() {
   const sub = pub.duplicate();
   await Promise.all([pub.connect(), sub.connect()]);
 
-  const server = http.createServer((req, res) => {
-    if (req.method === "GET" && req.url === "/healthz") {
-      res.end("ok");
-      return;
-    }
-    if (req.method === "POST" && req.url === "/publish") {
-      const chunks = [];
-      req.on("data", (c) => chunks.push(c));
-      req.on("end", () => {
-        try {
-          io.emit("n", JSON.parse(Buffer.concat(chunks).toString("utf8")));
-          res.end("ok");
-        } catch (e) {
-          res.statusCode = 400;
-          res.end(String(e));
-        }
-      });
-      return;
-    }
-    res.statusCode = 404;
-    res.end();
-  });
+  const server = controlServer((body) => io.emit("n", JSON.parse(body)));
 
   // WebSocket only (no long-polling upgrade dance), no compression: the cheapest Socket.IO set-up,
   // and the one closest to what the generator does with Herald.
@@ -53,8 +32,6 @@ async function main() {
     adapter: createAdapter(pub, sub),
   });
 
-  // The generator keeps its publish connection between rounds.
-  server.keepAliveTimeout = 60000;
   server.listen(port, "127.0.0.1", () => console.log(`peer listening on 127.0.0.1:${port}`));
 
   const stop = () => {

@@ -7,31 +7,16 @@
 // `GET /healthz`.
 "use strict";
 
-const http = require("node:http");
 const { WebSocketServer } = require("ws");
+const { controlServer } = require("./control");
 
 const port = Number(process.env.PORT || 3001);
 const PING_EVERY_MS = 25000;
 
-const server = http.createServer((req, res) => {
-  if (req.method === "GET" && req.url === "/healthz") {
-    res.end("ok");
-    return;
+const server = controlServer((body) => {
+  for (const client of wss.clients) {
+    client.send(body);
   }
-  if (req.method === "POST" && req.url === "/publish") {
-    const chunks = [];
-    req.on("data", (c) => chunks.push(c));
-    req.on("end", () => {
-      const body = Buffer.concat(chunks).toString("utf8");
-      for (const client of wss.clients) {
-        client.send(body);
-      }
-      res.end("ok");
-    });
-    return;
-  }
-  res.statusCode = 404;
-  res.end();
 });
 
 const wss = new WebSocketServer({ server, perMessageDeflate: false });
@@ -55,8 +40,6 @@ const heartbeat = setInterval(() => {
   }
 }, PING_EVERY_MS);
 
-// The generator keeps its publish connection between rounds.
-server.keepAliveTimeout = 60000;
 server.listen(port, "127.0.0.1", () => console.log(`ws peer listening on 127.0.0.1:${port}`));
 
 const stop = () => {
