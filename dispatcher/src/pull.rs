@@ -86,10 +86,10 @@ pub async fn num_pending(js: &jetstream::Context, stream: &str, name: &str, ack_
     consumer.info().await.ok().map(|info| info.num_pending)
 }
 
-/// Fetches messages until `stop` fires, handing them to `handle` in groups: what arrived within
-/// `batching.linger` of a group's first message, up to `batching.max`, with up to
-/// `batching.concurrency` groups in hand at once, each with how long its messages waited
-/// ([`Waits`]). Errors (NATS away, consumer gone) are logged and retried with backoff; the loop
+/// Fetches messages until `stop` fires, handing them to `handle` in groups (see [`next_group`]:
+/// what is queued, and while the store is busy what arrives within `batching.linger`), up to
+/// `batching.max`, with up to `batching.concurrency` groups in hand at once, each with how long
+/// its messages waited ([`Waits`]). Errors (NATS away, consumer gone) are logged and retried with backoff; the loop
 /// ends only when `stop` fires, after everything fetched has been handled.
 ///
 /// Fetching and handling run side by side, joined by a queue with room for one whole fetch: a
