@@ -20,11 +20,13 @@ use crate::registry::Sent;
 /// Notifications remembered per connection.
 pub(crate) const SENT_REMEMBERED: usize = 1024;
 
+/// Where one notification stands on this connection. What was sent is kept only until the ack
+/// (it is what the first ack reports); after that the id alone answers, so a busy connection
+/// holds a few dozen bytes per notification it remembers rather than the whole record.
 #[derive(Debug)]
-struct Entry {
-    sent: Arc<Sent>,
-    acked: bool,
-    read: bool,
+enum Entry {
+    Unacked(Arc<Sent>),
+    Acked { read: bool },
 }
 
 /// What an ack of one id means on this connection.
@@ -68,13 +70,13 @@ impl SentSet {
         }
         if self.order.len() >= SENT_REMEMBERED {
             if let Some(oldest) = self.order.pop_front() {
-                if self.entries.remove(&oldest).is_some_and(|e| !e.acked) {
+                if matches!(self.entries.remove(&oldest), Some(Entry::Unacked(_))) {
                     self.unacked -= 1;
                 }
             }
         }
         self.order.push_back(Arc::clone(&sent.id));
-        self.entries.insert(Arc::clone(&sent.id), Entry { sent, acked: false, read: false });
+        self.entries.insert(Arc::clone(&sent.id), Entry::Unacked(sent));
         self.unacked += 1;
     }
 
@@ -93,36 +95,34 @@ impl SentSet {
     }
 
     pub(crate) fn ack(&mut self, id: &str) -> Acked {
-        match self.entries.get_mut(id) {
-            None => Acked::NotSent,
-            Some(entry) if entry.acked => Acked::Again,
-            Some(entry) => {
-                entry.acked = true;
+        let Some(entry) = self.entries.get_mut(id) else { return Acked::NotSent };
+        match std::mem::replace(entry, Entry::Acked { read: false }) {
+            Entry::Unacked(sent) => {
                 self.unacked -= 1;
-                Acked::First(Arc::clone(&entry.sent))
+                Acked::First(sent)
+            }
+            acked @ Entry::Acked { .. } => {
+                *entry = acked;
+                Acked::Again
             }
         }
     }
 
     pub(crate) fn read(&mut self, id: &str) -> Read {
-        match self.entries.get_mut(id) {
-            None => Read::NotSent,
-            Some(entry) if entry.read => Read::Again,
-            Some(entry) => {
-                entry.read = true;
-                let first_ack = (!entry.acked).then(|| Arc::clone(&entry.sent));
-                if !entry.acked {
-                    self.unacked -= 1;
-                }
-                entry.acked = true;
-                Read::First { first_ack }
+        let Some(entry) = self.entries.get_mut(id) else { return Read::NotSent };
+        match std::mem::replace(entry, Entry::Acked { read: true }) {
+            Entry::Unacked(sent) => {
+                self.unacked -= 1;
+                Read::First { first_ack: Some(sent) }
             }
+            Entry::Acked { read: false } => Read::First { first_ack: None },
+            Entry::Acked { read: true } => Read::Again,
         }
     }
 
     #[cfg(test)]
     fn awaits_ack(&self, id: &str) -> bool {
-        self.entries.get(id).is_some_and(|e| !e.acked)
+        matches!(self.entries.get(id), Some(Entry::Unacked(_)))
     }
 
     #[cfg(test)]
@@ -176,6 +176,23 @@ mod tests {
         assert!(!set.awaits_ack("m1"));
         set.record(sent("m1"));
         assert_eq!(set.ack("m1"), Acked::Again, "a resend keeps the ack already given");
+    }
+
+    #[test]
+    fn what_was_sent_is_let_go_once_acked_or_read() {
+        let mut set = SentSet::default();
+        let (acked, read) = (sent("m1"), sent("m2"));
+        set.record(Arc::clone(&acked));
+        set.record(Arc::clone(&read));
+        assert_eq!(Arc::strong_count(&acked), 2, "held until the ack");
+        let Acked::First(first) = set.ack("m1") else { panic!("a first ack") };
+        drop(first);
+        assert!(matches!(set.read("m2"), Read::First { first_ack: Some(_) }));
+        assert_eq!((Arc::strong_count(&acked), Arc::strong_count(&read)), (1, 1), "only the ids are kept");
+        assert!(set.repeats(&sent("m1")) && set.repeats(&sent("m2")), "still no second copy");
+        assert_eq!(set.ack("m1"), Acked::Again);
+        assert_eq!(set.read("m1"), Read::First { first_ack: None });
+        assert_eq!(set.read("m1"), Read::Again);
     }
 
     #[test]
