@@ -5,8 +5,12 @@
 //!
 //! Validation is the contract's: both services and the store take these types, never strings,
 //! so a connection id cannot be passed where a user id belongs.
+//!
+//! An id is an `Arc<str>`: every connection, queue entry and ack record that names a user or a
+//! connection shares one allocation, and a clone is a reference count, not a copy.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,27 +22,29 @@ pub struct InvalidId {
     pub rule: &'static str,
 }
 
+/// `value` as an id, decoded straight from the input: one allocation, no `String` on the way.
+fn checked(value: &str, kind: &'static str, rule: &'static str, check: fn(&str) -> bool) -> Result<Arc<str>, InvalidId> {
+    if check(value) {
+        Ok(Arc::from(value))
+    } else {
+        Err(InvalidId { kind, rule })
+    }
+}
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $rule:literal, $check:expr) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
         #[cfg_attr(test, derive(ts_rs::TS), ts(type = "string"))]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// What a valid value looks like, for error messages and docs.
             pub const RULE: &'static str = $rule;
 
             /// Checks `value` against the grammar.
-            pub fn new(value: impl Into<String>) -> Result<Self, InvalidId> {
-                let value = value.into();
-                let check: fn(&str) -> bool = $check;
-                if check(&value) {
-                    Ok(Self(value))
-                } else {
-                    Err(InvalidId { kind: $kind, rule: $rule })
-                }
+            pub fn new(value: impl AsRef<str>) -> Result<Self, InvalidId> {
+                checked(value.as_ref(), $kind, $rule, $check).map(Self)
             }
 
             pub fn as_str(&self) -> &str {
@@ -46,7 +52,29 @@ macro_rules! id_type {
             }
 
             pub fn into_string(self) -> String {
-                self.0
+                self.0.to_string()
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Visitor;
+                impl serde::de::Visitor<'_> for Visitor {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        write!(f, "{} ({})", $kind, $rule)
+                    }
+                    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<$name, E> {
+                        checked(value, $kind, $rule, $check).map($name).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(Visitor)
             }
         }
 
@@ -66,7 +94,7 @@ macro_rules! id_type {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
 
@@ -90,19 +118,19 @@ macro_rules! id_type {
 
         impl PartialEq<str> for $name {
             fn eq(&self, other: &str) -> bool {
-                self.0 == other
+                &*self.0 == other
             }
         }
 
         impl PartialEq<String> for $name {
             fn eq(&self, other: &String) -> bool {
-                self.0 == *other
+                *self.0 == **other
             }
         }
 
         impl PartialEq<&str> for $name {
             fn eq(&self, other: &&str) -> bool {
-                self.0 == *other
+                *self.0 == **other
             }
         }
     };
@@ -220,6 +248,15 @@ mod tests {
         for bad in ["", ".news", "news.", "a..b", "news.*", "news.>", "a b", "é", &"x".repeat(129)] {
             assert!(TopicName::new(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_clone_shares_the_id_rather_than_copying_it() {
+        let user = UserId::new("alice").unwrap();
+        let again = user.clone();
+        assert!(std::ptr::eq(user.as_str(), again.as_str()));
+        let decoded: UserId = serde_json::from_value(serde_json::Value::String("bob".into())).unwrap();
+        assert_eq!(decoded, "bob", "an owned string decodes too");
     }
 
     #[test]
