@@ -103,6 +103,7 @@ async fn admit(
     let ctx = Arc::clone(&gateway.sessions);
     let tracker = gateway.session_tasks.clone();
     let shutdown = gateway.close_sessions.clone();
+    let opening = Box::new(crate::session::Opening { identity, admission, frame_heartbeats, ctx, shutdown });
     Ok(upgrade
         .read_buffer_size(config.read_buffer_bytes)
         .write_buffer_size(config.write_buffer_bytes)
@@ -111,9 +112,7 @@ async fn admit(
         // this one only protects memory from a client that streams a huge frame.
         .max_message_size(config.max_frame_bytes.saturating_mul(4).max(4096))
         .max_frame_size(config.max_frame_bytes.saturating_mul(4).max(4096))
-        .on_upgrade(move |socket| {
-            tracker.track_future(crate::session::run(socket, identity, admission, frame_heartbeats, ctx, shutdown))
-        }))
+        .on_upgrade(move |socket| tracker.track_future(crate::session::run(socket, opening))))
 }
 
 /// Whether a connect with this `Origin` header may go on. Browsers send the origin of the page

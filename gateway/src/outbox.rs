@@ -90,14 +90,17 @@ impl<T> Outbox<T> {
         }
     }
 
-    /// Waits for the next item. Cancel-safe: an item is taken only in the poll that returns it.
-    pub(crate) async fn pop(&self) -> T {
-        loop {
-            if let Some(item) = self.try_pop() {
-                return item;
-            }
-            self.ready.notified().await;
-        }
+    /// Waits for a push into the empty queue or a [`Self::wake`] since the last wait. The
+    /// caller checks what it waits for before waiting: a wake-up given while nobody waited is
+    /// kept for the next wait, so none is lost, and a spare one only costs a check.
+    pub(crate) async fn changed(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Wakes the consumer for something other than an item (its connection was kicked): one
+    /// `Notify` serves both, so a connection holds a single waiter.
+    pub(crate) fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// Refuses further pushes; the consumer calls it when it stops reading.
@@ -117,6 +120,16 @@ impl<T> Outbox<T> {
 mod tests {
     use super::*;
 
+    /// What a consumer does (the session's is [`crate::registry::Connection::next`]).
+    async fn pop<T>(outbox: &Outbox<T>) -> T {
+        loop {
+            if let Some(item) = outbox.try_pop() {
+                return item;
+            }
+            outbox.changed().await;
+        }
+    }
+
     #[tokio::test]
     async fn bounded_ordered_and_closable() {
         let outbox = Outbox::new(2);
@@ -124,7 +137,7 @@ mod tests {
         assert_eq!(outbox.push(2), Ok(()));
         assert_eq!(outbox.push(3), Err(PushError::Full));
         assert_eq!(outbox.push_past_capacity(30), Ok(()), "a marker goes in all the same");
-        assert_eq!(outbox.pop().await, 1);
+        assert_eq!(pop(&outbox).await, 1);
         assert_eq!(outbox.try_pop(), Some(2));
         assert_eq!(outbox.try_pop(), Some(30));
         assert_eq!(outbox.try_pop(), None);
@@ -138,7 +151,7 @@ mod tests {
         let outbox = std::sync::Arc::new(Outbox::new(1000));
         let consumer = tokio::spawn({
             let outbox = std::sync::Arc::clone(&outbox);
-            async move { outbox.pop().await }
+            async move { pop(&outbox).await }
         });
         tokio::task::yield_now().await;
         outbox.push(7).unwrap();
@@ -163,7 +176,7 @@ mod tests {
             async move {
                 let mut sum = 0u64;
                 for _ in 0..20_000 {
-                    sum += outbox.pop().await;
+                    sum += pop(&outbox).await;
                 }
                 sum
             }

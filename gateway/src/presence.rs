@@ -211,7 +211,7 @@ impl PresenceTask {
     pub(crate) async fn heartbeat(&mut self) -> Result<(), PresenceError> {
         let mut users: BTreeMap<UserId, Vec<Arc<Connection>>> = BTreeMap::new();
         for conn in self.registry.all() {
-            if conn.is_registered() && !conn.kicked().is_cancelled() {
+            if conn.is_registered() && conn.kicked().is_none() {
                 users.entry(conn.user.clone()).or_default().push(conn);
             }
         }
@@ -374,7 +374,7 @@ impl PresenceTask {
         let mut acks = Vec::with_capacity(conns.len());
         let mut failed = Vec::new();
         for conn in conns {
-            if conn.kicked().is_cancelled() || self.registry.connection(&conn.user, &conn.id).is_none() {
+            if conn.kicked().is_some() || self.registry.connection(&conn.user, &conn.id).is_none() {
                 continue;
             }
             let event = Event::Online(Online {

@@ -14,7 +14,6 @@ use herald_proto::{close, ConnectionId, UserId};
 
 use crate::outbox::{Outbox, PushError};
 use crate::replay::PageEnd;
-use tokio_util::sync::CancellationToken;
 
 /// What a connection's queue holds.
 #[derive(Debug, Clone)]
@@ -90,10 +89,10 @@ pub(crate) struct Connection {
     /// Pre-serialized frames for the socket, drained by the session task, which closes it when
     /// the socket ends.
     pub(crate) outbox: Outbox<Outbound>,
-    /// Cancelled to close the session from outside (slow consumer, drain).
-    kick: CancellationToken,
-    /// The close code to use when `kick` fires.
-    kick_code: AtomicU16,
+    /// The close code the session is asked to close with from outside (slow consumer, drain,
+    /// kick); 0 until then. The session learns of it through the outbox's wake-up, so a
+    /// connection carries no cancellation token of its own.
+    kick: AtomicU16,
     /// Set by the presence task once Redis has this connection; until then its registration
     /// is still queued, and the heartbeat's check for lost presence leaves it alone.
     registered: AtomicBool,
@@ -105,8 +104,7 @@ impl Connection {
             id,
             user,
             outbox: Outbox::new(queue),
-            kick: CancellationToken::new(),
-            kick_code: AtomicU16::new(close::SERVICE_RESTART),
+            kick: AtomicU16::new(NOT_KICKED),
             registered: AtomicBool::new(false),
         }
     }
@@ -142,19 +140,52 @@ impl Connection {
 
     /// Asks the session to close with `code`; the first reason given wins.
     pub(crate) fn close_with(&self, code: u16) {
-        if !self.kick.is_cancelled() {
-            self.kick_code.store(code, Ordering::Relaxed);
-            self.kick.cancel();
+        debug_assert_ne!(code, NOT_KICKED, "a close code is never 0");
+        if self.kick.compare_exchange(NOT_KICKED, code, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.outbox.wake();
         }
     }
 
-    pub(crate) fn kicked(&self) -> &CancellationToken {
-        &self.kick
+    /// The close code the session was asked to close with, if it was.
+    pub(crate) fn kicked(&self) -> Option<u16> {
+        Some(self.kick.load(Ordering::Acquire)).filter(|&code| code != NOT_KICKED)
     }
 
-    pub(crate) fn kick_code(&self) -> u16 {
-        self.kick_code.load(Ordering::Relaxed)
+    /// What the session does next: close, if it was asked to, or write what is queued; waits
+    /// for either. Cancel-safe: an item is taken only in the poll that returns it.
+    pub(crate) async fn next(&self) -> Next {
+        loop {
+            if let Some(code) = self.kicked() {
+                return Next::Kick(code);
+            }
+            if let Some(item) = self.outbox.try_pop() {
+                return Next::Write(item);
+            }
+            self.outbox.changed().await;
+        }
     }
+
+    /// Waits until the session is asked to close; for a session busy writing, which does not
+    /// take from the queue meanwhile.
+    pub(crate) async fn until_kicked(&self) -> u16 {
+        loop {
+            if let Some(code) = self.kicked() {
+                return code;
+            }
+            self.outbox.changed().await;
+        }
+    }
+}
+
+/// [`Connection::kick`] before anyone asked the session to close.
+const NOT_KICKED: u16 = 0;
+
+/// What a session's queue has for it.
+#[derive(Debug)]
+pub(crate) enum Next {
+    /// Close with this code.
+    Kick(u16),
+    Write(Outbound),
 }
 
 /// Why a new connection cannot be admitted.
@@ -298,6 +329,31 @@ mod tests {
         );
     }
 
+    /// A kick reaches a session waiting on its queue: there is no other wake-up to give it.
+    #[tokio::test]
+    async fn a_kick_wakes_the_waiting_session() {
+        let (a, ()) = conn("a1", "alice", 4);
+        let waiting = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { matches!(a.next().await, Next::Kick(close::KICKED)) }
+        });
+        tokio::task::yield_now().await;
+        a.close_with(close::KICKED);
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+        assert!(woken.expect("the kick woke the session").unwrap());
+    }
+
+    /// A kick comes before what is still queued, and the first reason given stays.
+    #[tokio::test]
+    async fn a_kick_goes_ahead_of_the_queue_and_keeps_its_first_reason() {
+        let (a, ()) = conn("a1", "alice", 4);
+        assert!(a.offer(Outbound::control(Utf8Bytes::from_static("x"))));
+        a.close_with(close::KICKED);
+        a.close_with(close::SERVICE_RESTART);
+        assert!(matches!(a.next().await, Next::Kick(close::KICKED)));
+        assert_eq!(a.kicked(), Some(close::KICKED));
+    }
+
     #[test]
     fn a_full_queue_closes_the_slow_consumer_without_blocking() {
         let reg = Registry::new(10, 10);
@@ -311,8 +367,7 @@ mod tests {
             reg.deliver_to_users(&[UserId::new("alice").unwrap()], &Outbound::control(Utf8Bytes::from_static("2"))),
             0
         );
-        assert!(a.kicked().is_cancelled());
-        assert_eq!(a.kick_code(), close::SLOW_CONSUMER);
+        assert_eq!(a.kicked(), Some(close::SLOW_CONSUMER));
     }
 
     #[test]

@@ -205,17 +205,25 @@ pub(crate) struct Machine {
     frames: RateLimiter,
     /// Ids acked or read per second (see [`super::SessionContext::ack_ids_per_sec`]).
     ack_ids: RateLimiter,
-    /// Recoveries (`subscribe` with `since`): each costs a fetch from the topics stream, so a
-    /// client gets as many a minute as it may hold subscriptions (all at once on a reconnect);
-    /// past that, a `subscribe` goes live unrecovered.
-    recoveries: RateLimiter,
     /// What this connection was sent: only acks of these count (see [`crate::sent`]).
     sent: SentSet,
     /// How far this connection's replay has got, and when to ask for its next page.
     replay: ReplayCursor,
-    /// Its subscriptions, and the topic messages it was sent.
-    topics: Topics,
+    /// Its subscriptions, and the topic messages it was sent: boxed, and only from its first
+    /// topic frame on. Most connections never send one, and every idle connection would carry
+    /// it (~190 bytes).
+    topics: Option<Box<TopicSide>>,
     deadlines: Deadlines,
+}
+
+/// What a connection that uses topics holds beside its subscriptions.
+#[derive(Debug)]
+struct TopicSide {
+    topics: Topics,
+    /// Recoveries (`subscribe` with `since`): each costs a fetch from the topics stream, so a
+    /// client gets as many a minute as it may hold subscriptions (all at once on a reconnect);
+    /// past that, a `subscribe` goes live unrecovered.
+    recoveries: RateLimiter,
 }
 
 impl Machine {
@@ -229,11 +237,10 @@ impl Machine {
         now: Instant,
     ) -> Self {
         Self {
-            topics: Topics::new(Arc::clone(&peer.topics), settings.max_topics),
+            topics: None,
             peer,
             frames: RateLimiter::new(settings.frames_per_sec),
             ack_ids: RateLimiter::new(settings.ack_ids_per_sec),
-            recoveries: RateLimiter::per_minute(settings.max_topics),
             sent: SentSet::default(),
             replay: ReplayCursor::new(now),
             deadlines: Deadlines { last_heard: now, silence_limit: settings.heartbeat_interval * 2, token },
@@ -241,6 +248,16 @@ impl Machine {
             metrics,
             clock,
         }
+    }
+
+    /// The connection's topic side, made on first use.
+    fn topic_side(&mut self) -> &mut TopicSide {
+        self.topics.get_or_insert_with(|| {
+            Box::new(TopicSide {
+                topics: Topics::new(Arc::clone(&self.peer.topics), self.settings.max_topics),
+                recoveries: RateLimiter::per_minute(self.settings.max_topics),
+            })
+        })
     }
 
     /// The hello went out: the client's silence counts from `now`.
@@ -254,7 +271,7 @@ impl Machine {
 
     /// The topics the connection is subscribed to (or asked for): what to leave at its end.
     pub(crate) fn subscribed(&self) -> impl Iterator<Item = &TopicName> {
-        self.topics.subscribed()
+        self.topics.iter().flat_map(|side| side.topics.subscribed())
     }
 
     /// What to do about `event`, at `now`.
@@ -336,12 +353,13 @@ impl Machine {
             // Refused or done, the connection stays: a bad topic name is a refusal, not 4400.
             ClientFrame::Subscribe { topic, since } => {
                 metrics.frames_in.with_label_values(&["subscribe"]).inc();
-                let may_recover = since.is_none() || self.recoveries.allow(now);
-                return Ok(vec![Action::Topic(self.topics.on_subscribe(topic, since, may_recover))]);
+                let side = self.topic_side();
+                let may_recover = since.is_none() || side.recoveries.allow(now);
+                return Ok(vec![Action::Topic(side.topics.on_subscribe(topic, since, may_recover))]);
             }
             ClientFrame::Unsubscribe { topic } => {
                 metrics.frames_in.with_label_values(&["unsubscribe"]).inc();
-                return Ok(vec![Action::Topic(self.topics.on_unsubscribe(topic))]);
+                return Ok(vec![Action::Topic(self.topic_side().topics.on_unsubscribe(topic))]);
             }
             frame => frame.into_parts().ok_or(Some(BAD_FRAME))?,
         };
@@ -437,7 +455,8 @@ impl Machine {
         path.observe(age_ms as f64 / 1000.0);
         // A topic message never awaits an ack for the replay's sake: it is not in `sent`.
         if sent.topic.is_some() {
-            self.topics.on_written(&sent);
+            // Only a subscription brings a topic message, so the side is there already.
+            self.topic_side().topics.on_written(&sent);
         } else {
             self.sent.record(sent);
         }
@@ -490,7 +509,7 @@ impl Machine {
         let mut topic_acks = Vec::new();
         let mut ignored = 0u64;
         for id in ids {
-            if let Some(topic) = self.topics.ack(&id) {
+            if let Some(topic) = self.topics.as_mut().and_then(|side| side.topics.ack(&id)) {
                 topic_acks.push((id, topic));
                 continue;
             }

@@ -9,6 +9,7 @@
 //! task, one bounded queue and the socket's small buffers. What the client acks goes to the ack
 //! publisher; what it was sent but did not ack stays pending in the store, whatever the ending.
 
+mod alarm;
 mod limiter;
 mod machine;
 mod topics;
@@ -29,8 +30,9 @@ use crate::acks::Outgoing;
 use crate::auth::{Authenticator, Identity};
 use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
-use crate::registry::{Admission, Connection, Outbound, Registry};
+use crate::registry::{Admission, Connection, Next, Outbound, Registry};
 use crate::topics::{RecoveryLimits, TopicIndex};
+use alarm::Alarm;
 use machine::{expiry_instant, Action, Ending, Event, Machine, Peer, Settings, HEARTBEAT, SHUTTING_DOWN, SLOW};
 use topics::{Since, TopicAction};
 
@@ -86,50 +88,64 @@ pub(crate) fn close_reasons() -> Vec<&'static str> {
 const CLIENT_GONE: &str = "client_gone";
 const PANIC: &str = "panic";
 
-/// Runs one connection to its end. `admission` holds the connection's place until then.
-pub(crate) async fn run(
-    mut socket: WebSocket,
-    identity: Identity,
-    admission: Admission,
-    frame_heartbeats: bool,
-    ctx: Arc<SessionContext>,
-    shutdown: CancellationToken,
-) {
-    let _admission = admission;
-    let conn = Arc::new(Connection::new(new_connection_id(), identity.user.clone(), ctx.outbound_queue));
-    // Local registration first (deliveries can find the socket), then Redis and the online
-    // announcement: the order that makes replay race-free (see presence.rs).
-    ctx.registry.insert(Arc::clone(&conn));
-    ctx.metrics.connections_opened.inc();
-    ctx.metrics.connections_open.inc();
-    ctx.presence.register(Arc::clone(&conn)).await;
-    tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
+/// What a connection brings to its session besides the socket. Boxed into the upgrade's
+/// callback: axum's upgrade future keeps the callback's captures for the connection's whole
+/// life, so they are one pointer there.
+pub(crate) struct Opening {
+    pub(crate) identity: Identity,
+    /// Holds the connection's place until the session ends.
+    pub(crate) admission: Admission,
+    pub(crate) frame_heartbeats: bool,
+    pub(crate) ctx: Arc<SessionContext>,
+    pub(crate) shutdown: CancellationToken,
+}
 
-    let mut session = Session::new(&ctx, &conn, &identity, frame_heartbeats);
-    // However the session ends, a panic included, the connection leaves the registry and
-    // presence below: a session that died must not hold its user's slot or attract routing.
-    let (ending, label) = match AssertUnwindSafe(session.serve(&mut socket, &shutdown)).catch_unwind().await {
-        Ok(ending) => (ending, ending.map_or(CLIENT_GONE, |e| e.label)),
-        Err(_) => {
-            tracing::error!(user = %conn.user, connection = %conn.id, "session panicked; closing it");
-            (None, PANIC)
+/// Runs one connection to its end.
+///
+/// An async block rather than an async fn: an async fn's future keeps its arguments and the
+/// body's own copies of them side by side for its whole life (rust-lang/rust#62958), which was
+/// 440 bytes of every connection here (the socket twice).
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
+pub(crate) fn run(mut socket: WebSocket, opening: Box<Opening>) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let Opening { identity, admission: _admission, frame_heartbeats, ctx, shutdown } = *opening;
+        let conn = Arc::new(Connection::new(new_connection_id(), identity.user.clone(), ctx.outbound_queue));
+        let mut session = Session::new(&ctx, &conn, &identity, frame_heartbeats);
+        drop(identity);
+        // Local registration first (deliveries can find the socket), then Redis and the online
+        // announcement: the order that makes replay race-free (see presence.rs).
+        ctx.registry.insert(Arc::clone(&conn));
+        ctx.metrics.connections_opened.inc();
+        ctx.metrics.connections_open.inc();
+        ctx.presence.register(Arc::clone(&conn)).await;
+        tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
+
+        // However the session ends, a panic included, the connection leaves the registry and
+        // presence below: a session that died must not hold its user's slot or attract routing.
+        let (ending, label) = match AssertUnwindSafe(session.serve(&mut socket, &shutdown)).catch_unwind().await {
+            Ok(ending) => (ending, ending.map_or(CLIENT_GONE, |e| e.label)),
+            Err(_) => {
+                tracing::error!(user = %conn.user, connection = %conn.id, "session panicked; closing it");
+                (None, PANIC)
+            }
+        };
+        // Closed now, as when the session owned it, not after the bookkeeping below.
+        drop(socket);
+        conn.outbox.close();
+        for topic in session.machine.subscribed() {
+            ctx.topics.unsubscribe(&conn.id, topic);
         }
-    };
-    // Closed now, as when the session owned it, not after the bookkeeping below.
-    drop(socket);
-    conn.outbox.close();
-    for topic in session.machine.subscribed() {
-        ctx.topics.unsubscribe(&conn.id, topic);
-    }
+        drop(session);
 
-    ctx.registry.remove(&conn);
-    ctx.metrics.connections_open.dec();
-    ctx.metrics.connections_closed.with_label_values(&[label]).inc();
-    if ending == Some(SLOW) {
-        ctx.metrics.queue_overflows.inc();
+        ctx.registry.remove(&conn);
+        ctx.metrics.connections_open.dec();
+        ctx.metrics.connections_closed.with_label_values(&[label]).inc();
+        if ending == Some(SLOW) {
+            ctx.metrics.queue_overflows.inc();
+        }
+        ctx.presence.unregister(&conn).await;
+        tracing::debug!(user = %conn.user, connection = %conn.id, ending = ?ending, "session closed");
     }
-    ctx.presence.unregister(&conn).await;
-    tracing::debug!(user = %conn.user, connection = %conn.id, ending = ?ending, "session closed");
 }
 
 /// A fresh connection id: a UUID v4 in its simple form (32 hex digits).
@@ -182,50 +198,55 @@ impl<'a> Session<'a> {
     {
         // Written straight to the socket, before the loop reads the queue: it precedes every
         // notification, and an idle connection never allocates its queue's buffer.
-        let hello = ServerFrame::Hello(Hello {
+        let Ok(hello) = serde_json::to_string(&ServerFrame::Hello(Hello {
             connection_id: self.conn.id.clone(),
             gateway_id: self.ctx.gateway_id.clone(),
             heartbeat_interval_ms: self.ctx.heartbeat_interval.as_millis() as u64,
             max_frame_bytes: self.ctx.max_frame_bytes,
             token_expires_at_ms: self.token_expires_at_ms,
-        });
-        let Ok(hello) = serde_json::to_string(&hello) else { return None };
+        })) else {
+            return None;
+        };
         match Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Text(hello.into())))).await {
             Ok(Ok(())) => self.ctx.metrics.frames_out.inc(),
             _ => return None,
         }
-        self.machine.on_open(Instant::now());
+        let now = Instant::now();
+        self.machine.on_open(now);
         let conn = self.conn;
-        let mut heartbeat = tokio::time::interval(self.ctx.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        heartbeat.reset();
-        let mut token_deadline = self.machine.deadlines().token;
-        let token_expiry = tokio::time::sleep_until(tokio::time::Instant::from_std(token_deadline));
-        tokio::pin!(token_expiry);
+        // One timer for the heartbeat and the token's expiry (see [`alarm`]).
+        let mut alarm = Alarm::new(now, self.ctx.heartbeat_interval);
+        let mut armed = alarm.deadline(self.machine.deadlines().token);
+        let timer = tokio::time::sleep_until(armed.into());
+        tokio::pin!(timer);
 
         let ending = 'session: loop {
             let actions = tokio::select! {
                 biased;
-                _ = conn.kicked().cancelled() => self.machine.on(Event::Kick(conn.kick_code()), Instant::now()),
                 _ = shutdown.cancelled() => self.machine.on(Event::Shutdown, Instant::now()),
-                _ = &mut token_expiry => self.machine.on(Event::TokenExpired, Instant::now()),
-                first = conn.outbox.pop() => {
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    let event = alarm.fired(now, self.machine.deadlines().token);
+                    self.machine.on(event, now)
+                }
+                next = conn.next() => match next {
+                    Next::Kick(code) => self.machine.on(Event::Kick(code), Instant::now()),
                     // Boxed, as are the other rare or large steps below: a future is as large as
                     // its largest state, and every idle connection would carry that size.
-                    Box::pin(self.write(first, socket, &mut heartbeat, token_expiry.as_mut(), shutdown)).await
-                }
+                    Next::Write(first) => Box::pin(self.write(first, socket, &mut alarm, timer.as_mut(), shutdown)).await,
+                },
                 message = socket.next() => self.machine.on(read_event(message), Instant::now()),
-                _ = heartbeat.tick() => self.machine.on(Event::Tick, Instant::now()),
             };
             if !actions.is_empty() {
                 if let Err(ending) = Box::pin(self.carry_out(actions, socket)).await {
                     break 'session ending;
                 }
             }
-            // A refresh moves the token's deadline.
-            if self.machine.deadlines().token != token_deadline {
-                token_deadline = self.machine.deadlines().token;
-                token_expiry.as_mut().reset(tokio::time::Instant::from_std(token_deadline));
+            // A heartbeat or a refresh moves the timer; so may a write, which re-arms it itself.
+            let deadline = alarm.deadline(self.machine.deadlines().token);
+            if deadline != armed || timer.is_elapsed() {
+                armed = deadline;
+                timer.as_mut().reset(armed.into());
             }
         };
         Box::pin(goodbye(socket, ending)).await;
@@ -257,8 +278,8 @@ impl<'a> Session<'a> {
         &mut self,
         first: Outbound,
         socket: &mut S,
-        heartbeat: &mut tokio::time::Interval,
-        mut token_expiry: Pin<&mut tokio::time::Sleep>,
+        alarm: &mut Alarm,
+        mut timer: Pin<&mut tokio::time::Sleep>,
         shutdown: &CancellationToken,
     ) -> Vec<Action>
     where
@@ -293,10 +314,13 @@ impl<'a> Session<'a> {
             loop {
                 let event = tokio::select! {
                     result = &mut write => break result.err().map(|_| None),
-                    _ = conn.kicked().cancelled() => Event::Kick(conn.kick_code()),
+                    code = conn.until_kicked() => Event::Kick(code),
                     _ = shutdown.cancelled() => Event::Shutdown,
-                    _ = &mut token_expiry => Event::TokenExpired,
-                    _ = heartbeat.tick() => Event::Tick,
+                    _ = &mut timer => {
+                        let event = alarm.fired(Instant::now(), deadlines.token);
+                        timer.as_mut().reset(alarm.deadline(deadlines.token).into());
+                        event
+                    }
                 };
                 if let Some(ending) = deadlines.while_writing(&event, Instant::now()) {
                     break Some(Some(ending));
@@ -680,7 +704,23 @@ mod tests {
         let mut session = Session::new(&ctx, &conn, &identity(), false);
         let serve = session.serve(&mut socket, &shutdown);
         let size = std::mem::size_of_val(&serve);
-        assert!(size <= 768, "the session loop's future is {size} bytes");
+        assert!(size <= 576, "the session loop's future is {size} bytes");
+    }
+
+    /// The whole connection's future, the loop's and everything the session keeps beside it
+    /// (the socket, the state machine, the connection's handles): what tokio's task for an idle
+    /// connection holds. It is inside axum's upgrade future, in a 128-byte aligned task cell,
+    /// so a few bytes over a size class cost a whole one.
+    #[test]
+    fn a_connection_holds_its_socket_and_state_once() {
+        fn returned<F, R>(_: &F) -> usize
+        where
+            F: Fn(WebSocket, Box<Opening>) -> R,
+        {
+            std::mem::size_of::<R>()
+        }
+        let size = returned(&run);
+        assert!(size <= 1472, "a connection's future is {size} bytes");
     }
 
     #[tokio::test]
