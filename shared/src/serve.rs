@@ -305,7 +305,7 @@ fn is_about_one_connection(e: &io::Error) -> bool {
 async fn connection(stream: TcpStream, place: Place, shared: Arc<Shared>) {
     let _open = Open::count(&shared.metrics.open);
     let activity = Arc::clone(place.activity());
-    let watched = Watched { stream, activity: Arc::clone(&activity) };
+    let watched = Watched { stream, activity: Some(Arc::clone(&activity)) };
     let shed = match &shared.tls {
         None => http(watched, &activity, &shared).await,
         Some(tls) => match handshake(tls, watched, &activity, &shared).await {
@@ -452,7 +452,21 @@ impl Drop for RequestServed {
 /// nothing: the two facts the idle timeout and giving way are decided on.
 struct Watched {
     stream: TcpStream,
-    activity: Arc<Activity>,
+    /// None once the connection has upgraded (see [`Watched::activity`]).
+    activity: Option<Arc<Activity>>,
+}
+
+impl Watched {
+    /// The connection's activity while it is plain HTTP. Once it has upgraded, nothing is
+    /// decided on it any more and this socket lives on in a WebSocket session for hours: the
+    /// reference is let go, so that no session keeps the HTTP phase's bookkeeping (~160 bytes,
+    /// an eviction token among them) or reports every read and write to it.
+    fn activity(&mut self) -> Option<&Activity> {
+        if self.activity.as_ref().is_some_and(|a| a.is_upgrading()) {
+            self.activity = None;
+        }
+        self.activity.as_deref()
+    }
 }
 
 impl AsyncRead for Watched {
@@ -461,8 +475,16 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
         match &polled {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => this.activity.progressed(),
-            Poll::Pending => this.activity.read_would_block(),
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                if let Some(activity) = this.activity() {
+                    activity.progressed();
+                }
+            }
+            Poll::Pending => {
+                if let Some(activity) = this.activity() {
+                    activity.read_would_block();
+                }
+            }
             Poll::Ready(_) => {}
         }
         polled
@@ -473,8 +495,8 @@ impl AsyncWrite for Watched {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.progressed();
+        if let (Poll::Ready(Ok(1..)), Some(activity)) = (&polled, this.activity()) {
+            activity.progressed();
         }
         polled
     }
@@ -486,8 +508,8 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.progressed();
+        if let (Poll::Ready(Ok(1..)), Some(activity)) = (&polled, this.activity()) {
+            activity.progressed();
         }
         polled
     }
@@ -545,6 +567,31 @@ mod tests {
         stop.cancel();
         let run = accept_loop(accept, &stop, &metrics, |_, _| unreachable!());
         tokio::time::timeout(Duration::from_millis(100), run).await.expect("stopped at once");
+    }
+
+    /// An upgraded socket lives on in a WebSocket session for hours: it keeps nothing of the
+    /// HTTP phase's bookkeeping, which is decided on no more.
+    #[tokio::test]
+    async fn an_upgraded_socket_lets_go_of_its_http_bookkeeping() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let set = PendingSet::new(4, 4);
+        let (Admission::Placed(place) | Admission::Displaced(place)) = set.admit(Instant::now()) else {
+            panic!("no place")
+        };
+        let activity = Arc::clone(place.activity());
+        let mut watched = Watched { stream, activity: Some(Arc::clone(&activity)) };
+
+        watched.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        assert!(watched.activity.is_some(), "plain HTTP is watched");
+        assert!(activity.request_started());
+        activity.upgrading();
+        watched.write_all(b"HTTP/1.1 101 Switching Protocols\r\n").await.unwrap();
+        assert!(watched.activity.is_none(), "let go once upgraded");
+        drop(place);
+        assert_eq!(Arc::strong_count(&activity), 1, "the session's socket holds none of it");
+        drop(client);
     }
 
     async fn start(config: HttpConfig) -> (SocketAddr, ServeMetrics, CancellationToken, tokio::task::JoinHandle<()>) {
