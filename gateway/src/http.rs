@@ -112,7 +112,12 @@ async fn admit(
         // this one only protects memory from a client that streams a huge frame.
         .max_message_size(config.max_frame_bytes.saturating_mul(4).max(4096))
         .max_frame_size(config.max_frame_bytes.saturating_mul(4).max(4096))
-        .on_upgrade(move |socket| tracker.track_future(crate::session::run(socket, opening))))
+        // The session is a task of its own rather than the rest of axum's upgrade task: that
+        // one keeps the upgrade's settings and the callback for as long as it runs.
+        .on_upgrade(move |socket| {
+            tracker.spawn(crate::session::run(socket, opening));
+            std::future::ready(())
+        }))
 }
 
 /// Whether a connect with this `Origin` header may go on. Browsers send the origin of the page

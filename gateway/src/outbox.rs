@@ -2,8 +2,8 @@
 //! empty. A tokio mpsc channel allocates a 32-slot block up front, for every connection, idle
 //! or not; at tens of thousands of idle connections per gateway that block is a fifth of the
 //! memory budget. Here the buffer grows with use, and the owner gives it back from time to time
-//! ([`Outbox::shrink_if_empty`]): not after every drained burst, which under a steady stream of
-//! bursts reallocated the buffer each time.
+//! ([`Outbox::shrink_if_empty`], at each heartbeat): not after every drained burst, which under
+//! a steady stream of bursts reallocated the buffer each time.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +11,6 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-/// A queue found empty keeps at most this many slots; a larger buffer left by a burst is freed.
-const KEEP_SLOTS: usize = 8;
 
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum PushError {
@@ -82,11 +80,12 @@ impl<T> Outbox<T> {
         self.lock().pop_front()
     }
 
-    /// Frees what a burst left beyond [`KEEP_SLOTS`], if the queue is empty now.
+    /// Frees the buffer, if the queue is empty now. Every connection's queue has held its
+    /// first replay page's end, so without this every idle connection would keep a few slots.
     pub(crate) fn shrink_if_empty(&self) {
         let mut queue = self.lock();
-        if queue.is_empty() && queue.capacity() > KEEP_SLOTS {
-            queue.shrink_to(KEEP_SLOTS);
+        if queue.is_empty() && queue.capacity() > 0 {
+            *queue = VecDeque::new();
         }
     }
 
@@ -160,10 +159,10 @@ mod tests {
             outbox.push(i).unwrap();
         }
         outbox.shrink_if_empty();
-        assert!(outbox.lock().capacity() > KEEP_SLOTS, "not shrunk while items wait");
+        assert!(outbox.lock().capacity() >= 500, "not shrunk while items wait");
         while outbox.try_pop().is_some() {}
         outbox.shrink_if_empty();
-        assert!(outbox.lock().capacity() <= KEEP_SLOTS);
+        assert_eq!(outbox.lock().capacity(), 0, "an empty queue holds no buffer");
     }
 
     /// Only a push into an empty queue wakes the consumer; one that drains a burst and waits
