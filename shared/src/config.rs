@@ -801,7 +801,7 @@ impl GatewayConfig {
             max_connections_per_user: env.parse("HERALD_MAX_CONNECTIONS_PER_USER", 16),
             client_frames_per_sec: env.parse("HERALD_CLIENT_FRAMES_PER_SEC", 50),
             client_ack_ids_per_sec: env.parse("HERALD_CLIENT_ACK_IDS_PER_SEC", 2000),
-            read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 512),
+            read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 256),
             write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
             drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
             // Set below from the grace when not given.
@@ -952,7 +952,7 @@ mod tests {
         let c = GatewayConfig::from_env(&mut e);
         let c = e.finish(c).unwrap();
         assert_eq!(c.common.prefix, "herald");
-        assert_eq!(c.read_buffer_bytes, 512);
+        assert_eq!(c.read_buffer_bytes, 256);
         assert!(c.gateway_id.starts_with("gw-"));
         assert_eq!(c.max_connections, None, "unset: as many as the open-file limit allows");
         assert_eq!(c.common.http, HttpConfig::default());
