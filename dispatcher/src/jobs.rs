@@ -202,7 +202,7 @@ impl JobPipeline {
         let _spans: Vec<tracing::Span> =
             jobs.iter().map(|j| tracing::info_span!(parent: &j.pulled.span, "herald.store")).collect();
         // The store takes the jobs as one slice; what it answers is paired back by `pair`.
-        let valid: Vec<ValidJob> = jobs.iter().map(|j| j.valid.clone()).collect();
+        let valid: Vec<&ValidJob> = jobs.iter().map(|j| &j.valid).collect();
         let mut backoff = Duration::from_millis(100);
         let mut interrupted = false;
         loop {
