@@ -11,7 +11,6 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum PushError {
     /// The consumer fell behind by `capacity` items.

@@ -23,7 +23,12 @@ pub struct InvalidId {
 }
 
 /// `value` as an id, decoded straight from the input: one allocation, no `String` on the way.
-fn checked(value: &str, kind: &'static str, rule: &'static str, check: fn(&str) -> bool) -> Result<Arc<str>, InvalidId> {
+fn checked(
+    value: &str,
+    kind: &'static str,
+    rule: &'static str,
+    check: fn(&str) -> bool,
+) -> Result<Arc<str>, InvalidId> {
     if check(value) {
         Ok(Arc::from(value))
     } else {
