@@ -166,7 +166,8 @@ impl Connection {
     }
 
     /// Waits until the session is asked to close; for a session busy writing, which does not
-    /// take from the queue meanwhile.
+    /// take from the queue meanwhile. Written out rather than shared with [`Self::next`]
+    /// through a generic helper: that one's closure made every connection's future larger.
     pub(crate) async fn until_kicked(&self) -> u16 {
         loop {
             if let Some(code) = self.kicked() {

@@ -241,9 +241,9 @@ impl<'a> Session<'a> {
                     break 'session ending;
                 }
             }
-            // A heartbeat or a refresh moves the timer; so may a write, which re-arms it itself.
+            // A heartbeat or a refresh moves the timer (a write re-arms it itself).
             let deadline = alarm.deadline(self.machine.deadlines().token).into();
-            if deadline != timer.deadline() || timer.is_elapsed() {
+            if deadline != timer.deadline() {
                 timer.as_mut().reset(deadline);
             }
         };
