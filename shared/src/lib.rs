@@ -7,6 +7,8 @@ pub mod clock;
 pub mod config;
 pub mod connect;
 pub mod fdlimit;
+#[cfg(feature = "jemalloc")]
+pub mod heap;
 pub mod log_json;
 pub mod metrics;
 pub mod naming;

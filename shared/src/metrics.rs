@@ -45,6 +45,12 @@ pub fn registry(service: &str) -> Registry {
     {
         let _ = crate::alloc_count::register(&registry);
     }
+    // Production builds run on jemalloc and say what it holds (`heap`); the counting build
+    // replaces jemalloc with the system allocator, so it has no such series.
+    #[cfg(all(feature = "jemalloc", not(feature = "alloc-count")))]
+    {
+        let _ = crate::heap::register(&registry);
+    }
     registry
 }
 

@@ -140,6 +140,19 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
+/// Each of `herald_heap_bytes`' kinds, per server where they are published.
+async fn heap_kinds(
+    servers: &Sampled<'_>,
+    http: &reqwest::Client,
+    published: bool,
+) -> Vec<(&'static str, Option<Vec<u64>>)> {
+    let mut out = Vec::new();
+    for kind in ["allocated", "active", "resident"].into_iter().filter(|_| published) {
+        out.push((kind, servers.heap_bytes(http, kind).await));
+    }
+    out
+}
+
 /// The servers whose memory and CPU a scenario reports, with the name of their role.
 struct Sampled<'a> {
     servers: Vec<&'a Server>,
@@ -152,6 +165,18 @@ impl Sampled<'_> {
 
     fn cpu_secs(&self) -> Vec<f64> {
         self.servers.iter().map(|s| s.cpu_secs()).collect()
+    }
+
+    /// What each server's allocator says of its heap (`herald_heap_bytes{kind}`, bytes): None
+    /// for a server that does not publish it (the peers, a counting build).
+    async fn heap_bytes(&self, http: &reqwest::Client, kind: &str) -> Option<Vec<u64>> {
+        let name = format!("herald_heap_bytes{{kind=\"{kind}\"}}");
+        let mut out = Vec::new();
+        for server in &self.servers {
+            let page = metrics::prometheus_page(http, server.internal).await.ok()?;
+            out.push(metrics::counter_value(&page, &name)?);
+        }
+        Some(out)
     }
 }
 
@@ -284,6 +309,10 @@ pub(crate) async fn idle(system: System, config: &RunConfig) -> anyhow::Result<O
     let sut = Sut::start(system, servers, HeraldOptions::default(), config).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_base = sut.front().rss_kib();
+    // Only Herald's processes publish their heap; the peers are measured by RSS alone.
+    let heap_of = matches!(system, System::Herald);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let heap_base = heap_kinds(&sut.front(), &http, heap_of).await;
     let mut workers = Workers::spawn(&sut.plan(per_server, false, 256))?;
 
     let (t_half, _) = connect(&mut workers, 0.5, Duration::from_secs(300)).await?;
@@ -296,8 +325,22 @@ pub(crate) async fn idle(system: System, config: &RunConfig) -> anyhow::Result<O
     let redis_full = redis_rate(sut.redis_port(), window).await?;
     let cpu_after = sut.front().cpu_secs();
     let rss_full = sut.front().rss_kib();
+    let heap_full = heap_kinds(&sut.front(), &http, heap_of).await;
     let totals = workers.totals().await?;
 
+    // Where RSS goes, by the allocator's own account: what the connections allocated, and
+    // what it holds for them besides (page slack, freed pages not returned).
+    for ((kind, base), (_, full)) in heap_base.iter().zip(&heap_full) {
+        if let (Some(base), Some(full)) = (base, full) {
+            let per_conn: Vec<f64> =
+                full.iter().zip(base).map(|(f, b)| f.saturating_sub(*b) as f64 / 1024.0 / per_server as f64).collect();
+            out.set(&format!("heap_{kind}_per_connection_kib"), round(median(per_conn.clone()), 2));
+            out.set(
+                &format!("heap_{kind}_per_connection_kib_each"),
+                json!(per_conn.iter().map(|x| round(*x, 2)).collect::<Vec<_>>()),
+            );
+        }
+    }
     let per_conn: Vec<f64> = rss_full
         .iter()
         .zip(&rss_base)
