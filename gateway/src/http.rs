@@ -79,7 +79,7 @@ async fn connect(
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ConnectRefusal> {
     admit(&gateway, &headers, &query, upgrade).await.inspect_err(|refusal| {
-        gateway.sessions.metrics.connect_refused.with_label_values(&[refusal.classify().2]).inc();
+        gateway.sessions.shared.metrics.connect_refused.with_label_values(&[refusal.classify().2]).inc();
     })
 }
 
@@ -102,8 +102,7 @@ async fn admit(
     let config = &gateway.config;
     let ctx = Arc::clone(&gateway.sessions);
     let tracker = gateway.session_tasks.clone();
-    let shutdown = gateway.close_sessions.clone();
-    let opening = Box::new(crate::session::Opening { identity, admission, frame_heartbeats, ctx, shutdown });
+    let opening = Box::new(crate::session::Opening { identity, admission, frame_heartbeats, ctx });
     Ok(upgrade
         .read_buffer_size(config.read_buffer_bytes)
         .write_buffer_size(config.write_buffer_bytes)
@@ -135,7 +134,7 @@ fn origin_allowed(allowed: &[String], origin: Option<&HeaderValue>) -> bool {
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> String {
-    herald_shared::metrics::encode(&gateway.sessions.metrics.registry)
+    herald_shared::metrics::encode(&gateway.sessions.shared.metrics.registry)
 }
 
 /// 200 when ready, 503 when not; the body says which checks failed either way.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use fred::prelude::ClientLike;
-use herald_proto::GatewayId;
+use herald_proto::{close, GatewayId};
 use herald_shared::config::GatewayConfig;
 use herald_shared::naming::Names;
 use herald_shared::{connect, fdlimit, readiness, serve, shutdown, streams};
@@ -158,20 +158,24 @@ pub async fn run(
     let (ack_publisher, acks) = acks::AckPublisher::new(js.clone(), &names, &gateway_id, Arc::clone(&metrics));
 
     let sessions = Arc::new(SessionContext {
-        gateway_id: gateway_id.clone(),
+        shared: Arc::new(session::Shared {
+            settings: session::Settings {
+                heartbeat_interval: config.heartbeat_interval,
+                max_frame_bytes: config.max_frame_bytes,
+                frames_per_sec: config.client_frames_per_sec,
+                ack_ids_per_sec: config.client_ack_ids_per_sec,
+                max_topics: config.topics.max_per_connection,
+            },
+            gateway_id: gateway_id.clone(),
+            metrics: Arc::clone(&metrics),
+            clock: config.common.clock.clone(),
+        }),
         registry: Arc::clone(&registry),
         presence,
         acks,
-        heartbeat_interval: config.heartbeat_interval,
         outbound_queue: config.outbound_queue,
-        max_frame_bytes: config.max_frame_bytes,
-        frames_per_sec: config.client_frames_per_sec,
-        ack_ids_per_sec: config.client_ack_ids_per_sec,
-        clock: config.common.clock.clone(),
-        metrics: Arc::clone(&metrics),
         auth: auth.clone(),
         topics: Arc::clone(&topic_index),
-        max_topics: config.topics.max_per_connection,
         recovery: Some(session::TopicRecovery {
             js: js.clone(),
             names: names.clone(),
@@ -296,6 +300,8 @@ pub async fn run(
         tokio::time::sleep(shutdown_delay).await;
         let deadline = tokio::time::Instant::now() + drain_grace;
         drain::close_spread(&registry, drain_spread).await;
+        // Sessions that opened during the spread too; each session hears of it by its kick.
+        registry.close_all(close::SERVICE_RESTART);
         close_sessions.cancel();
         gateway.session_tasks.close();
         if tokio::time::timeout_at(deadline, gateway.session_tasks.wait()).await.is_err() {

@@ -96,6 +96,10 @@ pub(crate) struct Connection {
     /// Set by the presence task once Redis has this connection; until then its registration
     /// is still queued, and the heartbeat's check for lost presence leaves it alone.
     registered: AtomicBool,
+    /// The connection's place in the gateway's limits, freed with the connection. Kept here
+    /// rather than in the session's future: every idle connection holds that future, and the
+    /// pointer fits this allocation's size class as it is.
+    _admission: Option<Admission>,
 }
 
 impl Connection {
@@ -106,7 +110,13 @@ impl Connection {
             outbox: Outbox::new(queue),
             kick: AtomicU16::new(NOT_KICKED),
             registered: AtomicBool::new(false),
+            _admission: None,
         }
+    }
+
+    /// This connection, holding its place in the gateway's limits until it is dropped.
+    pub(crate) fn admitted(self, admission: Admission) -> Self {
+        Self { _admission: Some(admission), ..self }
     }
 
     pub(crate) fn mark_registered(&self) {
@@ -211,6 +221,10 @@ pub(crate) struct Registry {
     admitted: AtomicUsize,
     max_total: usize,
     max_per_user: usize,
+    /// The close code every connection is asked to close with, once the gateway closes them all
+    /// ([`Self::close_all`]); [`NOT_KICKED`] until then. Read and set under the map's write lock,
+    /// so that no connection inserted meanwhile is missed.
+    closing: AtomicU16,
 }
 
 /// A place held for a connection between the HTTP check and the end of its session. Dropping it
@@ -228,7 +242,13 @@ impl Drop for Admission {
 
 impl Registry {
     pub(crate) fn new(max_total: usize, max_per_user: usize) -> Arc<Self> {
-        Arc::new(Self { by_user: RwLock::default(), admitted: AtomicUsize::new(0), max_total, max_per_user })
+        Arc::new(Self {
+            by_user: RwLock::default(),
+            admitted: AtomicUsize::new(0),
+            max_total,
+            max_per_user,
+            closing: AtomicU16::new(NOT_KICKED),
+        })
     }
 
     /// Holds a place for a new connection of `user`, or says why there is none. The per-user
@@ -245,8 +265,26 @@ impl Registry {
         Ok(admission)
     }
 
+    /// Adds a connection; one inserted after [`Self::close_all`] is asked to close at once.
     pub(crate) fn insert(&self, conn: Arc<Connection>) {
-        self.write().entry(conn.user.clone()).or_default().push(conn);
+        let mut map = self.write();
+        let closing = self.closing.load(Ordering::Relaxed);
+        if closing != NOT_KICKED {
+            conn.close_with(closing);
+        }
+        map.entry(conn.user.clone()).or_default().push(conn);
+    }
+
+    /// Asks every connection to close with `code`, and every one inserted from now on: the end
+    /// of a drain, for the sessions still open and for any upgrade still completing. This is how
+    /// a session learns of the shutdown (through its kick, which it waits on anyway), so that no
+    /// idle connection holds a wait of its own for it.
+    pub(crate) fn close_all(&self, code: u16) {
+        let map = self.write();
+        self.closing.store(code, Ordering::Relaxed);
+        for conn in map.values().flatten() {
+            conn.close_with(code);
+        }
     }
 
     pub(crate) fn remove(&self, conn: &Connection) {
@@ -369,6 +407,21 @@ mod tests {
             0
         );
         assert_eq!(a.kicked(), Some(close::SLOW_CONSUMER));
+    }
+
+    /// The end of a drain reaches every session, the ones whose upgrade completes after it
+    /// included: a session no longer waits on a shutdown signal of its own.
+    #[test]
+    fn closing_all_reaches_open_connections_and_later_ones() {
+        let reg = Registry::new(10, 10);
+        let (a, ()) = conn("a", "alice", 1);
+        let (b, ()) = conn("b", "bob", 1);
+        reg.insert(Arc::clone(&a));
+        assert_eq!(b.kicked(), None);
+        reg.close_all(close::SERVICE_RESTART);
+        assert_eq!(a.kicked(), Some(close::SERVICE_RESTART));
+        reg.insert(Arc::clone(&b));
+        assert_eq!(b.kicked(), Some(close::SERVICE_RESTART), "inserted after the close");
     }
 
     #[test]

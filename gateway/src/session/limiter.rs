@@ -3,26 +3,28 @@
 
 use std::time::Instant;
 
-/// A token bucket per connection: `rate` frames a second, bursts of twice that.
+/// A token bucket per connection: `rate` frames a second, bursts of twice that. The rate and
+/// the burst are `f32`, which holds them exactly (they are settings, far below 2^24) in half
+/// the room: every idle connection holds two of these.
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
-    rate: f64,
-    burst: f64,
+    rate: f32,
+    burst: f32,
     tokens: f64,
     last: Option<Instant>,
 }
 
 impl RateLimiter {
     pub(crate) fn new(rate: u32) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self { rate, burst: rate * 2.0, tokens: rate * 2.0, last: None }
+        let rate = rate.max(1) as f32;
+        Self { rate, burst: rate * 2.0, tokens: f64::from(rate * 2.0), last: None }
     }
 
     /// `n` a minute, all of them at once if need be: for what a client does once per
     /// (re)connection for each of up to `n` things.
     pub(crate) fn per_minute(n: usize) -> Self {
-        let burst = n.max(1) as f64;
-        Self { rate: burst / 60.0, burst, tokens: burst, last: None }
+        let burst = n.max(1) as f32;
+        Self { rate: burst / 60.0, burst, tokens: f64::from(burst), last: None }
     }
 
     pub(crate) fn allow(&mut self, now: Instant) -> bool {
@@ -32,7 +34,8 @@ impl RateLimiter {
     /// Takes `n` tokens at once, if there are that many.
     pub(crate) fn allow_n(&mut self, now: Instant, n: usize) -> bool {
         if let Some(last) = self.last {
-            self.tokens = (self.tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
+            let refill = now.duration_since(last).as_secs_f64() * f64::from(self.rate);
+            self.tokens = (self.tokens + refill).min(f64::from(self.burst));
         }
         self.last = Some(now);
         let n = n as f64;

@@ -83,10 +83,9 @@ pub(crate) enum Event {
     Gone { too_big: bool },
     /// The heartbeat interval came round.
     Tick,
-    /// Closed from outside (a full queue, an operator, a drain), with the closer's code.
+    /// Closed from outside (a full queue, an operator, a drain, the gateway's shutdown), with
+    /// the closer's code.
     Kick(u16),
-    /// The gateway is shutting down.
-    Shutdown,
     /// The token's deadline ([`Deadlines::token`]) passed.
     TokenExpired,
     /// How the token of a `refresh` frame (see [`Action::Verify`]) checked out.
@@ -122,7 +121,6 @@ pub(crate) enum Action {
 pub(crate) struct Peer {
     pub(crate) user: UserId,
     pub(crate) connection_id: ConnectionId,
-    pub(crate) gateway_id: GatewayId,
     /// The topics its token allows (the `topics` claim).
     pub(crate) topics: Arc<[TopicPattern]>,
 }
@@ -133,16 +131,26 @@ pub(crate) struct Settings {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) max_frame_bytes: usize,
     pub(crate) frames_per_sec: u32,
+    /// Sustained message ids per second a connection may ack or read, with a burst of twice as
+    /// many: what one client can make the dispatchers write.
     pub(crate) ack_ids_per_sec: u32,
-    /// Send a `heartbeat` text frame with each ping (the client asked: `heartbeat=frame`).
-    pub(crate) frame_heartbeats: bool,
     /// Topic subscriptions the connection may hold.
     pub(crate) max_topics: usize,
 }
 
+/// What every session of a gateway shares: its limits, its id and its handles. One for the
+/// gateway rather than a copy in each machine, which every idle connection holds.
+pub(crate) struct Shared {
+    pub(crate) settings: Settings,
+    pub(crate) gateway_id: GatewayId,
+    pub(crate) metrics: Arc<GatewayMetrics>,
+    /// Fleet time (herald_shared::clock): what a notification's expiry is judged by.
+    pub(crate) clock: Clock,
+}
+
 /// When the session ends unless the client is heard from: plain data, so that the I/O loop can
 /// hold a copy while a write has the rest of the machine (no frame is read meanwhile, so the
-/// copy stays true).
+/// copy stays true). The machine keeps the two instants and makes the copy.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Deadlines {
     /// When the client was last heard from: any frame, a pong included.
@@ -160,7 +168,6 @@ impl Deadlines {
     pub(crate) fn while_writing(&self, event: &Event, now: Instant) -> Option<Ending> {
         match event {
             Event::Kick(code) => Some(kicked(*code)),
-            Event::Shutdown => Some(SHUTTING_DOWN),
             Event::TokenExpired => Some(TOKEN_EXPIRED),
             Event::Tick => self.silent(now),
             // Not read during a write.
@@ -197,13 +204,12 @@ pub(crate) struct Batch {
 /// One session's state: its limits, what it sent, its replay and its deadlines.
 pub(crate) struct Machine {
     peer: Peer,
-    settings: Settings,
-    metrics: Arc<GatewayMetrics>,
-    /// Fleet time (herald_shared::clock): what a notification's expiry is judged by.
-    clock: Clock,
+    shared: Arc<Shared>,
+    /// Send a `heartbeat` text frame with each ping (the client asked: `heartbeat=frame`).
+    frame_heartbeats: bool,
     /// Frames per second (see [`Settings::frames_per_sec`]).
     frames: RateLimiter,
-    /// Ids acked or read per second (see [`super::SessionContext::ack_ids_per_sec`]).
+    /// Ids acked or read per second (see [`Settings::ack_ids_per_sec`]).
     ack_ids: RateLimiter,
     /// What this connection was sent: only acks of these count (see [`crate::sent`]).
     sent: SentSet,
@@ -213,7 +219,10 @@ pub(crate) struct Machine {
     /// topic frame on. Most connections never send one, and every idle connection would carry
     /// it (~190 bytes).
     topics: Option<Box<TopicSide>>,
-    deadlines: Deadlines,
+    /// When the client was last heard from (see [`Deadlines`]).
+    last_heard: Instant,
+    /// When the token runs out.
+    token: Instant,
 }
 
 /// What a connection that uses topics holds beside its subscriptions.
@@ -228,25 +237,18 @@ struct TopicSide {
 
 impl Machine {
     /// A session opening at `now`, whose token runs out at `token`.
-    pub(crate) fn new(
-        peer: Peer,
-        settings: Settings,
-        metrics: Arc<GatewayMetrics>,
-        clock: Clock,
-        token: Instant,
-        now: Instant,
-    ) -> Self {
+    pub(crate) fn new(peer: Peer, shared: Arc<Shared>, frame_heartbeats: bool, token: Instant, now: Instant) -> Self {
         Self {
             topics: None,
             peer,
-            frames: RateLimiter::new(settings.frames_per_sec),
-            ack_ids: RateLimiter::new(settings.ack_ids_per_sec),
+            frames: RateLimiter::new(shared.settings.frames_per_sec),
+            ack_ids: RateLimiter::new(shared.settings.ack_ids_per_sec),
             sent: SentSet::default(),
             replay: ReplayCursor::new(now),
-            deadlines: Deadlines { last_heard: now, silence_limit: settings.heartbeat_interval * 2, token },
-            settings,
-            metrics,
-            clock,
+            last_heard: now,
+            token,
+            shared,
+            frame_heartbeats,
         }
     }
 
@@ -254,19 +256,23 @@ impl Machine {
     fn topic_side(&mut self) -> &mut TopicSide {
         self.topics.get_or_insert_with(|| {
             Box::new(TopicSide {
-                topics: Topics::new(Arc::clone(&self.peer.topics), self.settings.max_topics),
-                recoveries: RateLimiter::per_minute(self.settings.max_topics),
+                topics: Topics::new(Arc::clone(&self.peer.topics), self.shared.settings.max_topics),
+                recoveries: RateLimiter::per_minute(self.shared.settings.max_topics),
             })
         })
     }
 
     /// The hello went out: the client's silence counts from `now`.
     pub(crate) fn on_open(&mut self, now: Instant) {
-        self.deadlines.last_heard = now;
+        self.last_heard = now;
     }
 
     pub(crate) fn deadlines(&self) -> Deadlines {
-        self.deadlines
+        Deadlines {
+            last_heard: self.last_heard,
+            silence_limit: self.shared.settings.heartbeat_interval * 2,
+            token: self.token,
+        }
     }
 
     /// The topics the connection is subscribed to (or asked for): what to leave at its end.
@@ -280,8 +286,8 @@ impl Machine {
             Event::Frame(message) => self.on_frame(message, now),
             Event::Gone { too_big } => vec![Action::Close(too_big.then_some(TOO_BIG))],
             Event::Tick => self.on_tick(now),
-            Event::Kick(_) | Event::Shutdown | Event::TokenExpired => {
-                vec![Action::Close(self.deadlines.while_writing(&event, now))]
+            Event::Kick(_) | Event::TokenExpired => {
+                vec![Action::Close(self.deadlines().while_writing(&event, now))]
             }
             Event::Refresh(outcome) => self.on_refresh(outcome, now, herald_shared::now_ms()),
         }
@@ -293,7 +299,7 @@ impl Machine {
     fn on_refresh(&mut self, outcome: Result<Identity, AuthError>, now: Instant, now_ms: u64) -> Vec<Action> {
         match outcome {
             Ok(identity) if identity.user == self.peer.user => {
-                self.deadlines.token = expiry_instant(identity.expires_at, now, now_ms);
+                self.token = expiry_instant(identity.expires_at, now, now_ms);
                 vec![Action::Refreshed { token_expires_at_ms: identity.expires_at.saturating_mul(1000) }]
             }
             Ok(identity) => {
@@ -308,7 +314,7 @@ impl Machine {
     }
 
     fn on_frame(&mut self, message: Message, now: Instant) -> Vec<Action> {
-        self.deadlines.last_heard = now;
+        self.last_heard = now;
         if !self.frames.allow(now) {
             return vec![Action::Close(Some(RATE_LIMITED))];
         }
@@ -324,7 +330,7 @@ impl Machine {
     /// What one client message says: an ack to publish, a token to check, a subscription, or
     /// nothing; `Err` ends the session (None: the client closed).
     fn on_message(&mut self, message: Message, now: Instant) -> Result<Vec<Action>, Option<Ending>> {
-        let metrics = &self.metrics;
+        let metrics = &self.shared.metrics;
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(_) => {
@@ -337,7 +343,7 @@ impl Machine {
             }
             Message::Close(_) => return Err(None),
         };
-        if text.len() > self.settings.max_frame_bytes {
+        if text.len() > self.shared.settings.max_frame_bytes {
             metrics.frames_in.with_label_values(&["invalid"]).inc();
             return Err(Some(TOO_BIG));
         }
@@ -387,15 +393,15 @@ impl Machine {
     /// A heartbeat: the end of a silent client, or a ping, and a page that did not come asked
     /// for again.
     fn on_tick(&mut self, now: Instant) -> Vec<Action> {
-        if let Some(ending) = self.deadlines.silent(now) {
+        if let Some(ending) = self.deadlines().silent(now) {
             return vec![Action::Close(Some(ending))];
         }
         let mut actions = vec![Action::Ping];
-        if self.settings.frame_heartbeats {
+        if self.frame_heartbeats {
             actions.push(Action::Beat);
         }
         // A page asked for a heartbeat ago and not come was lost: ask again.
-        if let Some(after_seq) = self.replay.retry(now, self.settings.heartbeat_interval) {
+        if let Some(after_seq) = self.replay.retry(now, self.shared.settings.heartbeat_interval) {
             actions.push(Action::RequestPage { more: self.more(after_seq), retry: true });
         }
         actions
@@ -403,7 +409,7 @@ impl Machine {
 
     /// A batch of writes begins: the clock is read once for all its frames.
     pub(crate) fn batch(&self) -> Batch {
-        Batch { at_ms: self.clock.now_ms(), frames: 0, delivered: 0, replayed: 0, expired: 0, repeats: 0 }
+        Batch { at_ms: self.shared.clock.now_ms(), frames: 0, delivered: 0, replayed: 0, expired: 0, repeats: 0 }
     }
 
     /// What to write of an item taken from the queue, if anything.
@@ -444,7 +450,7 @@ impl Machine {
             batch.delivered += 1;
         }
         let age_ms = batch.at_ms.saturating_sub(sent.published_at_ms);
-        let latency = &self.metrics.publish_to_deliver;
+        let latency = &self.shared.metrics.publish_to_deliver;
         let path = if sent.resend {
             &latency.resend
         } else if sent.replay {
@@ -464,7 +470,7 @@ impl Machine {
 
     /// The whole batch was handed to the socket (its flush follows).
     pub(crate) fn on_batch_written(&self, batch: &Batch) {
-        let metrics = &self.metrics;
+        let metrics = &self.shared.metrics;
         metrics.frames_out.inc_by(batch.frames as u64);
         metrics.notifications_expired.inc_by(batch.expired);
         metrics.notifications_repeated.inc_by(batch.repeats);
@@ -491,9 +497,9 @@ impl Machine {
         More {
             user: self.peer.user.clone(),
             connection_id: self.peer.connection_id.clone(),
-            gateway_id: self.peer.gateway_id.clone(),
+            gateway_id: self.shared.gateway_id.clone(),
             after_seq,
-            at_ms: self.clock.now_ms(),
+            at_ms: self.shared.clock.now_ms(),
         }
     }
 
@@ -531,7 +537,7 @@ impl Machine {
                 },
             }
         }
-        self.metrics.acks_ignored.inc_by(ignored);
+        self.shared.metrics.acks_ignored.inc_by(ignored);
         if sent_ids.is_empty() && read_unsent.is_empty() {
             return (None, topic_acks);
         }
@@ -539,11 +545,11 @@ impl Machine {
         let record = AckRecord {
             user: self.peer.user.clone(),
             connection_id: self.peer.connection_id.clone(),
-            gateway_id: self.peer.gateway_id.clone(),
+            gateway_id: self.shared.gateway_id.clone(),
             kind,
             ids: sent_ids,
             read_unsent,
-            at_ms: self.clock.now_ms(),
+            at_ms: self.shared.clock.now_ms(),
             traceparent,
         };
         (Some(record), topic_acks)
@@ -554,7 +560,7 @@ impl Machine {
     fn observe_acked(&self, acked: &[Arc<Sent>]) -> Option<String> {
         let mut traceparent = None;
         for sent in acked {
-            self.metrics.publish_to_ack.observe(seconds_since(sent.published_at_ms));
+            self.shared.metrics.publish_to_ack.observe(seconds_since(sent.published_at_ms));
             if traceparent.is_none() && sent.traceparent.is_some() {
                 let span = tracing::info_span!("herald.ack", message_id = %sent.id);
                 herald_shared::telemetry::continue_from(&span, sent.traceparent.as_deref());
@@ -587,21 +593,29 @@ mod tests {
             max_frame_bytes: 4096,
             frames_per_sec: 100,
             ack_ids_per_sec: 10_000,
-            frame_heartbeats: false,
             max_topics: 4,
         }
     }
 
     /// A session opened at `t` whose token runs out an hour later.
     fn machine_with(settings: Settings, t: Instant) -> Machine {
+        machine_beating(settings, false, t)
+    }
+
+    /// As [`machine_with`], with `heartbeat=frame` or without.
+    fn machine_beating(settings: Settings, frame_heartbeats: bool, t: Instant) -> Machine {
         let peer = Peer {
             user: UserId::new("u1").unwrap(),
             connection_id: ConnectionId::new("c1").unwrap(),
-            gateway_id: GatewayId::new("g1").unwrap(),
             topics: Arc::from([]),
         };
-        let metrics = Arc::new(GatewayMetrics::new().unwrap());
-        let mut machine = Machine::new(peer, settings, metrics, Clock::system(), t + Duration::from_secs(3600), t);
+        let shared = Arc::new(Shared {
+            settings,
+            gateway_id: GatewayId::new("g1").unwrap(),
+            metrics: Arc::new(GatewayMetrics::new().unwrap()),
+            clock: Clock::system(),
+        });
+        let mut machine = Machine::new(peer, shared, frame_heartbeats, t + Duration::from_secs(3600), t);
         machine.on_open(t);
         machine
     }
@@ -803,15 +817,16 @@ mod tests {
     #[test]
     fn a_client_that_asked_for_heartbeat_frames_gets_one_with_each_ping() {
         let t = Instant::now();
-        let mut m = machine_with(Settings { frame_heartbeats: true, ..settings() }, t);
+        let mut m = machine_beating(settings(), true, t);
         assert!(matches!(m.on(Event::Tick, t + MS)[..], [Action::Ping, Action::Beat]));
     }
 
     #[test]
     fn shutdown_asks_the_client_to_reconnect_also_while_a_write_is_blocked() {
         let t = Instant::now();
-        closes_with(&machine(t).on(Event::Shutdown, t), SHUTTING_DOWN);
-        assert_eq!(machine(t).deadlines().while_writing(&Event::Shutdown, t), Some(SHUTTING_DOWN));
+        let shutdown = || Event::Kick(close::SERVICE_RESTART);
+        closes_with(&machine(t).on(shutdown(), t), SHUTTING_DOWN);
+        assert_eq!(machine(t).deadlines().while_writing(&shutdown(), t), Some(SHUTTING_DOWN));
         assert_eq!(SHUTTING_DOWN.code, close::SERVICE_RESTART);
     }
 

@@ -22,18 +22,17 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
-use herald_proto::{ConnectionId, GatewayId, Hello, ServerFrame, TopicName};
+use herald_proto::{ConnectionId, Hello, ServerFrame, TopicName, TopicPattern};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::acks::Outgoing;
 use crate::auth::{Authenticator, Identity};
-use crate::metrics::GatewayMetrics;
 use crate::presence::PresenceHandle;
 use crate::registry::{Admission, Connection, Next, Outbound, Registry};
 use crate::topics::{RecoveryLimits, TopicIndex};
 use alarm::Alarm;
-use machine::{expiry_instant, Action, Ending, Event, Machine, Peer, Settings, HEARTBEAT, SHUTTING_DOWN, SLOW};
+use machine::{expiry_instant, Action, Ending, Event, Machine, Peer, HEARTBEAT, SHUTTING_DOWN, SLOW};
+pub(crate) use machine::{Settings, Shared};
 use topics::{Since, TopicAction};
 
 /// Frames written to the socket before a flush, when many are queued.
@@ -46,27 +45,17 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What every session of this gateway shares.
 pub(crate) struct SessionContext {
-    pub(crate) gateway_id: GatewayId,
+    /// The limits, id and handles every session's state machine reads.
+    pub(crate) shared: Arc<Shared>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) presence: PresenceHandle,
     /// Acks and replay page requests, to the publisher task (see [`crate::acks`]).
     pub(crate) acks: mpsc::Sender<Outgoing>,
-    pub(crate) heartbeat_interval: Duration,
     pub(crate) outbound_queue: usize,
-    pub(crate) max_frame_bytes: usize,
-    pub(crate) frames_per_sec: u32,
-    /// Sustained message ids per second a connection may ack or read, with a burst of twice as
-    /// many: what one client can make the dispatchers write.
-    pub(crate) ack_ids_per_sec: u32,
-    pub(crate) metrics: Arc<GatewayMetrics>,
-    /// Fleet time (herald_shared::clock): what a notification's expiry is judged by.
-    pub(crate) clock: herald_shared::Clock,
     /// Checks the tokens of `refresh` frames, with the keys a connect's token is checked with.
     pub(crate) auth: Authenticator,
     /// Which local connections subscribe to which topic; fed by [`crate::topics::Reader`].
     pub(crate) topics: Arc<TopicIndex>,
-    /// Topic subscriptions one connection may hold.
-    pub(crate) max_topics: usize,
     /// Where a `subscribe` with `since` recovers from; None (tests without NATS): nothing is
     /// recovered, and the answer says `recovered: false`.
     pub(crate) recovery: Option<TopicRecovery>,
@@ -93,11 +82,19 @@ const PANIC: &str = "panic";
 /// life, so they are one pointer there.
 pub(crate) struct Opening {
     pub(crate) identity: Identity,
-    /// Holds the connection's place until the session ends.
+    /// Holds the connection's place; the connection keeps it.
     pub(crate) admission: Admission,
     pub(crate) frame_heartbeats: bool,
     pub(crate) ctx: Arc<SessionContext>,
-    pub(crate) shutdown: CancellationToken,
+}
+
+impl Opening {
+    /// The opening, its box freed now: moved out of with `*`, the box would be freed only when
+    /// the session ends.
+    #[allow(clippy::boxed_local, reason = "taking the box is the point: it is freed on return")]
+    fn unbox(self: Box<Self>) -> Self {
+        *self
+    }
 }
 
 /// Runs one connection to its end.
@@ -108,21 +105,23 @@ pub(crate) struct Opening {
 #[allow(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
 pub(crate) fn run(mut socket: WebSocket, opening: Box<Opening>) -> impl std::future::Future<Output = ()> + Send {
     async move {
-        let Opening { identity, admission: _admission, frame_heartbeats, ctx, shutdown } = *opening;
-        let conn = Arc::new(Connection::new(new_connection_id(), identity.user.clone(), ctx.outbound_queue));
-        let mut session = Session::new(&ctx, &conn, &identity, frame_heartbeats);
-        drop(identity);
+        // Destructured to the last field and never borrowed: a local that is borrowed, or whose
+        // box is moved out of, keeps its place in the future for the connection's whole life.
+        let Opening { identity: Identity { user, expires_at, topics }, admission, frame_heartbeats, ctx } =
+            opening.unbox();
+        let conn = Arc::new(Connection::new(new_connection_id(), user, ctx.outbound_queue).admitted(admission));
+        let mut session = Session::new(&ctx, &conn, expires_at, topics, frame_heartbeats);
         // Local registration first (deliveries can find the socket), then Redis and the online
         // announcement: the order that makes replay race-free (see presence.rs).
         ctx.registry.insert(Arc::clone(&conn));
-        ctx.metrics.connections_opened.inc();
-        ctx.metrics.connections_open.inc();
+        ctx.shared.metrics.connections_opened.inc();
+        ctx.shared.metrics.connections_open.inc();
         ctx.presence.register(Arc::clone(&conn)).await;
         tracing::debug!(user = %conn.user, connection = %conn.id, "session open");
 
         // However the session ends, a panic included, the connection leaves the registry and
         // presence below: a session that died must not hold its user's slot or attract routing.
-        let (ending, label) = match AssertUnwindSafe(session.serve(&mut socket, &shutdown)).catch_unwind().await {
+        let (ending, label) = match AssertUnwindSafe(session.serve(&mut socket)).catch_unwind().await {
             Ok(ending) => (ending, ending.map_or(CLIENT_GONE, |e| e.label)),
             Err(_) => {
                 tracing::error!(user = %conn.user, connection = %conn.id, "session panicked; closing it");
@@ -138,10 +137,10 @@ pub(crate) fn run(mut socket: WebSocket, opening: Box<Opening>) -> impl std::fut
         drop(session);
 
         ctx.registry.remove(&conn);
-        ctx.metrics.connections_open.dec();
-        ctx.metrics.connections_closed.with_label_values(&[label]).inc();
+        ctx.shared.metrics.connections_open.dec();
+        ctx.shared.metrics.connections_closed.with_label_values(&[label]).inc();
         if ending == Some(SLOW) {
-            ctx.metrics.queue_overflows.inc();
+            ctx.shared.metrics.queue_overflows.inc();
         }
         ctx.presence.unregister(&conn).await;
         tracing::debug!(user = %conn.user, connection = %conn.id, ending = ?ending, "session closed");
@@ -164,91 +163,90 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    /// The session of `conn`, opened with `identity`'s token.
-    fn new(ctx: &'a SessionContext, conn: &'a Arc<Connection>, identity: &Identity, frame_heartbeats: bool) -> Self {
-        let token_exp = identity.expires_at;
-        let peer = Peer {
-            user: conn.user.clone(),
-            connection_id: conn.id.clone(),
-            gateway_id: ctx.gateway_id.clone(),
-            topics: Arc::clone(&identity.topics),
-        };
-        let settings = Settings {
-            heartbeat_interval: ctx.heartbeat_interval,
-            max_frame_bytes: ctx.max_frame_bytes,
-            frames_per_sec: ctx.frames_per_sec,
-            ack_ids_per_sec: ctx.ack_ids_per_sec,
-            frame_heartbeats,
-            max_topics: ctx.max_topics,
-        };
+    /// The session of `conn`, opened with a token that expires at `token_exp` (seconds since
+    /// the epoch) and allows `topics`.
+    fn new(
+        ctx: &'a SessionContext,
+        conn: &'a Arc<Connection>,
+        token_exp: u64,
+        topics: Arc<[TopicPattern]>,
+        frame_heartbeats: bool,
+    ) -> Self {
+        let peer = Peer { user: conn.user.clone(), connection_id: conn.id.clone(), topics };
         let now = Instant::now();
         let token = expiry_instant(token_exp, now, herald_shared::now_ms());
-        let machine = Machine::new(peer, settings, Arc::clone(&ctx.metrics), ctx.clock.clone(), token, now);
+        let machine = Machine::new(peer, Arc::clone(&ctx.shared), frame_heartbeats, token, now);
         Self { ctx, conn, token_expires_at_ms: token_exp.saturating_mul(1000), machine }
     }
 
     /// The session loop: wait for an event, let the machine decide, do what it says. Returns how
     /// it ended (None: the client went away).
     ///
-    /// The socket is borrowed, not moved in: an argument of an async fn is kept in its future
-    /// for the whole call, so a moved socket would be held twice by every connection.
-    async fn serve<S>(&mut self, socket: &mut S, shutdown: &CancellationToken) -> Option<Ending>
+    /// The socket is borrowed, not moved in, and the body is an async block rather than an async
+    /// fn: an async fn's future keeps its arguments and the body's copies of them side by side
+    /// for the whole call (rust-lang/rust#62958), and every idle connection holds this future.
+    #[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
+    fn serve<'s, S>(
+        &'s mut self,
+        socket: &'s mut S,
+    ) -> impl std::future::Future<Output = Option<Ending>> + use<'s, 'a, S>
     where
         S: Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin,
     {
-        // Written straight to the socket, before the loop reads the queue: it precedes every
-        // notification, and an idle connection never allocates its queue's buffer.
-        let Ok(hello) = serde_json::to_string(&ServerFrame::Hello(Hello {
-            connection_id: self.conn.id.clone(),
-            gateway_id: self.ctx.gateway_id.clone(),
-            heartbeat_interval_ms: self.ctx.heartbeat_interval.as_millis() as u64,
-            max_frame_bytes: self.ctx.max_frame_bytes,
-            token_expires_at_ms: self.token_expires_at_ms,
-        })) else {
-            return None;
-        };
-        match Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Text(hello.into())))).await {
-            Ok(Ok(())) => self.ctx.metrics.frames_out.inc(),
-            _ => return None,
-        }
-        let now = Instant::now();
-        self.machine.on_open(now);
-        let conn = self.conn;
-        // One timer for the heartbeat and the token's expiry (see [`alarm`]).
-        let mut alarm = Alarm::new(now, self.ctx.heartbeat_interval);
-        let timer = tokio::time::sleep_until(alarm.deadline(self.machine.deadlines().token).into());
-        tokio::pin!(timer);
-
-        let ending = 'session: loop {
-            let actions = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => self.machine.on(Event::Shutdown, Instant::now()),
-                _ = &mut timer => {
-                    let now = Instant::now();
-                    let event = alarm.fired(now, self.machine.deadlines().token);
-                    self.machine.on(event, now)
-                }
-                next = conn.next() => match next {
-                    Next::Kick(code) => self.machine.on(Event::Kick(code), Instant::now()),
-                    // Boxed, as are the other rare or large steps below: a future is as large as
-                    // its largest state, and every idle connection would carry that size.
-                    Next::Write(first) => Box::pin(self.write(first, socket, &mut alarm, timer.as_mut(), shutdown)).await,
-                },
-                message = socket.next() => self.machine.on(read_event(message), Instant::now()),
+        async move {
+            // Written straight to the socket, before the loop reads the queue: it precedes every
+            // notification, and an idle connection never allocates its queue's buffer.
+            let Ok(hello) = serde_json::to_string(&ServerFrame::Hello(Hello {
+                connection_id: self.conn.id.clone(),
+                gateway_id: self.ctx.shared.gateway_id.clone(),
+                heartbeat_interval_ms: self.ctx.shared.settings.heartbeat_interval.as_millis() as u64,
+                max_frame_bytes: self.ctx.shared.settings.max_frame_bytes,
+                token_expires_at_ms: self.token_expires_at_ms,
+            })) else {
+                return None;
             };
-            if !actions.is_empty() {
-                if let Err(ending) = Box::pin(self.carry_out(actions, socket)).await {
-                    break 'session ending;
+            match Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Text(hello.into())))).await {
+                Ok(Ok(())) => self.ctx.shared.metrics.frames_out.inc(),
+                _ => return None,
+            }
+            let now = Instant::now();
+            self.machine.on_open(now);
+            let conn = self.conn;
+            // One timer for the heartbeat and the token's expiry (see [`alarm`]).
+            let mut alarm = Alarm::new(now, self.ctx.shared.settings.heartbeat_interval);
+            let timer = tokio::time::sleep_until(alarm.deadline(self.machine.deadlines().token).into());
+            tokio::pin!(timer);
+
+            let ending = 'session: loop {
+                let actions = tokio::select! {
+                    biased;
+                    _ = &mut timer => {
+                        let now = Instant::now();
+                        let event = alarm.fired(now, self.machine.deadlines().token);
+                        self.machine.on(event, now)
+                    }
+                    next = conn.next() => match next {
+                        Next::Kick(code) => self.machine.on(Event::Kick(code), Instant::now()),
+                        // Boxed, as are the other rare or large steps below: a future is as large as
+                        // its largest state, and every idle connection would carry that size.
+                        Next::Write(first) => Box::pin(self.write(first, socket, &mut alarm, timer.as_mut())).await,
+                    },
+                    message = socket.next() => self.machine.on(read_event(message), Instant::now()),
+                };
+                if !actions.is_empty() {
+                    if let Err(ending) = Box::pin(self.carry_out(actions, socket)).await {
+                        break 'session ending;
+                    }
                 }
-            }
-            // A heartbeat or a refresh moves the timer (a write re-arms it itself).
-            let deadline = alarm.deadline(self.machine.deadlines().token).into();
-            if deadline != timer.deadline() {
-                timer.as_mut().reset(deadline);
-            }
-        };
-        Box::pin(goodbye(socket, ending)).await;
-        ending
+                // A heartbeat or a refresh moves the timer (a write re-arms it itself).
+                let deadline = alarm.deadline(self.machine.deadlines().token).into();
+                if deadline != timer.deadline() {
+                    timer.as_mut().reset(deadline);
+                }
+            };
+            Box::pin(goodbye(socket, ending)).await;
+            ending
+        }
     }
 
     /// Does what the machine said, in order; `Err` ends the session (see [`Self::act`]).
@@ -278,14 +276,14 @@ impl<'a> Session<'a> {
         socket: &mut S,
         alarm: &mut Alarm,
         mut timer: Pin<&mut tokio::time::Sleep>,
-        shutdown: &CancellationToken,
     ) -> Vec<Action>
     where
         S: Sink<Message, Error = axum::Error> + Unpin,
     {
         let conn = self.conn;
         // A client that stops reading blocks the write. Every deadline still holds meanwhile:
-        // a kick (its queue filled up), shutdown, the token's expiry, and the heartbeat. The
+        // a kick (its queue filled up, an operator, the shutdown), the token's expiry, and the
+        // heartbeat. The
         // write holds the machine, so the deadlines are consulted from a copy; nothing is read
         // during the write, so the copy stays true. The goodbye (error frame, close code) then
         // follows what is already buffered, for a client that reads again within the closing
@@ -313,7 +311,6 @@ impl<'a> Session<'a> {
                 let event = tokio::select! {
                     result = &mut write => break result.err().map(|_| None),
                     code = conn.until_kicked() => Event::Kick(code),
-                    _ = shutdown.cancelled() => Event::Shutdown,
                     _ = &mut timer => {
                         let event = alarm.fired(Instant::now(), deadlines.token);
                         timer.as_mut().reset(alarm.deadline(deadlines.token).into());
@@ -343,7 +340,7 @@ impl<'a> Session<'a> {
             }
             Action::Beat => {
                 self.send_within_interval(socket, Message::Text(HEARTBEAT_FRAME.into())).await?;
-                self.ctx.metrics.frames_out.inc();
+                self.ctx.shared.metrics.frames_out.inc();
                 Ok(())
             }
             Action::Publish(record) => self.tell_dispatchers(Outgoing::Ack(record)).await,
@@ -352,14 +349,14 @@ impl<'a> Session<'a> {
                     return Ok(());
                 };
                 self.send_within_interval(socket, Message::Text(text.into())).await?;
-                self.ctx.metrics.frames_out.inc();
+                self.ctx.shared.metrics.frames_out.inc();
                 Ok(())
             }
             // Done by the loop before it gets here.
             Action::Verify(_) => Ok(()),
             Action::RequestPage { more, retry } => {
                 let kind = if retry { "retry" } else { "next" };
-                self.ctx.metrics.replay_requests.with_label_values(&[kind]).inc();
+                self.ctx.shared.metrics.replay_requests.with_label_values(&[kind]).inc();
                 self.tell_dispatchers(Outgoing::More(more)).await
             }
             Action::Topic(action) => {
@@ -388,7 +385,7 @@ impl<'a> Session<'a> {
         };
         match action {
             TopicAction::Answer(frame) => {
-                ctx.metrics.topic_subscribes.with_label_values(&["refused"]).inc();
+                ctx.shared.metrics.topic_subscribes.with_label_values(&["refused"]).inc();
                 queue(frame);
             }
             TopicAction::Unsubscribe(topic) => {
@@ -398,7 +395,7 @@ impl<'a> Session<'a> {
             TopicAction::Subscribe { topic, since: since @ (Since::Now | Since::Throttled) } => {
                 let (outcome, recovered) =
                     if since == Since::Now { ("subscribed", None) } else { ("not_recovered", Some(false)) };
-                ctx.metrics.topic_subscribes.with_label_values(&[outcome]).inc();
+                ctx.shared.metrics.topic_subscribes.with_label_values(&[outcome]).inc();
                 queue(ServerFrame::Subscribed { topic: topic.clone(), recovered });
                 ctx.topics.subscribe(self.conn, &topic, false);
             }
@@ -406,7 +403,7 @@ impl<'a> Session<'a> {
                 let sub = ctx.topics.subscribe(self.conn, &topic, true);
                 let (complete, frames) = self.recover(&topic, since).await;
                 let outcome = if complete { "recovered" } else { "not_recovered" };
-                ctx.metrics.topic_subscribes.with_label_values(&[outcome]).inc();
+                ctx.shared.metrics.topic_subscribes.with_label_values(&[outcome]).inc();
                 let answer = ServerFrame::Subscribed { topic, recovered: Some(complete) };
                 if let Some(answer) = crate::topics::answer(&answer) {
                     sub.finish_recovery(answer, frames);
@@ -420,7 +417,7 @@ impl<'a> Session<'a> {
         let Some(source) = &self.ctx.recovery else { return (false, Vec::new()) };
         match crate::topics::recover(&source.js, &source.names, topic, since, source.limits).await {
             Ok(found) => {
-                let now_ms = self.ctx.clock.now_ms();
+                let now_ms = self.ctx.shared.clock.now_ms();
                 let frames = found
                     .messages
                     .into_iter()
@@ -441,7 +438,7 @@ impl<'a> Session<'a> {
     where
         S: Sink<Message, Error = axum::Error> + Unpin,
     {
-        match tokio::time::timeout(self.ctx.heartbeat_interval, socket.send(message)).await {
+        match tokio::time::timeout(self.ctx.shared.settings.heartbeat_interval, socket.send(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(None),
             Err(_) => Err(Some(HEARTBEAT)),
@@ -526,9 +523,10 @@ mod tests {
     use std::task::{Context, Poll};
 
     use futures::channel::mpsc as pipe;
-    use herald_proto::{close, UserId};
+    use herald_proto::{close, GatewayId, UserId};
 
     use super::*;
+    use crate::metrics::GatewayMetrics;
     use crate::registry::Sent;
 
     /// The gateway's end of an in-memory WebSocket. What it writes waits in a bounded channel
@@ -608,21 +606,26 @@ mod tests {
 
     fn context(heartbeat_interval: Duration) -> (SessionContext, mpsc::Receiver<Outgoing>) {
         let (acks, acks_rx) = mpsc::channel(16);
-        let ctx = SessionContext {
-            gateway_id: GatewayId::new("g1").unwrap(),
-            registry: Registry::new(10, 10),
-            presence: PresenceHandle::detached(),
-            acks,
+        let settings = Settings {
             heartbeat_interval,
-            outbound_queue: 1000,
             max_frame_bytes: 4096,
             frames_per_sec: 100,
             ack_ids_per_sec: 1000,
-            metrics: Arc::new(GatewayMetrics::new().unwrap()),
-            clock: herald_shared::Clock::system(),
+            max_topics: 4,
+        };
+        let ctx = SessionContext {
+            shared: Arc::new(Shared {
+                settings,
+                gateway_id: GatewayId::new("g1").unwrap(),
+                metrics: Arc::new(GatewayMetrics::new().unwrap()),
+                clock: herald_shared::Clock::system(),
+            }),
+            registry: Registry::new(10, 10),
+            presence: PresenceHandle::detached(),
+            acks,
+            outbound_queue: 1000,
             auth: test_auth(),
             topics: Arc::default(),
-            max_topics: 4,
             recovery: None,
         };
         (ctx, acks_rx)
@@ -630,10 +633,6 @@ mod tests {
 
     fn connection() -> Arc<Connection> {
         Arc::new(Connection::new(new_connection_id(), UserId::new("u1").unwrap(), 1000))
-    }
-
-    fn identity() -> Identity {
-        Identity { user: UserId::new("u1").unwrap(), expires_at: u64::MAX, topics: Arc::from([]) }
     }
 
     fn notification(id: &str) -> Outbound {
@@ -645,9 +644,8 @@ mod tests {
     async fn the_loop_writes_passes_acks_on_and_says_goodbye_at_shutdown() {
         let (ctx, mut acks) = context(Duration::from_secs(30));
         let conn = connection();
-        let shutdown = CancellationToken::new();
         let (mut socket, mut client) = pipe(8);
-        let mut session = Session::new(&ctx, &conn, &identity(), false);
+        let mut session = Session::new(&ctx, &conn, u64::MAX, Arc::from([]), false);
         let client_side = async {
             assert!(client.text().await.contains(r#""type":"hello""#));
             conn.outbox.push(notification("m1")).unwrap();
@@ -658,13 +656,13 @@ mod tests {
             client.send(r#"{"type":"ack","ids":["m2","m9"]}"#);
             let Some(Outgoing::Ack(record)) = acks.recv().await else { panic!("an ack record") };
             assert_eq!(record.ids, vec![herald_proto::MessageId::new("m2").unwrap()]);
-            shutdown.cancel();
+            conn.close_with(close::SERVICE_RESTART);
             assert!(client.text().await.contains("shutting_down"), "the error frame first");
             let Message::Close(Some(frame)) = client.read().await else { panic!("a close frame") };
             assert_eq!(frame.code, close::SERVICE_RESTART);
             client.tx.unbounded_send(Message::Close(None)).unwrap();
         };
-        let (ending, ()) = tokio::join!(session.serve(&mut socket, &shutdown), client_side);
+        let (ending, ()) = tokio::join!(session.serve(&mut socket), client_side);
         assert_eq!(ending.map(|e| e.code), Some(close::SERVICE_RESTART));
     }
 
@@ -672,16 +670,15 @@ mod tests {
     async fn a_client_that_stops_reading_still_times_out_on_the_heartbeat() {
         let (ctx, _acks) = context(Duration::from_millis(50));
         let conn = connection();
-        let shutdown = CancellationToken::new();
         // Room for the hello and one more frame: every write after them blocks until the client
         // reads (a sender parks once the channel holds more than its buffer).
         let (mut socket, mut client) = pipe(1);
-        let mut session = Session::new(&ctx, &conn, &identity(), false);
+        let mut session = Session::new(&ctx, &conn, u64::MAX, Arc::from([]), false);
         for i in 0..10 {
             conn.outbox.push(notification(&format!("m{i}"))).unwrap();
         }
         // Two intervals and a tick, then the goodbye, bounded by CLOSE_TIMEOUT.
-        let ending = tokio::time::timeout(Duration::from_secs(3), session.serve(&mut socket, &shutdown)).await;
+        let ending = tokio::time::timeout(Duration::from_secs(3), session.serve(&mut socket)).await;
         drop(socket);
         assert_eq!(ending.expect("the deadline held").map(|e| e.code), Some(close::HEARTBEAT_TIMEOUT));
         assert!(client.text().await.contains(r#""type":"hello""#));
@@ -697,19 +694,18 @@ mod tests {
     fn the_session_loop_holds_only_what_waiting_needs() {
         let (ctx, _acks) = context(Duration::from_secs(30));
         let conn = connection();
-        let shutdown = CancellationToken::new();
         let (mut socket, _client) = pipe(1);
-        let mut session = Session::new(&ctx, &conn, &identity(), false);
-        let serve = session.serve(&mut socket, &shutdown);
+        let mut session = Session::new(&ctx, &conn, u64::MAX, Arc::from([]), false);
+        let serve = session.serve(&mut socket);
         let size = std::mem::size_of_val(&serve);
-        assert!(size <= 576, "the session loop's future is {size} bytes");
+        assert!(size <= 448, "the session loop's future is {size} bytes");
     }
 
     /// The whole connection's future, the loop's and everything the session keeps beside it
     /// (the socket, the state machine, the connection's handles): what tokio's task for an idle
-    /// connection holds. tokio wraps it (tracked) in a 128-byte aligned cell with ~104 bytes of
-    /// its own, so at 1,400 bytes the cell is 1,536 (a jemalloc size class); a few bytes more
-    /// would cost a whole 256-byte class more per connection.
+    /// connection holds. tokio wraps it (tracked, 8 bytes more) in a 128-byte aligned cell with
+    /// 136 bytes of its own, so at 1,136 bytes the cell is 1,280, a jemalloc size class; 8 bytes
+    /// more and it is 1,408, in the 1,536 class: 256 bytes more per connection.
     #[test]
     fn a_connection_holds_its_socket_and_state_once() {
         fn returned<F, R>(_: &F) -> usize
@@ -719,18 +715,17 @@ mod tests {
             std::mem::size_of::<R>()
         }
         let size = returned(&run);
-        assert!(size <= 1400, "a connection's future is {size} bytes");
+        assert!(size <= 1136, "a connection's future is {size} bytes");
     }
 
     #[tokio::test]
     async fn a_client_that_closes_ends_the_session_without_a_code_of_ours() {
         let (ctx, _acks) = context(Duration::from_secs(30));
         let conn = connection();
-        let shutdown = CancellationToken::new();
         let (mut socket, mut client) = pipe(8);
-        let mut session = Session::new(&ctx, &conn, &identity(), false);
+        let mut session = Session::new(&ctx, &conn, u64::MAX, Arc::from([]), false);
         client.tx.unbounded_send(Message::Close(None)).unwrap();
-        assert_eq!(session.serve(&mut socket, &shutdown).await, None);
+        assert_eq!(session.serve(&mut socket).await, None);
         drop(socket);
         assert!(client.text().await.contains(r#""type":"hello""#));
         assert!(client.rx.next().await.is_none(), "nothing after the hello: the socket is dropped");
