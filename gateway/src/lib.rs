@@ -69,7 +69,8 @@ pub(crate) struct Gateway {
     sessions: Arc<SessionContext>,
     /// Owns every session task; drained on shutdown.
     session_tasks: TaskTracker,
-    /// Cancelled when the drain closes sessions (they end with 1012).
+    /// Cancelled when the drain has closed the sessions (`Registry::close_all`, 1012): stops
+    /// the tasks that feed them, and says the gateway is draining.
     close_sessions: CancellationToken,
     draining: AtomicBool,
     redis: fred::clients::Client,

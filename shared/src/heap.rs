@@ -51,7 +51,7 @@ impl Collector for HeapGauges {
 
 /// Starts jemalloc's background threads, which return freed pages to the kernel once they have
 /// been idle for `dirty_decay_ms` (`.cargo/config.toml`). Without them jemalloc returns pages
-/// only while the arena that freed them is busy, and an idle gateway kept ~0.7 KiB of freed
+/// only while the arena that freed them is busy, and an idle gateway kept ~0.8 KiB of freed
 /// pages per connection (docs/BENCHMARKS.md §1). The gateway's choice: in the dispatcher,
 /// which frees little that stays idle, the threads' wake-ups cost ~10 % of its CPU per message.
 pub fn purge_in_background() -> Result<(), tikv_jemalloc_ctl::Error> {

@@ -77,9 +77,8 @@ pub(crate) fn close_reasons() -> Vec<&'static str> {
 const CLIENT_GONE: &str = "client_gone";
 const PANIC: &str = "panic";
 
-/// What a connection brings to its session besides the socket. Boxed into the upgrade's
-/// callback: axum's upgrade future keeps the callback's captures for the connection's whole
-/// life, so they are one pointer there.
+/// What a connection brings to its session besides the socket. Boxed: the session's future keeps
+/// what `run` was called with for the connection's whole life, so it is one pointer there.
 pub(crate) struct Opening {
     pub(crate) identity: Identity,
     /// Holds the connection's place; the connection keeps it.
@@ -105,8 +104,8 @@ impl Opening {
 #[allow(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
 pub(crate) fn run(mut socket: WebSocket, opening: Box<Opening>) -> impl std::future::Future<Output = ()> + Send {
     async move {
-        // Destructured to the last field and never borrowed: a local that is borrowed, or whose
-        // box is moved out of, keeps its place in the future for the connection's whole life.
+        // Destructured to the last field and never borrowed: a local that is borrowed keeps its
+        // place in the future for the connection's whole life.
         let Opening { identity: Identity { user, expires_at, topics }, admission, frame_heartbeats, ctx } =
             opening.unbox();
         let conn = Arc::new(Connection::new(new_connection_id(), user, ctx.outbound_queue).admitted(admission));
