@@ -7,6 +7,7 @@ use std::future::IntoFuture as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, Document};
@@ -163,6 +164,23 @@ impl Sampled<'_> {
         self.servers.iter().map(|s| s.rss_kib()).collect()
     }
 
+    /// RSS, after a full garbage collection in each server first when `collect` (a Node peer's
+    /// `POST /gc`, tests/peer/control.js) and a second for the pages to go.
+    async fn settled_rss_kib(&self, http: &reqwest::Client, collect: bool) -> anyhow::Result<Vec<u64>> {
+        if collect {
+            for server in &self.servers {
+                let url = format!("http://{}/gc", server.internal);
+                http.post(url)
+                    .send()
+                    .await?
+                    .error_for_status()
+                    .with_context(|| format!("{}: POST /gc", server.name))?;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Ok(self.rss_kib())
+    }
+
     fn cpu_secs(&self) -> Vec<f64> {
         self.servers.iter().map(|s| s.cpu_secs()).collect()
     }
@@ -308,10 +326,14 @@ pub(crate) async fn idle(system: System, config: &RunConfig) -> anyhow::Result<O
     let window = Duration::from_secs(if config.short { 15 } else { 30 });
     let sut = Sut::start(system, servers, HeraldOptions::default(), config).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_base = sut.front().rss_kib();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    // A Node peer's RSS is read right after a full collection: otherwise it is the garbage its
+    // collector has not reached yet, and a `ws` process read 3.5 or 6.1 KiB per connection by
+    // the collector's timing alone.
+    let collected = matches!(system, System::Peer | System::Ws);
+    let rss_base = sut.front().settled_rss_kib(&http, collected).await?;
     // Only Herald's processes publish their heap; the peers are measured by RSS alone.
     let heap_of = matches!(system, System::Herald);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
     let heap_base = heap_kinds(&sut.front(), &http, heap_of).await;
     let mut workers = Workers::spawn(&sut.plan(per_server, false, 256))?;
 
@@ -324,7 +346,8 @@ pub(crate) async fn idle(system: System, config: &RunConfig) -> anyhow::Result<O
     let cpu_before = sut.front().cpu_secs();
     let redis_full = redis_rate(sut.redis_port(), window).await?;
     let cpu_after = sut.front().cpu_secs();
-    let rss_full = sut.front().rss_kib();
+    let rss_uncollected = sut.front().rss_kib();
+    let rss_full = sut.front().settled_rss_kib(&http, collected).await?;
     let heap_full = heap_kinds(&sut.front(), &http, heap_of).await;
     let totals = workers.totals().await?;
 
@@ -356,6 +379,17 @@ pub(crate) async fn idle(system: System, config: &RunConfig) -> anyhow::Result<O
     out.set("connections_per_process", per_server as u64);
     out.set("connect_rate_per_s", round(connections as f64 / (t_half + t_rest), 0));
     out.set("rss_per_connection_kib", round(median(per_conn.clone()), 2));
+    if collected {
+        let before: Vec<f64> = rss_uncollected
+            .iter()
+            .zip(&rss_base)
+            .map(|(full, base)| full.saturating_sub(*base) as f64 / per_server as f64)
+            .collect();
+        out.set(
+            "rss_per_connection_kib_before_collection_each",
+            json!(before.iter().map(|x| round(*x, 2)).collect::<Vec<_>>()),
+        );
+    }
     out.set("rss_per_connection_kib_each", json!(per_conn.iter().map(|x| round(*x, 2)).collect::<Vec<_>>()));
     out.set("rss_base_mib_each", json!(rss_base.iter().map(|k| round(*k as f64 / 1024.0, 1)).collect::<Vec<_>>()));
     out.set("rss_loaded_mib_each", json!(rss_full.iter().map(|k| round(*k as f64 / 1024.0, 1)).collect::<Vec<_>>()));

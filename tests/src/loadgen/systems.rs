@@ -354,7 +354,7 @@ async fn start_node(name: &str, script: &str, env: &[(&str, String)], logs: &Pat
     let script = dir.join(script);
     let script = script.to_string_lossy();
     let env = with_extra(&env, "");
-    let mut server = spawn(name, &node, &["--max-old-space-size=4096", &script], &env, logs)?;
+    let mut server = spawn(name, &node, &["--max-old-space-size=4096", "--expose-gc", &script], &env, logs)?;
     wait_http(&mut server, "/healthz").await?;
     Ok(server)
 }
