@@ -148,10 +148,24 @@ async fn heap_kinds(
     published: bool,
 ) -> Vec<(&'static str, Option<Vec<u64>>)> {
     let mut out = Vec::new();
-    for kind in ["allocated", "active", "resident"].into_iter().filter(|_| published) {
+    if !published {
+        return out;
+    }
+    for kind in ["allocated", "active", "resident"] {
         out.push((kind, servers.heap_bytes(http, kind).await));
     }
     out
+}
+
+/// Each process's growth from `base` to `full`, per connection, in KiB; `unit` is how many of
+/// the readings' units make a KiB (1 for RSS in KiB, 1024 for bytes).
+fn kib_per_connection(full: &[u64], base: &[u64], unit: f64, per_server: usize) -> Vec<f64> {
+    full.iter().zip(base).map(|(f, b)| f.saturating_sub(*b) as f64 / unit / per_server as f64).collect()
+}
+
+/// Per-process figures as the report writes them: two decimals.
+fn rounded(xs: &[f64]) -> Value {
+    json!(xs.iter().map(|x| round(*x, 2)).collect::<Vec<_>>())
 }
 
 /// The servers whose memory and CPU a scenario reports, with the name of their role.
@@ -355,20 +369,12 @@ pub(crate) async fn idle(system: System, config: &RunConfig) -> anyhow::Result<O
     // what it holds for them besides (page slack, freed pages not returned).
     for ((kind, base), (_, full)) in heap_base.iter().zip(&heap_full) {
         if let (Some(base), Some(full)) = (base, full) {
-            let per_conn: Vec<f64> =
-                full.iter().zip(base).map(|(f, b)| f.saturating_sub(*b) as f64 / 1024.0 / per_server as f64).collect();
+            let per_conn = kib_per_connection(full, base, 1024.0, per_server);
             out.set(&format!("heap_{kind}_per_connection_kib"), round(median(per_conn.clone()), 2));
-            out.set(
-                &format!("heap_{kind}_per_connection_kib_each"),
-                json!(per_conn.iter().map(|x| round(*x, 2)).collect::<Vec<_>>()),
-            );
+            out.set(&format!("heap_{kind}_per_connection_kib_each"), rounded(&per_conn));
         }
     }
-    let per_conn: Vec<f64> = rss_full
-        .iter()
-        .zip(&rss_base)
-        .map(|(full, base)| full.saturating_sub(*base) as f64 / per_server as f64)
-        .collect();
+    let per_conn = kib_per_connection(&rss_full, &rss_base, 1.0, per_server);
     let cpu_pct_per_10k: Vec<f64> = cpu_after
         .iter()
         .zip(&cpu_before)
@@ -380,17 +386,10 @@ pub(crate) async fn idle(system: System, config: &RunConfig) -> anyhow::Result<O
     out.set("connect_rate_per_s", round(connections as f64 / (t_half + t_rest), 0));
     out.set("rss_per_connection_kib", round(median(per_conn.clone()), 2));
     if collected {
-        let before: Vec<f64> = rss_uncollected
-            .iter()
-            .zip(&rss_base)
-            .map(|(full, base)| full.saturating_sub(*base) as f64 / per_server as f64)
-            .collect();
-        out.set(
-            "rss_per_connection_kib_before_collection_each",
-            json!(before.iter().map(|x| round(*x, 2)).collect::<Vec<_>>()),
-        );
+        let before = kib_per_connection(&rss_uncollected, &rss_base, 1.0, per_server);
+        out.set("rss_per_connection_kib_before_collection_each", rounded(&before));
     }
-    out.set("rss_per_connection_kib_each", json!(per_conn.iter().map(|x| round(*x, 2)).collect::<Vec<_>>()));
+    out.set("rss_per_connection_kib_each", rounded(&per_conn));
     out.set("rss_base_mib_each", json!(rss_base.iter().map(|k| round(*k as f64 / 1024.0, 1)).collect::<Vec<_>>()));
     out.set("rss_loaded_mib_each", json!(rss_full.iter().map(|k| round(*k as f64 / 1024.0, 1)).collect::<Vec<_>>()));
     out.set("cpu_pct_per_10k_idle", round(median(cpu_pct_per_10k), 3));
