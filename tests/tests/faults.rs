@@ -449,7 +449,8 @@ async fn dispatcher_sigterm_releases_what_it_pulled_so_the_survivor_carries_on_a
 }
 
 /// Publishes `count` jobs `<prefix>-NNN` to `user`, each with a payload of about `bytes`, and
-/// waits until the store holds a receipt for each. Returns the ids.
+/// waits until the store holds a receipt for each and the dispatcher has finished every job, so
+/// none is still on its way to a live route when the caller connects. Returns the ids.
 async fn backlog(cluster: &Cluster, user: &str, prefix: &str, count: usize, bytes: usize) -> Vec<String> {
     let filler = "z".repeat(bytes);
     let ids: Vec<String> = (0..count).map(|i| format!("{prefix}-{i:03}")).collect();
@@ -467,6 +468,9 @@ async fn backlog(cluster: &Cluster, user: &str, prefix: &str, count: usize, byte
     })
     .await
     .unwrap();
+    // A job is stored before its presence lookup: one not yet acked may still find the user
+    // connected a moment later and arrive live, ahead of the replay.
+    cluster.wait_jobs_handled().await.unwrap();
     ids
 }
 
