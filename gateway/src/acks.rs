@@ -2,6 +2,13 @@
 //! of a connection's replay. Sessions queue them; one task batches the acks onto the durable
 //! events stream and retries every message until JetStream has it, so an ack (or a page request)
 //! is never lost while no dispatcher runs.
+//!
+//! Acks are gathered for up to a linger before they go ([`gather`]): each stream message costs
+//! this gateway a publish and its reply, NATS a stored message, and a dispatcher a delivery, an
+//! ack and a share of a store round trip, whatever it carries. An ack is not on a notification's
+//! path (the client has it already), so the linger delays only the receipt's `delivered`, which
+//! the dispatcher's own event linger delays anyway. A page request does not wait: a replay
+//! waits on it.
 
 use std::time::Duration;
 
@@ -35,6 +42,8 @@ pub(crate) enum Outgoing {
 
 pub(crate) struct AckPublisher {
     js: jetstream::Context,
+    /// How long the first ack of a batch waits for others (`HERALD_ACK_LINGER_MS`).
+    linger: Duration,
     ack_subject: String,
     more_subject: String,
     topic_ack_subject: String,
@@ -50,6 +59,7 @@ impl AckPublisher {
         js: jetstream::Context,
         names: &Names,
         gateway_id: &GatewayId,
+        linger: Duration,
         metrics: std::sync::Arc<GatewayMetrics>,
     ) -> (Self, mpsc::Sender<Outgoing>) {
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -58,7 +68,7 @@ impl AckPublisher {
         let topic_ack_subject = names.topic_ack_events_subject(gateway_id.as_str());
         let outage = herald_shared::outage::Outage::new("nats: events stream (acks)");
         let gateway_id = gateway_id.clone();
-        (Self { js, ack_subject, more_subject, topic_ack_subject, gateway_id, rx, metrics, outage }, tx)
+        (Self { js, linger, ack_subject, more_subject, topic_ack_subject, gateway_id, rx, metrics, outage }, tx)
     }
 
     /// Publishes until `stop` fires, then publishes what is still queued, giving up on a message
@@ -73,6 +83,7 @@ impl AckPublisher {
                     if n == 0 {
                         return;
                     }
+                    gather(&mut self.rx, &mut queued, self.linger, &stop).await;
                     self.publish(&mut queued, &stop, None).await;
                 }
                 _ = stop.cancelled() => break,
@@ -171,6 +182,41 @@ impl AckPublisher {
     }
 }
 
+/// Adds to `queued` what arrives within `linger`, until a batch is full, a page request is
+/// queued, `stop` fires or the sessions are gone; returns at once if any of that is already so.
+/// What is gathered goes out together, in the order queued.
+async fn gather(
+    rx: &mut mpsc::Receiver<Outgoing>,
+    queued: &mut Vec<Outgoing>,
+    linger: Duration,
+    stop: &CancellationToken,
+) {
+    if linger.is_zero() {
+        return;
+    }
+    let deadline = tokio::time::sleep(linger);
+    tokio::pin!(deadline);
+    let mut checked = 0;
+    loop {
+        if ready(&queued[checked..], queued.len()) {
+            return;
+        }
+        checked = queued.len();
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = &mut deadline => return,
+            n = rx.recv_many(queued, BATCH - queued.len()) => if n == 0 { return },
+        }
+    }
+}
+
+/// Whether a batch of `len` items, the last of them `newest`, should go without waiting for
+/// more: it is full, or it holds a page request, which a replay is waiting on.
+fn ready(newest: &[Outgoing], len: usize) -> bool {
+    len >= BATCH || newest.iter().any(|item| matches!(item, Outgoing::More(_)))
+}
+
 /// Topic ack counts per stream message: each is under 400 bytes, so this stays far below
 /// [`MAX_BATCH_BYTES`].
 const TOPIC_COUNTS_PER_EVENT: usize = 1024;
@@ -241,6 +287,107 @@ mod tests {
         let got: Vec<(&str, u64, u64)> = counts.iter().map(|c| (c.id.as_str(), c.connections, c.users)).collect();
         assert_eq!(got, [("m1", 3, 2), ("m2", 1, 1)]);
         assert!(count_topic_acks(Vec::new(), &gw, 5).is_empty());
+    }
+
+    fn ack(n: usize) -> Outgoing {
+        Outgoing::Ack(AckRecord {
+            user: herald_proto::UserId::new("u").unwrap(),
+            connection_id: herald_proto::ConnectionId::new("c").unwrap(),
+            gateway_id: GatewayId::new("g").unwrap(),
+            kind: AckKind::Delivered,
+            ids: vec![MessageId::new(format!("m{n}")).unwrap()],
+            read_unsent: Vec::new(),
+            at_ms: 1,
+            traceparent: None,
+        })
+    }
+
+    fn more() -> Outgoing {
+        Outgoing::More(More {
+            user: herald_proto::UserId::new("u").unwrap(),
+            connection_id: herald_proto::ConnectionId::new("c").unwrap(),
+            gateway_id: GatewayId::new("g").unwrap(),
+            after_seq: 7,
+            at_ms: 1,
+        })
+    }
+
+    /// The first ack of a batch, as `run` has it when it gathers.
+    async fn first(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<Outgoing> {
+        let mut queued = Vec::new();
+        rx.recv_many(&mut queued, BATCH).await;
+        queued
+    }
+
+    /// Guards each gather against hanging: a stop condition missed would wait for an hour.
+    const HANG: Duration = Duration::from_secs(30);
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn described(queued: &[Outgoing]) -> Vec<String> {
+        queued
+            .iter()
+            .map(|item| match item {
+                Outgoing::Ack(record) => record.ids[0].to_string(),
+                Outgoing::More(more) => format!("more>{}", more.after_seq),
+                Outgoing::TopicAcks { .. } => "topic".into(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn acks_gather_until_a_page_request_which_goes_at_once_behind_them() {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        tx.send(ack(1)).await.unwrap();
+        let mut queued = first(&mut rx).await;
+        let sender = tokio::spawn(async move {
+            tx.send(ack(2)).await.unwrap();
+            tx.send(more()).await.unwrap();
+            tx
+        });
+        tokio::time::timeout(HANG, gather(&mut rx, &mut queued, HOUR, &CancellationToken::new())).await.unwrap();
+        let _tx = sender.await.unwrap();
+        assert_eq!(described(&queued), ["m1", "m2", "more>7"]);
+    }
+
+    #[tokio::test]
+    async fn a_gather_stops_at_a_full_batch_and_leaves_the_rest_queued() {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        for n in 0..BATCH + 5 {
+            tx.send(ack(n)).await.unwrap();
+        }
+        let mut queued = vec![];
+        rx.recv_many(&mut queued, 1).await;
+        tokio::time::timeout(HANG, gather(&mut rx, &mut queued, HOUR, &CancellationToken::new())).await.unwrap();
+        assert_eq!(queued.len(), BATCH);
+        assert_eq!(rx.len(), 5, "the rest waits for the next batch");
+    }
+
+    #[tokio::test]
+    async fn a_gather_ends_with_its_linger_a_stop_or_the_sessions_gone() {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        tx.send(ack(1)).await.unwrap();
+        let mut queued = first(&mut rx).await;
+        let linger = Duration::from_millis(20);
+        tokio::time::timeout(HANG, gather(&mut rx, &mut queued, linger, &CancellationToken::new())).await.unwrap();
+        assert_eq!(described(&queued), ["m1"], "the linger passed with nothing more");
+
+        let stop = CancellationToken::new();
+        stop.cancel();
+        tokio::time::timeout(HANG, gather(&mut rx, &mut queued, HOUR, &stop)).await.unwrap();
+        drop(tx);
+        tokio::time::timeout(HANG, gather(&mut rx, &mut queued, HOUR, &CancellationToken::new())).await.unwrap();
+        assert_eq!(described(&queued), ["m1"]);
+    }
+
+    #[tokio::test]
+    async fn no_linger_sends_what_was_taken() {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        tx.send(ack(1)).await.unwrap();
+        let mut queued = vec![];
+        rx.recv_many(&mut queued, 1).await;
+        tx.send(ack(2)).await.unwrap();
+        gather(&mut rx, &mut queued, Duration::ZERO, &CancellationToken::new()).await;
+        assert_eq!(described(&queued), ["m1"], "m2 goes in the next batch");
     }
 
     #[test]

@@ -156,7 +156,8 @@ pub async fn run(
         tracing::warn!(error = %e, "first presence heartbeat failed; retrying in the background");
     }
     let topic_index = Arc::new(topics::TopicIndex::default());
-    let (ack_publisher, acks) = acks::AckPublisher::new(js.clone(), &names, &gateway_id, Arc::clone(&metrics));
+    let (ack_publisher, acks) =
+        acks::AckPublisher::new(js.clone(), &names, &gateway_id, config.ack_linger, Arc::clone(&metrics));
 
     let sessions = Arc::new(SessionContext {
         shared: Arc::new(session::Shared {

@@ -304,6 +304,9 @@ pub struct GatewayConfig {
     pub read_buffer_bytes: usize,
     /// Bytes written to a socket before a flush is forced.
     pub write_buffer_bytes: usize,
+    /// How long a client's ack waits for others to share its message on the events stream.
+    /// It delays the receipt's `delivered`, never a notification.
+    pub ack_linger: Duration,
     /// How long a SIGTERM'd gateway waits for its clients to go before it exits anyway.
     pub drain_grace: Duration,
     /// Over how long a draining gateway spreads the closes (1012) of its sessions, so that its
@@ -803,6 +806,7 @@ impl GatewayConfig {
             client_ack_ids_per_sec: env.parse("HERALD_CLIENT_ACK_IDS_PER_SEC", 2000),
             read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 256),
             write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
+            ack_linger: env.millis("HERALD_ACK_LINGER_MS", 20),
             drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
             // Set below from the grace when not given.
             drain_spread: Duration::ZERO,
@@ -821,6 +825,9 @@ impl GatewayConfig {
             .map_or(config.drain_grace * 4 / 5, Duration::from_millis);
         if config.drain_spread >= config.drain_grace && !config.drain_grace.is_zero() {
             env.invalid("HERALD_DRAIN_SPREAD_MS: must be shorter than HERALD_DRAIN_GRACE_MS");
+        }
+        if config.ack_linger > MAX_LINGER {
+            env.invalid("HERALD_ACK_LINGER_MS: must be at most 1000");
         }
         if config.outbound_queue == 0 || config.max_frame_bytes == 0 {
             env.invalid("HERALD_OUTBOUND_QUEUE and HERALD_MAX_FRAME_BYTES must be positive");
@@ -1122,6 +1129,20 @@ mod tests {
             env(&[("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"), ("HERALD_EVENT_LINGER_MS", "5000")]);
         let c = DispatcherConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_EVENT_LINGER_MS"));
+    }
+
+    #[test]
+    fn the_gateways_ack_linger_defaults_to_milliseconds_and_is_bounded() {
+        let secret = ("HERALD_JWT_SECRET", "0123456789abcdef");
+        let mut e = env(&[secret]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().ack_linger, Duration::from_millis(20));
+        let mut e = env(&[secret, ("HERALD_ACK_LINGER_MS", "0")]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().ack_linger, Duration::ZERO, "0: no linger");
+        let mut e = env(&[secret, ("HERALD_ACK_LINGER_MS", "1001")]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_ACK_LINGER_MS: must be at most 1000"));
     }
 
     #[test]

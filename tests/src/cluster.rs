@@ -89,6 +89,8 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         client_ack_ids_per_sec: 100_000,
         read_buffer_bytes: 4096,
         write_buffer_bytes: 4096,
+        // The deployed default: receipts in these tests read `delivered` as late as in production.
+        ack_linger: Duration::from_millis(20),
         drain_grace: options.drain_grace,
         drain_spread: options.drain_spread,
         shutdown_delay: options.shutdown_delay,
