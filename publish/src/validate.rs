@@ -105,7 +105,7 @@ fn digest_of(payload: &str, ttl_secs: Option<u64>, recipients: &[UserId], topic:
         hash.update(b"\x01topic\0");
         hash.update(topic.as_str().as_bytes());
     }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(hash.finalize())
 }
 
 /// How deeply arrays and objects nest in a JSON text (which must be valid JSON).
@@ -248,6 +248,22 @@ fn salvage_id(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Digests are stored with each message and compared when its id is published again, so
+    /// their text must never change: these are the values every release has written.
+    #[test]
+    fn digests_are_the_stored_ones() {
+        let users = [UserId::new("bob").unwrap(), UserId::new("alice").unwrap(), UserId::new("bob").unwrap()];
+        assert_eq!(
+            digest(r#"{"k":1}"#, Some(60), &users),
+            "a10c082622c9fd9aba08cffd5feebf7f532a4d02d1614ae045aabec41258a582"
+        );
+        let topic = TopicName::new("news").unwrap();
+        assert_eq!(
+            digest_of(r#"{"k":1}"#, None, &[], Some(&topic)),
+            "645a086ca173bd398aecb89817be598d5243753870ee0bfa4806798a633385c9"
+        );
+    }
 
     fn limits() -> Limits {
         Limits {
