@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 pub mod acks;
 pub mod admission;
 pub mod api;
+pub mod duty;
 pub mod events;
 pub mod fetch;
 pub mod jobs;

@@ -24,7 +24,7 @@ pub struct DispatcherMetrics {
     pub acks_refused: IntCounter,
     /// Sweeps that resent nothing because acks were behind in the events stream.
     pub resends_deferred: IntCounter,
-    /// How long each sweep took; a long one delays the next (`crate::sweeper::next_sweep_after`).
+    /// How long each sweep took; a long one delays the next (`crate::duty`).
     pub sweep_seconds: Histogram,
     /// Receipt documents written, by operation (`insert`, `ack`).
     pub receipt_writes: IntCounterVec,

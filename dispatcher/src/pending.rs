@@ -1,6 +1,10 @@
 //! The backlog of receipts waiting for delivery, sampled for its gauges: how many are pending
 //! and how long the oldest has waited. A count that only grows, or an oldest older than the
 //! longest TTL publishers use, is the sign of messages that are not getting out.
+//!
+//! The sample is two index reads on MongoDB, but a store without those indexes (or with a huge
+//! backlog) makes it a scan: it is then taken less often ([`crate::duty`]), so the gauges never
+//! cost the store more than a small share of its time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,11 +13,17 @@ use herald_shared::outage::Outage;
 use herald_shared::Clock;
 use tokio_util::sync::CancellationToken;
 
+use crate::duty;
 use crate::metrics::DispatcherMetrics;
 use crate::store::{PendingSample, Store};
 
-/// Samples the store every `interval` until `stop` fires. A failed sample leaves the gauges as
-/// they were and is logged once per outage.
+/// A sample's share of the time at most (one in this many): a sample that took 5 s (its
+/// timeout) is followed by the next 100 s later, not 15.
+pub const SAMPLE_SHARE: u32 = 20;
+
+/// Samples the store at once, then every `interval` or less often when sampling is slow
+/// ([`duty::paced`]), until `stop` fires. A failed sample (a timed-out one too) leaves the
+/// gauges as they were and is logged once per outage.
 pub async fn report(
     store: Store,
     interval: Duration,
@@ -22,13 +32,8 @@ pub async fn report(
     stop: CancellationToken,
 ) {
     let outage = Outage::new("pending receipts sample (mongodb)");
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let (store, outage, clock, metrics) = (&store, &outage, &clock, &metrics);
+    duty::paced(Duration::ZERO, interval, SAMPLE_SHARE, &stop, move || async move {
         match store.pending_sample().await {
             Ok(sample) => {
                 outage.answered();
@@ -38,7 +43,8 @@ pub async fn report(
             }
             Err(e) => outage.failed(&e),
         }
-    }
+    })
+    .await;
 }
 
 /// The two gauges' values: the count, and the oldest's age in whole seconds at `now_ms` (0 when

@@ -10,7 +10,7 @@
 //! number of dispatchers. Expiry is one update, done by whoever takes the expiry lock. No
 //! dispatcher is special.
 //!
-//! A sweep is background work: on a slow store it is done less often ([`next_sweep_after`]), so
+//! A sweep is background work: on a slow store it is done less often ([`crate::duty`]), so
 //! that the queries users wait for come first.
 
 use std::collections::{BTreeMap, HashSet};
@@ -23,6 +23,7 @@ use herald_shared::naming::Names;
 use herald_shared::Clock;
 use tokio_util::sync::CancellationToken;
 
+use crate::duty;
 use crate::metrics::DispatcherMetrics;
 use crate::presence::PresenceReader;
 use crate::routing::{self, Router};
@@ -33,35 +34,8 @@ const SWEEP_BATCH: usize = 1000;
 /// A sweep's share of a dispatcher's time at most (one in this many). A sweep is store scans;
 /// on a slow store, sweeps back to back would crowd out the queries a user waits for (a
 /// replay, a job's writes), so the next waits until this many times the last one's duration.
-pub const SWEEP_DUTY: u32 = 4;
+pub const SWEEP_SHARE: u32 = 4;
 
-/// How long after a sweep started the next may start: an interval, or longer if this sweep took
-/// more than a [`SWEEP_DUTY`] share of it.
-pub fn next_sweep_after(interval: Duration, took: Duration) -> Duration {
-    interval.max(took.saturating_mul(SWEEP_DUTY))
-}
-
-/// Calls `sweep` until `stop` fires: first an interval from now, then each as
-/// [`next_sweep_after`] says from the start of the one before.
-async fn paced<F, Fut>(interval: Duration, stop: &CancellationToken, mut sweep: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let mut next = tokio::time::Instant::now() + interval;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep_until(next) => {}
-        }
-        let started = tokio::time::Instant::now();
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = sweep() => {}
-        }
-        next = started + next_sweep_after(interval, started.elapsed());
-    }
-}
 /// Gateway events not yet taken by a dispatcher above which nothing is resent: acks waiting in
 /// that queue would make the sweep resend what clients have already acked, adding load to a
 /// store that is behind already. Resends resume once the events catch up.
@@ -121,14 +95,14 @@ pub enum SweepError {
 }
 
 impl Sweeper {
-    /// Sweeps every interval, or less often on a slow store ([`next_sweep_after`]), until `stop`
+    /// Sweeps every interval, or less often on a slow store ([`duty::paced`]), until `stop`
     /// fires. A failed sweep is logged and tried again at the next: the sweeper never ends on its
     /// own.
     pub async fn run(self, stop: CancellationToken) {
         // A sweep fails while the store or Redis is away; that is logged once per outage.
         let outage = herald_shared::outage::Outage::new("sweep (mongodb, redis)");
         let (this, outage) = (&self, &outage);
-        paced(self.interval, &stop, move || async move {
+        duty::paced(self.interval, self.interval, SWEEP_SHARE, &stop, move || async move {
             let started = std::time::Instant::now();
             let result = this.sweep_once().await;
             this.metrics.sweep_seconds.observe(started.elapsed().as_secs_f64());
@@ -269,50 +243,6 @@ mod tests {
             seen.sort_unstable();
             assert_eq!(seen, (0..=LEGACY).collect::<Vec<_>>());
         }
-    }
-
-    #[test]
-    fn a_slow_sweep_waits_for_its_share_of_time_before_the_next() {
-        let interval = Duration::from_millis(200);
-        assert_eq!(next_sweep_after(interval, Duration::from_millis(20)), interval, "fast: every interval");
-        assert_eq!(next_sweep_after(interval, Duration::from_millis(50)), interval);
-        // 400 ms on a slow store: the next starts 1.6 s after this one started, not at once.
-        assert_eq!(next_sweep_after(interval, Duration::from_millis(400)), Duration::from_millis(1600));
-        assert_eq!(next_sweep_after(interval, Duration::MAX), Duration::MAX, "no overflow");
-    }
-
-    /// Chaos finding 8: on a slow store, sweeps every 200 ms ran back to back and the late users'
-    /// replays waited behind them until their messages expired.
-    #[tokio::test(start_paused = true)]
-    async fn sweeps_on_a_slow_store_take_a_quarter_of_the_time_not_all_of_it() {
-        let stop = CancellationToken::new();
-        let busy = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
-        let sweeps = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let run = paced(Duration::from_millis(200), &stop, || {
-            let (busy, sweeps) = (busy.clone(), sweeps.clone());
-            async move {
-                sweeps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                *busy.lock().unwrap() += Duration::from_millis(400);
-            }
-        });
-        let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
-        // Sweeps start at 0.2 s, then every 1.6 s: 0.2, 1.8, ... 9.8. Back to back they were 24.
-        assert_eq!(sweeps.load(std::sync::atomic::Ordering::Relaxed), 7);
-        assert!(*busy.lock().unwrap() <= Duration::from_millis(2800), "at most a quarter of 10 s and one sweep");
-
-        // A fast store is swept every interval.
-        let sweeps = std::sync::atomic::AtomicU32::new(0);
-        let run = paced(Duration::from_millis(200), &stop, || {
-            sweeps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(10))
-        });
-        let _ = tokio::time::timeout(Duration::from_millis(1050), run).await;
-        assert_eq!(sweeps.load(std::sync::atomic::Ordering::Relaxed), 5);
-
-        stop.cancel();
-        let never = paced(Duration::from_millis(200), &stop, || async { panic!("stopped: no sweep") });
-        never.await;
     }
 
     #[test]
