@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use herald_proto::{ConnectionId, GatewayId, MessageId, Notification, UserId};
+use herald_proto::{MessageId, Notification, UserId};
 use herald_shared::naming::collections;
 
 use crate::pace::StorePace;
@@ -21,7 +21,7 @@ use mongodb::bson::{doc, DateTime, Document};
 use mongodb::error::ErrorKind;
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, Database, IndexModel};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 
 use herald_shared::metrics::DependencyMetrics;
@@ -30,8 +30,11 @@ use crate::acks::AckUpdate;
 use crate::receipt::ReceiptState;
 use herald_publish::validate::ValidJob;
 
+mod documents;
 mod encode;
+mod query;
 mod topics;
+pub use documents::{ClaimDoc, DeadLetterDoc, DeliveredBy, InlineMessage, MessageDoc, PendingSample, ReceiptDoc};
 use encode::{ack_command, NewClaim, NewInboxDoc, NewInline, NewReceipt, ReceiptKey};
 pub use topics::{TopicClaim, TopicMessageDoc};
 
@@ -115,129 +118,6 @@ fn classify(e: &mongodb::error::Error) -> ErrorClass {
     } else {
         ErrorClass::Permanent
     }
-}
-
-/// One message, stored once whatever the number of recipients.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MessageDoc {
-    #[serde(rename = "_id")]
-    pub id: MessageId,
-    pub seq: i64,
-    /// The publisher's JSON as text, so clients get it byte for byte.
-    pub payload: String,
-    pub published_at: DateTime,
-    pub expires_at: DateTime,
-    pub recipients: i64,
-    pub purge_at: DateTime,
-}
-
-/// The claim a message id holds on its content, one per message in the receipts collection
-/// (where the insert that writes receipts writes it too, in the same round trip). A later job
-/// with the same id and another digest is a different job: an `id_conflict`, never a merge.
-/// Its `_id` is the bare message id, which holds no `/` and so never equals a receipt's key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClaimDoc {
-    #[serde(rename = "_id")]
-    pub id: MessageId,
-    pub digest: String,
-    pub purge_at: DateTime,
-}
-
-/// Who acknowledged a message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeliveredBy {
-    pub connection_id: ConnectionId,
-    pub gateway_id: GatewayId,
-}
-
-/// Receipts waiting for delivery, as `Store::pending_sample` found them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PendingSample {
-    pub count: u64,
-    /// When the oldest pending receipt was created (ms since the epoch); None when none is.
-    pub oldest_created_ms: Option<i64>,
-}
-
-/// One recipient's copy of a message: its inbox entry and its receipt.
-///
-/// Its `_id` is [`receipt_key`]: the (message, user) pair itself. That makes the insert of a
-/// redelivered job idempotent without a second unique index, and lets an ack name exactly the
-/// receipts it may change, each found by primary key (and filtered on `user` as well).
-///
-/// Timestamps written once, at insert, are BSON dates (`purge_at` must be one for the TTL
-/// index). Timestamps an update sets are integer milliseconds (`*_ms`), like everything on the
-/// wire; that also sidesteps a defect of the nx-27017 test server, which stores a date given to
-/// `$set` as a string (see docs/NOTES.md).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReceiptDoc {
-    #[serde(rename = "_id")]
-    pub id: String,
-    pub message_id: MessageId,
-    pub user: UserId,
-    /// The resend partition of `user` ([`partition_of`]): dispatchers divide the resend sweep
-    /// by it. Absent on receipts written before partitions existed (swept as [`LEGACY`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub part: Option<i32>,
-    pub seq: i64,
-    pub state: ReceiptState,
-    pub created_at: DateTime,
-    pub expires_at: DateTime,
-    /// When to send again if no ack came; [`PARKED_MS`] while the user is offline (replayed on
-    /// connect); null once the receipt is no longer pending.
-    #[serde(default)]
-    pub next_retry_at_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delivered_at_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delivered_by: Option<DeliveredBy>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub read_at_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expired_at_ms: Option<i64>,
-    /// When an operator cancelled it (state `cancelled`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cancelled_at_ms: Option<i64>,
-    pub purge_at: DateTime,
-    /// The message itself when this is its only receipt (it then has no [`MessageDoc`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inline: Option<InlineMessage>,
-}
-
-/// What a receipt carries of a message that has no document of its own.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InlineMessage {
-    /// The publisher's JSON as text, as in [`MessageDoc::payload`].
-    pub payload: String,
-    pub published_at: DateTime,
-}
-
-impl ReceiptDoc {
-    /// The message document this receipt stands for, when it carries its message (moved out
-    /// of the receipt: a payload may be 64 KiB).
-    fn take_inline_message(&mut self) -> Option<MessageDoc> {
-        let inline = self.inline.take()?;
-        Some(MessageDoc {
-            id: self.message_id.clone(),
-            seq: self.seq,
-            payload: inline.payload,
-            published_at: inline.published_at,
-            expires_at: self.expires_at,
-            recipients: 1,
-            purge_at: self.purge_at,
-        })
-    }
-}
-
-/// A job that could not be stored, kept for an operator.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeadLetterDoc {
-    pub stream_seq: i64,
-    pub subject: String,
-    pub job_id: Option<String>,
-    pub reason: String,
-    pub attempts: i64,
-    pub body: String,
-    pub dead_at: DateTime,
 }
 
 /// What an insert did with one job of a batch.
@@ -781,82 +661,6 @@ impl Store {
         Ok(self.call("expire", update).await?.modified_count)
     }
 
-    /// How many receipts are pending, and when the oldest of them was created: two index
-    /// reads, for the gauges (`crate::pending`). Not counted in the store's pace: a count that
-    /// takes long says how many there are, not that the store is slow.
-    pub async fn pending_sample(&self) -> Result<PendingSample, StoreError> {
-        let pending = doc! { "state": ReceiptState::Pending.as_str() };
-        let sample = async {
-            let count = self.receipts.count_documents(pending.clone()).max_time(OP_TIMEOUT).await?;
-            let oldest = self
-                .receipts
-                .clone_with_type::<Document>()
-                .find_one(pending)
-                .sort(doc! { "created_at": 1 })
-                .projection(doc! { "created_at": 1 })
-                .max_time(OP_TIMEOUT)
-                .await?;
-            let oldest_created_ms =
-                oldest.and_then(|d| d.get_datetime("created_at").ok().map(|t| t.timestamp_millis()));
-            Ok(PendingSample { count, oldest_created_ms })
-        };
-        let bounded = async {
-            tokio::time::timeout(OP_TIMEOUT, sample).await.unwrap_or(Err(StoreError::Timeout { op: "pending_sample" }))
-        };
-        self.metrics.time("mongodb", "pending_sample", bounded).await
-    }
-
-    /// A message by id, whether stored on its own or carried by its only receipt.
-    pub async fn message(&self, id: &MessageId) -> Result<Option<MessageDoc>, StoreError> {
-        let id = id.as_str();
-        let find = async { Ok(self.messages.find_one(doc! { "_id": id }).max_time(OP_TIMEOUT).await?) };
-        let found = self.call("find_message", find).await?;
-        if found.is_some() {
-            return Ok(found);
-        }
-        let carrier = async { Ok(self.receipts.find_one(doc! { "message_id": id }).max_time(OP_TIMEOUT).await?) };
-        Ok(self.call("find_message", carrier).await?.and_then(|mut r| r.take_inline_message()))
-    }
-
-    /// Receipts of one message, by user, at most `limit`.
-    pub async fn receipts_of(&self, message_id: &MessageId, limit: usize) -> Result<Vec<ReceiptDoc>, StoreError> {
-        let message_id = message_id.as_str();
-        let find = async {
-            let cursor = self
-                .receipts
-                .find(doc! { "message_id": message_id })
-                .sort(doc! { "user": 1 })
-                .limit(limit as i64)
-                .max_time(OP_TIMEOUT)
-                .await?;
-            Ok(cursor.try_collect().await?)
-        };
-        self.call("receipts_of", find).await
-    }
-
-    /// How many receipts of one message are in each state.
-    pub async fn receipt_counts(&self, message_id: &MessageId) -> Result<HashMap<String, u64>, StoreError> {
-        let message_id = message_id.as_str();
-        let aggregate = async {
-            let cursor = self
-                .receipts
-                .aggregate([
-                    doc! { "$match": { "message_id": message_id } },
-                    doc! { "$group": { "_id": "$state", "n": { "$sum": 1 } } },
-                ])
-                .max_time(OP_TIMEOUT)
-                .await?;
-            Ok(cursor.try_collect::<Vec<_>>().await?)
-        };
-        let mut counts = HashMap::new();
-        for row in self.call("receipt_counts", aggregate).await? {
-            let state = row.get_str("_id").unwrap_or("unknown").to_owned();
-            let n = row.get_i32("n").map(i64::from).or_else(|_| row.get_i64("n")).unwrap_or(0);
-            counts.insert(state, n as u64);
-        }
-        Ok(counts)
-    }
-
     /// Of these receipt keys, those whose receipt is still pending: whom a job seen before may be
     /// routed to again. One query per [`RECEIPTS_PER_INSERT`] keys.
     pub async fn pending_keys(&self, keys: &[String]) -> Result<std::collections::HashSet<String>, StoreError> {
@@ -881,42 +685,6 @@ impl Store {
         let id = id.as_str();
         let find = async { Ok(self.claims.find_one(doc! { "_id": id }).max_time(OP_TIMEOUT).await?) };
         Ok(self.call("find_claim", find).await?.map(|claim| claim.digest))
-    }
-
-    /// An operator's cancel: every pending receipt of the message becomes `cancelled`, after
-    /// which no sweep, replay or route reads it (they read pending receipts only). Returns how
-    /// many were cancelled.
-    pub async fn cancel(&self, message_id: &MessageId, now_ms: u64) -> Result<u64, StoreError> {
-        let id = message_id.as_str();
-        let from = ReceiptState::Cancelled.reachable_from();
-        let update = async {
-            Ok(self
-                .receipts
-                .update_many(
-                    doc! { "message_id": id, "state": { "$in": from } },
-                    doc! { "$set": {
-                        "state": ReceiptState::Cancelled.as_str(),
-                        "cancelled_at_ms": now_ms as i64,
-                        "next_retry_at_ms": null,
-                    } },
-                )
-                .await?)
-        };
-        Ok(self.call("cancel", update).await?.modified_count)
-    }
-
-    /// A data-protection request: deletes every receipt of `user`, and with them the messages
-    /// they carry (those sent to this user alone). Messages to several users stay for the others.
-    /// Returns (receipts deleted, of which carried their message).
-    pub async fn forget(&self, user: &UserId) -> Result<(u64, u64), StoreError> {
-        let user = user.as_str();
-        let carriers = async {
-            Ok(self.receipts.delete_many(doc! { "user": user, "inline": { "$exists": true } }).await?.deleted_count)
-        };
-        let messages = self.call("forget", carriers).await?;
-        let rest = async { Ok(self.receipts.delete_many(doc! { "user": user }).await?.deleted_count) };
-        let receipts = self.call("forget", rest).await?;
-        Ok((messages + receipts, messages))
     }
 
     pub async fn dead_letter(&self, letter: DeadLetterDoc) -> Result<(), StoreError> {
