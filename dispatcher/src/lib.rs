@@ -96,7 +96,7 @@ pub async fn run(
         let js = jetstream::new(nats.clone());
         streams::ensure_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.stream_limits).await?;
         streams::ensure_topics_at_startup(&js, &names, config.common.jetstream_replicas, &config.common.topics).await?;
-        let store = store::Store::new(db, metrics.dependencies.clone());
+        let store = store::Store::new(db, metrics.dependencies.clone(), config.retention);
         store.ensure_indexes().await?;
         Ok::<_, DispatcherError>((redis, nats, js, store))
     };

@@ -38,8 +38,6 @@ pub use documents::{ClaimDoc, DeadLetterDoc, DeliveredBy, InlineMessage, Message
 use encode::{ack_command, NewClaim, NewInboxDoc, NewInline, NewReceipt, ReceiptKey};
 pub use topics::{TopicClaim, TopicMessageDoc};
 
-/// How long messages and receipts are kept after they expire, for the query API and audits.
-pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// Duplicate key: the message or receipt exists already, which is what idempotency wants.
 const DUPLICATE_KEY: i32 = 11000;
 /// Server error codes that mean "try again" (not primary, shutting down, interrupted, ...).
@@ -151,6 +149,8 @@ pub struct Store {
     metrics: DependencyMetrics,
     /// Whether round trips keep up (see [`crate::pace`]).
     pace: StorePace,
+    /// How long documents are kept past their expiry (`HERALD_RETENTION_DAYS`).
+    retention: Duration,
 }
 
 /// Partitions of the resend sweep. Each dispatcher sweeps the partitions whose lock it takes, so
@@ -187,8 +187,11 @@ fn millis(d: DateTime) -> u64 {
 }
 
 impl Store {
-    pub fn new(db: Database, metrics: DependencyMetrics) -> Self {
+    /// `retention`: how long what is stored is kept past its expiry (`purge_at`, which a TTL
+    /// index enforces). Documents keep the `purge_at` they were written with.
+    pub fn new(db: Database, metrics: DependencyMetrics, retention: Duration) -> Self {
         Self {
+            retention,
             messages: db.collection(collections::MESSAGES),
             receipts: db.collection(collections::RECEIPTS),
             inbox: db.collection(collections::RECEIPTS),
@@ -198,6 +201,12 @@ impl Store {
             metrics,
             pace: StorePace::default(),
         }
+    }
+
+    /// When a message expiring at `expires_at_ms` and its receipts are deleted.
+    fn purge_at(&self, expires_at_ms: u64) -> DateTime {
+        let retention = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
+        date(expires_at_ms.saturating_add(retention))
     }
 
     /// Whether the store is slower than the load (see [`crate::pace`]).
@@ -260,7 +269,7 @@ impl Store {
         if jobs.is_empty() {
             return Ok(out);
         }
-        let purge_at = |job: &ValidJob| date(job.expires_at_ms + RETENTION.as_millis() as u64);
+        let purge_at = |job: &ValidJob| self.purge_at(job.expires_at_ms);
         let (shared, messages): (Vec<usize>, Vec<MessageDoc>) = jobs
             .iter()
             .enumerate()

@@ -368,6 +368,10 @@ pub struct DispatcherConfig {
     /// Deliveries of a job that keeps failing (not counting store outages) before it is
     /// dead-lettered.
     pub max_attempts: u64,
+    /// How long messages, receipts and the claims on message ids are kept after they expire
+    /// (`HERALD_RETENTION_DAYS`), for the query API and audits. Also how long after its expiry
+    /// a message id still deduplicates a re-published job.
+    pub retention: Duration,
 }
 
 /// The dispatcher's HTTP API (publish, query, operate).
@@ -484,6 +488,12 @@ const MIN_HTTP_TIMEOUT: Duration = Duration::from_millis(100);
 /// Largest replay page: a gateway remembers the last 1024 notifications it wrote to a connection
 /// and asks for a page only when the connection's unacked ones leave room for one.
 pub const MAX_REPLAY_PAGE: usize = 1000;
+
+/// Shortest retention: a message id must go on deduplicating retries of its job for at least
+/// a day past its expiry.
+const MIN_RETENTION: Duration = Duration::from_secs(86_400);
+/// Longest retention, ten years: beyond it, a typo.
+const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
 
 /// Longest batching linger: beyond it, latency is lost for no fewer round trips.
 const MAX_LINGER: Duration = Duration::from_secs(1);
@@ -881,7 +891,11 @@ impl DispatcherConfig {
             event_linger: env.millis("HERALD_EVENT_LINGER_MS", 50),
             job_workers: env.parse("HERALD_JOB_WORKERS", 2),
             max_attempts: env.parse("HERALD_MAX_ATTEMPTS", 5),
+            retention: Duration::from_secs(env.parse::<u64>("HERALD_RETENTION_DAYS", 30).saturating_mul(86_400)),
         };
+        if !(MIN_RETENTION..=MAX_RETENTION).contains(&config.retention) {
+            env.invalid("HERALD_RETENTION_DAYS: must be 1 to 3650");
+        }
         if config.job_batch == 0 || config.job_workers == 0 || config.max_attempts == 0 {
             env.invalid("HERALD_JOB_BATCH, HERALD_JOB_WORKERS and HERALD_MAX_ATTEMPTS must be positive");
         }
@@ -1143,6 +1157,22 @@ mod tests {
         let mut e = env(&[secret, ("HERALD_ACK_LINGER_MS", "1001")]);
         let c = GatewayConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_ACK_LINGER_MS: must be at most 1000"));
+    }
+
+    #[test]
+    fn retention_is_in_days_and_bounded() {
+        let token = ("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!");
+        let mut e = env(&[token]);
+        let c = DispatcherConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().retention, Duration::from_secs(30 * 86_400));
+        let mut e = env(&[token, ("HERALD_RETENTION_DAYS", "7")]);
+        let c = DispatcherConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().retention, Duration::from_secs(7 * 86_400));
+        for bad in ["0", "3651", "-1", "a week"] {
+            let mut e = env(&[token, ("HERALD_RETENTION_DAYS", bad)]);
+            let c = DispatcherConfig::from_env(&mut e);
+            assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_RETENTION_DAYS"), "{bad}");
+        }
     }
 
     #[test]

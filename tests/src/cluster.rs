@@ -130,6 +130,7 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
         ack_wait: options.ack_wait,
         sweep_interval: options.sweep_interval,
         pending_sample: Duration::from_secs(1),
+        retention: Duration::from_secs(30 * 86_400),
         job_batch: 256,
         job_linger: Duration::from_millis(20),
         event_linger: Duration::from_millis(50),

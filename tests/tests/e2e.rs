@@ -727,3 +727,45 @@ async fn heartbeat_frames_come_each_interval_only_to_clients_that_ask() {
     assert!(beats >= 3, "{beats} heartbeat frames in five intervals");
     assert_eq!(quiet, 0, "a client that did not ask got heartbeat frames");
 }
+
+/// Everything stored for a message (its document or the receipt carrying it, every receipt,
+/// the claim on its id) is purged `HERALD_RETENTION_DAYS` after the message expires, as the
+/// dispatcher that stored it was configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_messages_are_kept_for_the_configured_retention_past_their_expiry() {
+    use futures::TryStreamExt as _;
+    use herald_shared::naming::collections;
+    use mongodb::bson::{doc, Document};
+
+    let cluster = Cluster::new(Stack::start().await.unwrap(), Options::default()).await.unwrap();
+    let mut config = herald_tests::cluster::dispatcher_config(&cluster.stack, &cluster.options);
+    let retention = Duration::from_secs(2 * 86_400);
+    config.retention = retention;
+    let _dispatcher = cluster.dispatcher_with(config).await.unwrap();
+    cluster.publish(&json!({"id": "solo", "to": ["ann"], "ttl_secs": 60, "payload": {}})).await.unwrap();
+    cluster.publish(&json!({"id": "pair", "to": ["ann", "ben"], "ttl_secs": 90, "payload": {}})).await.unwrap();
+    cluster.wait_jobs_handled().await.unwrap();
+
+    let ids = vec!["solo", "pair"];
+    let receipts = cluster.db.collection::<Document>(collections::RECEIPTS);
+    let messages = cluster.db.collection::<Document>(collections::MESSAGES);
+    let mut stored: Vec<Document> = receipts
+        .find(doc! { "$or": [ { "message_id": { "$in": &ids } }, { "_id": { "$in": &ids } } ] })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    stored.extend(messages.find(doc! { "_id": { "$in": &ids } }).await.unwrap().try_collect::<Vec<_>>().await.unwrap());
+    // Receipts of solo (1) and pair (2), the two claims, pair's message document.
+    assert_eq!(stored.len(), 6, "{stored:?}");
+    let expiry = |id: &str| {
+        let receipt = stored.iter().find(|d| d.get_str("message_id") == Ok(id)).expect("a receipt");
+        receipt.get_datetime("expires_at").unwrap().timestamp_millis()
+    };
+    for document in &stored {
+        let id = document.get_str("message_id").or_else(|_| document.get_str("_id")).unwrap();
+        let purge_at = document.get_datetime("purge_at").unwrap().timestamp_millis();
+        assert_eq!(purge_at - expiry(id), retention.as_millis() as i64, "{document:?}");
+    }
+}

@@ -58,7 +58,7 @@ impl Store {
     /// Claims `job`'s id for it (a topic job: `job.topic` is set), or finds the claim a previous
     /// delivery of the same job made. Idempotent.
     pub async fn claim_topic_message(&self, job: &ValidJob, topic: &TopicName) -> Result<TopicClaim, StoreError> {
-        let purge_at = date(job.expires_at_ms.saturating_add(super::RETENTION.as_millis() as u64));
+        let purge_at = self.purge_at(job.expires_at_ms);
         let doc = TopicMessageDoc {
             id: job.message_id.clone(),
             topic: topic.clone(),
