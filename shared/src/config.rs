@@ -573,6 +573,10 @@ impl Env {
         Duration::from_secs(self.parse(name, default_secs))
     }
 
+    pub fn days(&mut self, name: &str, default_days: u64) -> Duration {
+        Duration::from_secs(self.parse::<u64>(name, default_days).saturating_mul(86_400))
+    }
+
     /// Records a problem found by a check that spans several variables.
     pub fn invalid(&mut self, message: impl Into<String>) {
         self.errors.push(message.into());
@@ -891,7 +895,7 @@ impl DispatcherConfig {
             event_linger: env.millis("HERALD_EVENT_LINGER_MS", 50),
             job_workers: env.parse("HERALD_JOB_WORKERS", 2),
             max_attempts: env.parse("HERALD_MAX_ATTEMPTS", 5),
-            retention: Duration::from_secs(env.parse::<u64>("HERALD_RETENTION_DAYS", 30).saturating_mul(86_400)),
+            retention: env.days("HERALD_RETENTION_DAYS", 30),
         };
         if !(MIN_RETENTION..=MAX_RETENTION).contains(&config.retention) {
             env.invalid("HERALD_RETENTION_DAYS: must be 1 to 3650");
