@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::registry::AdmitError;
+use crate::websocket::{Limits, Upgrade, MAX_READ_CHUNK};
 use crate::Gateway;
 
 /// What clients reach: the WebSocket endpoint and nothing else (404 for any other path).
@@ -76,7 +77,7 @@ async fn connect(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Result<Response, ConnectRefusal> {
     admit(&gateway, &headers, &query, upgrade).await.inspect_err(|refusal| {
         gateway.sessions.shared.metrics.connect_refused.with_label_values(&[refusal.classify().2]).inc();
@@ -87,7 +88,7 @@ async fn admit(
     gateway: &Arc<Gateway>,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Result<Response, ConnectRefusal> {
     if gateway.is_draining() {
         return Err(ConnectRefusal::Draining);
@@ -103,20 +104,22 @@ async fn admit(
     let ctx = Arc::clone(&gateway.sessions);
     let tracker = gateway.session_tasks.clone();
     let opening = Box::new(crate::session::Opening { identity, admission, frame_heartbeats, ctx });
-    Ok(upgrade
-        .read_buffer_size(config.read_buffer_bytes)
-        .write_buffer_size(config.write_buffer_bytes)
-        .max_write_buffer_size(config.write_buffer_bytes.max(64 * 1024) * 4)
-        // Our own limit (config.max_frame_bytes) is checked per frame with a clear close code;
-        // this one only protects memory from a client that streams a huge frame.
-        .max_message_size(config.max_frame_bytes.saturating_mul(4).max(4096))
-        .max_frame_size(config.max_frame_bytes.saturating_mul(4).max(4096))
-        // The session is a task of its own rather than the rest of axum's upgrade task: that
-        // one keeps the upgrade's settings and the callback for as long as it runs.
-        .on_upgrade(move |socket| {
-            tracker.spawn(crate::session::run(socket, opening));
-            std::future::ready(())
-        }))
+    // The session is a task of its own rather than the rest of the upgrade's task, which would
+    // keep the opening's box for as long as it runs.
+    Ok(upgrade.on_upgrade(socket_limits(config), move |socket| {
+        tracker.spawn(crate::session::run(socket, opening));
+    }))
+}
+
+/// A socket's limits. Our own limit (`max_frame_bytes`) is checked per frame with a clear close
+/// code; the socket's only protects memory from a client that streams a huge frame.
+fn socket_limits(config: &herald_shared::config::GatewayConfig) -> Limits {
+    let max = u32::try_from(config.max_frame_bytes.saturating_mul(4).max(4096)).unwrap_or(u32::MAX);
+    Limits {
+        max_message: max,
+        read_chunk: config.read_buffer_bytes.clamp(1, MAX_READ_CHUNK) as u16,
+        write_buffer: u32::try_from(config.write_buffer_bytes).unwrap_or(u32::MAX),
+    }
 }
 
 /// Whether a connect with this `Origin` header may go on. Browsers send the origin of the page

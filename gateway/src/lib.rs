@@ -29,6 +29,7 @@ mod replay;
 mod sent;
 mod session;
 mod topics;
+mod websocket;
 
 use auth::Authenticator;
 use presence::PresenceTask;

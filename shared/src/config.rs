@@ -300,7 +300,8 @@ pub struct GatewayConfig {
     /// Sustained message ids per second one connection may ack or read, with a burst of twice
     /// as many; past it the connection is closed with 4429.
     pub client_ack_ids_per_sec: u32,
-    /// Bytes of the socket read buffer per connection (see STYLE.md: defaults cost ~128 KiB).
+    /// The most one read takes from a client's socket, through a buffer on the stack: no
+    /// connection holds it (at most [`MAX_READ_BUFFER_BYTES`]).
     pub read_buffer_bytes: usize,
     /// Bytes written to a socket before a flush is forced.
     pub write_buffer_bytes: usize,
@@ -481,6 +482,8 @@ impl ApiConfig {
 
 /// Sessions per gateway when `HERALD_MAX_CONNECTIONS` is unset and the open-file limit allows.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
+/// The most `HERALD_WS_READ_BUFFER_BYTES` may be: the gateway's read buffer is on the stack.
+pub const MAX_READ_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Shortest HTTP timeout accepted: below it, ordinary clients on a slow network would be cut off.
 const MIN_HTTP_TIMEOUT: Duration = Duration::from_millis(100);
@@ -818,7 +821,7 @@ impl GatewayConfig {
             max_connections_per_user: env.parse("HERALD_MAX_CONNECTIONS_PER_USER", 16),
             client_frames_per_sec: env.parse("HERALD_CLIENT_FRAMES_PER_SEC", 50),
             client_ack_ids_per_sec: env.parse("HERALD_CLIENT_ACK_IDS_PER_SEC", 2000),
-            read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 256),
+            read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 4096),
             write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
             ack_linger: env.millis("HERALD_ACK_LINGER_MS", 20),
             drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
@@ -842,6 +845,9 @@ impl GatewayConfig {
         }
         if config.ack_linger > MAX_LINGER {
             env.invalid("HERALD_ACK_LINGER_MS: must be at most 1000");
+        }
+        if !(1..=MAX_READ_BUFFER_BYTES).contains(&config.read_buffer_bytes) {
+            env.invalid("HERALD_WS_READ_BUFFER_BYTES: must be 1 to 16384");
         }
         if config.outbound_queue == 0 || config.max_frame_bytes == 0 {
             env.invalid("HERALD_OUTBOUND_QUEUE and HERALD_MAX_FRAME_BYTES must be positive");
@@ -977,7 +983,7 @@ mod tests {
         let c = GatewayConfig::from_env(&mut e);
         let c = e.finish(c).unwrap();
         assert_eq!(c.common.prefix, "herald");
-        assert_eq!(c.read_buffer_bytes, 256);
+        assert_eq!(c.read_buffer_bytes, 4096);
         assert!(c.gateway_id.starts_with("gw-"));
         assert_eq!(c.max_connections, None, "unset: as many as the open-file limit allows");
         assert_eq!(c.common.http, HttpConfig::default());
@@ -1147,6 +1153,19 @@ mod tests {
             env(&[("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"), ("HERALD_EVENT_LINGER_MS", "5000")]);
         let c = DispatcherConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_EVENT_LINGER_MS"));
+    }
+
+    #[test]
+    fn the_read_buffer_is_bounded_by_the_stack_buffer() {
+        let secret = ("HERALD_JWT_SECRET", "0123456789abcdef");
+        for bad in ["0", "16385"] {
+            let mut e = env(&[secret, ("HERALD_WS_READ_BUFFER_BYTES", bad)]);
+            let c = GatewayConfig::from_env(&mut e);
+            assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_WS_READ_BUFFER_BYTES: must be 1 to 16384"));
+        }
+        let mut e = env(&[secret, ("HERALD_WS_READ_BUFFER_BYTES", "16384")]);
+        let c = GatewayConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().read_buffer_bytes, MAX_READ_BUFFER_BYTES);
     }
 
     #[test]

@@ -448,6 +448,16 @@ impl Drop for RequestServed {
     }
 }
 
+/// The plain TCP socket under a connection upgraded by [`serve`], with what hyper had read past
+/// the request; the upgraded connection back as it is when it is not plain TCP (TLS). A
+/// WebSocket that owns its socket holds neither hyper's box nor the HTTP phase's wrapper for
+/// the connection's whole life.
+pub fn into_tcp(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Result<(TcpStream, hyper::body::Bytes), hyper::upgrade::Upgraded> {
+    upgraded.downcast::<TokioIo<Watched>>().map(|parts| (parts.io.into_inner().stream, parts.read_buf))
+}
+
 /// The socket, reporting to the connection's [`Activity`] when bytes move and when a read finds
 /// nothing: the two facts the idle timeout and giving way are decided on.
 struct Watched {

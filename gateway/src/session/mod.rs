@@ -6,7 +6,7 @@
 //! what it says.
 //!
 //! A session is one task that both reads and writes its socket, so an idle connection costs one
-//! task, one bounded queue and the socket's small buffers. What the client acks goes to the ack
+//! task, one bounded queue and the socket, which holds no buffer while idle ([`crate::websocket`]). What the client acks goes to the ack
 //! publisher; what it was sent but did not ack stays pending in the store, whatever the ending.
 
 mod alarm;
@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use herald_proto::{ConnectionId, Hello, ServerFrame, TopicName, TopicPattern};
 use tokio::sync::mpsc;
@@ -30,6 +30,7 @@ use crate::auth::{Authenticator, Identity};
 use crate::presence::PresenceHandle;
 use crate::registry::{Admission, Connection, Next, Outbound, Registry};
 use crate::topics::{RecoveryLimits, TopicIndex};
+use crate::websocket::{SocketError, WebSocket};
 use alarm::Alarm;
 use machine::{expiry_instant, Action, Ending, Event, Machine, Peer, HEARTBEAT, SHUTTING_DOWN, SLOW};
 pub(crate) use machine::{Settings, Shared};
@@ -488,7 +489,7 @@ where
         return;
     }
     let drain = async {
-        // After our close frame, tungstenite still hands over what the client sent before its
+        // After our close frame, the socket still hands over what the client sent before its
         // own; its close frame completes the handshake.
         while let Some(Ok(message)) = socket.next().await {
             if matches!(message, Message::Close(_)) {
@@ -505,12 +506,9 @@ fn read_event(message: Option<Result<Message, axum::Error>>) -> Event {
     match message {
         Some(Ok(message)) => Event::Frame(message),
         None => Event::Gone { too_big: false },
-        Some(Err(error)) => Event::Gone {
-            too_big: matches!(
-                error.into_inner().downcast::<tungstenite::Error>(),
-                Ok(e) if matches!(*e, tungstenite::Error::Capacity(_))
-            ),
-        },
+        Some(Err(error)) => {
+            Event::Gone { too_big: error.into_inner().downcast::<SocketError>().is_ok_and(|e| e.is_too_big()) }
+        }
     }
 }
 
@@ -697,14 +695,14 @@ mod tests {
         let mut session = Session::new(&ctx, &conn, u64::MAX, Arc::from([]), false);
         let serve = session.serve(&mut socket);
         let size = std::mem::size_of_val(&serve);
-        assert!(size <= 448, "the session loop's future is {size} bytes");
+        assert!(size <= 400, "the session loop's future is {size} bytes");
     }
 
     /// The whole connection's future, the loop's and everything the session keeps beside it
     /// (the socket, the state machine, the connection's handles): what tokio's task for an idle
     /// connection holds. tokio wraps it (tracked, 8 bytes more) in a 128-byte aligned cell with
-    /// 136 bytes of its own, so at 1,136 bytes the cell is 1,280, a jemalloc size class; 8 bytes
-    /// more and it is 1,408, in the 1,536 class: 256 bytes more per connection.
+    /// 136 bytes of its own, so at 880 bytes the cell is 1,024, a jemalloc size class; 8 bytes
+    /// more and it is 1,152, in the 1,280 class: 256 bytes more per connection.
     #[test]
     fn a_connection_holds_its_socket_and_state_once() {
         fn returned<F, R>(_: &F) -> usize
@@ -714,7 +712,7 @@ mod tests {
             std::mem::size_of::<R>()
         }
         let size = returned(&run);
-        assert!(size <= 1136, "a connection's future is {size} bytes");
+        assert!(size <= 880, "a connection's future is {size} bytes");
     }
 
     #[tokio::test]
