@@ -61,18 +61,8 @@ fn check(method: &Method, version: Version, headers: &HeaderMap) -> Result<Heade
     if version != Version::HTTP_11 {
         return Err(UpgradeRefusal::Version);
     }
-    let connection_upgrade = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    let upgrade_websocket = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("websocket"));
+    let connection_upgrade = has_token(headers, header::CONNECTION, "upgrade");
+    let upgrade_websocket = has_token(headers, header::UPGRADE, "websocket");
     if !connection_upgrade || !upgrade_websocket {
         return Err(UpgradeRefusal::NotAnUpgrade);
     }
@@ -80,6 +70,16 @@ fn check(method: &Method, version: Version, headers: &HeaderMap) -> Result<Heade
         return Err(UpgradeRefusal::WebSocketVersion);
     }
     headers.get(header::SEC_WEBSOCKET_KEY).cloned().ok_or(UpgradeRefusal::NoKey)
+}
+
+/// Whether a comma-separated header lists `token`, in any case (RFC 9110 §5.6.1).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
