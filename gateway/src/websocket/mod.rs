@@ -246,13 +246,9 @@ mod tests {
         let mut bytes = masked(0x81, b"one");
         bytes.extend(masked(0x81, &[b'2'; 100]));
         bytes.extend(masked(0x81, b"three"));
-        // Written a byte at a time, then all at once: the same three messages.
-        for (i, byte) in bytes.iter().enumerate() {
-            client.write_all(&[*byte]).await.unwrap();
-            if i == 0 {
-                tokio::task::yield_now().await;
-            }
-        }
+        // Read 64 bytes at a time (LIMITS.read_chunk): the second frame spans two reads and
+        // shares them with its neighbours.
+        client.write_all(&bytes).await.unwrap();
         assert_eq!(socket.next().await.unwrap().unwrap(), Message::Text("one".into()));
         assert_eq!(socket.next().await.unwrap().unwrap(), Message::Text("2".repeat(100).into()));
         assert_eq!(socket.next().await.unwrap().unwrap(), Message::Text("three".into()));
