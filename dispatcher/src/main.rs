@@ -14,16 +14,28 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[cfg(feature = "alloc-count")]
 herald_shared::count_allocations!();
 
-#[tokio::main]
-async fn main() {
-    let telemetry = herald_shared::telemetry::init("herald-dispatcher");
-    if let Err(e) = run().await {
-        herald_shared::telemetry::exit_on_error(telemetry, e.as_ref());
-    }
+fn main() {
+    // The configuration is read first: it says how many threads the runtime gets. What is wrong
+    // with it is reported once telemetry is up, as every other reason not to run.
+    let config = DispatcherConfig::load();
+    let threads = config.as_ref().map_or(1, |c| c.worker_threads);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(async {
+        let telemetry = herald_shared::telemetry::init("herald-dispatcher");
+        if let Err(e) = run(config).await {
+            herald_shared::telemetry::exit_on_error(telemetry, e.as_ref());
+        }
+    });
 }
 
-async fn run() -> anyhow::Result<()> {
-    let config = DispatcherConfig::load()?;
+async fn run(config: Result<DispatcherConfig, herald_shared::config::ConfigError>) -> anyhow::Result<()> {
+    let config = config?;
     let listeners = herald_shared::serve::Listeners::bind(
         config.listen,
         config.internal_listen,

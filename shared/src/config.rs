@@ -366,6 +366,11 @@ pub struct DispatcherConfig {
     pub event_linger: Duration,
     /// Job batches handled at once per dispatcher (one gathers while another is stored).
     pub job_workers: usize,
+    /// Threads the dispatcher's async runtime runs its tasks on (`HERALD_DISPATCHER_WORKER_THREADS`).
+    /// One by default: a dispatcher waits on its stores far more than it computes, and with
+    /// more threads each job's hand-offs between tasks became wake-ups across threads (~20 %
+    /// of its CPU per message, docs/BENCHMARKS.md §10). Dispatchers scale out by replicas.
+    pub worker_threads: usize,
     /// Deliveries of a job that keeps failing (not counting store outages) before it is
     /// dead-lettered.
     pub max_attempts: u64,
@@ -491,6 +496,8 @@ const MIN_HTTP_TIMEOUT: Duration = Duration::from_millis(100);
 /// Largest replay page: a gateway remembers the last 1024 notifications it wrote to a connection
 /// and asks for a page only when the connection's unacked ones leave room for one.
 pub const MAX_REPLAY_PAGE: usize = 1000;
+/// Most runtime threads a dispatcher may be given: far past what its work can use.
+pub const MAX_WORKER_THREADS: usize = 64;
 
 /// Shortest retention: a message id must go on deduplicating retries of its job for at least
 /// a day past its expiry.
@@ -900,6 +907,7 @@ impl DispatcherConfig {
             job_linger: env.millis("HERALD_JOB_LINGER_MS", 20),
             event_linger: env.millis("HERALD_EVENT_LINGER_MS", 50),
             job_workers: env.parse("HERALD_JOB_WORKERS", 2),
+            worker_threads: env.parse("HERALD_DISPATCHER_WORKER_THREADS", 1),
             max_attempts: env.parse("HERALD_MAX_ATTEMPTS", 5),
             retention: env.days("HERALD_RETENTION_DAYS", 30),
         };
@@ -908,6 +916,9 @@ impl DispatcherConfig {
         }
         if config.job_batch == 0 || config.job_workers == 0 || config.max_attempts == 0 {
             env.invalid("HERALD_JOB_BATCH, HERALD_JOB_WORKERS and HERALD_MAX_ATTEMPTS must be positive");
+        }
+        if !(1..=MAX_WORKER_THREADS).contains(&config.worker_threads) {
+            env.invalid(format!("HERALD_DISPATCHER_WORKER_THREADS: must be 1 to {MAX_WORKER_THREADS}"));
         }
         if config.job_linger > MAX_LINGER || config.event_linger > MAX_LINGER {
             env.invalid("HERALD_JOB_LINGER_MS and HERALD_EVENT_LINGER_MS: must be at most 1000");
@@ -1153,6 +1164,22 @@ mod tests {
             env(&[("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!"), ("HERALD_EVENT_LINGER_MS", "5000")]);
         let c = DispatcherConfig::from_env(&mut e);
         assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_EVENT_LINGER_MS"));
+    }
+
+    #[test]
+    fn the_dispatcher_runs_on_one_thread_unless_told_otherwise() {
+        let token = ("HERALD_ADMIN_TOKEN", "an-admin-token-of-32-characters!");
+        let mut e = env(&[token]);
+        let c = DispatcherConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().worker_threads, 1);
+        for bad in ["0", "65", "two"] {
+            let mut e = env(&[token, ("HERALD_DISPATCHER_WORKER_THREADS", bad)]);
+            let c = DispatcherConfig::from_env(&mut e);
+            assert!(e.finish(c).unwrap_err().to_string().contains("HERALD_DISPATCHER_WORKER_THREADS"), "{bad}");
+        }
+        let mut e = env(&[token, ("HERALD_DISPATCHER_WORKER_THREADS", "4")]);
+        let c = DispatcherConfig::from_env(&mut e);
+        assert_eq!(e.finish(c).unwrap().worker_threads, 4);
     }
 
     #[test]
