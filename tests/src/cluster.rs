@@ -135,6 +135,8 @@ pub fn dispatcher_config(stack: &Stack, options: &Options) -> DispatcherConfig {
         job_linger: Duration::from_millis(20),
         event_linger: Duration::from_millis(50),
         job_workers: 2,
+        // Read only by the binary, to build its runtime; in-process dispatchers run on the test's.
+        worker_threads: 1,
         max_attempts: 5,
     }
 }
