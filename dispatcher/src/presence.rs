@@ -22,7 +22,7 @@ use fred::prelude::*;
 use futures::FutureExt as _;
 use herald_proto::{ConnectionId, GatewayId, UserId};
 use herald_shared::naming::{self, Names};
-use herald_shared::slots;
+use herald_shared::{redis_batch, slots};
 
 /// One user's live connections: connection id → gateway id.
 pub type Connections = BTreeMap<ConnectionId, GatewayId>;
@@ -112,7 +112,7 @@ impl PresenceReader {
         });
         let hashes =
             users.iter().map(|user| self.redis.hgetall::<Value, _>(self.names.presence_key(user.as_str())).boxed());
-        let replies: Vec<Result<Value, fred::error::Error>> = together(liveness.chain(hashes)).await;
+        let replies: Vec<Result<Value, fred::error::Error>> = redis_batch::together(liveness.chain(hashes)).await;
         // A round trip that failed (Redis away, slow, loading) fails its commands: the caller
         // waits and asks again. What no retry changes stays local to its key (below).
         if let Some(e) = replies.iter().find_map(|r| r.as_ref().err().filter(|e| is_transient(e))) {
@@ -193,7 +193,7 @@ impl PresenceReader {
             let group_keys: Vec<String> = group.iter().map(|&i| keys[i].clone()).collect();
             self.redis.mget::<Value, _>(group_keys).boxed()
         });
-        let replies = together(commands).await.into_iter().collect::<Result<Vec<Value>, _>>()?;
+        let replies: Vec<Value> = redis_batch::all(commands).await?;
         let mut alive = vec![false; gateways.len()];
         for (group, reply) in groups.iter().zip(replies) {
             let held: Vec<Option<String>> = reply.convert()?;
@@ -234,19 +234,6 @@ impl PresenceReader {
             tracing::debug!(error = %e, "pruning stale presence failed; the next lookup retries");
         }
     }
-}
-
-/// Sends `commands` in one write and waits for all their replies, each its own result.
-///
-/// Not a fred `Pipeline`: fred 10 flushes the socket after each command of a pipeline (it
-/// flushes whenever no other command is queued behind the one it writes, and a pipeline is one
-/// queue entry), so a lookup for 20 users cost 20 system calls, each doing Redis's share of
-/// loopback TCP too. Commands issued concurrently are queued behind each other, and fred writes
-/// them with one flush at the last.
-async fn together<T>(
-    commands: impl Iterator<Item = futures::future::BoxFuture<'_, Result<T, fred::error::Error>>>,
-) -> Vec<Result<T, fred::error::Error>> {
-    futures::future::join_all(commands).await
 }
 
 /// The stale entries to delete: fields that are not presence, and entries of gateways not alive

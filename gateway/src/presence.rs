@@ -1,7 +1,7 @@
 //! This gateway's presence in Redis, and the "came online" announcements that trigger replay.
 //!
 //! One task owns all of it. Sessions hand it registrations and removals through a queue; it
-//! applies them in batches (one pipelined round trip per batch), then announces each new
+//! applies them in batches (one round trip, and one write, per batch), then announces each new
 //! connection on the events stream. Failed batches are kept and retried on the next tick.
 //!
 //! Liveness is one key per gateway (`Names::gateway_key`), set with a Redis expiry of the
@@ -45,11 +45,12 @@ use std::time::Duration;
 use async_nats::jetstream;
 use fred::prelude::*;
 use fred::types::Expiration;
+use futures::FutureExt as _;
 use herald_proto::{ConnectionId, Event, GatewayId, Online, UserId};
 use herald_shared::naming::{self, Names};
 use herald_shared::outage::Outage;
-use herald_shared::slots;
 use herald_shared::Clock;
+use herald_shared::{redis_batch, slots};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -219,13 +220,14 @@ impl PresenceTask {
         let keys: Vec<String> = users.iter().map(|(user, _)| self.names.presence_key(user.as_str())).collect();
         let groups = slots::groups(&keys, self.redis.is_clustered(), CHECK_CHUNK);
 
-        let pipeline = self.redis.pipeline();
         let key = self.names.gateway_key(self.gateway_id.as_str());
-        let () = pipeline.set(key, self.written.to_string(), Some(self.liveness()), None, true).await?;
-        for group in &groups {
-            let () = pipeline.exists(group.iter().map(|&i| keys[i].clone()).collect::<Vec<_>>()).await?;
-        }
-        let replies = self.metrics.dependencies.time("redis", "heartbeat", pipeline.all::<Vec<Value>>()).await;
+        let liveness = self.redis.set::<Value, _, _>(key, self.written.to_string(), Some(self.liveness()), None, true);
+        let checks = groups.iter().map(|group| {
+            let group_keys: Vec<String> = group.iter().map(|&i| keys[i].clone()).collect();
+            self.redis.exists::<Value, _>(group_keys).boxed()
+        });
+        let commands = std::iter::once(liveness.boxed()).chain(checks);
+        let replies = self.metrics.dependencies.time("redis", "heartbeat", redis_batch::all(commands)).await;
         let replies = replies.inspect_err(|_| self.suspect = true)?;
         let mut replies = replies.into_iter();
         let held: Option<String> = replies.next().map(Value::convert::<Option<String>>).transpose()?.flatten();
@@ -319,26 +321,25 @@ impl PresenceTask {
     /// Writes `ops` and our liveness key (with the new count of batches) in one round trip.
     /// Returns the connections to announce: new ones, and re-written ones Redis did not have.
     async fn apply(&mut self, ops: &[PresenceOp]) -> Result<Vec<Arc<Connection>>, PresenceError> {
-        let pipeline = self.redis.pipeline();
         let entry = naming::presence_entry(self.gateway_id.as_str(), self.generation);
-        for op in ops {
-            match op {
-                PresenceOp::Register(conn) | PresenceOp::Reassert(conn) => {
-                    let () = pipeline
-                        .hset(self.names.presence_key(conn.user.as_str()), (conn.id.as_str(), entry.as_str()))
-                        .await?;
-                }
-                PresenceOp::Unregister { user, connection_id } => {
-                    let () = pipeline.hdel(self.names.presence_key(user.as_str()), connection_id.as_str()).await?;
-                }
+        let writes = ops.iter().map(|op| match op {
+            PresenceOp::Register(conn) | PresenceOp::Reassert(conn) => self
+                .redis
+                .hset::<Value, _, _>(self.names.presence_key(conn.user.as_str()), (conn.id.as_str(), entry.as_str()))
+                .boxed(),
+            PresenceOp::Unregister { user, connection_id } => {
+                self.redis.hdel::<Value, _, _>(self.names.presence_key(user.as_str()), connection_id.as_str()).boxed()
             }
-        }
+        });
         let before = self.written;
-        self.written += 1;
+        let written = before + 1;
         let key = self.names.gateway_key(self.gateway_id.as_str());
-        let () = pipeline.set(key, self.written.to_string(), Some(self.liveness()), None, true).await?;
+        // Last, after the entries (the commands keep their order): see the module docs.
+        let liveness = self.redis.set::<Value, _, _>(key, written.to_string(), Some(self.liveness()), None, true);
+        let commands: Vec<_> = writes.chain(std::iter::once(liveness.boxed())).collect();
+        self.written = written;
         // Failed or unanswered, the batch may have landed in part: check everything next time.
-        let replies = self.metrics.dependencies.time("redis", "presence_update", pipeline.all::<Vec<Value>>()).await;
+        let replies = self.metrics.dependencies.time("redis", "presence_update", redis_batch::all(commands)).await;
         let mut replies = replies.inspect_err(|_| self.suspect = true)?.into_iter();
 
         let mut announce = Vec::new();
@@ -412,17 +413,17 @@ impl PresenceTask {
     /// Drain: applies the last removals, then removes whatever is still registered and the
     /// gateway's liveness key, so dispatchers stop routing here at once.
     async fn withdraw(&mut self) -> Result<(), PresenceError> {
-        let pipeline = self.redis.pipeline();
         let leftovers = self.registry.all().into_iter().map(|c| (c.user.clone(), c.id.clone()));
         let removals = self.unapplied.iter().filter_map(|op| match op {
             PresenceOp::Unregister { user, connection_id } => Some((user.clone(), connection_id.clone())),
             PresenceOp::Register(_) | PresenceOp::Reassert(_) => None,
         });
-        for (user, connection_id) in removals.chain(leftovers) {
-            let () = pipeline.hdel(self.names.presence_key(user.as_str()), connection_id.as_str()).await?;
-        }
-        let () = pipeline.del(self.names.gateway_key(self.gateway_id.as_str())).await?;
-        pipeline.all::<Vec<Value>>().await?;
+        let removals: Vec<(UserId, ConnectionId)> = removals.chain(leftovers).collect();
+        let deletes = removals.iter().map(|(user, connection_id)| {
+            self.redis.hdel::<Value, _, _>(self.names.presence_key(user.as_str()), connection_id.as_str()).boxed()
+        });
+        let gone = self.redis.del::<Value, _>(self.names.gateway_key(self.gateway_id.as_str())).boxed();
+        redis_batch::all(deletes.chain(std::iter::once(gone))).await?;
         Ok(())
     }
 }

@@ -15,6 +15,7 @@ pub mod naming;
 pub mod nats_auth;
 pub mod outage;
 pub mod readiness;
+pub mod redis_batch;
 pub mod serve;
 pub mod shutdown;
 pub mod slots;
