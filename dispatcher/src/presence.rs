@@ -215,7 +215,7 @@ impl PresenceReader {
 
     /// Deletes entries of gateways still dead now, after the lookup read them, and fields that
     /// are not presence at all; each only if it still holds the value read (see the module
-    /// docs). The commands go out together (the client pipelines concurrent commands).
+    /// docs). The commands go out together ([`redis_batch`]).
     pub async fn prune(&self, stale: &[(&UserId, Stale)]) {
         let gateways: Vec<GatewayId> =
             stale.iter().filter_map(|(_, s)| s.gateway.clone()).collect::<BTreeSet<_>>().into_iter().collect();
@@ -228,9 +228,11 @@ impl PresenceReader {
         };
         let deletes = to_prune(stale, &alive_now).into_iter().map(|(user, entry)| {
             let key = self.names.presence_key(user.as_str());
-            self.redis.eval::<i64, _, _, _>(DELETE_IF_UNCHANGED, key, vec![entry.field.as_str(), entry.entry.as_str()])
+            self.redis
+                .eval::<i64, _, _, _>(DELETE_IF_UNCHANGED, key, vec![entry.field.as_str(), entry.entry.as_str()])
+                .boxed()
         });
-        if let Some(e) = futures::future::join_all(deletes).await.into_iter().find_map(Result::err) {
+        if let Err(e) = redis_batch::all(deletes).await {
             tracing::debug!(error = %e, "pruning stale presence failed; the next lookup retries");
         }
     }
