@@ -830,7 +830,7 @@ impl GatewayConfig {
             client_ack_ids_per_sec: env.parse("HERALD_CLIENT_ACK_IDS_PER_SEC", 2000),
             read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 4096),
             write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
-            ack_linger: env.millis("HERALD_ACK_LINGER_MS", 20),
+            ack_linger: env.millis("HERALD_ACK_LINGER_MS", 100),
             drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
             // Set below from the grace when not given.
             drain_spread: Duration::ZERO,
@@ -1200,7 +1200,7 @@ mod tests {
         let secret = ("HERALD_JWT_SECRET", "0123456789abcdef");
         let mut e = env(&[secret]);
         let c = GatewayConfig::from_env(&mut e);
-        assert_eq!(e.finish(c).unwrap().ack_linger, Duration::from_millis(20));
+        assert_eq!(e.finish(c).unwrap().ack_linger, Duration::from_millis(100));
         let mut e = env(&[secret, ("HERALD_ACK_LINGER_MS", "0")]);
         let c = GatewayConfig::from_env(&mut e);
         assert_eq!(e.finish(c).unwrap().ack_linger, Duration::ZERO, "0: no linger");
