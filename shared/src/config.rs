@@ -489,6 +489,9 @@ impl ApiConfig {
 pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
 /// The most `HERALD_WS_READ_BUFFER_BYTES` may be: the gateway's read buffer is on the stack.
 pub const MAX_READ_BUFFER_BYTES: usize = 16 * 1024;
+/// `HERALD_ACK_LINGER_MS` when unset, in milliseconds: an events-stream message costs the same
+/// whatever it carries, and an ack delays only its receipt (docs/BENCHMARKS.md §10).
+pub const DEFAULT_ACK_LINGER_MS: u64 = 100;
 
 /// Shortest HTTP timeout accepted: below it, ordinary clients on a slow network would be cut off.
 const MIN_HTTP_TIMEOUT: Duration = Duration::from_millis(100);
@@ -830,7 +833,7 @@ impl GatewayConfig {
             client_ack_ids_per_sec: env.parse("HERALD_CLIENT_ACK_IDS_PER_SEC", 2000),
             read_buffer_bytes: env.parse("HERALD_WS_READ_BUFFER_BYTES", 4096),
             write_buffer_bytes: env.parse("HERALD_WS_WRITE_BUFFER_BYTES", 4096),
-            ack_linger: env.millis("HERALD_ACK_LINGER_MS", 100),
+            ack_linger: env.millis("HERALD_ACK_LINGER_MS", DEFAULT_ACK_LINGER_MS),
             drain_grace: env.millis("HERALD_DRAIN_GRACE_MS", 10_000),
             // Set below from the grace when not given.
             drain_spread: Duration::ZERO,

@@ -90,7 +90,7 @@ pub fn gateway_config(stack: &Stack, options: &Options) -> GatewayConfig {
         read_buffer_bytes: 4096,
         write_buffer_bytes: 4096,
         // The deployed default: receipts in these tests read `delivered` as late as in production.
-        ack_linger: Duration::from_millis(20),
+        ack_linger: Duration::from_millis(herald_shared::config::DEFAULT_ACK_LINGER_MS),
         drain_grace: options.drain_grace,
         drain_spread: options.drain_spread,
         shutdown_delay: options.shutdown_delay,
