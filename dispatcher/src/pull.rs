@@ -208,7 +208,13 @@ async fn next_group<T>(
     let in_hand = busy.load(Ordering::Relaxed);
     // A token is taken only when it decides something: with a group in hand this one lingers.
     let prompt = in_hand == 0 && prompt.take(tokio::time::Instant::now());
-    let linger = tokio::time::sleep(linger(batching.linger, in_hand, prompt));
+    let linger = linger(batching.linger, in_hand, prompt);
+    // No timer for no linger: tokio rounds a deadline up to its next millisecond, so even a
+    // zero sleep would hold the group up to 1 ms and wake the runtime once more to end it.
+    if linger.is_zero() {
+        return Some(group);
+    }
+    let linger = tokio::time::sleep(linger);
     tokio::pin!(linger);
     while !full(&group, bytes) {
         tokio::select! {
@@ -423,11 +429,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
             late.send((vec![4], Instant::now())).await.unwrap();
         });
+        // Off the millisecond grid, where tokio's timers round a deadline up to the next tick.
+        tokio::time::advance(Duration::from_micros(300)).await;
         let started = tokio::time::Instant::now();
         let group =
             next_group(&mut rx, &batching(10, 1 << 20), &AtomicUsize::new(0), &mut prompt(), Vec::len).await.unwrap();
         assert_eq!(group, vec![vec![1], vec![2], vec![3]]);
-        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(started.elapsed(), Duration::ZERO, "a prompt group waits for no timer");
     }
 
     #[tokio::test(start_paused = true)]
