@@ -77,6 +77,11 @@ struct CostArgs {
     /// Seconds of publishing at each rate (default 20; 6 with --short).
     #[arg(long)]
     cost_window_secs: Option<f64>,
+    /// The generator sends the jobs due within this many milliseconds at once, then sleeps: 2
+    /// sends a few at a time from ~500/s; 0 sends each at its own time (to the runtime's 1 ms
+    /// timer), as many independent publishers would; 20 sends a linger's worth at once.
+    #[arg(long, default_value_t = 2)]
+    cost_burst_ms: u64,
 }
 
 impl CostArgs {
@@ -85,6 +90,7 @@ impl CostArgs {
         CostOptions {
             loads: vec![load(1, self.cost_rate_1), load(10, self.cost_rate_10), load(1_000, self.cost_rate_1000)],
             window: self.cost_window_secs.map(Duration::from_secs_f64),
+            burst: Duration::from_millis(self.cost_burst_ms),
         }
     }
 }

@@ -17,7 +17,8 @@ use super::metrics;
 use super::orchestrator::{user_names, Workers};
 use super::report::Latency;
 use super::scenarios::{
-    connect, mean_ms, publish_paced, receipt_latency, round, Outcome, Recipients, RunConfig, Scenario, Sut, System,
+    connect, mean_ms, publish_paced, receipt_latency, round, Outcome, Pace, Recipients, RunConfig, Scenario, Sut,
+    System,
 };
 use super::stages;
 use super::systems::{Herald, HeraldOptions};
@@ -43,6 +44,8 @@ pub(crate) struct CostOptions {
     pub(crate) loads: Vec<Load>,
     /// How long jobs are published at each load; `None`: 20 s (6 s in the short run).
     pub(crate) window: Option<Duration>,
+    /// Jobs due within this are sent at once ([`Pace::burst`]).
+    pub(crate) burst: Duration,
 }
 
 /// What is read before and after a window: cumulative counters of every process involved.
@@ -137,13 +140,15 @@ pub(crate) async fn cost(config: &RunConfig) -> anyhow::Result<Outcome> {
     let idle = idle_cpu_per_s(h, &http, Duration::from_secs(if config.short { 3 } else { 10 })).await?;
     out.set("users_online", users.len() as u64);
     out.set("window_s", window.as_secs_f64());
+    out.set("publish_burst_ms", config.cost.burst.as_millis() as u64);
     out.set("idle_herald_cpu_ms_per_s", round(idle * 1000.0, 2));
     let mut k = 0u64;
     let mut deliveries = 0u64;
     let mut rows = Vec::new();
     for &load in &config.cost.loads {
         let to = Recipients { users: &users, per_job: load.recipients.min(users.len()) };
-        let window = Window { to, load, window, first_k: k, idle_cpu_per_s: idle };
+        let pace = Pace { rate: load.jobs_per_s, burst: config.cost.burst };
+        let window = Window { to, load, pace, window, first_k: k, idle_cpu_per_s: idle };
         let row = window.measure(h, &mut workers, &http, &mut out).await?;
         if !row.contains_key("gateway_allocs_per_msg") && rows.is_empty() {
             out.notes.push(
@@ -218,6 +223,7 @@ async fn idle_cpu_per_s(h: &Herald, http: &reqwest::Client, span: Duration) -> a
 struct Window<'a> {
     to: Recipients<'a>,
     load: Load,
+    pace: Pace,
     window: Duration,
     first_k: u64,
     idle_cpu_per_s: f64,
@@ -246,8 +252,7 @@ impl Window<'_> {
         let before = Snapshot::take(h, http).await?;
         let subject = h.stack.names().publish_subject("bench");
         let stop = CancellationToken::new();
-        let (_, took) =
-            publish_paced(&h.js, &subject, self.to, self.first_k, self.jobs(), self.load.jobs_per_s, &stop).await?;
+        let (_, took) = publish_paced(&h.js, &subject, self.to, self.first_k, self.jobs(), self.pace, &stop).await?;
         let done = self.settle(h, workers, http, start_totals.unique, before.acked).await?;
         let settled = before.at.elapsed().as_secs_f64();
         let after = Snapshot::take(h, http).await?;

@@ -19,7 +19,7 @@ use super::metrics;
 use super::orchestrator::{user_names, Workers};
 use super::report::Totals;
 use super::sampler::{Sampler, Samples, SAMPLE_EVERY};
-use super::scenarios::{connect, publish_paced, round, Outcome, Recipients, RunConfig, Scenario, Sut, System};
+use super::scenarios::{connect, publish_paced, round, Outcome, Pace, Recipients, RunConfig, Scenario, Sut, System};
 use super::systems::{Herald, HeraldOptions};
 
 const GATEWAYS: usize = 3;
@@ -142,7 +142,7 @@ async fn roll_once(per_gateway: usize, spread: Duration, label: &str, config: &R
     };
     let (steps, published, samples) = tokio::join!(
         rolling,
-        publish_paced(&js, &subject, Recipients::one_each(&users), 0, u64::MAX, RATE, &stop),
+        publish_paced(&js, &subject, Recipients::one_each(&users), 0, u64::MAX, Pace::steady(RATE), &stop),
         sampler.run(&stop)
     );
     let steps = steps?;

@@ -552,7 +552,8 @@ async fn publish_http(http: &reqwest::Client, targets: &[&Server], ks: std::ops:
 async fn publish_jobs(h: &Herald, users: &[String], first_k: u64, count: u64, rate: f64) -> anyhow::Result<f64> {
     let subject = h.stack.names().publish_subject("bench");
     let to = Recipients::one_each(users);
-    let (_, secs) = publish_paced(&h.js, &subject, to, first_k, count, rate, &CancellationToken::new()).await?;
+    let (_, secs) =
+        publish_paced(&h.js, &subject, to, first_k, count, Pace::steady(rate), &CancellationToken::new()).await?;
     Ok(secs)
 }
 
@@ -578,16 +579,34 @@ impl<'a> Recipients<'a> {
     }
 }
 
-/// Jobs to `to` at `rate` per second from index `first_k`, until `count` are published or `stop`
-/// is cancelled, whichever comes first. Returns how many were published (each acked by
-/// JetStream) and the seconds it took.
+/// How a generator spaces its jobs: `rate` per second on average, and those due within `burst`
+/// of now sent at once (a sleep only for longer waits). The burst sets how jobs reach
+/// JetStream, and so how many times a dispatcher wakes to take them (docs/BENCHMARKS.md §10).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    pub(crate) rate: f64,
+    pub(crate) burst: Duration,
+}
+
+impl Pace {
+    /// The bursts every scenario uses unless told otherwise: a few jobs at once from ~500/s.
+    pub(crate) const BURST: Duration = Duration::from_millis(2);
+
+    pub(crate) fn steady(rate: f64) -> Self {
+        Self { rate, burst: Self::BURST }
+    }
+}
+
+/// Jobs to `to` at `pace` from index `first_k`, until `count` are published or `stop` is
+/// cancelled, whichever comes first. Returns how many were published (each acked by JetStream)
+/// and the seconds it took.
 pub(super) async fn publish_paced(
     js: &async_nats::jetstream::Context,
     subject: &str,
     to: Recipients<'_>,
     first_k: u64,
     count: u64,
-    rate: f64,
+    pace: Pace,
     stop: &CancellationToken,
 ) -> anyhow::Result<(u64, f64)> {
     let start = Instant::now();
@@ -597,9 +616,9 @@ pub(super) async fn publish_paced(
         if stop.is_cancelled() {
             break;
         }
-        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        let due = start + Duration::from_secs_f64(i as f64 / pace.rate);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            if wait > Duration::from_millis(2) {
+            if wait > pace.burst {
                 tokio::time::sleep(wait).await;
             }
         }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::orchestrator::{user_names, Workers};
 use super::report::Latency;
 use super::scenarios::{
-    connect, count_receipts, publish_paced, round, Outcome, Recipients, RunConfig, Scenario, Sut, System,
+    connect, count_receipts, publish_paced, round, Outcome, Pace, Recipients, RunConfig, Scenario, Sut, System,
 };
 use super::systems::{Herald, HeraldOptions};
 
@@ -129,7 +129,15 @@ pub(crate) async fn soak(config: &RunConfig) -> anyhow::Result<Outcome> {
     let users = user_names("u", 0, USERS);
     let subject = h.stack.names().publish_subject("bench");
     let stop = CancellationToken::new();
-    let publishing = publish_paced(&h.js, &subject, Recipients::one_each(&users), 0, load.messages(), load.rate, &stop);
+    let publishing = publish_paced(
+        &h.js,
+        &subject,
+        Recipients::one_each(&users),
+        0,
+        load.messages(),
+        Pace::steady(load.rate),
+        &stop,
+    );
     let driving = async {
         let driven = drive(&mut workers, h, &load).await;
         // A run that cannot be driven stops publishing too, rather than going on for minutes.
@@ -377,7 +385,7 @@ mod tests {
             repeats: 1,
             soak_minutes: 20,
             soak_rate: 100.0,
-            cost: super::super::cost::CostOptions { loads: Vec::new(), window: None },
+            cost: super::super::cost::CostOptions { loads: Vec::new(), window: None, burst: super::Pace::BURST },
         };
         let load = SoakLoad::of(&config);
         assert_eq!(
