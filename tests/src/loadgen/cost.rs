@@ -147,8 +147,7 @@ pub(crate) async fn cost(config: &RunConfig) -> anyhow::Result<Outcome> {
     let mut rows = Vec::new();
     for &load in &config.cost.loads {
         let to = Recipients { users: &users, per_job: load.recipients.min(users.len()) };
-        let pace = Pace { rate: load.jobs_per_s, burst: config.cost.burst };
-        let window = Window { to, load, pace, window, first_k: k, idle_cpu_per_s: idle };
+        let window = Window { to, load, burst: config.cost.burst, window, first_k: k, idle_cpu_per_s: idle };
         let row = window.measure(h, &mut workers, &http, &mut out).await?;
         if !row.contains_key("gateway_allocs_per_msg") && rows.is_empty() {
             out.notes.push(
@@ -223,7 +222,8 @@ async fn idle_cpu_per_s(h: &Herald, http: &reqwest::Client, span: Duration) -> a
 struct Window<'a> {
     to: Recipients<'a>,
     load: Load,
-    pace: Pace,
+    /// How the window's jobs are spaced ([`Pace::burst`]).
+    burst: Duration,
     window: Duration,
     first_k: u64,
     idle_cpu_per_s: f64,
@@ -252,7 +252,8 @@ impl Window<'_> {
         let before = Snapshot::take(h, http).await?;
         let subject = h.stack.names().publish_subject("bench");
         let stop = CancellationToken::new();
-        let (_, took) = publish_paced(&h.js, &subject, self.to, self.first_k, self.jobs(), self.pace, &stop).await?;
+        let pace = Pace { rate: self.load.jobs_per_s, burst: self.burst };
+        let (_, took) = publish_paced(&h.js, &subject, self.to, self.first_k, self.jobs(), pace, &stop).await?;
         let done = self.settle(h, workers, http, start_totals.unique, before.acked).await?;
         let settled = before.at.elapsed().as_secs_f64();
         let after = Snapshot::take(h, http).await?;

@@ -595,6 +595,11 @@ impl Pace {
     pub(crate) fn steady(rate: f64) -> Self {
         Self { rate, burst: Self::BURST }
     }
+
+    /// Whether to sleep until a job due in `wait`: only past the burst; closer ones go at once.
+    fn sleeps_for(&self, wait: Duration) -> bool {
+        wait > self.burst
+    }
 }
 
 /// Jobs to `to` at `pace` from index `first_k`, until `count` are published or `stop` is
@@ -618,7 +623,7 @@ pub(super) async fn publish_paced(
         }
         let due = start + Duration::from_secs_f64(i as f64 / pace.rate);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            if wait > pace.burst {
+            if pace.sleeps_for(wait) {
                 tokio::time::sleep(wait).await;
             }
         }
@@ -1550,6 +1555,18 @@ pub(crate) fn table(outcomes: &[Outcome]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pace_sends_what_is_due_within_its_burst_at_once() {
+        let ms = Duration::from_millis;
+        // The default at 800/s: the next job (1.25 ms away) goes at once; one 3 ms away waits.
+        assert!(!Pace::steady(800.0).sleeps_for(Duration::from_micros(1_250)));
+        assert!(Pace::steady(800.0).sleeps_for(ms(3)));
+        // Bursts of 0: every job waits for its own time. Bursts of 20 ms: a linger's worth goes.
+        assert!(Pace { rate: 800.0, burst: Duration::ZERO }.sleeps_for(Duration::from_micros(1)));
+        assert!(!Pace { rate: 800.0, burst: ms(20) }.sleeps_for(ms(19)));
+        assert!(Pace { rate: 800.0, burst: ms(20) }.sleeps_for(ms(21)));
+    }
 
     #[test]
     fn a_resend_run_is_sweep_bound_only_when_receipts_wait_past_their_time() {
