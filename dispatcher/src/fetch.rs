@@ -10,6 +10,11 @@
 //! after node kills) a dispatcher's jobs pipeline pulled nothing for minutes. Here a closing
 //! status says how many messages the request still owes (`Nats-Pending-Messages`), and the
 //! read waits for those, for a bounded time. What decides is [`on_status`], a pure rule.
+//!
+//! Every request of a consumer's [`Puller`] replies to one standing subscription, so a message
+//! that comes even later than that is not dropped: the next pull reads it and hands it out.
+//! Statuses carry their request's own reply subject, so a late one is told apart and ignored;
+//! messages carry the subject they were published on, so they are not, and need not be.
 
 use std::time::Duration;
 
@@ -70,10 +75,74 @@ pub fn on_status(code: u16, description: &str, pending: Option<usize>, asked: us
     }
 }
 
-/// One pull request in flight: its own inbox subscription, read message by message.
-pub struct Pull {
+/// A consumer's pulls, made one at a time over one standing subscription to `<inbox>.*`, each
+/// request replying to `<inbox>.<n>`. A subscription per pull cost a subscribe and an
+/// unsubscribe, two more writes to NATS, for every request; pulling on demand (see
+/// `crate::pull`) makes two requests a group.
+pub struct Puller {
     subscriber: Subscriber,
+    prefix: String,
+    sent: u64,
     context: jetstream::Context,
+}
+
+impl Puller {
+    pub async fn new(js: &jetstream::Context) -> Result<Self, FetchError> {
+        let client = js.client();
+        let prefix = client.new_inbox();
+        let subscriber =
+            client.subscribe(format!("{prefix}.*")).await.map_err(|e| FetchError::Request(e.to_string()))?;
+        Ok(Self { subscriber, prefix, sent: 0, context: js.clone() })
+    }
+
+    /// Asks `consumer` for up to `max` messages and `max_bytes` (0: no byte limit). With
+    /// `wait`, the request waits that long for them (a long poll); without, it brings only what
+    /// is queued now.
+    pub async fn pull(
+        &mut self,
+        consumer: &Consumer,
+        max: usize,
+        max_bytes: usize,
+        wait: Option<Duration>,
+    ) -> Result<Pull<'_>, FetchError> {
+        let reply = self.next_reply();
+        let config =
+            BatchConfig { batch: max, max_bytes, expires: wait, no_wait: wait.is_none(), ..BatchConfig::default() };
+        consumer.request_batch(config, reply.clone().into()).await.map_err(|e| FetchError::Request(e.to_string()))?;
+        Ok(self.read(reply, max, wait))
+    }
+
+    /// The reply subject for the next request.
+    pub fn next_reply(&mut self) -> String {
+        self.sent += 1;
+        format!("{}.{}", self.prefix, self.sent)
+    }
+
+    /// Reads a request sent for up to `asked` messages with `reply` as its reply subject
+    /// (from [`Self::next_reply`]), waiting at most `wait` (none: a request that does not wait).
+    pub fn read(&mut self, reply: String, asked: usize, wait: Option<Duration>) -> Pull<'_> {
+        let deadline = Instant::now() + wait.unwrap_or(Duration::ZERO) + EXPIRY_GRACE;
+        Pull {
+            subscriber: &mut self.subscriber,
+            context: self.context.clone(),
+            reply,
+            asked,
+            got: 0,
+            owed: None,
+            deadline,
+            done: false,
+        }
+    }
+}
+
+/// One pull request in flight, read message by message from its [`Puller`]'s subscription.
+/// A message that an earlier request owed and that came after it was given up on (past
+/// [`OWED_GRACE`]) is handed out by the pull it arrives in: every message pulled gets handled.
+/// Only statuses are told apart by request, by their subject.
+pub struct Pull<'a> {
+    subscriber: &'a mut Subscriber,
+    context: jetstream::Context,
+    reply: String,
     asked: usize,
     got: usize,
     /// Set by a closing status: messages owed, and until when they may come.
@@ -83,30 +152,7 @@ pub struct Pull {
     done: bool,
 }
 
-impl Pull {
-    /// Asks `consumer` (of `js`) for up to `max` messages and `max_bytes`, waiting at most
-    /// `expires`.
-    pub async fn start(
-        js: &jetstream::Context,
-        consumer: &Consumer,
-        max: usize,
-        max_bytes: usize,
-        expires: Duration,
-    ) -> Result<Self, FetchError> {
-        let client = js.client();
-        let inbox = client.new_inbox();
-        let subscriber = client.subscribe(inbox.clone()).await.map_err(|e| FetchError::Request(e.to_string()))?;
-        let config = BatchConfig { batch: max, max_bytes, expires: Some(expires), ..BatchConfig::default() };
-        consumer.request_batch(config, inbox.into()).await.map_err(|e| FetchError::Request(e.to_string()))?;
-        Ok(Self::over(subscriber, js.clone(), max, expires))
-    }
-
-    /// A pull whose request has been sent with `subscriber`'s subject as its reply inbox.
-    pub fn over(subscriber: Subscriber, context: jetstream::Context, asked: usize, expires: Duration) -> Self {
-        let deadline = Instant::now() + expires + EXPIRY_GRACE;
-        Self { subscriber, context, asked, got: 0, owed: None, deadline, done: false }
-    }
-
+impl Pull<'_> {
     /// The next message of this pull; None once it is over (all asked for came, the server
     /// closed it and what it owed came, or the waiting ran out). An error ends it too.
     pub async fn next(&mut self) -> Option<Result<jetstream::Message, FetchError>> {
@@ -127,6 +173,10 @@ impl Pull {
                 self.got += 1;
                 return Some(Ok(jetstream::Message { message, context: self.context.clone() }));
             };
+            // An earlier request's late status says nothing about this one.
+            if message.subject.as_str() != self.reply {
+                continue;
+            }
             let pending = message
                 .headers
                 .as_ref()

@@ -52,12 +52,12 @@ pub struct DispatcherMetrics {
 }
 
 /// How long each job spent in each stage of the job path in this dispatcher, measured on its
-/// monotonic clock: what part of publish → receive is Herald's own (queue, linger, route) and
-/// what part the store's.
+/// monotonic clock: what part of publish → receive is Herald's own (linger, route) and what
+/// part the store's. A job waits for a free worker in the stream, not here: jobs are pulled
+/// only for a free worker (`crate::pull`).
 pub struct JobStages {
-    /// Fetched, waiting for a free worker (`HERALD_JOB_WORKERS`).
-    pub queue: Histogram,
-    /// In its batch's linger (`HERALD_JOB_LINGER_MS`), until the batch went to a worker.
+    /// Held in its batch (`HERALD_JOB_LINGER_MS`), from reaching this dispatcher until the batch
+    /// went to a worker.
     pub linger: Histogram,
     /// Its batch's store write, retries included.
     pub store: Histogram,
@@ -82,14 +82,13 @@ impl JobStages {
             STAGE_BUCKETS,
         )?;
         let stage = |name: &str| stages.with_label_values(&[name]);
-        Ok(Self { queue: stage("queue"), linger: stage("linger"), store: stage("store"), route: stage("route") })
+        Ok(Self { linger: stage("linger"), store: stage("store"), route: stage("route") })
     }
 
     /// Records the waits of a batch's jobs before their worker.
     pub fn waited(&self, waits: &crate::pull::Waits) {
-        for waited in waits.iter() {
-            self.queue.observe(waited.for_handler.as_secs_f64());
-            self.linger.observe(waited.in_linger.as_secs_f64());
+        for held in waits.iter() {
+            self.linger.observe(held.as_secs_f64());
         }
     }
 }

@@ -1,20 +1,27 @@
-//! Pulling from the dispatchers' durable JetStream consumers: one bounded fetch at a time, each
-//! finished before the next, so a dispatcher that stops has nothing fetched and unprocessed
-//! (no job waits out the ack wait because its dispatcher shut down). Shared by the job and
-//! event pipelines.
+//! Pulling from the dispatchers' durable JetStream consumers, on demand: a group's first message
+//! by a long poll, made only while a handler is free; then, after the group's [`linger`], what
+//! queued meanwhile by one request that brings only what is there. While a group lingers no
+//! request is open, so its messages wait at the server and come in one read, not one read and
+//! one wake-up each (with a request left open, each message came on its own as it was
+//! published, about a third of the dispatcher's CPU per job at 600/s: docs/BENCHMARKS.md §10).
+//! What no handler is free for stays in the stream, where another dispatcher may take it.
+//! Requests are made one at a time, each read to its end, so a dispatcher that stops has
+//! nothing fetched and unprocessed. Shared by the job and event pipelines.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, Message};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
-/// How long one fetch waits for messages; also the longest a stopping dispatcher keeps pulling.
-const FETCH_EXPIRES: Duration = Duration::from_millis(500);
+use crate::fetch::{FetchError, Puller};
+
+/// How long a wait for a group's first message lasts; also the longest a stopping dispatcher
+/// keeps pulling.
+const FIRST_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 #[error("jetstream consumer {consumer} on {stream}: {reason}")]
@@ -39,14 +46,15 @@ pub struct Batching {
     /// Groups handled at once. More than one lets the next group gather while one is being
     /// stored, without splitting the stream into smaller groups.
     pub concurrency: usize,
-    /// Most bytes of messages one fetch brings: with `max`, what a batch can hold in memory
+    /// Most bytes of messages one group holds: with `max`, what a batch can hold in memory
     /// (jobs and events may each be up to NATS's `max_payload`). Raised to twice the server's
-    /// `max_payload` when that is larger, because JetStream never delivers a message bigger
-    /// than a fetch's byte budget, and such a message would block the consumer.
+    /// `max_payload` when that is larger (see [`fetch_bytes`]).
     pub max_bytes: usize,
 }
 
-/// The byte budget of one fetch from a server that accepts messages of up to `max_payload`.
+/// The byte budget of one group from a server that accepts messages of up to `max_payload`:
+/// JetStream never delivers a message bigger than a request's byte budget, and such a message
+/// would block the consumer.
 pub fn fetch_bytes(budget: usize, max_payload: usize) -> usize {
     budget.max(max_payload.saturating_mul(2))
 }
@@ -86,17 +94,11 @@ pub async fn num_pending(js: &jetstream::Context, stream: &str, name: &str, ack_
     consumer.info().await.ok().map(|info| info.num_pending)
 }
 
-/// Fetches messages until `stop` fires, handing them to `handle` in groups (see [`next_group`]:
-/// what is queued, and while the store is busy what arrives within `batching.linger`), up to
-/// `batching.max`, with up to `batching.concurrency` groups in hand at once, each with how long
-/// its messages waited ([`Waits`]). Errors (NATS away, consumer gone) are logged and retried with backoff; the loop
-/// ends only when `stop` fires, after everything fetched has been handled.
-///
-/// Fetching and handling run side by side, joined by a queue with room for one whole fetch: a
-/// fetch is read to its end however long `handle` takes. (async-nats ends a fetch that is not
-/// read for a few seconds past its expiry and drops what it still buffered; those jobs would
-/// wait out the ack wait, 30 s, after every slow batch or store outage.) A new fetch is made only
-/// once the queue is empty again, so at most one fetch is held beyond the group in hand.
+/// Pulls messages in groups until `stop` fires and hands each to `handle` with how long its
+/// messages waited ([`Waits`]): up to `batching.max` messages and `batching.max_bytes`, with
+/// up to `batching.concurrency` groups in hand at once (see the module's doc, and [`plan`] for
+/// when a group lingers). Errors (NATS away, consumer gone) are logged and retried with
+/// backoff; the loop ends only when `stop` fires, after every group pulled has been handled.
 pub async fn run<F, Fut>(
     js: &jetstream::Context,
     stream: &str,
@@ -109,36 +111,72 @@ pub async fn run<F, Fut>(
     F: FnMut(Vec<Message>, Waits) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let (tx, rx) = mpsc::channel(batching.max);
-    let inbox = Inbox { rx, gathering: Vec::new() };
-    let fetching = fetch_into(tx, js, stream, name, ack_wait, (batching.max, batching.max_bytes), stop);
-    // Groups being handled, read by the gatherer to decide whether to linger.
-    let busy = AtomicUsize::new(0);
+    // One permit a group in hand: the puller takes one before it pulls a group.
+    let slots = Semaphore::new(batching.concurrency.max(1));
+    // A group is sent only with its permit, so this never holds more than the handlers.
+    let (tx, mut rx) = mpsc::channel(1);
+    let source = Source { js, stream, name, ack_wait };
+    let pulling = pull_groups(tx, &source, &batching, &slots, stop);
     let handling = async {
-        // A stream, so that a group half gathered survives the select below polling something
-        // else (an unfold keeps its pending future).
-        let busy = &busy;
-        let prompt = Prompt::new(batching.linger, tokio::time::Instant::now());
-        let groups = futures::stream::unfold((inbox, prompt), |(mut inbox, mut prompt)| async move {
-            let group = next_group(&mut inbox, &batching, busy, &mut prompt, |m: &Message| m.payload.len()).await?;
-            let waits = inbox.close_group();
-            Some(((group, waits), (inbox, prompt)))
-        });
-        let mut groups = std::pin::pin!(groups);
         let mut in_hand = FuturesUnordered::new();
         loop {
             tokio::select! {
                 Some(()) = in_hand.next(), if !in_hand.is_empty() => {}
-                group = groups.next(), if in_hand.len() < batching.concurrency.max(1) => match group {
-                    Some((group, waits)) => in_hand.push(handle(group, waits)),
+                group = rx.recv() => match group {
+                    Some(Group { messages, waits, slot }) => {
+                        let handled = handle(messages, waits);
+                        in_hand.push(async move {
+                            handled.await;
+                            drop(slot);
+                        });
+                    }
                     None => break,
                 },
             }
-            busy.store(in_hand.len(), Ordering::Relaxed);
         }
         while in_hand.next().await.is_some() {}
     };
-    tokio::join!(fetching, handling);
+    tokio::join!(pulling, handling);
+}
+
+/// A consumer to pull from.
+struct Source<'a> {
+    js: &'a jetstream::Context,
+    stream: &'a str,
+    name: &'a str,
+    ack_wait: Duration,
+}
+
+/// A group pulled, on its way to a handler with the permit it was pulled under.
+struct Group<'s> {
+    messages: Vec<Message>,
+    waits: Waits,
+    slot: SemaphorePermit<'s>,
+}
+
+/// What to do once a group's first message is in hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// How long to let more queue at the server before asking for them.
+    pub linger: Duration,
+    /// Whether to ask for what queued (else the group is the first message alone).
+    pub pull_rest: bool,
+}
+
+/// The plan for a group whose first message said `waiting` more were in the stream behind it
+/// (its `num_pending`), with `groups_in_hand` others being handled and `prompt` a token of
+/// [`Prompt`] taken for it. A full group already waiting is pulled at once. Otherwise the group
+/// lingers as [`linger`] says, and asks for the rest if it lingered or knows some are there.
+pub fn plan(batching: &Batching, groups_in_hand: usize, prompt: bool, waiting: u64) -> Plan {
+    let room = batching.max.saturating_sub(1) as u64;
+    if room == 0 {
+        return Plan { linger: Duration::ZERO, pull_rest: false };
+    }
+    if waiting >= room {
+        return Plan { linger: Duration::ZERO, pull_rest: true };
+    }
+    let linger = linger(batching.linger, groups_in_hand, prompt);
+    Plan { linger, pull_rest: !linger.is_zero() || waiting > 0 }
 }
 
 /// How long a group waits for more after its first message. While another group is in hand,
@@ -186,181 +224,164 @@ impl Prompt {
     }
 }
 
-/// The next group of messages: the first, what is already queued behind it, and what arrives
-/// within its [`linger`], up to `max` messages or `max_bytes` (by `len`; the message that
-/// crosses it included). None once the fetcher is gone.
-async fn next_group<T>(
-    rx: &mut Inbox<T>,
-    batching: &Batching,
-    busy: &AtomicUsize,
-    prompt: &mut Prompt,
-    len: impl Fn(&T) -> usize,
-) -> Option<Vec<T>> {
-    let first = rx.recv().await?;
-    let mut bytes = len(&first);
-    let mut group = vec![first];
-    let full = |group: &Vec<T>, bytes: usize| group.len() >= batching.max || bytes >= batching.max_bytes;
-    while !full(&group, bytes) {
-        let Some(message) = rx.try_recv() else { break };
-        bytes += len(&message);
-        group.push(message);
-    }
-    let in_hand = busy.load(Ordering::Relaxed);
-    // A token is taken only when it decides something: with a group in hand this one lingers.
-    let prompt = in_hand == 0 && prompt.take(tokio::time::Instant::now());
-    let linger = linger(batching.linger, in_hand, prompt);
-    // No timer for no linger: tokio rounds a deadline up to its next millisecond, so even a
-    // zero sleep would hold the group up to 1 ms and wake the runtime once more to end it.
-    if linger.is_zero() {
-        return Some(group);
-    }
-    let linger = tokio::time::sleep(linger);
-    tokio::pin!(linger);
-    while !full(&group, bytes) {
-        tokio::select! {
-            _ = &mut linger => break,
-            next = rx.recv() => match next {
-                Some(message) => {
-                    bytes += len(&message);
-                    group.push(message);
-                }
-                None => break,
-            },
-        }
-    }
-    Some(group)
-}
-
-/// A fetched message in the queue to the handler, with when it was queued.
-type Queued<T = Message> = (T, Instant);
-
-/// The handler's end of the queue. It notes when each message of the group being gathered was
-/// queued and taken, so that a group's [`Waits`] come from one monotonic clock in this process.
-struct Inbox<T = Message> {
-    rx: mpsc::Receiver<Queued<T>>,
-    /// (queued, taken) of each message taken since the last group was handed over.
-    gathering: Vec<(Instant, Instant)>,
-}
-
-impl<T> Inbox<T> {
-    async fn recv(&mut self) -> Option<T> {
-        let (message, queued) = self.rx.recv().await?;
-        self.gathering.push((queued, Instant::now()));
-        Some(message)
-    }
-
-    /// The next message if one is queued now.
-    fn try_recv(&mut self) -> Option<T> {
-        let (message, queued) = self.rx.try_recv().ok()?;
-        self.gathering.push((queued, Instant::now()));
-        Some(message)
-    }
-
-    /// The waits of the group gathered since the last call; it is handed over now (a group is
-    /// only gathered while a handler slot is free).
-    fn close_group(&mut self) -> Waits {
-        let waits = Waits::of(&self.gathering, Instant::now());
-        self.gathering.clear();
-        waits
-    }
-}
-
-/// How long the messages of one group waited before their handler: observations, one per
-/// message, for the stage metrics (not paired with the messages).
+/// How long the messages of one group were held in this dispatcher before their handler, from
+/// when each came until the group was handed over: observations, one per message, for the
+/// stage metrics (not paired with the messages). The first message's is the group's linger;
+/// the others waited out most of theirs at the server, where no clock of this process sees it.
 #[derive(Debug, Default)]
 pub struct Waits {
-    each: Vec<Waited>,
-}
-
-/// How long one message waited before its handler.
-#[derive(Debug, Clone, Copy)]
-pub struct Waited {
-    /// In the queue, while every handler slot was busy (`Batching::concurrency`).
-    pub for_handler: Duration,
-    /// In its group, from being taken until the group was handed over (`Batching::linger`).
-    pub in_linger: Duration,
+    each: Vec<Duration>,
 }
 
 impl Waits {
-    /// The waits of messages (queued, taken) in a group handed over at `closed`.
-    fn of(gathered: &[(Instant, Instant)], closed: Instant) -> Self {
-        let waited = |&(queued, taken): &(Instant, Instant)| Waited {
-            for_handler: taken.saturating_duration_since(queued),
-            in_linger: closed.saturating_duration_since(taken),
-        };
-        Self { each: gathered.iter().map(waited).collect() }
+    /// The waits of messages that came at `came`, in a group handed over at `closed`.
+    fn of(came: &[tokio::time::Instant], closed: tokio::time::Instant) -> Self {
+        Self { each: came.iter().map(|&came| closed.saturating_duration_since(came)).collect() }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Waited> {
+    pub fn iter(&self) -> impl Iterator<Item = &Duration> {
         self.each.iter()
     }
 }
 
-/// Fetches up to `max` messages at a time into `tx` until `stop` fires; each fetch waits for
-/// room for all of it first. Dropping `tx` at the end lets the handler finish.
-async fn fetch_into(
-    tx: mpsc::Sender<Queued>,
-    js: &jetstream::Context,
-    stream: &str,
-    name: &str,
-    ack_wait: Duration,
-    (max, max_bytes): (usize, usize),
+/// Pulls groups into `tx` until `stop` fires, each under a permit of `slots`. Dropping `tx` at
+/// the end lets the handler finish.
+async fn pull_groups<'s>(
+    tx: mpsc::Sender<Group<'s>>,
+    source: &Source<'_>,
+    batching: &Batching,
+    slots: &'s Semaphore,
     stop: &CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let mut cached: Option<Consumer> = None;
+    let mut ready: Option<(Consumer, Puller)> = None;
     // JetStream not serving this consumer, logged once per outage.
     let outage = herald_shared::outage::Outage::new("nats: pulling");
+    let mut prompt = Prompt::new(batching.linger, tokio::time::Instant::now());
+    let stream = source.stream;
     while !stop.is_cancelled() {
-        let room = tokio::select! {
-            room = tx.reserve_many(max) => room,
+        let slot = tokio::select! {
+            slot = slots.acquire() => slot,
             _ = stop.cancelled() => return,
         };
-        let Ok(mut room) = room else { return };
-        let consumer = match cached.take() {
-            Some(consumer) => consumer,
-            None => match self::consumer(js, stream, name, ack_wait).await {
-                Ok(consumer) => consumer,
+        let Ok(slot) = slot else { return };
+        let (consumer, mut puller) = match ready.take() {
+            Some(ready) => ready,
+            None => match connect(source).await {
+                Ok(ready) => ready,
                 Err(e) => {
-                    outage.failed(&format_args!("consumer: {e}"));
+                    outage.failed(&format_args!("{stream}: {e}"));
                     sleep_or_stop(&mut backoff, stop).await;
                     continue;
                 }
             },
         };
-        let mut pull = match crate::fetch::Pull::start(js, &consumer, max, max_bytes, FETCH_EXPIRES).await {
-            Ok(pull) => pull,
+        // The wait for the first message is read to its end even when `stop` fires meanwhile
+        // (at most FIRST_WAIT and the fetch module's graces): what was pulled gets handled.
+        let first = match first_message(&mut puller, &consumer).await {
+            Ok(first) => first,
             Err(e) => {
                 outage.failed(&format_args!("{stream}: {e}"));
                 sleep_or_stop(&mut backoff, stop).await;
                 continue;
             }
         };
-        // The pull is read to its end even when `stop` fires meanwhile (at most FETCH_EXPIRES
-        // and the fetch module's graces): what was pulled gets handled, not left to the ack wait.
+        outage.answered();
+        backoff = Duration::from_millis(100);
+        let Some(first) = first else {
+            ready = Some((consumer, puller));
+            continue;
+        };
+        let mut gathering = Gathering::new(first, tokio::time::Instant::now());
+        // Groups being handled besides the one this permit is for.
+        let in_hand = batching.concurrency.max(1).saturating_sub(slots.available_permits() + 1);
+        // A token is taken only when it decides something: with a group in hand this one lingers.
+        let prompt = in_hand == 0 && prompt.take(tokio::time::Instant::now());
+        let waiting = gathering.messages[0].info().map_or(0, |info| info.pending);
+        let plan = plan(batching, in_hand, prompt, waiting);
+        if !plan.linger.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(plan.linger) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
         let mut broken = false;
-        while let Some(message) = pull.next().await {
-            match (message, room.next()) {
-                (Ok(message), Some(slot)) => slot.send((message, Instant::now())),
-                // More than asked for (the server never does this): hand it straight back.
-                (Ok(message), None) => {
-                    let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
-                }
-                (Err(e), _) => {
-                    if pull.got() == 0 {
-                        outage.failed(&format_args!("{stream}: {e}"));
+        let bytes_left = batching.max_bytes.saturating_sub(gathering.bytes);
+        if plan.pull_rest && bytes_left > 0 && !stop.is_cancelled() {
+            let room = batching.max.saturating_sub(1);
+            match puller.pull(&consumer, room, bytes_left, None).await {
+                Ok(mut rest) => {
+                    while let Some(message) = rest.next().await {
+                        match message {
+                            Ok(message) => gathering.push(message),
+                            Err(e) => {
+                                outage.failed(&format_args!("{stream}: {e}"));
+                                broken = true;
+                            }
+                        }
                     }
+                }
+                Err(e) => {
+                    outage.failed(&format_args!("{stream}: {e}"));
                     broken = true;
                 }
             }
         }
+        let (messages, waits) = gathering.close();
+        if tx.send(Group { messages, waits, slot }).await.is_err() {
+            return;
+        }
         if broken {
             sleep_or_stop(&mut backoff, stop).await;
         } else {
-            outage.answered();
-            backoff = Duration::from_millis(100);
-            cached = Some(consumer);
+            ready = Some((consumer, puller));
         }
+    }
+}
+
+/// The consumer, looked up (or created), and a puller for it.
+async fn connect(source: &Source<'_>) -> Result<(Consumer, Puller), String> {
+    let consumer = consumer(source.js, source.stream, source.name, source.ack_wait).await.map_err(|e| e.to_string())?;
+    let puller = Puller::new(source.js).await.map_err(|e| e.to_string())?;
+    Ok((consumer, puller))
+}
+
+/// A group's first message: a long poll of [`FIRST_WAIT`] for one. None if none came.
+async fn first_message(puller: &mut Puller, consumer: &Consumer) -> Result<Option<Message>, FetchError> {
+    // No byte limit: one message is at most the server's `max_payload`, and with a limit the
+    // server closes a request whose count is used up with a status, one more read.
+    let mut pull = puller.pull(consumer, 1, 0, Some(FIRST_WAIT)).await?;
+    let mut first = None;
+    while let Some(message) = pull.next().await {
+        let message = message?;
+        first = Some(message);
+    }
+    Ok(first)
+}
+
+/// The messages of the group being pulled, with when each came.
+struct Gathering {
+    messages: Vec<Message>,
+    came: Vec<tokio::time::Instant>,
+    bytes: usize,
+}
+
+impl Gathering {
+    fn new(first: Message, came: tokio::time::Instant) -> Self {
+        let bytes = first.payload.len();
+        Self { messages: vec![first], came: vec![came], bytes }
+    }
+
+    fn push(&mut self, message: Message) {
+        self.bytes += message.payload.len();
+        self.messages.push(message);
+        self.came.push(tokio::time::Instant::now());
+    }
+
+    /// The group, handed over now, and how long each of its messages was held for it.
+    fn close(self) -> (Vec<Message>, Waits) {
+        let waits = Waits::of(&self.came, tokio::time::Instant::now());
+        (self.messages, waits)
     }
 }
 
@@ -405,84 +426,34 @@ mod tests {
         assert!((0..1_000).all(|_| unlimited.take(start)));
     }
 
-    fn inbox() -> (mpsc::Sender<Queued<Vec<u8>>>, Inbox<Vec<u8>>) {
-        let (tx, rx) = mpsc::channel(8);
-        (tx, Inbox { rx, gathering: Vec::new() })
+    fn batching(max: usize) -> Batching {
+        Batching { max, linger: Duration::from_millis(20), concurrency: 2, max_bytes: 1 << 20 }
     }
 
-    fn prompt() -> Prompt {
-        Prompt::new(Duration::from_millis(20), tokio::time::Instant::now())
+    #[test]
+    fn an_idle_store_hands_the_first_message_over_at_once_with_what_is_known_to_wait() {
+        let go = Duration::ZERO;
+        // Nothing behind it: no second request.
+        assert_eq!(plan(&batching(256), 0, true, 0), Plan { linger: go, pull_rest: false });
+        // Some queued behind it: taken at once, as an idle store wants.
+        assert_eq!(plan(&batching(256), 0, true, 7), Plan { linger: go, pull_rest: true });
     }
 
-    fn batching(max: usize, max_bytes: usize) -> Batching {
-        Batching { max, linger: Duration::from_millis(20), concurrency: 2, max_bytes }
+    #[test]
+    fn a_busy_store_or_a_spent_prompt_budget_lets_the_group_gather_at_the_server() {
+        let linger = Duration::from_millis(20);
+        assert_eq!(plan(&batching(256), 1, false, 0), Plan { linger, pull_rest: true });
+        assert_eq!(plan(&batching(256), 1, false, 100), Plan { linger, pull_rest: true });
+        assert_eq!(plan(&batching(256), 0, false, 0), Plan { linger, pull_rest: true }, "prompt budget spent");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_store_takes_what_is_queued_without_waiting() {
-        let (tx, mut rx) = inbox();
-        for n in [1u8, 2, 3] {
-            tx.send((vec![n], Instant::now())).await.unwrap();
-        }
-        let late = tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            late.send((vec![4], Instant::now())).await.unwrap();
-        });
-        // Off the millisecond grid, where tokio's timers round a deadline up to the next tick.
-        tokio::time::advance(Duration::from_micros(300)).await;
-        let started = tokio::time::Instant::now();
-        let group =
-            next_group(&mut rx, &batching(10, 1 << 20), &AtomicUsize::new(0), &mut prompt(), Vec::len).await.unwrap();
-        assert_eq!(group, vec![vec![1], vec![2], vec![3]]);
-        assert_eq!(started.elapsed(), Duration::ZERO, "a prompt group waits for no timer");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_store_past_the_prompt_budget_gets_lingering_groups() {
-        let (tx, mut rx) = inbox();
-        let idle = AtomicUsize::new(0);
-        let mut spent = prompt();
-        let now = tokio::time::Instant::now();
-        assert!(spent.take(now) && spent.take(now));
-        tx.send((vec![1], Instant::now())).await.unwrap();
-        let started = tokio::time::Instant::now();
-        let group = next_group(&mut rx, &batching(10, 1 << 20), &idle, &mut spent, Vec::len).await.unwrap();
-        assert_eq!(group, vec![vec![1]]);
-        assert_eq!(started.elapsed(), Duration::from_millis(20));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_busy_store_lets_the_next_group_gather_for_the_linger() {
-        let (tx, mut rx) = inbox();
-        tx.send((vec![1], Instant::now())).await.unwrap();
-        let late = tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            late.send((vec![2], Instant::now())).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            late.send((vec![3], Instant::now())).await.unwrap();
-        });
-        let started = tokio::time::Instant::now();
-        let group =
-            next_group(&mut rx, &batching(10, 1 << 20), &AtomicUsize::new(1), &mut prompt(), Vec::len).await.unwrap();
-        assert_eq!(group, vec![vec![1], vec![2]]);
-        assert_eq!(started.elapsed(), Duration::from_millis(20));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_group_stops_at_its_count_or_bytes() {
-        let (tx, mut rx) = inbox();
-        for n in 0..5u8 {
-            tx.send((vec![n; 4], Instant::now())).await.unwrap();
-        }
-        let busy = AtomicUsize::new(1);
-        assert_eq!(next_group(&mut rx, &batching(2, 1 << 20), &busy, &mut prompt(), Vec::len).await.unwrap().len(), 2);
-        // 4 + 4 bytes crosses 6: the message that crosses it is included.
-        assert_eq!(next_group(&mut rx, &batching(10, 6), &busy, &mut prompt(), Vec::len).await.unwrap().len(), 2);
-        drop(tx);
-        assert_eq!(next_group(&mut rx, &batching(10, 1 << 20), &busy, &mut prompt(), Vec::len).await.unwrap().len(), 1);
-        assert!(next_group(&mut rx, &batching(10, 1 << 20), &busy, &mut prompt(), Vec::len).await.is_none());
+    #[test]
+    fn a_full_group_already_waiting_is_pulled_without_lingering() {
+        let go = Plan { linger: Duration::ZERO, pull_rest: true };
+        assert_eq!(plan(&batching(256), 1, false, 255), go);
+        assert_eq!(plan(&batching(256), 2, false, 90_000), go);
+        // A group of one is its first message.
+        assert_eq!(plan(&batching(1), 1, false, 90_000), Plan { linger: Duration::ZERO, pull_rest: false });
     }
 
     #[test]
@@ -492,13 +463,12 @@ mod tests {
     }
 
     #[test]
-    fn a_message_waits_for_a_handler_until_taken_then_in_the_linger_until_handed_over() {
-        let t0 = Instant::now();
+    fn a_message_is_held_from_when_it_came_until_its_group_is_handed_over() {
+        let t0 = tokio::time::Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        // Queued at 0, taken at 5 (first of its group); queued at 8 and taken at once; handed over at 25.
-        let waits = Waits::of(&[(ms(0), ms(5)), (ms(8), ms(8))], ms(25));
-        let each: Vec<(u128, u128)> =
-            waits.iter().map(|w| (w.for_handler.as_millis(), w.in_linger.as_millis())).collect();
-        assert_eq!(each, [(5, 20), (0, 17)]);
+        // The first came at 0, the rest at 21 after the linger; handed over at 22.
+        let waits = Waits::of(&[ms(0), ms(21), ms(21)], ms(22));
+        let each: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(each, [22, 1, 1]);
     }
 }

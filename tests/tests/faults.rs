@@ -1499,8 +1499,8 @@ async fn a_pull_whose_closing_status_overtakes_its_messages_still_gets_them() {
     read.read_line(&mut pong).await.unwrap();
     assert_eq!(pong.trim(), "PONG", "{info}");
 
-    let inbox = client.new_inbox();
-    let subscriber = client.subscribe(inbox.clone()).await.unwrap();
+    let mut puller = herald_dispatcher::fetch::Puller::new(&js).await.unwrap();
+    let inbox = puller.next_reply();
     client.publish_with_reply("pull.next", inbox.clone(), r#"{"batch":2}"#.into()).await.unwrap();
     let request = requests.next().await.unwrap();
     let reply = request.reply.unwrap();
@@ -1511,12 +1511,135 @@ async fn a_pull_whose_closing_status_overtakes_its_messages_still_gets_them() {
     }
     write.write_all(frames.as_bytes()).await.unwrap();
 
-    let mut pull = herald_dispatcher::fetch::Pull::over(subscriber, js, 2, Duration::from_millis(500));
+    let mut pull = puller.read(inbox, 2, Some(Duration::from_millis(500)));
     let mut got = Vec::new();
     while let Some(message) = pull.next().await {
         got.push(String::from_utf8(message.unwrap().message.payload.to_vec()).unwrap());
     }
     assert_eq!(got, ["m1", "m2"], "both messages, though the status came first");
+}
+
+/// Pulling on demand (`herald_dispatcher::pull`), on a real nats-server: while a group is in
+/// hand, the next group's first job comes by a long poll and the jobs published during its
+/// linger wait in the stream, then come together as one group; and with every handler busy
+/// nothing more is pulled: the next job stays in the stream, where any dispatcher may take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_published_during_a_linger_come_as_one_group_and_none_is_pulled_for_a_busy_handler() {
+    use async_nats::jetstream;
+    use herald_dispatcher::pull;
+    let nats = herald_tests::services::Nats::start().await.unwrap();
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let config = jetstream::stream::Config { name: "S".into(), subjects: vec!["s".into()], ..Default::default() };
+    js.create_stream(config).await.unwrap();
+    let publish = |body: &'static str| {
+        let js = js.clone();
+        async move { js.publish("s", body.into()).await.unwrap().await.unwrap() }
+    };
+    let (groups_tx, mut groups) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+    // Handlers hold their groups (and so their slots) until released.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let batching = pull::Batching { max: 256, linger: Duration::from_millis(300), concurrency: 2, max_bytes: 1 << 20 };
+    let pulling = tokio::spawn({
+        let (js, stop) = (js.clone(), stop.clone());
+        async move {
+            pull::run(&js, "S", "C", Duration::from_secs(30), batching, &stop, |group, _waits| {
+                let bodies = group.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();
+                let _ = groups_tx.send(bodies);
+                let mut released = released.clone();
+                async move {
+                    let _ = released.wait_for(|go| *go).await;
+                    for message in group {
+                        message.ack().await.unwrap();
+                    }
+                }
+            })
+            .await;
+        }
+    });
+    async fn next_group(groups: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<String>>) -> Vec<String> {
+        let next = tokio::time::timeout(Duration::from_secs(10), groups.recv()).await;
+        next.expect("a group within 10 s").expect("pulling goes on")
+    }
+
+    // Nothing in hand: the first job goes at once, alone.
+    publish("a").await;
+    assert_eq!(next_group(&mut groups).await, ["a"]);
+    // One group in hand: the next one's first job, then what came during its linger, together.
+    for body in ["b", "c", "d"] {
+        publish(body).await;
+    }
+    assert_eq!(next_group(&mut groups).await, ["b", "c", "d"]);
+    // Both handlers busy: the next job is not pulled.
+    publish("e").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(groups.try_recv().is_err(), "no group while every handler is busy");
+    let mut consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config> =
+        js.get_stream("S").await.unwrap().get_consumer("C").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (1, 4), "e waits in the stream, a to d in hand");
+    release.send(true).unwrap();
+    assert_eq!(next_group(&mut groups).await, ["e"]);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), pulling).await.expect("stops").unwrap();
+}
+
+/// A pull's messages that come after it was given up on, and an earlier request's late status:
+/// a consumer's pulls share one standing subscription, so the messages are read by the next
+/// pull and handed out, not dropped with a subscription to come back after the ack wait; and the
+/// status, addressed to the earlier request, does not end the next one. Here the stand-in
+/// closes a first pull owing two messages and sends neither within the grace; then, during a
+/// second pull, it sends the first one's stale `408` (which, read as the second's, would close
+/// it with nothing delivered) and the two messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_pulls_messages_go_to_the_next_pull_and_its_stale_status_is_ignored() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let nats = herald_tests::services::Nats::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let mut requests = client.subscribe("pull.next").await.unwrap();
+    client.flush().await.unwrap();
+    let raw = tokio::net::TcpStream::connect(("127.0.0.1", nats.port())).await.unwrap();
+    let (read, mut write) = raw.into_split();
+    let mut read = BufReader::new(read);
+    let mut info = String::new();
+    read.read_line(&mut info).await.unwrap();
+    write.write_all(b"CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nPING\r\n").await.unwrap();
+    let mut pong = String::new();
+    read.read_line(&mut pong).await.unwrap();
+    assert_eq!(pong.trim(), "PONG", "{info}");
+    let status = |reply: &str, line: &str| {
+        let head = format!("NATS/1.0 {line}\r\nNats-Pending-Messages: 2\r\nNats-Pending-Bytes: 0\r\n\r\n");
+        format!("HPUB {reply} {} {}\r\n{head}\r\n", head.len(), head.len())
+    };
+
+    let mut puller = herald_dispatcher::fetch::Puller::new(&js).await.unwrap();
+    let first = puller.next_reply();
+    client.publish_with_reply("pull.next", first.clone(), r#"{"batch":2}"#.into()).await.unwrap();
+    requests.next().await.unwrap();
+    // Closed owing both (none pending of the two asked for); neither comes within the grace.
+    let closing = "NATS/1.0 409 Batch Completed\r\nNats-Pending-Messages: 0\r\nNats-Pending-Bytes: 0\r\n\r\n";
+    write
+        .write_all(format!("HPUB {first} {} {}\r\n{closing}\r\n", closing.len(), closing.len()).as_bytes())
+        .await
+        .unwrap();
+    let mut pull = puller.read(first.clone(), 2, Some(Duration::from_millis(500)));
+    assert!(pull.next().await.is_none(), "given up on after the grace");
+
+    let second = puller.next_reply();
+    client.publish_with_reply("pull.next", second.clone(), r#"{"batch":2}"#.into()).await.unwrap();
+    requests.next().await.unwrap();
+    let mut frames = status(&first, "408 Request Timeout");
+    for body in ["m1", "m2"] {
+        frames.push_str(&format!("PUB {first} {}\r\n{body}\r\n", body.len()));
+    }
+    write.write_all(frames.as_bytes()).await.unwrap();
+    let mut pull = puller.read(second, 2, Some(Duration::from_millis(500)));
+    let mut got = Vec::new();
+    while let Some(message) = pull.next().await {
+        got.push(String::from_utf8(message.unwrap().message.payload.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["m1", "m2"], "the first pull's late messages, handed out by the second");
 }
 
 /// Chaos finding 10: a dispatcher or gateway starting while JetStream cannot answer about its

@@ -1,5 +1,5 @@
 //! Where a job's latency goes inside the dispatcher, over one window of a scenario: p50, p99 and
-//! mean of each stage of `herald_dispatcher_job_stage_seconds` (queue, linger, store, route) from
+//! mean of each stage of `herald_dispatcher_job_stage_seconds` (linger, store, route) from
 //! two scrapes of its `/metrics`, to set beside the publish → receive latency the workers
 //! measured. The stages are timed on the dispatcher's own monotonic clock; nothing here compares
 //! two clocks.
@@ -10,12 +10,12 @@ use super::metrics;
 use super::scenarios::round;
 
 const METRIC: &str = "herald_dispatcher_job_stage_seconds";
-/// Herald's own waits and work (queue, linger, route) and the store's write.
-const STAGES: [&str; 4] = ["queue", "linger", "store", "route"];
+/// Herald's own waits and work (linger, route) and the store's write.
+const STAGES: [&str; 3] = ["linger", "store", "route"];
 
 /// Each stage's `<stage>_p50_ms`, `<stage>_p99_ms` and `<stage>_mean_ms` between two scrapes of
 /// a dispatcher's metrics page (null where no job passed), and `herald_own_mean_ms`: the means of
-/// queue, linger and route summed, beside `store_mean_ms` (means add up where quantiles do not).
+/// linger and route summed, beside `store_mean_ms` (means add up where quantiles do not).
 pub(crate) fn split(before: &str, after: &str) -> Map<String, Value> {
     let mut figures = Map::new();
     let mut own_mean_ms = 0.0;
