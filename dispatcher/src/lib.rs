@@ -55,7 +55,7 @@ pub enum DispatcherError {
 
 /// Most gateway events applied at once (one receipt-update round trip per batch).
 const EVENT_BATCH: usize = 512;
-/// Bytes of events or jobs one fetch may hold (see `pull::Batching::max_bytes`): with the job
+/// Bytes of events or jobs one batch may hold (see `pull::Batching::max_bytes`): with the job
 /// workers, what bounds a dispatcher's memory under any flood of events or jobs.
 const FETCH_BYTES: usize = 8 * 1024 * 1024;
 
