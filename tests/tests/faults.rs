@@ -1470,6 +1470,48 @@ async fn a_frozen_gateway_longer_than_the_presence_ttl_loses_no_users_presence()
     fleet::wait_delivered(&cluster.db, &jobs, &BTreeSet::new(), Instant::now(), Duration::from_secs(60)).await.unwrap();
 }
 
+/// A nats-server, a client of it with its JetStream context, the pull requests sent to
+/// `pull.next`, and the writing half of a raw connection that stands in for a consumer's leader
+/// (raw, so that it can send status lines as the server does).
+async fn pull_stand_in() -> (
+    herald_tests::services::Nats,
+    async_nats::Client,
+    async_nats::jetstream::Context,
+    async_nats::Subscriber,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let nats = herald_tests::services::Nats::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let requests = client.subscribe("pull.next").await.unwrap();
+    client.flush().await.unwrap();
+    let raw = tokio::net::TcpStream::connect(("127.0.0.1", nats.port())).await.unwrap();
+    let (read, mut write) = raw.into_split();
+    let mut read = BufReader::new(read);
+    let mut info = String::new();
+    read.read_line(&mut info).await.unwrap();
+    write.write_all(b"CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nPING\r\n").await.unwrap();
+    let mut pong = String::new();
+    read.read_line(&mut pong).await.unwrap();
+    assert_eq!(pong.trim(), "PONG", "{info}");
+    (nats, client, js, requests, write)
+}
+
+/// Protocol lines that publish `bodies` to `reply`, as the stand-in sends a pull's messages.
+fn messages_to(reply: &str, bodies: &[&str]) -> String {
+    bodies.iter().map(|body| format!("PUB {reply} {}\r\n{body}\r\n", body.len())).collect()
+}
+
+/// What a pull hands out, as text, read to its end.
+async fn bodies(mut pull: herald_dispatcher::fetch::Pull<'_>) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Some(message) = pull.next().await {
+        got.push(String::from_utf8(message.unwrap().message.payload.to_vec()).unwrap());
+    }
+    got
+}
+
 /// A pull request's closing status that overtakes its messages: on a replicated stream the
 /// server's `409 Batch Completed` (the request's count used up) can arrive before the messages it
 /// completes, which wait for the replicas. async-nats's batch ended at the status with nothing,
@@ -1480,24 +1522,8 @@ async fn a_frozen_gateway_longer_than_the_presence_ttl_loses_no_users_presence()
 /// the pull must hand over both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_whose_closing_status_overtakes_its_messages_still_gets_them() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let nats = herald_tests::services::Nats::start().await.unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
-    let mut requests = client.subscribe("pull.next").await.unwrap();
-    client.flush().await.unwrap();
-
-    // The stand-in for the consumer's leader: a raw connection, so that it can send a status
-    // line, as the server does.
-    let raw = tokio::net::TcpStream::connect(("127.0.0.1", nats.port())).await.unwrap();
-    let (read, mut write) = raw.into_split();
-    let mut read = BufReader::new(read);
-    let mut info = String::new();
-    read.read_line(&mut info).await.unwrap();
-    write.write_all(b"CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nPING\r\n").await.unwrap();
-    let mut pong = String::new();
-    read.read_line(&mut pong).await.unwrap();
-    assert_eq!(pong.trim(), "PONG", "{info}");
+    use tokio::io::AsyncWriteExt;
+    let (_nats, client, js, mut requests, mut write) = pull_stand_in().await;
 
     let mut puller = herald_dispatcher::fetch::Puller::new(&js).await.unwrap();
     let inbox = puller.next_reply();
@@ -1506,16 +1532,10 @@ async fn a_pull_whose_closing_status_overtakes_its_messages_still_gets_them() {
     let reply = request.reply.unwrap();
     let status = "NATS/1.0 409 Batch Completed\r\nNats-Pending-Messages: 0\r\nNats-Pending-Bytes: 100\r\n\r\n";
     let mut frames = format!("HPUB {reply} {} {}\r\n{status}\r\n", status.len(), status.len());
-    for body in ["m1", "m2"] {
-        frames.push_str(&format!("PUB {reply} {}\r\n{body}\r\n", body.len()));
-    }
+    frames.push_str(&messages_to(&reply, &["m1", "m2"]));
     write.write_all(frames.as_bytes()).await.unwrap();
 
-    let mut pull = puller.read(inbox, 2, Some(Duration::from_millis(500)));
-    let mut got = Vec::new();
-    while let Some(message) = pull.next().await {
-        got.push(String::from_utf8(message.unwrap().message.payload.to_vec()).unwrap());
-    }
+    let got = bodies(puller.read(inbox, 2, Some(Duration::from_millis(500)))).await;
     assert_eq!(got, ["m1", "m2"], "both messages, though the status came first");
 }
 
@@ -1593,21 +1613,8 @@ async fn jobs_published_during_a_linger_come_as_one_group_and_none_is_pulled_for
 /// it with nothing delivered) and the two messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_pulls_messages_go_to_the_next_pull_and_its_stale_status_is_ignored() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let nats = herald_tests::services::Nats::start().await.unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
-    let mut requests = client.subscribe("pull.next").await.unwrap();
-    client.flush().await.unwrap();
-    let raw = tokio::net::TcpStream::connect(("127.0.0.1", nats.port())).await.unwrap();
-    let (read, mut write) = raw.into_split();
-    let mut read = BufReader::new(read);
-    let mut info = String::new();
-    read.read_line(&mut info).await.unwrap();
-    write.write_all(b"CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nPING\r\n").await.unwrap();
-    let mut pong = String::new();
-    read.read_line(&mut pong).await.unwrap();
-    assert_eq!(pong.trim(), "PONG", "{info}");
+    use tokio::io::AsyncWriteExt;
+    let (_nats, client, js, mut requests, mut write) = pull_stand_in().await;
     let status = |reply: &str, line: &str| {
         let head = format!("NATS/1.0 {line}\r\nNats-Pending-Messages: 2\r\nNats-Pending-Bytes: 0\r\n\r\n");
         format!("HPUB {reply} {} {}\r\n{head}\r\n", head.len(), head.len())
@@ -1630,15 +1637,9 @@ async fn a_late_pulls_messages_go_to_the_next_pull_and_its_stale_status_is_ignor
     client.publish_with_reply("pull.next", second.clone(), r#"{"batch":2}"#.into()).await.unwrap();
     requests.next().await.unwrap();
     let mut frames = status(&first, "408 Request Timeout");
-    for body in ["m1", "m2"] {
-        frames.push_str(&format!("PUB {first} {}\r\n{body}\r\n", body.len()));
-    }
+    frames.push_str(&messages_to(&first, &["m1", "m2"]));
     write.write_all(frames.as_bytes()).await.unwrap();
-    let mut pull = puller.read(second, 2, Some(Duration::from_millis(500)));
-    let mut got = Vec::new();
-    while let Some(message) = pull.next().await {
-        got.push(String::from_utf8(message.unwrap().message.payload.to_vec()).unwrap());
-    }
+    let got = bodies(puller.read(second, 2, Some(Duration::from_millis(500)))).await;
     assert_eq!(got, ["m1", "m2"], "the first pull's late messages, handed out by the second");
 }
 
