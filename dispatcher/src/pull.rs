@@ -292,12 +292,13 @@ async fn pull_groups<'s>(
             ready = Some((consumer, puller));
             continue;
         };
+        // What the stream holds behind it, as the server counted when it sent it.
+        let waiting = first.info().map_or(0, |info| info.pending);
         let mut gathering = Gathering::new(first, tokio::time::Instant::now());
         // Groups being handled besides the one this permit is for.
         let in_hand = batching.concurrency.max(1).saturating_sub(slots.available_permits() + 1);
         // A token is taken only when it decides something: with a group in hand this one lingers.
         let prompt = in_hand == 0 && prompt.take(tokio::time::Instant::now());
-        let waiting = gathering.messages[0].info().map_or(0, |info| info.pending);
         let plan = plan(batching, in_hand, prompt, waiting);
         if !plan.linger.is_zero() {
             tokio::select! {
@@ -309,22 +310,10 @@ async fn pull_groups<'s>(
         let bytes_left = batching.max_bytes.saturating_sub(gathering.bytes);
         if plan.pull_rest && bytes_left > 0 && !stop.is_cancelled() {
             let room = batching.max.saturating_sub(1);
-            match puller.pull(&consumer, room, bytes_left, None).await {
-                Ok(mut rest) => {
-                    while let Some(message) = rest.next().await {
-                        match message {
-                            Ok(message) => gathering.push(message),
-                            Err(e) => {
-                                outage.failed(&format_args!("{stream}: {e}"));
-                                broken = true;
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    outage.failed(&format_args!("{stream}: {e}"));
-                    broken = true;
-                }
+            if let Err(e) = take_rest(&mut puller, &consumer, &mut gathering, room, bytes_left).await {
+                // What came before the error is handled with the group.
+                outage.failed(&format_args!("{stream}: {e}"));
+                broken = true;
             }
         }
         let (messages, waits) = gathering.close();
@@ -357,6 +346,22 @@ async fn first_message(puller: &mut Puller, consumer: &Consumer) -> Result<Optio
         first = Some(message);
     }
     Ok(first)
+}
+
+/// What queued behind a group's first message, into `gathering`: one request that brings only
+/// what is there now, up to `room` messages and `bytes_left`.
+async fn take_rest(
+    puller: &mut Puller,
+    consumer: &Consumer,
+    gathering: &mut Gathering,
+    room: usize,
+    bytes_left: usize,
+) -> Result<(), FetchError> {
+    let mut rest = puller.pull(consumer, room, bytes_left, None).await?;
+    while let Some(message) = rest.next().await {
+        gathering.push(message?);
+    }
+    Ok(())
 }
 
 /// The messages of the group being pulled, with when each came.
