@@ -836,11 +836,32 @@ fn other(e: std::io::Error) -> SpawnError {
     SpawnError::Other(e.into())
 }
 
-/// A port nothing listens on right now. Someone may take it before the server binds it, which
-/// [`Process::start`] handles by trying another.
+/// A port nothing listens on right now, below the range the kernel draws outgoing connections'
+/// ports from (`ip_local_port_range`). Someone may take it before the server binds it, which
+/// [`Process::start`] handles by trying another. A server restarted on its port must find it
+/// free, and a port in that range can be taken meanwhile by any client's connection, even by a
+/// client retrying that very server: a loopback connect to a port nobody listens on may draw
+/// that port as its own and connect to itself, holding it (Redis could not come back in
+/// `services_started_before_redis_and_nats_wait_for_them_and_then_serve`, its gateway
+/// reconnecting every few milliseconds).
 pub fn free_port() -> anyhow::Result<u16> {
+    let below = outgoing_ports_start().unwrap_or(32768);
+    let range = 10_000..below.max(10_001);
+    for _ in 0..100 {
+        let port = rand::random_range(range.clone());
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(listener.local_addr()?.port());
+        }
+    }
+    // A crowded range: any free port, as the kernel picks it.
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// The first port of the kernel's range for outgoing connections, if it says.
+fn outgoing_ports_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 fn args(list: &[&str]) -> Vec<OsString> {
