@@ -193,11 +193,6 @@ impl Pull<'_> {
             }
         }
     }
-
-    /// Messages this pull has handed out.
-    pub fn got(&self) -> usize {
-        self.got
-    }
 }
 
 #[cfg(test)]

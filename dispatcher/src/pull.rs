@@ -328,10 +328,19 @@ async fn pull_groups<'s>(
     }
 }
 
+/// Why a consumer could not be made ready to pull from.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+    #[error("inbox: {0}")]
+    Inbox(#[from] FetchError),
+}
+
 /// The consumer, looked up (or created), and a puller for it.
-async fn connect(source: &Source<'_>) -> Result<(Consumer, Puller), String> {
-    let consumer = consumer(source.js, source.stream, source.name, source.ack_wait).await.map_err(|e| e.to_string())?;
-    let puller = Puller::new(source.js).await.map_err(|e| e.to_string())?;
+async fn connect(source: &Source<'_>) -> Result<(Consumer, Puller), ConnectError> {
+    let consumer = consumer(source.js, source.stream, source.name, source.ack_wait).await?;
+    let puller = Puller::new(source.js).await?;
     Ok((consumer, puller))
 }
 

@@ -87,14 +87,17 @@ async fn settle(
             offline.map(|user| (job.id.clone(), user.clone()))
         })
         .collect();
-    let deadline = Instant::now() + SETTLE;
-    let states = loop {
-        let states = fleet::receipt_states(db).await.unwrap();
-        if offline_receipts.iter().all(|key| states.contains_key(key)) || Instant::now() >= deadline {
-            break states;
+    let states = eventually(SETTLE, Duration::from_millis(200), || async {
+        let states = fleet::receipt_states(db).await.map_err(|e| e.to_string())?;
+        let missing = offline_receipts.iter().filter(|key| !states.contains_key(*key)).count();
+        if missing == 0 {
+            Ok(states)
+        } else {
+            Err(format!("{missing} offline receipts not stored yet"))
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await
+    .unwrap();
     for (id, user) in &offline_receipts {
         let state = states.get(&(id.clone(), user.clone())).map(String::as_str);
         assert_eq!(state, Some("pending"), "{id}/{user} while {user} was offline");
