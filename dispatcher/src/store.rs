@@ -456,7 +456,7 @@ impl Store {
     /// transient one fails the command (retried whole: acks are idempotent), a permanent one
     /// fails it as refused (split by the caller).
     async fn update_command(&self, statements: &[(&AckUpdate, usize)]) -> Result<u64, StoreError> {
-        let command = ack_command(statements)?;
+        let command = ack_command(statements, self.db.write_concern())?;
         let reply = self.call("apply_acks", async { Ok(self.db.run_raw_command(command).await?) }).await?;
         if let Ok(errors) = reply.get_array("writeErrors") {
             if let Some(first) = errors.iter().find_map(|e| e.as_document()) {

@@ -6,6 +6,7 @@
 use herald_proto::{ConnectionId, GatewayId, MessageId, UserId};
 use herald_shared::naming::collections;
 use mongodb::bson::DateTime;
+use mongodb::options::WriteConcern;
 use serde::Serialize;
 
 use super::{receipt_key, StoreError};
@@ -69,9 +70,15 @@ impl Serialize for ReceiptKey<'_> {
 
 /// The `update` command for these [`AckUpdate`]s, one statement each, in order (ordered, so a
 /// read's "delivered" statement lands before its "read" one), serialized straight to BSON:
-/// built as `Document`s, a statement cost ~80 allocations.
-pub(super) fn ack_command(statements: &[(&AckUpdate, usize)]) -> Result<mongodb::bson::RawDocumentBuf, StoreError> {
-    let command = AckCommand { update: collections::RECEIPTS, updates: AckStatements(statements), ordered: true };
+/// built as `Document`s, a statement cost ~80 allocations. It carries `write_concern`, the
+/// database's: a command run as such gets none from the driver, and would be acknowledged at the
+/// server's default instead of what the URI or Herald's default (`majority`) asks.
+pub(super) fn ack_command(
+    statements: &[(&AckUpdate, usize)],
+    write_concern: Option<&WriteConcern>,
+) -> Result<mongodb::bson::RawDocumentBuf, StoreError> {
+    let command =
+        AckCommand { update: collections::RECEIPTS, updates: AckStatements(statements), ordered: true, write_concern };
     Ok(mongodb::bson::to_raw_document_buf(&command)?)
 }
 
@@ -80,6 +87,8 @@ struct AckCommand<'a> {
     update: &'a str,
     updates: AckStatements<'a>,
     ordered: bool,
+    #[serde(rename = "writeConcern", skip_serializing_if = "Option::is_none")]
+    write_concern: Option<&'a WriteConcern>,
 }
 
 struct AckStatements<'a>(&'a [(&'a AckUpdate, usize)]);
@@ -232,12 +241,42 @@ mod tests {
         ]);
         assert_eq!(updates.len(), 3, "two delivered, one read");
         let statements: Vec<(&AckUpdate, usize)> = updates.iter().map(|u| (u, u.approx_bytes())).collect();
-        let command = ack_command(&statements).unwrap();
+        let command = ack_command(&statements, None).unwrap();
         let expected: Vec<Document> = updates.iter().map(ack_statement_as_a_document).collect();
         let expected = doc! { "update": collections::RECEIPTS, "updates": expected, "ordered": true };
         assert_eq!(command.to_document().unwrap(), expected);
         // Key order and types too: the same bytes as the command built from documents.
         assert_eq!(command.into_bytes(), mongodb::bson::RawDocumentBuf::from_document(&expected).unwrap().into_bytes());
+    }
+
+    /// The driver adds no write concern to a command run as such: without its own, an ack
+    /// update was acknowledged at the server's default (`w: 1` on a replica set with an
+    /// arbiter), not at the `majority` Herald asks of every write, and could be rolled back.
+    #[test]
+    fn an_ack_command_asks_the_databases_write_concern() {
+        use mongodb::options::Acknowledgment;
+        let updates = crate::acks::plan(&[herald_proto::AckRecord {
+            user: UserId::new("alice").unwrap(),
+            connection_id: ConnectionId::new("c1").unwrap(),
+            gateway_id: GatewayId::new("g1").unwrap(),
+            kind: herald_proto::AckKind::Delivered,
+            ids: vec![MessageId::new("m1").unwrap()],
+            read_unsent: Vec::new(),
+            at_ms: 42,
+            traceparent: None,
+        }]);
+        let statements: Vec<(&AckUpdate, usize)> = updates.iter().map(|u| (u, u.approx_bytes())).collect();
+        let majority = WriteConcern::builder()
+            .w(Acknowledgment::Majority)
+            .w_timeout(std::time::Duration::from_secs(5))
+            .journal(true)
+            .build();
+        let command = ack_command(&statements, Some(&majority)).unwrap().to_document().unwrap();
+        assert_eq!(
+            command.get_document("writeConcern").unwrap(),
+            &doc! { "w": "majority", "wtimeout": 5000, "j": true },
+            "{command}"
+        );
     }
 
     #[test]

@@ -120,7 +120,11 @@ impl Store {
                 }
             })
             .collect();
-        let command = doc! { "update": collections::TOPIC_MESSAGES, "updates": updates, "ordered": false };
+        let mut command = doc! { "update": collections::TOPIC_MESSAGES, "updates": updates, "ordered": false };
+        // The driver gives a command run as such no write concern of its own (see `ack_command`).
+        if let Some(concern) = self.db.write_concern() {
+            command.insert("writeConcern", mongodb::bson::to_bson(concern)?);
+        }
         let run = async { Ok(self.db.run_command(command).await?) };
         let reply = self.call("apply_topic_acks", run).await?;
         Ok(reply.get_i32("nModified").map(|n| n as u64).unwrap_or(0))
