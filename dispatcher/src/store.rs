@@ -35,7 +35,7 @@ mod encode;
 mod query;
 mod topics;
 pub use documents::{ClaimDoc, DeadLetterDoc, DeliveredBy, InlineMessage, MessageDoc, PendingSample, ReceiptDoc};
-use encode::{ack_command, NewClaim, NewInboxDoc, NewInline, NewReceipt, ReceiptKey};
+use encode::{ack_command, insert_command, NewClaim, NewInboxDoc, NewInline, NewReceipt, ReceiptKey};
 pub use topics::{TopicClaim, TopicMessageDoc};
 
 /// Duplicate key: the message or receipt exists already, which is what idempotency wants.
@@ -104,6 +104,13 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Receipts written per insert call: a 10,000-recipient fan-out is two calls. Keeps each call
 /// well inside [`OP_TIMEOUT`] (about 0.7 s for 5,000 on nx-27017, the slowest store tested).
 pub const RECEIPTS_PER_INSERT: usize = 5_000;
+/// Bytes of documents per insert command, by [`approx_doc_bytes`]: half MongoDB's 16 MiB limit
+/// on a command, so that a batch of 64 KiB payloads is written in a few commands, not refused.
+const INSERT_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// An upper bound on a claim's size besides its id.
+const CLAIM_BYTES: usize = 128;
+/// Write concern errors no retry cures: a `w` the replica set does not have.
+const UNSATISFIABLE_CONCERN_CODES: &[i32] = &[79, 100];
 
 fn classify(e: &mongodb::error::Error) -> ErrorClass {
     let transient = match e.kind.as_ref() {
@@ -270,11 +277,12 @@ impl Store {
             return Ok(out);
         }
         let purge_at = |job: &ValidJob| self.purge_at(job.expires_at_ms);
-        let (shared, messages): (Vec<usize>, Vec<MessageDoc>) = jobs
+        let (shared, messages): (Vec<usize>, Vec<(MessageDoc, usize)>) = jobs
             .iter()
             .enumerate()
             .filter(|(_, job)| job.recipients.len() > 1)
             .map(|(index, job)| {
+                let size = approx_doc_bytes(job, None);
                 let message = MessageDoc {
                     id: job.message_id.clone(),
                     seq: job.seq as i64,
@@ -284,14 +292,14 @@ impl Store {
                     recipients: job.recipients.len() as i64,
                     purge_at: purge_at(job),
                 };
-                (index, message)
+                (index, (message, size))
             })
             .unzip();
         // Which job wrote its message document in this call (to be removed on a conflict).
         let mut wrote_message = vec![false; jobs.len()];
         if !messages.is_empty() {
             let (inserted, failed) =
-                self.call("insert_messages", insert_tolerating_duplicates(&self.messages, &messages)).await?;
+                self.insert_tolerating_duplicates("insert_messages", collections::MESSAGES, &messages).await?;
             for (i, was_inserted) in inserted.into_iter().enumerate() {
                 wrote_message[shared[i]] = was_inserted;
             }
@@ -314,7 +322,7 @@ impl Store {
             let claim = NewClaim { id: &job.message_id, digest: &job.digest, purge_at: purge_at(job) };
             owners.push(index);
             users.push(None);
-            documents.push(NewInboxDoc::Claim(claim));
+            documents.push((NewInboxDoc::Claim(claim), CLAIM_BYTES + job.message_id.as_str().len()));
             for user in &job.recipients {
                 let receipt = NewReceipt {
                     id: ReceiptKey(&job.message_id, user),
@@ -330,22 +338,16 @@ impl Store {
                     inline: (job.recipients.len() == 1)
                         .then(|| NewInline { payload: job.payload.get(), published_at: date(job.published_at_ms) }),
                 };
+                let size = approx_doc_bytes(job, Some(user));
                 owners.push(index);
                 users.push(Some(user));
-                documents.push(NewInboxDoc::Receipt(receipt));
+                documents.push((NewInboxDoc::Receipt(receipt), size));
             }
         }
-        // One call per chunk, each within OP_TIMEOUT: a batch of large fan-outs is written piece
-        // by piece instead of as one call that a slow store never finishes in time.
-        let mut inserted = Vec::with_capacity(documents.len());
-        let inbox = self.receipts.clone_with_type::<NewInboxDoc<'_>>();
-        for (n, chunk) in documents.chunks(RECEIPTS_PER_INSERT).enumerate() {
-            let (chunk_inserted, failed) =
-                self.call("insert_receipts", insert_tolerating_duplicates(&inbox, chunk)).await?;
-            inserted.extend(chunk_inserted);
-            for (i, reason) in failed {
-                out[owners[n * RECEIPTS_PER_INSERT + i]] = Stored::Failed(reason);
-            }
+        let (inserted, failed) =
+            self.insert_tolerating_duplicates("insert_receipts", collections::RECEIPTS, &documents).await?;
+        for (k, reason) in failed {
+            out[owners[k]] = Stored::Failed(reason);
         }
         // A claim that was there already: the same job again, or another job with this id.
         let mut reused: Vec<usize> = Vec::new();
@@ -420,6 +422,49 @@ impl Store {
             self.call("undo_conflict", delete).await?;
         }
         Ok(())
+    }
+
+    /// Inserts `docs` (each with its approximate size) unordered, in as few `insert` commands
+    /// as their size allows: at most [`RECEIPTS_PER_INSERT`] documents and [`INSERT_BATCH_BYTES`]
+    /// each, so that every call ends within [`OP_TIMEOUT`] and no batch of large payloads makes
+    /// a command the server refuses for its size. Returns which were inserted, and the index and
+    /// reason of each that failed for a reason other than "already there" (duplicates are what
+    /// idempotency wants). A command the store refuses as a whole is split in two, down to one
+    /// document, so a document that can never be stored fails alone.
+    async fn insert_tolerating_duplicates<T: Serialize>(
+        &self,
+        op: &'static str,
+        collection: &str,
+        docs: &[(T, usize)],
+    ) -> Result<(Vec<bool>, Vec<(usize, String)>), StoreError> {
+        let mut inserted = vec![false; docs.len()];
+        let mut failed = Vec::new();
+        let mut start = 0;
+        for command in pack(docs, RECEIPTS_PER_INSERT, INSERT_BATCH_BYTES) {
+            // Each part with where it starts in `docs`.
+            let mut parts = vec![(start, command)];
+            start += command.len();
+            while let Some((offset, part)) = parts.pop() {
+                let command = insert_command(collection, part, self.db.write_concern())?;
+                match self.call(op, async { Ok(self.db.run_raw_command(command).await?) }).await {
+                    Ok(reply) => {
+                        let outcome = insert_outcome(&reply, part.len())?;
+                        for (i, was_inserted) in outcome.inserted.into_iter().enumerate() {
+                            inserted[offset + i] = was_inserted;
+                        }
+                        failed.extend(outcome.failed.into_iter().map(|(i, reason)| (offset + i, reason)));
+                    }
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(e) if part.len() == 1 => failed.push((offset, e.to_string())),
+                    Err(_) => {
+                        let (a, b) = part.split_at(part.len() / 2);
+                        parts.push((offset + a.len(), b));
+                        parts.push((offset, a));
+                    }
+                }
+            }
+        }
+        Ok((inserted, failed))
     }
 
     /// Applies ack updates (see [`crate::acks::plan`]), as few commands as their size allows:
@@ -721,6 +766,55 @@ pub struct AckOutcome {
     pub dropped: u64,
 }
 
+/// What the reply to an unordered `insert` says of each of its `len` documents.
+#[derive(Debug, PartialEq, Eq)]
+struct InsertOutcome {
+    inserted: Vec<bool>,
+    /// Index and reason of each document refused for a reason other than "already there".
+    failed: Vec<(usize, String)>,
+}
+
+/// Reads an `insert` reply: each entry of `writeErrors` names a document not inserted (a
+/// duplicate key is one already there). A `writeConcernError` fails the whole call: the
+/// documents may be on the primary only, and the call is retried (inserts are idempotent),
+/// except for a concern the replica set can never satisfy, which is permanent.
+fn insert_outcome(reply: &Document, len: usize) -> Result<InsertOutcome, StoreError> {
+    if let Ok(concern) = reply.get_document("writeConcernError") {
+        let code = int(concern, "code").and_then(|c| i32::try_from(c).ok()).unwrap_or(0);
+        let class =
+            if UNSATISFIABLE_CONCERN_CODES.contains(&code) { ErrorClass::Permanent } else { ErrorClass::Transient };
+        let message = concern.get_str("errmsg").unwrap_or("").to_owned();
+        return Err(StoreError::WriteRefused { class, code, message: format!("write concern: {message}") });
+    }
+    let mut outcome = InsertOutcome { inserted: vec![true; len], failed: Vec::new() };
+    for error in reply.get_array("writeErrors").into_iter().flatten().filter_map(|e| e.as_document()) {
+        let index = int(error, "index").and_then(|i| usize::try_from(i).ok()).filter(|i| *i < len);
+        let Some(index) = index else { continue };
+        outcome.inserted[index] = false;
+        if int(error, "code") != Some(i64::from(DUPLICATE_KEY)) {
+            outcome.failed.push((index, error.get_str("errmsg").unwrap_or("refused").to_owned()));
+        }
+    }
+    Ok(outcome)
+}
+
+/// An integer field of a reply, whichever width the server wrote it in.
+fn int(doc: &Document, key: &str) -> Option<i64> {
+    match doc.get(key)? {
+        mongodb::bson::Bson::Int32(i) => Some(i64::from(*i)),
+        mongodb::bson::Bson::Int64(i) => Some(*i),
+        _ => None,
+    }
+}
+
+/// An upper bound on the BSON size of a job's receipt for `user`, or of its message document
+/// (`None`): its payload (inline in a one-recipient receipt), its ids (a receipt key escapes
+/// them, at most three bytes a byte) and the fixed fields. For packing commands only.
+fn approx_doc_bytes(job: &ValidJob, user: Option<&UserId>) -> usize {
+    let ids = job.message_id.as_str().len() + user.map_or(0, |u| u.as_str().len());
+    job.payload.get().len() + 4 * ids + 256
+}
+
 /// Splits `items` (each with its size in bytes) into runs of at most `max_count` items and
 /// `max_bytes` bytes, in order; an item larger than `max_bytes` goes alone.
 pub fn pack<T>(items: &[(T, usize)], max_count: usize, max_bytes: usize) -> Vec<&[(T, usize)]> {
@@ -739,42 +833,36 @@ pub fn pack<T>(items: &[(T, usize)], max_count: usize, max_bytes: usize) -> Vec<
     out
 }
 
-/// Inserts `docs` unordered in one round trip. Returns which were inserted, and the index and
-/// reason of each that failed for a reason other than "already there".
-async fn insert_tolerating_duplicates<T>(
-    collection: &Collection<T>,
-    docs: &[T],
-) -> Result<(Vec<bool>, Vec<(usize, String)>), StoreError>
-where
-    T: Serialize + Send + Sync,
-{
-    let mut inserted = vec![true; docs.len()];
-    let mut failed = Vec::new();
-    if docs.is_empty() {
-        return Ok((inserted, failed));
-    }
-    match collection.insert_many(docs).ordered(false).await {
-        Ok(_) => {}
-        Err(e) => match e.kind.as_ref() {
-            ErrorKind::InsertMany(many) if many.write_concern_error.is_none() => {
-                for write_error in many.write_errors.iter().flatten() {
-                    if let Some(slot) = inserted.get_mut(write_error.index) {
-                        *slot = false;
-                    }
-                    if write_error.code != DUPLICATE_KEY {
-                        failed.push((write_error.index, write_error.message.clone()));
-                    }
-                }
-            }
-            _ => return Err(e.into()),
-        },
-    }
-    Ok((inserted, failed))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Duplicates are documents already there, not failures; another write error fails its own
+    /// document only; a write concern error fails the call, retried unless no retry can help.
+    #[test]
+    fn an_insert_reply_is_read_document_by_document() {
+        let reply = doc! {
+            "n": 2,
+            "writeErrors": [
+                { "index": 1, "code": DUPLICATE_KEY, "errmsg": "E11000 duplicate key" },
+                { "index": 3, "code": 121, "errmsg": "Document failed validation" },
+                { "index": 9, "code": 121, "errmsg": "an index past the command's documents" },
+            ],
+            "ok": 1,
+        };
+        let outcome = insert_outcome(&reply, 4).unwrap();
+        let wide = doc! { "writeErrors": [{ "index": 0_i64, "code": i64::from(DUPLICATE_KEY), "errmsg": "dup" }] };
+        assert_eq!(insert_outcome(&wide, 1).unwrap(), InsertOutcome { inserted: vec![false], failed: Vec::new() });
+        assert_eq!(outcome.inserted, vec![true, false, true, false]);
+        assert_eq!(outcome.failed, vec![(3, "Document failed validation".to_owned())]);
+        assert_eq!(insert_outcome(&doc! { "n": 2, "ok": 1 }, 2).unwrap().inserted, vec![true, true]);
+
+        let concern = |code: i32| doc! { "n": 1, "writeConcernError": { "code": code, "errmsg": "waiting" }, "ok": 1 };
+        let timed_out = insert_outcome(&concern(64), 1).unwrap_err();
+        assert!(timed_out.is_transient(), "{timed_out}");
+        let unsatisfiable = insert_outcome(&concern(100), 1).unwrap_err();
+        assert!(!unsatisfiable.is_transient(), "{unsatisfiable}");
+    }
 
     #[test]
     fn commands_are_packed_by_count_and_by_bytes_in_order() {

@@ -91,7 +91,15 @@ impl TcpProxy {
     /// changes), so the refused document may exist there; what the client sees is a store that
     /// will never accept it. Applies to connections opened after the call.
     pub fn refuse_inserts_containing(&self, marker: &str) {
-        *self.refuse.marker.lock().unwrap() = Some(marker.as_bytes().to_vec());
+        *self.refuse.marker.lock().unwrap() = Some((marker.as_bytes().to_vec(), Refuse::Document));
+    }
+
+    /// From now on, a MongoDB `insert` any of whose documents contains `marker` is refused as a
+    /// whole (`ok: 0`, code 2, as a server answers a command it cannot run), every time, and
+    /// never reaches the server: none of its documents is written. An insert without the marker
+    /// goes through. Applies to connections opened after the call.
+    pub fn refuse_commands_containing(&self, marker: &str) {
+        *self.refuse.marker.lock().unwrap() = Some((marker.as_bytes().to_vec(), Refuse::Command));
     }
 
     /// Holds back every chunk the upstream sends by `delay` (zero: none), on live connections
@@ -148,7 +156,7 @@ async fn proxy_connection(
     upstream: String,
     mut mode: watch::Receiver<Mode>,
     _live: LiveGuard,
-    refuse: Option<Vec<u8>>,
+    refuse: Option<Marker>,
     delay_ms: Arc<AtomicU64>,
 ) {
     if *mode.borrow() == Mode::Forward {
@@ -168,12 +176,12 @@ async fn proxy_connection(
                         _ = delayed_copy(&mut server_read, &mut client_write, &delay_ms) => {}
                     }
                 }
-                Some(marker) => {
+                Some((marker, how)) => {
                     let (client_read, client_write) = inbound.split();
                     let (server_read, server_write) = outbound.split();
                     let refused = Mutex::new(HashMap::new());
                     tokio::select! {
-                        _ = requests(client_read, server_write, marker, &refused) => {}
+                        _ = requests(client_read, server_write, marker, *how, &refused) => {}
                         _ = replies(server_read, client_write, &refused) => {}
                     }
                 }
@@ -229,10 +237,29 @@ impl Drop for LiveGuard {
     }
 }
 
-/// The marker that makes inserted documents refused, shared with the accept loop.
+/// The marker that makes inserted documents refused, and how, shared with the accept loop.
 #[derive(Clone, Default)]
 struct Refusal {
-    marker: Arc<Mutex<Option<Vec<u8>>>>,
+    marker: Arc<Mutex<Option<Marker>>>,
+}
+
+/// The bytes that mark an insert, and what it then gets.
+type Marker = (Vec<u8>, Refuse);
+
+/// What a marked insert gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refuse {
+    /// A write error for the marked document; the rest of the insert is the server's.
+    Document,
+    /// The whole command refused (`ok: 0`), and the server never sees it.
+    Command,
+}
+
+/// What the reply to a marked insert becomes.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    Document(usize),
+    Command,
 }
 
 /// MongoDB `OP_MSG`, the only opcode a current driver sends.
@@ -254,16 +281,26 @@ fn i32_at(bytes: &[u8], at: usize) -> Option<i32> {
 }
 
 /// Client → server: forwards every message; notes the inserts that carry the marker, by
-/// request id, with the index of the marked document.
+/// request id, with the index of the marked document. An insert refused as a whole goes to the
+/// server as a `ping` of the same id, whose reply then stands for the refusal.
 async fn requests(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     marker: &[u8],
-    refused: &Mutex<HashMap<i32, usize>>,
+    how: Refuse,
+    refused: &Mutex<HashMap<i32, Refused>>,
 ) {
-    while let Ok(message) = read_message(&mut from).await {
-        if let Some((request_id, index)) = marked_insert(&message, marker) {
-            refused.lock().unwrap().insert(request_id, index);
+    while let Ok(mut message) = read_message(&mut from).await {
+        if let Some(marked) = marked_insert(&message, marker) {
+            let refusal = match how {
+                Refuse::Document => Refused::Document(marked.index),
+                Refuse::Command => {
+                    let ping = mongodb::bson::doc! { "ping": 1, "$db": marked.db };
+                    message = op_msg(marked.request_id, 0, &ping);
+                    Refused::Command
+                }
+            };
+            refused.lock().unwrap().insert(marked.request_id, refusal);
         }
         if to.write_all(&message).await.is_err() {
             return;
@@ -276,13 +313,13 @@ async fn requests(
 async fn replies(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
-    refused: &Mutex<HashMap<i32, usize>>,
+    refused: &Mutex<HashMap<i32, Refused>>,
 ) {
     while let Ok(message) = read_message(&mut from).await {
         let response_to = i32_at(&message, 8).unwrap_or(0);
-        let index = refused.lock().unwrap().remove(&response_to);
-        let message = match index {
-            Some(index) => refusal_reply(response_to, index),
+        let refusal = refused.lock().unwrap().remove(&response_to);
+        let message = match refusal {
+            Some(refusal) => refusal_reply(response_to, refusal),
             None => message,
         };
         if to.write_all(&message).await.is_err() {
@@ -291,14 +328,24 @@ async fn replies(
     }
 }
 
-/// `(request id, index of the marked document)` if `message` is an insert carrying `marker`.
-fn marked_insert(message: &[u8], marker: &[u8]) -> Option<(i32, usize)> {
+/// An insert that carries the marker.
+struct Marked {
+    request_id: i32,
+    /// Of the marked document among the insert's.
+    index: usize,
+    /// The command's `$db`.
+    db: String,
+}
+
+/// The insert `message` is, if it carries `marker`.
+fn marked_insert(message: &[u8], marker: &[u8]) -> Option<Marked> {
     if i32_at(message, 12)? != OP_MSG {
         return None;
     }
     let request_id = i32_at(message, 4)?;
     let mut at = 20; // header (16) + flag bits (4)
     let mut is_insert = false;
+    let mut db = String::new();
     let mut documents: Vec<&[u8]> = Vec::new();
     while at < message.len() {
         let kind = *message.get(at)?;
@@ -309,13 +356,14 @@ fn marked_insert(message: &[u8], marker: &[u8]) -> Option<(i32, usize)> {
             0 => {
                 let command = mongodb::bson::Document::from_reader(section).ok()?;
                 is_insert = command.keys().next().is_some_and(|k| k == "insert");
+                db = command.get_str("$db").unwrap_or_default().to_owned();
                 if let Ok(array) = command.get_array("documents") {
                     // Documents inline in the command: find the marked one by re-encoding.
-                    for (i, doc) in array.iter().enumerate() {
+                    for (index, doc) in array.iter().enumerate() {
                         if let Some(doc) = doc.as_document() {
                             let mut bytes = Vec::new();
                             if doc.to_writer(&mut bytes).is_ok() && contains(&bytes, marker) {
-                                return is_insert.then_some((request_id, i));
+                                return is_insert.then_some(Marked { request_id, index, db });
                             }
                         }
                     }
@@ -336,35 +384,48 @@ fn marked_insert(message: &[u8], marker: &[u8]) -> Option<(i32, usize)> {
         at += size;
     }
     let index = documents.iter().position(|doc| contains(doc, marker))?;
-    is_insert.then_some((request_id, index))
+    is_insert.then_some(Marked { request_id, index, db })
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// An `OP_MSG` reply refusing document `index` of the insert `response_to`, as a MongoDB whose
-/// schema validator rejects it would answer.
-fn refusal_reply(response_to: i32, index: usize) -> Vec<u8> {
-    let body = mongodb::bson::doc! {
-        "n": 0,
-        "writeErrors": [{
-            "index": index as i32,
-            "code": 121,
-            "errmsg": "Document failed validation (refused by the test proxy)",
-        }],
-        "ok": 1.0,
+/// The `OP_MSG` reply to the insert `response_to` that refuses it: the marked document, as a
+/// MongoDB whose schema validator rejects it would answer, or the whole command.
+fn refusal_reply(response_to: i32, refused: Refused) -> Vec<u8> {
+    let body = match refused {
+        Refused::Document(index) => mongodb::bson::doc! {
+            "n": 0,
+            "writeErrors": [{
+                "index": index as i32,
+                "code": 121,
+                "errmsg": "Document failed validation (refused by the test proxy)",
+            }],
+            "ok": 1.0,
+        },
+        Refused::Command => mongodb::bson::doc! {
+            "ok": 0.0,
+            "code": 2,
+            "codeName": "BadValue",
+            "errmsg": "insert refused (by the test proxy)",
+        },
     };
+    op_msg(0, response_to, &body)
+}
+
+/// An `OP_MSG` whose one section is `body`.
+fn op_msg(request_id: i32, response_to: i32, body: &mongodb::bson::Document) -> Vec<u8> {
     let mut doc = Vec::new();
     let _ = body.to_writer(&mut doc);
     let total = 16 + 4 + 1 + doc.len();
-    let mut reply = Vec::with_capacity(total);
-    reply.extend_from_slice(&(total as i32).to_le_bytes());
-    reply.extend_from_slice(&0i32.to_le_bytes()); // request id
-    reply.extend_from_slice(&response_to.to_le_bytes());
-    reply.extend_from_slice(&OP_MSG.to_le_bytes());
-    reply.extend_from_slice(&0u32.to_le_bytes()); // flag bits
-    reply.push(0); // section kind 0: the body
-    reply.extend_from_slice(&doc);
-    reply
+    let mut message = Vec::with_capacity(total);
+    message.extend_from_slice(&(total as i32).to_le_bytes());
+    message.extend_from_slice(&request_id.to_le_bytes());
+    message.extend_from_slice(&response_to.to_le_bytes());
+    message.extend_from_slice(&OP_MSG.to_le_bytes());
+    message.extend_from_slice(&0u32.to_le_bytes()); // flag bits
+    message.push(0); // section kind 0: the body
+    message.extend_from_slice(&doc);
+    message
 }

@@ -877,6 +877,66 @@ async fn poison_job_is_dead_lettered(cluster: Cluster) {
     println!("jobs behind the poison delivered in {behind_took:?}; dead-lettered after {:?}", started.elapsed());
 }
 
+/// A store that refuses a whole `insert` command (`ok: 0`) because of one document in it costs
+/// that document's job alone: the command is split down to the document it refuses, and the
+/// jobs that shared its batch are stored the first time. Before, such a refusal failed every
+/// job of the batch: each was handed back and retried (and, had they kept meeting the poison in
+/// one batch, dead-lettered with it). The jobs are published before the dispatcher starts, so
+/// they reach it as one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_refused_as_a_whole_fails_only_the_job_that_caused_it() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await.unwrap();
+    cluster.stack.mongo_proxy.refuse_commands_containing("POISON");
+    let gateway = cluster.gateway().await.unwrap();
+    let mut alice = cluster.connect(gateway.addr, "alice").await.unwrap();
+    let alice_name = ["alice".to_owned()];
+    eventually(Duration::from_secs(10), Duration::from_millis(50), || async {
+        let held = presence_gateways(&cluster, &alice_name).await;
+        if held.is_empty() {
+            Err("alice's presence not written yet")
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let mut dead = cluster.nats.subscribe(cluster.stack.names().dead_letter_subject()).await.unwrap();
+    // Two recipients, so its message goes to `messages` in a command of its own kind.
+    let poison = serde_json::json!({"id": "poison-1", "to": ["alice", "bob"], "payload": "POISON"});
+    cluster.publish(&poison).await.unwrap();
+    for i in 0..5 {
+        cluster.send(&format!("beside-{i}"), &["alice"]).await.unwrap();
+    }
+    let mut config = dispatcher_config(&cluster.stack, &cluster.options);
+    config.max_attempts = 3;
+    let dispatcher = cluster.dispatcher_with(config).await.unwrap();
+
+    let mut beside = BTreeSet::new();
+    while beside.len() < 5 {
+        let n = alice.next_notification(Duration::from_secs(10)).await.expect("the jobs beside the poison");
+        assert_ne!(n.id, "poison-1", "a refused job is never delivered");
+        alice.ack([n.id.as_str()]).await.unwrap();
+        beside.insert(n.id.to_string());
+    }
+    for i in 0..5 {
+        cluster.wait_receipt(&format!("beside-{i}"), "alice", "delivered").await.unwrap();
+    }
+    let msg = tokio::time::timeout(SETTLE, dead.next()).await.unwrap().unwrap();
+    let rejection: herald_proto::Rejection = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(rejection.code, herald_proto::RejectCode::DeadLetter);
+    assert_eq!(rejection.job_id.as_deref(), Some("poison-1"));
+    assert!(rejection.reason.contains("3 attempts") && rejection.reason.contains("refused"), "{rejection:?}");
+    // Only the poison was dead-lettered (its `dead_letters` document carries the marker too, so
+    // the proxy refuses that insert as well; the subject is what reports it here).
+    let more = tokio::time::timeout(Duration::from_secs(1), dead.next()).await;
+    assert!(more.is_err(), "another job dead-lettered: {more:?}");
+    assert!(cluster.receipts("poison-1").await.unwrap().is_empty(), "no receipt for a job never stored");
+    let metrics = reqwest::get(format!("http://{}/metrics", dispatcher.internal)).await.unwrap().text().await.unwrap();
+    let retried = metrics.lines().find_map(|l| l.strip_prefix(r#"herald_dispatcher_jobs_total{outcome="retried"} "#));
+    assert_eq!(retried, Some("2"), "only the poison's first two attempts are retried, none of its batch's other jobs");
+}
+
 /// A job the store refuses every time is tried `max_attempts` times, then dead-lettered: a
 /// rejection with code `dead_letter` on `<prefix>.dead` and a document in `dead_letters` with
 /// the reason; the jobs behind it are delivered meanwhile.

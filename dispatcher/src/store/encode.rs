@@ -68,6 +68,37 @@ impl Serialize for ReceiptKey<'_> {
     }
 }
 
+/// The unordered `insert` command of `documents` into `collection`, with `write_concern` (see
+/// [`ack_command`]), serialized straight to BSON in one buffer. Through `insert_many`, the
+/// driver also gave each document a buffer of its own and kept its `_id` in a map of inserted
+/// ids that nothing read.
+pub(super) fn insert_command<T: Serialize>(
+    collection: &str,
+    documents: &[(T, usize)],
+    write_concern: Option<&WriteConcern>,
+) -> Result<mongodb::bson::RawDocumentBuf, StoreError> {
+    let command = InsertCommand { insert: collection, documents: Items(documents), ordered: false, write_concern };
+    Ok(mongodb::bson::to_raw_document_buf(&command)?)
+}
+
+#[derive(Serialize)]
+struct InsertCommand<'a, T: Serialize> {
+    insert: &'a str,
+    documents: Items<'a, T>,
+    ordered: bool,
+    #[serde(rename = "writeConcern", skip_serializing_if = "Option::is_none")]
+    write_concern: Option<&'a WriteConcern>,
+}
+
+/// Items paired with their approximate size (as `store::pack` takes them), written as the items.
+struct Items<'a, T>(&'a [(T, usize)]);
+
+impl<T: Serialize> Serialize for Items<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|(item, _)| item))
+    }
+}
+
 /// The `update` command for these [`AckUpdate`]s, one statement each, in order (ordered, so a
 /// read's "delivered" statement lands before its "read" one), serialized straight to BSON:
 /// built as `Document`s, a statement cost ~80 allocations. It carries `write_concern`, the
@@ -277,6 +308,18 @@ mod tests {
             &doc! { "w": "majority", "wtimeout": 5000, "j": true },
             "{command}"
         );
+    }
+
+    #[test]
+    fn an_insert_command_is_unordered_and_carries_each_document_as_it_serializes() {
+        let (m, d) = (MessageId::new("m1").unwrap(), "d1");
+        let docs = [(NewInboxDoc::Claim(NewClaim { id: &m, digest: d, purge_at: date(9) }), 100)];
+        let command = insert_command(collections::RECEIPTS, &docs, None).unwrap().to_document().unwrap();
+        let claim = mongodb::bson::to_document(&docs[0].0).unwrap();
+        assert_eq!(command, doc! { "insert": collections::RECEIPTS, "documents": [claim], "ordered": false });
+        let majority = WriteConcern::builder().w(mongodb::options::Acknowledgment::Majority).build();
+        let command = insert_command(collections::RECEIPTS, &docs, Some(&majority)).unwrap().to_document().unwrap();
+        assert_eq!(command.get_document("writeConcern").unwrap(), &doc! { "w": "majority" });
     }
 
     #[test]
