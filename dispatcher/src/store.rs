@@ -505,7 +505,7 @@ impl Store {
         let reply = self.call("apply_acks", async { Ok(self.db.run_raw_command(command).await?) }).await?;
         if let Ok(errors) = reply.get_array("writeErrors") {
             if let Some(first) = errors.iter().find_map(|e| e.as_document()) {
-                let code = first.get_i32("code").unwrap_or(0);
+                let code = int(first, "code").and_then(|c| i32::try_from(c).ok()).unwrap_or(0);
                 let message = first.get_str("errmsg").unwrap_or("").to_owned();
                 let class = if TRANSIENT_CODES.contains(&code) { ErrorClass::Transient } else { ErrorClass::Permanent };
                 return Err(StoreError::WriteRefused { class, code, message });

@@ -1,7 +1,8 @@
 //! What the store writes, serialized straight to BSON from borrowed data: a batch's claims and
-//! receipts, and the `update` command of a batch of acks. Built as `Document`s first, a receipt
-//! cost ~40 allocations and an ack statement ~80 (an `IndexMap` and a `String` per key, then the
-//! copy into raw BSON); each type here writes exactly what that did, held to it by the tests.
+//! receipts, the `insert` commands that carry them, and the `update` command of a batch of
+//! acks. Built as `Document`s first, a receipt cost ~40 allocations and an ack statement ~80
+//! (an `IndexMap` and a `String` per key, then the copy into raw BSON); each type here writes
+//! exactly what that did, held to it by the tests.
 
 use herald_proto::{ConnectionId, GatewayId, MessageId, UserId};
 use herald_shared::naming::collections;
