@@ -505,7 +505,7 @@ impl Store {
         let reply = self.call("apply_acks", async { Ok(self.db.run_raw_command(command).await?) }).await?;
         if let Ok(errors) = reply.get_array("writeErrors") {
             if let Some(first) = errors.iter().find_map(|e| e.as_document()) {
-                let code = int(first, "code").and_then(|c| i32::try_from(c).ok()).unwrap_or(0);
+                let code = code(first);
                 let message = first.get_str("errmsg").unwrap_or("").to_owned();
                 let class = if TRANSIENT_CODES.contains(&code) { ErrorClass::Transient } else { ErrorClass::Permanent };
                 return Err(StoreError::WriteRefused { class, code, message });
@@ -780,7 +780,7 @@ struct InsertOutcome {
 /// except for a concern the replica set can never satisfy, which is permanent.
 fn insert_outcome(reply: &Document, len: usize) -> Result<InsertOutcome, StoreError> {
     if let Ok(concern) = reply.get_document("writeConcernError") {
-        let code = int(concern, "code").and_then(|c| i32::try_from(c).ok()).unwrap_or(0);
+        let code = code(concern);
         let class =
             if UNSATISFIABLE_CONCERN_CODES.contains(&code) { ErrorClass::Permanent } else { ErrorClass::Transient };
         let message = concern.get_str("errmsg").unwrap_or("").to_owned();
@@ -791,7 +791,7 @@ fn insert_outcome(reply: &Document, len: usize) -> Result<InsertOutcome, StoreEr
         let index = int(error, "index").and_then(|i| usize::try_from(i).ok()).filter(|i| *i < len);
         let Some(index) = index else { continue };
         outcome.inserted[index] = false;
-        if int(error, "code") != Some(i64::from(DUPLICATE_KEY)) {
+        if code(error) != DUPLICATE_KEY {
             outcome.failed.push((index, error.get_str("errmsg").unwrap_or("refused").to_owned()));
         }
     }
@@ -805,6 +805,11 @@ fn int(doc: &Document, key: &str) -> Option<i64> {
         mongodb::bson::Bson::Int64(i) => Some(*i),
         _ => None,
     }
+}
+
+/// The `code` of an error in a reply (0 if it has none that fits).
+fn code(error: &Document) -> i32 {
+    int(error, "code").and_then(|c| i32::try_from(c).ok()).unwrap_or(0)
 }
 
 /// An upper bound on the BSON size of a job's receipt for `user`, or of its message document
@@ -851,11 +856,12 @@ mod tests {
             "ok": 1,
         };
         let outcome = insert_outcome(&reply, 4).unwrap();
-        let wide = doc! { "writeErrors": [{ "index": 0_i64, "code": i64::from(DUPLICATE_KEY), "errmsg": "dup" }] };
-        assert_eq!(insert_outcome(&wide, 1).unwrap(), InsertOutcome { inserted: vec![false], failed: Vec::new() });
         assert_eq!(outcome.inserted, vec![true, false, true, false]);
         assert_eq!(outcome.failed, vec![(3, "Document failed validation".to_owned())]);
         assert_eq!(insert_outcome(&doc! { "n": 2, "ok": 1 }, 2).unwrap().inserted, vec![true, true]);
+        // Fields written as int64 read the same.
+        let wide = doc! { "writeErrors": [{ "index": 0_i64, "code": i64::from(DUPLICATE_KEY), "errmsg": "dup" }] };
+        assert_eq!(insert_outcome(&wide, 1).unwrap(), InsertOutcome { inserted: vec![false], failed: Vec::new() });
 
         let concern = |code: i32| doc! { "n": 1, "writeConcernError": { "code": code, "errmsg": "waiting" }, "ok": 1 };
         let timed_out = insert_outcome(&concern(64), 1).unwrap_err();
