@@ -35,3 +35,29 @@ fn nothing_is_lost_under_a_small_load() -> anyhow::Result<()> {
     anyhow::ensure!(run.status.success(), "loadgen exited with {}\nstderr:\n{stderr}", run.status);
     Ok(())
 }
+
+/// The cost scenario's windows on the bare server: each frame reaches the one user it was sent
+/// to (`POST /send`, `?user=`), and every client's ack is read before the window ends.
+#[test]
+fn the_bare_server_delivers_each_frame_to_its_one_user() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("cost-limit.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--scenario", "cost", "--system", "limit", "--short", "--scenario-limit-secs", "240"])
+        .args(["--cost-rate-1", "200", "--cost-rate-10", "20", "--cost-rate-1000", "1", "--cost-window-secs", "1"])
+        .arg("--out")
+        .arg(&out)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let summary: Value = serde_json::from_slice(&std::fs::read(&out)?)
+        .map_err(|e| anyhow::anyhow!("no summary ({e}); stderr:\n{stderr}"))?;
+    let result = &summary["results"][0];
+    anyhow::ensure!(result["ok"] == true, "the limit's cost run failed: {result:#}\nstderr:\n{stderr}");
+    let steps = result["figures"]["steps"].as_array().cloned().unwrap_or_default();
+    anyhow::ensure!(steps.len() == 3, "one step per load: {result:#}");
+    for step in steps {
+        anyhow::ensure!(step["received"] == step["deliveries"], "not every frame arrived once: {step:#}");
+        anyhow::ensure!(step["duplicates"] == 0, "a frame arrived twice: {step:#}");
+    }
+    Ok(())
+}

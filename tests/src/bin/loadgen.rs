@@ -96,6 +96,8 @@ impl CostArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Workers hold thousands of sockets, and the servers it starts inherit the limit.
+    herald_shared::fdlimit::raise_to_hard();
     match Cli::parse().command {
         Command::Worker { spec } => loadgen::worker::main(serde_json::from_str(&spec)?),
         Command::Run {
@@ -151,7 +153,9 @@ async fn run(
     let mut outcomes = Vec::new();
     for scenario in scenario_list {
         for &system in &systems {
-            let applies = system == System::Herald || matches!(scenario, Scenario::Idle | Scenario::Gateway);
+            let applies = system == System::Herald
+                || matches!(scenario, Scenario::Idle | Scenario::Gateway)
+                || (system == System::Limit && scenario == Scenario::Cost);
             if !applies {
                 continue;
             }
@@ -163,6 +167,7 @@ async fn run(
         }
     }
     loadgen::ratios::add_idle_ratios(&mut outcomes);
+    loadgen::ratios::add_cost_ratios(&mut outcomes);
     let table = scenarios::table(&outcomes);
     println!("{table}");
     let summary = json!({

@@ -6,7 +6,12 @@
 //! allocations and bytes in the gateways and in the dispatcher (the benchmark build's counters,
 //! `herald_allocations_total`); store round trips; and publish → receive p50 / p99 with the
 //! dispatcher's job stages beside it (`stages`).
+//!
+//! On the limit (`--system limit`), the same users and windows with the frames sent straight to
+//! the bare servers: the CPU a server that does nothing else spends per delivery and its ack,
+//! beside which Herald's gateways are read (`ratios::add_cost_ratios`).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt as _;
@@ -15,13 +20,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics;
 use super::orchestrator::{user_names, Workers};
+use super::protocol;
 use super::report::Latency;
 use super::scenarios::{
     connect, mean_ms, publish_paced, receipt_latency, round, Outcome, Pace, Recipients, RunConfig, Scenario, Sut,
     System,
 };
 use super::stages;
-use super::systems::{Herald, HeraldOptions};
+use super::systems::{Herald, HeraldOptions, Limit, Server};
 
 /// Receipts moved to `delivered` by acks, counted by the dispatcher.
 const ACKED: &str = r#"herald_dispatcher_receipt_writes_total{op="ack"}"#;
@@ -123,11 +129,30 @@ impl Snapshot {
     }
 }
 
+/// The run's size, the same on every system: server processes, users on each, how long each
+/// load is sent, and how long the idle cost is measured before the first.
+struct Shape {
+    servers: usize,
+    per_server: usize,
+    window: Duration,
+    idle: Duration,
+}
+
+impl Shape {
+    fn of(config: &RunConfig) -> Self {
+        let (per_server, window, idle) = if config.short { (1_000, 6, 3) } else { (2_500, 20, 10) };
+        Self {
+            servers: 2,
+            per_server,
+            window: config.cost.window.unwrap_or(Duration::from_secs(window)),
+            idle: Duration::from_secs(idle),
+        }
+    }
+}
+
 pub(crate) async fn cost(config: &RunConfig) -> anyhow::Result<Outcome> {
     let mut out = Outcome::new(Scenario::Cost, System::Herald);
-    let servers = 2;
-    let per_server = if config.short { 1_000 } else { 2_500 };
-    let window = config.cost.window.unwrap_or(Duration::from_secs(if config.short { 6 } else { 20 }));
+    let Shape { servers, per_server, window, idle } = Shape::of(config);
     let sut = Sut::start(System::Herald, servers, HeraldOptions::default(), config).await?;
     let Sut::Herald(h) = &sut else { anyhow::bail!("not herald") };
     let mut workers = Workers::spawn(&sut.plan(per_server, true, 256))?;
@@ -137,7 +162,7 @@ pub(crate) async fn cost(config: &RunConfig) -> anyhow::Result<Outcome> {
     // Let the online announcements and replays of the connect settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let idle = idle_cpu_per_s(h, &http, Duration::from_secs(if config.short { 3 } else { 10 })).await?;
+    let idle = idle_cpu_per_s(h, &http, idle).await?;
     out.set("users_online", users.len() as u64);
     out.set("window_s", window.as_secs_f64());
     out.set("publish_burst_ms", config.cost.burst.as_millis() as u64);
@@ -352,6 +377,7 @@ fn summarise(out: &mut Outcome, recipients: usize, row: &Map<String, Value>) {
         "herald_cpu_us_per_msg",
         "herald_cpu_us_per_delivery",
         "herald_cpu_us_above_idle_per_msg",
+        "gateways_cpu_us_per_delivery",
         "store_cpu_us_per_msg",
         "gateway_allocs_per_msg",
         "dispatcher_allocs_per_msg",
@@ -364,4 +390,166 @@ fn summarise(out: &mut Outcome, recipients: usize, row: &Map<String, Value>) {
             out.set(&format!("r{recipients}_{key}"), value.clone());
         }
     }
+}
+
+// --- the same windows on the limit ----------------------------------------------------------------
+
+/// How the limit is sent its frames: one `POST /send` per server for each such span of jobs, as
+/// a dispatcher routes a group of jobs (its default linger) to each gateway in one message.
+const LIMIT_GROUP: Duration = Duration::from_millis(20);
+/// How long the limit's count of frames read from its clients must stay still after the last
+/// delivery before the window ends: longer than a client's ack batch (100 ms).
+const LIMIT_QUIET: Duration = Duration::from_millis(400);
+
+/// The cost scenario's windows on the bare server (`--system limit`): what a server that does
+/// nothing but hold the sockets spends to write each frame to its one connection and read the
+/// client's ack, with the same users, generator and rates as Herald's gateways. It bounds the
+/// gateways' half of Herald's cost from below; there is no such bound for a dispatcher's.
+pub(crate) async fn cost_on_the_limit(config: &RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::new(Scenario::Cost, System::Limit);
+    let Shape { servers, per_server, window, idle: idle_span } = Shape::of(config);
+    let sut = Sut::start(System::Limit, servers, HeraldOptions::default(), config).await?;
+    let Sut::Limit(limit) = &sut else { anyhow::bail!("not the limit") };
+    let mut workers = Workers::spawn(&sut.plan(per_server, true, 256))?;
+    connect(&mut workers, 1.0, Duration::from_secs(120)).await?;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let users = user_names("u", 0, per_server * servers);
+    let home = homes(&http, &limit.servers, &users).await?;
+    let cpu = || limit.servers.iter().map(|s| s.cpu_secs()).sum::<f64>();
+
+    let (idle_before, idle_at) = (cpu(), Instant::now());
+    tokio::time::sleep(idle_span).await;
+    let idle = (cpu() - idle_before) / idle_at.elapsed().as_secs_f64();
+    out.set("users_online", users.len() as u64);
+    out.set("window_s", window.as_secs_f64());
+    out.set("send_group_ms", LIMIT_GROUP.as_millis() as u64);
+    out.set("idle_limit_cpu_ms_per_s", round(idle * 1000.0, 2));
+    let mut k = 0u64;
+    let mut rows = Vec::new();
+    for &load in &config.cost.loads {
+        let to = Recipients { users: &users, per_job: load.recipients.min(users.len()) };
+        let jobs = (load.jobs_per_s * window.as_secs_f64()).round().max(1.0) as u64;
+        let deliveries = jobs * to.per_job as u64;
+        workers.reset().await?;
+        let start = workers.totals().await?;
+        let (before, at) = (cpu(), Instant::now());
+        let sent = send_paced(&http, limit, &home, to, k, jobs, load.jobs_per_s).await?;
+        let (_, received) = workers
+            .wait_for(SETTLE_LIMIT, Duration::from_millis(100), |t| t.unique >= start.unique + deliveries)
+            .await?;
+        read_quiet(&http, limit).await?;
+        let span = at.elapsed().as_secs_f64();
+        let used = cpu() - before;
+        let totals = workers.totals().await?;
+        if sent < deliveries || !received {
+            out.fail(format!(
+                "{} recipients per job: {sent} of {deliveries} frames queued, {} received",
+                to.per_job,
+                totals.unique - start.unique
+            ));
+        }
+        let lat = Latency::of(totals.publish_to_rx.as_ref());
+        let row = json!({
+            "recipients": to.per_job,
+            "jobs_per_s": load.jobs_per_s,
+            "jobs": jobs,
+            "deliveries": deliveries,
+            "span_s": round(span, 2),
+            "limit_cpu_us_per_msg": round(used * 1e6 / jobs as f64, 2),
+            "limit_cpu_us_per_delivery": round(used * 1e6 / deliveries as f64, 3),
+            "limit_cpu_us_above_idle_per_delivery": round(((used - idle * span) * 1e6 / deliveries as f64).max(0.0), 3),
+            "received": totals.unique - start.unique,
+            "duplicates": totals.duplicates - start.duplicates,
+            "p50_ms": round(lat.p50_ms, 1),
+            "p99_ms": round(lat.p99_ms, 1),
+        });
+        eprintln!("loadgen: cost window on the limit {row}");
+        for key in ["jobs_per_s", "limit_cpu_us_per_msg", "limit_cpu_us_per_delivery", "p50_ms", "p99_ms"] {
+            out.set(&format!("r{}_{key}", load.recipients), row[key].clone());
+        }
+        k += jobs;
+        rows.push(row);
+    }
+    out.set("steps", Value::Array(rows));
+    workers.quit().await;
+    Ok(out)
+}
+
+/// Which server each user is connected to (index into `servers`), from their `GET /users`.
+async fn homes(http: &reqwest::Client, servers: &[Server], users: &[String]) -> anyhow::Result<HashMap<String, usize>> {
+    let mut home = HashMap::new();
+    for (i, server) in servers.iter().enumerate() {
+        let list = http.get(format!("http://{}/users", server.addr)).send().await?.error_for_status()?.text().await?;
+        home.extend(list.lines().map(|user| (user.to_owned(), i)));
+    }
+    let missing = users.iter().filter(|u| !home.contains_key(*u)).count();
+    anyhow::ensure!(missing == 0, "{missing} users are connected to no bare server");
+    Ok(home)
+}
+
+/// Sends `count` jobs from `first_k` at `rate` per second, the frames of each [`LIMIT_GROUP`]
+/// in one `POST /send` per server. Returns how many frames the servers queued.
+async fn send_paced(
+    http: &reqwest::Client,
+    limit: &Limit,
+    home: &HashMap<String, usize>,
+    to: Recipients<'_>,
+    first_k: u64,
+    count: u64,
+    rate: f64,
+) -> anyhow::Result<u64> {
+    let start = Instant::now();
+    let (mut next, mut queued, mut groups) = (0, 0, 0);
+    while next < count {
+        groups += 1;
+        // Every job due by now, in one group.
+        let due = ((start.elapsed().as_secs_f64() * rate).floor() as u64 + 1).min(count);
+        let mut bodies = vec![String::new(); limit.servers.len()];
+        for k in (first_k + next)..(first_k + due) {
+            let now_us = protocol::now_us();
+            let frame = format!(
+                r#"{{"type":"notification","id":"d-{k}","seq":{},"payload":{},"published_at_ms":{},"expires_at_ms":{}}}"#,
+                k + 1,
+                protocol::payload(k, now_us),
+                now_us / 1000,
+                now_us / 1000 + 3_600_000
+            );
+            for user in to.of(k) {
+                let body = &mut bodies[home.get(user).copied().unwrap_or(0)];
+                body.push_str(user);
+                body.push('\t');
+                body.push_str(&frame);
+                body.push('\n');
+            }
+        }
+        next = due;
+        let posts = limit.servers.iter().zip(bodies).filter(|(_, body)| !body.is_empty()).map(|(server, body)| {
+            let request = http.post(format!("http://{}/send", server.addr)).body(body);
+            async move { anyhow::Ok(request.send().await?.error_for_status()?.text().await?.trim().parse::<u64>()?) }
+        });
+        queued += futures::future::try_join_all(posts).await?.iter().sum::<u64>();
+        tokio::time::sleep_until((start + LIMIT_GROUP * groups).into()).await;
+    }
+    Ok(queued)
+}
+
+/// Waits until the servers' count of frames read from clients (the acks) stops moving.
+async fn read_quiet(http: &reqwest::Client, limit: &Limit) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    let mut last = (u64::MAX, Instant::now());
+    while Instant::now() < deadline {
+        let mut read = 0;
+        for server in &limit.servers {
+            let text =
+                http.get(format!("http://{}/stats", server.addr)).send().await?.error_for_status()?.text().await?;
+            read += text.trim().parse::<u64>()?;
+        }
+        if read != last.0 {
+            last = (read, Instant::now());
+        } else if last.1.elapsed() >= LIMIT_QUIET {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the bare servers were still reading acks {SETTLE_LIMIT:?} after the window")
 }

@@ -570,12 +570,17 @@ impl<'a> Recipients<'a> {
         Self { users, per_job: 1 }
     }
 
+    /// The recipients of job `k`.
+    pub(super) fn of(&self, k: u64) -> impl Iterator<Item = &'a String> + use<'a> {
+        let users = self.users;
+        let n = users.len().max(1);
+        let first = (k % n as u64) as usize * self.per_job;
+        (first..first + self.per_job.min(n)).filter_map(move |i| users.get(i % n))
+    }
+
     /// The `to` list of job `k`, as JSON array items (`"u1","u2"`).
     fn json_list(&self, k: u64) -> String {
-        let n = self.users.len().max(1);
-        let first = (k % n as u64) as usize * self.per_job;
-        let names = (first..first + self.per_job.min(n)).filter_map(|i| self.users.get(i % n));
-        names.map(|name| format!("\"{name}\"")).collect::<Vec<_>>().join(",")
+        self.of(k).map(|name| format!("\"{name}\"")).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -1463,6 +1468,7 @@ pub(crate) async fn run(scenario: Scenario, system: System, config: &RunConfig, 
             (Scenario::Rollout, System::Herald) => rollout::rollout(config).await,
             (Scenario::Smoke, System::Herald) => smoke(config).await,
             (Scenario::Cost, System::Herald) => cost::cost(config).await,
+            (Scenario::Cost, System::Limit) => cost::cost_on_the_limit(config).await,
             (Scenario::Topic, System::Herald) => topic(config).await,
             (Scenario::Soak, System::Herald) => soak::soak(config).await,
             (scenario, system) => anyhow::bail!("{scenario:?} is not measured on {system:?}"),

@@ -328,6 +328,12 @@ fn jitter(step: Duration) -> Duration {
 
 /// TCP from `source`, the WebSocket upgrade, then the frames up to the ready one.
 async fn open(spec: &WorkerSpec, url: &str, user: &str, source: Ipv4Addr) -> Result<Ws, Failure> {
+    // Herald's frames without a token: the bare server, which knows a connection's user only
+    // by the `user` its URL names (for the cost scenario's unicast).
+    let url = match (&spec.jwt_secret, spec.flavor) {
+        (None, Flavor::Herald) => format!("{url}?user={user}"),
+        _ => url.to_owned(),
+    };
     let mut request = url.into_client_request().map_err(|_| Failure::Other)?;
     if let Some(secret) = &spec.jwt_secret {
         let mut claims = herald_tests::tokens::Claims::new(user, Duration::from_secs(6 * 3600));
