@@ -506,14 +506,7 @@ async fn send_paced(
         let due = ((start.elapsed().as_secs_f64() * rate).floor() as u64 + 1).min(count);
         let mut bodies = vec![String::new(); limit.servers.len()];
         for k in (first_k + next)..(first_k + due) {
-            let now_us = protocol::now_us();
-            let frame = format!(
-                r#"{{"type":"notification","id":"d-{k}","seq":{},"payload":{},"published_at_ms":{},"expires_at_ms":{}}}"#,
-                k + 1,
-                protocol::payload(k, now_us),
-                now_us / 1000,
-                now_us / 1000 + 3_600_000
-            );
+            let frame = protocol::notification(&format!("d-{k}"), k, protocol::now_us());
             for user in to.of(k) {
                 let body = &mut bodies[home.get(user).copied().unwrap_or(0)];
                 body.push_str(user);

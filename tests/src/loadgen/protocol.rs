@@ -125,6 +125,19 @@ pub(crate) fn payload(k: u64, sent_us: u64) -> String {
     format!(r#"{{"lg_k":{k},"lg_t":{sent_us}}}"#)
 }
 
+/// A Herald-shaped notification of load message `k`, sent at `now_us`, for the systems the
+/// generator sends frames to itself (the peers' and the bare server's `/publish`, the bare
+/// server's `/send`), so that every system carries frames of about the same size.
+pub(crate) fn notification(id: &str, k: u64, now_us: u64) -> String {
+    format!(
+        r#"{{"type":"notification","id":"{id}","seq":{},"payload":{},"published_at_ms":{},"expires_at_ms":{}}}"#,
+        k + 1,
+        payload(k, now_us),
+        now_us / 1000,
+        now_us / 1000 + 3_600_000
+    )
+}
+
 pub(crate) fn now_us() -> u64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
@@ -182,6 +195,21 @@ mod tests {
         let n = r#"{"type":"notification","id":"g-3","seq":4,"payload":{"lg_k":3,"lg_t":55},"published_at_ms":1,"expires_at_ms":2}"#;
         assert!(matches!(classify(Flavor::Plain, n), Inbound::Message(Message { k: Some(3), .. })));
         assert_eq!(classify(Flavor::Plain, "2"), Inbound::Other, "no Engine.IO pings on a plain socket");
+    }
+
+    #[test]
+    fn a_notification_made_here_reads_back_as_the_load_message_it_is() {
+        let frame = notification("d-7", 7, 1_700_000_000_000_123);
+        assert_eq!(
+            classify(Flavor::Herald, &frame),
+            Inbound::Message(Message {
+                id: Some("d-7"),
+                k: Some(7),
+                sent_us: Some(1_700_000_000_000_123),
+                published_ms: Some(1_700_000_000_000),
+                seq: Some(8),
+            })
+        );
     }
 
     #[test]

@@ -515,20 +515,12 @@ async fn publish_deliveries(h: &Herald, per_gateway: usize, ks: std::ops::Range<
     Ok(())
 }
 
-/// Broadcasts through the peer's or the bare server's `POST /publish` (a notification-shaped
-/// body, so that every system sends frames of about the same size).
+/// Broadcasts through the peer's or the bare server's `POST /publish`.
 async fn publish_http(http: &reqwest::Client, targets: &[&Server], ks: std::ops::Range<u64>) -> anyhow::Result<()> {
     let mut sends = FuturesUnordered::new();
     for k in ks {
         for server in targets {
-            let now_us = protocol::now_us();
-            let body = format!(
-                r#"{{"type":"notification","id":"g-{k}","seq":{},"payload":{},"published_at_ms":{},"expires_at_ms":{}}}"#,
-                k + 1,
-                protocol::payload(k, now_us),
-                now_us / 1000,
-                now_us / 1000 + 3_600_000
-            );
+            let body = protocol::notification(&format!("g-{k}"), k, protocol::now_us());
             sends.push(http.post(format!("http://{}/publish", server.addr)).body(body).send());
             // A few in flight, in order enough: the peer emits in arrival order.
             if sends.len() >= 4 {
