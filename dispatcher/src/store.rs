@@ -511,7 +511,7 @@ impl Store {
                 return Err(StoreError::WriteRefused { class, code, message });
             }
         }
-        Ok(reply.get_i32("nModified").map(i64::from).or_else(|_| reply.get_i64("nModified")).unwrap_or(0) as u64)
+        Ok(count(&reply, "nModified"))
     }
 
     /// The oldest pending, unexpired messages of each user, at most `per_user` each, oldest
@@ -807,6 +807,11 @@ fn int(doc: &Document, key: &str) -> Option<i64> {
     }
 }
 
+/// A count in a reply (`n`, `nModified`), 0 if it has none that fits.
+fn count(doc: &Document, key: &str) -> u64 {
+    int(doc, key).and_then(|n| u64::try_from(n).ok()).unwrap_or(0)
+}
+
 /// The `code` of an error in a reply (0 if it has none that fits).
 fn code(error: &Document) -> i32 {
     int(error, "code").and_then(|c| i32::try_from(c).ok()).unwrap_or(0)
@@ -844,6 +849,14 @@ mod tests {
 
     /// Duplicates are documents already there, not failures; another write error fails its own
     /// document only; a write concern error fails the call, retried unless no retry can help.
+    /// Servers write counts as int32 or int64; a topic ack's count read only int32.
+    #[test]
+    fn a_count_in_a_reply_reads_either_width() {
+        let reply = doc! { "n": 3, "nModified": 5_i64, "bad": "x", "negative": -1 };
+        assert_eq!((count(&reply, "n"), count(&reply, "nModified")), (3, 5));
+        assert_eq!((count(&reply, "bad"), count(&reply, "negative"), count(&reply, "missing")), (0, 0, 0));
+    }
+
     #[test]
     fn an_insert_reply_is_read_document_by_document() {
         let reply = doc! {

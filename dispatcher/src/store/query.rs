@@ -81,8 +81,7 @@ impl Store {
         let mut counts = HashMap::new();
         for row in self.call("receipt_counts", aggregate).await? {
             let state = row.get_str("_id").unwrap_or("unknown").to_owned();
-            let n = row.get_i32("n").map(i64::from).or_else(|_| row.get_i64("n")).unwrap_or(0);
-            counts.insert(state, n as u64);
+            counts.insert(state, super::count(&row, "n"));
         }
         Ok(counts)
     }

@@ -127,7 +127,7 @@ impl Store {
         }
         let run = async { Ok(self.db.run_command(command).await?) };
         let reply = self.call("apply_topic_acks", run).await?;
-        Ok(reply.get_i32("nModified").map(|n| n as u64).unwrap_or(0))
+        Ok(super::count(&reply, "nModified"))
     }
 
     /// A topic message by id, with its aggregate receipt.

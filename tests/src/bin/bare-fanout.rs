@@ -125,10 +125,16 @@ async fn connect(State(hub): State<Arc<Hub>>, Query(query): Query<Connect>, upgr
 
 async fn session(socket: WebSocket, hub: Arc<Hub>, user: Option<String>) {
     let mut rx = hub.frames.subscribe();
-    let (tx, mut own) = mpsc::channel::<Utf8Bytes>(QUEUE);
-    if let Some(user) = &user {
-        hub.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(user.clone(), tx.clone());
-    }
+    // A queue of its own only for a connection that named its user: the idle scenario's
+    // connections (no user) cost what they did before `/send`.
+    let (mine, mut own) = match &user {
+        Some(user) => {
+            let (tx, own) = mpsc::channel::<Utf8Bytes>(QUEUE);
+            hub.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(user.clone(), tx.clone());
+            (Some(tx), Some(own))
+        }
+        None => (None, None),
+    };
     let (mut sink, mut stream) = socket.split();
     if sink.send(Message::Text(Utf8Bytes::from_static(HELLO))).await.is_ok() {
         loop {
@@ -139,7 +145,9 @@ async fn session(socket: WebSocket, hub: Arc<Hub>, user: Option<String>) {
                     // Fell behind by a whole queue: a slow consumer, dropped as Herald would.
                     Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => break,
                 },
-                Some(first) = own.recv() => write_batch(&mut sink, first, || own.try_recv().ok()).await,
+                Some(first) = recv(&mut own) => {
+                    write_batch(&mut sink, first, || own.as_mut().and_then(|own| own.try_recv().ok())).await
+                }
                 message = stream.next() => match message {
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                     Some(Ok(Message::Text(_))) => {
@@ -154,12 +162,20 @@ async fn session(socket: WebSocket, hub: Arc<Hub>, user: Option<String>) {
             }
         }
     }
-    if let Some(user) = user {
+    if let (Some(user), Some(mine)) = (user, mine) {
         let mut users = hub.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // A reconnect of the same user may have taken the entry already.
-        if users.get(&user).is_some_and(|current| current.same_channel(&tx)) {
+        if users.get(&user).is_some_and(|current| current.same_channel(&mine)) {
             users.remove(&user);
         }
+    }
+}
+
+/// The next frame sent to this connection's user; never, for a connection without one.
+async fn recv(own: &mut Option<mpsc::Receiver<Utf8Bytes>>) -> Option<Utf8Bytes> {
+    match own {
+        Some(own) => own.recv().await,
+        None => std::future::pending().await,
     }
 }
 
